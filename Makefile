@@ -1,0 +1,51 @@
+# zim-lightning: `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch and torchvision are pinned here, in the install step, not in pyproject: these releases lie on
+# the development machines' disk, and an unpinned torch pulls a multi-GB download.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+DATA ?= data/synthetic
+OUT ?= reports
+
+.DEFAULT_GOAL := help
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q -e '.[dev]' $(TORCH_PINS)
+	# The official ONNX runner, for the export round-trip tests; --no-deps because it asks for
+	# onnxruntime-gpu, while the CPU onnxruntime from the dev extras is all it needs here.
+	$(BIN)/pip install -q --no-deps zim-anything easydict
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the package with dev extras
+
+synth: $(STAMP) ## Write the synthetic dataset to DATA (default data/synthetic)
+	$(BIN)/zim-lightning synth --out $(DATA) --seed 0
+
+demo: $(STAMP) ## Run the main job end to end on the built-in synthetic data
+	$(BIN)/python -m zim_lightning.demo --out $(OUT)/demo
+
+test: $(STAMP) ## Run the test suite (CPU, a few minutes)
+	$(BIN)/pytest
+
+lint: $(STAMP) ## Lint with ruff
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: $(STAMP) ## Format with ruff
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean: ## Remove generated data and reports (keeps .venv)
+	rm -rf data/synthetic reports lightning_logs .pytest_cache
+
+.PHONY: help install synth demo test lint format clean

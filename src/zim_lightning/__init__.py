@@ -1,0 +1,1 @@
+"""zim-lightning: an open, trainable ZIM on PyTorch Lightning."""

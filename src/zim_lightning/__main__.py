@@ -1,0 +1,5 @@
+import sys
+
+from zim_lightning.cli import main
+
+sys.exit(main())
