@@ -12,14 +12,17 @@ import sys
 
 # name -> (module, one-line help). Training subcommands share LightningCLI in zim_lightning.lit.cli.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("zim_lightning.data.synthetic", "write the synthetic dataset (SA-1B, matting, MicroMat-3K formats)"),
+    "synth": (
+        "zim_lightning.data.synthetic",
+        "write the synthetic dataset (SA-1B, matting, MicroMat-3K formats)",
+    ),
     "fit": ("zim_lightning.lit.cli", "train a converter or ZIM from YAML configs (LightningCLI)"),
     "validate": ("zim_lightning.lit.cli", "validate a model from YAML configs (LightningCLI)"),
     "test": ("zim_lightning.lit.cli", "test a model from YAML configs (LightningCLI)"),
     "build-sa1b-matte": ("zim_lightning.sa1b_matte", "convert SA-1B masks into SA1B-Matte shards"),
     "eval": ("zim_lightning.evaluate", "evaluate on MicroMat-3K, AM-2K or AIM-500"),
     "matte": ("zim_lightning.matte_cli", "matte one image from a box or points"),
-    "matte-all": ("zim_lightning.matte_cli", "matte every object in an image (automatic)"),
+    "matte-all": ("zim_lightning.automatic", "matte every object in an image (automatic)"),
     "export-onnx": ("zim_lightning.export", "export encoder.onnx + decoder.onnx in the official layout"),
     "serve": ("zim_lightning.serve", "interactive matting in the browser"),
 }

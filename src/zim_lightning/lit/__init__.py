@@ -1,0 +1,1 @@
+"""LightningModules and the Lightning CLI; they receive built networks and know no file formats."""

@@ -1,0 +1,108 @@
+"""Reading weights from the checkpoint files users hand us.
+
+Two kinds of file hold a network's weights: a plain state dict (``torch.save(model.state_dict())``) and
+a Lightning checkpoint, whose ``state_dict`` prefixes each key with the attribute that holds the network
+in the LightningModule (``net.`` here). Both load with ``weights_only=True``: a checkpoint is data, and
+must not run code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+#: Attribute names under which our LightningModules keep their network.
+LIGHTNING_PREFIXES: tuple[str, ...] = ("net.",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, or holds weights of another model."""
+
+
+def read_state_dict(
+    path: str | Path, *, prefixes: Iterable[str] = LIGHTNING_PREFIXES
+) -> dict[str, torch.Tensor]:
+    """Read a plain state dict or a Lightning checkpoint into a flat state dict.
+
+    Args:
+        path: file written by ``torch.save(model.state_dict())`` or by Lightning's ``ModelCheckpoint``.
+        prefixes: key prefixes to strip from a Lightning checkpoint (the LightningModule attribute that
+            holds the network). Keys without one of them (optimizer-side buffers, metrics) are dropped.
+
+    Returns:
+        The network's state dict, keys as the bare ``nn.Module`` names them.
+
+    Raises:
+        CheckpointError: if the file is missing, cannot be read with ``weights_only=True``, or holds no
+            tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for foreign or corrupt files
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} could not be read as a PyTorch state dict or Lightning checkpoint "
+            f"with weights_only=True: {err}"
+        ) from err
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        prefixes = tuple(prefixes)
+        state = {}
+        for key, value in obj["state_dict"].items():
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    state[key[len(prefix) :]] = value
+                    break
+        if not state:
+            raise CheckpointError(
+                f"Lightning checkpoint {str(path)!r} holds no network weights under the prefixes {prefixes}"
+            )
+        return state
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return dict(obj)
+    raise CheckpointError(
+        f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a state dict of tensors "
+        "or a Lightning checkpoint with a 'state_dict' entry"
+    )
+
+
+def load_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Load ``state`` into ``model``, requiring the same keys and shapes on both sides.
+
+    Args:
+        model: the network to fill.
+        state: its weights, e.g. from :func:`read_state_dict`.
+        source: where the weights came from, for the error message (a path or a model name).
+
+    Raises:
+        CheckpointError: naming the missing, unexpected and mis-shaped keys, when the checkpoint was
+            written for another model or architecture variant.
+    """
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mis_shaped = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or mis_shaped:
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {show(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {show(unexpected)}")
+        if mis_shaped:
+            parts.append(
+                f"{len(mis_shaped)} with another shape: "
+                + show([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mis_shaped])
+            )
+        raise CheckpointError(
+            f"checkpoint {source!r} does not match {type(model).__name__}; it was written for another "
+            f"model or architecture variant ({'; '.join(parts)})"
+        )
+    model.load_state_dict(state, strict=True)
