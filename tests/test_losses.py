@@ -1,0 +1,56 @@
+"""The matting loss against values worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zim_lightning.losses import ConverterLoss, MattingLoss, gradient_loss, l1_loss
+
+
+def _m(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)[None, None]
+
+
+def test_l1_and_gradient_by_hand():
+    pred = _m([[0.0, 1.0], [0.0, 0.0]])
+    target = _m([[0.0, 0.0], [0.0, 0.5]])
+    # |diff| = [[0, 1], [0, 0.5]] -> mean 1.5 / 4
+    assert l1_loss(pred, target).item() == pytest.approx(0.375)
+    # diff = [[0, 1], [0, -0.5]]; dx = [1, -0.5] -> mean 0.75; dy = [0, -1.5] -> mean 0.75
+    assert gradient_loss(pred, target).item() == pytest.approx(1.5)
+    terms = MattingLoss()(pred, target)
+    assert terms["loss"].item() == pytest.approx(0.375 + 10 * 1.5)
+    assert MattingLoss(grad_weight=0.0)(pred, target)["loss"].item() == pytest.approx(0.375)
+
+
+def test_valid_weight_ignores_padding():
+    pred = _m([[0.2, 0.9], [0.2, 0.9]])
+    target = _m([[0.0, 0.0], [0.0, 0.0]])
+    valid = _m([[1.0, 0.0], [1.0, 0.0]])  # right column is padding
+    # only the left column counts: |0.2| twice -> 0.2; no horizontal pair is valid; dy of diff is 0
+    assert l1_loss(pred, target, valid).item() == pytest.approx(0.2)
+    assert gradient_loss(pred, target, valid).item() == pytest.approx(0.0)
+    # the padding's error would count without the weight
+    assert l1_loss(pred, target).item() == pytest.approx(0.55)
+
+
+def test_identical_mattes_give_zero_and_shapes_are_checked():
+    a = torch.rand(2, 1, 8, 8)
+    assert MattingLoss()(a, a)["loss"].item() == 0.0
+    with pytest.raises(ValueError, match="same shape"):
+        l1_loss(a, a[:, :, :4])
+
+
+def test_converter_loss_weights_outputs():
+    target = torch.zeros(1, 1, 4, 4)
+    outs = {
+        "alpha_os1": torch.full((1, 1, 4, 4), 0.1),
+        "alpha_os4": torch.full((1, 1, 4, 4), 0.4),
+        "alpha_os8": torch.full((1, 1, 4, 4), 0.8),
+    }
+    terms = ConverterLoss()(outs, target)
+    # constant errors: no gradient term; weights 2, 1, 1 over 4
+    assert terms["loss"].item() == pytest.approx((2 * 0.1 + 0.4 + 0.8) / 4)
+    with pytest.raises(KeyError, match="alpha_os8"):
+        ConverterLoss()({"alpha_os1": target, "alpha_os4": target}, target)
