@@ -1,0 +1,229 @@
+"""Model registries and weight loading (ZIM paper, Sec. 4.1: ZIM is fine-tuned from a pretrained SAM).
+
+``zim_model_registry[name](checkpoint=..., sam_checkpoint=..., masked_attention=..., pixel_decoder=...)``
+builds a :class:`~zim_lightning.models.zim.Zim` of SAM's sizes (``vit_b``, ``vit_l``, ``vit_h``) or the
+``tiny`` test size (same 1024 input and 64x64 embedding, narrow and shallow), then loads either
+
+- ``checkpoint``: our own weights (a plain state dict or a Lightning checkpoint), loaded exactly; or
+- ``sam_checkpoint``: a segment-anything checkpoint (``sam_vit_b_01ec64.pth``), loaded into the parts
+  ZIM shares with SAM, every SAM key landing on a parameter of the same shape (see
+  :func:`load_sam_weights`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zim_lightning.models.checkpoint import CheckpointError, load_exactly, read_state_dict
+from zim_lightning.models.zim import Zim
+
+log = logging.getLogger(__name__)
+
+#: Sizes of each variant, as Zim keyword arguments. vit_b/l/h are SAM's.
+ZIM_VARIANTS: dict[str, dict[str, Any]] = {
+    "vit_b": {
+        "encoder_embed_dim": 768,
+        "encoder_depth": 12,
+        "encoder_num_heads": 12,
+        "encoder_global_attn_indexes": (2, 5, 8, 11),
+    },
+    "vit_l": {
+        "encoder_embed_dim": 1024,
+        "encoder_depth": 24,
+        "encoder_num_heads": 16,
+        "encoder_global_attn_indexes": (5, 11, 17, 23),
+    },
+    "vit_h": {
+        "encoder_embed_dim": 1280,
+        "encoder_depth": 32,
+        "encoder_num_heads": 16,
+        "encoder_global_attn_indexes": (7, 15, 23, 31),
+    },
+    # Every interface of the real sizes (1024 input, 16-px patches, 64x64 embedding, 4 mask tokens,
+    # strides 2/4/8 features), narrow and shallow so a CPU forward takes well under a second.
+    "tiny": {
+        "encoder_embed_dim": 64,
+        "encoder_depth": 2,
+        "encoder_num_heads": 2,
+        "encoder_global_attn_indexes": (1,),
+        "prompt_embed_dim": 64,
+        "decoder_depth": 2,
+        "decoder_num_heads": 2,
+        "decoder_mlp_dim": 128,
+        "iou_head_hidden_dim": 64,
+        "pyramid_channels": (8, 8, 16),
+        "decoder_channels": (16, 8, 8),
+    },
+}
+
+#: Prefixes of ZIM parameters that SAM does not have (initialised fresh when loading SAM weights).
+ZIM_ONLY_PREFIXES: tuple[str, ...] = ("feature_pyramid.", "mask_decoder.pixel_decoder.")
+#: Prefixes of SAM parameters ZIM never uses: the mask-prompt branch (ZIM takes no mask input).
+SAM_UNUSED_PREFIXES: tuple[str, ...] = ("prompt_encoder.mask_downscaling.",)
+#: SAM's pixel decoder, unused when ZIM's hierarchical one replaces it.
+SAM_PIXEL_DECODER_PREFIX = "mask_decoder.output_upscaling."
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_sam_weights` did.
+
+    Attributes:
+        loaded: our parameter/buffer names filled from the SAM checkpoint.
+        unused: SAM keys intentionally left out (mask-prompt branch; SAM's pixel decoder under the
+            hierarchical one).
+        initialised: our names not in SAM, kept at their fresh initialisation.
+    """
+
+    loaded: list[str]
+    unused: list[str]
+    initialised: list[str]
+
+
+def load_sam_weights(model: Zim, sam_checkpoint: str | Path | Mapping[str, torch.Tensor]) -> LoadReport:
+    """Load a segment-anything checkpoint into the parts ZIM shares with SAM.
+
+    Matching is strict: every SAM key must land on one of our parameters with the same shape, or be one
+    of the intentionally unused ones; every one of our keys must come from SAM or belong to a ZIM-only
+    part. Anything else (another ViT size, a ZIM or converter checkpoint) raises.
+
+    Args:
+        model: the network to fill.
+        sam_checkpoint: path of a segment-anything state dict (read with ``weights_only=True``), or the
+            state dict itself.
+
+    Returns:
+        The report; the newly initialised names are also logged.
+
+    Raises:
+        CheckpointError: when the checkpoint is not a SAM checkpoint of the model's size.
+    """
+    source = "<state dict>" if isinstance(sam_checkpoint, Mapping) else str(sam_checkpoint)
+    sam_state = (
+        dict(sam_checkpoint) if isinstance(sam_checkpoint, Mapping) else read_state_dict(sam_checkpoint)
+    )
+    own = model.state_dict()
+    unused_prefixes = SAM_UNUSED_PREFIXES
+    if model.pixel_decoder != "sam":
+        unused_prefixes = (*unused_prefixes, SAM_PIXEL_DECODER_PREFIX)
+
+    unused = sorted(k for k in sam_state if k.startswith(unused_prefixes))
+    candidates = {k: v for k, v in sam_state.items() if not k.startswith(unused_prefixes)}
+    unexpected = sorted(set(candidates) - set(own))
+    missing = sorted(k for k in set(own) - set(candidates) if not k.startswith(ZIM_ONLY_PREFIXES))
+    mis_shaped = sorted(
+        f"{k} {tuple(candidates[k].shape)} vs {tuple(own[k].shape)}"
+        for k in set(candidates) & set(own)
+        if candidates[k].shape != own[k].shape
+    )
+    if unexpected or missing or mis_shaped:
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+        problems = [
+            f"{len(keys)} {what}: {show(keys)}"
+            for what, keys in (
+                ("SAM keys with no ZIM parameter", unexpected),
+                ("ZIM parameters SAM lacks", missing),
+                ("with another shape", mis_shaped),
+            )
+            if keys
+        ]
+        raise CheckpointError(
+            f"SAM checkpoint {source!r} does not match this ZIM's SAM parts; expected a segment-anything "
+            f"checkpoint of the same ViT size ({'; '.join(problems)})"
+        )
+    initialised = sorted(set(own) - set(candidates))
+    merged = {**own, **candidates}
+    model.load_state_dict(merged, strict=True)
+    log.info(
+        "Loaded %d SAM tensors from %s; %d SAM tensors unused (%s); %d ZIM tensors newly initialised: %s",
+        len(candidates),
+        source,
+        len(unused),
+        ", ".join(sorted({k.rsplit(".", 2)[0] for k in unused})) or "none",
+        len(initialised),
+        ", ".join(initialised) or "none",
+    )
+    return LoadReport(loaded=sorted(candidates), unused=unused, initialised=initialised)
+
+
+def build_zim(
+    *,
+    variant: str = "vit_b",
+    checkpoint: str | None = None,
+    sam_checkpoint: str | None = None,
+    masked_attention: bool = True,
+    pixel_decoder: str = "hierarchical",
+) -> Zim:
+    """Build a ZIM of a registered size and load its weights.
+
+    Args:
+        variant: ``vit_b``, ``vit_l``, ``vit_h`` or ``tiny``.
+        checkpoint: our weights: a plain state dict or a Lightning checkpoint (keys under ``net.``).
+        sam_checkpoint: a segment-anything checkpoint for the shared parts (for fine-tuning from SAM).
+        masked_attention: prompt-aware masked attention on (ZIM) or off (SAM's attention).
+        pixel_decoder: ``"hierarchical"`` (ZIM) or ``"sam"``.
+
+    Returns:
+        The network, in train mode as ``nn.Module`` leaves it; random weights when no checkpoint is given.
+
+    Raises:
+        ValueError: unknown variant, or both checkpoints given.
+        CheckpointError: a checkpoint of another model or variant.
+    """
+    if variant not in ZIM_VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(ZIM_VARIANTS)}, got {variant!r}")
+    if checkpoint is not None and sam_checkpoint is not None:
+        raise ValueError(
+            "give either checkpoint (our ZIM weights) or sam_checkpoint (SAM weights to start from), not both"
+        )
+    model = Zim(**ZIM_VARIANTS[variant], masked_attention=masked_attention, pixel_decoder=pixel_decoder)
+    if sam_checkpoint is not None:
+        load_sam_weights(model, sam_checkpoint)
+    if checkpoint is not None:
+        load_exactly(
+            model,
+            read_state_dict(checkpoint),
+            source=f"{checkpoint} (as ZIM {variant}, masked_attention={masked_attention}, "
+            f"pixel_decoder={pixel_decoder!r})",
+        )
+    return model
+
+
+def _registered(variant: str) -> Callable[..., Zim]:
+    def builder(
+        *,
+        checkpoint: str | None = None,
+        sam_checkpoint: str | None = None,
+        masked_attention: bool = True,
+        pixel_decoder: str = "hierarchical",
+    ) -> Zim:
+        return build_zim(
+            variant=variant,
+            checkpoint=checkpoint,
+            sam_checkpoint=sam_checkpoint,
+            masked_attention=masked_attention,
+            pixel_decoder=pixel_decoder,
+        )
+
+    builder.__name__ = f"build_zim_{variant}"
+    builder.__qualname__ = builder.__name__
+    builder.__doc__ = f"Build ZIM {variant}; see :func:`build_zim` for the arguments."
+    return builder
+
+
+#: name -> builder ``(*, checkpoint, sam_checkpoint, masked_attention, pixel_decoder) -> Zim``.
+zim_model_registry: dict[str, Callable[..., Zim]] = {name: _registered(name) for name in ZIM_VARIANTS}
+
+try:  # The label converter lives beside ZIM; re-exported so one module holds every registry.
+    from zim_lightning.models.converter import converter_model_registry  # noqa: F401
+except ImportError:  # pragma: no cover - only while the converter module is absent
+    converter_model_registry = {}
