@@ -25,7 +25,23 @@ import webdataset as wds
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from zim_lightning.data.skips import SkipCounter
+from zim_lightning.data.skips import CorruptSample, SkipCounter
+
+__all__ = [
+    "CorruptSample",
+    "decode_gray",
+    "decode_image",
+    "decode_mask",
+    "decode_matte",
+    "iter_sa1b",
+    "iter_shards",
+    "iter_tar",
+    "parse_annotations",
+    "rle_counts",
+    "sa1b_record",
+    "split_member_name",
+    "tar_samples",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +64,6 @@ class _EndCheckingTarInfo(tarfile.TarInfo):
         except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
             tarfile_.zim_truncated = True
             raise
-
-
-class CorruptSample(ValueError):
-    """A sample that cannot be decoded; it is skipped and counted, never fatal.
-
-    Attributes:
-        key: the sample key (``sa_<id>``) or shard url.
-        reason: one of :data:`zim_lightning.data.skips.SKIP_REASONS`.
-    """
-
-    def __init__(self, message: str, *, key: str, reason: str = "other") -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
-        self.reason = reason
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -396,3 +398,22 @@ def _report(counter: SkipCounter | None, reason: str, key: str, error: str) -> N
         log.warning("skipped %s (%s): %s", key, reason, error)
     else:
         counter.skip(reason, key, error)
+
+
+def iter_sa1b(url: str, *, counter: SkipCounter | None = None, max_side: int | None = None) -> Iterator[dict]:
+    """Yield the decoded samples of one SA-1B tar in file order, skipping (and counting) corrupt ones.
+
+    This is the deterministic per-shard iterator the SA1B-Matte builder walks. Masks stay RLE: decode the
+    ones you need with :func:`decode_mask`.
+
+    Yields:
+        ``{"key": str, "url": str, "image": HxWx3 uint8 RGB, "record": parsed json, "sample": raw
+        members}``.
+    """
+    for sample in iter_tar(url, counter=counter):
+        try:
+            image, record = sa1b_record(sample, max_side=max_side)
+        except CorruptSample as error:
+            _report(counter, error.reason, error.key, str(error))
+            continue
+        yield {"key": sample["__key__"], "url": url, "image": image, "record": record, "sample": sample}

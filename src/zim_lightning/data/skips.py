@@ -26,6 +26,20 @@ SKIP_REASONS: tuple[str, ...] = (
 )
 
 
+class CorruptSample(ValueError):
+    """A sample that cannot be decoded; it is skipped and counted, never fatal.
+
+    Attributes:
+        key: the sample key (``sa_<id>``) or shard url.
+        reason: one of :data:`zim_lightning.data.skips.SKIP_REASONS`.
+    """
+
+    def __init__(self, message: str, *, key: str, reason: str = "other") -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.reason = reason
+
+
 class SkipCounter:
     """Per-worker skip counts in one shared-memory tensor.
 
@@ -75,14 +89,17 @@ class SkipCounter:
         """Zero every count."""
         self.table.zero_()
 
-    def handler(self, reason: str = "other") -> Callable[[BaseException], bool]:
+    def handler(self) -> Callable[[BaseException], bool]:
         """A webdataset exception handler that counts, warns and continues.
 
-        Exceptions that are :class:`~zim_lightning.data.sa1b.CorruptSample` carry their own reason.
+        :class:`CorruptSample` carries its own key and reason; any other exception is a bug, not bad
+        data, and is re-raised.
         """
 
         def warn_count_and_continue(exn: BaseException) -> bool:
-            self.skip(getattr(exn, "reason", reason), getattr(exn, "key", "?"), exn)
+            if not isinstance(exn, CorruptSample):
+                raise exn
+            self.skip(exn.reason, exn.key, exn)
             return True
 
         return warn_count_and_continue
