@@ -32,6 +32,7 @@ Layout written under ``OUT``::
     am2k/validation/{original,mask,trimap}/   AM-2K validation layout (jpg image, png alpha, trimap)
     aim500/{original,mask,trimap}/            AIM-500 layout
     preview.png                     a few samples: image | alpha | coarse mask
+    synthetic.json                  the settings; marks OUT as ours, so a rerun may replace the parts
 
 The same seed gives byte-identical files: every sample draws from its own generator seeded by
 ``(seed, part, index)``, tar members carry fixed metadata and sorted names, gzip streams carry no
@@ -49,6 +50,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import tarfile
 import time
@@ -77,6 +79,8 @@ SUPERSAMPLE = 4
 MAX_SUPERSAMPLED_SIDE = 4096
 # Smallest mask (pixels) kept as an SA-1B annotation.
 MIN_MASK_AREA = 16
+# Redraws allowed when a target object came out hidden or empty (rare; keeps every count exact).
+MAX_DRAWS = 8
 # Minimum RGB distance between a foreground colour and the mean background it sits on.
 MIN_COLOUR_CONTRAST = 70.0
 # Object sizes as a fraction of the image's shorter side; the smallest cover a few % of the image.
@@ -85,6 +89,9 @@ OBJECT_SCALES = (0.18, 0.3, 0.45, 0.65, 0.85)
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 _TEXTURES = ("brick", "grass", "gravel")
 _TAR_MEMBER_MODE = 0o644
+# Marks OUT as written by this module (holds the settings); the parts below are what a rerun replaces.
+MARKER = "synthetic.json"
+_PARTS = ("sa1b", "sa1b_alpha", "matting", "seg", "micromat", "am2k", "aim500", "preview.png")
 
 
 # ----------------------------------------------------------------------------- layout
@@ -410,23 +417,30 @@ def _alpha_u8(alpha: np.ndarray) -> np.ndarray:
 
 
 def _write_tar(path: Path, members: Iterable[tuple[str, bytes]], *, compress: bool) -> None:
-    """Write a tar with sorted members and fixed metadata, via a temporary name and an atomic rename."""
+    """Write a tar with sorted members and fixed metadata, via a temporary name and an atomic rename.
+
+    A failure part way removes the temporary file, so ``path`` is either complete or absent.
+    """
     tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as raw:
-        # gzip with mtime 0 and no file name so the bytes depend on the content only.
-        stream = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if compress else raw
-        try:
-            with tarfile.open(fileobj=stream, mode="w", format=tarfile.GNU_FORMAT) as tar:
-                for name, data in sorted(members):
-                    info = tarfile.TarInfo(name)
-                    info.size, info.mtime, info.mode = len(data), 0, _TAR_MEMBER_MODE
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    tar.addfile(info, io.BytesIO(data))
-        finally:
-            if compress:
-                stream.close()
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as raw:
+            # gzip with mtime 0 and no file name so the bytes depend on the content only.
+            stream = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if compress else raw
+            try:
+                with tarfile.open(fileobj=stream, mode="w", format=tarfile.GNU_FORMAT) as tar:
+                    for name, data in sorted(members):
+                        info = tarfile.TarInfo(name)
+                        info.size, info.mtime, info.mode = len(data), 0, _TAR_MEMBER_MODE
+                        info.uid = info.gid = 0
+                        info.uname = info.gname = ""
+                        tar.addfile(info, io.BytesIO(data))
+            finally:
+                if compress:
+                    stream.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -460,7 +474,8 @@ def _sa1b_record(
 
     n = int(rng.integers(3, 7))
     kinds = [("fine" if rng.random() < 0.6 else "solid") for _ in range(n)]
-    scales = [_pick_scale(rng) for _ in range(n)]
+    # Large objects behind, small ones in front, so that small objects stay visible.
+    scales = sorted((_pick_scale(rng) for _ in range(n)), reverse=True)
     scene = _scene(rng, h, w, kinds, scales)
     masks: list[tuple[np.ndarray, np.ndarray | None]] = []
     covered = np.zeros((h, w), bool)
@@ -528,6 +543,11 @@ def _write_sa1b(
     return shards
 
 
+def _visible(obj: _Object) -> bool:
+    """Whether an object shows enough opaque pixels to be a target (not hidden by later objects)."""
+    return int((obj.alpha > 0.5).sum()) >= MIN_MASK_AREA
+
+
 def _matting_sample(rng: np.random.Generator, h: int, w: int, kind: str) -> tuple[_Scene, _Object]:
     """One target object composited last (so its alpha is exact), sometimes over a distractor."""
     kinds, scales = [], []
@@ -536,7 +556,10 @@ def _matting_sample(rng: np.random.Generator, h: int, w: int, kind: str) -> tupl
         scales.append(_pick_scale(rng))
     kinds.append(kind)
     scales.append(_pick_scale(rng, smallest=1))
-    scene = _scene(rng, h, w, kinds, scales)
+    for _ in range(MAX_DRAWS):
+        scene = _scene(rng, h, w, kinds, scales)
+        if _visible(scene.objects[-1]):
+            break
     return scene, scene.objects[-1]
 
 
@@ -620,10 +643,14 @@ def _write_micromat(out: Path, *, seed: int, instances: int, size: tuple[int, in
     lines = []
     for n in range(math.ceil(instances / 2)):
         rng = _sample_rng(seed, _PART_MICROMAT, n)
-        # One fine and one solid (coarse) instance per image, placed side by side.
-        kinds = ["solid", "fine"] if instances - 2 * n > 1 else ["fine"]
+        # One fine and one solid (coarse) instance per image; the solid one is composited last so
+        # its visible alpha stays binary where the two overlap.
+        kinds = ["fine", "solid"] if instances - 2 * n > 1 else ["fine"]
         scales = [_pick_scale(rng, smallest=1) for _ in kinds]
-        scene = _scene(rng, *size, kinds, scales)
+        for _ in range(MAX_DRAWS):
+            scene = _scene(rng, *size, kinds, scales)
+            if all(_visible(obj) for obj in scene.objects):
+                break
         stem = f"{n + 1:04d}"
         _write_file(root / "img" / f"{stem}.png", _png(scene.image))
         for k, obj in enumerate(scene.objects, start=1):
@@ -688,13 +715,31 @@ def _check_size(name: str, value: int, *, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _prepare_out(out: Path) -> None:
-    """Create OUT and prove it is writable, with a message naming it when it is not."""
+def _prepare_out(out: Path, settings: dict) -> None:
+    """Create OUT (or clear an earlier synthetic dataset in it) and prove it is writable.
+
+    A previous run is recognised by its marker file; only the parts this module writes are removed, so
+    files from another seed or size never linger. A non-empty OUT without the marker is refused.
+    """
+    marker = out / MARKER
     try:
+        if out.is_dir() and any(out.iterdir()):
+            if not marker.is_file():
+                raise FileExistsError(
+                    f"--out {str(out)!r} is not empty and holds no earlier synthetic dataset ({MARKER}); "
+                    "choose an empty or new directory"
+                )
+            for part in _PARTS:
+                target = out / part
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".synth-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # Written first, so that an interrupted run can be cleared by the next one.
+        marker.write_text(json.dumps(settings, sort_keys=True) + "\n")
+    except FileExistsError:
+        raise
     except OSError as err:
         raise OSError(f"--out {str(out)!r} is not a writable directory: {err.strerror or err}") from err
 
@@ -756,7 +801,20 @@ def generate(
             _check_size(f"{name} side", side, minimum=MIN_IMAGE_SIDE)
     size = (int(image_size[0]), int(image_size[1]))
     out = Path(out)
-    _prepare_out(out)
+    settings = {
+        "seed": seed,
+        "num_shards": num_shards,
+        "num_images": num_images,
+        "image_size": list(size),
+        "sa1b_size": list(sa1b_size),
+        "matting_train": matting_train,
+        "matting_val": matting_val,
+        "seg": seg,
+        "shard_size": shard_size,
+        "micromat": micromat,
+        "eval_images": eval_images,
+    }
+    _prepare_out(out, settings)
 
     layout = SyntheticLayout(root=out)
     layout.sa1b_shards = _write_sa1b(
