@@ -1,0 +1,945 @@
+"""The SA1B-Matte builder: SA-1B segmentation masks -> alpha mattes (ZIM paper, Sec. 3.1, "SA1B-Matte").
+
+ZIM trains on SA1B-Matte, SA-1B whose masks the label converter (Sec. 3.1) has turned into alpha mattes,
+one converter prediction per mask. ``zim-lightning build-sa1b-matte`` writes it:
+
+    zim-lightning build-sa1b-matte --sa1b data/sa1b --converter converter.ckpt --out data/sa1b_matte
+
+Input: SA-1B shards (``sa_NNNNNN.tar``, gzip or plain) given as a directory, a brace pattern
+(``sa_{000000..000009}.tar``) or a list. Each input shard gives one output shard of the same name in
+OUT, a plain (uncompressed) tar in the SA1B-Matte format (docs/architecture.md, "File formats"):
+
+    sa_<id>.jpg                   the original JPEG bytes, unchanged
+    sa_<id>.json                  the original annotation json, where every converted annotation gains
+                                  "matte": {"member": "matte_<ann_id>.png", "box": [x, y, w, h]}
+    sa_<id>.matte_<ann_id>.png    8-bit grayscale alpha (0..255) of the w x h region at (x, y) of the
+                                  image, (X, Y) pixels; the matte is zero outside that box
+
+Members come in input order, per image jpg, json, then the mattes in annotation order; every member has
+mtime 0, uid/gid 0, empty owner names and mode 0644 (GNU tar format), so a shard's bytes depend only on
+its input, the converter and the options. Annotations that could not be converted (malformed RLE,
+empty mask, unusable id) stay in the json without a ``matte`` entry. Images whose JPEG or json is
+corrupt are left out.
+
+Per mask (``--mode``):
+
+- ``crop`` (default): a square around the mask's box, grown by ``--context`` of the box's longer side
+  on every side (at least ``--min-crop`` pixels, shifted to stay inside the image where it fits), is
+  resized to the converter's ``--crop-size``. Small masks get the converter's full resolution.
+- ``whole``: the image (longest side, zero padding bottom-right, as SAM) is resized once to
+  ``--crop-size`` and every mask of the image is predicted in that frame.
+
+The matte box is the mask's box grown by ``--margin`` of its longer side (at least 2 px) and clipped to
+the image. With ``--clamp`` (default) the matte is also zeroed farther than that margin from the mask
+(a dilated band): the converter refines boundaries, and alpha it puts far from the mask is spurious
+(docs/benchmarks.md has the measurement). Solid objects are not post-processed: that is the converter's
+job (STL).
+
+Crash safety and resuming: a shard is written to ``OUT/sa_NNNNNN.tar.partial``; once complete its
+manifest ``OUT/manifest/sa_NNNNNN.json`` is written (temporary file + ``os.replace``) and then the shard
+is renamed to ``OUT/sa_NNNNNN.tar``. A shard exists under its final name only when complete; a rerun
+skips it (its bytes are untouched) and rebuilds the others, removing their stale temporary files.
+The manifest records the input and output shard, samples, images, annotations and mattes written and the
+skips per kind (:data:`zim_lightning.data.skips.SKIP_REASONS`).
+
+Distribution: the job runs in Lightning's predict loop (:class:`~zim_lightning.lit.build_module.MatteBuildModule`),
+bf16-mixed on GPU; with several devices or nodes (DDP; torchrun and SLURM are picked up by Lightning)
+every rank takes the input shards ``rank::world_size`` of the sorted list and writes its own output
+shards; predictions never travel through the trainer. Within a rank, DataLoader workers read, decode
+and crop whole shards each; batches never span two shards, so a shard's bytes do not depend on which
+shards came before it, nor on the number of ranks or workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.utils.data
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from zim_lightning.data.sa1b import CorruptSample, decode_mask, iter_tar, sa1b_record
+from zim_lightning.data.shards import expand_shards
+from zim_lightning.data.skips import SKIP_REASONS
+
+log = logging.getLogger(__name__)
+
+MODES = ("crop", "whole")
+#: Suffix of a shard (or manifest) being written; never a complete file.
+PARTIAL_SUFFIX = ".partial"
+MANIFEST_DIR = "manifest"
+# Bilinear resampling spreads an edge over about a pixel, so the matte box keeps at least this margin.
+MIN_MARGIN_PX = 2
+# PNG compression 1: the mattes are mostly flat zero / 255 runs, which level 1 already packs well, and
+# the encode stays a small fraction of the converter's time.
+PNG_COMPRESSION = 1
+# Threads projecting and PNG-encoding mattes in the main process (OpenCV releases the GIL).
+WRITER_THREADS = 4
+_TAR_MODE = 0o644
+
+
+# ----------------------------------------------------------------------------- options and geometry
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """How masks are cut out for the converter and how its mattes are stored.
+
+    Attributes:
+        crop_size: side S of the converter's square input (a multiple of 32).
+        mode: ``"crop"`` (a square around each mask) or ``"whole"`` (the whole image once).
+        context: in crop mode, the square grows by this fraction of the box's longer side on each side.
+        min_crop: in crop mode, the smallest square side in image pixels (context for tiny masks).
+        margin: the matte box grows by this fraction of the mask box's longer side on each side.
+        clamp: zero the matte farther than the margin from the mask.
+    """
+
+    crop_size: int = 1024
+    mode: str = "crop"
+    context: float = 0.5
+    min_crop: int = 128
+    margin: float = 0.1
+    clamp: bool = True
+
+    def __post_init__(self) -> None:
+        if self.crop_size < 32 or self.crop_size % 32:
+            raise ValueError(f"crop_size must be a positive multiple of 32, got {self.crop_size}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.margin < 0 or self.context < self.margin:
+            raise ValueError(
+                f"expected 0 <= margin <= context (the matte box must lie inside the converter's crop), "
+                f"got margin={self.margin}, context={self.context}"
+            )
+        if self.min_crop < 1:
+            raise ValueError(f"min_crop must be >= 1 pixel, got {self.min_crop}")
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of a mask's non-zero pixels; the mask is HxW uint8 and not empty."""
+    x, y, w, h = cv2.boundingRect(mask)
+    return int(x), int(y), int(w), int(h)
+
+
+def matte_box(box: tuple[int, int, int, int], image_hw: tuple[int, int], margin: float) -> tuple[int, ...]:
+    """The stored matte's region: ``box`` grown by ``margin`` and clipped to the image.
+
+    Returns:
+        (x, y, w, h, m): the region in (X, Y) pixels and the margin m in pixels.
+    """
+    x, y, w, h = box
+    height, width = image_hw
+    m = max(MIN_MARGIN_PX, math.ceil(margin * max(w, h)))
+    x0, y0 = max(x - m, 0), max(y - m, 0)
+    x1, y1 = min(x + w + m, width), min(y + h + m, height)
+    return x0, y0, x1 - x0, y1 - y0, m
+
+
+def crop_square(
+    box: tuple[int, int, int, int], image_hw: tuple[int, int], config: CropConfig
+) -> tuple[int, int, int]:
+    """The square of the image the converter sees for one mask.
+
+    Returns:
+        (x0, y0, side) in (X, Y) pixels; the square may extend past the image (zero padding).
+    """
+    height, width = image_hw
+    if config.mode == "whole":
+        return 0, 0, max(height, width)
+    x, y, w, h = box
+    side = max(math.ceil(max(w, h) * (1.0 + 2.0 * config.context)), config.min_crop)
+    side = min(side, max(height, width))
+
+    def place(start: float, extent: int) -> int:
+        # inside the image where it fits (more context, no padding); centred on the image where not
+        if side >= extent:
+            return (extent - side) // 2
+        return int(min(max(round(start), 0), extent - side))
+
+    return place(x + w / 2 - side / 2, width), place(y + h / 2 - side / 2, height), side
+
+
+def resample_square(array: np.ndarray, x0: int, y0: int, side: int, size: int) -> np.ndarray:
+    """Cut the square (x0, y0, side) out of ``array`` (zero outside it) and resize it to size x size.
+
+    Args:
+        array: HxW or HxWxC uint8.
+
+    Returns:
+        size x size (x C) uint8; area averaging when shrinking, bilinear when enlarging.
+    """
+    height, width = array.shape[:2]
+    ix0, iy0 = max(x0, 0), max(y0, 0)
+    ix1, iy1 = min(x0 + side, width), min(y0 + side, height)
+    part = array[iy0:iy1, ix0:ix1]
+    if (ix0, iy0, ix1, iy1) != (x0, y0, x0 + side, y0 + side):
+        part = cv2.copyMakeBorder(
+            np.ascontiguousarray(part),
+            iy0 - y0,
+            y0 + side - iy1,
+            ix0 - x0,
+            x0 + side - ix1,
+            cv2.BORDER_CONSTANT,
+            value=0,
+        )
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return cv2.resize(part, (size, size), interpolation=interpolation)
+
+
+def project_matte(
+    alpha: np.ndarray, square: tuple[int, int, int], box: tuple[int, int, int, int]
+) -> np.ndarray:
+    """Map the converter's matte of a square back to image pixels, over the matte box only.
+
+    Args:
+        alpha: SxS uint8, the converter's output for the square.
+        square: (x0, y0, side) the square in image pixels.
+        box: (x, y, w, h) the matte box in image pixels; it lies inside the square.
+
+    Returns:
+        h x w uint8 alpha.
+    """
+    size = alpha.shape[0]
+    x0, y0, side = square
+    bx, by, bw, bh = box
+    if side < size:
+        # the square was enlarged for the converter: average back down, then cut the box out
+        small = cv2.resize(alpha, (side, side), interpolation=cv2.INTER_AREA)
+        return np.ascontiguousarray(small[by - y0 : by - y0 + bh, bx - x0 : bx - x0 + bw])
+    # the square was shrunk: interpolate the box's pixels only (cheap for a small box in a large image)
+    s = size / side
+    matrix = np.array(
+        [[s, 0.0, (bx + 0.5 - x0) * s - 0.5], [0.0, s, (by + 0.5 - y0) * s - 0.5]], dtype=np.float64
+    )
+    return cv2.warpAffine(
+        alpha,
+        matrix,
+        (bw, bh),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
+    )
+
+
+def mask_band(mask_region: np.ndarray, radius: int) -> np.ndarray:
+    """1 within ``radius`` pixels (Euclidean) of the mask, else 0; HxW uint8 in, HxW uint8 out."""
+    outside = (mask_region == 0).astype(np.uint8)
+    distance = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return (distance <= radius).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- shards and resuming
+
+
+def resolve_shards(specs: Sequence[str]) -> list[Path]:
+    """Input shards from directories, brace patterns and paths, sorted by name, without duplicates.
+
+    Raises:
+        ValueError: if a spec names nothing, a named shard is not a file, or two shards share a name
+            (their outputs would collide).
+    """
+    paths: list[Path] = []
+    for spec in specs:
+        if Path(spec).is_dir():
+            found = sorted(p for p in Path(spec).iterdir() if p.name.endswith(".tar") and p.is_file())
+            if not found:
+                raise ValueError(f"--sa1b directory {spec!r} holds no .tar shards")
+            paths += found
+            continue
+        for url in expand_shards(spec):
+            if not Path(url).is_file():
+                raise ValueError(f"--sa1b shard {url!r} does not exist or is not a file (from {spec!r})")
+            paths.append(Path(url))
+    unique = sorted(set(paths), key=lambda p: (p.name, str(p)))
+    names = [p.name for p in unique]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise ValueError(
+            f"--sa1b names several shards called {clashes}; each output shard takes its input's name"
+        )
+    if not unique:
+        raise ValueError(f"--sa1b {list(specs)!r} names no shards")
+    return unique
+
+
+def rank_shards(shards: Sequence[Path], *, rank: int, world_size: int) -> list[Path]:
+    """The shards one rank builds: every ``world_size``-th of the sorted list, from ``rank`` on.
+
+    The split is over all shards, finished or not, so every rank derives it without looking at OUT
+    (ranks may start at different times while others already finish shards).
+    """
+    return list(shards[rank::world_size])
+
+
+def output_path(out: Path, shard: Path) -> Path:
+    return out / shard.name
+
+
+def manifest_path(out: Path, shard: Path) -> Path:
+    return out / MANIFEST_DIR / (Path(shard.name).stem + ".json")
+
+
+def is_done(out: Path, shard: Path) -> bool:
+    """A shard is done when its output exists under the final name (the rename comes last)."""
+    return output_path(out, shard).is_file()
+
+
+def remove_stale(out: Path, shard: Path) -> list[Path]:
+    """Delete the temporary files a killed run left for ``shard``; returns what was removed."""
+    removed = []
+    for final in (output_path(out, shard), manifest_path(out, shard)):
+        stale = final.with_name(final.name + PARTIAL_SUFFIX)
+        if stale.exists():
+            stale.unlink()
+            removed.append(stale)
+    return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on some platforms; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+# ----------------------------------------------------------------------------- reading side (workers)
+
+
+class ShardSkips:
+    """Skip counts of one shard, by kind (the duck-typed counter :func:`iter_tar` reports to)."""
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(SKIP_REASONS, 0)
+
+    def skip(self, reason: str, key: str, error: BaseException | str) -> None:
+        reason = reason if reason in self.counts else "other"
+        self.counts[reason] += 1
+        log.warning("skipped %s (%s): %s", key, reason, error)
+
+
+@dataclass
+class ImageItem:
+    """An image that goes to the output: its key, original JPEG bytes and parsed json."""
+
+    key: str
+    jpg: bytes
+    record: dict
+
+
+@dataclass
+class MaskItem:
+    """One mask of the last :class:`ImageItem`: row ``row`` of the batch tensors is its converter input.
+
+    ``square`` is (x0, y0, side), ``box`` (x, y, w, h), both in image pixels; ``band`` is the h x w
+    uint8 clamp region or None.
+    """
+
+    ann_index: int
+    row: int
+    square: tuple[int, int, int]
+    box: tuple[int, int, int, int]
+    band: np.ndarray | None
+
+
+@dataclass
+class ShardEnd:
+    """The end of an input shard, with what the reading side counted."""
+
+    samples: int
+    skipped: dict[str, int]
+
+
+def _annotation_id(annotation: dict) -> str | None:
+    """The id as it appears in member names, or None if it cannot name a tar member."""
+    ann_id = annotation.get("id")
+    if isinstance(ann_id, bool) or not isinstance(ann_id, int | str):
+        return None
+    text = str(ann_id)
+    return text if text and all(c.isalnum() or c in "_-" for c in text) else None
+
+
+def _shard_batches(shard: Path, config: CropConfig, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Batches of converter inputs for one shard, with the bookkeeping the writer needs, in order.
+
+    Each batch is ``{"image": uint8 Bx3xSxS, "mask": uint8 Bx1xSxS, "shard": name, "items": [...]}``
+    with B <= batch_size; ``items`` holds :class:`ImageItem`, :class:`MaskItem` (pointing at rows) and,
+    in the last batch, a :class:`ShardEnd`. A batch never holds two shards.
+    """
+    size = config.crop_size
+    skips = ShardSkips()
+    samples = 0
+    items: list[Any] = []
+    images: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+
+    def flush(final: bool) -> dict[str, Any]:
+        nonlocal items, images, masks
+        if final:
+            items.append(ShardEnd(samples=samples, skipped=dict(skips.counts)))
+        batch = {
+            "image": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+            if images
+            else torch.zeros((0, 3, size, size), dtype=torch.uint8),
+            "mask": torch.from_numpy(np.stack(masks))[:, None]
+            if masks
+            else torch.zeros((0, 1, size, size), dtype=torch.uint8),
+            "shard": shard.name,
+            "items": items,
+        }
+        items, images, masks = [], [], []
+        return batch
+
+    for sample in iter_tar(str(shard), counter=skips):
+        samples += 1
+        key = sample["__key__"]
+        try:
+            image, record = sa1b_record(sample)
+            height, width = record["image"]["height"], record["image"]["width"]
+            if image.shape[:2] != (height, width):
+                raise CorruptSample(
+                    f"image is {image.shape[1]}x{image.shape[0]}, its json says {width}x{height}",
+                    key=key,
+                    reason="corrupt_image",
+                )
+        except CorruptSample as error:
+            skips.skip(error.reason, error.key, error)
+            continue
+        items.append(ImageItem(key=key, jpg=sample["jpg"], record=record))
+        whole = None
+        if config.mode == "whole":
+            # one resize per image, shared by all its masks
+            whole = resample_square(image, *crop_square((0, 0, width, height), (height, width), config), size)
+        seen: set[str] = set()
+        for index, annotation in enumerate(record["annotations"]):
+            ann_id = _annotation_id(annotation)
+            if ann_id is None or ann_id in seen:
+                skips.skip(
+                    "bad_json", f"{key} annotation {annotation.get('id')!r}", "unusable or repeated id"
+                )
+                continue
+            seen.add(ann_id)
+            try:
+                mask = decode_mask(annotation, key=key, image_size=(height, width))
+            except CorruptSample as error:
+                skips.skip(error.reason, error.key, error)
+                continue
+            box = mask_box(mask)
+            bx, by, bw, bh, margin = matte_box(box, (height, width), config.margin)
+            square = crop_square(box, (height, width), config)
+            band = None
+            if config.clamp:
+                band = mask_band(mask[by : by + bh, bx : bx + bw], margin)
+            x0, y0, side = square
+            # the mask's part of the square only, scaled to 0/255 so area resampling keeps coverage
+            iy0, iy1 = max(y0, 0), min(y0 + side, height)
+            ix0, ix1 = max(x0, 0), min(x0 + side, width)
+            mask_part = np.zeros((side, side), np.uint8)
+            mask_part[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = mask[iy0:iy1, ix0:ix1] * np.uint8(255)
+            masks.append(resample_square(mask_part, 0, 0, side, size))
+            images.append(whole if whole is not None else resample_square(image, x0, y0, side, size))
+            items.append(
+                MaskItem(ann_index=index, row=len(images) - 1, square=square, box=(bx, by, bw, bh), band=band)
+            )
+            if len(images) == batch_size:
+                yield flush(final=False)
+    yield flush(final=True)
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Batches of converter inputs for a list of shards; DataLoader workers take whole shards each.
+
+    Args:
+        shards: the shards to build (this rank's unfinished ones).
+        config: cropping options.
+        batch_size: masks per batch (the last batch of a shard may hold fewer).
+    """
+
+    def __init__(self, *, shards: Sequence[Path], config: CropConfig, batch_size: int) -> None:
+        super().__init__()
+        self.shards = list(shards)
+        self.config = config
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for shard in self.shards[worker::workers]:
+            yield from _shard_batches(shard, self.config, self.batch_size)
+
+
+def _worker_init(_: int) -> None:
+    # one OpenCV thread per worker: the workers are the parallelism
+    cv2.setNumThreads(1)
+
+
+# ----------------------------------------------------------------------------- writing side (main process)
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, _TAR_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, _BytesReader(data))
+
+
+class _BytesReader:
+    """A minimal file object over bytes for ``TarFile.addfile`` (avoids a BytesIO copy per member)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._view) if size < 0 else min(self._pos + size, len(self._view))
+        chunk = self._view[self._pos : end].tobytes()
+        self._pos = end
+        return chunk
+
+
+def _encode_matte(alpha: np.ndarray, square: tuple, box: tuple, band: np.ndarray | None) -> bytes:
+    matte = project_matte(alpha, square, box)
+    if band is not None:
+        matte *= band
+    ok, png = cv2.imencode(".png", matte, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not PNG-encode a {matte.shape} matte")
+    return png.tobytes()
+
+
+@dataclass
+class _OpenShard:
+    shard: str
+    tmp: Path
+    handle: Any
+    tar: tarfile.TarFile
+    image: ImageItem | None = None
+    mattes: list[tuple[int, Future, tuple[int, int, int, int]]] = field(default_factory=list)
+    images: int = 0
+    annotations: int = 0
+    masks: int = 0
+
+
+def _run_info(config: CropConfig, model: str, checkpoint: str | None) -> dict[str, Any]:
+    return {
+        "model": model,
+        "checkpoint": None if checkpoint is None else Path(checkpoint).name,
+        "mode": config.mode,
+        "crop_size": config.crop_size,
+        "context": config.context,
+        "min_crop": config.min_crop,
+        "margin": config.margin,
+        "clamp": config.clamp,
+    }
+
+
+class SA1BMatteWriter(BasePredictionWriter):
+    """Writes each rank's output shards from its predictions, batch by batch (nothing is gathered).
+
+    Args:
+        out: the output directory.
+        inputs: input shard paths by name, for the manifest.
+        run_info: the options recorded in every manifest.
+    """
+
+    def __init__(self, *, out: Path, inputs: dict[str, Path], run_info: dict[str, Any]) -> None:
+        super().__init__(write_interval="batch")
+        self.out = out
+        self.inputs = inputs
+        self.run_info = run_info
+        self.open: dict[str, _OpenShard] = {}
+        self.pool: ThreadPoolExecutor | None = None
+        self.completed: list[str] = []
+        self.masks = 0
+        self.start: float | None = None
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="matte-png")
+        self.start = time.perf_counter()
+
+    def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.open:
+            raise RuntimeError(
+                f"the predict loop ended inside shards {sorted(self.open)}; they stay unfinished"
+            )
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+    def write_on_batch_end(
+        self,
+        trainer: Any,
+        pl_module: Any,
+        prediction: torch.Tensor,
+        batch_indices: Any,
+        batch: dict[str, Any],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        alphas = prediction[:, 0].cpu().numpy()  # BxSxS uint8
+        state = self.open.get(batch["shard"]) or self._open(batch["shard"])
+        for item in batch["items"]:
+            if isinstance(item, ImageItem):
+                self._finish_image(state)
+                state.image = item
+            elif isinstance(item, MaskItem):
+                future = self.pool.submit(_encode_matte, alphas[item.row], item.square, item.box, item.band)
+                state.mattes.append((item.ann_index, future, item.box))
+            else:
+                self._finish_image(state)
+                self._close(state, item)
+
+    def _open(self, shard: str) -> _OpenShard:
+        tmp = self.out / (shard + PARTIAL_SUFFIX)
+        handle = open(tmp, "wb")  # truncates a stale file a killed run left
+        tar = tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT)
+        state = _OpenShard(shard=shard, tmp=tmp, handle=handle, tar=tar)
+        self.open[shard] = state
+        return state
+
+    def _finish_image(self, state: _OpenShard) -> None:
+        image = state.image
+        if image is None:
+            return
+        annotations = image.record["annotations"]
+        members = []
+        for ann_index, future, box in state.mattes:
+            annotation = annotations[ann_index]
+            member = f"matte_{annotation['id']}.png"
+            annotation["matte"] = {"member": member, "box": [int(v) for v in box]}
+            members.append((f"{image.key}.{member}", future.result()))
+        _tar_add(state.tar, f"{image.key}.jpg", image.jpg)
+        _tar_add(state.tar, f"{image.key}.json", json.dumps(image.record).encode())
+        for name, data in members:
+            _tar_add(state.tar, name, data)
+        state.images += 1
+        state.annotations += len(annotations)
+        state.masks += len(members)
+        self.masks += len(members)
+        state.image, state.mattes = None, []
+
+    def _close(self, state: _OpenShard, end: ShardEnd) -> None:
+        state.tar.close()
+        state.handle.flush()
+        os.fsync(state.handle.fileno())
+        state.handle.close()
+        manifest = {
+            "input": str(self.inputs[state.shard]),
+            "output": state.shard,
+            "samples": end.samples,
+            "images": state.images,
+            "annotations": state.annotations,
+            "masks": state.masks,
+            "skipped": end.skipped,
+            "skipped_total": sum(end.skipped.values()),
+            "build": self.run_info,
+        }
+        final = self.out / state.shard
+        # manifest first: a shard under its final name always has its manifest
+        write_atomic(manifest_path(self.out, final), (json.dumps(manifest, indent=1) + "\n").encode())
+        os.replace(state.tmp, final)
+        _fsync_dir(self.out)
+        del self.open[state.shard]
+        self.completed.append(state.shard)
+        log.info(
+            "%s: %d images, %d mattes, %d skipped",
+            state.shard,
+            state.images,
+            state.masks,
+            manifest["skipped_total"],
+        )
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def _data_module(
+    *, shards: Sequence[Path], out: Path, config: CropConfig, batch_size: int, num_workers: int, pin: bool
+) -> Any:
+    import lightning as L
+
+    class BuildData(L.LightningDataModule):
+        """This rank's unfinished shards; the rank is known only once the trainer has launched."""
+
+        def predict_dataloader(self) -> torch.utils.data.DataLoader:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+            mine = rank_shards(shards, rank=rank, world_size=world)
+            todo = [s for s in mine if not is_done(out, s)]
+            for shard in todo:
+                for stale in remove_stale(out, shard):
+                    log.info("removed %s left by an interrupted run", stale)
+            log.info("rank %d/%d: %d of its %d shards to build", rank, world, len(todo), len(mine))
+            dataset = ShardDataset(shards=todo, config=config, batch_size=batch_size)
+            workers = min(num_workers, len(todo))
+            return torch.utils.data.DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=workers,
+                pin_memory=pin,
+                worker_init_fn=_worker_init if workers else None,
+                prefetch_factor=4 if workers else None,
+            )
+
+    return BuildData()
+
+
+def build(
+    *,
+    sa1b: Sequence[str],
+    out: str | Path,
+    model: str = "converter_hiera_b_plus",
+    checkpoint: str | None = None,
+    net: torch.nn.Module | None = None,
+    config: CropConfig | None = None,
+    batch_size: int = 16,
+    num_workers: int = 4,
+    accelerator: str = "auto",
+    devices: str | int = "auto",
+    num_nodes: int = 1,
+    precision: str | None = None,
+) -> dict[str, Any]:
+    """Build SA1B-Matte shards for ``sa1b`` in ``out``, skipping finished ones.
+
+    Args:
+        sa1b: directories, brace patterns or paths of SA-1B shards.
+        out: output directory (created).
+        model: converter name in ``converter_model_registry``.
+        checkpoint: converter weights (plain state dict or Lightning checkpoint); None: random weights.
+        net: an already built converter, used instead of ``model`` / ``checkpoint`` (benchmarks).
+        config: cropping options.
+        batch_size: masks per converter forward.
+        num_workers: DataLoader workers per rank (each reads whole shards).
+        accelerator, devices, num_nodes: passed to the Lightning Trainer (DDP when several).
+        precision: Trainer precision; None: ``"bf16-mixed"`` on GPU, ``"32-true"`` elsewhere.
+
+    Returns:
+        A summary over all input shards (rank 0's view after every rank finished): see :func:`summarize`.
+    """
+    import lightning as L
+
+    from zim_lightning.lit.build_module import MatteBuildModule
+
+    config = config or CropConfig()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    shards = resolve_shards(sa1b)
+    out = Path(out)
+    (out / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
+    if net is None:
+        from zim_lightning.models.converter import converter_model_registry
+
+        if model not in converter_model_registry:
+            raise ValueError(
+                f"unknown converter {model!r}; expected one of {sorted(converter_model_registry)}"
+            )
+        if checkpoint is None:
+            log.warning(
+                "no --converter checkpoint: %s runs with random weights (tests and smoke runs only)", model
+            )
+        net = converter_model_registry[model](checkpoint=checkpoint)
+    net.eval()
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    precision = precision or ("bf16-mixed" if gpu else "32-true")
+    several = num_nodes > 1 or (devices not in ("auto", 1, "1") and str(devices) != "1")
+    writer = SA1BMatteWriter(
+        out=out, inputs={s.name: s for s in shards}, run_info=_run_info(config, model, checkpoint)
+    )
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy="ddp" if several else "auto",
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[writer],
+    )
+    data = _data_module(
+        shards=shards, out=out, config=config, batch_size=batch_size, num_workers=num_workers, pin=gpu
+    )
+    start = time.perf_counter()
+    trainer.predict(MatteBuildModule(net=net), datamodule=data, return_predictions=False)
+    seconds = time.perf_counter() - start
+    log.info(
+        "rank %d: %d shards, %d mattes in %.1f s (%.1f masks/s)",
+        trainer.global_rank,
+        len(writer.completed),
+        writer.masks,
+        seconds,
+        writer.masks / max(seconds, 1e-9),
+    )
+    trainer.strategy.barrier()
+    summary = summarize(out, shards)
+    summary.update(built=len(writer.completed), masks_this_rank=writer.masks, seconds=seconds)
+    summary["rank"] = trainer.global_rank
+    return summary
+
+
+def summarize(out: Path, shards: Sequence[Path]) -> dict[str, Any]:
+    """Totals over the manifests of ``shards`` in ``out``.
+
+    Returns:
+        ``{"shards": n, "done": finished, "missing": [names], "samples", "images", "annotations",
+        "masks", "skipped": {kind: n}, "skipped_total", "per_shard": [manifest, ...]}``.
+    """
+    totals: dict[str, Any] = {"shards": len(shards), "done": 0, "missing": [], "per_shard": []}
+    for name in ("samples", "images", "annotations", "masks", "skipped_total"):
+        totals[name] = 0
+    totals["skipped"] = dict.fromkeys(SKIP_REASONS, 0)
+    for shard in shards:
+        path = manifest_path(out, shard)
+        if not (is_done(out, shard) and path.is_file()):
+            totals["missing"].append(shard.name)
+            continue
+        manifest = json.loads(path.read_text())
+        totals["done"] += 1
+        totals["per_shard"].append(manifest)
+        for name in ("samples", "images", "annotations", "masks", "skipped_total"):
+            totals[name] += manifest[name]
+        for kind, count in manifest["skipped"].items():
+            totals["skipped"][kind] = totals["skipped"].get(kind, 0) + count
+    return totals
+
+
+def print_summary(summary: dict[str, Any], out: Path) -> None:
+    """A rich table: per shard (up to 20) and totals, skips by kind."""
+    from rich.console import Console
+    from rich.table import Table
+
+    kinds = [k for k, v in summary["skipped"].items() if v]
+    table = Table(title=f"SA1B-Matte in {out}: {summary['done']}/{summary['shards']} shards complete")
+    for column in ("shard", "images", "mattes", "skipped", *kinds):
+        table.add_column(column, justify="left" if column == "shard" else "right")
+    rows = summary["per_shard"]
+    for manifest in rows if len(rows) <= 20 else []:
+        table.add_row(
+            manifest["output"],
+            str(manifest["images"]),
+            str(manifest["masks"]),
+            str(manifest["skipped_total"]),
+            *(str(manifest["skipped"].get(k, 0)) for k in kinds),
+        )
+    table.add_row(
+        "total",
+        str(summary["images"]),
+        str(summary["masks"]),
+        str(summary["skipped_total"]),
+        *(str(summary["skipped"][k]) for k in kinds),
+        style="bold",
+    )
+    console = Console()
+    console.print(table)
+    if summary["missing"]:
+        console.print(f"[red]unfinished shards[/red]: {', '.join(summary['missing'][:20])}")
+    console.print(f"skipped samples and masks: {summary['skipped_total']}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zim-lightning build-sa1b-matte",
+        description="Convert SA-1B masks into SA1B-Matte shards with the label converter (resumable).",
+    )
+    p.add_argument(
+        "--sa1b", nargs="+", required=True, help="SA-1B shards: directories, brace patterns or paths"
+    )
+    p.add_argument("--out", required=True, type=Path, help="output directory for SA1B-Matte shards")
+    p.add_argument("--converter", default=None, help="converter checkpoint (state dict or Lightning .ckpt)")
+    p.add_argument(
+        "--model",
+        default="converter_hiera_b_plus",
+        help="converter architecture (default converter_hiera_b_plus); without --converter: random weights",
+    )
+    p.add_argument(
+        "--mode", choices=MODES, default="crop", help="per-mask crop or whole image (default crop)"
+    )
+    p.add_argument("--crop-size", type=int, default=1024, help="converter input side, multiple of 32 (1024)")
+    p.add_argument("--context", type=float, default=0.5, help="crop mode: context around the box (0.5)")
+    p.add_argument("--min-crop", type=int, default=128, help="crop mode: smallest crop side in pixels (128)")
+    p.add_argument("--margin", type=float, default=0.1, help="matte box margin, fraction of the box (0.1)")
+    p.add_argument(
+        "--clamp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="zero the matte beyond the margin from the mask (default on)",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="masks per converter forward (16)")
+    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per rank (4)")
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, gpu, cpu)")
+    p.add_argument("--devices", default="auto", help="devices per node (auto, N)")
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (SLURM / torchrun set the rest)")
+    p.add_argument(
+        "--precision", default=None, help="Trainer precision (default bf16-mixed on GPU, else 32-true)"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`zim-lightning build-sa1b-matte`; returns 0 when every shard is complete, 1 if not, 2 on bad input."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    devices: str | int = int(args.devices) if str(args.devices).isdigit() else args.devices
+    try:
+        config = CropConfig(
+            crop_size=args.crop_size,
+            mode=args.mode,
+            context=args.context,
+            min_crop=args.min_crop,
+            margin=args.margin,
+            clamp=args.clamp,
+        )
+        summary = build(
+            sa1b=args.sa1b,
+            out=args.out,
+            model=args.model,
+            checkpoint=args.converter,
+            config=config,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            accelerator=args.accelerator,
+            devices=devices,
+            num_nodes=args.num_nodes,
+            precision=args.precision,
+        )
+    except (ValueError, OSError) as error:
+        print(f"zim-lightning build-sa1b-matte: error: {error}", file=sys.stderr)
+        return 2
+    if summary["rank"] == 0:
+        print_summary(summary, args.out)
+    return 0 if not summary["missing"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
