@@ -1,0 +1,256 @@
+"""ONNX export of a ZIM network in the official ``zim_anything`` layout (ZIM release, "ONNX checkpoint").
+
+The official release ships a model as a folder with two files, which its ``ZimPredictor`` runs with
+onnxruntime:
+
+- ``encoder.onnx``: input ``image`` 1x3x1024x1024 (normalised with SAM's mean/std and zero-padded, the
+  official predictor calls ``preprocess`` before the encoder); outputs ``image_embeddings`` 1xCx64x64 and
+  the pixel decoder's image features ``feat_D0``, ``feat_D1``, ``feat_D2`` (strides 2, 4, 8);
+- ``decoder.onnx``: inputs ``feat_D0``, ``feat_D1``, ``feat_D2``, ``image_embeddings``, ``attn_mask``
+  (Bx64x64), ``point_coords`` (BxNx2, ``(X, Y)`` pixels in the 1024 frame) and ``point_labels`` (BxN,
+  SAM's ONNX labels); outputs ``masks`` (the logits of all 4 mask tokens, Bx4x(1024/s)x(1024/s)) and
+  ``iou_predictions`` (Bx4).
+
+The official runner feeds every decoder input by name, so all seven must exist even when a variant
+ignores one (the ``sam`` pixel decoder ignores the features, ``masked_attention=False`` ignores
+``attn_mask``). The TorchScript exporter drops unused inputs; they are declared again afterwards as
+graph inputs that no node reads, which ONNX allows.
+
+``zim-lightning export-onnx --model NAME [--checkpoint PATH] --out DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from zim_lightning.models.zim import Zim
+
+log = logging.getLogger(__name__)
+
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+ENCODER_INPUTS: tuple[str, ...] = ("image",)
+ENCODER_OUTPUTS: tuple[str, ...] = ("image_embeddings", "feat_D0", "feat_D1", "feat_D2")
+DECODER_INPUTS: tuple[str, ...] = (
+    "feat_D0",
+    "feat_D1",
+    "feat_D2",
+    "image_embeddings",
+    "attn_mask",
+    "point_coords",
+    "point_labels",
+)
+DECODER_OUTPUTS: tuple[str, ...] = ("masks", "iou_predictions")
+
+#: Symbolic sizes of the decoder: prompt sets per call and points per set (SAM's runner pads with one
+#: point, a box gives two).
+_PROMPTS, _POINTS = "num_prompts", "num_points"
+_DECODER_DYNAMIC_AXES: dict[str, dict[int, str]] = {
+    "attn_mask": {0: _PROMPTS},
+    "point_coords": {0: _PROMPTS, 1: _POINTS},
+    "point_labels": {0: _PROMPTS, 1: _POINTS},
+    "masks": {0: _PROMPTS},
+    "iou_predictions": {0: _PROMPTS},
+}
+
+
+class EncoderGraph(nn.Module):
+    """What ``encoder.onnx`` computes: :meth:`Zim.encode_preprocessed` with flat outputs."""
+
+    def __init__(self, zim: Zim) -> None:
+        super().__init__()
+        self.zim = zim
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Args: image 1x3xSxS normalised and padded. Returns: embeddings, feat_D0, feat_D1, feat_D2."""
+        embedding, (feat_d0, feat_d1, feat_d2) = self.zim.encode_preprocessed(image)
+        return embedding, feat_d0, feat_d1, feat_d2
+
+
+class DecoderGraph(nn.Module):
+    """What ``decoder.onnx`` computes: :meth:`Zim.decode` of all four mask tokens, official input order."""
+
+    def __init__(self, zim: Zim) -> None:
+        super().__init__()
+        self.zim = zim
+
+    def forward(
+        self,
+        feat_D0: torch.Tensor,  # noqa: N803 - names are the official ONNX input names
+        feat_D1: torch.Tensor,  # noqa: N803
+        feat_D2: torch.Tensor,  # noqa: N803
+        image_embeddings: torch.Tensor,
+        attn_mask: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns: masks Bx4xhxw logits, iou_predictions Bx4."""
+        return self.zim.decode(
+            image_embeddings,
+            (feat_D0, feat_D1, feat_D2),
+            point_coords,
+            point_labels,
+            attn_mask=attn_mask,
+            multimask_output=True,
+        )
+
+
+def _dummy_decoder_inputs(encoder_outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Decoder inputs for tracing: one prompt set of two points plus SAM's padding point."""
+    embedding, feat_d0, feat_d1, feat_d2 = encoder_outputs
+    side = embedding.shape[-1]
+    # Three points (not one) so the exporter cannot specialise on N = 1; the graph is the same for box
+    # and point prompts (the mode is computed from the labels inside it).
+    point_coords = torch.tensor([[[300.0, 400.0], [600.0, 500.0], [-0.5, -0.5]]], device=embedding.device)
+    point_labels = torch.tensor([[1.0, 0.0, -1.0]], device=embedding.device)
+    attn_mask = torch.rand(1, side, side, device=embedding.device)
+    return feat_d0, feat_d1, feat_d2, embedding, attn_mask, point_coords, point_labels
+
+
+def _value_info(name: str, tensor: torch.Tensor, dynamic: dict[int, str]) -> onnx.ValueInfoProto:
+    shape = [dynamic.get(axis, size) for axis, size in enumerate(tensor.shape)]
+    return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+
+
+def _restore_inputs(
+    path: Path,
+    names: tuple[str, ...],
+    examples: tuple[torch.Tensor, ...],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> None:
+    """Declare again the graph inputs the exporter dropped, in the official order."""
+    model = onnx.load(str(path))
+    present = {value.name: value for value in model.graph.input}
+    missing = [name for name in names if name not in present]
+    if missing:
+        log.info("%s: re-declaring inputs unused by this variant: %s", path.name, ", ".join(missing))
+    ordered = [
+        present[name] if name in present else _value_info(name, example, dynamic_axes.get(name, {}))
+        for name, example in zip(names, examples, strict=True)
+    ]
+    # initializers can also appear as graph inputs in older opsets; keep them after ours
+    extra = [value for value in model.graph.input if value.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(ordered + extra)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+@torch.no_grad()
+def export_onnx(model: Zim, out_dir: str | Path, *, opset: int = 17) -> tuple[Path, Path]:
+    """Export ``model`` as ``encoder.onnx`` + ``decoder.onnx`` in the official layout.
+
+    Args:
+        model: the ZIM network (any variant; it is put in eval mode and on the CPU for the export).
+        out_dir: folder to write; created if needed. Existing files of the same names are replaced.
+        opset: ONNX opset version.
+
+    Returns:
+        ``(encoder_path, decoder_path)``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.eval().cpu()
+    encoder, decoder = EncoderGraph(model), DecoderGraph(model)
+    size = model.image_size
+
+    # A random image rather than zeros, so no data-dependent shortcut is traced.
+    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    encoder_path = out_dir / ENCODER_FILE
+    encoder_outputs = encoder(image)
+    _export(encoder, (image,), encoder_path, ENCODER_INPUTS, ENCODER_OUTPUTS, {}, opset)
+    _restore_inputs(encoder_path, ENCODER_INPUTS, (image,), {})
+
+    decoder_inputs = _dummy_decoder_inputs(encoder_outputs)
+    decoder_path = out_dir / DECODER_FILE
+    _export(
+        decoder, decoder_inputs, decoder_path, DECODER_INPUTS, DECODER_OUTPUTS, _DECODER_DYNAMIC_AXES, opset
+    )
+    _restore_inputs(decoder_path, DECODER_INPUTS, decoder_inputs, _DECODER_DYNAMIC_AXES)
+    log.info("exported %s and %s", encoder_path, decoder_path)
+    return encoder_path, decoder_path
+
+
+def _export(
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+    dynamic_axes: dict[str, dict[int, str]],
+    opset: int,
+) -> None:
+    # The TorchScript exporter (dynamo=False) traces this model reliably; write to a temporary file
+    # first so a failed export never leaves a half-written model in the output folder.
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
+        # The tracer warns about every Python-side shape check (input validation); shapes are fixed or
+        # declared dynamic above, so those checks hold for every input the graph accepts.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        tmp_path = Path(tmp) / path.name
+        torch.onnx.export(
+            module,
+            args,
+            str(tmp_path),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes or None,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+        tmp_path.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``zim-lightning export-onnx``: write encoder.onnx + decoder.onnx for the official runner."""
+    from zim_lightning.models.build import zim_model_registry
+
+    parser = argparse.ArgumentParser(
+        prog="zim-lightning export-onnx",
+        description="Export a ZIM network to ONNX in the official zim_anything layout "
+        "(a folder with encoder.onnx and decoder.onnx).",
+    )
+    parser.add_argument("--model", required=True, choices=sorted(zim_model_registry), help="architecture")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="state dict or Lightning checkpoint of that architecture; without it the export holds "
+        "RANDOM weights (useful only to test the pipeline)",
+    )
+    parser.add_argument(
+        "--pixel-decoder",
+        choices=("hierarchical", "sam"),
+        default="hierarchical",
+        help="pixel decoder the checkpoint was trained with (default hierarchical)",
+    )
+    parser.add_argument(
+        "--no-masked-attention",
+        action="store_true",
+        help="the checkpoint was trained without prompt-aware masked attention",
+    )
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.checkpoint is None:
+        log.warning("no --checkpoint given: exporting %s with RANDOM weights", args.model)
+    elif not Path(args.checkpoint).is_file():
+        parser.error(f"--checkpoint {args.checkpoint!r} does not exist or is not a file")
+    model = zim_model_registry[args.model](
+        checkpoint=args.checkpoint,
+        pixel_decoder=args.pixel_decoder,
+        masked_attention=not args.no_masked_attention,
+    )
+    encoder_path, decoder_path = export_onnx(model, args.out, opset=args.opset)
+    print(f"wrote {encoder_path}")
+    print(f"wrote {decoder_path}")
+    return 0

@@ -1,0 +1,131 @@
+"""Tests of the ONNX export in the official layout (export.py), run with onnxruntime and with the
+official ``zim_anything`` package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from zim_lightning.export import (
+    DECODER_FILE,
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_FILE,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    export_onnx,
+    main,
+)
+from zim_lightning.models.attention_mask import attention_map_from_prompts
+from zim_lightning.models.build import zim_model_registry
+
+ATOL = 1e-4
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    """A seeded random tiny ZIM, exported through the CLI from a checkpoint file."""
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    model = zim_model_registry["tiny"]().eval()
+    checkpoint = root / "tiny.pt"
+    torch.save(model.state_dict(), checkpoint)
+    out = root / "onnx"
+    assert main(["--model", "tiny", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    return model, out
+
+
+def _image(seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (1, 3, 700, 1024), generator=gen, dtype=torch.uint8)
+
+
+def test_layout_names_and_checker(exported) -> None:
+    _, out = exported
+    for path, inputs, outputs in (
+        (out / ENCODER_FILE, ENCODER_INPUTS, ENCODER_OUTPUTS),
+        (out / DECODER_FILE, DECODER_INPUTS, DECODER_OUTPUTS),
+    ):
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+        assert tuple(value.name for value in model.graph.input) == inputs
+        assert tuple(value.name for value in model.graph.output) == outputs
+    image = onnx.load(str(out / ENCODER_FILE)).graph.input[0]
+    assert [d.dim_value for d in image.type.tensor_type.shape.dim] == [1, 3, 1024, 1024]
+
+
+def test_encoder_and_decoder_match_torch(exported) -> None:
+    model, out = exported
+    with torch.no_grad():
+        x = model.preprocess(_image())
+        embedding, feats = model.encode_preprocessed(x)
+    encoder = _session(out / ENCODER_FILE)
+    onnx_outs = encoder.run(None, {"image": x.numpy()})
+    for name, ours, theirs in zip(ENCODER_OUTPUTS, (embedding, *feats), onnx_outs, strict=True):
+        np.testing.assert_allclose(theirs, ours.numpy(), atol=ATOL, err_msg=name)
+
+    decoder = _session(out / DECODER_FILE)
+    # a box (2 corners), then two prompt sets of points with SAM's padding point (N = 3)
+    prompts = [
+        (torch.tensor([[[100.0, 150.0], [800.0, 600.0]]]), torch.tensor([[2.0, 3.0]])),
+        (
+            torch.tensor(
+                [[[300.0, 200.0], [700.0, 650.0], [-0.5, -0.5]], [[50.0, 60.0], [0, 0], [-0.5, -0.5]]]
+            ),
+            torch.tensor([[1.0, 0.0, -1.0], [1.0, -1.0, -1.0]]),
+        ),
+    ]
+    for coords, labels in prompts:
+        attn = attention_map_from_prompts(coords, labels)
+        with torch.no_grad():
+            masks, iou = model.decode(embedding, feats, coords, labels, attn_mask=attn, multimask_output=True)
+        feeds = {
+            "feat_D0": feats[0].numpy(),
+            "feat_D1": feats[1].numpy(),
+            "feat_D2": feats[2].numpy(),
+            "image_embeddings": embedding.numpy(),
+            "attn_mask": attn.numpy(),
+            "point_coords": coords.numpy(),
+            "point_labels": labels.numpy(),
+        }
+        onnx_masks, onnx_iou = decoder.run(None, feeds)
+        assert onnx_masks.shape == (coords.shape[0], 4, 512, 512)
+        np.testing.assert_allclose(onnx_masks, masks.numpy(), atol=ATOL)
+        np.testing.assert_allclose(onnx_iou, iou.numpy(), atol=ATOL)
+
+
+def test_sam_decoder_variant_keeps_all_seven_inputs(tmp_path) -> None:
+    torch.manual_seed(1)
+    model = zim_model_registry["tiny"](pixel_decoder="sam", masked_attention=False).eval()
+    _, decoder_path = export_onnx(model, tmp_path)
+    graph = onnx.load(str(decoder_path)).graph
+    assert tuple(value.name for value in graph.input) == DECODER_INPUTS
+    with torch.no_grad():
+        embedding, feats = model.encode_image(_image(1))
+    coords = torch.tensor([[[400.0, 300.0], [-0.5, -0.5]]])
+    labels = torch.tensor([[1.0, -1.0]])
+    attn = attention_map_from_prompts(coords, labels)
+    with torch.no_grad():
+        masks, _ = model.decode(embedding, feats, coords, labels, multimask_output=True)
+    feeds = dict(zip(DECODER_INPUTS, (*feats, embedding, attn, coords, labels), strict=True))
+    onnx_masks, _ = _session(decoder_path).run(None, {k: v.numpy() for k, v in feeds.items()})
+    assert onnx_masks.shape == (1, 4, 256, 256)
+    np.testing.assert_allclose(onnx_masks, masks.numpy(), atol=ATOL)
+
+
+def test_cli_rejects_missing_checkpoint(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "tiny", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
