@@ -113,7 +113,7 @@ def test_sa1b_shards_stream_with_webdataset(layout: SyntheticLayout) -> None:
 
 
 def test_sa1b_exact_alphas_lie_outside_the_tars_and_match_the_masks(layout: SyntheticLayout) -> None:
-    n_alpha = 0
+    n_alpha, coverage = 0, []
     for record, (h, w) in _sa1b_records(layout):
         folder = layout.sa1b_alpha / f"sa_{record['image']['image_id']}"
         anns = {a["id"]: a for a in record["annotations"]}
@@ -126,10 +126,13 @@ def test_sa1b_exact_alphas_lie_outside_the_tars_and_match_the_masks(layout: Synt
             # The mask binarises the object: every clearly visible alpha pixel lies inside it.
             strong = alpha > 0.3 * 255
             assert strong.any() and mask[strong].all()
+            coverage.append(float((alpha > 0).mean()))
             n_alpha += 1
         # Stuff regions have no alpha: some annotations must lack one.
         assert len(anns) > len(list(folder.glob("*.png")))
     assert n_alpha >= len(layout.sa1b_shards) * SMALL["num_images"]
+    # Several object scales, small objects (a few % of the image) included.
+    assert min(coverage) < 0.05 and max(coverage) > 0.15, coverage
 
 
 def test_fine_alpha_is_fractional_and_solid_alpha_binary(layout: SyntheticLayout) -> None:

@@ -183,18 +183,30 @@ def _down(canvas: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def _hair(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Fur ball or hair tuft: a solid core and hundreds of thin curved strands (fractional alpha)."""
+    """Fur ball or a head of hair: a solid core and hundreds of thin curved strands (fractional alpha).
+
+    Fur strands leave the core radially; hair strands leave its upper arc and fall under gravity.
+    """
     s = _supersample(h, w)
     canvas = np.zeros((h * s, w * s), np.uint8)
-    cx, cy = w * s / 2, h * s / 2
+    falling = rng.random() < 0.5
+    cx, cy = w * s / 2, h * s * (0.3 if falling else 0.5)
     ax, ay = w * s * rng.uniform(0.15, 0.25), h * s * rng.uniform(0.15, 0.25)
     cv2.ellipse(canvas, (int(cx), int(cy)), (int(ax), int(ay)), 0, 0, 360, 255, -1, cv2.LINE_AA)
     n, steps = int(rng.integers(200, 450)), 14
-    theta = rng.uniform(0, 2 * np.pi, n)
+    if falling:
+        # Image y points down: angles in (pi, 2 pi) lie on the upper arc.
+        theta = rng.uniform(0.9 * np.pi, 2.1 * np.pi, n)
+        length = h * s * rng.uniform(0.3, 0.65, n)
+        to_down = (np.pi / 2 - theta + np.pi) % (2 * np.pi) - np.pi
+        turn = to_down[:, None] * np.minimum(1.0, np.arange(1, steps + 1) / (0.4 * steps))[None, :]
+    else:
+        theta = rng.uniform(0, 2 * np.pi, n)
+        length = min(h, w) * s * rng.uniform(0.15, 0.3, n)
+        turn = np.zeros((n, steps))
     roots = np.stack([cx + 0.9 * ax * np.cos(theta), cy + 0.9 * ay * np.sin(theta)], axis=1)
-    length = min(h, w) * s * rng.uniform(0.15, 0.3, n)
     bend = rng.normal(0, 0.08, n)[:, None] + rng.normal(0, 0.12, (n, steps)).cumsum(axis=1) * 0.3
-    heading = theta[:, None] + bend
+    heading = theta[:, None] + turn + bend
     step = (length / steps)[:, None]
     path = np.stack([np.cos(heading), np.sin(heading)], axis=2) * step[..., None]
     points = np.concatenate([roots[:, None], roots[:, None] + path.cumsum(axis=1)], axis=1)
