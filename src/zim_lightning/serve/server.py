@@ -1,0 +1,391 @@
+"""`zim-lightning serve`: interactive matting in the browser over a small JSON API.
+
+A person uploads or picks a picture, clicks positive and negative points or drags a box, and sees the
+matte at once: the image is encoded once (on upload) and each prompt runs only ZIM's light decoder (paper,
+Sec. 3). The page is plain HTML and JavaScript (``static/``) served by the standard library's
+``ThreadingHTTPServer``, so the server needs no web framework.
+
+API (JSON unless stated; errors are ``{"error": message}`` with status 400, 404, 405, 411, 413 or 500):
+
+- ``GET /api/info``: model name, bundled example names, limits.
+- ``POST /api/images``: body = the raw bytes of an image file (``X-Filename`` header optional); answers
+  ``{image_id, name, width, height, encode_ms}``.
+- ``POST /api/examples/<name>``: the same for a bundled photograph; ``GET /api/examples/<name>.jpg``
+  shows its thumbnail.
+- ``GET /api/images/<id>/image``: the image as JPEG.
+- ``POST /api/images/<id>/predict``: body ``{"points": [[x, y, label], ...], "box": [x1, y1, x2, y2]}``,
+  (X, Y) in original image pixels, label 1 positive / 0 negative; answers ``{alpha: PNG data URL of the
+  8-bit alpha at the image's size, iou, decode_ms, alpha_mean}``.
+- ``GET /api/images/<id>/download?kind=alpha|cutout&prompt=<JSON>``: the alpha PNG or the RGBA cut-out
+  for that prompt, as an attachment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import PurePath
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import numpy as np
+from PIL import Image
+
+from zim_lightning.serve.store import ImageEntry, ImageStore, Prediction, RequestError
+
+logger = logging.getLogger(__name__)
+
+#: Bundled example photographs: name -> scikit-image loader (all ship inside scikit-image).
+EXAMPLES: dict[str, str] = {
+    "astronaut": "astronaut",
+    "cat": "chelsea",
+    "coffee": "coffee",
+    "rocket": "rocket",
+}
+
+#: Static files of the page: request path -> (file in ``static/``, content type).
+STATIC_FILES: dict[str, tuple[str, str]] = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+
+#: The largest JSON body accepted (a prompt is a few hundred bytes).
+MAX_JSON_BYTES = 1 << 20
+#: Refused bodies up to this size are read and dropped so the client sees the error (see ``_discard``).
+MAX_DISCARD_BYTES = 256 << 20
+THUMBNAIL_SIDE = 160
+
+
+def load_example(name: str) -> np.ndarray:
+    """A bundled photograph as HxWx3 uint8 RGB.
+
+    Raises:
+        RequestError: 404 if ``name`` is not one of :data:`EXAMPLES`.
+    """
+    if name not in EXAMPLES:
+        raise RequestError(404, f"example {name!r}: unknown; expected one of {', '.join(EXAMPLES)}")
+    from skimage import data
+
+    image = np.asarray(getattr(data, EXAMPLES[name])())
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3].astype(np.uint8))
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 HxW (grey) or HxWx4 (RGBA) array as PNG."""
+    buffer = io.BytesIO()
+    # compress_level 1: the matte goes back on every click; speed matters more than bytes on loopback.
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def alpha_to_uint8(alpha: np.ndarray) -> np.ndarray:
+    """HxW float alpha in [0, 1] -> HxW uint8 in [0, 255]."""
+    return np.round(np.clip(alpha, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+class MattingApp:
+    """The server's state: the image store, the model's name, the request limits and the page.
+
+    Args:
+        store: encoded images and the lock around the network.
+        model_name: shown on the page.
+        max_upload_bytes: the largest upload accepted.
+    """
+
+    def __init__(self, *, store: ImageStore, model_name: str, max_upload_bytes: int = 20 << 20) -> None:
+        self.store = store
+        self.model_name = model_name
+        self.max_upload_bytes = max_upload_bytes
+        self._thumbnails: dict[str, bytes] = {}
+        self._thumbnails_lock = threading.Lock()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model": self.model_name,
+            "examples": list(EXAMPLES),
+            "max_upload_bytes": self.max_upload_bytes,
+            "max_side": self.store.max_side,
+            "max_points": self.store.max_points,
+        }
+
+    def thumbnail(self, name: str) -> bytes:
+        with self._thumbnails_lock:
+            if name not in self._thumbnails:
+                picture = Image.fromarray(load_example(name))
+                picture.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+                buffer = io.BytesIO()
+                picture.save(buffer, format="JPEG", quality=85)
+                self._thumbnails[name] = buffer.getvalue()
+            return self._thumbnails[name]
+
+    def add_example(self, name: str) -> ImageEntry:
+        return self.store.add_array(load_example(name), name=name, image_id=f"example-{name}")
+
+    def predict(self, entry: ImageEntry, payload: Any) -> tuple[Prediction, dict[str, Any]]:
+        prediction = self.store.predict(entry, self.store.parse(entry, payload))
+        alpha = alpha_to_uint8(prediction.alpha)
+        body = {
+            "image_id": entry.image_id,
+            "alpha": "data:image/png;base64," + base64.b64encode(png_bytes(alpha)).decode("ascii"),
+            "iou": round(prediction.iou, 4),
+            "decode_ms": round(prediction.decode_ms, 1),
+            "alpha_mean": round(float(prediction.alpha.mean()), 6),
+            "width": entry.width,
+            "height": entry.height,
+        }
+        return prediction, body
+
+    def download(self, entry: ImageEntry, kind: str, prompt_text: str) -> tuple[bytes, str]:
+        """The alpha PNG or the RGBA cut-out for a prompt, and its file name."""
+        if kind not in ("alpha", "cutout"):
+            raise RequestError(400, f"kind: expected 'alpha' or 'cutout', got {kind!r}")
+        try:
+            payload = json.loads(prompt_text)
+        except json.JSONDecodeError as error:
+            raise RequestError(400, f"prompt: not valid JSON ({error.msg})") from None
+        prediction = self.store.predict(entry, self.store.parse(entry, payload))
+        alpha = alpha_to_uint8(prediction.alpha)
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", PurePath(entry.name).stem) or "image"
+        if kind == "alpha":
+            return png_bytes(alpha), f"{stem}_alpha.png"
+        return png_bytes(np.dstack([entry.image, alpha])), f"{stem}_cutout.png"
+
+
+def make_handler(app: MattingApp) -> type[BaseHTTPRequestHandler]:
+    """A request handler class bound to ``app``."""
+
+    image_route = re.compile(r"^/api/images/([A-Za-z0-9_-]{1,64})/(image|predict|download)$")
+    example_route = re.compile(r"^/api/examples/([a-z0-9_-]{1,32})(\.jpg)?$")
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "zim-lightning"
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+            logger.debug("%s %s", self.address_string(), format % args)
+
+        # --- responses -------------------------------------------------------------------------
+        def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None):
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def _json(self, status: int, payload: Any) -> None:
+            self._send(status, json.dumps(payload).encode("utf-8"), "application/json")
+
+        def _error(self, status: int, message: str) -> None:
+            self._json(status, {"error": message})
+
+        # --- request bodies --------------------------------------------------------------------
+        def _body(self, limit: int) -> bytes:
+            length_text = self.headers.get("Content-Length")
+            if length_text is None:
+                if self.headers.get("Transfer-Encoding"):
+                    raise RequestError(411, "chunked uploads are not supported; send a Content-Length")
+                raise RequestError(411, "missing Content-Length header")
+            try:
+                length = int(length_text)
+            except ValueError:
+                raise RequestError(400, f"Content-Length: not an integer ({length_text!r})") from None
+            if length < 0:
+                raise RequestError(400, f"Content-Length: negative ({length})")
+            if length > limit:
+                self._discard(length)
+                raise RequestError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
+            return self.rfile.read(length)
+
+        def _discard(self, length: int) -> None:
+            # Reading a refused body lets the client, still sending, receive the error; bodies too big
+            # to read through are left unread and the connection is closed instead.
+            self.close_connection = True
+            if length > MAX_DISCARD_BYTES:
+                return
+            while length > 0:
+                chunk = self.rfile.read(min(length, 1 << 16))
+                if not chunk:
+                    return
+                length -= len(chunk)
+
+        def _json_body(self) -> Any:
+            data = self._body(MAX_JSON_BYTES)
+            try:
+                return json.loads(data.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise RequestError(400, f"request body: not valid JSON ({error})") from None
+
+        # --- dispatch --------------------------------------------------------------------------
+        def _dispatch(self, handler: Callable[[], None]) -> None:
+            try:
+                handler()
+            except RequestError as error:
+                self._error(error.status, error.message)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
+            except Exception as error:  # noqa: BLE001 (one bad request must never stop the server)
+                logger.exception("internal error on %s %s", self.command, self.path)
+                self.close_connection = True
+                try:
+                    self._error(500, f"internal error: {type(error).__name__}: {error}")
+                except OSError:
+                    pass
+
+        def do_GET(self) -> None:  # noqa: N802 (the base class's naming)
+            self._dispatch(self._get)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._dispatch(self._get)
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._dispatch(self._post)
+
+        def do_PUT(self) -> None:  # noqa: N802
+            self._dispatch(self._not_allowed)
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            self._dispatch(self._not_allowed)
+
+        def _not_allowed(self) -> None:
+            self.close_connection = True
+            raise RequestError(405, f"method {self.command} not allowed")
+
+        def _get(self) -> None:
+            url = urlsplit(self.path)
+            path = url.path
+            if path in STATIC_FILES:
+                name, content_type = STATIC_FILES[path]
+                body = resources.files("zim_lightning.serve").joinpath("static", name).read_bytes()
+                self._send(200, body, content_type)
+                return
+            if path == "/api/info":
+                self._json(200, app.info())
+                return
+            match = example_route.match(path)
+            if match and match.group(2):
+                self._send(200, app.thumbnail(match.group(1)), "image/jpeg")
+                return
+            match = image_route.match(path)
+            if match and match.group(2) == "image":
+                self._send(200, app.store.get(match.group(1)).jpeg, "image/jpeg")
+                return
+            if match and match.group(2) == "download":
+                entry = app.store.get(match.group(1))
+                query = parse_qs(url.query)
+                kind = query.get("kind", ["alpha"])[0]
+                prompt = query.get("prompt", [""])[0]
+                body, filename = app.download(entry, kind, prompt)
+                self._send(
+                    200, body, "image/png", {"Content-Disposition": f'attachment; filename="{filename}"'}
+                )
+                return
+            raise RequestError(404, f"no such page: {path}")
+
+        def _post(self) -> None:
+            path = urlsplit(self.path).path
+            if path == "/api/images":
+                data = self._body(app.max_upload_bytes)
+                # The page sends the file name percent-encoded: header values must be Latin-1.
+                name = (
+                    PurePath(unquote(self.headers.get("X-Filename", "") or "upload")).name[:128] or "upload"
+                )
+                entry = app.store.add(data, name=name)
+                self._json(200, entry.describe())
+                return
+            match = example_route.match(path)
+            if match and not match.group(2):
+                self._json(200, app.add_example(match.group(1)).describe())
+                return
+            match = image_route.match(path)
+            if match and match.group(2) == "predict":
+                entry = app.store.get(match.group(1))
+                _, body = app.predict(entry, self._json_body())
+                self._json(200, body)
+                return
+            self.close_connection = True
+            raise RequestError(404, f"no such endpoint: POST {path}")
+
+    return Handler
+
+
+def create_server(app: MattingApp, *, host: str = "127.0.0.1", port: int = 7860) -> ThreadingHTTPServer:
+    """A threading HTTP server for ``app``, bound but not yet serving (port 0 picks a free port)."""
+    server = ThreadingHTTPServer((host, port), make_handler(app))
+    server.daemon_threads = True
+    return server
+
+
+def build_app(
+    *,
+    model_name: str,
+    checkpoint: str | None = None,
+    device: str | None = None,
+    max_images: int = 8,
+    max_upload_bytes: int = 20 << 20,
+    max_side: int = 8192,
+) -> MattingApp:
+    """Build the network from the registry and wrap it in an app."""
+    import torch
+
+    from zim_lightning.models.build import zim_model_registry
+    from zim_lightning.predictor import ZimPredictor
+
+    if model_name not in zim_model_registry:
+        raise SystemExit(f"--model {model_name!r}: unknown; expected one of {', '.join(zim_model_registry)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = zim_model_registry[model_name](checkpoint=checkpoint).to(device).eval()
+    store = ImageStore(
+        predictor_factory=lambda: ZimPredictor(model), max_images=max_images, max_side=max_side
+    )
+    return MattingApp(store=store, model_name=model_name, max_upload_bytes=max_upload_bytes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="zim-lightning serve", description="Interactive matting in the browser (local web page)."
+    )
+    parser.add_argument("--model", required=True, help="registry name: tiny, vit_b, ...")
+    parser.add_argument("--checkpoint", default=None, help="ZIM weights (state dict or Lightning checkpoint)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--max-images", type=int, default=8, help="encoded images kept in memory")
+    parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted")
+    parser.add_argument("--max-side", type=int, default=8192, help="largest image side accepted, pixels")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = build_app(
+        model_name=args.model,
+        checkpoint=args.checkpoint,
+        device=args.device,
+        max_images=args.max_images,
+        max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+        max_side=args.max_side,
+    )
+    server = create_server(app, host=args.host, port=args.port)
+    host, port = server.server_address[:2]
+    print(f"zim-lightning serve: model {args.model} at http://{host}:{port}/ (Ctrl+C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
