@@ -281,6 +281,8 @@ def test_unwritable_or_foreign_out_returns_an_error_naming_it(
     assert main(["--out", str(blocker / "data")]) == 2
     err = capsys.readouterr().err
     assert "not a writable directory" in err and "a_file" in err
+    assert main(["--out", str(blocker)]) == 2
+    assert "not a writable directory" in capsys.readouterr().err
     foreign = tmp_path / "photos"
     foreign.mkdir()
     (foreign / "holiday.jpg").write_bytes(b"keep me")

@@ -723,7 +723,7 @@ def _write_preview(
 
 
 def _check_size(name: str, value: int, *, minimum: int = 1) -> None:
-    if not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
@@ -734,24 +734,21 @@ def _prepare_out(out: Path, settings: dict) -> None:
     files from another seed or size never linger. A non-empty OUT without the marker is refused.
     """
     marker = out / MARKER
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+        raise FileExistsError(
+            f"--out {str(out)!r} is not empty and holds no earlier synthetic dataset ({MARKER}); "
+            "choose an empty or new directory"
+        )
     try:
-        if out.is_dir() and any(out.iterdir()):
-            if not marker.is_file():
-                raise FileExistsError(
-                    f"--out {str(out)!r} is not empty and holds no earlier synthetic dataset ({MARKER}); "
-                    "choose an empty or new directory"
-                )
-            for part in _PARTS:
-                target = out / part
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+        for part in _PARTS if marker.is_file() else ():
+            target = out / part
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        # Written first, so that an interrupted run can be cleared by the next one.
+        # Written first, so that the next run can clear an interrupted one.
         marker.write_text(json.dumps(settings, sort_keys=True) + "\n")
-    except FileExistsError:
-        raise
     except OSError as err:
         raise OSError(f"--out {str(out)!r} is not a writable directory: {err.strerror or err}") from err
 
@@ -805,7 +802,7 @@ def generate(
     ):
         _check_size(name, value)
     _check_size("seed", seed, minimum=0)
-    sa1b_size = tuple(sa1b_size or image_size)
+    sa1b_size = tuple(int(side) for side in (sa1b_size or image_size))
     for name, hw in (("image_size", tuple(image_size)), ("sa1b_size", sa1b_size)):
         if len(hw) != 2:
             raise ValueError(f"{name} must be (H, W), got {hw!r}")
@@ -814,17 +811,17 @@ def generate(
     size = (int(image_size[0]), int(image_size[1]))
     out = Path(out)
     settings = {
-        "seed": seed,
-        "num_shards": num_shards,
-        "num_images": num_images,
+        "seed": int(seed),
+        "num_shards": int(num_shards),
+        "num_images": int(num_images),
         "image_size": list(size),
         "sa1b_size": list(sa1b_size),
-        "matting_train": matting_train,
-        "matting_val": matting_val,
-        "seg": seg,
-        "shard_size": shard_size,
-        "micromat": micromat,
-        "eval_images": eval_images,
+        "matting_train": int(matting_train),
+        "matting_val": int(matting_val),
+        "seg": int(seg),
+        "shard_size": int(shard_size),
+        "micromat": int(micromat),
+        "eval_images": int(eval_images),
     }
     _prepare_out(out, settings)
 
@@ -848,6 +845,7 @@ def generate(
     )
     layout.preview = out / "preview.png"
     _write_preview(layout.preview, seed=seed, size=size)
+    log.info("synthetic dataset (seed %d) written to %s", seed, out)
     return layout
 
 
