@@ -1,0 +1,101 @@
+"""Tests of `zim-lightning matte` (matte_cli.py) with the tiny model and random weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from zim_lightning.matte_cli import main
+
+HEIGHT, WIDTH = 240, 320
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """A synthetic photo: a shaded background with a bright disc (the object), as a JPEG-free PNG."""
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
+    image = np.stack([xx * 255 // WIDTH, yy * 255 // HEIGHT, np.full_like(xx, 80)], axis=-1)
+    disc = (xx - 180) ** 2 + (yy - 110) ** 2 < 60**2
+    image[disc] = (240, 200, 60)
+    image = image.astype(np.uint8)
+    path = tmp_path_factory.mktemp("photo") / "disc.png"
+    Image.fromarray(image).save(path)
+    return path, image
+
+
+def _check_outputs(out: Path, image: np.ndarray) -> np.ndarray:
+    alpha = np.asarray(Image.open(out / "disc_alpha.png"))
+    cutout_image = Image.open(out / "disc_cutout.png")
+    assert cutout_image.mode == "RGBA"
+    cutout = np.asarray(cutout_image)
+    assert alpha.dtype == np.uint8 and alpha.shape == (HEIGHT, WIDTH)
+    assert cutout.shape == (HEIGHT, WIDTH, 4)
+    np.testing.assert_array_equal(cutout[..., 3], alpha)
+    np.testing.assert_array_equal(cutout[..., :3], image)
+    return alpha
+
+
+def test_box_prompt_writes_alpha_and_cutout(photo, tmp_path) -> None:
+    path, image = photo
+    torch.manual_seed(0)
+    argv = [str(path), "--box", "120,50,240,170", "--model", "tiny", "--out", str(tmp_path / "box")]
+    assert main(argv) == 0
+    _check_outputs(tmp_path / "box", image)
+
+
+def test_point_prompts_with_labels(photo, tmp_path) -> None:
+    path, image = photo
+    torch.manual_seed(0)
+    argv = [
+        str(path),
+        "--point",
+        "180,110",
+        "--point",
+        "20,20,0",
+        "--model",
+        "tiny",
+        "--out",
+        str(tmp_path / "pt"),
+    ]
+    assert main(argv) == 0
+    _check_outputs(tmp_path / "pt", image)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--box", "1,2,3"], "four numbers"),
+        (["--box", "200,50,100,170"], "x1 < x2"),
+        (["--point", "a,b"], "x,y or x,y,label"),
+        (["--point", "10,10,2"], "label must be 0"),
+        ([], "one of the arguments --box --point is required"),
+        (["--box", "1,2,3,4", "--point", "5,5"], "not allowed with"),
+        (["--point", "500,10"], "outside the 320x240 image"),
+        (["--box=-10,0,50,50"], "outside the 320x240 image"),
+    ],
+)
+def test_prompt_errors(photo, tmp_path, capsys, extra: list[str], message: str) -> None:
+    path, _ = photo
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), *extra, "--model", "tiny", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_and_unreadable_images(tmp_path, capsys) -> None:
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    for image, message in (
+        (tmp_path / "missing.jpg", "does not exist"),
+        (bad, "could not be read as an image"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main([str(image), "--box", "1,2,3,4", "--model", "tiny", "--out", str(tmp_path / "out")])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
