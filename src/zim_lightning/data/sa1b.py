@@ -29,6 +29,7 @@ from zim_lightning.data.skips import CorruptSample, SkipCounter
 
 __all__ = [
     "CorruptSample",
+    "check_decoded_size",
     "decode_gray",
     "decode_image",
     "decode_mask",
@@ -417,3 +418,20 @@ def iter_sa1b(url: str, *, counter: SkipCounter | None = None, max_side: int | N
             _report(counter, error.reason, error.key, str(error))
             continue
         yield {"key": sample["__key__"], "url": url, "image": image, "record": record, "sample": sample}
+
+
+def check_decoded_size(image: np.ndarray, original_size: tuple[int, int], *, key: str) -> None:
+    """Check that a (possibly reduced) decode matches an original (H, W) at scale 1, 1/2, 1/4 or 1/8.
+
+    Raises:
+        CorruptSample: if the image is not the original size at any of those scales.
+    """
+    height, width = original_size
+    for reduction in (1, 2, 4, 8):
+        if image.shape[:2] == (-(-height // reduction), -(-width // reduction)):
+            return
+    raise CorruptSample(
+        f"image is {image.shape[1]}x{image.shape[0]}, its labels say {width}x{height}",
+        key=key,
+        reason="corrupt_image",
+    )

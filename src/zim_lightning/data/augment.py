@@ -1,0 +1,170 @@
+"""Converter and ZIM training augmentation: SGA, STL mixing, geometric and photometric (ZIM paper, Sec. 3.1).
+
+- SGA (Spatial Generalization Augmentation): with probability p (0.5) the same random region is cut out
+  (set to 0) of the coarse segmentation label and of the matte label, never of the image, so the
+  converter learns to follow the given mask's extent instead of completing whole objects.
+- STL (Selective Transformation Learning): segmentation samples whose target is the mask itself are mixed
+  in, so the converter learns to leave objects that need no fine detail unchanged.
+- Geometric augmentation (flip, scale/crop, small affine) is applied identically to the image and its
+  labels; photometric augmentation (colour jitter) to the image only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import albumentations as A
+import cv2
+import numpy as np
+
+
+def spatial_generalization_cutout(
+    mask: np.ndarray,
+    alpha: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    p: float = 0.5,
+    size_range: tuple[float, float] = (0.1, 0.5),
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int] | None]:
+    """SGA: cut the same random rectangle out of the segmentation label and the matte label.
+
+    The rectangle's sides are ``size_range`` fractions of the image sides and its centre lies inside the
+    mask's bounding box, so the cut always touches the object. Inputs are not modified.
+
+    Args:
+        mask: HxW float in {0, 1}, the coarse segmentation label.
+        alpha: HxW float in [0, 1], the matte label.
+        rng: random generator.
+        p: probability of cutting.
+        size_range: (min, max) side of the rectangle as a fraction of the image side.
+
+    Returns:
+        (mask, alpha, region): the labels with ``region`` = (x, y, w, h) set to 0, or the inputs and None
+        when no cut was drawn.
+    """
+    if mask.shape != alpha.shape:
+        raise ValueError(f"mask {mask.shape} and alpha {alpha.shape} must have the same shape")
+    if p <= 0 or rng.random() >= p:
+        return mask, alpha, None
+    height, width = mask.shape
+    rows = np.flatnonzero(mask.any(axis=1))
+    columns = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        rows, columns = np.arange(height), np.arange(width)
+    cut_w = max(1, round(rng.uniform(*size_range) * width))
+    cut_h = max(1, round(rng.uniform(*size_range) * height))
+    centre_x = int(rng.integers(columns[0], columns[-1] + 1))
+    centre_y = int(rng.integers(rows[0], rows[-1] + 1))
+    x, y = max(0, centre_x - cut_w // 2), max(0, centre_y - cut_h // 2)
+    mask, alpha = mask.copy(), alpha.copy()
+    mask[y : y + cut_h, x : x + cut_w] = 0
+    alpha[y : y + cut_h, x : x + cut_w] = 0
+    return mask, alpha, (x, y, min(cut_w, width - x), min(cut_h, height - y))
+
+
+def mix_stl(
+    matting: Iterator[dict], segmentation: Iterator[dict], rng: np.random.Generator, *, ratio: float
+) -> Iterator[dict]:
+    """STL: interleave segmentation samples into the matting stream with probability ``ratio`` each.
+
+    Stops when the stream drawn from is exhausted (training streams are infinite).
+
+    Args:
+        matting: matting samples.
+        segmentation: segmentation samples (their target becomes the mask itself downstream).
+        rng: random generator.
+        ratio: the expected fraction of segmentation samples, in [0, 1].
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"stl_ratio must be in [0, 1], got {ratio}")
+    while True:
+        source = segmentation if rng.random() < ratio else matting
+        sample = next(source, None)
+        if sample is None:
+            return
+        yield sample
+
+
+def converter_geometric(
+    *,
+    crop_size: int,
+    scale_range: tuple[float, float] = (0.25, 1.0),
+    hflip_p: float = 0.5,
+    affine_p: float = 0.3,
+    rotate: float = 15.0,
+    shear: float = 8.0,
+) -> A.Compose:
+    """Flip, small affine and random resized square crop of side ``crop_size``.
+
+    Call with ``image`` (HxWx3 uint8) and ``alpha`` (HxW float, bilinear) and/or ``mask`` (HxW, nearest).
+    """
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=hflip_p),
+            A.Affine(
+                rotate=(-rotate, rotate),
+                shear=(-shear, shear),
+                scale=(0.9, 1.1),
+                fill=0,
+                fill_mask=0,
+                p=affine_p,
+            ),
+            A.RandomResizedCrop(size=(crop_size, crop_size), scale=scale_range, ratio=(3 / 4, 4 / 3)),
+        ],
+        additional_targets={"alpha": "image"},
+    )
+
+
+def zim_geometric(
+    *,
+    hflip_p: float = 0.5,
+    affine_p: float = 0.3,
+    scale_range: tuple[float, float] = (0.9, 1.1),
+    rotate: float = 10.0,
+    translate: float = 0.05,
+) -> A.Compose:
+    """Flip and small affine in the resized (unpadded) frame; call with ``image`` and ``alpha``."""
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=hflip_p),
+            A.Affine(
+                scale=scale_range,
+                rotate=(-rotate, rotate),
+                translate_percent=(-translate, translate),
+                fill=0,
+                fill_mask=0,
+                p=affine_p,
+            ),
+        ],
+        additional_targets={"alpha": "image"},
+    )
+
+
+def photometric(
+    *,
+    brightness: float = 0.2,
+    contrast: float = 0.2,
+    saturation: float = 0.2,
+    hue: float = 0.05,
+    p: float = 0.8,
+) -> A.Compose:
+    """Colour jitter, for the image only."""
+    return A.Compose(
+        [A.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue, p=p)]
+    )
+
+
+def centre_square(array: np.ndarray, size: int) -> np.ndarray:
+    """Deterministic square view for validation: shorter side resized to ``size``, centre crop.
+
+    Args:
+        array: HxW or HxWxC.
+        size: side of the output.
+    """
+    height, width = array.shape[:2]
+    scale = size / min(height, width)
+    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(array, (new_w, new_h), interpolation=interpolation)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[top : top + size, left : left + size]

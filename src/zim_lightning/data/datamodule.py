@@ -1,0 +1,536 @@
+"""ZimDataModule: the data of every stage of ZIM (paper, Sec. 3.1 converter, 3.2 ZIM, 4.1 evaluation).
+
+Stages (``stage=``):
+
+- ``"converter"``: matting shards (coarse masks derived from the matte, SGA) mixed with segmentation
+  shards (STL), square crops; batches as docs/architecture.md, "Batches", converter stage.
+- ``"zim"``: SA1B-Matte shards, or plain matting shards (so ZIM trains on synthetic mattes before
+  SA1B-Matte exists; both can be mixed in one shard list), resized and padded to SAM's 1024 frame with a
+  box or point prompt; batches as the contract's ZIM stage.
+- ``"build"``: SA-1B read deterministically for the SA1B-Matte builder: this rank's shards
+  (:meth:`ZimDataModule.build_shard_urls`), a per-shard sample iterator
+  (:meth:`ZimDataModule.iter_build_samples`) and a predict loader over decoded images.
+- ``"eval"``: MicroMat-3K / AM-2K / AIM-500 through ``data.micromat.build_eval_dataset``, an unpadded
+  rank slice so that every instance is evaluated exactly once over all ranks.
+
+Training streams are webdataset pipelines over resampled shards (infinite draws with replacement, seeded
+per seed/rank/worker/epoch), split explicitly by rank and by DataLoader worker, with a sample shuffle
+buffer, batching in the workers and a fixed number of batches per epoch (``with_epoch``). Validation,
+build and evaluation read each sample exactly once across all ranks and workers, in a fixed order.
+Corrupt samples are skipped with one warning and counted in :attr:`ZimDataModule.skips`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from functools import partial
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from zim_lightning.data.augment import mix_stl
+from zim_lightning.data.coarsen import COARSEN_OPS
+from zim_lightning.data.prompts import PromptSampler
+from zim_lightning.data.sa1b import iter_sa1b, tar_samples
+from zim_lightning.data.samples import ConverterSampleProcessor, ZimSampleProcessor, collate, key_rng
+from zim_lightning.data.shards import (
+    assign_shards,
+    distributed_info,
+    expand_shards,
+    split_by_dataloader_worker,
+    split_by_rank,
+    worker_info,
+)
+from zim_lightning.data.skips import SkipCounter
+
+log = logging.getLogger(__name__)
+
+STAGES = ("converter", "zim", "build", "eval")
+
+
+def _stream_seed(seed: int, rank: int, epoch: int, stream: int) -> np.random.SeedSequence:
+    # One independent stream per (run seed, rank, worker, epoch, pipeline stage).
+    worker, _ = worker_info()
+    return np.random.SeedSequence([seed, rank, worker, epoch, stream])
+
+
+class ResampleShards:
+    """Pipeline stage: the shards that reach it -> an endless stream of draws with replacement.
+
+    This is webdataset's ``resampled=True`` placed after the explicit rank and worker split, so each
+    worker draws from its own disjoint subset of shards (or from all shards when there are fewer shards
+    than workers, see :meth:`ZimDataModule.train_dataloader`). Draws are seeded per (seed, rank, worker,
+    epoch), so a run is reproducible and every epoch draws a new order.
+
+    Args:
+        seed: run seed.
+        rank: this process's rank.
+    """
+
+    def __init__(self, *, seed: int, rank: int) -> None:
+        self.seed, self.rank, self.epoch = seed, rank, -1
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        urls = [shard["url"] for shard in src]
+        self.epoch += 1
+        if not urls:
+            return
+        rng = np.random.default_rng(_stream_seed(self.seed, self.rank, self.epoch, 0))
+        while True:
+            yield {"url": urls[int(rng.integers(len(urls)))]}
+
+
+class ShuffleSamples:
+    """Pipeline stage: webdataset's sample shuffle buffer with a per (seed, rank, worker, epoch) seed."""
+
+    def __init__(self, *, bufsize: int, initial: int, seed: int, rank: int) -> None:
+        self.bufsize, self.initial, self.seed, self.rank, self.epoch = bufsize, initial, seed, rank, -1
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        self.epoch += 1
+        if self.bufsize <= 1:
+            return src
+        seed = int(_stream_seed(self.seed, self.rank, self.epoch, 1).generate_state(1)[0])
+        return wds.shuffle(self.bufsize, initial=min(self.initial, self.bufsize), seed=seed)(src)
+
+
+class ProcessSamples:
+    """Pipeline stage: raw tar samples -> processed samples; corrupt ones are skipped and counted.
+
+    Uses webdataset's handler protocol: the counter's handler warns, counts and continues on
+    :class:`~zim_lightning.data.skips.CorruptSample` and re-raises anything else (a bug, not bad data).
+
+    Args:
+        processor: a :class:`~zim_lightning.data.samples.ConverterSampleProcessor` or
+            :class:`~zim_lightning.data.samples.ZimSampleProcessor`.
+        train: training randomness (worker generator) or deterministic validation (key-seeded).
+        seed: run seed.
+        rank: this process's rank.
+        counter: where skips are counted.
+    """
+
+    def __init__(self, processor, *, train: bool, seed: int, rank: int, counter: SkipCounter) -> None:  # noqa: ANN001
+        self.processor, self.train, self.seed, self.rank, self.counter = processor, train, seed, rank, counter
+        self.epoch = -1
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        self.epoch += 1
+        rng = np.random.default_rng(_stream_seed(self.seed, self.rank, self.epoch, 2))
+        self.processor.seed(rng)
+        handler = self.counter.handler()
+        for sample in src:
+            try:
+                sample_rng = rng if self.train else key_rng(self.seed, sample["__key__"])
+                processed = self.processor(sample, sample_rng, train=self.train)
+            except Exception as exn:  # noqa: BLE001 - the handler re-raises what is not bad data
+                if handler(exn):
+                    continue
+                break
+            yield from processed
+
+
+class MixSTL(torch.utils.data.IterableDataset):
+    """Matting samples with segmentation (STL) samples mixed in at ``ratio`` (see ``augment.mix_stl``)."""
+
+    def __init__(
+        self, matting: wds.DataPipeline, segmentation: wds.DataPipeline, *, ratio: float, seed: int, rank: int
+    ):
+        super().__init__()
+        self.matting, self.segmentation, self.ratio = matting, segmentation, ratio
+        self.seed, self.rank, self.epoch = seed, rank, -1
+
+    def __iter__(self) -> Iterator[dict]:
+        self.epoch += 1
+        rng = np.random.default_rng(_stream_seed(self.seed, self.rank, self.epoch, 3))
+        return mix_stl(iter(self.matting), iter(self.segmentation), rng, ratio=self.ratio)
+
+
+class BuildSamples:
+    """Pipeline stage: SA-1B shard urls -> decoded samples in file order (see ``sa1b.iter_sa1b``)."""
+
+    def __init__(self, *, counter: SkipCounter) -> None:
+        self.counter = counter
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for shard in src:
+            yield from iter_sa1b(shard["url"], counter=self.counter)
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Every ``world_size``-th index from ``rank``, in order, without the padding DistributedSampler adds.
+
+    Evaluation must see each instance exactly once, so ranks may get one index fewer than others. Being
+    a DistributedSampler, Lightning does not replace it with its own (padding) one.
+    """
+
+    def __init__(self, dataset: Dataset, *, rank: int, world_size: int) -> None:
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
+        self.indices = list(range(rank, len(dataset), world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _unbatched(sample: dict) -> dict:
+    # Build samples differ in size and carry json; they pass through the loader as they are.
+    return sample
+
+
+class ZimDataModule(L.LightningDataModule):
+    """Data for the converter, ZIM, SA1B-Matte build and evaluation stages.
+
+    Shard arguments take a local path, a brace pattern (``"sa_{000000..000009}.tar"``), a ``pipe:`` url,
+    several joined by ``::``, or a list of these.
+
+    Args:
+        stage: "converter", "zim", "build" or "eval".
+        train_shards: training shards (converter: matting; zim: SA1B-Matte and/or matting).
+        val_shards: validation shards, read once per validation in a fixed order; None: no validation.
+        seg_shards: segmentation shards for STL (converter stage).
+        build_shards: SA-1B shards (build stage).
+        eval_root: dataset folder for the eval stage.
+        eval_format: ``format`` of ``build_eval_dataset`` (e.g. "micromat", "am2k", "aim500").
+        eval_prompt: ``prompt`` of ``build_eval_dataset`` ("box" or "point").
+        eval_subset: ``subset`` of ``build_eval_dataset`` (e.g. "fine", "coarse"; None: all).
+        batch_size: training batch size per rank.
+        val_batch_size: validation / evaluation batch size; None: ``batch_size``.
+        num_workers: DataLoader workers per rank.
+        seed: run seed; with the same seed, rank and worker count, training streams repeat exactly.
+        batches_per_epoch: training batches per epoch per rank (the streams are endless).
+        shuffle_buffer: samples in each worker's shuffle buffer (1 disables shuffling).
+        shuffle_initial: samples gathered before the first one leaves the buffer.
+        crop_size: converter crop side S.
+        image_size: ZIM frame side (1024, SAM's).
+        coarsen_ops: coarsening ops the converter's coarse masks are drawn from; None: all.
+        sga: Spatial Generalization Augmentation (paper ablation switch).
+        sga_p: SGA probability.
+        stl: Selective Transformation Learning: mix in ``seg_shards`` (paper ablation switch).
+        stl_ratio: expected fraction of STL samples.
+        augment: geometric and photometric training augmentation.
+        box_ratio: fraction of ZIM samples prompted with a box (the rest with points).
+        box_jitter: largest box side shift as a fraction of the box size (paper: 0.1).
+        max_positive: ZIM point samples get 1..max_positive positive points.
+        max_negative: ZIM point samples get 0..max_negative negative points.
+        positive_threshold: alpha at or above which a pixel may be a positive point.
+        support_threshold: alpha above which a pixel belongs to the object (box, negatives).
+        near_negative_p: probability that a sample's negative points are drawn near the object.
+        mattes_per_image: SA1B-Matte annotations used per decoded image in training.
+        pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
+    """
+
+    def __init__(
+        self,
+        *,
+        stage: str = "zim",
+        train_shards: str | list[str] | None = None,
+        val_shards: str | list[str] | None = None,
+        seg_shards: str | list[str] | None = None,
+        build_shards: str | list[str] | None = None,
+        eval_root: str | None = None,
+        eval_format: str = "micromat",
+        eval_prompt: str = "box",
+        eval_subset: str | None = None,
+        batch_size: int = 4,
+        val_batch_size: int | None = None,
+        num_workers: int = 4,
+        seed: int = 0,
+        batches_per_epoch: int = 1000,
+        shuffle_buffer: int = 1000,
+        shuffle_initial: int = 100,
+        crop_size: int = 1024,
+        image_size: int = 1024,
+        coarsen_ops: list[str] | None = None,
+        sga: bool = True,
+        sga_p: float = 0.5,
+        stl: bool = True,
+        stl_ratio: float = 0.1,
+        augment: bool = True,
+        box_ratio: float = 0.5,
+        box_jitter: float = 0.1,
+        max_positive: int = 3,
+        max_negative: int = 2,
+        positive_threshold: float = 0.9,
+        support_threshold: float = 0.05,
+        near_negative_p: float = 0.5,
+        mattes_per_image: int = 1,
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        for name, value in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not 0.0 <= sga_p <= 1.0:
+            raise ValueError(f"sga_p must be in [0, 1], got {sga_p}")
+        if not 0.0 <= stl_ratio <= 1.0:
+            raise ValueError(f"stl_ratio must be in [0, 1], got {stl_ratio}")
+        self.save_hyperparameters()
+        self.stage = stage
+        self.train_shards, self.val_shards, self.seg_shards = train_shards, val_shards, seg_shards
+        self.build_shards = build_shards
+        self.eval_root, self.eval_format, self.eval_prompt, self.eval_subset = (
+            eval_root,
+            eval_format,
+            eval_prompt,
+            eval_subset,
+        )
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.batches_per_epoch = batches_per_epoch
+        self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
+        self.stl, self.stl_ratio = stl, stl_ratio
+        self.pin_memory = pin_memory
+        self.converter_processor = ConverterSampleProcessor(
+            crop_size=crop_size,
+            coarsen_ops=tuple(coarsen_ops or COARSEN_OPS),
+            sga=sga,
+            sga_p=sga_p,
+            augment=augment,
+        )
+        self.prompts = PromptSampler(
+            box_ratio=box_ratio,
+            box_jitter=box_jitter,
+            max_positive=max_positive,
+            max_negative=max_negative,
+            positive_threshold=positive_threshold,
+            support_threshold=support_threshold,
+            near_negative_p=near_negative_p,
+        )
+        self.zim_processor = ZimSampleProcessor(
+            image_size=image_size, prompts=self.prompts, mattes_per_image=mattes_per_image, augment=augment
+        )
+        #: Corrupt samples skipped so far by this process and its workers, per reason.
+        self.skips = SkipCounter(max_workers=num_workers)
+
+    # ------------------------------------------------------------------ helpers
+
+    def skip_counts(self) -> dict[str, int]:
+        """Corrupt samples skipped so far by this rank (main process and workers), per reason."""
+        return self.skips.counts()
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.global_rank, trainer.world_size
+        return distributed_info()
+
+    def _processor(self) -> ConverterSampleProcessor | ZimSampleProcessor:
+        return self.converter_processor if self.stage == "converter" else self.zim_processor
+
+    @staticmethod
+    def _shards(spec: str | list[str] | None, name: str) -> list[str]:
+        if spec is None:
+            raise ValueError(f"ZimDataModule needs {name} for this stage; pass a path, brace pattern or list")
+        return expand_shards(spec)
+
+    def _loader_workers(self, shards: int, world_size: int) -> int:
+        # A deterministic pass gives whole shards to workers; workers beyond the shard count would idle.
+        return min(self.num_workers, max(1, -(-shards // world_size))) if self.num_workers else 0
+
+    # ------------------------------------------------------------------ training
+
+    def _train_stream(self, urls: list[str], *, rank: int, world_size: int) -> wds.DataPipeline:
+        workers = max(1, self.num_workers)
+        split = len(urls) >= world_size * workers
+        if not split:
+            log.info(
+                "%d shards for %d ranks x %d workers: every worker resamples from all shards with its own seed",
+                len(urls),
+                world_size,
+                workers,
+            )
+        stages = [wds.SimpleShardList(urls)]  # {"url"} for every shard, in order
+        if split:
+            stages += [
+                partial(split_by_rank, rank=rank, world_size=world_size),  # nodesplitter: this rank's shards
+                split_by_dataloader_worker,  # workersplitter: this worker's share of them
+            ]
+        stages += [
+            ResampleShards(seed=self.seed, rank=rank),  # endless {"url"} draws with replacement
+            partial(tar_samples, counter=self.skips),  # raw samples {"__key__", "jpg": bytes, ...}
+            ShuffleSamples(
+                bufsize=self.shuffle_buffer, initial=self.shuffle_initial, seed=self.seed, rank=rank
+            ),
+        ]
+        return wds.DataPipeline(*stages)
+
+    def train_dataset(self, *, rank: int | None = None, world_size: int | None = None) -> wds.DataPipeline:
+        """The training pipeline of one rank: endless batches (collated dicts) of ``batch_size``.
+
+        Args:
+            rank: this rank; None: from the trainer, torch.distributed or the RANK env var.
+            world_size: number of ranks; None: as ``rank``.
+        """
+        if self.stage not in ("converter", "zim"):
+            raise ValueError(f"stage {self.stage!r} has no training data; use 'converter' or 'zim'")
+        if rank is None or world_size is None:
+            rank, world_size = self._rank()
+        raw = self._train_stream(
+            self._shards(self.train_shards, "train_shards"), rank=rank, world_size=world_size
+        )
+        if self.stage == "converter" and self.stl:
+            seg = self._train_stream(
+                self._shards(self.seg_shards, "seg_shards (stl=True)"), rank=rank, world_size=world_size
+            )
+            source = MixSTL(
+                raw, seg, ratio=self.stl_ratio, seed=self.seed, rank=rank
+            )  # matting + STL samples
+        else:
+            source = raw
+        return wds.DataPipeline(
+            source,
+            # processed samples in the contract's layout (numpy), corrupt ones skipped and counted
+            ProcessSamples(self._processor(), train=True, seed=self.seed, rank=rank, counter=self.skips),
+            # collated batches: tensors, key list[str]
+            wds.batched(self.batch_size, collation_fn=collate, partial=False),
+        )
+
+    def train_dataloader(self) -> wds.WebLoader:
+        """Endless resampled stream cut into epochs of ``batches_per_epoch`` batches (``with_epoch``)."""
+        loader = wds.WebLoader(
+            self.train_dataset(),
+            batch_size=None,  # batching happens in the workers
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,  # workers keep their epoch counters (new draws)
+        )
+        return loader.with_epoch(self.batches_per_epoch).with_length(self.batches_per_epoch, silent=True)
+
+    # ------------------------------------------------------------------ validation
+
+    def val_dataset(
+        self,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        worker: int | None = None,
+        num_workers: int | None = None,
+    ) -> wds.DataPipeline:
+        """Deterministic validation pipeline of one rank (and optionally one explicit worker).
+
+        Shards go round-robin to (rank, worker), are read once in order, and samples are processed with
+        key-seeded generators, so every sample is seen exactly once with the same crop, coarse mask and
+        prompt whatever the number of ranks and workers.
+
+        Args:
+            rank, world_size: the rank; None: from the trainer / environment.
+            worker, num_workers: simulate a DataLoader worker; None: the current worker, if any.
+        """
+        if rank is None or world_size is None:
+            rank, world_size = self._rank()
+        urls = self._shards(self.val_shards, "val_shards")
+        if worker is not None and num_workers is not None:
+            shards = wds.SimpleShardList(
+                assign_shards(urls, rank=rank, world_size=world_size, worker=worker, num_workers=num_workers)
+            )
+            stages = [shards]
+        else:
+            stages = [
+                wds.SimpleShardList(urls),  # {"url"} for every shard, in order
+                partial(split_by_rank, rank=rank, world_size=world_size),  # this rank's shards
+                split_by_dataloader_worker,  # this worker's shards
+            ]
+        return wds.DataPipeline(
+            *stages,
+            partial(tar_samples, counter=self.skips),  # raw samples, in file order
+            ProcessSamples(self._processor(), train=False, seed=self.seed, rank=rank, counter=self.skips),
+            wds.batched(self.val_batch_size, collation_fn=collate, partial=True),
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation (converter / zim: ``val_shards``; eval: the evaluation set); [] when there is none."""
+        if self.stage == "eval":
+            return self.eval_dataloader()
+        if self.stage not in ("converter", "zim") or self.val_shards is None:
+            return []
+        rank, world_size = self._rank()
+        shards = len(expand_shards(self.val_shards))
+        return DataLoader(
+            self.val_dataset(rank=rank, world_size=world_size),
+            batch_size=None,
+            num_workers=self._loader_workers(shards, world_size),
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+        )
+
+    # ------------------------------------------------------------------ build (SA-1B -> SA1B-Matte)
+
+    def build_shard_urls(
+        self, *, rank: int | None = None, world_size: int | None = None, worker: int = 0, num_workers: int = 1
+    ) -> list[str]:
+        """The SA-1B shards one (rank, worker) builds: disjoint, together every shard once."""
+        if rank is None or world_size is None:
+            rank, world_size = self._rank()
+        urls = self._shards(self.build_shards, "build_shards")
+        return assign_shards(urls, rank=rank, world_size=world_size, worker=worker, num_workers=num_workers)
+
+    def iter_build_samples(self, url: str) -> Iterator[dict]:
+        """Decoded SA-1B samples of one shard in file order (see ``sa1b.iter_sa1b``); skips are counted."""
+        return iter_sa1b(url, counter=self.skips)
+
+    def build_dataset(self, *, rank: int | None = None, world_size: int | None = None) -> wds.DataPipeline:
+        """This rank's SA-1B samples, each exactly once, shards split over the DataLoader workers."""
+        if rank is None or world_size is None:
+            rank, world_size = self._rank()
+        return wds.DataPipeline(
+            wds.SimpleShardList(self._shards(self.build_shards, "build_shards")),  # every shard, in order
+            partial(split_by_rank, rank=rank, world_size=world_size),  # this rank's shards
+            split_by_dataloader_worker,  # this worker's shards
+            BuildSamples(counter=self.skips),  # {"key", "url", "image", "record", "sample"} per image
+        )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def eval_dataset(self) -> Dataset:
+        """The full evaluation dataset (``data.micromat.build_eval_dataset``)."""
+        if self.eval_root is None:
+            raise ValueError("ZimDataModule(stage='eval') needs eval_root, the evaluation dataset folder")
+        from zim_lightning.data.micromat import build_eval_dataset
+
+        return build_eval_dataset(
+            self.eval_root, format=self.eval_format, prompt=self.eval_prompt, subset=self.eval_subset
+        )
+
+    def eval_dataloader(self, *, rank: int | None = None, world_size: int | None = None) -> DataLoader:
+        """Evaluation loader over this rank's unpadded slice (instances ``rank``, ``rank + world_size``, ...)."""
+        if rank is None or world_size is None:
+            rank, world_size = self._rank()
+        dataset = self.eval_dataset()
+        return DataLoader(
+            dataset,
+            batch_size=self.val_batch_size,
+            sampler=UnpaddedDistributedSampler(dataset, rank=rank, world_size=world_size),
+            num_workers=self.num_workers,
+            collate_fn=getattr(dataset, "collate", None),
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+        )
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Evaluation stage: the evaluation loader; other stages: the validation loader."""
+        return self.eval_dataloader() if self.stage == "eval" else self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """Build stage: this rank's SA-1B samples one at a time; eval stage: the evaluation loader."""
+        if self.stage == "eval":
+            return self.eval_dataloader()
+        if self.stage != "build":
+            raise ValueError(f"stage {self.stage!r} has no predict data; use 'build' or 'eval'")
+        rank, world_size = self._rank()
+        shards = len(self._shards(self.build_shards, "build_shards"))
+        return DataLoader(
+            self.build_dataset(rank=rank, world_size=world_size),
+            batch_size=None,
+            collate_fn=_unbatched,
+            num_workers=self._loader_workers(shards, world_size),
+        )

@@ -1,0 +1,267 @@
+"""Per-sample processing of the converter and ZIM stages, and batch collation (ZIM paper, Sec. 3.1-3.2).
+
+A processor turns one raw tar sample (webdataset-style dict of member bytes) into training or validation
+samples in the contract of docs/architecture.md, "Batches". Processors are plain picklable objects: the
+datamodule runs them inside DataLoader workers with a generator seeded per (seed, rank, worker, epoch)
+for training, and per (seed, sample key) for validation, so validation is deterministic whatever the
+worker layout.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from zim_lightning.data import coarsen
+from zim_lightning.data.augment import (
+    centre_square,
+    converter_geometric,
+    photometric,
+    spatial_generalization_cutout,
+    zim_geometric,
+)
+from zim_lightning.data.matting import (
+    decode_matting,
+    decode_segmentation,
+    is_matting_sample,
+    is_segmentation_sample,
+)
+from zim_lightning.data.prompts import PromptSampler
+from zim_lightning.data.sa1b import check_decoded_size, decode_image, decode_matte, parse_annotations
+from zim_lightning.data.skips import CorruptSample
+from zim_lightning.data.transforms import get_preprocess_shape, pad_bottom_right, resize, valid_map
+
+
+def key_rng(seed: int, key: str) -> np.random.Generator:
+    """A generator that depends only on the run seed and the sample key (deterministic evaluation)."""
+    return np.random.default_rng([seed, zlib.crc32(key.encode("utf-8"))])
+
+
+def _chw(image: np.ndarray) -> np.ndarray:
+    # HxWx3 -> 3xHxW, contiguous so that collation is a plain stack.
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+class ConverterSampleProcessor:
+    """Matting or segmentation (STL) sample -> converter sample (square crop of side ``crop_size``).
+
+    Training: geometric augmentation of image and label together, colour jitter of the image, a coarse
+    mask from the matte (:func:`~zim_lightning.data.coarsen.random_coarsen`), then SGA on both labels.
+    STL samples keep their mask as input and target. Validation: centre square, a coarse mask drawn with
+    a key-seeded generator, no SGA.
+
+    Args:
+        crop_size: S, the side of the output crops.
+        coarsen_ops: names from :data:`~zim_lightning.data.coarsen.COARSEN_OPS`.
+        sga: apply Spatial Generalization Augmentation (paper ablation switch).
+        sga_p: probability of the SGA cut.
+        augment: geometric and photometric augmentation in training.
+    """
+
+    def __init__(
+        self,
+        *,
+        crop_size: int,
+        coarsen_ops: Sequence[str] = coarsen.COARSEN_OPS,
+        sga: bool = True,
+        sga_p: float = 0.5,
+        augment: bool = True,
+    ) -> None:
+        self.crop_size = crop_size
+        self.coarsen_ops = tuple(coarsen_ops)
+        self.sga = sga
+        self.sga_p = sga_p
+        self.augment = augment
+        self.geometric = converter_geometric(crop_size=crop_size) if augment else None
+        self.colour = photometric() if augment else None
+
+    def seed(self, rng: np.random.Generator) -> None:
+        """Seed the albumentations pipelines from a worker's generator."""
+        if self.geometric is not None:
+            self.geometric.set_random_seed(int(rng.integers(2**31)))
+            self.colour.set_random_seed(int(rng.integers(2**31)))
+
+    def __call__(self, sample: dict, rng: np.random.Generator, *, train: bool) -> list[dict]:
+        """Process one raw sample; raises CorruptSample on bad data.
+
+        Args:
+            sample: raw tar sample.
+            rng: the worker's generator in training, a key-seeded one (:func:`key_rng`) in validation.
+            train: training (augmentation, SGA) or validation.
+        """
+        key = sample.get("__key__", "?")
+        if is_segmentation_sample(sample):
+            image, mask = decode_segmentation(sample)
+            image, mask = self._geometry(image, mask, "mask", train)
+            alpha, is_stl = mask, True
+        elif is_matting_sample(sample):
+            image, alpha_u8 = decode_matting(sample)
+            image, alpha = self._geometry(image, alpha_u8.astype(np.float32) / 255.0, "alpha", train)
+            if not alpha.any():
+                raise CorruptSample("the crop holds no foreground", key=key, reason="empty_mask")
+            mask = coarsen.random_coarsen(alpha, rng, ops=self.coarsen_ops)
+            is_stl = False
+        else:
+            raise CorruptSample(
+                f"expected {key}.alpha.png or {key}.mask.png, found {sorted(sample)}",
+                key=key,
+                reason="missing_member",
+            )
+        if train and self.sga:
+            mask, alpha, _ = spatial_generalization_cutout(mask, alpha, rng, p=self.sga_p)
+        return [
+            {
+                "image": _chw(image),
+                "mask": mask[None].astype(np.float32),
+                "alpha": alpha[None].astype(np.float32),
+                "is_stl": is_stl,
+                "key": key,
+            }
+        ]
+
+    def _geometry(
+        self, image: np.ndarray, label: np.ndarray, kind: str, train: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if train and self.geometric is not None:
+            out = self.geometric(image=image, **{kind: label})
+            image = self.colour(image=out["image"])["image"]
+            return image, out[kind]
+        square = centre_square(label, self.crop_size)
+        if kind == "mask":
+            square = (square > 0.5).astype(np.float32)
+        return centre_square(image, self.crop_size), square
+
+
+class ZimSampleProcessor:
+    """SA1B-Matte or matting sample -> ZIM samples in SAM's frame (resized, padded, prompted).
+
+    The JPEG is decoded at a reduced DCT scale when it is at least twice the frame, resized once to the
+    frame, and only the chosen annotations' mattes are decoded.
+
+    Args:
+        image_size: side of the square frame (1024).
+        prompts: the prompt sampler.
+        mattes_per_image: SA1B-Matte annotations used per decoded image in training (validation uses one).
+        augment: flip and small affine (image and alpha), colour jitter (image) in training.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int = 1024,
+        prompts: PromptSampler,
+        mattes_per_image: int = 1,
+        augment: bool = True,
+    ) -> None:
+        if mattes_per_image < 1:
+            raise ValueError(f"mattes_per_image must be >= 1, got {mattes_per_image}")
+        self.image_size = image_size
+        self.prompts = prompts
+        self.mattes_per_image = mattes_per_image
+        self.augment = augment
+        self.geometric = zim_geometric() if augment else None
+        self.colour = photometric() if augment else None
+
+    def seed(self, rng: np.random.Generator) -> None:
+        """Seed the albumentations pipelines from a worker's generator."""
+        if self.geometric is not None:
+            self.geometric.set_random_seed(int(rng.integers(2**31)))
+            self.colour.set_random_seed(int(rng.integers(2**31)))
+
+    def __call__(self, sample: dict, rng: np.random.Generator, *, train: bool) -> list[dict]:
+        """Process one raw sample into one or more ZIM samples; raises CorruptSample on bad data.
+
+        Args:
+            sample: raw tar sample.
+            rng: the worker's generator in training, a key-seeded one (:func:`key_rng`) in validation.
+            train: training (augmentation, several mattes per image) or validation (one matte).
+        """
+        key = sample.get("__key__", "?")
+        if is_matting_sample(sample):
+            image, alpha_u8 = decode_matting(sample, max_side=self.image_size)
+            originals, alphas = alpha_u8.shape, [alpha_u8]
+            keys = [key]
+        elif "json" in sample and "jpg" in sample:
+            record = parse_annotations(sample["json"], key=key)
+            originals = (record["image"]["height"], record["image"]["width"])
+            candidates = [a for a in record["annotations"] if "matte" in a]
+            if not candidates:
+                raise CorruptSample("no annotation carries a matte", key=key, reason="missing_member")
+            if train:
+                count = min(len(candidates), self.mattes_per_image)
+                chosen = rng.choice(len(candidates), size=count, replace=False)
+            else:
+                chosen = [int(rng.integers(len(candidates)))]
+            picked = [candidates[i] for i in chosen]
+            # Mattes first: they are cheap and may be corrupt, the JPEG is the expensive part.
+            alphas = [decode_matte(sample, a, key=key, image_size=originals) for a in picked]
+            keys = [f"{key}.{a['id']}" for a in picked]
+            image = decode_image(sample["jpg"], key=key, max_side=self.image_size)
+            check_decoded_size(image, originals, key=key)
+        else:
+            raise CorruptSample(
+                f"expected {key}.alpha.png, or {key}.jpg with an SA1B-Matte {key}.json, found {sorted(sample)}",
+                key=key,
+                reason="missing_member",
+            )
+        input_size = get_preprocess_shape(*originals, self.image_size)
+        image = resize(image, input_size)
+        out = []
+        for alpha_u8, sample_key in zip(alphas, keys, strict=True):
+            out.append(
+                self._frame(
+                    image, resize(alpha_u8, input_size), originals, input_size, rng, sample_key, train
+                )
+            )
+        return out
+
+    def _frame(
+        self,
+        image: np.ndarray,
+        alpha_u8: np.ndarray,
+        original_size: tuple[int, int],
+        input_size: tuple[int, int],
+        rng: np.random.Generator,
+        key: str,
+        train: bool,
+    ) -> dict:
+        alpha = alpha_u8.astype(np.float32) / 255.0
+        if train and self.geometric is not None:
+            moved = self.geometric(image=image, alpha=alpha)
+            # A small affine can push a small object out of view; keep the unmoved sample then.
+            if moved["alpha"].max() > self.prompts.support_threshold:
+                image, alpha = moved["image"], moved["alpha"]
+            image = self.colour(image=image)["image"]
+        if alpha.max() <= self.prompts.support_threshold:
+            raise CorruptSample("the matte vanishes at the training resolution", key=key, reason="empty_mask")
+        alpha = pad_bottom_right(alpha, self.image_size)
+        coords, labels = self.prompts(alpha, rng, image_size=input_size)
+        return {
+            "image": _chw(pad_bottom_right(image, self.image_size)),
+            "alpha": alpha[None],
+            "valid": valid_map(input_size, self.image_size)[None],
+            "point_coords": coords,
+            "point_labels": labels,
+            "original_size": np.asarray(original_size, dtype=np.int64),
+            "input_size": np.asarray(input_size, dtype=np.int64),
+            "key": key,
+        }
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack processed samples into a batch: arrays -> tensors, ``key`` -> list[str], ``is_stl`` -> bool B."""
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    batch: dict = {}
+    for name in samples[0]:
+        values = [s[name] for s in samples]
+        if name == "key":
+            batch[name] = list(values)
+        elif name == "is_stl":
+            batch[name] = torch.tensor(values, dtype=torch.bool)
+        else:
+            batch[name] = torch.from_numpy(np.stack(values))
+    return batch
