@@ -215,3 +215,14 @@ def test_model_refinement_follows_os8_outside_band_and_ablation_switch() -> None
     with torch.no_grad():
         out = model(images, masks)
     torch.testing.assert_close(out["alpha"], out["alpha_os1"])
+
+
+def test_refinement_widths_random_in_training_fixed_in_eval() -> None:
+    model = converter_model_registry["converter_tiny"]()
+    model.train()
+    torch.manual_seed(0)
+    draws = {model._widths() for _ in range(50)}
+    assert all(1 <= w4 <= model.refine_width_os4 and 1 <= w1 <= model.refine_width_os1 for w4, w1 in draws)
+    assert len(draws) > 1
+    model.eval()
+    assert model._widths() == (model.refine_width_os4, model.refine_width_os1)

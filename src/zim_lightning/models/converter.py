@@ -221,12 +221,14 @@ class MattingConverter(nn.Module):
             )
 
     def _widths(self) -> tuple[int, int]:
-        if self.training and self.random_refine_width:
-            return tuple(  # type: ignore[return-value]
-                int(torch.randint(1, w + 1, ()).item()) if w > 0 else 0
-                for w in (self.refine_width_os4, self.refine_width_os1)
-            )
-        return self.refine_width_os4, self.refine_width_os1
+        """Band radii (os4, os1): random in 1..max per batch while training, the maxima otherwise."""
+        if not (self.training and self.random_refine_width):
+            return self.refine_width_os4, self.refine_width_os1
+
+        def draw(maximum: int) -> int:
+            return int(torch.randint(1, maximum + 1, ()).item()) if maximum > 0 else 0
+
+        return draw(self.refine_width_os4), draw(self.refine_width_os1)
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
         """Predict alpha mattes.
