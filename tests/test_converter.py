@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
 
 from zim_lightning.models.checkpoint import CheckpointError
 from zim_lightning.models.converter import (
@@ -104,8 +105,9 @@ def test_checkpoint_of_another_model_is_rejected(tmp_path) -> None:
         converter_model_registry["converter_tiny"](checkpoint=str(tmp_path / "missing.pt"))
 
 
-def test_backbone_checkpoint_in_sam2_format_extends_patch_embed(tmp_path) -> None:
-    # A 3-channel trunk of converter_tiny's shape, saved the way SAM 2 ships its weights.
+@pytest.mark.parametrize("layout", ["sam2", "timm_safetensors"])
+def test_backbone_checkpoint_extends_patch_embed(tmp_path, layout: str) -> None:
+    # A 3-channel trunk of converter_tiny's shape, saved the way SAM 2 or the timm hub ship weights.
     torch.manual_seed(0)
     trunk = timm.create_model(
         "sam2_hiera_tiny",
@@ -117,15 +119,19 @@ def test_backbone_checkpoint_in_sam2_format_extends_patch_embed(tmp_path) -> Non
         global_att_blocks=(3,),
         window_spec=(8, 4, 4, 2),
     )
-    sam2 = {}
-    for key, value in trunk.state_dict().items():
-        if key.startswith("head."):
-            continue
-        key = key.replace("mlp.fc1.", "mlp.layers.0.").replace("mlp.fc2.", "mlp.layers.1.")
-        sam2[SAM2_TRUNK_PREFIX + key] = value
-    sam2["sam_mask_decoder.some.weight"] = torch.zeros(3)  # other SAM 2 parts are ignored
-    path = tmp_path / "sam2_hiera_tiny.pt"
-    torch.save({"model": sam2}, path)
+    if layout == "sam2":
+        state = {}
+        for key, value in trunk.state_dict().items():
+            if key.startswith("head."):
+                continue
+            key = key.replace("mlp.fc1.", "mlp.layers.0.").replace("mlp.fc2.", "mlp.layers.1.")
+            state[SAM2_TRUNK_PREFIX + key] = value
+        state["sam_mask_decoder.some.weight"] = torch.zeros(3)  # other SAM 2 parts are ignored
+        path = tmp_path / "sam2_hiera_tiny.pt"
+        torch.save({"model": state}, path)
+    else:
+        path = tmp_path / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in trunk.state_dict().items()}, str(path))  # head included
 
     model = converter_model_registry["converter_tiny"](backbone_checkpoint=str(path))
     loaded = model.backbone.trunk

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
+import safetensors.torch
 import timm
 import torch
 from timm.models.hieradet_sam2 import HieraDet
@@ -107,7 +108,8 @@ class HieraBackbone(nn.Module):
     def load_pretrained(self, path: str | Path) -> None:
         """Load SAM 2 or timm Hiera weights from a local file.
 
-        Accepted files: an official SAM 2 checkpoint (``{"model": {"image_encoder.trunk.…": …}}``), a timm
+        Accepted files (``.pt``/``.pth`` read with ``weights_only=True``, or ``.safetensors``): an official
+        SAM 2 checkpoint (``{"model": {"image_encoder.trunk.…": …}}``), a timm
         ``sam2_hiera_*`` state dict (its classifier head, if any, is ignored), or a state dict of this
         trunk. A 3-channel patch embedding is extended to ``in_chans`` with zero weights for the extra
         channels, so the pretrained network initially ignores the mask and sees the image as it was
@@ -121,10 +123,14 @@ class HieraBackbone(nn.Module):
         if not path.is_file():
             raise CheckpointError(f"backbone checkpoint {str(path)!r} does not exist or is not a file")
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for foreign or corrupt files
+            if path.suffix == ".safetensors":  # how the Hugging Face hub ships timm's weights
+                obj = safetensors.torch.load_file(str(path), device="cpu")
+            else:
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch and safetensors raise several types for foreign or corrupt files
             raise CheckpointError(
-                f"backbone checkpoint {str(path)!r} could not be read with weights_only=True: {err}"
+                f"backbone checkpoint {str(path)!r} could not be read as a PyTorch (weights_only=True) or "
+                f"safetensors file: {err}"
             ) from err
         for wrapper in ("model", "state_dict"):
             if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
