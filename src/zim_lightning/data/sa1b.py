@@ -317,15 +317,17 @@ def iter_tar(url: str, *, counter: SkipCounter | None = None) -> Iterator[dict]:
     """Yield the samples of one tar (plain or gzip) in file order, webdataset style.
 
     Each sample is ``{"__key__": key, "__url__": url, suffix: bytes, ...}``, grouping consecutive members
-    that share a key. A damaged stream (truncated tar or gzip) ends the shard: the samples before the
-    damage are yielded unchanged, the incomplete sample at the damage is dropped, and the truncation is
-    counted once.
+    that share a key. A damaged stream (truncated tar or gzip) ends the shard and is counted once: the
+    samples before the damage are yielded unchanged, a sample whose member data is cut is dropped, and a
+    sample whose members were all read before the damage is yielded (if the damage hid one of its
+    members, decoding reports it as missing).
 
     Args:
         url: a local path or a ``pipe:`` url (anything :func:`webdataset.gopen` opens).
         counter: where truncations and unreadable shards are counted; None only logs.
     """
     current: dict | None = None
+    damage: str | None = None
     try:
         stream = wds.gopen(url, "rb")
     except OSError as error:
@@ -339,20 +341,22 @@ def iter_tar(url: str, *, counter: SkipCounter | None = None) -> Iterator[dict]:
                 key, suffix = split_member_name(member.name)
                 if key.startswith("__") or not suffix:
                     continue
-                handle = archive.extractfile(member)
-                data = handle.read() if handle is not None else b""
                 if current is not None and current["__key__"] != key:
                     yield current
                     current = None
                 if current is None:
                     current = {"__key__": key, "__url__": url}
-                current[suffix] = data
+                handle = archive.extractfile(member)
+                try:
+                    current[suffix] = handle.read() if handle is not None else b""
+                except _TAR_STREAM_ERRORS:
+                    damage = f", dropped {current['__key__']} (its {suffix} member is cut)"
+                    current = None
+                    raise
             if getattr(archive, "zim_truncated", False):
                 raise tarfile.ReadError("stream ends without the end-of-archive marker")
     except _TAR_STREAM_ERRORS as error:
-        dropped = f", dropped incomplete sample {current['__key__']}" if current else ""
-        _report(counter, "truncated_tar", url, f"damaged tar stream ({error}){dropped}")
-        return
+        _report(counter, "truncated_tar", url, f"damaged tar stream ({error}){damage or ''}")
     finally:
         stream.close()
     if current is not None:

@@ -1,0 +1,245 @@
+"""SA-1B / SA1B-Matte tar reading: decoders, RLE validation, truncated tars (and the tar writers the other
+data tests use)."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from zim_lightning.data.sa1b import (
+    CorruptSample,
+    check_decoded_size,
+    decode_image,
+    decode_mask,
+    decode_matte,
+    iter_sa1b,
+    iter_tar,
+    parse_annotations,
+    rle_counts,
+)
+from zim_lightning.data.skips import SkipCounter
+
+# ----------------------------------------------------------------------------- writers (real formats)
+
+
+def jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def png(gray: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(gray).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]], *, compress: bool = False) -> Path:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    data = buffer.getvalue()
+    path.write_bytes(gzip.compress(data, mtime=0) if compress else data)
+    return path
+
+
+def scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A random image with one soft-edged ellipse; returns (image HxWx3 uint8, alpha HxW uint8)."""
+    yy, xx = np.mgrid[:height, :width]
+    cy, cx = rng.uniform(0.35, 0.65) * height, rng.uniform(0.35, 0.65) * width
+    ry, rx = rng.uniform(0.15, 0.3) * height, rng.uniform(0.15, 0.3) * width
+    distance = np.sqrt(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2)
+    alpha = np.clip((1.15 - distance) / 0.3, 0, 1)
+    image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    return image, (alpha * 255).astype(np.uint8)
+
+
+def rle(mask: np.ndarray) -> dict:
+    encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": encoded["counts"].decode("ascii")}
+
+
+def sa1b_members(
+    key: str, image: np.ndarray, masks: list[np.ndarray], *, first_id: int = 0
+) -> list[tuple[str, bytes]]:
+    height, width = image.shape[:2]
+    annotations = [
+        {
+            "id": first_id + i,
+            "segmentation": rle(m),
+            "bbox": [0, 0, width, height],
+            "area": int(m.sum()),
+            "predicted_iou": 0.9,
+            "point_coords": [[0, 0]],
+            "crop_box": [0, 0, width, height],
+            "stability_score": 0.9,
+        }
+        for i, m in enumerate(masks)
+    ]
+    record = {
+        "image": {"image_id": 1, "width": width, "height": height, "file_name": f"{key}.jpg"},
+        "annotations": annotations,
+    }
+    return [(f"{key}.jpg", jpeg(image)), (f"{key}.json", json.dumps(record).encode())]
+
+
+def sa1b_matte_members(key: str, image: np.ndarray, alphas: list[np.ndarray]) -> list[tuple[str, bytes]]:
+    """SA1B-Matte sample: SA-1B json + per annotation a matte entry and the alpha of its box."""
+    members = dict(sa1b_members(key, image, [a > 127 for a in alphas]))
+    record = json.loads(members[f"{key}.json"])
+    extra = []
+    for annotation, alpha in zip(record["annotations"], alphas, strict=True):
+        ys, xs = np.nonzero(alpha)
+        x, y, w, h = int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+        member = f"matte_{annotation['id']}.png"
+        annotation["matte"] = {"member": member, "box": [x, y, w, h]}
+        extra.append((f"{key}.{member}", png(alpha[y : y + h, x : x + w])))
+    return [(f"{key}.jpg", members[f"{key}.jpg"]), (f"{key}.json", json.dumps(record).encode()), *extra]
+
+
+def matting_members(key: str, image: np.ndarray, alpha: np.ndarray) -> list[tuple[str, bytes]]:
+    meta = json.dumps({"kind": "fine", "source": "test"}).encode()
+    return [(f"{key}.alpha.png", png(alpha)), (f"{key}.jpg", jpeg(image)), (f"{key}.json", meta)]
+
+
+def seg_members(key: str, image: np.ndarray, mask: np.ndarray) -> list[tuple[str, bytes]]:
+    meta = json.dumps({"kind": "solid", "source": "test"}).encode()
+    return [(f"{key}.jpg", jpeg(image)), (f"{key}.mask.png", png(mask)), (f"{key}.json", meta)]
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_rle_counts_agree_with_pycocotools():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        height, width = rng.integers(1, 120, size=2)
+        mask = (rng.random((height, width)) < rng.random()).astype(np.uint8)
+        encoded = mask_utils.encode(np.asfortranarray(mask))
+        runs = rle_counts(encoded["counts"])
+        assert runs.sum() == height * width
+        assert runs[1::2].sum() == mask.sum()
+        if mask.any():
+            annotation = {
+                "id": 1,
+                "segmentation": {"size": [int(height), int(width)], "counts": encoded["counts"].decode()},
+            }
+            np.testing.assert_array_equal(decode_mask(annotation, key="k"), mask)
+
+
+@pytest.mark.parametrize(
+    ("segmentation", "image_size", "reason"),
+    [
+        ({"size": [4, 5], "counts": "2"}, None, "bad_rle"),  # runs cover 2 of 20 pixels
+        ({"size": [4, 5], "counts": "zzzz"}, None, "bad_rle"),  # outside the RLE alphabet
+        ({"size": [4, 5], "counts": "52207"}, (5, 4), "bad_rle"),  # wrong size for the image
+        ({"size": [4, 5], "counts": "d0"}, None, "empty_mask"),  # one background run of 20
+        ({"size": [4], "counts": "d0"}, None, "bad_rle"),
+    ],
+)
+def test_decode_mask_rejects_malformed_rle_wrong_size_and_empty(segmentation, image_size, reason):
+    with pytest.raises(CorruptSample, match="sa_7") as caught:
+        decode_mask({"id": 3, "segmentation": segmentation}, key="sa_7", image_size=image_size)
+    assert caught.value.reason == reason
+
+
+def test_parse_annotations_validates_structure():
+    rng = np.random.default_rng(1)
+    image, alpha = scene(rng, 40, 60)
+    members = dict(sa1b_members("sa_1", image, [alpha > 127]))
+    record = parse_annotations(members["sa_1.json"], key="sa_1")
+    assert record["image"]["width"] == 60 and len(record["annotations"]) == 1
+    broken = json.loads(members["sa_1.json"])
+    broken["annotations"][0]["segmentation"]["size"] = [60, 40]
+    for bad in (
+        b"{not json",
+        b"[]",
+        json.dumps({"image": {"width": 1}}).encode(),
+        json.dumps(broken).encode(),
+    ):
+        with pytest.raises(CorruptSample, match="sa_1") as caught:
+            parse_annotations(bad, key="sa_1")
+        assert caught.value.reason == "bad_json"
+
+
+def test_decode_image_reduces_large_jpegs_and_rejects_corrupt_ones():
+    rng = np.random.default_rng(2)
+    image, _ = scene(rng, 300, 520)
+    data = jpeg(image)
+    assert decode_image(data, key="a").shape == (300, 520, 3)
+    reduced = decode_image(data, key="a", max_side=128)  # 520 >= 4 * 128: DCT scale 1/4
+    assert reduced.shape == (75, 130, 3)
+    check_decoded_size(reduced, (300, 520), key="a")
+    with pytest.raises(CorruptSample):
+        check_decoded_size(reduced, (310, 520), key="a")
+    assert decode_image(data, key="a", max_side=300).shape == (300, 520, 3)  # under 2x: full decode
+    with pytest.raises(CorruptSample, match="broken") as caught:
+        decode_image(data[: len(data) // 2], key="broken")
+    assert caught.value.reason == "corrupt_image"
+
+
+def test_decode_matte_pastes_the_box(tmp_path):
+    rng = np.random.default_rng(3)
+    image, alpha = scene(rng, 48, 64)
+    members = dict(sa1b_matte_members("sa_2", image, [alpha]))
+    record = parse_annotations(members["sa_2.json"], key="sa_2")
+    sample = {name.split(".", 1)[1]: data for name, data in members.items()}
+    np.testing.assert_array_equal(
+        decode_matte(sample, record["annotations"][0], key="sa_2", image_size=(48, 64)), alpha
+    )
+    with pytest.raises(CorruptSample) as caught:
+        decode_matte({}, record["annotations"][0], key="sa_2", image_size=(48, 64))
+    assert caught.value.reason == "missing_member"
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_iter_tar_stops_at_truncation_and_counts_it(tmp_path, compress):
+    rng = np.random.default_rng(4)
+    members = []
+    for i in range(6):
+        image, alpha = scene(rng, 32, 32)
+        members += sa1b_members(f"sa_{i}", image, [alpha > 127])
+    full = write_tar(tmp_path / "full.tar", members, compress=compress)
+    complete = list(iter_tar(str(full)))
+    assert [s["__key__"] for s in complete] == [f"sa_{i}" for i in range(6)]
+    data = full.read_bytes()
+    for cut in (len(data) // 3, len(data) // 2):
+        truncated = tmp_path / "cut.tar"
+        truncated.write_bytes(data[:cut])
+        counter = SkipCounter()
+        partial = list(iter_tar(str(truncated), counter=counter))
+        assert counter.counts()["truncated_tar"] == 1
+        assert 0 < len(partial) < 6
+        # the samples before the damage are complete and unchanged (only their url differs)
+        for got, expected in zip(partial, complete, strict=False):
+            assert {k: v for k, v in got.items() if k != "__url__"} == {
+                k: v for k, v in expected.items() if k != "__url__"
+            }
+
+
+def test_iter_tar_reads_pipe_urls_and_iter_sa1b_skips_corrupt_samples(tmp_path):
+    rng = np.random.default_rng(5)
+    members = []
+    for i in range(4):
+        image, alpha = scene(rng, 32, 48)
+        members += sa1b_members(f"sa_{i}", image, [alpha > 127])
+    members[2] = ("sa_1.jpg", b"\xff\xd8 not a jpeg")
+    members[5] = ("sa_2.json", b"{broken")
+    shard = write_tar(tmp_path / "sa_000000.tar", members, compress=True)
+    assert [s["__key__"] for s in iter_tar(f"pipe:cat {shard}")] == ["sa_0", "sa_1", "sa_2", "sa_3"]
+    counter = SkipCounter()
+    decoded = list(iter_sa1b(str(shard), counter=counter))
+    assert [s["key"] for s in decoded] == ["sa_0", "sa_3"]
+    assert counter.counts()["corrupt_image"] == 1 and counter.counts()["bad_json"] == 1
+    assert decoded[0]["image"].shape == (32, 48, 3)
