@@ -60,6 +60,7 @@ import os
 import sys
 import tarfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -90,6 +91,7 @@ PNG_COMPRESSION = 1
 # Threads projecting and PNG-encoding mattes in the main process (OpenCV releases the GIL).
 WRITER_THREADS = 4
 _TAR_MODE = 0o644
+RANDOM_WEIGHTS_SEED = 0
 
 
 # ----------------------------------------------------------------------------- options and geometry
@@ -791,7 +793,12 @@ def build(
         shards=shards, out=out, config=config, batch_size=batch_size, num_workers=num_workers, pin=gpu
     )
     start = time.perf_counter()
-    trainer.predict(MatteBuildModule(net=net), datamodule=data, return_predictions=False)
+    with warnings.catch_warnings():
+        # both are expected here: the module moves only the tensors of its batches (its own
+        # transfer_batch_to_device is the one meant to run), and the writer needs no batch indices
+        warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
+        warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
+            trainer.predict(MatteBuildModule(net=net), datamodule=data, return_predictions=False)
     seconds = time.perf_counter() - start
     log.info(
         "rank %d: %d shards, %d mattes in %.1f s (%.1f masks/s)",

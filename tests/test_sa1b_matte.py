@@ -1,0 +1,265 @@
+"""Tests of the SA1B-Matte builder: format, one matte per good mask, crash safety, resuming, bad input.
+
+Every build runs a tiny converter with random weights over synthetic SA-1B shards in the real format.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+import signal
+import tarfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from zim_lightning.data.synthetic import generate
+from zim_lightning.models.converter import converter_model_registry
+from zim_lightning.sa1b_matte import (
+    MANIFEST_DIR,
+    CropConfig,
+    build,
+    crop_square,
+    mask_box,
+    matte_box,
+    project_matte,
+    resample_square,
+)
+
+# Small enough that a full build takes seconds on two cores; 4 shards so a kill lands mid-run.
+NUM_SHARDS = 4
+BATCH_SIZE = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny converter's random weights, saved like a trained one, so every build uses the same net."""
+    torch.manual_seed(1234)
+    path = tmp_path_factory.mktemp("converter") / "converter_tiny.pt"
+    torch.save(converter_model_registry["converter_tiny"]().state_dict(), path)
+    return path
+
+
+def _build(sa1b: Path, out: Path, checkpoint: Path) -> dict:
+    return build(
+        sa1b=[str(sa1b)],
+        out=out,
+        model="converter_tiny",
+        checkpoint=str(checkpoint),
+        config=CropConfig(crop_size=64),
+        batch_size=BATCH_SIZE,
+        num_workers=0,
+        accelerator="cpu",
+        devices=1,
+    )
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _read_input(shard: Path) -> dict[str, dict]:
+    """key -> {"jpg": bytes, "json": dict} of an SA-1B shard (gzip tar)."""
+    samples: dict[str, dict] = {}
+    with tarfile.open(shard, "r:*") as tar:
+        for member in tar.getmembers():
+            key, _, suffix = member.name.partition(".")
+            data = tar.extractfile(member).read()
+            samples.setdefault(key, {})[suffix] = json.loads(data) if suffix == "json" else data
+    return samples
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(
+        root,
+        seed=0,
+        num_shards=NUM_SHARDS,
+        num_images=2,
+        image_size=(96, 128),
+        matting_train=1,
+        matting_val=1,
+        seg=1,
+        shard_size=1,
+        micromat=1,
+        eval_images=1,
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def clean_build(synthetic: Path, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "sa1b_matte"
+    summary = _build(synthetic / "sa1b", out, checkpoint)
+    assert summary["done"] == NUM_SHARDS and not summary["missing"]
+    return out
+
+
+def test_output_parses_and_every_good_mask_has_its_matte(synthetic: Path, clean_build: Path) -> None:
+    for shard in sorted((synthetic / "sa1b").glob("*.tar")):
+        expected = _read_input(shard)
+        manifest = json.loads((clean_build / MANIFEST_DIR / f"{shard.stem}.json").read_text())
+        with tarfile.open(clean_build / shard.name, "r:") as tar:  # plain, uncompressed tar
+            members = tar.getmembers()
+            data = {m.name: tar.extractfile(m).read() for m in members}
+        assert all(m.mtime == 0 and m.uid == 0 and m.gid == 0 and m.mode == 0o644 for m in members)
+        mattes = 0
+        for key, sample in expected.items():
+            assert data[f"{key}.jpg"] == sample["jpg"]
+            record = json.loads(data[f"{key}.json"])
+            height, width = record["image"]["height"], record["image"]["width"]
+            assert len(record["annotations"]) == len(sample["json"]["annotations"])
+            for annotation in record["annotations"]:
+                entry = annotation["matte"]
+                assert entry["member"] == f"matte_{annotation['id']}.png"
+                x, y, w, h = entry["box"]
+                png = cv2.imdecode(
+                    np.frombuffer(data[f"{key}.{entry['member']}"], np.uint8), cv2.IMREAD_UNCHANGED
+                )
+                assert png.dtype == np.uint8 and png.shape == (h, w)
+                assert 0 <= x and 0 <= y and x + w <= width and y + h <= height
+                # the matte box holds the whole mask
+                rle = dict(annotation["segmentation"], counts=annotation["segmentation"]["counts"].encode())
+                mask = mask_utils.decode(rle)
+                assert mask[y : y + h, x : x + w].sum() == mask.sum()
+                mattes += 1
+        assert manifest["masks"] == mattes and manifest["images"] == len(expected)
+        assert manifest["skipped_total"] == 0
+
+
+def test_resampling_round_trip_keeps_the_mask(tmp_path: Path) -> None:
+    """Crop + resize for the converter, then projection back, reproduces a mask passed through unchanged."""
+    height, width = 300, 420
+    mask = np.zeros((height, width), np.uint8)
+    cv2.ellipse(mask, (250, 120), (60, 35), 20, 0, 360, 1, -1)
+    box = mask_box(mask)
+    for mode, size in (("crop", 256), ("whole", 256)):  # crop: enlarged for the converter; whole: shrunk
+        config = CropConfig(crop_size=size, mode=mode, min_crop=16)
+        square = crop_square(box, (height, width), config)
+        bx, by, bw, bh, _ = matte_box(box, (height, width), config.margin)
+        x0, y0, side = square
+        assert x0 <= bx and y0 <= by and bx + bw <= x0 + side and by + bh <= y0 + side
+        converter_view = resample_square(mask * np.uint8(255), *square, size)
+        back = project_matte(converter_view, square, (bx, by, bw, bh)).astype(np.float32) / 255
+        truth = mask[by : by + bh, bx : bx + bw].astype(np.float32)
+        error = np.abs(back - truth)
+        assert error.mean() < 0.02, (mode, error.mean())
+        assert ((back > 0.5) == (truth > 0.5)).mean() > 0.99
+
+
+def _build_in_child(sa1b: Path, out: Path, checkpoint: Path) -> None:
+    # one thread: OpenMP's pool does not survive fork, and the child only needs to be killable mid-run
+    torch.set_num_threads(1)
+    _build(sa1b, out, checkpoint)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_gives_the_clean_result(
+    synthetic: Path, checkpoint: Path, clean_build: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "sa1b_matte"
+    # a forked child starts with everything imported, so the kill lands within a second of starting
+    child = multiprocessing.get_context("fork").Process(
+        target=_build_in_child, args=(synthetic / "sa1b", out, checkpoint)
+    )
+    child.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any(out.glob("sa_*.tar")):
+            assert child.is_alive(), f"the build exited ({child.exitcode}) before writing a shard"
+            assert time.monotonic() < deadline, "no output shard appeared in time"
+            time.sleep(0.005)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.join()
+    assert child.exitcode == -signal.SIGKILL
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("sa_*.tar")}
+    assert 1 <= len(finished) < NUM_SHARDS, "the kill should land between the first and the last shard"
+    # a run killed inside the rest also leaves temporary files; plant one for a shard not yet written
+    pending = sorted(set(_files(clean_build)) - set(_files(out)))
+    (out / (Path(pending[-1]).name + ".partial")).write_bytes(b"half a shard")
+
+    summary = _build(synthetic / "sa1b", out, checkpoint)
+
+    assert summary["done"] == NUM_SHARDS
+    assert not list(out.rglob("*.partial"))
+    assert _files(out) == _files(clean_build)  # same set, byte for byte: no duplicates, no partial files
+    for name, mtime in finished.items():  # finished shards were skipped, not rewritten
+        assert (out / name).stat().st_mtime_ns == mtime
+
+
+def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_corrupt_samples_are_skipped_counted_and_a_rerun_changes_nothing(
+    synthetic: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    source = _read_input(synthetic / "sa1b" / "sa_000000.tar")
+    (k_jpeg, s_jpeg), (k_rle, s_rle), (k_json, s_json) = sorted(
+        {**source, **_read_input(synthetic / "sa1b" / "sa_000001.tar")}.items()
+    )[:3]
+    height, width = s_rle["json"]["image"]["height"], s_rle["json"]["image"]["width"]
+    record = json.loads(json.dumps(s_rle["json"]))
+    good = len(record["annotations"])
+    bad_rle = dict(
+        record["annotations"][0], id=900001, segmentation={"size": [height, width], "counts": "!!!"}
+    )
+    empty = mask_utils.encode(np.zeros((height, width), np.uint8, order="F"))
+    empty_mask = dict(
+        record["annotations"][0],
+        id=900002,
+        segmentation={"size": [height, width], "counts": empty["counts"].decode()},
+    )
+    record["annotations"] += [bad_rle, empty_mask]
+    shards = tmp_path / "bad"
+    shards.mkdir()
+    members = [
+        (f"{k_jpeg}.jpg", s_jpeg["jpg"][:200] + b"\x00" * 300),  # corrupt JPEG
+        (f"{k_jpeg}.json", json.dumps(s_jpeg["json"]).encode()),
+        (f"{k_rle}.jpg", s_rle["jpg"]),
+        (f"{k_rle}.json", json.dumps(record).encode()),
+        (f"{k_json}.jpg", s_json["jpg"]),
+        (f"{k_json}.json", b'{"image": {"width": 3'),  # malformed json
+    ]
+    (shards / "sa_000100.tar").write_bytes(_tar_bytes(members))
+    whole = (synthetic / "sa1b" / "sa_000000.tar").read_bytes()
+    (shards / "sa_000101.tar").write_bytes(whole[: len(whole) * 2 // 3])  # truncated download
+
+    out = tmp_path / "out"
+    summary = _build(shards, out, checkpoint)
+
+    assert summary["done"] == 2
+    first = json.loads((out / MANIFEST_DIR / "sa_000100.json").read_text())
+    assert first["skipped"]["corrupt_image"] == 1 and first["skipped"]["bad_json"] == 1
+    assert first["skipped"]["bad_rle"] == 1 and first["skipped"]["empty_mask"] == 1
+    assert first["images"] == 1 and first["masks"] == good  # the bad masks did not cost their image
+    with tarfile.open(out / "sa_000100.tar") as tar:
+        kept = json.loads(tar.extractfile(f"{k_rle}.json").read())
+        names = tar.getnames()
+    converted = [a["id"] for a in kept["annotations"] if "matte" in a]
+    assert len(converted) == good and 900001 not in converted and 900002 not in converted
+    assert not any(n.startswith(k_jpeg) or n.startswith(k_json) for n in names)
+    second = json.loads((out / MANIFEST_DIR / "sa_000101.json").read_text())
+    assert second["skipped"]["truncated_tar"] == 1 and 0 < second["images"] < len(source)
+    assert summary["skipped_total"] == 5
+
+    before = {name: (out / name).stat().st_mtime_ns for name in _files(out)}
+    snapshot = _files(out)
+    again = _build(shards, out, checkpoint)
+    assert again["built"] == 0 and _files(out) == snapshot
+    assert {name: (out / name).stat().st_mtime_ns for name in _files(out)} == before
