@@ -1,0 +1,111 @@
+"""SGA and STL (paper Sec. 3.1) and augmentation consistency between image and labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.test_data_sa1b import matting_members, scene, seg_members, write_tar
+from zim_lightning.data.augment import converter_geometric, spatial_generalization_cutout
+from zim_lightning.data.datamodule import ZimDataModule
+from zim_lightning.data.samples import ConverterSampleProcessor
+
+
+def raw_sample(members: list[tuple[str, bytes]]) -> dict:
+    key = members[0][0].split(".", 1)[0]
+    return {"__key__": key, **{name.split(".", 1)[1]: data for name, data in members}}
+
+
+def test_sga_cuts_the_same_region_from_both_labels():
+    rng = np.random.default_rng(0)
+    _, alpha_u8 = scene(rng, 64, 64)
+    alpha = alpha_u8 / 255.0
+    mask = (alpha > 0.5).astype(np.float32)
+    for _ in range(20):
+        new_mask, new_alpha, region = spatial_generalization_cutout(mask, alpha, rng, p=1.0)
+        x, y, w, h = region
+        assert (new_mask[y : y + h, x : x + w] == 0).all() and (new_alpha[y : y + h, x : x + w] == 0).all()
+        outside = np.ones_like(mask, bool)
+        outside[y : y + h, x : x + w] = False
+        np.testing.assert_array_equal(new_mask[outside], mask[outside])
+        np.testing.assert_array_equal(new_alpha[outside], alpha[outside])
+        assert (mask[y : y + h, x : x + w] > 0).any(), "the cut touches the object"
+    same_mask, same_alpha, none = spatial_generalization_cutout(mask, alpha, rng, p=0.0)
+    assert none is None and same_mask is mask and same_alpha is alpha
+
+
+def test_sga_in_the_converter_sample_leaves_the_image_untouched():
+    rng = np.random.default_rng(1)
+    image, alpha = scene(rng, 48, 48)
+    sample = raw_sample(matting_members("m0", image, alpha))
+    with_sga = ConverterSampleProcessor(crop_size=48, sga=True, sga_p=1.0, augment=False)
+    without = ConverterSampleProcessor(crop_size=48, sga=False, augment=False)
+    never = ConverterSampleProcessor(crop_size=48, sga=True, sga_p=0.0, augment=False)
+    cut = with_sga(sample, np.random.default_rng(7), train=True)[0]
+    plain = without(sample, np.random.default_rng(7), train=True)[0]
+    np.testing.assert_array_equal(cut["image"], plain["image"])
+    changed = (cut["mask"] != plain["mask"]) | (cut["alpha"] != plain["alpha"])
+    assert changed.any()
+    assert (cut["mask"][changed] == 0).all() and (cut["alpha"][changed] == 0).all()
+    off = never(sample, np.random.default_rng(7), train=True)[0]
+    for name in ("image", "mask", "alpha"):
+        np.testing.assert_array_equal(off[name], plain[name])
+
+
+def test_geometric_augmentation_moves_image_and_alpha_together():
+    image = np.zeros((64, 96, 3), np.uint8)
+    image[10:30, 20:50] = 255
+    alpha = (image[..., 0] / 255.0).astype(np.float32)
+    transform = converter_geometric(crop_size=48)
+    transform.set_random_seed(3)
+    for _ in range(10):
+        out = transform(image=image, alpha=alpha)
+        bright = out["image"][..., 0] > 127
+        assert out["image"].shape == (48, 48, 3) and out["alpha"].shape == (48, 48)
+        assert ((out["alpha"] > 0.5) == bright).mean() > 0.98
+
+
+@pytest.fixture
+def stl_shards(tmp_path):
+    rng = np.random.default_rng(2)
+    matting = []
+    for i in range(6):
+        image, alpha = scene(rng, 40, 40)
+        matting += matting_members(f"m{i}", image, alpha)
+    seg = []
+    for i in range(6):
+        image, alpha = scene(rng, 40, 40)
+        seg += seg_members(f"s{i}", image, np.where(alpha > 127, 255, 0).astype(np.uint8))
+    return str(write_tar(tmp_path / "matting-000000.tar", matting)), str(
+        write_tar(tmp_path / "seg-000000.tar", seg)
+    )
+
+
+def _batches(stl_shards, **kwargs):
+    matting, seg = stl_shards
+    data = ZimDataModule(
+        stage="converter",
+        train_shards=matting,
+        seg_shards=seg,
+        crop_size=32,
+        batch_size=4,
+        num_workers=0,
+        shuffle_buffer=1,
+        batches_per_epoch=6,
+        **kwargs,
+    )
+    return list(data.train_dataloader())
+
+
+def test_stl_samples_have_alpha_equal_to_mask(stl_shards):
+    batches = _batches(stl_shards, stl=True, stl_ratio=1.0)
+    for batch in batches:
+        assert batch["is_stl"].all() and all(k.startswith("s") for k in batch["key"])
+        assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
+        assert (batch["alpha"] == batch["mask"]).all()
+    mixed = _batches(stl_shards, stl=True, stl_ratio=0.5)
+    is_stl = np.concatenate([b["is_stl"].numpy() for b in mixed])
+    assert 0 < is_stl.mean() < 1
+    off = _batches(stl_shards, stl=False, stl_ratio=1.0)
+    assert not any(b["is_stl"].any() for b in off)
+    assert all(k.startswith("m") for b in off for k in b["key"])
