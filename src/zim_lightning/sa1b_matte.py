@@ -798,7 +798,7 @@ def build(
         # transfer_batch_to_device is the one meant to run), and the writer needs no batch indices
         warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
         warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
-            trainer.predict(MatteBuildModule(net=net), datamodule=data, return_predictions=False)
+        trainer.predict(MatteBuildModule(net=net), datamodule=data, return_predictions=False)
     seconds = time.perf_counter() - start
     log.info(
         "rank %d: %d shards, %d mattes in %.1f s (%.1f masks/s)",
