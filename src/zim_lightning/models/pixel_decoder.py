@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
-from zim_lightning.models.common import ConvBlock
+from zim_lightning.models.common import ConvBlock, LayerNorm2d
 
 #: Output strides of the image feature pyramid, finest first (feat_D0, feat_D1, feat_D2).
 PYRAMID_STRIDES: tuple[int, int, int] = (2, 4, 8)

@@ -1,0 +1,417 @@
+"""ZIM network: shapes, gradients, masked attention, ablation switches, SAM weights, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from segment_anything.build_sam import sam_model_registry
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from zim_lightning.models import CheckpointError, Zim, load_sam_weights, zim_model_registry
+from zim_lightning.models.build import ZIM_VARIANTS
+from zim_lightning.models.transformer import KeyMask, MaskableAttention
+
+BOX_COORDS = torch.tensor([[[200.0, 150.0], [700.0, 600.0], [-0.5, -0.5]]])
+BOX_LABELS = torch.tensor([[2.0, 3.0, -1.0]])
+POINT_COORDS = torch.tensor([[[400.0, 300.0], [820.0, 100.0], [-0.5, -0.5]]])
+POINT_LABELS = torch.tensor([[1.0, 0.0, -1.0]])
+
+
+def tiny(**kwargs) -> Zim:
+    torch.manual_seed(0)
+    return zim_model_registry["tiny"](**kwargs).eval()
+
+
+def random_images(batch: int, height: int = 1024, width: int = 1024, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, 3, height, width), generator=torch.Generator().manual_seed(seed)).to(
+        torch.uint8
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_encoded():
+    """A tiny hierarchical ZIM and the encoding of one 1024x768 image."""
+    model = tiny()
+    with torch.no_grad():
+        emb, feats = model.encode_image(random_images(1, 1024, 768))
+    return model, emb, feats
+
+
+@pytest.mark.parametrize("variant", ["vit_b", "vit_l", "vit_h"])
+def test_sam_sizes_shapes_on_meta_device(variant):
+    with torch.device("meta"):
+        model = zim_model_registry[variant]()
+        emb, feats = model.encode_image(torch.zeros(2, 3, 1024, 1024))
+        coords, labels = BOX_COORDS.to("meta").expand(2, -1, -1), BOX_LABELS.to("meta").expand(2, -1)
+        logits, iou = model.decode(emb, feats, coords, labels, multimask_output=True)
+    assert emb.shape == (2, 256, 64, 64)
+    assert [tuple(f.shape[-3:]) for f in feats] == [(16, 512, 512), (32, 256, 256), (64, 128, 128)]
+    assert logits.shape == (2, 4, 512, 512) and iou.shape == (2, 4)
+    assert model.image_encoder.patch_embed.proj.out_channels == ZIM_VARIANTS[variant]["encoder_embed_dim"]
+
+
+@pytest.mark.parametrize("pixel_decoder, side", [("hierarchical", 512), ("sam", 256)])
+def test_tiny_shapes_and_finite(pixel_decoder, side):
+    model = tiny(pixel_decoder=pixel_decoder)
+    coords = torch.cat([BOX_COORDS, POINT_COORDS])
+    labels = torch.cat([BOX_LABELS, POINT_LABELS])
+    with torch.no_grad():
+        emb, feats = model.encode_image(random_images(2, 1024, 800))
+        single = model.decode(emb, feats, coords, labels)
+        multi = model.decode(emb, feats, coords, labels, multimask_output=True)
+    assert single[0].shape == (2, 1, side, side) and single[1].shape == (2, 1)
+    assert multi[0].shape == (2, 4, side, side) and multi[1].shape == (2, 4)
+    assert torch.isfinite(multi[0]).all() and torch.isfinite(multi[1]).all()
+    # multimask_output=False is mask 0 of the four.
+    assert torch.equal(single[0], multi[0][:, :1]) and torch.equal(single[1], multi[1][:, :1])
+    assert emb.shape == (2, 64, 64, 64)
+    if pixel_decoder == "sam":
+        # Unused by SAM's pixel decoder; kept (zero channels) so the decoder keeps seven inputs.
+        assert [tuple(f.shape) for f in feats] == [(2, 0, 512, 512), (2, 0, 256, 256), (2, 0, 128, 128)]
+    else:
+        assert [tuple(f.shape) for f in feats] == [(2, 8, 512, 512), (2, 8, 256, 256), (2, 16, 128, 128)]
+
+
+@pytest.mark.parametrize("pixel_decoder", ["hierarchical", "sam"])
+def test_every_parameter_receives_gradient(pixel_decoder):
+    model = tiny(pixel_decoder=pixel_decoder).train()
+    # One image, a box and a point prompt set (broadcast decode): both attention modes in one pass.
+    out = model(random_images(1), BOX_COORDS, BOX_LABELS, multimask_output=True)
+    emb, feats = model.encode_image(random_images(1, seed=1))
+    logits, iou = model.decode(emb, feats, POINT_COORDS, POINT_LABELS, multimask_output=True)
+    loss = out["logits"].sigmoid().mean() + out["iou"].mean() + logits.sigmoid().mean() + iou.mean()
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    zero = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() == 0]
+    assert not no_grad and not zero, (no_grad, zero)
+
+
+def test_decode_broadcasts_one_embedding_over_prompt_sets(tiny_encoded):
+    model, emb, feats = tiny_encoded
+    coords = torch.cat([BOX_COORDS, POINT_COORDS])
+    labels = torch.cat([BOX_LABELS, POINT_LABELS])
+    with torch.no_grad():
+        batched, iou = model.decode(emb, feats, coords, labels, multimask_output=True)
+        for i in range(2):
+            alone, alone_iou = model.decode(
+                emb, feats, coords[i : i + 1], labels[i : i + 1], multimask_output=True
+            )
+            assert torch.allclose(batched[i : i + 1], alone, atol=1e-5)
+            assert torch.allclose(iou[i : i + 1], alone_iou, atol=1e-5)
+
+
+def test_preprocess_normalises_and_pads():
+    model = tiny()
+    images = torch.full((1, 3, 600, 1024), 255, dtype=torch.uint8)
+    x = model.preprocess(images)
+    assert x.shape == (1, 3, 1024, 1024)
+    expected = (255 - torch.tensor([123.675, 116.28, 103.53])) / torch.tensor([58.395, 57.12, 57.375])
+    assert torch.allclose(x[0, :, 0, 0], expected)
+    assert (x[:, :, 600:] == 0).all()
+    with pytest.raises(ValueError, match="at most 1024"):
+        model.preprocess(torch.zeros(1, 3, 1100, 900))
+    with pytest.raises(ValueError, match="Bx3xHxW"):
+        model.preprocess(torch.zeros(1, 1024, 1024, 3))
+
+
+def test_decode_rejects_bad_prompt_shapes(tiny_encoded):
+    model, emb, feats = tiny_encoded
+    with pytest.raises(ValueError, match="point_coords"):
+        model.decode(emb, feats, torch.zeros(1, 3), torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="point_labels"):
+        model.decode(emb, feats, torch.zeros(1, 3, 2), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="attn_mask"):
+        model.decode(emb, feats, BOX_COORDS, BOX_LABELS, attn_mask=torch.ones(1, 32, 32))
+
+
+# --- prompt-aware masked attention ------------------------------------------------------------------
+
+
+def naive_masked_attention(layer: MaskableAttention, q, k, v, attn_map, box_sample):
+    """softmax(QK^T/sqrt(d) + M_b) V for boxes, softmax(M_p * QK^T/sqrt(d)) V for points, written plainly."""
+    heads = layer.num_heads
+    qp, kp, vp = layer.q_proj(q), layer.k_proj(k), layer.v_proj(v)
+    b, nq, c = qp.shape
+    nk = kp.shape[1]
+    qh = qp.reshape(b, nq, heads, c // heads).transpose(1, 2)
+    kh = kp.reshape(b, nk, heads, c // heads).transpose(1, 2)
+    vh = vp.reshape(b, nk, heads, c // heads).transpose(1, 2)
+    logits = qh @ kh.transpose(-1, -2) / math.sqrt(c // heads)  # b x heads x nq x nk
+    weights = []
+    for i in range(b):
+        m = attn_map[i].flatten()
+        if m.max() <= 0:
+            m = torch.ones_like(m)  # fully masked row: un-masked
+        if box_sample[i]:
+            row = logits[i] + torch.where(m > 0, 0.0, float("-inf"))
+        else:
+            row = logits[i] * m
+        weights.append(row.softmax(-1))
+    weights = torch.stack(weights)
+    out = (weights @ vh).transpose(1, 2).reshape(b, nq, c)
+    return layer.out_proj(out), weights
+
+
+def random_attention_inputs(seed=0, side=8):
+    torch.manual_seed(seed)
+    layer = MaskableAttention(32, 4, downsample_rate=2)
+    q = torch.randn(4, 5, 32)
+    k = torch.randn(4, side * side, 32)
+    v = torch.randn(4, side * side, 32)
+    attn_map = torch.zeros(4, side, side)
+    attn_map[0, 2:5, 1:6] = 1  # box
+    attn_map[1] = torch.rand(side, side)  # soft point map
+    attn_map[2] = 0  # box off the grid: would be fully masked
+    attn_map[3] = 0  # points off the grid
+    box_sample = torch.tensor([True, False, True, False])
+    return layer, q, k, v, attn_map, box_sample
+
+
+def test_masked_attention_equals_naive_reference():
+    layer, q, k, v, attn_map, box_sample = random_attention_inputs()
+    with torch.no_grad():
+        ours = layer(q, k, v, KeyMask.from_attention_map(attn_map, box_sample))
+        reference, weights = naive_masked_attention(layer, q, k, v, attn_map, box_sample)
+        plain = layer(q, k, v)
+    assert torch.isfinite(ours).all()
+    assert torch.allclose(ours, reference, atol=1e-5)
+    # Fully masked rows fall back to plain attention, without NaN.
+    assert torch.allclose(ours[2:], plain[2:], atol=1e-5)
+    # Masks do change the output for the box and the point sample.
+    assert not torch.allclose(ours[:2], plain[:2], atol=1e-3)
+    # Box: attention weight outside the box is exactly zero.
+    outside = attn_map[0].flatten() == 0
+    assert (weights[0][..., outside] == 0).all()
+
+
+def test_box_attention_ignores_keys_outside_the_box():
+    layer, q, k, v, attn_map, box_sample = random_attention_inputs(seed=1)
+    mask = KeyMask.from_attention_map(attn_map, box_sample)
+    outside = attn_map[0].flatten() == 0
+    k2, v2 = k.clone(), v.clone()
+    k2[0, outside] = torch.randn(int(outside.sum()), 32) * 10
+    v2[0, outside] = torch.randn(int(outside.sum()), 32) * 10
+    with torch.no_grad():
+        assert torch.allclose(layer(q, k, v, mask)[0], layer(q, k2, v2, mask)[0], atol=1e-6)
+
+
+def test_point_mode_scales_logits():
+    # A map of constant value s scales every logit by s: equal to plain attention with q scaled by s.
+    layer, q, k, v, _, _ = random_attention_inputs(seed=2)
+    s = 0.3
+    attn_map = torch.full((4, 8, 8), s)
+    mask = KeyMask.from_attention_map(attn_map, torch.zeros(4, dtype=torch.bool))
+    with torch.no_grad():
+        ours = layer(q, k, v, mask)
+        heads, c = layer.num_heads, layer.internal_dim
+        qh = layer.q_proj(q).reshape(4, 5, heads, c // heads).transpose(1, 2)
+        kh = layer.k_proj(k).reshape(4, 64, heads, c // heads).transpose(1, 2)
+        vh = layer.v_proj(v).reshape(4, 64, heads, c // heads).transpose(1, 2)
+        weights = (s * (qh @ kh.transpose(-1, -2)) / math.sqrt(c // heads)).softmax(-1)
+        expected = layer.out_proj((weights @ vh).transpose(1, 2).reshape(4, 5, c))
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_key_mask_is_detached():
+    attn_map = torch.rand(2, 8, 8, requires_grad=True)
+    mask = KeyMask.from_attention_map(attn_map, torch.tensor([True, False]))
+    assert not mask.scale.requires_grad and not mask.bias.requires_grad
+
+
+def test_box_off_grid_gives_finite_logits_equal_to_unmasked(tiny_encoded):
+    model, emb, feats = tiny_encoded
+    coords = torch.tensor([[[1100.0, 1100.0], [1200.0, 1300.0]]])
+    labels = torch.tensor([[2.0, 3.0]])
+    with torch.no_grad():
+        logits, iou = model.decode(emb, feats, coords, labels)
+        unmasked, _ = model.decode(emb, feats, coords, labels, attn_mask=torch.ones(1, 64, 64))
+    assert torch.isfinite(logits).all() and torch.isfinite(iou).all()
+    assert torch.allclose(logits, unmasked, atol=1e-5)
+
+
+# --- ablation switches ------------------------------------------------------------------------------
+
+
+def test_pixel_decoder_switch_changes_the_architecture():
+    hier = {n: p.shape for n, p in tiny(pixel_decoder="hierarchical").named_parameters()}
+    sam = {n: p.shape for n, p in tiny(pixel_decoder="sam").named_parameters()}
+    only_hier, only_sam = set(hier) - set(sam), set(sam) - set(hier)
+    assert only_hier and all(
+        n.startswith(("feature_pyramid.", "mask_decoder.pixel_decoder.")) for n in only_hier
+    )
+    assert only_sam and all(n.startswith("mask_decoder.output_upscaling.") for n in only_sam)
+
+
+def test_masked_attention_switch_changes_the_output(tiny_encoded):
+    model, emb, feats = tiny_encoded
+    state = model.state_dict()
+    plain = tiny(masked_attention=False)
+    plain.load_state_dict(state)  # same parameters: the switch changes only the attention
+    with torch.no_grad():
+        for coords, labels in ((BOX_COORDS, BOX_LABELS), (POINT_COORDS, POINT_LABELS)):
+            masked_out, _ = model.decode(emb, feats, coords, labels)
+            plain_out, _ = plain.decode(emb, feats, coords, labels)
+            assert not torch.allclose(masked_out, plain_out, atol=1e-3)
+            # An all-ones map leaves the attention unchanged: masked == plain.
+            ones, _ = model.decode(emb, feats, coords, labels, attn_mask=torch.ones(1, 64, 64))
+            assert torch.allclose(ones, plain_out, atol=1e-5)
+
+
+def test_unknown_pixel_decoder_is_rejected():
+    with pytest.raises(ValueError, match="pixel_decoder"):
+        zim_model_registry["tiny"](pixel_decoder="unet")
+
+
+# --- SAM weights ------------------------------------------------------------------------------------
+
+
+def tiny_sam() -> Sam:
+    """A segment-anything Sam built with SAM's own classes at the sizes of our tiny variant."""
+    cfg = ZIM_VARIANTS["tiny"]
+    dim = cfg["prompt_embed_dim"]
+    from functools import partial
+
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=cfg["encoder_depth"],
+            embed_dim=cfg["encoder_embed_dim"],
+            img_size=1024,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=cfg["encoder_num_heads"],
+            patch_size=16,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=cfg["encoder_global_attn_indexes"],
+            window_size=14,
+            out_chans=dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=cfg["decoder_depth"],
+                embedding_dim=dim,
+                mlp_dim=cfg["decoder_mlp_dim"],
+                num_heads=cfg["decoder_num_heads"],
+            ),
+            transformer_dim=dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=cfg["iou_head_hidden_dim"],
+        ),
+    ).eval()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in sam.parameters():  # SAM zero-initialises rel-pos and pos-embed: make every weight count
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.05 + p)
+    return sam
+
+
+@pytest.fixture(scope="module")
+def sam_and_path(tmp_path_factory):
+    torch.manual_seed(3)
+    sam = tiny_sam()
+    path = tmp_path_factory.mktemp("sam") / "sam_tiny.pth"
+    torch.save(sam.state_dict(), path)
+    return sam, path
+
+
+def test_sam_weights_give_sams_embedding_and_shared_weights(sam_and_path):
+    sam, path = sam_and_path
+    model = zim_model_registry["tiny"](sam_checkpoint=str(path)).eval()
+    images = random_images(1, 1024, 900, seed=4)
+    with torch.no_grad():
+        ours, _ = model.encode_image(images)
+        theirs = sam.image_encoder(sam.preprocess(images.float()[0]).unsqueeze(0))
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    sam_state = sam.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name.startswith(("prompt_encoder.", "mask_decoder.transformer.", "mask_decoder.output_hyper")):
+            assert torch.equal(tensor, sam_state[name]), name
+
+
+def test_load_report_lists_new_and_unused_parameters(sam_and_path):
+    sam, _ = sam_and_path
+    model = tiny()
+    report = load_sam_weights(model, sam.state_dict())
+    assert report.initialised and all(
+        n.startswith(("feature_pyramid.", "mask_decoder.pixel_decoder.")) for n in report.initialised
+    )
+    assert any(n.startswith("mask_decoder.output_upscaling.") for n in report.unused)
+    assert any(n.startswith("prompt_encoder.mask_downscaling.") for n in report.unused)
+    assert set(report.loaded) | set(report.unused) == set(sam.state_dict())
+    sam_arch = tiny(masked_attention=False, pixel_decoder="sam")
+    full = load_sam_weights(sam_arch, sam.state_dict())
+    assert full.initialised == []  # SAM's architecture: SAM's weights fill every parameter
+    assert all(n.startswith("prompt_encoder.mask_downscaling.") for n in full.unused)
+
+
+def test_sam_architecture_reproduces_sam_logits(sam_and_path):
+    sam, path = sam_and_path
+    model = zim_model_registry["tiny"](
+        sam_checkpoint=str(path), masked_attention=False, pixel_decoder="sam"
+    ).eval()
+    images = random_images(1, seed=5)
+    box = torch.tensor([[150.0, 220.0, 610.0, 800.0]])
+    points = torch.tensor([[[300.0, 400.0], [700.0, 200.0]]])
+    point_labels = torch.tensor([[1.0, 0.0]])
+    with torch.no_grad():
+        emb, feats = model.encode_image(images)
+        sam_emb = sam.image_encoder(sam.preprocess(images.float()[0]).unsqueeze(0))
+        pe = sam.prompt_encoder.get_dense_pe()
+        # Box: two corners labelled 2, 3 (no padding, as SAM embeds a box alone).
+        ours, ours_iou = model.decode(emb, feats, box.reshape(1, 2, 2), torch.tensor([[2.0, 3.0]]))
+        sparse, dense = sam.prompt_encoder(points=None, boxes=box, masks=None)
+        theirs, theirs_iou = sam.mask_decoder(sam_emb, pe, sparse, dense, multimask_output=False)
+        assert torch.allclose(ours, theirs, atol=1e-3) and torch.allclose(ours_iou, theirs_iou, atol=1e-4)
+        # Points: SAM appends a padding point; ours receives it explicitly (the official decoder's).
+        padded = torch.cat([points, torch.full((1, 1, 2), -0.5)], dim=1)
+        padded_labels = torch.cat([point_labels, -torch.ones(1, 1)], dim=1)
+        ours, _ = model.decode(emb, feats, padded, padded_labels, multimask_output=True)
+        sparse, dense = sam.prompt_encoder(points=(points, point_labels), boxes=None, masks=None)
+        single, _ = sam.mask_decoder(sam_emb, pe, sparse, dense, multimask_output=False)
+        multi, _ = sam.mask_decoder(sam_emb, pe, sparse, dense, multimask_output=True)
+    assert torch.allclose(ours, torch.cat([single, multi], dim=1), atol=1e-3)
+    assert ours.abs().mean() > 1e-2  # not trivially zero
+
+
+def test_sam_checkpoint_of_another_size_is_rejected(tmp_path):
+    with torch.device("meta"):
+        vit_b_state = sam_model_registry["vit_b"]().state_dict()
+        vit_b = zim_model_registry["vit_b"]()
+        vit_l = zim_model_registry["vit_l"]()
+    report = load_sam_weights(vit_b, vit_b_state)  # SAM vit_b's keys land on ZIM vit_b, strictly
+    assert len(report.loaded) == len(vit_b_state) - len(report.unused)
+    with pytest.raises(CheckpointError, match="ViT size"):
+        load_sam_weights(vit_l, vit_b_state)
+    small = tiny()
+    with pytest.raises(CheckpointError, match="with another shape"):
+        load_sam_weights(
+            small, {**tiny_sam().state_dict(), "image_encoder.pos_embed": torch.zeros(1, 64, 64, 32)}
+        )
+
+
+# --- our checkpoints --------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_and_wrong_variant(tmp_path):
+    model = tiny()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    state = model.state_dict()
+    plain_path = tmp_path / "zim.pt"
+    torch.save(state, plain_path)
+    lightning_path = tmp_path / "zim.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in state.items()}, "epoch": 3}, lightning_path)
+    for path in (plain_path, lightning_path):
+        loaded = zim_model_registry["tiny"](checkpoint=str(path))
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(CheckpointError, match="another model or architecture variant"):
+        zim_model_registry["tiny"](checkpoint=str(plain_path), pixel_decoder="sam")
+    with pytest.raises(ValueError, match="not both"):
+        zim_model_registry["tiny"](checkpoint=str(plain_path), sam_checkpoint=str(plain_path))
