@@ -1,0 +1,182 @@
+"""Training callbacks: picture grids of prompts and mattes, and counts of skipped corrupt samples.
+
+Grids show, per sample, the input image (with the ZIM prompt drawn on it: box in yellow, positive points
+in green, negative points in red), the converter's coarse input mask when the batch has one, the
+prediction and the ground truth. They go to TensorBoard when the run logs there and are saved as PNG
+files under the logger's run directory otherwise (CSV logger), so every run leaves pictures to look at.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor
+from torchvision.io import write_png
+from torchvision.utils import draw_bounding_boxes, draw_keypoints, make_grid
+
+log = logging.getLogger(__name__)
+
+#: Prompt label values of SAM's ONNX convention (see docs/architecture.md).
+_NEGATIVE, _POSITIVE, _BOX_TOP_LEFT, _BOX_BOTTOM_RIGHT = 0, 1, 2, 3
+_BOX_COLOUR, _POSITIVE_COLOUR, _NEGATIVE_COLOUR = "yellow", "lime", "red"
+
+
+def _to_rgb_uint8(x: Tensor, size: int) -> Tensor:
+    """Bx{1,3}xHxW image in [0, 255] or matte in [0, 1] -> Bx3xsizexsize uint8."""
+    x = x.detach().float().cpu()
+    if x.shape[1] == 1:
+        x = x * 255.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.clamp(0, 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+
+
+def _draw_prompts(tile: Tensor, coords: Tensor, labels: Tensor, scale: float) -> Tensor:
+    """Draw one sample's prompts (Nx2 ``(X, Y)`` frame pixels, N labels) on a 3xHxW uint8 tile."""
+    coords = coords.detach().float().cpu() * scale
+    labels = labels.detach().cpu().round().long()
+    radius = max(2, tile.shape[-1] // 64)
+    corners = [coords[labels == lab] for lab in (_BOX_TOP_LEFT, _BOX_BOTTOM_RIGHT)]
+    if all(len(c) for c in corners):
+        box = torch.cat([corners[0][0], corners[1][0]])[None]  # 1x4 (x1, y1, x2, y2)
+        box = torch.cat([box[:, :2].minimum(box[:, 2:]), box[:, :2].maximum(box[:, 2:])], dim=1)
+        tile = draw_bounding_boxes(tile, box, colors=_BOX_COLOUR, width=max(1, radius // 2))
+    for lab, colour in ((_POSITIVE, _POSITIVE_COLOUR), (_NEGATIVE, _NEGATIVE_COLOUR)):
+        points = coords[labels == lab]
+        if len(points):
+            tile = draw_keypoints(tile, points[None], colors=colour, radius=radius)
+    return tile
+
+
+def matte_grid(batch: dict[str, Any], alpha: Tensor, *, max_samples: int = 4, tile_size: int = 256) -> Tensor:
+    """One picture of a batch: a row per sample, columns image | [input mask] | prediction | truth.
+
+    Args:
+        batch: a converter or ZIM batch (``image`` Bx3xSxS in [0, 255], ``alpha`` Bx1xSxS, optionally
+            ``mask`` Bx1xSxS and ``point_coords`` BxNx2 / ``point_labels`` BxN in the frame's pixels).
+        alpha: predicted alpha Bx1xSxS in [0, 1].
+        max_samples: rows drawn at most.
+        tile_size: side of each square tile in pixels.
+
+    Returns:
+        3xHxW uint8 grid.
+    """
+    n = min(max_samples, alpha.shape[0])
+    image = batch["image"][:n]
+    tiles = _to_rgb_uint8(image, tile_size)
+    if "point_coords" in batch and "point_labels" in batch:
+        scale = tile_size / image.shape[-1]
+        tiles = torch.stack(
+            [
+                _draw_prompts(t, batch["point_coords"][i], batch["point_labels"][i], scale)
+                for i, t in enumerate(tiles)
+            ]
+        )
+    columns = [tiles]
+    if "mask" in batch:
+        columns.append(_to_rgb_uint8(batch["mask"][:n], tile_size))
+    columns += [_to_rgb_uint8(alpha[:n], tile_size), _to_rgb_uint8(batch["alpha"][:n], tile_size)]
+    rows = torch.stack(columns, dim=1).flatten(0, 1)  # (n * columns)x3xTxT, row-major
+    return make_grid(rows, nrow=len(columns), padding=2, pad_value=255)
+
+
+class MatteGridLogger(Callback):
+    """Log a picture grid of prompts, predictions and ground truth every N training steps and at the
+    first batch of every validation.
+
+    The LightningModule's steps return ``{"loss", "alpha"}`` (see
+    :class:`~zim_lightning.lit.matting_module.MattingModule`), so no extra forward pass is run.
+
+    Args:
+        every_n_steps: optimiser steps between training grids (0: validation grids only).
+        max_samples: rows per grid.
+        tile_size: side of each tile in pixels.
+    """
+
+    def __init__(self, *, every_n_steps: int = 500, max_samples: int = 4, tile_size: int = 256) -> None:
+        super().__init__()
+        if every_n_steps < 0 or max_samples < 1 or tile_size < 16:
+            raise ValueError(
+                "MatteGridLogger needs every_n_steps >= 0, max_samples >= 1 and tile_size >= 16, got "
+                f"{every_n_steps}, {max_samples}, {tile_size}"
+            )
+        self.every_n_steps = every_n_steps
+        self.max_samples = max_samples
+        self.tile_size = tile_size
+        self.saved: list[Path] = []
+
+    def _emit(self, trainer: Trainer, tag: str, batch: dict, outputs: Any) -> None:
+        if not trainer.is_global_zero or not isinstance(outputs, dict) or "alpha" not in outputs:
+            return
+        grid = matte_grid(batch, outputs["alpha"], max_samples=self.max_samples, tile_size=self.tile_size)
+        step = trainer.global_step
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(tag, grid, global_step=step, dataformats="CHW")
+                continue
+            run_dir = getattr(logger, "log_dir", None) or trainer.default_root_dir
+            path = Path(run_dir) / "images" / f"{tag.replace('/', '_')}_step{step:07d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_png(grid, str(path))
+            self.saved.append(path)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._emit(trainer, "train/grid", batch, outputs)
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if batch_idx == 0 and not trainer.sanity_checking:
+            self._emit(trainer, "val/grid", batch, outputs)
+
+
+class SkipCountLogger(Callback):
+    """Log how many corrupt samples the datamodule skipped, per reason (``data/skipped_<reason>``).
+
+    Reads ``trainer.datamodule.skips`` (a :class:`~zim_lightning.data.skips.SkipCounter`, or anything with
+    ``counts() -> dict[str, int]``); does nothing when the datamodule has none.
+
+    Args:
+        every_n_steps: optimiser steps between logs of the running totals.
+    """
+
+    def __init__(self, *, every_n_steps: int = 50) -> None:
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+
+    @staticmethod
+    def _counts(trainer: Trainer) -> dict[str, int] | None:
+        counter = getattr(trainer.datamodule, "skips", None)
+        counts = getattr(counter, "counts", None)
+        return counts() if callable(counts) else None
+
+    def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        counts = self._counts(trainer)
+        if counts is None:
+            return
+        values = {f"data/skipped_{reason}": float(n) for reason, n in counts.items()}
+        values["data/skipped"] = float(sum(counts.values()))
+        # counts live per process; the sum over ranks is the dataset-wide total
+        pl_module.log_dict(values, on_step=True, on_epoch=False, reduce_fx="sum", sync_dist=True)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._log(trainer, pl_module)

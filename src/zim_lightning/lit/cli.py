@@ -1,0 +1,70 @@
+"""`zim-lightning fit | validate | test -c CONFIG.yaml ...`: training and validation through LightningCLI
+(ZIM paper, Sec. 4.1: the converter and ZIM training recipes live in configs/).
+
+Every part comes from YAML by ``class_path``/``init_args``: the LightningModule
+(:class:`~zim_lightning.lit.converter_module.ConverterModule` or
+:class:`~zim_lightning.lit.zim_module.ZimModule`), its network (a registry builder such as
+``zim_lightning.models.build.build_zim``, which jsonargparse calls with the validated ``init_args``), the
+optimiser and scheduler callables, the datamodule, the trainer and its callbacks. Several ``-c`` files
+merge in order, and any value can be overridden on the command line::
+
+    zim-lightning fit -c configs/trainer/gpu.yaml -c configs/zim/vit_b.yaml \\
+        --model.init_args.net.init_args.masked_attention=false --trainer.max_steps=1000
+
+``trainer.max_steps`` is linked to the scheduler's ``total_steps``, so the cosine always ends with the
+run. The resolved configuration is saved as ``config.yaml`` in each run's log directory.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+#: The dispatcher passes the subcommand (fit, validate, test) as the first argument.
+MULTI_COMMAND = True
+
+
+class ZimLightningCLI(LightningCLI):
+    """LightningCLI with the links between values that several parts share."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - LightningArgumentParser
+        # One number sets the run's length: the cosine schedule spans exactly trainer.max_steps.
+        parser.link_arguments("trainer.max_steps", "model.init_args.scheduler.init_args.total_steps")
+        # The run seed also seeds the data streams (per rank and worker), so one number repeats a run.
+        parser.link_arguments("seed_everything", "data.init_args.seed")
+
+
+def cli_main(args: list[str] | None = None, *, run: bool = True) -> LightningCLI:
+    """Build (and with ``run`` execute) the CLI.
+
+    Args:
+        args: command-line arguments; with ``run`` they start with the subcommand (``["fit", "-c",
+            "configs/converter/tiny.yaml"]``), without it they are the subcommand's arguments only.
+        run: run the subcommand; False only parses and instantiates (for tests and config checks).
+
+    Returns:
+        The CLI object, holding ``model``, ``datamodule`` and ``trainer``.
+    """
+    return ZimLightningCLI(
+        model_class=None,  # any LightningModule by class_path: converter, ZIM, evaluation
+        datamodule_class=None,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        # The modules take OptimizerCallable / LRSchedulerCallable arguments and build their own.
+        auto_configure_optimizers=False,
+        # Re-running into the same log directory (resume, the demo) must not abort on config.yaml.
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "zim-lightning"},
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``zim-lightning fit | validate | test``; returns 0 (parse errors exit with 2)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    # LightningCLI warns when given arguments beside a command line; from the dispatcher they are the
+    # command line itself, so let it read sys.argv.
+    cli_main(None if args == sys.argv[1:] else args)
+    return 0

@@ -1,0 +1,91 @@
+"""Training the label converter: image + coarse mask -> alpha matte (ZIM paper, Sec. 3.1).
+
+The converter is trained on matting data whose coarse segmentation inputs the data side derives from the
+matte (thresholding, downscaling, blurring, dilation, erosion, convex hull), with SGA cut-outs and STL
+samples (coarse masks whose target is the mask itself) mixed in by the datamodule. This module only sees
+the resulting batches (``image``, ``mask``, ``alpha``, ``is_stl``) and applies the MGMatting-style loss
+of :class:`~zim_lightning.losses.ConverterLoss` (L1 + 10 * gradient on each output stride).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+from zim_lightning.lit.matting_module import MattingModule, frame_errors
+from zim_lightning.losses import PAPER_GRAD_WEIGHT, ConverterLoss
+
+
+class ConverterModule(MattingModule):
+    """LightningModule of the label converter.
+
+    Batches (``stage="converter"``): ``image`` uint8 Bx3xSxS RGB, ``mask`` float Bx1xSxS in {0, 1} (the
+    coarse input), ``alpha`` float Bx1xSxS in [0, 1] (target), ``is_stl`` bool B, ``key`` list[str].
+
+    Logs ``train/{loss,l1,grad}``, ``val/{loss,l1,grad,sad,mse,mae}`` of the refined alpha, and
+    ``val/sad_input``: the SAD of the coarse input taken as the matte (the identity baseline the converter
+    has to beat), plus ``train/stl_fraction`` (share of STL samples in the batches).
+
+    Args:
+        net: a built converter (``zim_lightning.models.converter.build_converter_*``) mapping (images
+            Bx3xSxS [0, 255], masks Bx1xSxS [0, 1]) to a dict with ``alpha``, ``alpha_os1``,
+            ``alpha_os4``, ``alpha_os8`` (Bx1xSxS in [0, 1]).
+        optimizer: optimiser factory (paper: AdamW, lr 1e-3).
+        scheduler: per-step learning-rate schedule factory (paper: cosine), or None.
+        grad_weight: lambda of the gradient term (paper: 10).
+        weight_os1: loss weight of the stride-1 output.
+        weight_os4: loss weight of the stride-4 output.
+        weight_os8: loss weight of the stride-8 output.
+    """
+
+    def __init__(
+        self,
+        *,
+        net: nn.Module,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        grad_weight: float = PAPER_GRAD_WEIGHT,
+        weight_os1: float = 2.0,
+        weight_os4: float = 1.0,
+        weight_os8: float = 1.0,
+    ) -> None:
+        super().__init__(net=net, optimizer=optimizer, scheduler=scheduler, extra_val_metrics=("sad_input",))
+        # Only plain values go into the checkpoint's hyper-parameters: the network and the factories are
+        # described by the saved config, and a checkpoint must stay loadable with weights_only=True.
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.loss = ConverterLoss(
+            grad_weight=grad_weight, weight_os1=weight_os1, weight_os4=weight_os4, weight_os8=weight_os8
+        )
+
+    def forward(self, images: Tensor, masks: Tensor) -> dict[str, Tensor]:
+        """Run the converter: images Bx3xSxS [0, 255], masks Bx1xSxS [0, 1] -> dict of Bx1xSxS alphas."""
+        return self.net(images, masks)
+
+    def _step(self, batch: dict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        outputs = self(batch["image"], batch["mask"].float())
+        return outputs, self.loss(outputs, batch["alpha"].float())
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        outputs, terms = self._step(batch)
+        size = batch["image"].shape[0]
+        self._log_values(self.train_metrics, terms, batch_size=size, train=True)
+        if "is_stl" in batch:
+            stl = torch.as_tensor(batch["is_stl"], dtype=torch.float32).mean()
+            self.log("train/stl_fraction", stl, on_step=False, on_epoch=True, batch_size=size)
+        return {"loss": terms["loss"], "alpha": outputs["alpha"].detach()}
+
+    def _evaluate(self, batch: dict, metrics: MetricCollection) -> dict[str, Tensor]:
+        outputs, terms = self._step(batch)
+        target = batch["alpha"].float()
+        values = {**terms, **frame_errors(outputs["alpha"], target)}
+        values["sad_input"] = frame_errors(batch["mask"].float(), target)["sad"]
+        self._log_values(metrics, values, batch_size=batch["image"].shape[0], train=False)
+        return {"loss": terms["loss"], "alpha": outputs["alpha"].detach()}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluate(batch, self.val_metrics)
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        return self._evaluate(batch, self.test_metrics)

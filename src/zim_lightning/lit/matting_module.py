@@ -1,0 +1,110 @@
+"""What the converter and ZIM training modules share: the injected network, optimiser and scheduler,
+the loss, and per-stage metric objects (ZIM paper, Sec. 3.1 and 3.3 use the same loss for both).
+
+Validation errors here are measured in the training frame (the square crop, or SAM's 1024 frame inside
+the valid region), scaled as the paper scales them (SAD / 1000, MSE and MAE x 1000), per sample and then
+averaged. They track training; the paper's protocol (original resolution, MicroMat-3K prompts) is
+``zim-lightning eval``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+from torchmetrics import MeanMetric, MetricCollection
+
+from zim_lightning.lit.optimization import configure_optimization
+
+#: Loss terms logged for every stage (``<stage>/<name>``).
+LOSS_TERMS: tuple[str, ...] = ("loss", "l1", "grad")
+#: Frame errors logged in validation and test.
+FRAME_ERRORS: tuple[str, ...] = ("sad", "mse", "mae")
+
+
+def frame_errors(alpha: Tensor, target: Tensor, valid: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-sample matting errors in the training frame, scaled as in the paper's tables.
+
+    Args:
+        alpha: predicted alpha, Bx1xHxW in [0, 1].
+        target: ground-truth alpha, Bx1xHxW in [0, 1].
+        valid: optional Bx1xHxW weight in [0, 1] (0 on padding); None counts every pixel.
+
+    Returns:
+        dict of B-vectors: ``sad`` = sum |a - t| / 1000, ``mse`` = mean (a - t)^2 * 1000 and
+        ``mae`` = mean |a - t| * 1000, sums and means over the valid pixels.
+    """
+    diff = (alpha.float() - target.float()).flatten(1)  # BxHW
+    weight = torch.ones_like(diff) if valid is None else valid.float().flatten(1)
+    count = weight.sum(dim=1).clamp_min(1.0)
+    abs_sum = (diff.abs() * weight).sum(dim=1)
+    return {
+        "sad": abs_sum / 1000.0,
+        "mse": (diff.square() * weight).sum(dim=1) / count * 1000.0,
+        "mae": abs_sum / count * 1000.0,
+    }
+
+
+def _means(names: Iterable[str], prefix: str) -> MetricCollection:
+    return MetricCollection({name: MeanMetric() for name in names}, prefix=prefix)
+
+
+class MattingModule(LightningModule):
+    """Base of the training modules: holds ``net`` and builds the optimiser from injected callables.
+
+    Subclasses implement ``training_step``, ``validation_step`` and ``test_step``; they return
+    ``{"loss": ..., "alpha": Bx1xHxW}`` (alpha detached, in the batch's frame) so that callbacks such as
+    :class:`~zim_lightning.lit.callbacks.MatteGridLogger` can draw it without running the network again.
+
+    Args:
+        net: the built network (the attribute name ``net`` is the checkpoint key prefix that
+            :func:`zim_lightning.models.checkpoint.read_state_dict` strips).
+        optimizer: ``OptimizerCallable``: parameters -> optimiser (AdamW in the configs).
+        scheduler: ``LRSchedulerCallable`` stepped per optimiser step, or None for a constant rate.
+        extra_val_metrics: names of further per-sample values the subclass logs in validation and test.
+    """
+
+    def __init__(
+        self,
+        *,
+        net: nn.Module,
+        optimizer: Callable[[Iterable[nn.Parameter]], Optimizer],
+        scheduler: Callable[[Optimizer], LRScheduler] | None,
+        extra_val_metrics: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be a built torch.nn.Module, got {type(net).__name__}")
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        # One metric object per stage: Lightning resets each at the end of its own loop.
+        self.train_metrics = _means(LOSS_TERMS, "train/")
+        eval_names = LOSS_TERMS + FRAME_ERRORS + tuple(extra_val_metrics)
+        self.val_metrics = _means(eval_names, "val/")
+        self.test_metrics = _means(eval_names, "test/")
+
+    def configure_optimizers(self) -> dict:
+        return configure_optimization(self.parameters(), self.optimizer_factory, self.scheduler_factory)
+
+    def _log_values(
+        self, metrics: MetricCollection, values: dict[str, Tensor], *, batch_size: int, train: bool
+    ) -> None:
+        """Update the stage's metric objects with scalars or per-sample vectors, and log them."""
+        for name, value in values.items():
+            metric = metrics[name]
+            metric.update(value.detach().float())
+            self.log(
+                f"{metrics.prefix}{name}",
+                metric,
+                on_step=train,
+                on_epoch=True,
+                prog_bar=name == "loss",
+                batch_size=batch_size,
+                # metrics sync their own states across ranks
+                sync_dist=False,
+            )
