@@ -106,3 +106,13 @@ def test_sampler_follows_the_contract():
 def test_pad_prompt_rejects_overflow():
     with pytest.raises(ValueError, match="num_points"):
         pad_prompt(np.zeros((3, 2)), np.ones(3), 2)
+
+
+def test_points_never_fall_in_the_padding():
+    alpha = np.zeros((128, 128), np.float32)
+    alpha[:96] = matte()[:, :128]  # image 96 x 128 in a padded 128 x 128 frame
+    sampler = PromptSampler(box_ratio=0.0, max_positive=1, max_negative=8, near_negative_p=0.0)
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        coords, labels = sampler(alpha, rng, image_size=(96, 128))
+        assert (coords[labels == 0, 1] <= 95).all()

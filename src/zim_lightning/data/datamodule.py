@@ -178,6 +178,12 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return len(self.indices)
 
 
+def _shard_dicts(urls: list[str]) -> Iterator[dict]:
+    # A pipeline source over a fixed shard list, which may be empty (SimpleShardList refuses that).
+    for url in urls:
+        yield {"url": url}
+
+
 def _unbatched(sample: dict) -> dict:
     # Build samples differ in size and carry json; they pass through the loader as they are.
     return sample
@@ -432,10 +438,10 @@ class ZimDataModule(L.LightningDataModule):
             rank, world_size = self._rank()
         urls = self._shards(self.val_shards, "val_shards")
         if worker is not None and num_workers is not None:
-            shards = wds.SimpleShardList(
-                assign_shards(urls, rank=rank, world_size=world_size, worker=worker, num_workers=num_workers)
+            assigned = assign_shards(
+                urls, rank=rank, world_size=world_size, worker=worker, num_workers=num_workers
             )
-            stages = [shards]
+            stages = [partial(_shard_dicts, assigned)]  # {"url"} for this (rank, worker)'s shards, in order
         else:
             stages = [
                 wds.SimpleShardList(urls),  # {"url"} for every shard, in order

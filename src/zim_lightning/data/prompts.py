@@ -84,6 +84,7 @@ def sample_points(
     support_threshold: float,
     near_negative_p: float,
     near_margin: float,
+    image_size: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random positive points where the matte is high and negative points outside its support.
 
@@ -98,10 +99,14 @@ def sample_points(
         near_negative_p: probability that the negatives are drawn near the object (inside its support
             box grown by ``near_margin`` of the box size) rather than anywhere in the background.
         near_margin: growth of the support box for near negatives, as a fraction of its size.
+        image_size: (H, W) of the image in the top-left of a padded ``alpha``; points never fall in the
+            padding. None: the whole array is image.
 
     Returns:
         (coords Kx2 float32 (X, Y) pixels, labels K float32 in {1, 0}), positives first.
     """
+    if image_size is not None:
+        alpha = alpha[: image_size[0], : image_size[1]]
     height, width = alpha.shape
     flat = alpha.reshape(-1)
     peak = float(flat.max())
@@ -220,5 +225,6 @@ class PromptSampler:
                 support_threshold=self.support_threshold,
                 near_negative_p=self.near_negative_p,
                 near_margin=self.near_margin,
+                image_size=image_size,
             )
         return pad_prompt(coords, labels, self.num_points)

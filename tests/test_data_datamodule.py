@@ -1,0 +1,396 @@
+"""ZimDataModule: batch contracts per stage, deterministic and complete rank/worker coverage, corrupt data
+skipped and counted, reproducible training streams, Lightning integration."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from tests.test_data_sa1b import (
+    jpeg,
+    matting_members,
+    png,
+    sa1b_matte_members,
+    sa1b_members,
+    scene,
+    seg_members,
+    write_tar,
+)
+from zim_lightning.data import samples as samples_module
+from zim_lightning.data.datamodule import UnpaddedDistributedSampler, ZimDataModule
+
+FRAME = 64  # ZIM frame side in these tests (1024 in real runs)
+CROP = 32
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """5 matting shards x 3 samples, 1 seg shard, 2 SA1B-Matte shards x 2 images, 3 SA-1B shards x 2."""
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    matting = []
+    for s in range(5):
+        members = []
+        for i in range(3):
+            image, alpha = scene(rng, 40 + 4 * i, 56)
+            members += matting_members(f"m{s}_{i}", image, alpha)
+        matting.append(str(write_tar(root / f"matting-{s:06d}.tar", members)))
+    seg = []
+    for i in range(3):
+        image, alpha = scene(rng, 40, 40)
+        seg += seg_members(f"s{i}", image, np.where(alpha > 127, 255, 0).astype(np.uint8))
+    seg_shard = str(write_tar(root / "seg-000000.tar", seg))
+    matte = []
+    for s in range(2):
+        members = []
+        for i in range(2):
+            image, alpha = scene(rng, 48, 72)
+            _, other = scene(rng, 48, 72)
+            members += sa1b_matte_members(f"sa_{s}{i}", image, [alpha, other])
+        (root / "matte").mkdir(exist_ok=True)
+        matte.append(str(write_tar(root / "matte" / f"sa_{s:06d}.tar", members, compress=True)))
+    sa1b = []
+    for s in range(3):
+        members = []
+        for i in range(2):
+            image, alpha = scene(rng, 48, 72)
+            members += sa1b_members(f"sa_{s}{i}", image, [alpha > 127, alpha > 30], first_id=10 * i)
+        (root / "sa1b").mkdir(exist_ok=True)
+        sa1b.append(str(write_tar(root / "sa1b" / f"sa_{s:06d}.tar", members, compress=True)))
+    pattern = str(root / "matting-{000000..000004}.tar")
+    return {
+        "matting": matting,
+        "pattern": pattern,
+        "seg": seg_shard,
+        "matte": matte,
+        "sa1b": sa1b,
+        "root": root,
+    }
+
+
+def module(**kwargs) -> ZimDataModule:
+    defaults = dict(
+        batch_size=2, num_workers=0, crop_size=CROP, image_size=FRAME, shuffle_buffer=4, batches_per_epoch=3
+    )
+    return ZimDataModule(**{**defaults, **kwargs})
+
+
+def check_converter_batch(batch: dict, size: int) -> None:
+    assert set(batch) == {"image", "mask", "alpha", "is_stl", "key"}
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (size, 3, CROP, CROP)
+    for name in ("mask", "alpha"):
+        assert batch[name].dtype == torch.float32 and batch[name].shape == (size, 1, CROP, CROP)
+    assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert 0 <= batch["alpha"].min() and batch["alpha"].max() <= 1
+    assert batch["is_stl"].dtype == torch.bool and batch["is_stl"].shape == (size,)
+    assert isinstance(batch["key"], list) and len(batch["key"]) == size
+
+
+def check_zim_batch(batch: dict, size: int, num_points: int = 5) -> None:
+    assert set(batch) == {
+        "image",
+        "alpha",
+        "valid",
+        "point_coords",
+        "point_labels",
+        "original_size",
+        "input_size",
+        "key",
+    }
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (size, 3, FRAME, FRAME)
+    for name in ("alpha", "valid"):
+        assert batch[name].dtype == torch.float32 and batch[name].shape == (size, 1, FRAME, FRAME)
+    assert (
+        batch["point_coords"].shape == (size, num_points, 2) and batch["point_coords"].dtype == torch.float32
+    )
+    assert batch["point_labels"].shape == (size, num_points) and batch["point_labels"].dtype == torch.float32
+    assert set(batch["point_labels"].unique().tolist()) <= {-1.0, 0.0, 1.0, 2.0, 3.0}
+    for name in ("original_size", "input_size"):
+        assert batch[name].dtype == torch.int64 and batch[name].shape == (size, 2)
+    assert (batch["input_size"].amax(dim=1) == FRAME).all()
+    for i in range(size):
+        h, w = batch["input_size"][i].tolist()
+        assert batch["valid"][i, 0, :h, :w].all() and batch["valid"][i].sum() == h * w
+        assert batch["alpha"][i, 0, h:].sum() == 0 and batch["alpha"][i, 0, :, w:].sum() == 0
+        real = batch["point_labels"][i] != -1
+        xy = batch["point_coords"][i][real]
+        assert (xy[:, 0] <= w - 1).all() and (xy[:, 1] <= h - 1).all() and (xy >= 0).all()
+
+
+def test_converter_stage_batches_follow_the_contract(shards):
+    data = module(
+        stage="converter",
+        train_shards=shards["pattern"],
+        seg_shards=shards["seg"],
+        val_shards=shards["matting"][:2],
+    )
+    train = list(data.train_dataloader())
+    assert len(train) == 3 == len(data.train_dataloader())
+    for batch in train:
+        check_converter_batch(batch, 2)
+    val = list(data.val_dataloader())
+    assert sum(len(b["key"]) for b in val) == 6
+    check_converter_batch(val[0], 2)
+    assert not any(b["is_stl"].any() for b in val)
+
+
+def test_zim_stage_reads_sa1b_matte_and_matting_shards(shards):
+    data = module(
+        stage="zim",
+        train_shards=shards["matte"] + shards["matting"][:1],
+        val_shards=shards["matte"],
+        batch_size=3,
+    )
+    for batch in data.train_dataloader():
+        check_zim_batch(batch, 3)
+    val = list(data.val_dataloader())
+    keys = [k for b in val for k in b["key"]]
+    assert sorted(k.split(".")[0] for k in keys) == ["sa_00", "sa_01", "sa_10", "sa_11"]
+    check_zim_batch(val[0], 3)
+    assert val[0]["original_size"][0].tolist() == [48, 72] and val[0]["input_size"][0].tolist() == [43, 64]
+
+
+def test_sa1b_matte_decodes_only_the_chosen_mattes(shards, monkeypatch):
+    calls = []
+    real = samples_module.decode_matte
+
+    def counting_decode_matte(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(samples_module, "decode_matte", counting_decode_matte)
+    rng = np.random.default_rng(3)
+    image, alpha = scene(rng, 48, 72)
+    members = sa1b_matte_members("sa_9", image, [alpha] * 12)
+    record = json.loads(members[1][1])
+    for annotation in record["annotations"]:
+        annotation["segmentation"]["counts"] = "!!"  # RLE is never decoded in ZIM training
+    sample = {"__key__": "sa_9", "jpg": members[0][1], "json": json.dumps(record).encode()}
+    sample.update({name.split(".", 1)[1]: data for name, data in members[2:]})
+    processor = module(stage="zim", mattes_per_image=2).zim_processor
+    out = processor(sample, np.random.default_rng(0), train=True)
+    assert len(out) == 2 and len(calls) == 2 and out[0]["key"] != out[1]["key"]
+
+
+def keys_of(data: ZimDataModule, **kwargs) -> list[str]:
+    return [k for batch in data.val_dataset(**kwargs) for k in batch["key"]]
+
+
+def test_validation_is_deterministic_and_covers_ranks_and_workers_exactly_once(shards, monkeypatch):
+    data = module(stage="converter", val_shards=shards["pattern"], batch_size=2)
+    everything = keys_of(data, rank=0, world_size=1)
+    assert sorted(everything) == sorted(f"m{s}_{i}" for s in range(5) for i in range(3))
+    first = list(data.val_dataset(rank=0, world_size=1))
+    second = list(data.val_dataset(rank=0, world_size=1))
+    for a, b in zip(first, second, strict=True):
+        assert (
+            a["key"] == b["key"] and torch.equal(a["mask"], b["mask"]) and torch.equal(a["image"], b["image"])
+        )
+    for world_size, num_workers in ((2, 1), (2, 2), (3, 2)):
+        seen = [
+            keys_of(data, rank=r, world_size=world_size, worker=w, num_workers=num_workers)
+            for r in range(world_size)
+            for w in range(num_workers)
+        ]
+        flat = [k for part in seen for k in part]
+        assert sorted(flat) == sorted(everything), (world_size, num_workers)
+    # the ranks come from RANK / WORLD_SIZE when no trainer is attached; DataLoader workers split for real
+    per_rank = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        loader = module(stage="converter", val_shards=shards["pattern"], num_workers=2).val_dataloader()
+        assert loader.num_workers == 2
+        per_rank.append([k for batch in loader for k in batch["key"]])
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(everything)
+    # the same sample gets the same crop and coarse mask whatever the rank layout
+    by_key = {k: m for b in first for k, m in zip(b["key"], b["mask"], strict=True)}
+    for batch in data.val_dataset(rank=1, world_size=2, worker=0, num_workers=1):
+        for k, m in zip(batch["key"], batch["mask"], strict=True):
+            assert torch.equal(by_key[k], m)
+
+
+def test_build_stage_assigns_every_shard_once_in_order(shards):
+    data = module(stage="build", build_shards=shards["sa1b"])
+    parts = [
+        data.build_shard_urls(rank=r, world_size=2, worker=w, num_workers=2)
+        for r in range(2)
+        for w in range(2)
+    ]
+    assert sorted(u for p in parts for u in p) == sorted(shards["sa1b"])
+    assert [s["key"] for s in data.iter_build_samples(shards["sa1b"][0])] == ["sa_00", "sa_01"]
+    seen = [s["key"] for r in range(2) for s in data.build_dataset(rank=r, world_size=2)]
+    assert sorted(seen) == sorted(f"sa_{s}{i}" for s in range(3) for i in range(2))
+    first = next(iter(data.build_dataset(rank=0, world_size=1)))
+    assert first["image"].shape == (48, 72, 3) and len(first["record"]["annotations"]) == 2
+    loader = data.predict_dataloader()
+    assert [s["key"] for s in loader] == ["sa_00", "sa_01", "sa_10", "sa_11", "sa_20", "sa_21"]
+
+
+def test_corrupt_samples_are_skipped_counted_and_the_others_unchanged(shards, tmp_path):
+    rng = np.random.default_rng(5)
+    good, bad = [], []
+    for i in range(4):
+        image, alpha = scene(rng, 40, 56)
+        members = matting_members(f"g{i}", image, alpha)
+        good += members
+        bad += members
+        if i == 1:
+            bad += [("x_jpeg.alpha.png", png(alpha)), ("x_jpeg.jpg", jpeg(image)[:200])]
+            bad += [("x_empty.alpha.png", png(np.zeros_like(alpha))), ("x_empty.jpg", jpeg(image))]
+            bad += [("x_missing.jpg", jpeg(image))]
+    clean = write_tar(tmp_path / "clean.tar", good)
+    dirty = write_tar(tmp_path / "dirty.tar", bad)
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(dirty.read_bytes()[: len(dirty.read_bytes()) // 2])
+
+    expected = {
+        k: b
+        for batch in module(stage="zim", val_shards=str(clean), batch_size=1).val_dataset(
+            rank=0, world_size=1
+        )
+        for k, b in [(batch["key"][0], batch)]
+    }
+    data = module(stage="zim", val_shards=[str(dirty), str(truncated)], batch_size=1)
+    got = [batch for batch in data.val_dataset(rank=0, world_size=1)]
+    keys = [b["key"][0] for b in got]
+    assert keys[:4] == ["g0", "g1", "g2", "g3"] and set(keys[4:]) <= {"g0", "g1"}
+    for batch in got:
+        reference = expected[batch["key"][0]]
+        for name in ("image", "alpha", "point_coords", "point_labels"):
+            assert torch.equal(batch[name], reference[name]), name
+    counts = data.skip_counts()
+    assert counts["corrupt_image"] >= 1 and counts["empty_mask"] >= 1 and counts["missing_member"] >= 1
+    assert counts["truncated_tar"] == 1
+
+    # SA-1B: malformed json, malformed RLE and an empty mask in the build stage
+    image, alpha = scene(rng, 40, 56)
+    members = sa1b_members("sa_1", image, [alpha > 127]) + sa1b_members("sa_2", image, [alpha > 127])
+    members[3] = ("sa_2.json", b'{"image": 3}')
+    build = module(stage="build", build_shards=str(write_tar(tmp_path / "sa.tar", members, compress=True)))
+    decoded = list(build.build_dataset(rank=0, world_size=1))
+    assert [s["key"] for s in decoded] == ["sa_1"] and build.skip_counts()["bad_json"] == 1
+
+
+def test_skips_in_dataloader_workers_reach_the_main_process(shards, tmp_path):
+    rng = np.random.default_rng(6)
+    parts = []
+    for s in range(2):
+        image, alpha = scene(rng, 40, 40)
+        members = matting_members(f"ok{s}", image, alpha) + [
+            ("bad.alpha.png", png(alpha)),
+            ("bad.jpg", b"junk"),
+        ]
+        parts.append(str(write_tar(tmp_path / f"w{s}.tar", members)))
+    data = module(stage="converter", val_shards=parts, num_workers=2)
+    keys = [k for batch in data.val_dataloader() for k in batch["key"]]
+    assert sorted(keys) == ["ok0", "ok1"]
+    assert data.skip_counts()["corrupt_image"] == 2 and data.skips.total() == 2
+
+
+def test_training_streams_are_reproducible_per_seed_and_differ_across_ranks(shards):
+    def stream(seed: int, rank: int) -> list[str]:
+        data = module(stage="zim", train_shards=shards["pattern"], seed=seed, batch_size=2)
+        pipeline = data.train_dataset(rank=rank, world_size=2)
+        it = iter(pipeline)
+        return [k for _ in range(4) for k in next(it)["key"]]
+
+    assert stream(0, 0) == stream(0, 0)
+    assert stream(0, 0) != stream(1, 0)
+    rank0, rank1 = stream(0, 0), stream(0, 1)
+    # 5 shards >= 2 ranks x 1 worker: each rank resamples its own disjoint shards (0, 2, 4 and 1, 3)
+    assert {k.split("_")[0] for k in rank0} <= {"m0", "m2", "m4"}
+    assert {k.split("_")[0] for k in rank1} <= {"m1", "m3"}
+
+
+class TinyModule(L.LightningModule):
+    """One parameter fitted to the mean alpha: enough for Lightning to drive the loaders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+
+    def training_step(self, batch, batch_idx):
+        return ((batch["alpha"].mean() - self.bias) ** 2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", ((batch["alpha"].mean() - self.bias) ** 2).sum(), batch_size=len(batch["key"]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("stage", ["converter", "zim"])
+def test_lightning_fast_dev_run(shards, stage, tmp_path):
+    data = module(
+        stage=stage,
+        train_shards=shards["matting"],
+        seg_shards=shards["seg"],
+        val_shards=shards["matting"][:1],
+    )
+    trainer = L.Trainer(
+        fast_dev_run=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(TinyModule(), datamodule=data)
+    assert trainer.state.finished and trainer.global_step == 2
+
+
+class Instances(Dataset):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def test_unpadded_rank_slices_cover_each_instance_once():
+    dataset = Instances(7)
+    slices = [list(UnpaddedDistributedSampler(dataset, rank=r, world_size=3)) for r in range(3)]
+    assert slices == [[0, 3, 6], [1, 4], [2, 5]]
+    assert [len(UnpaddedDistributedSampler(dataset, rank=r, world_size=3)) for r in range(3)] == [3, 2, 2]
+
+
+def test_eval_stage_wraps_the_evaluation_dataset(tmp_path):
+    micromat = pytest.importorskip("zim_lightning.data.micromat")
+    from zim_lightning.data.synthetic import generate
+
+    layout = generate(
+        tmp_path / "synth",
+        seed=0,
+        num_shards=1,
+        num_images=1,
+        matting_train=1,
+        matting_val=1,
+        seg=1,
+        shard_size=1,
+        micromat=5,
+        eval_images=1,
+        image_size=(64, 64),
+    )
+    full = micromat.build_eval_dataset(layout.micromat, format="micromat", prompt="box", subset=None)
+    seen = []
+    for rank in range(2):
+        data = module(
+            stage="eval",
+            eval_root=str(layout.micromat),
+            eval_format="micromat",
+            eval_prompt="box",
+            batch_size=1,
+        )
+        loader = data.eval_dataloader(rank=rank, world_size=2)
+        seen.append(sum(1 for _ in loader))
+    assert sum(seen) == len(full) and seen[0] - seen[1] in (0, 1)
