@@ -1,0 +1,278 @@
+"""Interactive matting with ZIM: one image, many prompts (ZIM paper, Sec. 3.3 and 4: inference with box
+and point prompts, as SAM).
+
+:class:`ZimPredictor` follows segment-anything's ``SamPredictor`` and the official ``zim_anything``
+``ZimPredictor``: ``set_image`` encodes an image once, ``predict`` decodes a NumPy prompt in the
+original image's pixels, ``predict_torch`` decodes a batch of prompts (already in the 1024 frame) in one
+decoder call. The image is resized exactly as the official predictor does (torchvision ``to_pil_image``
+and ``resize`` of the longest side to 1024, via segment-anything's ``ResizeLongestSide``), and logits
+come back to the original size the same way (bilinear to 1024, crop, bilinear to the original), so a
+network with the official weights gives the official output.
+
+Prompts become the decoder's labelled points (SAM's ONNX convention): points get the padding point
+``(-0.5, -0.5)`` labelled -1, as the official decoder adds; a box becomes its two corners labelled 2
+and 3; points and a box together are concatenated (the sample is then a box sample, so the box map
+restricts the attention; the official predictor instead drops the points from the decoder input).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from zim_lightning.models.attention_mask import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_PAD
+from zim_lightning.models.zim import Zim
+
+#: Coordinates of the padding point the official decoder appends to point prompts.
+PADDING_POINT = -0.5
+#: Accepted ``image_format`` values.
+IMAGE_FORMATS = ("RGB", "BGR")
+
+
+class ZimPredictor:
+    """Encode an image once, then predict mattes for prompts.
+
+    Args:
+        model: the network; it stays on its device, and its train/eval mode is left as it is (ZIM has
+            no dropout or batch statistics, so both modes compute the same function).
+    """
+
+    def __init__(self, model: Zim) -> None:
+        self.model = model
+        self.transform = ResizeLongestSide(model.image_size)
+        self.reset_image()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def reset_image(self) -> None:
+        """Forget the current image and its embedding."""
+        self.is_image_set = False
+        self.features: torch.Tensor | None = None
+        self.interm_feats: tuple[torch.Tensor, ...] | None = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
+
+    @torch.no_grad()
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Encode an image for the following ``predict`` calls.
+
+        Args:
+            image: HxWx3 uint8 (or integer in [0, 255]) array.
+            image_format: channel order of ``image``, ``"RGB"`` or ``"BGR"``.
+
+        Raises:
+            ValueError: for an image that is not HxWx3 with values in [0, 255], or an unknown format.
+        """
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+            raise ValueError(f"image must be an HxWx3 array, got shape {image.shape}")
+        if image.dtype != np.uint8:
+            if not np.issubdtype(image.dtype, np.integer) or image.min() < 0 or image.max() > 255:
+                raise ValueError(
+                    f"image must be uint8 (or integers in [0, 255]), got dtype {image.dtype}"
+                    + (f" with values in [{image.min()}, {image.max()}]" if image.size else "")
+                )
+            image = image.astype(np.uint8)
+        if image_format == "BGR":
+            image = image[..., ::-1]
+        resized = self.transform.apply_image(np.ascontiguousarray(image))  # hxwx3, longest side 1024
+        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None]  # 1x3xhxw uint8
+        self.reset_image()
+        self.features, self.interm_feats = self.model.encode_image(tensor)
+        self.original_size = (int(image.shape[0]), int(image.shape[1]))
+        self.input_size = (int(resized.shape[0]), int(resized.shape[1]))
+        self.is_image_set = True
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The current image's embedding.
+
+        Returns:
+            1xCx64x64.
+        """
+        self._require_image()
+        assert self.features is not None
+        return self.features
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predict mattes for one prompt, in the original image's pixels.
+
+        Args:
+            point_coords: Nx2 ``(X, Y)`` pixels of the original image, or None.
+            point_labels: N labels, 1 foreground, 0 background; required with ``point_coords``.
+            box: ``(x1, y1, x2, y2)`` pixels of the original image, or None.
+            multimask_output: True: the 4 mattes of the 4 mask tokens; False: mask 0 only.
+            return_logits: return logits instead of alpha.
+
+        Returns:
+            (masks CxHxW float32: alpha in [0, 1] (logits with ``return_logits``) at the original size,
+            iou C float32, low-res logits Cxhxw float32 at the decoder resolution (512x512 for the
+            hierarchical pixel decoder, 256x256 for SAM's)). C = 4 or 1.
+
+        Raises:
+            RuntimeError: before :meth:`set_image`.
+            ValueError: for malformed prompts (see :meth:`predict_torch`), a box with x2 < x1 or
+                y2 < y1 or entirely outside the image, or no prompt at all.
+        """
+        self._require_image()
+        assert self.original_size is not None
+        coords_t = labels_t = box_t = None
+        if point_coords is not None or point_labels is not None:
+            coords, labels = _check_points(point_coords, point_labels)
+            coords = self.transform.apply_coords(coords, self.original_size)
+            coords_t = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None]
+            labels_t = torch.as_tensor(labels, dtype=torch.float32, device=self.device)[None]
+        if box is not None:
+            box = _check_box(box, self.original_size)
+            box = self.transform.apply_boxes(box[None], self.original_size)
+            box_t = torch.as_tensor(box, dtype=torch.float32, device=self.device)
+        masks, iou, low_res = self.predict_torch(
+            coords_t, labels_t, box_t, multimask_output=multimask_output, return_logits=return_logits
+        )
+        return (
+            masks[0].float().cpu().numpy(),
+            iou[0].float().cpu().numpy(),
+            low_res[0].float().cpu().numpy(),
+        )
+
+    @torch.no_grad()
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Predict mattes for B prompts of the current image in one decoder call.
+
+        Args:
+            point_coords: BxNx2 ``(X, Y)`` pixels in the resized 1024 frame
+                (``self.transform.apply_coords_torch``), or None.
+            point_labels: BxN labels in {0, 1}; required with ``point_coords``.
+            boxes: Bx4 ``(x1, y1, x2, y2)`` in the 1024 frame, or None.
+            multimask_output: True: 4 mattes per prompt; False: mask 0 only.
+            return_logits: return logits instead of alpha.
+
+        Returns:
+            (masks BxCxHxW alpha in [0, 1] (or logits) at the original size, iou BxC, low-res logits
+            BxCxhxw at the decoder resolution).
+
+        Raises:
+            RuntimeError: before :meth:`set_image`.
+            ValueError: for prompts of the wrong shape, labels outside {0, 1}, batch sizes that differ,
+                or no prompt at all.
+        """
+        self._require_image()
+        assert self.features is not None and self.interm_feats is not None
+        coords, labels = self._decoder_prompts(point_coords, point_labels, boxes)
+        logits, iou = self.model.decode(
+            self.features, self.interm_feats, coords, labels, multimask_output=multimask_output
+        )
+        assert self.input_size is not None and self.original_size is not None
+        masks = self.model.postprocess_masks(logits, self.input_size, self.original_size)
+        return (masks if return_logits else masks.sigmoid()), iou, logits
+
+    def _decoder_prompts(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Turn points and/or boxes into the decoder's labelled points (BxMx2, BxM)."""
+        if point_coords is None and point_labels is None and boxes is None:
+            raise ValueError("give at least one prompt: point_coords with point_labels, or boxes")
+        parts_coords, parts_labels = [], []
+        batch = None
+        if point_coords is not None or point_labels is not None:
+            if point_coords is None or point_labels is None:
+                raise ValueError("point_coords and point_labels must be given together")
+            if point_coords.ndim != 3 or point_coords.shape[-1] != 2:
+                raise ValueError(f"point_coords must be BxNx2, got shape {tuple(point_coords.shape)}")
+            if tuple(point_labels.shape) != tuple(point_coords.shape[:2]):
+                raise ValueError(
+                    f"point_labels must be BxN = {tuple(point_coords.shape[:2])} to match point_coords, "
+                    f"got shape {tuple(point_labels.shape)}"
+                )
+            if not bool(((point_labels == 0) | (point_labels == 1)).all()):
+                raise ValueError("point_labels must be 1 (foreground) or 0 (background)")
+            batch = point_coords.shape[0]
+            parts_coords.append(point_coords.float())
+            parts_labels.append(point_labels.float())
+        if boxes is not None:
+            if boxes.ndim != 2 or boxes.shape[-1] != 4:
+                raise ValueError(f"boxes must be Bx4 (x1, y1, x2, y2), got shape {tuple(boxes.shape)}")
+            if batch is not None and boxes.shape[0] != batch:
+                raise ValueError(
+                    f"boxes must have as many rows as point_coords ({batch}), got {boxes.shape[0]}"
+                )
+            batch = boxes.shape[0]
+            parts_coords.append(boxes.float().reshape(batch, 2, 2))
+            corner_labels = torch.tensor([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], dtype=torch.float32)
+            parts_labels.append(corner_labels.to(boxes.device).expand(batch, 2))
+        else:
+            # Point-only prompts get SAM's padding point, as the official decoder appends.
+            assert batch is not None
+            parts_coords.append(torch.full((batch, 1, 2), PADDING_POINT, device=self.device))
+            parts_labels.append(torch.full((batch, 1), float(LABEL_PAD), device=self.device))
+        coords = torch.cat([c.to(self.device) for c in parts_coords], dim=1)
+        labels = torch.cat([lab.to(self.device) for lab in parts_labels], dim=1)
+        return coords, labels
+
+    def _require_image(self) -> None:
+        if not self.is_image_set:
+            raise RuntimeError("no image is set: call set_image(image) before predicting")
+
+
+def _check_points(
+    point_coords: np.ndarray | None, point_labels: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate one point prompt: Nx2 coordinates and N labels in {0, 1}."""
+    if point_coords is None or point_labels is None:
+        raise ValueError("point_coords and point_labels must be given together")
+    coords = np.asarray(point_coords, dtype=np.float64)
+    labels = np.asarray(point_labels)
+    if coords.ndim != 2 or coords.shape[1] != 2 or coords.shape[0] == 0:
+        raise ValueError(
+            f"point_coords must be an Nx2 array of (X, Y) pixels, N >= 1, got shape {coords.shape}"
+        )
+    if labels.ndim != 1:
+        raise ValueError(f"point_labels must be a length-N array, got shape {labels.shape}")
+    if labels.shape[0] != coords.shape[0]:
+        raise ValueError(
+            f"point_labels has {labels.shape[0]} entries but point_coords has {coords.shape[0]} points"
+        )
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"point_labels must be 1 (foreground) or 0 (background), got {np.unique(labels)}")
+    if not np.isfinite(coords).all():
+        raise ValueError("point_coords must be finite")
+    return coords, labels.astype(np.float32)
+
+
+def _check_box(box: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
+    """Validate one box ``(x1, y1, x2, y2)`` against the original image (H, W)."""
+    box = np.asarray(box, dtype=np.float64)
+    if box.shape == (1, 4):
+        box = box[0]
+    if box.shape != (4,):
+        raise ValueError(f"box must be a length-4 array (x1, y1, x2, y2), got shape {box.shape}")
+    if not np.isfinite(box).all():
+        raise ValueError(f"box must be finite, got {box.tolist()}")
+    x1, y1, x2, y2 = box
+    if x2 < x1 or y2 < y1:
+        raise ValueError(f"box must have x2 >= x1 and y2 >= y1 (x1, y1, x2, y2), got {box.tolist()}")
+    height, width = original_size
+    if x2 < 0 or y2 < 0 or x1 >= width or y1 >= height:
+        raise ValueError(f"box {box.tolist()} lies entirely outside the {width}x{height} (WxH) image")
+    return box

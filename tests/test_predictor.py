@@ -1,0 +1,179 @@
+"""ZimPredictor: shapes and ranges at the original size, batched decoding, official equivalence, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from zim_lightning.models import zim_model_registry
+from zim_lightning.predictor import ZimPredictor
+
+HEIGHT, WIDTH = 300, 450  # non-square: resized to 683x1024, padded to 1024x1024
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    img[80:220, 120:330] = (200, 40, 40)  # an object, so prompts see different content
+    return img
+
+
+@pytest.fixture(scope="module")
+def predictor(image) -> ZimPredictor:
+    torch.manual_seed(0)
+    p = ZimPredictor(zim_model_registry["tiny"]().eval())
+    p.set_image(image)
+    return p
+
+
+def test_outputs_at_original_size(predictor):
+    masks, iou, low_res = predictor.predict(box=np.array([100, 60, 350, 240]))
+    assert masks.shape == (4, HEIGHT, WIDTH) and iou.shape == (4,) and low_res.shape == (4, 512, 512)
+    assert masks.dtype == np.float32 and 0 <= masks.min() and masks.max() <= 1
+    assert predictor.input_size == (683, 1024) and predictor.original_size == (HEIGHT, WIDTH)
+    single, single_iou, _ = predictor.predict(
+        np.array([[200.0, 150.0], [20.0, 20.0]]), np.array([1, 0]), multimask_output=False
+    )
+    assert single.shape == (1, HEIGHT, WIDTH) and single_iou.shape == (1,)
+    logits, _, _ = predictor.predict(
+        np.array([[200.0, 150.0], [20.0, 20.0]]), np.array([1, 0]), return_logits=True
+    )
+    assert np.allclose(1 / (1 + np.exp(-logits[:1])), single, atol=1e-5)
+    assert predictor.get_image_embedding().shape == (1, 64, 64, 64)
+
+
+def test_points_and_box_together(predictor):
+    points, labels = np.array([[200.0, 150.0]]), np.array([1])
+    box = np.array([100, 60, 350, 240])
+    both, _, _ = predictor.predict(points, labels, box)
+    box_only, _, _ = predictor.predict(box=box)
+    assert both.shape == (4, HEIGHT, WIDTH)
+    assert not np.allclose(both, box_only)  # the point is a token of the decoder too
+
+
+def test_predict_torch_batch_equals_single_calls(predictor):
+    rng = np.random.default_rng(1)
+    x1 = rng.uniform(0, WIDTH - 60, 16)
+    y1 = rng.uniform(0, HEIGHT - 60, 16)
+    boxes = np.stack([x1, y1, x1 + rng.uniform(10, 60, 16), y1 + rng.uniform(10, 60, 16)], axis=1)
+    singles = [predictor.predict(box=b) for b in boxes]
+    batch_boxes = torch.as_tensor(
+        predictor.transform.apply_boxes(boxes, predictor.original_size), dtype=torch.float32
+    )
+    masks, iou, low_res = predictor.predict_torch(None, None, batch_boxes)
+    assert masks.shape == (16, 4, HEIGHT, WIDTH) and iou.shape == (16, 4)
+    for i, (m, s, lr) in enumerate(singles):
+        assert np.allclose(masks[i].numpy(), m, atol=1e-5)
+        assert np.allclose(iou[i].numpy(), s, atol=1e-5)
+        assert np.allclose(low_res[i].numpy(), lr, atol=1e-4)
+
+
+def test_bgr_input_gives_the_same_embedding(predictor, image):
+    other = ZimPredictor(predictor.model)
+    other.set_image(np.ascontiguousarray(image[..., ::-1]), image_format="BGR")
+    assert torch.equal(other.get_image_embedding(), predictor.get_image_embedding())
+
+
+def test_matches_official_predictor_given_the_same_network(predictor, image):
+    """Official pre/post-processing around our network (ONNX wrappers replaced by stubs) = ours."""
+    official_zim = pytest.importorskip(
+        "zim_anything.modeling.zim", reason="official zim_anything not installed"
+    )
+    official_predictor = pytest.importorskip("zim_anything.predictor")
+    model = predictor.model
+
+    def encoder(image_tensor):
+        return model.encode_preprocessed(image_tensor)
+
+    class Decoder:  # what the official ONNX decoder wrapper feeds the network
+        num_mask_tokens = 4
+
+        def __call__(self, interm_feats, image_embeddings, points, boxes, attn_mask):
+            if boxes is not None:
+                coords = boxes.reshape(-1, 2, 2)
+                labels = torch.tensor([[2.0, 3.0]]).expand(coords.shape[0], 2)
+            else:
+                coords = torch.cat([points[0], torch.full((points[0].shape[0], 1, 2), -0.5)], dim=1)
+                labels = torch.cat([points[1], -torch.ones(points[1].shape[0], 1)], dim=1)
+            return model.decode(
+                image_embeddings, interm_feats, coords, labels, attn_mask, multimask_output=True
+            )
+
+    theirs = official_predictor.ZimPredictor(official_zim.Zim(encoder, Decoder()))
+    with torch.no_grad():
+        theirs.set_image(image)
+        for prompt in (
+            {"box": np.array([100, 60, 350, 240])},
+            {"point_coords": np.array([[200.0, 150.0], [20.0, 280.0]]), "point_labels": np.array([1, 0])},
+        ):
+            their_masks, their_iou, _ = theirs.predict(**prompt, multimask_output=True)
+            our_masks, our_iou, _ = predictor.predict(**prompt, multimask_output=True)
+            assert np.allclose(our_masks, their_masks, atol=1e-5)
+            assert np.allclose(our_iou, their_iou, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((HEIGHT, WIDTH), dtype=np.uint8), "HxWx3"),
+        (np.zeros((HEIGHT, WIDTH, 4), dtype=np.uint8), "HxWx3"),
+        (np.zeros((HEIGHT, WIDTH, 3), dtype=np.float32), "uint8"),
+        (np.full((HEIGHT, WIDTH, 3), 300, dtype=np.int16), "uint8"),
+    ],
+)
+def test_bad_images_are_rejected(bad, match):
+    p = ZimPredictor(zim_model_registry["tiny"]())
+    with pytest.raises(ValueError, match=match):
+        p.set_image(bad)
+    with pytest.raises(ValueError, match="image_format"):
+        p.set_image(np.zeros((4, 4, 3), dtype=np.uint8), image_format="RGBA")
+
+
+def test_predict_before_set_image():
+    p = ZimPredictor(zim_model_registry["tiny"]())
+    with pytest.raises(RuntimeError, match="set_image"):
+        p.predict(box=np.array([0, 0, 10, 10]))
+    with pytest.raises(RuntimeError, match="set_image"):
+        p.get_image_embedding()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"box": np.array([300, 60, 100, 240])}, "x2 >= x1"),
+        ({"box": np.array([100, 240, 350, 60])}, "x2 >= x1 and y2 >= y1"),
+        ({"box": np.array([500, 10, 600, 50])}, "outside"),
+        ({"box": np.array([-50, -40, -10, -5])}, "outside"),
+        ({"box": np.array([1, 2, 3])}, "box must be a length-4"),
+        (
+            {"point_coords": np.array([1.0, 2.0]), "point_labels": np.array([1])},
+            "point_coords must be an Nx2",
+        ),
+        ({"point_coords": np.array([[1.0, 2.0, 3.0]]), "point_labels": np.array([1])}, "Nx2"),
+        ({"point_coords": np.array([[1.0, 2.0]]), "point_labels": np.array([2])}, "point_labels must be 1"),
+        (
+            {"point_coords": np.array([[1.0, 2.0]]), "point_labels": np.array([1, 0])},
+            "2 entries but point_coords",
+        ),
+        ({"point_coords": np.array([[1.0, 2.0]]), "point_labels": np.array([[1]])}, "length-N"),
+        ({"point_coords": np.array([[1.0, 2.0]])}, "together"),
+        ({}, "at least one prompt"),
+    ],
+)
+def test_bad_prompts_are_rejected(predictor, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        predictor.predict(**kwargs)
+
+
+def test_bad_torch_prompts_are_rejected(predictor):
+    coords, labels = torch.zeros(2, 3, 2), torch.ones(2, 3)
+    with pytest.raises(ValueError, match="boxes must have as many rows"):
+        predictor.predict_torch(coords, labels, torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="point_labels must be BxN"):
+        predictor.predict_torch(coords, torch.ones(2, 2))
+    with pytest.raises(ValueError, match="boxes must be Bx4"):
+        predictor.predict_torch(None, None, torch.zeros(4))
+    with pytest.raises(ValueError, match="1 \\(foreground\\) or 0"):
+        predictor.predict_torch(coords, torch.full((2, 3), -1.0))
