@@ -1,0 +1,364 @@
+"""Matting error metrics: SAD, MSE, MAE, Grad and Conn under two protocols (paper Sec. 5, evaluation).
+
+Two protocols, and every evaluation names the one it used:
+
+``paper``
+    What the ZIM paper reports on MicroMat-3K (and AM-2K / AIM-500), so our numbers compare with its
+    tables. Per instance, at the original resolution, over the whole image, ``p`` the prediction and
+    ``g`` the ground truth, both HxW in [0, 1], ``N = H * W``:
+
+    - ``sad  = sum|p - g| / 1000``
+    - ``mse  = mean((p - g)^2) * 1000``
+    - ``mae  = mean|p - g| * 1000``
+    - ``grad = mean|G(p) - G(g)| * 1000`` with ``G(x) = sqrt(Sx(x)^2 + Sy(x)^2 + 1e-8)``, ``Sx``/``Sy`` the
+      responses to the unnormalised 3x3 Sobel kernels (``[[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]`` and its
+      transpose) with zero padding of 1 pixel;
+    - ``conn = sum|phi(p) - phi(g)| / 1000``, the connectivity error (see :func:`connectivity_error`).
+
+``dim``
+    The Composition-1k tradition (Xu et al., Deep Image Matting), over the trimap's unknown region
+    ``U = {trimap == 128}`` when a trimap is given, else over the whole image; filters and connected
+    components always see the whole image, only the sums are restricted to ``U``:
+
+    - ``sad  = sum_U |p - g| / 1000``
+    - ``mse  = sum_U (p - g)^2 / |U|`` (not scaled; 0 when ``U`` is empty)
+    - ``mae  = sum_U |p - g| / |U|`` (not scaled; 0 when ``U`` is empty)
+    - ``grad = sum_U (|D(p)| - |D(g)|)^2 / 1000``, ``D`` the gradient from first-order Gaussian-derivative
+      filters with sigma 1.4: the 2D kernel ``h[i, j] = gauss(i) * dgauss(j)`` on ``-r..r`` with
+      ``r = ceil(sigma * sqrt(-2 ln(sqrt(2 pi) * sigma * 0.01)))`` (4 for sigma 1.4), scaled to unit L2 norm,
+      its transpose for y, replicate padding (the reference ``gaussgradient``);
+    - ``conn = sum_U |phi(p) - phi(g)| / 1000``.
+
+Instances are bucketed by object size, the fraction of ground-truth pixels with ``g > 0.3``:
+``S`` below 0.01, ``M`` below 0.1, ``L`` otherwise (:func:`size_bucket`).
+
+Everything is computed in float64. :func:`matting_errors` is the functional form; :class:`MattingErrors`
+is the torchmetrics form that accumulates per-instance errors and syncs them across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+PROTOCOLS: tuple[str, ...] = ("paper", "dim")
+METRIC_NAMES: tuple[str, ...] = ("sad", "mse", "mae", "grad", "conn")
+BUCKETS: tuple[str, ...] = ("S", "M", "L")
+
+#: Sums are reported in thousands (SAD, Grad, Conn); paper means in thousandths (MSE, MAE, Grad).
+SUM_SCALE = 1e-3
+MEAN_SCALE = 1e3
+#: Added under the square root of the paper's Sobel magnitude.
+SOBEL_EPS = 1e-8
+#: Value of the unknown region in a 0 / 128 / 255 trimap.
+TRIMAP_UNKNOWN = 128
+#: The dim protocol's Gaussian-derivative filter: sigma and the truncation tolerance of its support.
+DIM_GRAD_SIGMA = 1.4
+DIM_GRAD_EPSILON = 1e-2
+#: Connectivity: threshold levels k / CONN_LEVELS for k = 1..CONN_LEVELS, and the phi distance cut-off.
+CONN_LEVELS = 10
+CONN_MIN_DISTANCE = 0.15
+#: Size buckets: fraction of gt > BUCKET_ALPHA; S below BUCKET_EDGES[0], M below BUCKET_EDGES[1], else L.
+BUCKET_ALPHA = 0.3
+BUCKET_EDGES: tuple[float, float] = (0.01, 0.1)
+
+# 4-connectivity inside each threshold plane of a CONN_LEVELS x H x W stack, none across planes, so one
+# labelling call finds the components of every threshold at once.
+_PLANAR_4_CONNECTIVITY = np.zeros((3, 3, 3), dtype=bool)
+_PLANAR_4_CONNECTIVITY[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _check_alpha(name: str, x: torch.Tensor) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"{name} must be an HxW alpha matte, got shape {tuple(x.shape)}")
+    if not torch.is_floating_point(x):
+        raise ValueError(f"{name} must be a float alpha matte in [0, 1], got dtype {x.dtype}")
+    if x.numel() and not (torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+        raise ValueError(f"{name} must hold finite values in [0, 1], got range [{x.min()}, {x.max()}]")
+
+
+def foreground_fraction(gt: torch.Tensor) -> float:
+    """Fraction of pixels with ``gt > 0.3``, the object size used for the S/M/L buckets.
+
+    Args:
+        gt: HxW ground-truth alpha in [0, 1].
+    """
+    return float((gt > BUCKET_ALPHA).double().mean())
+
+
+def size_bucket(gt: torch.Tensor) -> str:
+    """Size bucket of an instance: ``"S"`` if under 1% of gt is > 0.3, ``"M"`` if under 10%, else ``"L"``.
+
+    Args:
+        gt: HxW ground-truth alpha in [0, 1].
+    """
+    return _bucket_of_fraction(foreground_fraction(gt))
+
+
+def _bucket_of_fraction(fraction: float) -> str:
+    if fraction < BUCKET_EDGES[0]:
+        return "S"
+    if fraction < BUCKET_EDGES[1]:
+        return "M"
+    return "L"
+
+
+def sobel_magnitude(alpha: torch.Tensor) -> torch.Tensor:
+    """The paper protocol's gradient magnitude ``sqrt(Sx^2 + Sy^2 + 1e-8)``.
+
+    Args:
+        alpha: BxHxW alpha in [0, 1] (any float dtype).
+
+    Returns:
+        BxHxW magnitudes, same dtype, from the unnormalised 3x3 Sobel kernels with zero padding 1.
+    """
+    sx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], dtype=alpha.dtype)
+    kernels = torch.stack([sx, sx.T])[:, None].to(alpha.device)  # 2x1x3x3: x then y
+    # Correlation and convolution differ only in the sign of each response, which the square removes.
+    responses = F.conv2d(alpha[:, None], kernels, padding=1)  # Bx2xHxW
+    return torch.sqrt(responses.square().sum(dim=1) + SOBEL_EPS)
+
+
+def gaussian_gradient_kernels(sigma: float = DIM_GRAD_SIGMA) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dim protocol's first-order Gaussian-derivative kernels (the reference ``gaussgradient``).
+
+    Args:
+        sigma: standard deviation in pixels.
+
+    Returns:
+        ``(hx, hy)``, float64 (2r+1)x(2r+1) kernels with unit L2 norm, ``hx[i, j] = gauss(i - r) *
+        dgauss(j - r)`` (derivative along x, the column axis) and ``hy = hx.T``.
+    """
+    radius = math.ceil(
+        sigma * math.sqrt(-2.0 * math.log(math.sqrt(2.0 * math.pi) * sigma * DIM_GRAD_EPSILON))
+    )
+    u = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    gauss = torch.exp(-(u**2) / (2.0 * sigma**2)) / (sigma * math.sqrt(2.0 * math.pi))
+    dgauss = -u / sigma**2 * gauss
+    hx = torch.outer(gauss, dgauss)
+    hx = hx / hx.square().sum().sqrt()
+    return hx, hx.T.contiguous()
+
+
+def gaussian_gradient_magnitude(alpha: torch.Tensor, sigma: float = DIM_GRAD_SIGMA) -> torch.Tensor:
+    """``|D(alpha)|`` with the Gaussian-derivative kernels of :func:`gaussian_gradient_kernels`.
+
+    Args:
+        alpha: BxHxW alpha in [0, 1].
+        sigma: standard deviation in pixels.
+
+    Returns:
+        BxHxW gradient magnitudes (replicate padding at the borders), same dtype as ``alpha``.
+    """
+    hx, hy = gaussian_gradient_kernels(sigma)
+    radius = hx.shape[-1] // 2
+    kernels = torch.stack([hx, hy])[:, None].to(device=alpha.device, dtype=alpha.dtype)  # 2x1xKxK
+    padded = F.pad(alpha[:, None], (radius,) * 4, mode="replicate")  # Bx1x(H+2r)x(W+2r)
+    # Correlation instead of convolution flips the sign of both responses; the magnitude is unchanged.
+    responses = F.conv2d(padded, kernels)  # Bx2xHxW
+    return responses.square().sum(dim=1).sqrt()
+
+
+def connectivity_levels(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Per-pixel level ``l``: the last threshold at which the pixel is still connected to the source region.
+
+    For each threshold ``t_k = k * 0.1``, k = 1..10, ``Omega_k`` is the largest 4-connected component of
+    ``{pred >= t_k} & {gt >= t_k}`` (background, the pixels outside that set, is never a component; the
+    first component in row-major scan order wins a tie). A pixel's level is ``t_{k-1}`` for the first
+    ``k`` with the pixel outside ``Omega_k`` (``t_0 = 0``), or 1 if it lies in every ``Omega_k``. An empty
+    intersection gives an empty ``Omega_k``, so every pixel still unassigned gets ``t_{k-1}``.
+
+    Args:
+        pred: HxW float array in [0, 1].
+        gt: HxW float array in [0, 1].
+
+    Returns:
+        HxW float64 array of levels in {0, 0.1, ..., 1}.
+    """
+    # k / 10 rather than k * 0.1: the latter is 0.30000000000000004 for k = 3 and would drop alpha 0.3.
+    levels = np.arange(CONN_LEVELS + 1, dtype=np.float64) / CONN_LEVELS  # t_0 .. t_10
+    thresholds = levels[1:, None, None]
+    both = (pred[None] >= thresholds) & (gt[None] >= thresholds)  # LxHxW
+    labels, _ = ndimage.label(both, structure=_PLANAR_4_CONNECTIVITY)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0  # label 0 is the background
+    # Labels are numbered in scan order, plane after plane: plane k owns (last label of k-1, last of k].
+    last = np.maximum.accumulate(labels.reshape(CONN_LEVELS, -1).max(axis=1))
+    first = np.concatenate([[1], last[:-1] + 1])
+    largest = np.zeros(CONN_LEVELS, dtype=labels.dtype)  # 0: the plane has no component
+    for k in range(CONN_LEVELS):
+        if last[k] >= first[k]:
+            largest[k] = first[k] + np.argmax(sizes[first[k] : last[k] + 1])
+    outside = labels != largest[:, None, None]  # LxHxW, True where the pixel left the source region
+    outside |= largest[:, None, None] == 0
+    first_out = outside.argmax(axis=0)
+    return np.where(outside.any(axis=0), levels[first_out], 1.0)
+
+
+def connectivity_error(pred: torch.Tensor, gt: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+    """Connectivity error ``sum w * |phi(p) - phi(g)|`` (not yet divided by 1000).
+
+    ``phi(x) = 1 - d * [d >= 0.15]`` with ``d = x - l`` and ``l`` the per-pixel level from
+    :func:`connectivity_levels` (shared by prediction and ground truth).
+
+    Args:
+        pred: HxW prediction in [0, 1].
+        gt: HxW ground truth in [0, 1].
+        weight: optional HxW 0/1 weight (the dim protocol's unknown region); None sums over all pixels.
+
+    Returns:
+        The error as a Python float.
+    """
+    p = pred.detach().to("cpu", torch.float64).numpy()
+    g = gt.detach().to("cpu", torch.float64).numpy()
+    level = connectivity_levels(p, g)
+    d_p, d_g = p - level, g - level
+    phi_p = 1.0 - d_p * (d_p >= CONN_MIN_DISTANCE)
+    phi_g = 1.0 - d_g * (d_g >= CONN_MIN_DISTANCE)
+    error = np.abs(phi_p - phi_g)
+    if weight is not None:
+        error = error * weight.detach().to("cpu", torch.float64).numpy()
+    return float(error.sum())
+
+
+def matting_errors(
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    protocol: str = "paper",
+    trimap: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """SAD, MSE, MAE, Grad and Conn of one instance, as the module docstring defines them.
+
+    Args:
+        pred: HxW predicted alpha in [0, 1] (any float dtype, any device).
+        gt: HxW ground-truth alpha in [0, 1], same shape.
+        protocol: ``"paper"`` (whole image, the ZIM paper's scales) or ``"dim"`` (Composition-1k).
+        trimap: HxW trimap with 0 / 128 / 255 values; ``dim`` only, restricts the sums to ``trimap == 128``.
+
+    Returns:
+        ``{"sad", "mse", "mae", "grad", "conn"}`` as Python floats.
+
+    Raises:
+        ValueError: for an unknown protocol, mismatched shapes, values outside [0, 1], or a trimap given
+            with the paper protocol (which always uses the whole image).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    _check_alpha("pred", pred)
+    _check_alpha("gt", gt)
+    if pred.shape != gt.shape:
+        raise ValueError(
+            f"pred and gt must have the same shape, got {tuple(pred.shape)} and {tuple(gt.shape)}"
+        )
+    p = pred.detach().to(torch.float64)
+    g = gt.detach().to(device=p.device, dtype=torch.float64)
+    diff = p - g
+
+    if protocol == "paper":
+        if trimap is not None:
+            raise ValueError(
+                "the paper protocol evaluates the whole image; pass trimap only with protocol='dim'"
+            )
+        grads = sobel_magnitude(torch.stack([p, g]))
+        return {
+            "sad": float(diff.abs().sum()) * SUM_SCALE,
+            "mse": float(diff.square().mean()) * MEAN_SCALE,
+            "mae": float(diff.abs().mean()) * MEAN_SCALE,
+            "grad": float((grads[0] - grads[1]).abs().mean()) * MEAN_SCALE,
+            "conn": connectivity_error(p, g) * SUM_SCALE,
+        }
+
+    if trimap is None:
+        weight = torch.ones_like(p)
+    else:
+        if trimap.shape != gt.shape:
+            raise ValueError(f"trimap must have the shape of gt {tuple(gt.shape)}, got {tuple(trimap.shape)}")
+        weight = (trimap.to(p.device) == TRIMAP_UNKNOWN).to(torch.float64)
+    area = float(weight.sum())
+    grads = gaussian_gradient_magnitude(torch.stack([p, g]))
+    return {
+        "sad": float((diff.abs() * weight).sum()) * SUM_SCALE,
+        "mse": float((diff.square() * weight).sum()) / area if area else 0.0,
+        "mae": float((diff.abs() * weight).sum()) / area if area else 0.0,
+        "grad": float(((grads[0] - grads[1]).square() * weight).sum()) * SUM_SCALE,
+        "conn": connectivity_error(p, g, weight) * SUM_SCALE,
+    }
+
+
+class MattingErrors(Metric):
+    """Accumulates per-instance matting errors; computes their means overall and per size bucket.
+
+    Each :meth:`update` adds one instance row ``(index, sad, mse, mae, grad, conn, fg_fraction)``; the rows
+    are concatenated across ranks on sync. Rows are de-duplicated by ``index`` (first kept) because a
+    distributed sampler pads the last batch by repeating instances, which must not count twice.
+
+    Args:
+        protocol: ``"paper"`` or ``"dim"`` (see :func:`matting_errors`).
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = False
+
+    def __init__(self, *, protocol: str = "paper", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        self.protocol = protocol
+        self.add_state("rows", default=[], dist_reduce_fx="cat")
+
+    def update(
+        self, pred: torch.Tensor, gt: torch.Tensor, index: int, trimap: torch.Tensor | None = None
+    ) -> None:
+        """Add one instance.
+
+        Args:
+            pred: HxW predicted alpha in [0, 1].
+            gt: HxW ground-truth alpha in [0, 1].
+            index: the instance's position in its dataset (unique per instance).
+            trimap: optional HxW 0/128/255 trimap (dim protocol only).
+        """
+        errors = matting_errors(pred, gt, protocol=self.protocol, trimap=trimap)
+        row = [float(index), *(errors[name] for name in METRIC_NAMES), foreground_fraction(gt)]
+        self.rows.append(torch.tensor([row], dtype=torch.float64, device=self.device))
+
+    def instances(self) -> torch.Tensor:
+        """The de-duplicated rows, sorted by index: Nx7 float64 ``(index, sad, mse, mae, grad, conn, fg)``.
+
+        Call after :meth:`compute` (or inside it) to see every rank's rows.
+        """
+        if isinstance(self.rows, list) and not self.rows:
+            return torch.zeros(0, 2 + len(METRIC_NAMES), dtype=torch.float64)
+        rows = dim_zero_cat(self.rows).cpu()
+        _, first = np.unique(rows[:, 0].numpy(), return_index=True)
+        return rows[torch.as_tensor(first)]
+
+    def compute(self) -> dict[str, Any]:
+        """Means over instances.
+
+        Returns:
+            ``{"sad", "mse", "mae", "grad", "conn": float, "n": int, "buckets": {"S"|"M"|"L": {same keys}}}``;
+            means of an empty set are NaN.
+        """
+        rows = self.instances()
+        result = _summarise(rows)
+        buckets = [_bucket_of_fraction(f) for f in rows[:, -1].tolist()]
+        result["buckets"] = {
+            b: _summarise(rows[torch.tensor([x == b for x in buckets], dtype=torch.bool)]) for b in BUCKETS
+        }
+        return result
+
+
+def _summarise(rows: torch.Tensor) -> dict[str, Any]:
+    n = rows.shape[0]
+    means = (
+        rows[:, 1 : 1 + len(METRIC_NAMES)].mean(dim=0) if n else torch.full((len(METRIC_NAMES),), math.nan)
+    )
+    return {**{name: float(v) for name, v in zip(METRIC_NAMES, means, strict=True)}, "n": int(n)}
