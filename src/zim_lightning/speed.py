@@ -1,0 +1,166 @@
+"""Speed switches for the ZIM networks that leave their function unchanged (ZIM paper, Sec. 3.3 network,
+run faster; see the "GPU speed" section of docs/benchmarks.md).
+
+Each helper works on a built network, in place, and returns it, so a predictor, a benchmark or a
+LightningModule can apply exactly the switches it wants:
+
+- :func:`set_attention`: the ViT attention backend (``"eager"``, ``"sdpa"``, ``"sdpa_fold"``, ``"flex"``;
+  :mod:`zim_lightning.models.vit_attention`).
+- :func:`set_activation_checkpointing`: recompute ViT block activations in the backward pass.
+- :func:`to_channels_last`: NHWC weights for the convolutional parts (patch embedding, neck, image
+  feature pyramid, pixel decoder, the converter's convolutions), so cuDNN picks its NHWC kernels.
+- :func:`compile_model`: ``torch.compile`` of the heavy parts in place (state-dict keys unchanged).
+- :func:`autocast`: bf16 autocast. It is safe for the whole network: the prompt attention map and the
+  decoder's key mask are built in float32 from the prompts (``KeyMask.from_attention_map`` casts to
+  float) and only cast to the compute dtype at the attention call, where ``-inf`` and the [0, 1] key
+  scale are exact or within bf16 rounding; softmax inside SDPA/flex kernels accumulates in float32;
+  the matting loss casts to float32. Consumers should ``.float()`` the logits before upsampling and
+  sigmoid (the benchmarks and tests do).
+
+Fused AdamW is an optimiser argument, not a model switch: ``torch.optim.AdamW(..., fused=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from zim_lightning.models.image_encoder import ImageEncoder
+from zim_lightning.models.vit_attention import ViTAttention, check_backend
+
+log = logging.getLogger(__name__)
+
+#: Precisions of :func:`autocast`, as command-line names.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+#: Submodules of a :class:`~zim_lightning.models.zim.Zim` that :func:`compile_model` compiles by default.
+ZIM_COMPILED_PARTS: tuple[str, ...] = ("image_encoder", "feature_pyramid", "mask_decoder")
+#: ``torch.compile`` modes accepted by :func:`compile_model`.
+COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def set_attention(model: nn.Module, backend: str) -> nn.Module:
+    """Switch every ViT attention in ``model`` to ``backend``.
+
+    Args:
+        model: a network holding :class:`~zim_lightning.models.vit_attention.ViTAttention` modules.
+        backend: ``"eager"``, ``"sdpa"``, ``"sdpa_fold"`` or ``"flex"``.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: unknown backend, or a model without ViT attention (nothing would change).
+    """
+    check_backend(backend)
+    modules = [m for m in model.modules() if isinstance(m, ViTAttention)]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no ViTAttention module whose backend could be set")
+    for module in modules:
+        module.backend = backend
+    return model
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool) -> nn.Module:
+    """Turn activation checkpointing of the ViT blocks on or off in every image encoder of ``model``.
+
+    Args:
+        model: a network holding :class:`~zim_lightning.models.image_encoder.ImageEncoder` modules.
+        enabled: recompute block activations in the backward pass (training only).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: a model without an :class:`ImageEncoder`.
+    """
+    encoders = [m for m in model.modules() if isinstance(m, ImageEncoder)]
+    if not encoders:
+        raise ValueError(f"{type(model).__name__} has no ImageEncoder to checkpoint")
+    for encoder in encoders:
+        encoder.activation_checkpointing = enabled
+    return model
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Store every 2-D convolution weight of ``model`` channels-last (NHWC).
+
+    Only convolution weights move: other 4-D tensors (SAM's ``pos_embed`` is BxHxWxC already) keep their
+    layout. A convolution with an NHWC weight returns NHWC outputs, so the layout propagates through
+    the convolutional stacks; the values are unchanged.
+
+    Args:
+        model: any network.
+
+    Returns:
+        ``model``.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+            module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
+def compile_model(
+    model: nn.Module,
+    *,
+    mode: str = "default",
+    parts: Sequence[str] = ZIM_COMPILED_PARTS,
+    dynamic: bool | None = None,
+) -> nn.Module:
+    """``torch.compile`` the named submodules of ``model`` in place.
+
+    ``nn.Module.compile`` keeps the module objects and their state-dict keys (no ``_orig_mod.``
+    prefix), so checkpoints save and load as before. Compilation happens at the first call of each
+    part (tens of seconds for ViT-B on a GPU).
+
+    Args:
+        model: e.g. a :class:`~zim_lightning.models.zim.Zim`.
+        mode: a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"``, ``"max-autotune"``, ...).
+        parts: attribute names of the submodules to compile; absent or None ones (the feature pyramid of
+            a ``sam`` pixel decoder) are skipped.
+        dynamic: ``torch.compile``'s ``dynamic`` (None: specialise, then generalise on a shape change;
+            the decoder sees a varying number of prompts).
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: unknown mode, or none of ``parts`` is a submodule of ``model``.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {list(COMPILE_MODES)}, got {mode!r}")
+    compiled = []
+    for name in parts:
+        part = getattr(model, name, None)
+        if isinstance(part, nn.Module):
+            part.compile(mode=mode, dynamic=dynamic)
+            compiled.append(name)
+    if not compiled:
+        raise ValueError(f"none of {list(parts)} is a submodule of {type(model).__name__}")
+    log.info("torch.compile (mode=%s) of %s", mode, ", ".join(compiled))
+    return model
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device | str, precision: str) -> Iterator[None]:
+    """Autocast context for ``precision`` on ``device`` (no-op for ``"fp32"``).
+
+    Args:
+        device: where the model runs (``"cuda"``, ``"cpu"``, a ``torch.device``).
+        precision: ``"fp32"`` or ``"bf16"``.
+
+    Raises:
+        ValueError: unknown precision.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        yield
+        return
+    with torch.autocast(torch.device(device).type, dtype=dtype):
+        yield

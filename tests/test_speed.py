@@ -1,0 +1,277 @@
+"""The speed switches compute the same function as the plain path: fast ViT attention backends against
+segment-anything's encoder, SAM weights in the fast variants, activation checkpointing, channels-last,
+bf16 autocast, and the torch.compile wiring."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from zim_lightning import speed
+from zim_lightning.models.build import ZIM_VARIANTS, load_sam_weights
+from zim_lightning.models.image_encoder import ImageEncoder
+from zim_lightning.models.vit_attention import ATTENTION_BACKENDS, ViTAttention
+from zim_lightning.models.zim import Zim
+
+# A small encoder that still has every case: windows that need padding (8 % 3 != 0), a global block,
+# two heads, relative positions.
+SMALL_ENCODER = {
+    "image_size": 128,
+    "patch_size": 16,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "global_attn_indexes": (1,),
+    "out_chans": 16,
+    "window_size": 3,
+}
+FAST_BACKENDS = [b for b in ATTENTION_BACKENDS if b != "eager"]
+TRAINABLE_ON_CPU = ["sdpa", "sdpa_fold"]  # PyTorch's flex attention has no CPU backward
+
+
+def stock_encoder(seed: int = 0) -> ImageEncoderViT:
+    """segment-anything's encoder at SMALL_ENCODER's sizes, every weight random (rel-pos included)."""
+    torch.manual_seed(seed)
+    cfg = SMALL_ENCODER
+    encoder = ImageEncoderViT(
+        img_size=cfg["image_size"],
+        patch_size=cfg["patch_size"],
+        embed_dim=cfg["embed_dim"],
+        depth=cfg["depth"],
+        num_heads=cfg["num_heads"],
+        mlp_ratio=4.0,
+        out_chans=cfg["out_chans"],
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=cfg["window_size"],
+        global_attn_indexes=cfg["global_attn_indexes"],
+    )
+    with torch.no_grad():  # SAM zero-initialises rel-pos and pos-embed: make them count
+        for name, p in encoder.named_parameters():
+            if "rel_pos" in name or name == "pos_embed":
+                p.normal_(0.0, 0.5)
+    return encoder
+
+
+def ours_from(stock: ImageEncoderViT, attention: str, **kwargs) -> ImageEncoder:
+    ours = ImageEncoder(**SMALL_ENCODER, attention=attention, **kwargs)
+    ours.load_state_dict(stock.state_dict(), strict=True)  # SAM's keys, every one of them
+    return ours
+
+
+def forward_backward(
+    encoder: torch.nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    encoder.zero_grad()
+    out = encoder(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in encoder.named_parameters()}
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("attention", FAST_BACKENDS)
+def test_fast_attention_equals_segment_anything_encoder(attention):
+    stock = stock_encoder().eval()
+    ours = ours_from(stock, attention).eval()
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got = stock(x), ours(x)
+    assert got.shape == expected.shape == (2, 16, 8, 8)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("attention", TRAINABLE_ON_CPU)
+def test_fast_attention_gradients_equal_segment_anything(attention):
+    stock = stock_encoder()
+    ours = ours_from(stock, attention)
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    expected, expected_grads = forward_backward(stock, x)
+    got, grads = forward_backward(ours, x)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+    # The relative-position tables get a gradient through the fast paths too.
+    assert grads["blocks.1.attn.rel_pos_h"].abs().sum() > 0
+
+
+def test_flex_refuses_to_train_on_cpu_with_a_clear_message():
+    ours = ours_from(stock_encoder(), "flex")
+    with pytest.raises(NotImplementedError, match="attention='flex' cannot train on cpu"):
+        ours(torch.randn(1, 3, 128, 128))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_fold"])
+def test_activation_checkpointing_gives_the_plain_gradients(attention):
+    stock = stock_encoder(seed=5)
+    plain = ours_from(stock, attention)
+    recomputed = ours_from(stock, attention, activation_checkpointing=True)
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    # Count the tensors autograd keeps for the backward pass (checkpointed regions keep their own,
+    # invisible to an outer hook, and only the block inputs are stored).
+    saved: dict[str, int] = {"plain": 0, "recomputed": 0}
+    for name, encoder in (("plain", plain), ("recomputed", recomputed)):
+
+        def pack(t, name=name):
+            saved[name] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = encoder(x)
+        del out
+    assert saved["recomputed"] < saved["plain"] / 2, saved
+    expected, expected_grads = forward_backward(plain, x)
+    got, grads = forward_backward(recomputed, x)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_switches_reject_unknown_values_and_models_without_targets():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        ImageEncoder(**SMALL_ENCODER, attention="fast")
+    with pytest.raises(ValueError, match="no ViTAttention"):
+        speed.set_attention(torch.nn.Linear(2, 2), "sdpa")
+    with pytest.raises(ValueError, match="no ImageEncoder"):
+        speed.set_activation_checkpointing(torch.nn.Linear(2, 2), True)
+    with pytest.raises(ValueError, match="compile mode must be one of"):
+        speed.compile_model(torch.nn.Linear(2, 2), mode="fastest")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        with speed.autocast("cpu", "fp8"):
+            pass
+
+
+# --- the whole network -----------------------------------------------------------------------------
+
+# The tiny variant at a 256 input (16x16 embedding): every part of the real network, seconds on CPU.
+SIDE = 256
+
+
+def small_zim(**kwargs) -> Zim:
+    torch.manual_seed(0)
+    model = Zim(**ZIM_VARIANTS["tiny"], image_size=SIDE, **kwargs).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def small_sam() -> Sam:
+    """A segment-anything Sam at the small Zim's sizes, random weights."""
+    cfg = ZIM_VARIANTS["tiny"]
+    dim = cfg["prompt_embed_dim"]
+    grid = SIDE // 16
+    torch.manual_seed(7)
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=SIDE,
+            patch_size=16,
+            embed_dim=cfg["encoder_embed_dim"],
+            depth=cfg["encoder_depth"],
+            num_heads=cfg["encoder_num_heads"],
+            mlp_ratio=4.0,
+            out_chans=dim,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=True,
+            window_size=14,
+            global_attn_indexes=cfg["encoder_global_attn_indexes"],
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim, image_embedding_size=(grid, grid), input_image_size=(SIDE, SIDE), mask_in_chans=16
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=cfg["decoder_depth"],
+                embedding_dim=dim,
+                mlp_dim=cfg["decoder_mlp_dim"],
+                num_heads=cfg["decoder_num_heads"],
+            ),
+            transformer_dim=dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=cfg["iou_head_hidden_dim"],
+        ),
+    ).eval()
+    with torch.no_grad():
+        for name, p in sam.image_encoder.named_parameters():
+            if "rel_pos" in name or name == "pos_embed":
+                p.normal_(0.0, 0.5)
+    return sam
+
+
+@pytest.mark.parametrize("attention", FAST_BACKENDS)
+def test_sam_state_dict_loads_into_fast_zim_and_gives_sams_embedding(attention):
+    zim = speed.set_attention(small_zim(), attention)
+    sam = small_sam()
+    report = load_sam_weights(zim, sam.state_dict())
+    assert "image_encoder.blocks.1.attn.rel_pos_h" in report.loaded
+    x = torch.randn(1, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours, _ = zim.encode_preprocessed(x)
+        theirs = sam.image_encoder(x)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two samples: a box, and a positive plus a negative click (padded to 2 points each)."""
+    coords = torch.tensor([[[30.0, 40.0], [200.0, 180.0]], [[120.0, 100.0], [20.0, 230.0]]])
+    labels = torch.tensor([[2.0, 3.0], [1.0, 0.0]])
+    return coords, labels
+
+
+def alpha(zim: Zim, images: torch.Tensor, precision: str) -> torch.Tensor:
+    coords, labels = prompts()
+    with torch.no_grad(), speed.autocast("cpu", precision):
+        logits = zim(images, coords, labels)["logits"]
+    return torch.sigmoid(logits.float())
+
+
+@pytest.fixture(scope="module")
+def images_and_plain_alpha():
+    images = torch.randint(
+        0, 256, (2, 3, SIDE, SIDE), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
+    )
+    return images, alpha(speed.set_attention(small_zim(), "eager"), images, "fp32")
+
+
+@pytest.mark.parametrize(
+    ("attention", "precision"),
+    [("sdpa", "fp32"), ("sdpa_fold", "fp32"), ("flex", "fp32"), ("sdpa_fold", "bf16")],
+)
+def test_fast_alpha_agrees_with_plain_fp32(images_and_plain_alpha, attention, precision):
+    images, plain = images_and_plain_alpha
+    fast = speed.to_channels_last(speed.set_attention(small_zim(), attention))
+    assert fast.feature_pyramid.levels[0][0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    got = alpha(fast, images, precision)
+    assert got.shape == plain.shape
+    mse = torch.mean((got - plain) ** 2).item()
+    assert mse < 1e-4, f"{attention}/{precision}: alpha MSE {mse:.2e} against the plain fp32 path"
+    if precision == "fp32":
+        assert mse < 1e-10  # same function: only float32 round-off
+
+
+def test_compile_model_wires_the_parts_in_place_and_keeps_keys():
+    zim = small_zim()
+    keys = list(zim.state_dict())
+    speed.compile_model(zim, mode="max-autotune-no-cudagraphs")
+    for name in speed.ZIM_COMPILED_PARTS:
+        assert getattr(zim, name)._compiled_call_impl is not None, name
+    assert zim.prompt_encoder._compiled_call_impl is None
+    assert list(zim.state_dict()) == keys  # checkpoints keep their names (no "_orig_mod.")
+    with pytest.raises(ValueError, match="none of"):
+        speed.compile_model(zim, parts=("not_a_part",))
+
+
+def test_set_attention_reaches_every_vit_block():
+    zim = small_zim()
+    modules = [m for m in zim.modules() if isinstance(m, ViTAttention)]
+    assert len(modules) == ZIM_VARIANTS["tiny"]["encoder_depth"]
+    speed.set_attention(zim, "flex")
+    assert {m.backend for m in modules} == {"flex"}
+    assert zim.image_encoder.attention == "flex"
