@@ -1,0 +1,399 @@
+"""Evaluation sets of the ZIM paper (Sec. 4.1 and 5): MicroMat-3K, AM-2K and AIM-500 folder readers.
+
+Layouts read here, as the datasets ship:
+
+- **MicroMat-3K** (``format="micromat"``): ``ROOT/data_list.txt``, one instance a line,
+  ``img/0002.png matte/fine/0002_21.png prompt/fine/0002_21.json seg/fine/0002_21.png`` (paths relative to
+  ``ROOT``); the subset (``fine`` / ``coarse``) is the folder after ``matte/``. The prompt json is
+  ``{"point": [[x, y, label], ...], "bbox": [x1, y1, x2, y2]}``, (X, Y) pixels of the original image,
+  label 1 positive and 0 negative. The ``seg`` column is not used by evaluation.
+- **AM-2K** (``format="am2k"``): ``ROOT/validation/original/<stem>.jpg`` and ``ROOT/validation/mask/<stem>.png``
+  (``ROOT`` may also be the ``validation`` folder itself); ``trimap/<stem>.png`` is read when present.
+- **AIM-500** (``format="aim500"``): ``ROOT/original/<stem>.jpg``, ``ROOT/mask/<stem>.png`` and
+  ``ROOT/trimap/<stem>.png`` (optional).
+
+AM-2K and AIM-500 have no prompts, so they are derived from the ground truth, deterministically:
+
+- box: the min-max box of ``alpha > 0`` (inclusive pixel coordinates);
+- points: ``positive_points`` positives drawn where ``alpha >= 0.5`` (half the matte's peak if it never
+  reaches 0.5) and ``negative_points`` negatives drawn where ``alpha == 0``, anywhere in the image, by
+  :func:`zim_lightning.data.prompts.sample_points` with a generator seeded by ``(seed, crc32(stem))``, so
+  an instance gets the same points in every run, on every rank, whatever the dataset order.
+
+Their subset is ``"all"``. Alpha PNGs may be 8-bit (divided by 255) or 16-bit (divided by 65535).
+
+Files and prompts are checked when the dataset is built (before any model runs): a missing file, a
+malformed data list line or prompt json, or an image whose size differs from its matte's raises an
+error naming the instance.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from zim_lightning.data.prompts import sample_points, support_box
+
+FORMATS: tuple[str, ...] = ("micromat", "am2k", "aim500")
+PROMPTS: tuple[str, ...] = ("point", "box", "both")
+MICROMAT_SUBSETS: tuple[str, ...] = ("fine", "coarse")
+#: The single subset of the datasets without fine / coarse split.
+ALL_SUBSET = "all"
+#: Derived prompts (AM-2K, AIM-500): positives at or above this alpha, negatives at alpha <= 0.
+DERIVED_POSITIVE_ALPHA = 0.5
+DERIVED_SUPPORT_ALPHA = 0.0
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_ALPHA_SUFFIXES = (".png",)
+_16_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+class EvalDataError(ValueError):
+    """An evaluation instance is missing a file, or has a malformed prompt or mismatched sizes."""
+
+
+@dataclass(frozen=True)
+class EvalRecord:
+    """Where one instance's files are.
+
+    Attributes:
+        key: unique instance name (the matte path without its suffix).
+        subset: "fine" / "coarse" (MicroMat-3K) or "all".
+        image: image file.
+        matte: ground-truth alpha file.
+        matte_relpath: the matte's path relative to the dataset root, as data_list.txt writes it; saved
+            predictions reuse it.
+        prompt: the parsed prompt (``points`` Nx3 float32 (X, Y, label), ``box`` float32 (x1, y1, x2, y2));
+            None for datasets whose prompts are derived from the matte when the instance is read.
+        trimap: trimap file, or None.
+        where: how to name the instance in errors (e.g. "data_list.txt line 3").
+    """
+
+    key: str
+    subset: str
+    image: Path
+    matte: Path
+    matte_relpath: str
+    prompt: dict[str, np.ndarray] | None
+    trimap: Path | None
+    where: str
+
+
+def collate_instances(batch: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Instances differ in size, so a batch stays a list of instance dicts."""
+    return list(batch)
+
+
+class EvalDataset(Dataset):
+    """Map-style dataset of evaluation instances at their original size.
+
+    Each item is a dict:
+
+    - ``image``: uint8 HxWx3 RGB numpy array;
+    - ``alpha``: float32 HxW numpy array in [0, 1];
+    - ``trimap``: uint8 HxW numpy array (0 / 128 / 255) or None;
+    - ``prompt``: dict with ``points`` (float32 Nx3, (X, Y, label), label 1 / 0) when the prompt mode is
+      "point" or "both", and ``box`` (float32 (x1, y1, x2, y2)) when it is "box" or "both";
+    - ``subset``, ``key``, ``matte_relpath``: strings; ``index``: the position in this dataset.
+
+    Args:
+        records: the instances.
+        prompt: "point", "box" or "both".
+        seed: seed of the derived point prompts.
+        positive_points: positives of a derived point prompt.
+        negative_points: negatives of a derived point prompt.
+    """
+
+    collate = staticmethod(collate_instances)
+
+    def __init__(
+        self,
+        records: Sequence[EvalRecord],
+        *,
+        prompt: str,
+        seed: int = 0,
+        positive_points: int = 3,
+        negative_points: int = 2,
+    ) -> None:
+        if prompt not in PROMPTS:
+            raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
+        self.records = list(records)
+        self.prompt = prompt
+        self.seed = seed
+        self.positive_points = positive_points
+        self.negative_points = negative_points
+
+    @property
+    def subsets(self) -> list[str]:
+        """The subsets present, in the canonical order (fine, coarse, all)."""
+        present = {r.subset for r in self.records}
+        return [s for s in (*MICROMAT_SUBSETS, ALL_SUBSET) if s in present]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        image = read_image(record.image)
+        alpha = read_alpha(record.matte)
+        if image.shape[:2] != alpha.shape:
+            raise EvalDataError(
+                f"{record.where}: image {record.image.name} is {image.shape[1]}x{image.shape[0]} (WxH) but "
+                f"matte {record.matte_relpath} is {alpha.shape[1]}x{alpha.shape[0]}"
+            )
+        trimap = None
+        if record.trimap is not None:
+            trimap = np.asarray(Image.open(record.trimap).convert("L"))
+            if trimap.shape != alpha.shape:
+                raise EvalDataError(
+                    f"{record.where}: trimap {record.trimap.name} is {trimap.shape[1]}x{trimap.shape[0]} "
+                    f"(WxH) but matte {record.matte_relpath} is {alpha.shape[1]}x{alpha.shape[0]}"
+                )
+        full = record.prompt if record.prompt is not None else self._derived_prompt(record, alpha)
+        wanted = {"point": ("points",), "box": ("box",), "both": ("points", "box")}[self.prompt]
+        return {
+            "image": image,
+            "alpha": alpha,
+            "trimap": trimap,
+            "prompt": {name: full[name] for name in wanted},
+            "subset": record.subset,
+            "key": record.key,
+            "matte_relpath": record.matte_relpath,
+            "index": index,
+        }
+
+    def _derived_prompt(self, record: EvalRecord, alpha: np.ndarray) -> dict[str, np.ndarray]:
+        if not (alpha > DERIVED_SUPPORT_ALPHA).any():
+            raise EvalDataError(
+                f"{record.where}: matte {record.matte_relpath} is empty; no prompt can be derived"
+            )
+        rng = np.random.default_rng([self.seed, zlib.crc32(record.key.encode())])
+        coords, labels = sample_points(
+            alpha,
+            rng,
+            num_positive=self.positive_points,
+            num_negative=self.negative_points,
+            positive_threshold=DERIVED_POSITIVE_ALPHA,
+            support_threshold=DERIVED_SUPPORT_ALPHA,
+            near_negative_p=0.0,
+            near_margin=0.0,
+        )
+        return {
+            "points": np.concatenate([coords, labels[:, None]], axis=1).astype(np.float32),
+            "box": support_box(alpha, support_threshold=DERIVED_SUPPORT_ALPHA),
+        }
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image as uint8 HxWx3 RGB."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def read_alpha(path: Path) -> np.ndarray:
+    """Read an 8-bit or 16-bit grayscale PNG as float32 HxW alpha in [0, 1]."""
+    with Image.open(path) as img:
+        if img.mode in _16_BIT_MODES:
+            return (np.asarray(img).astype(np.float64) / 65535.0).clip(0, 1).astype(np.float32)
+        return np.asarray(img.convert("L")).astype(np.float32) / 255.0
+
+
+def build_eval_dataset(
+    root: str | Path,
+    *,
+    format: str,
+    prompt: str,
+    subset: str | None = None,
+    seed: int = 0,
+    positive_points: int = 3,
+    negative_points: int = 2,
+) -> EvalDataset:
+    """Read an evaluation set's index and check its files.
+
+    Args:
+        root: the dataset folder (MicroMat-3K: the folder holding data_list.txt).
+        format: "micromat", "am2k" or "aim500".
+        prompt: "point", "box" or "both" (both prompts per instance; consumers evaluate each).
+        subset: MicroMat-3K "fine" or "coarse", or None for both; "all" or None for the others.
+        seed: seed of the derived point prompts (AM-2K, AIM-500).
+        positive_points: positives of a derived point prompt.
+        negative_points: negatives of a derived point prompt.
+
+    Returns:
+        The dataset, instances in data-list (MicroMat-3K) or sorted-stem order.
+
+    Raises:
+        ValueError: an unknown format, prompt or subset.
+        FileNotFoundError: the root, its index or an instance's file is missing.
+        EvalDataError: a malformed data list line or prompt json, or an image and matte of different
+            sizes (the message names the instance).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if prompt not in PROMPTS:
+        raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"evaluation dataset folder {str(root)!r} does not exist")
+    if format == "micromat":
+        if subset not in (None, *MICROMAT_SUBSETS):
+            raise ValueError(f"MicroMat-3K subset must be one of {MICROMAT_SUBSETS} or None, got {subset!r}")
+        records = _micromat_records(root, prompt)
+        if subset is not None:
+            records = [r for r in records if r.subset == subset]
+    else:
+        if subset not in (None, ALL_SUBSET):
+            raise ValueError(f"{format} has the single subset {ALL_SUBSET!r}; got subset={subset!r}")
+        folder = root / "validation" if format == "am2k" and (root / "validation").is_dir() else root
+        records = _folder_records(folder, format)
+    for record in records:
+        _check_sizes(record)
+    return EvalDataset(
+        records, prompt=prompt, seed=seed, positive_points=positive_points, negative_points=negative_points
+    )
+
+
+def _micromat_records(root: Path, prompt: str) -> list[EvalRecord]:
+    data_list = root / "data_list.txt"
+    if not data_list.is_file():
+        raise FileNotFoundError(f"MicroMat-3K index {str(data_list)!r} does not exist")
+    records = []
+    for number, line in enumerate(data_list.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{data_list.name} line {number}"
+        fields = line.split()
+        if len(fields) != 4:
+            raise EvalDataError(
+                f"{where}: expected 4 paths 'img/.. matte/SUBSET/.. prompt/SUBSET/...json seg/SUBSET/..', "
+                f"got {len(fields)} fields: {line!r}"
+            )
+        image_rel, matte_rel, prompt_rel, _seg = fields
+        parts = Path(matte_rel).parts
+        if len(parts) < 3 or parts[0] != "matte" or parts[1] not in MICROMAT_SUBSETS:
+            raise EvalDataError(
+                f"{where}: matte path {matte_rel!r} is not matte/fine/... or matte/coarse/..."
+            )
+        for rel in (image_rel, matte_rel, prompt_rel):
+            if not (root / rel).is_file():
+                raise FileNotFoundError(f"{where}: {rel} does not exist under {str(root)!r}")
+        records.append(
+            EvalRecord(
+                key=Path(matte_rel).with_suffix("").as_posix(),
+                subset=parts[1],
+                image=root / image_rel,
+                matte=root / matte_rel,
+                matte_relpath=matte_rel,
+                prompt=_read_prompt(root / prompt_rel, where=f"{where} ({prompt_rel})", prompt=prompt),
+                trimap=None,
+                where=where,
+            )
+        )
+    if not records:
+        raise EvalDataError(f"{str(data_list)!r} lists no instance")
+    return records
+
+
+def _read_prompt(path: Path, *, where: str, prompt: str) -> dict[str, np.ndarray]:
+    """Parse ``{"point": [[x, y, label], ...], "bbox": [x1, y1, x2, y2]}``; check what ``prompt`` needs."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EvalDataError(f"{where}: prompt is not valid json: {err}") from err
+    if not isinstance(data, dict):
+        raise EvalDataError(
+            f"{where}: prompt must be a json object with 'point' and 'bbox', got {type(data).__name__}"
+        )
+    parsed: dict[str, np.ndarray] = {}
+    if prompt in ("point", "both") or "point" in data:
+        try:
+            points = np.asarray(data["point"], dtype=np.float32)
+        except (KeyError, TypeError, ValueError) as err:
+            raise EvalDataError(
+                f"{where}: 'point' must be a list of [x, y, label], got {data.get('point')!r}"
+            ) from err
+        if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0 or not np.isfinite(points).all():
+            raise EvalDataError(
+                f"{where}: 'point' must be a non-empty list of [x, y, label], got {data['point']!r}"
+            )
+        if not np.isin(points[:, 2], (0, 1)).all():
+            raise EvalDataError(
+                f"{where}: point labels must be 1 (positive) or 0 (negative), got {points[:, 2]}"
+            )
+        parsed["points"] = points
+    if prompt in ("box", "both") or "bbox" in data:
+        try:
+            box = np.asarray(data["bbox"], dtype=np.float32)
+        except (KeyError, TypeError, ValueError) as err:
+            raise EvalDataError(
+                f"{where}: 'bbox' must be [x1, y1, x2, y2], got {data.get('bbox')!r}"
+            ) from err
+        if box.shape != (4,) or not np.isfinite(box).all() or box[2] < box[0] or box[3] < box[1]:
+            raise EvalDataError(
+                f"{where}: 'bbox' must be [x1, y1, x2, y2] with x2 >= x1, y2 >= y1, got {data['bbox']!r}"
+            )
+        parsed["box"] = box
+    return parsed
+
+
+def _folder_records(folder: Path, format: str) -> list[EvalRecord]:
+    originals, masks, trimaps = folder / "original", folder / "mask", folder / "trimap"
+    for needed in (originals, masks):
+        if not needed.is_dir():
+            raise FileNotFoundError(f"{format} folder {str(needed)!r} does not exist")
+    images = {p.stem: p for p in sorted(originals.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES}
+    if not images:
+        raise EvalDataError(f"{format}: no image ({', '.join(_IMAGE_SUFFIXES)}) in {str(originals)!r}")
+    records = []
+    for stem in sorted(images):
+        matte = _find(masks, stem, _ALPHA_SUFFIXES)
+        where = f"{format} instance {stem!r}"
+        if matte is None:
+            raise FileNotFoundError(f"{where}: no matte mask/{stem}.png in {str(folder)!r}")
+        records.append(
+            EvalRecord(
+                key=stem,
+                subset=ALL_SUBSET,
+                image=images[stem],
+                matte=matte,
+                matte_relpath=f"mask/{matte.name}",
+                prompt=None,
+                trimap=_find(trimaps, stem, _ALPHA_SUFFIXES) if trimaps.is_dir() else None,
+                where=where,
+            )
+        )
+    return records
+
+
+def _find(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None:
+    for suffix in suffixes:
+        path = folder / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _check_sizes(record: EvalRecord) -> None:
+    """Compare image and matte sizes from the file headers (no decoding)."""
+    try:
+        with Image.open(record.image) as img:
+            image_size = img.size
+        with Image.open(record.matte) as matte:
+            matte_size = matte.size
+    except OSError as err:
+        raise EvalDataError(
+            f"{record.where}: cannot read {record.image.name} or {record.matte_relpath}: {err}"
+        ) from err
+    if image_size != matte_size:
+        raise EvalDataError(
+            f"{record.where}: image {record.image.name} is {image_size[0]}x{image_size[1]} (WxH) but matte "
+            f"{record.matte_relpath} is {matte_size[0]}x{matte_size[1]}"
+        )

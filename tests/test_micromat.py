@@ -1,0 +1,164 @@
+"""MicroMat-3K / AM-2K / AIM-500 readers on tiny folders written here in the real layouts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zim_lightning.data.micromat import EvalDataError, build_eval_dataset
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _disc(h: int, w: int, cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[:h, :w]
+    return np.clip(r - np.hypot(yy - cy, xx - cx), 0, 1)
+
+
+def write_micromat(root: Path, *, size: tuple[int, int] = (24, 32)) -> list[str]:
+    """Two images, three instances (fine, coarse, fine); returns the data_list lines."""
+    h, w = size
+    rng = np.random.default_rng(0)
+    lines = []
+    for n, (subset, k) in enumerate([("fine", 1), ("coarse", 2), ("fine", 3)]):
+        stem = f"{n // 2 + 1:04d}"
+        _save(root / "img" / f"{stem}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        alpha = _disc(h, w, h / 2, w / 2 + k, 4 + k)
+        _save(root / "matte" / subset / f"{stem}_{k}.png", np.round(alpha * 255).astype(np.uint8))
+        _save(root / "seg" / subset / f"{stem}_{k}.png", np.where(alpha > 0.5, 255, 0).astype(np.uint8))
+        prompt = {"point": [[w // 2 + k, h // 2, 1], [1, 1, 0]], "bbox": [2, 3, w - 3, h - 2]}
+        (root / "prompt" / subset).mkdir(parents=True, exist_ok=True)
+        (root / "prompt" / subset / f"{stem}_{k}.json").write_text(json.dumps(prompt))
+        lines.append(
+            f"img/{stem}.png matte/{subset}/{stem}_{k}.png prompt/{subset}/{stem}_{k}.json seg/{subset}/{stem}_{k}.png"
+        )
+    (root / "data_list.txt").write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def write_matting_folder(folder: Path, *, count: int = 2, size: tuple[int, int] = (20, 28)) -> None:
+    """AM-2K validation / AIM-500 layout: original/*.jpg, mask/*.png, trimap/*.png."""
+    h, w = size
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        alpha = _disc(h, w, h / 2, w / 2, 5 + i)
+        _save(folder / "original" / f"s_{i}.jpg", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        _save(folder / "mask" / f"s_{i}.png", np.round(alpha * 255).astype(np.uint8))
+        trimap = np.where(alpha >= 1, 255, np.where(alpha <= 0, 0, 128)).astype(np.uint8)
+        _save(folder / "trimap" / f"s_{i}.png", trimap)
+
+
+def test_micromat_instances_subsets_and_prompts(tmp_path: Path) -> None:
+    lines = write_micromat(tmp_path)
+    ds = build_eval_dataset(tmp_path, format="micromat", prompt="both")
+    assert len(ds) == 3 and ds.subsets == ["fine", "coarse"]
+    item = ds[1]
+    assert item["image"].dtype == np.uint8 and item["image"].shape == (24, 32, 3)
+    assert item["alpha"].dtype == np.float32 and item["alpha"].shape == (24, 32)
+    expected = np.asarray(Image.open(tmp_path / "matte/coarse/0001_2.png"), dtype=np.float32) / 255
+    np.testing.assert_array_equal(item["alpha"], expected)
+    assert item["subset"] == "coarse" and item["matte_relpath"] == lines[1].split()[1]
+    np.testing.assert_array_equal(item["prompt"]["points"], [[18, 12, 1], [1, 1, 0]])
+    np.testing.assert_array_equal(item["prompt"]["box"], [2, 3, 29, 22])
+    assert item["trimap"] is None and item["index"] == 1
+
+    fine_box = build_eval_dataset(tmp_path, format="micromat", prompt="box", subset="fine")
+    assert [it["key"] for it in fine_box] == ["matte/fine/0001_1", "matte/fine/0002_3"]
+    assert set(fine_box[0]["prompt"]) == {"box"}
+    assert set(build_eval_dataset(tmp_path, format="micromat", prompt="point")[0]["prompt"]) == {"points"}
+    assert ds.collate([ds[0], ds[2]])[1]["key"] == "matte/fine/0002_3"
+
+
+def test_sixteen_bit_mattes_read_exactly(tmp_path: Path) -> None:
+    write_micromat(tmp_path)
+    values = np.arange(24 * 32, dtype=np.uint16).reshape(24, 32) * 85
+    Image.fromarray(values).save(tmp_path / "matte/fine/0001_1.png")
+    alpha = build_eval_dataset(tmp_path, format="micromat", prompt="box")[0]["alpha"]
+    np.testing.assert_allclose(alpha, values / 65535.0, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout", ["am2k", "am2k_validation", "aim500"])
+def test_matting_folders_derive_deterministic_prompts(tmp_path: Path, layout: str) -> None:
+    folder = tmp_path / "validation" if layout.startswith("am2k") else tmp_path
+    write_matting_folder(folder)
+    root = folder if layout == "am2k_validation" else tmp_path
+    fmt = "aim500" if layout == "aim500" else "am2k"
+    ds = build_eval_dataset(root, format=fmt, prompt="both", seed=3)
+    assert len(ds) == 2 and ds.subsets == ["all"]
+    item = ds[1]
+    alpha = item["alpha"]
+    assert item["trimap"].shape == alpha.shape and set(np.unique(item["trimap"])) <= {0, 128, 255}
+    ys, xs = np.nonzero(alpha > 0)
+    np.testing.assert_array_equal(item["prompt"]["box"], [xs.min(), ys.min(), xs.max(), ys.max()])
+    points = item["prompt"]["points"]
+    assert (points[:, 2] == 1).sum() == 3 and (points[:, 2] == 0).sum() == 2
+    at = alpha[points[:, 1].astype(int), points[:, 0].astype(int)]
+    assert (at[points[:, 2] == 1] >= 0.5).all() and (at[points[:, 2] == 0] == 0).all()
+    # Same seed: the same points, whatever the order of reading; another seed: others.
+    again = build_eval_dataset(root, format=fmt, prompt="point", seed=3)
+    np.testing.assert_array_equal(again[1]["prompt"]["points"], points)
+    other = build_eval_dataset(root, format=fmt, prompt="point", seed=4)[1]["prompt"]["points"]
+    assert not np.array_equal(other, points)
+    assert item["matte_relpath"] == "mask/s_1.png"
+
+
+def test_missing_file_names_the_instance(tmp_path: Path) -> None:
+    write_micromat(tmp_path)
+    (tmp_path / "matte/coarse/0001_2.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"line 2: matte/coarse/0001_2.png does not exist"):
+        build_eval_dataset(tmp_path, format="micromat", prompt="box")
+
+
+def test_missing_matte_in_matting_folder(tmp_path: Path) -> None:
+    write_matting_folder(tmp_path)
+    (tmp_path / "mask/s_0.png").unlink()
+    with pytest.raises(FileNotFoundError, match="'s_0'.*mask/s_0.png"):
+        build_eval_dataset(tmp_path, format="aim500", prompt="box")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid json"),
+        ('{"bbox": [1, 2, 3, 4]}', "'point' must be"),
+        ('{"point": [[1, 2]], "bbox": [1, 2, 3, 4]}', "'point' must be"),
+        ('{"point": [[1, 2, 5]], "bbox": [1, 2, 3, 4]}', "labels must be 1"),
+        ('{"point": [[1, 2, 1]], "bbox": [5, 2, 3, 4]}', "'bbox' must be"),
+    ],
+)
+def test_malformed_prompt_json_names_the_instance(tmp_path: Path, content: str, message: str) -> None:
+    write_micromat(tmp_path)
+    (tmp_path / "prompt/fine/0002_3.json").write_text(content)
+    with pytest.raises(EvalDataError, match=rf"line 3 \(prompt/fine/0002_3.json\).*{message}"):
+        build_eval_dataset(tmp_path, format="micromat", prompt="both")
+
+
+def test_size_mismatch_names_the_instance(tmp_path: Path) -> None:
+    write_micromat(tmp_path)
+    _save(tmp_path / "matte/fine/0002_3.png", np.zeros((24, 30), dtype=np.uint8))
+    with pytest.raises(
+        EvalDataError,
+        match=r"line 3: image 0002.png is 32x24 \(WxH\) but matte matte/fine/0002_3.png is 30x24",
+    ):
+        build_eval_dataset(tmp_path, format="micromat", prompt="box")
+
+
+def test_bad_lines_and_arguments(tmp_path: Path) -> None:
+    write_micromat(tmp_path)
+    with (tmp_path / "data_list.txt").open("a") as f:
+        f.write("img/0001.png matte/fine/0001_1.png\n")
+    with pytest.raises(EvalDataError, match="line 4: expected 4 paths"):
+        build_eval_dataset(tmp_path, format="micromat", prompt="box")
+    with pytest.raises(ValueError, match="format must be one of"):
+        build_eval_dataset(tmp_path, format="p3m", prompt="box")
+    with pytest.raises(ValueError, match="subset"):
+        build_eval_dataset(tmp_path, format="micromat", prompt="box", subset="all")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_eval_dataset(tmp_path / "nowhere", format="micromat", prompt="box")
