@@ -24,10 +24,12 @@ class LayerNorm2d(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
         self.eps = eps
+        # A Python tuple, not x.shape[-1:], so ONNX tracing sees a constant.
+        self.normalized_shape = (num_channels,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 2, 3, 1)  # BxCxHxW -> BxHxWxC
-        x = F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return x.permute(0, 3, 1, 2)
 
 
