@@ -8,6 +8,8 @@ const DRAG_THRESHOLD_PX = 5;
 // Overlay colour and opacity of the matte drawn over the image.
 const OVERLAY_RGB = [47, 111, 223];
 const OVERLAY_OPACITY = 0.6;
+// Radius of the point marks, in screen pixels.
+const MARK_RADIUS_PX = 6;
 
 // Everything the page knows, exposed for tests and the browser console.
 const state = {
@@ -216,8 +218,8 @@ function render() {
   if (state.overlay && $("show-overlay").checked) {
     ctx.drawImage(state.overlay, 0, 0, view.width, view.height);
   }
-  // Marks are sized to the image so they stay visible on large pictures.
-  const unit = Math.max(3, Math.max(view.width, view.height) / 160);
+  // Marks keep the same size on screen whatever the image's resolution.
+  const unit = MARK_RADIUS_PX * (view.width / Math.max(1, view.clientWidth));
   const box = state.drag && state.drag.moved ? state.drag.box : state.box;
   if (box) {
     ctx.save();

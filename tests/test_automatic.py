@@ -1,0 +1,219 @@
+"""Automatic matting (ZimAutomaticMatteGenerator and `zim-lightning matte-all`) with the tiny ZIM.
+
+Random weights predict low IoUs and unstable mattes, so the tests set the IoU and stability thresholds
+to 0: every grid prompt then yields candidates, and the filtering that remains (NMS) is what is tested.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from segment_anything.utils.amg import generate_crop_boxes
+from skimage import data
+from torchvision.ops import batched_nms, box_iou
+
+from zim_lightning.automatic import PRESETS, ZimAutomaticMatteGenerator, main
+from zim_lightning.models.build import zim_model_registry
+
+NO_FILTER = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+# Random weights give alphas within about 0.1 of 0.5, so the default offset (0.1) would score every
+# matte 0; a narrow offset spreads the stability scores and makes their threshold testable.
+STABILITY_OFFSET = 0.02
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return zim_model_registry["tiny"]().eval()
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    """scikit-image's coffee cup, a real photograph, at a third of its size (200x134)."""
+    return np.ascontiguousarray(data.coffee()[::3, ::3])
+
+
+def xyxy(records: list[dict]) -> torch.Tensor:
+    return torch.tensor(
+        [[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in records)], dtype=torch.float
+    )
+
+
+def max_pairwise_iou(boxes: torch.Tensor) -> float:
+    if len(boxes) < 2:
+        return 0.0
+    iou = box_iou(boxes, boxes)
+    iou.fill_diagonal_(0.0)
+    return float(iou.max())
+
+
+@pytest.fixture(scope="module")
+def unsuppressed(model: torch.nn.Module, photo: np.ndarray) -> list[dict]:
+    """Every candidate of a 2x2 grid (4 mask tokens each): no filter, and NMS at 1.0 suppresses nothing."""
+    generator = ZimAutomaticMatteGenerator(
+        model,
+        points_per_side=2,
+        points_per_batch=4,
+        box_nms_thresh=1.0,
+        stability_score_offset=STABILITY_OFFSET,
+        **NO_FILTER,
+    )
+    return generator.generate(photo)
+
+
+def candidate_key(record: dict) -> tuple:
+    return record["predicted_iou"], tuple(record["point_coords"][0])
+
+
+def test_outputs_have_the_documented_shapes_and_ranges(unsuppressed: list[dict], photo: np.ndarray) -> None:
+    height, width = photo.shape[:2]
+    assert len(unsuppressed) > 4, "with thresholds at 0 the grid must yield mattes"
+    grid = {(x, y) for x in (width / 4, 3 * width / 4) for y in (height / 4, 3 * height / 4)}
+    for record in unsuppressed:
+        alpha = record["alpha"]
+        assert alpha.shape == (height, width) and alpha.dtype == np.float32
+        assert alpha.min() >= 0.0 and alpha.max() <= 1.0
+        foreground = alpha > 0.5
+        assert record["area"] == int(foreground.sum()) > 0
+        ys, xs = np.nonzero(foreground)
+        assert record["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]
+        assert 0.0 <= record["stability_score"] <= 1.0
+        assert isinstance(record["predicted_iou"], float)
+        assert record["crop_box"] == [0, 0, width, height]
+        ((x, y),) = record["point_coords"]
+        assert any(abs(x - gx) < 1e-3 and abs(y - gy) < 1e-3 for gx, gy in grid)
+    areas = [r["area"] for r in unsuppressed]
+    assert areas == sorted(areas, reverse=True)
+
+
+def test_filters_and_nms(model: torch.nn.Module, photo: np.ndarray, unsuppressed: list[dict]) -> None:
+    """IoU and stability thresholds, then box NMS: exactly the candidates that should survive do."""
+    ious = sorted(r["predicted_iou"] for r in unsuppressed)
+    iou_cut = ious[len(ious) // 4]  # drops the lowest quarter
+    stability_cut = float(np.quantile([r["stability_score"] for r in unsuppressed], 0.1))
+    assert iou_cut > 0.0 and stability_cut > 0.0, "seeded candidates must allow active thresholds"
+    generator = ZimAutomaticMatteGenerator(
+        model,
+        points_per_side=2,
+        points_per_batch=4,
+        box_nms_thresh=0.7,
+        pred_iou_thresh=iou_cut,
+        stability_score_thresh=stability_cut,
+        stability_score_offset=STABILITY_OFFSET,
+    )
+    kept = generator.generate(photo)
+
+    passing = [
+        r for r in unsuppressed if r["predicted_iou"] > iou_cut and r["stability_score"] >= stability_cut
+    ]
+    # Random weights give many near-identical mattes: overlaps above the threshold exist before NMS ...
+    assert max_pairwise_iou(xyxy(passing)) > 0.7
+    # ... none remains after it, and the survivors are what NMS by predicted IoU keeps.
+    assert 0 < len(kept) < len(passing)
+    assert max_pairwise_iou(xyxy(kept)) <= 0.7
+    expected = batched_nms(
+        xyxy(passing), torch.tensor([r["predicted_iou"] for r in passing]), torch.zeros(len(passing)), 0.7
+    )
+    assert {candidate_key(r) for r in kept} == {candidate_key(passing[i]) for i in expected.tolist()}
+
+
+def test_mask_iou_dedupe(model: torch.nn.Module, unsuppressed: list[dict]) -> None:
+    generator = ZimAutomaticMatteGenerator(model, points_per_side=1, mask_dedupe_iou_thresh=0.5, **NO_FILTER)
+    alphas = [torch.from_numpy(np.round(r["alpha"] * 255).astype(np.uint8)) for r in unsuppressed]
+    scores = torch.tensor([r["predicted_iou"] for r in unsuppressed])
+    kept = generator._dedupe_by_mask_iou(alphas, scores)
+    assert 0 < len(kept) < len(alphas)
+    masks = [alphas[i] > 127 for i in kept]
+    for i, a in enumerate(masks):
+        for b in masks[i + 1 :]:
+            assert (a & b).sum() / (a | b).sum() <= 0.5
+    assert int(torch.argmax(scores)) in kept  # the best matte always survives
+
+
+def test_small_regions_are_removed_and_holes_filled(model: torch.nn.Module) -> None:
+    generator = ZimAutomaticMatteGenerator(model, points_per_side=1, min_mask_region_area=20, **NO_FILTER)
+    alpha = torch.zeros(40, 40, dtype=torch.uint8)
+    alpha[5:30, 5:30] = 230  # the object
+    alpha[15:17, 15:17] = 10  # a 4-pixel hole
+    alpha[35:37, 35:37] = 250  # a 4-pixel island
+    (cleaned,), boxes, kept = generator._clean_regions([alpha], torch.tensor([[5.0, 5.0, 36.0, 36.0]]))
+    assert kept == [0]
+    assert (cleaned[15:17, 15:17] == 255).all() and (cleaned[35:37, 35:37] == 0).all()
+    assert torch.equal(cleaned[5:15, 5:30], alpha[5:15, 5:30])  # the rest of the matte is untouched
+    assert boxes[0].tolist() == [5.0, 5.0, 29.0, 29.0]
+
+
+def test_presets_and_bad_settings(model: torch.nn.Module) -> None:
+    fast = ZimAutomaticMatteGenerator.from_preset(model, "fast", points_per_batch=8)
+    assert len(fast.point_grids[0]) == PRESETS["fast"].points_per_side ** 2 and fast.points_per_batch == 8
+    quality = ZimAutomaticMatteGenerator.from_preset(model, "quality")
+    assert len(quality.point_grids) == PRESETS["quality"].crop_n_layers + 1
+    with pytest.raises(ValueError, match="preset"):
+        ZimAutomaticMatteGenerator.from_preset(model, "best")
+    with pytest.raises(ValueError, match="points_per_side"):
+        ZimAutomaticMatteGenerator(model, points_per_side=0)
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        fast.generate(np.zeros((8, 8), np.uint8))
+
+
+def test_crop_mattes_are_placed_in_the_full_frame(model: torch.nn.Module) -> None:
+    generator = ZimAutomaticMatteGenerator(model, points_per_side=1, crop_n_layers=1)
+    crops, layers = generate_crop_boxes((60, 90), 1, generator.crop_overlap_ratio)
+    assert len(generator.point_grids) == 2 and layers == [0, 1, 1, 1, 1]
+    x0, y0, x1, y1 = crops[4]  # the bottom-right crop
+    alpha = torch.randint(1, 256, (y1 - y0, x1 - x0), dtype=torch.uint8)
+    full = generator._uncrop(alpha, crops[4], 60, 90)
+    assert full.shape == (60, 90) and torch.equal(full[y0:y1, x0:x1], alpha)
+    assert int(full.sum()) == int(alpha.sum())  # zero outside the crop
+    assert generator._uncrop(alpha, [0, 0, 90, 60], 60, 90) is alpha
+
+
+def test_cli_writes_mattes_and_a_matching_index(tmp_path: Path, photo: np.ndarray) -> None:
+    image_path = tmp_path / "coffee.jpg"
+    Image.fromarray(photo).save(image_path, quality=95)
+    out = tmp_path / "out"
+    argv = [
+        str(image_path),
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--points-per-side",
+        "2",
+        "--points-per-batch",
+        "4",
+    ]
+    argv += ["--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+    assert main(argv) == 0
+
+    index = json.loads((out / "index.json").read_text())
+    height, width = photo.shape[:2]
+    assert (index["width"], index["height"], index["model"], index["image"]) == (
+        width,
+        height,
+        "tiny",
+        "coffee.jpg",
+    )
+    objects = index["objects"]
+    assert objects and sorted(p.name for p in out.glob("matte_*.png")) == sorted(o["file"] for o in objects)
+    for entry in objects:
+        alpha = Image.open(out / entry["file"])
+        assert alpha.mode == "L" and alpha.size == (width, height)
+        foreground = np.asarray(alpha) > 127
+        assert entry["area"] == int(foreground.sum())
+        ys, xs = np.nonzero(foreground)
+        assert entry["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]
+        assert {"predicted_iou", "stability_score", "point_coords", "crop_box"} <= set(entry)
+    overlay = Image.open(out / "overlay.png")
+    assert overlay.size == (width, height) and overlay.mode == "RGB"
+    assert not np.array_equal(np.asarray(overlay), photo)  # the mattes are drawn on it
+
+
+def test_cli_rejects_a_missing_image(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "nope.png"), "--model", "tiny", "--out", str(tmp_path / "out")])

@@ -1,0 +1,229 @@
+"""The matting server's JSON API, over real HTTP, with the tiny ZIM (random weights)."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from zim_lightning.models.build import zim_model_registry
+from zim_lightning.predictor import ZimPredictor
+from zim_lightning.serve import ImageStore, MattingApp, RequestError, create_server
+
+MAX_UPLOAD = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return zim_model_registry["tiny"]().eval()
+
+
+def serve(app: MattingApp) -> tuple[object, str]:
+    server = create_server(app, host="127.0.0.1", port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    return server, f"{host}:{port}"
+
+
+@pytest.fixture(scope="module")
+def address(model: torch.nn.Module) -> Iterator[str]:
+    store = ImageStore(predictor_factory=lambda: ZimPredictor(model), max_images=4, max_side=4096)
+    server, address = serve(MattingApp(store=store, model_name="tiny", max_upload_bytes=MAX_UPLOAD))
+    yield address
+    server.shutdown()
+    server.server_close()
+
+
+def call(address: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """One request on a fresh connection: (status, parsed JSON or raw bytes, headers)."""
+    host, port = address.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        payload = response.read()
+        if response.getheader("Content-Type", "").startswith("application/json"):
+            payload = json.loads(payload)
+        return response.status, payload, dict(response.getheaders())
+    finally:
+        connection.close()
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def photo() -> np.ndarray:
+    """A real photograph (scikit-image's coffee cup), halved to keep post-processing cheap."""
+    return np.ascontiguousarray(data.coffee()[::2, ::2])
+
+
+@pytest.fixture(scope="module")
+def uploaded(address: str) -> dict:
+    status, body, _ = call(address, "POST", "/api/images", png(photo()), {"X-Filename": quote("cöffee.png")})
+    assert status == 200, body
+    return body
+
+
+def predict(address: str, image_id: str, prompt: dict):
+    return call(
+        address,
+        "POST",
+        f"/api/images/{image_id}/predict",
+        json.dumps(prompt).encode(),
+        {"Content-Type": "application/json"},
+    )
+
+
+def decode_png(data_url_or_bytes: str | bytes) -> Image.Image:
+    if isinstance(data_url_or_bytes, str):
+        import base64
+
+        prefix = "data:image/png;base64,"
+        assert data_url_or_bytes.startswith(prefix)
+        data_url_or_bytes = base64.b64decode(data_url_or_bytes[len(prefix) :])
+    return Image.open(io.BytesIO(data_url_or_bytes))
+
+
+def test_upload_predict_and_download(address: str, uploaded: dict) -> None:
+    height, width = photo().shape[:2]
+    assert (uploaded["width"], uploaded["height"]) == (width, height)
+    assert uploaded["name"] == "cöffee.png"
+    image_id = uploaded["image_id"]
+
+    # The same bytes again reuse the cached embedding: same id, no second encoding.
+    status, again, _ = call(address, "POST", "/api/images", png(photo()))
+    assert status == 200 and again["image_id"] == image_id and again["encode_ms"] == uploaded["encode_ms"]
+
+    point = {"points": [[width / 2, height / 2, 1], [10, 10, 0]]}
+    status, by_point, _ = predict(address, image_id, point)
+    assert status == 200, by_point
+    alpha = np.asarray(decode_png(by_point["alpha"]))
+    assert alpha.shape == (height, width) and alpha.dtype == np.uint8
+    assert 0.0 <= by_point["alpha_mean"] <= 1.0
+    assert abs(alpha.mean() / 255 - by_point["alpha_mean"]) < 0.01
+
+    status, by_box, _ = predict(address, image_id, {"box": [20, 30, width - 40, height - 20]})
+    assert status == 200, by_box
+    assert not np.array_equal(np.asarray(decode_png(by_box["alpha"])), alpha)
+
+    prompt = quote(json.dumps(point))
+    status, body, headers = call(
+        address, "GET", f"/api/images/{image_id}/download?kind=alpha&prompt={prompt}"
+    )
+    assert status == 200 and "attachment" in headers["Content-Disposition"]
+    downloaded = decode_png(body)
+    assert downloaded.mode == "L" and np.array_equal(np.asarray(downloaded), alpha)
+
+    status, body, _ = call(address, "GET", f"/api/images/{image_id}/download?kind=cutout&prompt={prompt}")
+    cutout = decode_png(body)
+    assert status == 200 and cutout.mode == "RGBA"
+    rgba = np.asarray(cutout)
+    assert np.array_equal(rgba[..., 3], alpha) and np.array_equal(rgba[..., :3], photo())
+
+    status, body, headers = call(address, "GET", f"/api/images/{image_id}/image")
+    assert status == 200 and headers["Content-Type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(body)).size == (width, height)
+
+
+def test_page_and_examples_are_served(address: str) -> None:
+    status, page, _ = call(address, "GET", "/")
+    assert status == 200 and b'src="app.js"' in page
+    status, script, headers = call(address, "GET", "/app.js")
+    assert status == 200 and headers["Content-Type"].startswith("text/javascript") and b"window.zim" in script
+    status, info, _ = call(address, "GET", "/api/info")
+    assert status == 200 and info["model"] == "tiny" and "astronaut" in info["examples"]
+    status, thumb, _ = call(address, "GET", "/api/examples/astronaut.jpg")
+    assert status == 200 and max(Image.open(io.BytesIO(thumb)).size) <= 160
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "words"),
+    [
+        ("POST", "/api/images", b"this is not an image", 400, "not an image"),
+        ("POST", "/api/images", b"", 400, "empty"),
+        ("POST", "/api/images", png(np.zeros((2, 5000, 3), np.uint8)), 400, "5000x2"),
+        ("POST", "/api/images", b"x" * (MAX_UPLOAD + 1), 413, "exceeds"),
+        ("POST", "/api/images/0123456789abcdef/predict", b'{"points": [[1, 1, 1]]}', 404, "unknown"),
+        ("GET", "/api/images/0123456789abcdef/image", None, 404, "unknown"),
+        ("POST", "/api/examples/nope", None, 404, "unknown"),
+        ("GET", "/../../etc/passwd", None, 404, "no such page"),
+        ("DELETE", "/api/images", None, 405, "not allowed"),
+    ],
+)
+def test_rejects_bad_requests(address: str, method: str, path: str, body, status: int, words: str) -> None:
+    got, payload, _ = call(address, method, path, body)
+    assert got == status and words in payload["error"], payload
+
+
+@pytest.mark.parametrize(
+    ("prompt", "words"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "expected a JSON object"),
+        (b"{}", "at least one point or a box"),
+        (b'{"points": [[1e6, 5, 1]]}', "outside"),
+        (b'{"points": [[-1, 5, 1]]}', "outside"),
+        (b'{"points": [[5, 5, 7]]}', "label"),
+        (b'{"points": [[5, 5]]}', "expected [x, y, label]"),
+        (b'{"points": [["a", 5, 1]]}', "finite number"),
+        (b'{"points": [[NaN, 5, 1]]}', "finite number"),
+        (b'{"points": "here"}', "list"),
+        (b'{"box": [50, 50, 10, 10]}', "x1 < x2"),
+        (b'{"box": [0, 0, 10]}', "[x1, y1, x2, y2]"),
+        (b'{"points": ' + json.dumps([[1, 1, 1]] * 65).encode() + b"}", "at most 64"),
+    ],
+)
+def test_rejects_bad_prompts_then_still_serves(
+    address: str, uploaded: dict, prompt: bytes, words: str
+) -> None:
+    path = f"/api/images/{uploaded['image_id']}/predict"
+    status, payload, _ = call(address, "POST", path, prompt, {"Content-Type": "application/json"})
+    assert status == 400 and words in payload["error"], payload
+    status, payload, _ = predict(address, uploaded["image_id"], {"points": [[5, 5, 1]]})
+    assert status == 200 and "alpha" in payload
+
+
+def test_bad_download_requests(address: str, uploaded: dict) -> None:
+    base = f"/api/images/{uploaded['image_id']}/download"
+    status, payload, _ = call(
+        address, "GET", f"{base}?kind=mask&prompt={quote(json.dumps({'box': [1, 1, 9, 9]}))}"
+    )
+    assert status == 400 and "kind" in payload["error"]
+    status, payload, _ = call(address, "GET", f"{base}?kind=alpha&prompt=%7Bbroken")
+    assert status == 400 and "not valid JSON" in payload["error"]
+
+
+def test_concurrent_prompts_all_answer(address: str, uploaded: dict) -> None:
+    """The model lock serialises decoder calls from the server's threads; none fails or mixes up."""
+    prompts = [{"points": [[20 + 30 * i, 40 + 10 * i, 1]]} for i in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda p: predict(address, uploaded["image_id"], p), prompts))
+    assert all(status == 200 for status, _, _ in results)
+    # Each answer is the matte of its own prompt: repeating one alone gives the same alpha.
+    status, alone, _ = predict(address, uploaded["image_id"], prompts[2])
+    assert status == 200 and alone["alpha"] == results[2][1]["alpha"]
+
+
+@pytest.mark.slow  # two image encodings
+def test_least_recently_used_image_is_dropped(model: torch.nn.Module) -> None:
+    store = ImageStore(predictor_factory=lambda: ZimPredictor(model), max_images=1)
+    first = store.add(png(np.full((24, 32, 3), 90, np.uint8)), name="first.png")
+    second = store.add(png(np.full((24, 32, 3), 200, np.uint8)), name="second.png")
+    assert store.get(second.image_id) is second
+    with pytest.raises(RequestError, match="unknown or expired") as error:
+        store.get(first.image_id)
+    assert error.value.status == 404
