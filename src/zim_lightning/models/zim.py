@@ -39,6 +39,9 @@ class Zim(nn.Module):
         encoder_depth: ViT blocks.
         encoder_num_heads: ViT attention heads.
         encoder_global_attn_indexes: ViT blocks with global attention.
+        encoder_attention: ViT attention backend (:mod:`zim_lightning.models.vit_attention`; same
+            weights and function, ``"eager"`` is segment-anything's code).
+        encoder_activation_checkpointing: recompute the ViT blocks' activations in the backward pass.
         prompt_embed_dim: width C of the image embedding, prompt tokens and decoder transformer (256).
         decoder_depth: two-way transformer blocks (2).
         decoder_num_heads: decoder attention heads (8).
@@ -63,6 +66,8 @@ class Zim(nn.Module):
         encoder_depth: int = 12,
         encoder_num_heads: int = 12,
         encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11),
+        encoder_attention: str = "sdpa",
+        encoder_activation_checkpointing: bool = False,
         prompt_embed_dim: int = 256,
         decoder_depth: int = 2,
         decoder_num_heads: int = 8,
@@ -97,6 +102,8 @@ class Zim(nn.Module):
             num_heads=encoder_num_heads,
             global_attn_indexes=tuple(encoder_global_attn_indexes),
             out_chans=prompt_embed_dim,
+            attention=encoder_attention,
+            activation_checkpointing=encoder_activation_checkpointing,
         )
         self.feature_pyramid = (
             ImageFeaturePyramid(channels=tuple(pyramid_channels)) if pixel_decoder == "hierarchical" else None
