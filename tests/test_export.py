@@ -105,6 +105,7 @@ def test_encoder_and_decoder_match_torch(exported) -> None:
         np.testing.assert_allclose(onnx_iou, iou.numpy(), atol=ATOL)
 
 
+@pytest.mark.slow
 def test_sam_decoder_variant_keeps_all_seven_inputs(tmp_path) -> None:
     torch.manual_seed(1)
     model = zim_model_registry["tiny"](pixel_decoder="sam", masked_attention=False).eval()
@@ -129,3 +130,31 @@ def test_cli_rejects_missing_checkpoint(tmp_path, capsys) -> None:
         main(["--model", "tiny", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path)])
     assert exc.value.code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_official_runner_matches_our_predictor(exported) -> None:
+    """The exported folder runs unchanged in the official zim_anything package, with our alphas."""
+    from skimage.data import astronaut
+    from zim_anything import ZimPredictor as OfficialPredictor
+    from zim_anything import zim_model_registry as official_registry
+    from zim_lightning.predictor import ZimPredictor
+
+    model, out = exported
+    image = np.ascontiguousarray(astronaut()[:, 40:])  # 512x472 RGB: non-square, upscaled to 1024
+    official = OfficialPredictor(official_registry["vit_b"](checkpoint=str(out)))
+    official.set_image(image)
+    ours = ZimPredictor(model)
+    ours.set_image(image)
+
+    box = np.array([100, 50, 400, 480], dtype=np.float32)
+    points = np.array([[200, 200], [300, 400]], dtype=np.float32)
+    labels = np.array([1, 0], dtype=np.float32)
+    alphas = []
+    for prompt in ({"box": box}, {"point_coords": points, "point_labels": labels}):
+        theirs, _, _ = official.predict(**prompt, multimask_output=False)
+        mine, _, _ = ours.predict(**prompt, multimask_output=False)
+        assert theirs.shape == mine.shape == (1, *image.shape[:2])
+        np.testing.assert_allclose(mine, theirs, atol=1e-3)
+        alphas.append(mine)
+    # the comparison is not vacuous: the two prompts give different mattes
+    assert np.abs(alphas[0] - alphas[1]).max() > 1e-2

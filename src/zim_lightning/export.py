@@ -126,8 +126,9 @@ def _restore_inputs(
     examples: tuple[torch.Tensor, ...],
     dynamic_axes: dict[str, dict[int, str]],
 ) -> None:
-    """Declare again the graph inputs the exporter dropped, in the official order."""
-    model = onnx.load(str(path))
+    """Declare again the graph inputs the exporter dropped, in the official order, and check the file."""
+    # Weights stay where they are: models over protobuf's 2 GiB limit (ViT-H) keep them as external data.
+    model = onnx.load(str(path), load_external_data=False)
     present = {value.name: value for value in model.graph.input}
     missing = [name for name in names if name not in present]
     if missing:
@@ -140,8 +141,8 @@ def _restore_inputs(
     extra = [value for value in model.graph.input if value.name not in names]
     del model.graph.input[:]
     model.graph.input.extend(ordered + extra)
-    onnx.checker.check_model(model)
     onnx.save(model, str(path))
+    onnx.checker.check_model(str(path))  # by path, so external data and large models are checked too
 
 
 @torch.no_grad()
@@ -167,14 +168,12 @@ def export_onnx(model: Zim, out_dir: str | Path, *, opset: int = 17) -> tuple[Pa
     encoder_path = out_dir / ENCODER_FILE
     encoder_outputs = encoder(image)
     _export(encoder, (image,), encoder_path, ENCODER_INPUTS, ENCODER_OUTPUTS, {}, opset)
-    _restore_inputs(encoder_path, ENCODER_INPUTS, (image,), {})
 
     decoder_inputs = _dummy_decoder_inputs(encoder_outputs)
     decoder_path = out_dir / DECODER_FILE
     _export(
         decoder, decoder_inputs, decoder_path, DECODER_INPUTS, DECODER_OUTPUTS, _DECODER_DYNAMIC_AXES, opset
     )
-    _restore_inputs(decoder_path, DECODER_INPUTS, decoder_inputs, _DECODER_DYNAMIC_AXES)
     log.info("exported %s and %s", encoder_path, decoder_path)
     return encoder_path, decoder_path
 
@@ -188,8 +187,9 @@ def _export(
     dynamic_axes: dict[str, dict[int, str]],
     opset: int,
 ) -> None:
-    # The TorchScript exporter (dynamo=False) traces this model reliably; write to a temporary file
-    # first so a failed export never leaves a half-written model in the output folder.
+    # The TorchScript exporter (dynamo=False) traces this model reliably. Everything is written to a
+    # temporary folder first (the .onnx file and any external-data files beside it) and moved into place
+    # only once checked, so a failed export never leaves a half-written model in the output folder.
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
         # The tracer warns about every Python-side shape check (input validation); shapes are fixed or
         # declared dynamic above, so those checks hold for every input the graph accepts.
@@ -206,7 +206,9 @@ def _export(
             do_constant_folding=True,
             dynamo=False,
         )
-        tmp_path.replace(path)
+        _restore_inputs(tmp_path, input_names, args, dynamic_axes)
+        for produced in Path(tmp).iterdir():
+            produced.replace(path.parent / produced.name)
 
 
 def main(argv: list[str] | None = None) -> int:
