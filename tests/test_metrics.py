@@ -204,6 +204,17 @@ def test_conn_matches_flood_fill_reference(seed: int) -> None:
     assert connectivity_error(pred, gt) == pytest.approx(_ref_conn(pred.numpy(), gt.numpy()), abs=1e-12)
 
 
+def test_conn_matches_reference_for_an_object_inside_a_larger_image() -> None:
+    # Components are labelled only inside the box of the first level's intersection: place the pair off
+    # the origin, with a stray prediction outside that box (level 0 there).
+    small_p, small_g = _plateau_pair(5, size=(7, 9))
+    pred = torch.zeros(16, 20, dtype=torch.float64)
+    gt = torch.zeros(16, 20, dtype=torch.float64)
+    pred[5:12, 8:17], gt[5:12, 8:17] = small_p, small_g
+    pred[0, 0] = 0.7
+    assert connectivity_error(pred, gt) == pytest.approx(_ref_conn(pred.numpy(), gt.numpy()), abs=1e-12)
+
+
 @pytest.mark.parametrize("seed", range(2))
 def test_grads_match_loop_references(seed: int) -> None:
     pred, gt = _plateau_pair(seed, size=(9, 11))

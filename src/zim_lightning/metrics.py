@@ -184,6 +184,19 @@ def connectivity_levels(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """
     # k / 10 rather than k * 0.1: the latter is 0.30000000000000004 for k = 3 and would drop alpha 0.3.
     levels = np.arange(CONN_LEVELS + 1, dtype=np.float64) / CONN_LEVELS  # t_0 .. t_10
+    # Every level's intersection lies inside the first one's, and pixels outside it get level 0: label
+    # only its bounding box (small objects in large images are the common case).
+    result = np.zeros(pred.shape, dtype=np.float64)
+    first_level = (pred >= levels[1]) & (gt >= levels[1])
+    rows, cols = np.flatnonzero(first_level.any(axis=1)), np.flatnonzero(first_level.any(axis=0))
+    if rows.size == 0:
+        return result
+    window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    result[window] = _connectivity_levels_in(pred[window], gt[window], levels)
+    return result
+
+
+def _connectivity_levels_in(pred: np.ndarray, gt: np.ndarray, levels: np.ndarray) -> np.ndarray:
     thresholds = levels[1:, None, None]
     both = (pred[None] >= thresholds) & (gt[None] >= thresholds)  # LxHxW
     labels, _ = ndimage.label(both, structure=_PLANAR_4_CONNECTIVITY)
