@@ -94,12 +94,14 @@ def converter_geometric(
     rotate: float = 15.0,
     shear: float = 8.0,
 ) -> A.Compose:
-    """Flip, small affine and random resized square crop of side ``crop_size``.
+    """Random resized square crop of side ``crop_size``, then flip and a small affine.
 
-    Call with ``image`` (HxWx3 uint8) and ``alpha`` (HxW float, bilinear) and/or ``mask`` (HxW, nearest).
+    Cropping first keeps the affine warp on the small crop instead of the full-size image. Call with
+    ``image`` (HxWx3 uint8) and ``alpha`` (HxW float, bilinear) and/or ``mask`` (HxW, nearest).
     """
     return A.Compose(
         [
+            A.RandomResizedCrop(size=(crop_size, crop_size), scale=scale_range, ratio=(3 / 4, 4 / 3)),
             A.HorizontalFlip(p=hflip_p),
             A.Affine(
                 rotate=(-rotate, rotate),
@@ -109,7 +111,6 @@ def converter_geometric(
                 fill_mask=0,
                 p=affine_p,
             ),
-            A.RandomResizedCrop(size=(crop_size, crop_size), scale=scale_range, ratio=(3 / 4, 4 / 3)),
         ],
         additional_targets={"alpha": "image"},
     )
@@ -154,17 +155,28 @@ def photometric(
     )
 
 
-def centre_square(array: np.ndarray, size: int) -> np.ndarray:
-    """Deterministic square view for validation: shorter side resized to ``size``, centre crop.
+def centre_square(array: np.ndarray, size: int, *, centre: tuple[float, float] | None = None) -> np.ndarray:
+    """Deterministic square view: a square of the shorter side, resized to ``size``.
 
     Args:
         array: HxW or HxWxC.
         size: side of the output.
+        centre: (x, y) the square is centred on (clamped to the image); None: the image centre.
     """
     height, width = array.shape[:2]
-    scale = size / min(height, width)
-    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(array, (new_w, new_h), interpolation=interpolation)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    return resized[top : top + size, left : left + size]
+    side = min(height, width)
+    centre_x, centre_y = centre if centre is not None else (width / 2, height / 2)
+    left = int(np.clip(round(centre_x - side / 2), 0, width - side))
+    top = int(np.clip(round(centre_y - side / 2), 0, height - side))
+    square = array[top : top + side, left : left + side]
+    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return cv2.resize(square, (size, size), interpolation=interpolation)
+
+
+def object_centre(label: np.ndarray) -> tuple[float, float]:
+    """(x, y) centre of the bounding box of a label's non-zero pixels (the image centre if none)."""
+    rows = np.flatnonzero(label.any(axis=1))
+    columns = np.flatnonzero(label.any(axis=0))
+    if rows.size == 0:
+        return label.shape[1] / 2, label.shape[0] / 2
+    return (columns[0] + columns[-1] + 1) / 2, (rows[0] + rows[-1] + 1) / 2

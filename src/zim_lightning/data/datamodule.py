@@ -332,6 +332,9 @@ class ZimDataModule(L.LightningDataModule):
             return trainer.global_rank, trainer.world_size
         return distributed_info()
 
+    def _collate(self):  # noqa: ANN202 - a picklable collation function
+        return partial(collate, frame_size=self.zim_processor.image_size)
+
     def _processor(self) -> ConverterSampleProcessor | ZimSampleProcessor:
         return self.converter_processor if self.stage == "converter" else self.zim_processor
 
@@ -400,7 +403,7 @@ class ZimDataModule(L.LightningDataModule):
             # processed samples in the contract's layout (numpy), corrupt ones skipped and counted
             ProcessSamples(self._processor(), train=True, seed=self.seed, rank=rank, counter=self.skips),
             # collated batches: tensors, key list[str]
-            wds.batched(self.batch_size, collation_fn=collate, partial=False),
+            wds.batched(self.batch_size, collation_fn=self._collate(), partial=False),
         )
 
     def train_dataloader(self) -> wds.WebLoader:
@@ -452,7 +455,7 @@ class ZimDataModule(L.LightningDataModule):
             *stages,
             partial(tar_samples, counter=self.skips),  # raw samples, in file order
             ProcessSamples(self._processor(), train=False, seed=self.seed, rank=rank, counter=self.skips),
-            wds.batched(self.val_batch_size, collation_fn=collate, partial=True),
+            wds.batched(self.val_batch_size, collation_fn=self._collate(), partial=True),
         )
 
     def val_dataloader(self) -> DataLoader | list:

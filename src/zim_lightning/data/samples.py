@@ -19,6 +19,7 @@ from zim_lightning.data import coarsen
 from zim_lightning.data.augment import (
     centre_square,
     converter_geometric,
+    object_centre,
     photometric,
     spatial_generalization_cutout,
     zim_geometric,
@@ -32,7 +33,10 @@ from zim_lightning.data.matting import (
 from zim_lightning.data.prompts import PromptSampler
 from zim_lightning.data.sa1b import check_decoded_size, decode_image, decode_matte, parse_annotations
 from zim_lightning.data.skips import CorruptSample
-from zim_lightning.data.transforms import get_preprocess_shape, pad_bottom_right, resize, valid_map
+from zim_lightning.data.transforms import get_preprocess_shape, resize
+
+#: Random crops drawn before a training crop that misses the object falls back to one centred on it.
+CROP_TRIES = 4
 
 
 def key_rng(seed: int, key: str) -> np.random.Generator:
@@ -95,13 +99,11 @@ class ConverterSampleProcessor:
         key = sample.get("__key__", "?")
         if is_segmentation_sample(sample):
             image, mask = decode_segmentation(sample)
-            image, mask = self._geometry(image, mask, "mask", train)
+            image, mask = self._geometry(image, mask, "mask", train, key)
             alpha, is_stl = mask, True
         elif is_matting_sample(sample):
             image, alpha_u8 = decode_matting(sample)
-            image, alpha = self._geometry(image, alpha_u8.astype(np.float32) / 255.0, "alpha", train)
-            if not alpha.any():
-                raise CorruptSample("the crop holds no foreground", key=key, reason="empty_mask")
+            image, alpha = self._geometry(image, alpha_u8.astype(np.float32) / 255.0, "alpha", train, key)
             mask = coarsen.random_coarsen(alpha, rng, ops=self.coarsen_ops)
             is_stl = False
         else:
@@ -123,16 +125,21 @@ class ConverterSampleProcessor:
         ]
 
     def _geometry(
-        self, image: np.ndarray, label: np.ndarray, kind: str, train: bool
+        self, image: np.ndarray, label: np.ndarray, kind: str, train: bool, key: str
     ) -> tuple[np.ndarray, np.ndarray]:
         if train and self.geometric is not None:
-            out = self.geometric(image=image, **{kind: label})
-            image = self.colour(image=out["image"])["image"]
-            return image, out[kind]
-        square = centre_square(label, self.crop_size)
+            # A random crop may miss a small object; retry, then centre the square on the object.
+            for _ in range(CROP_TRIES):
+                out = self.geometric(image=image, **{kind: label})
+                if out[kind].any():
+                    return self.colour(image=out["image"])["image"], out[kind]
+        centre = object_centre(label)
+        square = centre_square(label, self.crop_size, centre=centre)
         if kind == "mask":
             square = (square > 0.5).astype(np.float32)
-        return centre_square(image, self.crop_size), square
+        if not square.any():
+            raise CorruptSample("no square crop holds the object", key=key, reason="empty_mask")
+        return centre_square(image, self.crop_size, centre=centre), square
 
 
 class ZimSampleProcessor:
@@ -228,21 +235,21 @@ class ZimSampleProcessor:
         key: str,
         train: bool,
     ) -> dict:
-        alpha = alpha_u8.astype(np.float32) / 255.0
+        support_u8 = self.prompts.support_threshold * 255
         if train and self.geometric is not None:
-            moved = self.geometric(image=image, alpha=alpha)
+            moved = self.geometric(image=image, alpha=alpha_u8)
             # A small affine can push a small object out of view; keep the unmoved sample then.
-            if moved["alpha"].max() > self.prompts.support_threshold:
-                image, alpha = moved["image"], moved["alpha"]
+            if moved["alpha"].max() > support_u8:
+                image, alpha_u8 = moved["image"], moved["alpha"]
             image = self.colour(image=image)["image"]
-        if alpha.max() <= self.prompts.support_threshold:
+        if alpha_u8.max() <= support_u8:
             raise CorruptSample("the matte vanishes at the training resolution", key=key, reason="empty_mask")
-        alpha = pad_bottom_right(alpha, self.image_size)
-        coords, labels = self.prompts(alpha, rng, image_size=input_size)
+        coords, labels = self.prompts(alpha_u8.astype(np.float32) / 255.0, rng, image_size=input_size)
+        # Unpadded uint8 image and alpha: collate() pads into the batch tensors directly, which moves
+        # a quarter of the bytes a padded float alpha would.
         return {
-            "image": _chw(pad_bottom_right(image, self.image_size)),
-            "alpha": alpha[None],
-            "valid": valid_map(input_size, self.image_size)[None],
+            "image": image,
+            "alpha": alpha_u8,
             "point_coords": coords,
             "point_labels": labels,
             "original_size": np.asarray(original_size, dtype=np.int64),
@@ -251,12 +258,45 @@ class ZimSampleProcessor:
         }
 
 
-def collate(samples: list[dict]) -> dict:
-    """Stack processed samples into a batch: arrays -> tensors, ``key`` -> list[str], ``is_stl`` -> bool B."""
+def collate(samples: list[dict], *, frame_size: int | None = None) -> dict:
+    """Stack processed samples into a batch (docs/architecture.md, "Batches").
+
+    Converter samples are stacked as they are. ZIM samples (they carry ``input_size``) arrive unpadded
+    and uint8; they are written into zero tensors of the frame: ``image`` uint8 Bx3xSxS, ``alpha``
+    float Bx1xSxS in [0, 1], ``valid`` float Bx1xSxS (1 on the resized image, 0 in the padding).
+
+    Args:
+        samples: processed samples.
+        frame_size: S, the ZIM frame side (required for ZIM samples).
+
+    Returns:
+        The batch: tensors, ``key`` as list[str], ``is_stl`` as bool B.
+    """
     if not samples:
         raise ValueError("cannot collate an empty batch")
     batch: dict = {}
+    if "input_size" in samples[0]:
+        if frame_size is None:
+            raise ValueError("collating ZIM samples needs frame_size, the side of the padded frame")
+        size = len(samples)
+        image = torch.empty(size, 3, frame_size, frame_size, dtype=torch.uint8)
+        alpha = torch.empty(size, 1, frame_size, frame_size, dtype=torch.float32)
+        valid = torch.empty(size, 1, frame_size, frame_size, dtype=torch.float32)
+        # Filled through NumPy views, each byte written once: torch's strided copies of HxWx3 -> 3xHxW
+        # uint8 are an order of magnitude slower here.
+        image_np, alpha_np, valid_np = image.numpy(), alpha.numpy(), valid.numpy()
+        for i, sample in enumerate(samples):
+            height, width = (int(v) for v in sample["input_size"])
+            image_np[i, :, :height, :width] = sample["image"].transpose(2, 0, 1)
+            np.multiply(sample["alpha"], np.float32(1 / 255), out=alpha_np[i, 0, :height, :width])
+            valid_np[i, 0, :height, :width] = 1.0
+            for array in (image_np, alpha_np, valid_np):
+                array[i, :, height:] = 0
+                array[i, :, :height, width:] = 0
+        batch.update(image=image, alpha=alpha, valid=valid)
     for name in samples[0]:
+        if name in batch:
+            continue
         values = [s[name] for s in samples]
         if name == "key":
             batch[name] = list(values)

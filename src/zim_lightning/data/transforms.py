@@ -22,17 +22,42 @@ def get_preprocess_shape(height: int, width: int, long_side: int) -> tuple[int, 
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def reduce_by(array: np.ndarray, factor: int) -> np.ndarray:
+    """Shrink an HxW or HxWxC array by an integer ``factor`` with area averaging.
+
+    The array is first extended by edge replication to multiples of ``factor``, so OpenCV takes its
+    exact-integer area path (several times faster than a fractional area resize); the output is
+    ceil(H / factor) x ceil(W / factor), the size a 1/factor JPEG DCT decode gives.
+    """
+    if factor < 2:
+        return array
+    height, width = array.shape[:2]
+    pad_h, pad_w = -height % factor, -width % factor
+    if pad_h or pad_w:
+        array = cv2.copyMakeBorder(array, 0, pad_h, 0, pad_w, cv2.BORDER_REPLICATE)
+    reduced = ((height + pad_h) // factor, (width + pad_w) // factor)
+    return cv2.resize(array, (reduced[1], reduced[0]), interpolation=cv2.INTER_AREA)
+
+
 def resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize an HxW or HxWxC array to ``size`` = (H, W).
 
-    Area averaging when shrinking (no aliasing of thin hair in the matte), bilinear when enlarging.
+    Shrinking averages by the largest power-of-two factor that does not pass the target (area, no
+    aliasing of thin hair in the matte), then finishes bilinearly over the remaining factor below 2.
+    This matches what the reduced JPEG decode does to the image, and is much faster than one fractional
+    area resize. Enlarging is bilinear.
     """
     height, width = size
     if array.shape[:2] == (height, width):
         return array
-    shrinking = height * width < array.shape[0] * array.shape[1]
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(array, (width, height), interpolation=interpolation)
+    factor = min(array.shape[0] / height, array.shape[1] / width)
+    power = 1
+    while power * 2 <= factor:
+        power *= 2
+    array = reduce_by(array, power)
+    if array.shape[:2] == (height, width):
+        return array
+    return cv2.resize(array, (width, height), interpolation=cv2.INTER_LINEAR)
 
 
 def resize_longest_side(
