@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import re
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -64,6 +65,7 @@ MAX_JSON_BYTES = 1 << 20
 #: Refused bodies up to this size are read and dropped so the client sees the error (see ``_discard``).
 MAX_DISCARD_BYTES = 256 << 20
 THUMBNAIL_SIDE = 160
+CONNECTION_TIMEOUT_S = 120
 
 
 def load_example(name: str) -> np.ndarray:
@@ -172,6 +174,8 @@ def make_handler(app: MattingApp) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "zim-lightning"
         protocol_version = "HTTP/1.1"
+        # Seconds a connection may stay silent (idle keep-alive, or a stalled upload) before it is closed.
+        timeout = CONNECTION_TIMEOUT_S
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
             logger.debug("%s %s", self.address_string(), format % args)
@@ -246,7 +250,7 @@ def make_handler(app: MattingApp) -> type[BaseHTTPRequestHandler]:
                 try:
                     self._error(500, f"internal error: {type(error).__name__}: {error}")
                 except OSError:
-                    pass
+                    logger.debug("could not send the error response to %s", self.address_string())
 
         def do_GET(self) -> None:  # noqa: N802 (the base class's naming)
             self._dispatch(self._get)
@@ -325,11 +329,23 @@ def make_handler(app: MattingApp) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def create_server(app: MattingApp, *, host: str = "127.0.0.1", port: int = 7860) -> ThreadingHTTPServer:
+class MattingHTTPServer(ThreadingHTTPServer):
+    """One thread per connection; errors outside a request's handler are logged, never raised."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError):
+            # A browser closing a kept-alive connection between requests is routine.
+            logger.debug("connection from %s closed: %s", client_address, error)
+        else:
+            logger.exception("error on the connection from %s", client_address)
+
+
+def create_server(app: MattingApp, *, host: str = "127.0.0.1", port: int = 7860) -> MattingHTTPServer:
     """A threading HTTP server for ``app``, bound but not yet serving (port 0 picks a free port)."""
-    server = ThreadingHTTPServer((host, port), make_handler(app))
-    server.daemon_threads = True
-    return server
+    return MattingHTTPServer((host, port), make_handler(app))
 
 
 def build_app(
@@ -351,6 +367,10 @@ def build_app(
         raise SystemExit(f"--model {model_name!r}: unknown; expected one of {', '.join(zim_model_registry)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = zim_model_registry[model_name](checkpoint=checkpoint).to(device).eval()
+    if checkpoint is None:
+        logger.warning(
+            "no --checkpoint given: ZIM %s has random weights, so its mattes are noise", model_name
+        )
     store = ImageStore(
         predictor_factory=lambda: ZimPredictor(model), max_images=max_images, max_side=max_side
     )

@@ -127,9 +127,9 @@ def decode_image(data: bytes, *, max_side: int, source: str = "upload") -> np.nd
         raise RequestError(400, f"{source}: empty body; expected the bytes of an image file")
     try:
         picture = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, ValueError):
         raise RequestError(
-            400, f"{source}: not an image file ({error}); expected one of {', '.join(ACCEPTED_FORMATS)}"
+            400, f"{source}: not an image file; expected one of {', '.join(ACCEPTED_FORMATS)}"
         ) from None
     if picture.format not in ACCEPTED_FORMATS:
         raise RequestError(

@@ -73,6 +73,11 @@ async function loadEntry(entry) {
 }
 
 async function upload(file) {
+  const limit = state.info && state.info.max_upload_bytes;
+  if (limit && file.size > limit) {
+    setStatus(`${file.name} is ${(file.size / 2 ** 20).toFixed(1)} MB; the server accepts up to ${(limit / 2 ** 20).toFixed(0)} MB.`, true);
+    return;
+  }
   setStatus(`Encoding ${file.name}\u2026`);
   try {
     const entry = await api("/api/images", {
