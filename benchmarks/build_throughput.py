@@ -24,6 +24,7 @@ what the crop / resize / projection of each ``--mode`` costs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import platform
@@ -263,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=4, help="synthetic images per shard")
     p.add_argument("--shards", type=int, default=2, help="synthetic shards")
     p.add_argument("--quality", action="store_true", help="score mattes against the synthetic exact alpha")
+    p.add_argument(
+        "--alpha", type=Path, default=None, help="with --data: its exact alphas (synthetic sa1b_alpha/)"
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=("cpu", "forward", "end_to_end"))
     args = p.parse_args(argv)
     precision = args.precision or ("bf16" if args.device.startswith("cuda") else "32")
@@ -298,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"synthetic {args.shards}x{args.images} images of {args.image_size[0]}x{args.image_size[1]}"
             )
         else:
-            shards, alpha_dir = resolve_shards([args.data]), None
+            shards, alpha_dir = resolve_shards([args.data]), args.alpha
             report["data"] = f"{len(shards)} shards"
         if "cpu" not in args.skip:
             report["cpu"] = cpu_breakdown(shards, config)
@@ -314,18 +318,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         if "end_to_end" not in args.skip or args.quality:
             out = Path(tmp) / "out"
-            summary = build(
-                sa1b=[str(s) for s in shards],
-                out=out,
-                net=net.cpu(),
-                model=args.model,
-                config=config,
-                batch_size=args.batch_size,
-                num_workers=args.num_workers,
-                accelerator="gpu" if args.device.startswith("cuda") else "cpu",
-                devices=1,
-                precision="bf16-mixed" if precision == "bf16" else "32-true",
-            )
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON report only
+                summary = build(
+                    sa1b=[str(s) for s in shards],
+                    out=out,
+                    net=net.cpu(),
+                    model=args.model,
+                    config=config,
+                    batch_size=args.batch_size,
+                    num_workers=args.num_workers,
+                    accelerator="gpu" if args.device.startswith("cuda") else "cpu",
+                    devices=1,
+                    precision="bf16-mixed" if precision == "bf16" else "32-true",
+                )
             report["end_to_end"] = {
                 "masks": summary["masks"],
                 "seconds": summary["seconds"],
