@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import socket
 from collections import deque
 
@@ -284,6 +283,7 @@ def test_metric_means_buckets_and_deduplication() -> None:
     result = metric.compute()
     per = [matting_errors(p, g) for p, g in zip(preds, gts, strict=True)]
     assert result["n"] == 4
+    assert metric.computed_instances[:, 0].tolist() == [0, 1, 2, 3]
     for name in METRIC_NAMES:
         assert result[name] == pytest.approx(sum(e[name] for e in per) / 4)
         assert result["buckets"]["L"][name] == pytest.approx((per[2][name] + per[3][name]) / 2)
@@ -298,8 +298,7 @@ def _free_port() -> int:
 
 
 def _sync_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         metric = MattingErrors(protocol="paper")
         # Rank 0 gets instances 0, 2, 4; rank 1 gets 1, 3 and a padding repeat of 0 (uneven row counts).
@@ -307,18 +306,28 @@ def _sync_worker(rank: int, world: int, port: int, out: str) -> None:
             gt = _plateau_pair(index)[1]
             metric.update(torch.clamp(gt + 0.05 * index, 0, 1), gt, index=index)
         result = metric.compute()
-        torch.save((result["n"], result["sad"], result["conn"]), f"{out}/rank{rank}.pt")
+        indices = metric.computed_instances[:, 0].tolist()
+        torch.save((result["n"], result["sad"], result["conn"], indices), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_metric_syncs_across_two_gloo_ranks(tmp_path) -> None:
-    mp.start_processes(_sync_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    # This process is rank 0 and one spawned process rank 1 (each spawned process re-imports torch).
+    port = _free_port()
+    child = mp.get_context("spawn").Process(target=_sync_worker, args=(1, 2, port, str(tmp_path)))
+    child.start()
+    try:
+        _sync_worker(0, 2, port, str(tmp_path))
+    finally:
+        child.join(timeout=300)
+    assert child.exitcode == 0
     out = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     singles = [
         matting_errors(torch.clamp(g + 0.05 * i, 0, 1), g)
         for i, g in ((i, _plateau_pair(i)[1]) for i in range(5))
     ]
-    expected = (5, sum(e["sad"] for e in singles) / 5, sum(e["conn"] for e in singles) / 5)
-    assert out[0] == pytest.approx(expected) and out[1] == pytest.approx(expected)
+    expected = (5, sum(e["sad"] for e in singles) / 5, sum(e["conn"] for e in singles) / 5, [0, 1, 2, 3, 4])
+    for rank in range(2):
+        assert out[rank][:3] == pytest.approx(expected[:3]) and out[rank][3] == expected[3]

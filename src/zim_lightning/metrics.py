@@ -326,6 +326,8 @@ class MattingErrors(Metric):
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.protocol = protocol
         self.add_state("rows", default=[], dist_reduce_fx="cat")
+        #: Every rank's de-duplicated rows at the last :meth:`compute` (Nx7, see :meth:`instances`).
+        self.computed_instances = torch.zeros(0, 2 + len(METRIC_NAMES), dtype=torch.float64)
 
     def update(
         self, pred: torch.Tensor, gt: torch.Tensor, index: int, trimap: torch.Tensor | None = None
@@ -343,9 +345,8 @@ class MattingErrors(Metric):
         self.rows.append(torch.tensor([row], dtype=torch.float64, device=self.device))
 
     def instances(self) -> torch.Tensor:
-        """The de-duplicated rows, sorted by index: Nx7 float64 ``(index, sad, mse, mae, grad, conn, fg)``.
-
-        Call after :meth:`compute` (or inside it) to see every rank's rows.
+        """This process's de-duplicated rows, sorted by index: Nx7 float64 ``(index, sad, mse, mae, grad,
+        conn, fg)``. Every rank's rows, as :meth:`compute` saw them, are in :attr:`computed_instances`.
         """
         if isinstance(self.rows, list) and not self.rows:
             return torch.zeros(0, 2 + len(METRIC_NAMES), dtype=torch.float64)
@@ -360,7 +361,8 @@ class MattingErrors(Metric):
             ``{"sad", "mse", "mae", "grad", "conn": float, "n": int, "buckets": {"S"|"M"|"L": {same keys}}}``;
             means of an empty set are NaN.
         """
-        rows = self.instances()
+        rows = self.instances()  # inside compute() the state is synced: every rank's rows
+        self.computed_instances = rows
         result = _summarise(rows)
         buckets = [_bucket_of_fraction(f) for f in rows[:, -1].tolist()]
         result["buckets"] = {
