@@ -161,16 +161,18 @@ def test_presets_and_bad_settings(model: torch.nn.Module) -> None:
         fast.generate(np.zeros((8, 8), np.uint8))
 
 
-def test_crop_mattes_are_placed_in_the_full_frame(model: torch.nn.Module) -> None:
+def test_patches_are_placed_in_the_full_frame(model: torch.nn.Module) -> None:
+    """Candidates are kept as patches of their support; a crop's patch lands at the crop's offset."""
     generator = ZimAutomaticMatteGenerator(model, points_per_side=1, crop_n_layers=1)
     crops, layers = generate_crop_boxes((60, 90), 1, generator.crop_overlap_ratio)
     assert len(generator.point_grids) == 2 and layers == [0, 1, 1, 1, 1]
     x0, y0, x1, y1 = crops[4]  # the bottom-right crop
-    alpha = torch.randint(1, 256, (y1 - y0, x1 - x0), dtype=torch.uint8)
-    full = generator._uncrop(alpha, crops[4], 60, 90)
-    assert full.shape == (60, 90) and torch.equal(full[y0:y1, x0:x1], alpha)
-    assert int(full.sum()) == int(alpha.sum())  # zero outside the crop
-    assert generator._uncrop(alpha, [0, 0, 90, 60], 60, 90) is alpha
+    patch = torch.randint(1, 256, (7, 5), dtype=torch.uint8)
+    full = generator._place(patch, (x0 + 3, y0 + 2), 60, 90)
+    assert full.shape == (60, 90) and torch.equal(full[y0 + 2 : y0 + 9, x0 + 3 : x0 + 8], patch)
+    assert int(full.sum()) == int(patch.sum())  # zero elsewhere
+    whole = torch.randint(0, 256, (60, 90), dtype=torch.uint8)
+    assert generator._place(whole, (0, 0), 60, 90) is whole
 
 
 def test_cli_writes_mattes_and_a_matching_index(tmp_path: Path, photo: np.ndarray) -> None:

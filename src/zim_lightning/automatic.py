@@ -85,9 +85,15 @@ def default_preset(model_name: str) -> str:
 
 @dataclass
 class _Candidates:
-    """Mattes kept so far for one crop; alphas stay in the crop's frame, uint8, to bound memory."""
+    """Mattes kept so far for one crop.
 
-    alphas: list[torch.Tensor]  # each hxw uint8 (alpha * 255), crop frame
+    To bound memory before NMS (a 32x32 grid gives thousands of candidates), each alpha is kept as
+    uint8 and cut to its support, the box of its non-zero pixels; it is placed back in the full frame
+    only once it survives.
+    """
+
+    alphas: list[torch.Tensor]  # each hxw uint8 (alpha * 255), the support patch
+    offsets: list[tuple[int, int]]  # (X, Y) of each patch's top-left pixel in the crop frame
     boxes: list[torch.Tensor]  # each 4, XYXY in the crop frame (inclusive max, SAM's convention)
     iou: list[torch.Tensor]
     stability: list[torch.Tensor]
@@ -190,10 +196,11 @@ class ZimAutomaticMatteGenerator:
             (height, width), self.crop_n_layers, self.crop_overlap_ratio
         )
 
-        alphas, boxes, iou, stability, points, crops = [], [], [], [], [], []
+        alphas, offsets, boxes, iou, stability, points, crops = [], [], [], [], [], [], []
         for crop_box, layer in zip(crop_boxes, layer_indices, strict=True):
             found = self._process_crop(image, crop_box, layer)
             alphas += found.alphas
+            offsets += [(x + crop_box[0], y + crop_box[1]) for x, y in found.offsets]
             boxes += [uncrop_boxes_xyxy(b[None], crop_box)[0] for b in found.boxes]
             points += [uncrop_points(p[None], crop_box)[0] for p in found.points]
             iou += found.iou
@@ -209,7 +216,11 @@ class ZimAutomaticMatteGenerator:
             keep = batched_nms(
                 boxes_t, 1.0 / box_area(crops_t), torch.zeros(len(alphas)), self.crop_nms_thresh
             )
-            alphas, points = [alphas[i] for i in keep], [points[i] for i in keep]
+            alphas, offsets, points = (
+                [alphas[i] for i in keep],
+                [offsets[i] for i in keep],
+                [points[i] for i in keep],
+            )
             boxes_t, crops_t, iou_t, stability_t = (
                 boxes_t[keep],
                 crops_t[keep],
@@ -218,8 +229,7 @@ class ZimAutomaticMatteGenerator:
             )
 
         full = [
-            self._uncrop(alpha, crop.int().tolist(), height, width)
-            for alpha, crop in zip(alphas, crops_t, strict=True)
+            self._place(alpha, offset, height, width) for alpha, offset in zip(alphas, offsets, strict=True)
         ]
         if self.min_mask_region_area > 0:
             full, boxes_t, keep = self._clean_regions(full, boxes_t)
@@ -261,7 +271,7 @@ class ZimAutomaticMatteGenerator:
         self.predictor.set_image(crop)
         # Grid points, (X, Y) pixels in the crop frame.
         grid = self.point_grids[layer] * np.array([[crop_w, crop_h]], dtype=np.float64)
-        found = _Candidates([], [], [], [], [])
+        found = _Candidates([], [], [], [], [], [])
         full_image = [0, 0, image.shape[1], image.shape[0]]
         for (batch,) in batch_iterator(self.points_per_batch, grid):
             self._process_batch(batch, crop_box, full_image, found)
@@ -300,7 +310,12 @@ class ZimAutomaticMatteGenerator:
         if crop_box != full_image and len(boxes):
             keep = ~is_box_near_crop_edge(boxes, crop_box, full_image)
             alpha, iou, prompts, stability, boxes = (t[keep] for t in (alpha, iou, prompts, stability, boxes))
-        found.alphas += list(alpha.cpu())
+        # Support boxes (alpha > 0) contain the foreground boxes, so they are never empty here.
+        support = batched_mask_to_box(alpha > 0).int().tolist()
+        alpha = alpha.cpu()
+        for index, (x1, y1, x2, y2) in enumerate(support):
+            found.alphas.append(alpha[index, y1 : y2 + 1, x1 : x2 + 1].clone())
+            found.offsets.append((x1, y1))
         found.boxes += list(boxes.cpu())
         found.iou += list(iou.float().cpu())
         found.stability += list(stability.float().cpu())
@@ -326,12 +341,13 @@ class ZimAutomaticMatteGenerator:
         return alpha, iou
 
     @staticmethod
-    def _uncrop(alpha: torch.Tensor, crop_box: list[int], height: int, width: int) -> torch.Tensor:
-        x0, y0, x1, y1 = crop_box
-        if (x0, y0, x1, y1) == (0, 0, width, height):
-            return alpha
-        full = torch.zeros((height, width), dtype=alpha.dtype)
-        full[y0:y1, x0:x1] = alpha
+    def _place(patch: torch.Tensor, offset: tuple[int, int], height: int, width: int) -> torch.Tensor:
+        """Put an hxw alpha patch whose top-left pixel is at (X, Y) = ``offset`` into an HxW frame."""
+        x, y = offset
+        if (x, y) == (0, 0) and tuple(patch.shape) == (height, width):
+            return patch
+        full = torch.zeros((height, width), dtype=patch.dtype)
+        full[y : y + patch.shape[0], x : x + patch.shape[1]] = patch
         return full
 
     def _clean_regions(
