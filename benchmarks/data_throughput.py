@@ -19,6 +19,7 @@ import argparse
 import io
 import json
 import logging
+import os
 import platform
 import tarfile
 import tempfile
@@ -98,16 +99,20 @@ def prepare(root: Path, *, images: int, size: tuple[int, int], seed: int) -> dic
     }
 
 
-def time_stream(batches, *, samples: int, warmup: int) -> tuple[int, float]:
-    """Pull batches until ``samples`` samples after ``warmup`` batches; returns (samples, seconds)."""
+def time_stream(batches, *, samples: int, warmup: int) -> tuple[int, float, float]:
+    """Pull batches until ``samples`` samples after ``warmup`` batches.
+
+    Returns:
+        (samples, wall seconds, CPU seconds of this process).
+    """
     iterator = iter(batches)
     for _ in range(warmup):
         next(iterator)
-    counted, start = 0, time.perf_counter()
+    counted, start, cpu = 0, time.perf_counter(), time.process_time()
     while counted < samples:
         batch = next(iterator)
         counted += len(batch["key"])
-    return counted, time.perf_counter() - start
+    return counted, time.perf_counter() - start, time.process_time() - cpu
 
 
 def bench_train_stage(stage: str, shards: dict[str, str], args: argparse.Namespace) -> dict:
@@ -128,13 +133,15 @@ def bench_train_stage(stage: str, shards: dict[str, str], args: argparse.Namespa
         )
     else:
         data = ZimDataModule(stage="zim", train_shards=shards["sa1b_matte"], image_size=args.frame, **common)
-    counted, seconds = time_stream(data.train_dataset(rank=0, world_size=1), samples=args.samples, warmup=1)
-    return {"samples": counted, "seconds": round(seconds, 3), "skipped": data.skips.total()}
+    counted, seconds, cpu = time_stream(
+        data.train_dataset(rank=0, world_size=1), samples=args.samples, warmup=1
+    )
+    return {"samples": counted, "seconds": seconds, "cpu_seconds": cpu, "skipped": data.skips.total()}
 
 
 def bench_build(shards: dict[str, str], args: argparse.Namespace) -> dict:
     counted = masks = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     while counted < args.samples:
         for sample in iter_sa1b(shards["sa1b"]):
             height, width = sample["record"]["image"]["height"], sample["record"]["image"]["width"]
@@ -142,10 +149,11 @@ def bench_build(shards: dict[str, str], args: argparse.Namespace) -> dict:
                 decode_mask(annotation, key=sample["key"], image_size=(height, width))
                 masks += 1
             counted += 1
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {
         "samples": counted,
-        "seconds": round(seconds, 3),
+        "seconds": seconds,
+        "cpu_seconds": cpu,
         "masks_per_sec_per_worker": round(masks / seconds, 1),
     }
 
@@ -181,9 +189,13 @@ def main(argv: list[str] | None = None) -> int:
             result = {
                 "stage": stage,
                 "samples_per_sec_per_worker": round(result["samples"] / result["seconds"], 2),
-                **result,
+                # per CPU-second of this process: what a worker with a core to itself would reach
+                "samples_per_cpu_sec": round(result["samples"] / result["cpu_seconds"], 2),
+                **{k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()},
                 "image_size": list(args.size),
                 "workers": 1,
+                "load_average_1min": round(os.getloadavg()[0], 2),
+                "cpus": os.cpu_count(),
                 "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
             }
             print(json.dumps(result))

@@ -105,7 +105,7 @@ def decode_image(data: bytes, *, key: str, max_side: int | None = None) -> np.nd
                 if reduction > 1:
                     # draft() picks the largest DCT scale whose output is still >= the requested size.
                     image.draft("RGB", (-(-width // reduction), -(-height // reduction)))
-            rgb = np.asarray(image.convert("RGB"))
+            rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise CorruptSample(f"cannot decode image ({error})", key=key, reason="corrupt_image") from error
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
@@ -123,7 +123,7 @@ def decode_gray(data: bytes, *, key: str) -> np.ndarray:
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
-            gray = np.asarray(image.convert("L"))
+            gray = np.asarray(image if image.mode == "L" else image.convert("L"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise CorruptSample(
             f"cannot decode grayscale image ({error})", key=key, reason="corrupt_image"
