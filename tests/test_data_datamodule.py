@@ -389,8 +389,30 @@ def test_eval_stage_wraps_the_evaluation_dataset(tmp_path):
             eval_root=str(layout.micromat),
             eval_format="micromat",
             eval_prompt="box",
-            batch_size=1,
+            batch_size=2,
         )
         loader = data.eval_dataloader(rank=rank, world_size=2)
-        seen.append(sum(1 for _ in loader))
-    assert sum(seen) == len(full) and seen[0] - seen[1] in (0, 1)
+        seen.append([item["index"] for batch in loader for item in batch])
+    assert seen[0] == [0, 2, 4] and seen[1] == [1, 3]
+    assert sorted(seen[0] + seen[1]) == list(range(len(full)))
+
+
+def test_configured_from_yaml_with_validated_types(shards, tmp_path):
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_class_arguments(ZimDataModule, "data")
+    config = tmp_path / "data.yaml"
+    config.write_text(
+        "data:\n  stage: converter\n"
+        f"  train_shards: '{shards['pattern']}'\n  seg_shards: ['{shards['seg']}']\n"
+        "  batch_size: 2\n  num_workers: 0\n  crop_size: 32\n  sga: false\n  stl_ratio: 0.5\n"
+        "  coarsen_ops: [dilate, erode]\n"
+    )
+    data = parser.instantiate_classes(parser.parse_args(["--config", str(config)])).data
+    assert isinstance(data, ZimDataModule) and not data.converter_processor.sga
+    assert data.converter_processor.coarsen_ops == ("dilate", "erode")
+    check_converter_batch(next(iter(data.train_dataloader())), 2)
+    with pytest.raises(Exception, match="batch_size"):
+        parser.parse_args(["--config", str(config), "--data.batch_size", "two"])

@@ -508,7 +508,11 @@ class ZimDataModule(L.LightningDataModule):
         from zim_lightning.data.micromat import build_eval_dataset
 
         return build_eval_dataset(
-            self.eval_root, format=self.eval_format, prompt=self.eval_prompt, subset=self.eval_subset
+            self.eval_root,
+            format=self.eval_format,
+            prompt=self.eval_prompt,
+            subset=self.eval_subset,
+            seed=self.seed,
         )
 
     def eval_dataloader(self, *, rank: int | None = None, world_size: int | None = None) -> DataLoader:
