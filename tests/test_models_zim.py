@@ -77,15 +77,25 @@ def test_tiny_shapes_and_finite(pixel_decoder, side):
 @pytest.mark.parametrize("pixel_decoder", ["hierarchical", "sam"])
 def test_every_parameter_receives_gradient(pixel_decoder):
     model = tiny(pixel_decoder=pixel_decoder).train()
-    # One image, a box and a point prompt set (broadcast decode): both attention modes in one pass.
-    out = model(random_images(1), BOX_COORDS, BOX_LABELS, multimask_output=True)
-    emb, feats = model.encode_image(random_images(1, seed=1))
-    logits, iou = model.decode(emb, feats, POINT_COORDS, POINT_LABELS, multimask_output=True)
-    loss = out["logits"].sigmoid().mean() + out["iou"].mean() + logits.sigmoid().mean() + iou.mean()
-    loss.backward()
+    # One image, a box and a point prompt set decoded together: both attention modes in one pass.
+    emb, feats = model.encode_image(random_images(1))
+    coords = torch.cat([BOX_COORDS, POINT_COORDS])
+    labels = torch.cat([BOX_LABELS, POINT_LABELS])
+    logits, iou = model.decode(emb, feats, coords, labels, multimask_output=True)
+    (logits.sigmoid().mean() + iou.mean()).backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     zero = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() == 0]
     assert not no_grad and not zero, (no_grad, zero)
+
+
+def test_forward_is_encode_then_decode(tiny_encoded):
+    model, emb, feats = tiny_encoded
+    images = random_images(1, 1024, 768)
+    with torch.no_grad():
+        out = model(images, BOX_COORDS, BOX_LABELS, multimask_output=True)
+        logits, iou = model.decode(emb, feats, BOX_COORDS, BOX_LABELS, multimask_output=True)
+    assert set(out) == {"logits", "iou"}
+    assert torch.allclose(out["logits"], logits, atol=1e-5) and torch.allclose(out["iou"], iou, atol=1e-5)
 
 
 def test_decode_broadcasts_one_embedding_over_prompt_sets(tiny_encoded):
@@ -360,8 +370,9 @@ def test_sam_architecture_reproduces_sam_logits(sam_and_path):
     points = torch.tensor([[[300.0, 400.0], [700.0, 200.0]]])
     point_labels = torch.tensor([[1.0, 0.0]])
     with torch.no_grad():
-        emb, feats = model.encode_image(images)
+        # The embeddings agree (test above); decode SAM's so that only the decoders are compared here.
         sam_emb = sam.image_encoder(sam.preprocess(images.float()[0]).unsqueeze(0))
+        emb, feats = sam_emb, ()  # SAM's pixel decoder ignores the image features
         pe = sam.prompt_encoder.get_dense_pe()
         # Box: two corners labelled 2, 3 (no padding, as SAM embeds a box alone).
         ours, ours_iou = model.decode(emb, feats, box.reshape(1, 2, 2), torch.tensor([[2.0, 3.0]]))

@@ -53,17 +53,18 @@ def test_points_and_box_together(predictor):
     assert not np.allclose(both, box_only)  # the point is a token of the decoder too
 
 
+@pytest.mark.slow
 def test_predict_torch_batch_equals_single_calls(predictor):
     rng = np.random.default_rng(1)
     x1 = rng.uniform(0, WIDTH - 60, 16)
     y1 = rng.uniform(0, HEIGHT - 60, 16)
     boxes = np.stack([x1, y1, x1 + rng.uniform(10, 60, 16), y1 + rng.uniform(10, 60, 16)], axis=1)
-    singles = [predictor.predict(box=b) for b in boxes]
+    singles = [predictor.predict(box=b, multimask_output=False) for b in boxes]
     batch_boxes = torch.as_tensor(
         predictor.transform.apply_boxes(boxes, predictor.original_size), dtype=torch.float32
     )
-    masks, iou, low_res = predictor.predict_torch(None, None, batch_boxes)
-    assert masks.shape == (16, 4, HEIGHT, WIDTH) and iou.shape == (16, 4)
+    masks, iou, low_res = predictor.predict_torch(None, None, batch_boxes, multimask_output=False)
+    assert masks.shape == (16, 1, HEIGHT, WIDTH) and iou.shape == (16, 1)
     for i, (m, s, lr) in enumerate(singles):
         assert np.allclose(masks[i].numpy(), m, atol=1e-5)
         assert np.allclose(iou[i].numpy(), s, atol=1e-5)
