@@ -45,7 +45,10 @@ format: $(STAMP) ## Format with ruff
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
+serve: $(STAMP) ## Interactive matting page on 127.0.0.1:7860 (MODEL=tiny|vit_b, CHECKPOINT=...)
+	$(BIN)/zim-lightning serve --model $(or $(MODEL),tiny) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+
 clean: ## Remove generated data and reports (keeps .venv)
 	rm -rf data/synthetic reports lightning_logs .pytest_cache
 
-.PHONY: help install synth demo test lint format clean
+.PHONY: help install synth demo test lint format clean serve
