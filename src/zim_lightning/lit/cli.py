@@ -11,8 +11,10 @@ merge in order, and any value can be overridden on the command line::
     zim-lightning fit -c configs/trainer/gpu.yaml -c configs/zim/vit_b.yaml \\
         --model.init_args.net.init_args.masked_attention=false --trainer.max_steps=1000
 
-``trainer.max_steps`` is linked to the scheduler's ``total_steps``, so the cosine always ends with the
-run. The resolved configuration is saved as ``config.yaml`` in each run's log directory.
+The scheduler takes the run's length from ``trainer.max_steps`` (see
+:class:`~zim_lightning.lit.optimization.WarmupCosineLR`), so the cosine always ends with the run, and
+``seed_everything`` is linked to the datamodule's ``seed``. The resolved configuration is saved as
+``config.yaml`` in each run's log directory.
 """
 
 from __future__ import annotations
@@ -29,8 +31,6 @@ class ZimLightningCLI(LightningCLI):
     """LightningCLI with the links between values that several parts share."""
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - LightningArgumentParser
-        # One number sets the run's length: the cosine schedule spans exactly trainer.max_steps.
-        parser.link_arguments("trainer.max_steps", "model.init_args.scheduler.init_args.total_steps")
         # The run seed also seeds the data streams (per rank and worker), so one number repeats a run.
         parser.link_arguments("seed_everything", "data.init_args.seed")
 

@@ -89,7 +89,13 @@ class MattingModule(LightningModule):
         self.test_metrics = _means(eval_names, "test/")
 
     def configure_optimizers(self) -> dict:
-        return configure_optimization(self.parameters(), self.optimizer_factory, self.scheduler_factory)
+        return configure_optimization(
+            self.parameters(),
+            self.optimizer_factory,
+            self.scheduler_factory,
+            # max_steps when set, else epochs x batches: the cosine ends with the run
+            total_steps=self.trainer.estimated_stepping_batches if self._trainer is not None else None,
+        )
 
     def _log_values(
         self, metrics: MetricCollection, values: dict[str, Tensor], *, batch_size: int, train: bool
@@ -97,7 +103,8 @@ class MattingModule(LightningModule):
         """Update the stage's metric objects with scalars or per-sample vectors, and log them."""
         for name, value in values.items():
             metric = metrics[name]
-            metric.update(value.detach().float())
+            # forward, not update: Lightning logs the batch value on steps and the running mean on epochs
+            metric(value.detach().float())
             self.log(
                 f"{metrics.prefix}{name}",
                 metric,

@@ -19,6 +19,9 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+#: Attributes that define the schedule's shape (as opposed to its progress).
+_SCHEDULE_FIELDS = ("total_steps", "warmup_steps", "warmup_start_ratio", "min_lr_ratio", "base_lrs")
+
 
 class WarmupCosineLR(LambdaLR):
     """Linear warm-up from ``warmup_start_ratio * lr`` to ``lr``, then cosine decay to ``min_lr_ratio * lr``.
@@ -27,8 +30,9 @@ class WarmupCosineLR(LambdaLR):
 
     Args:
         optimizer: the optimiser whose learning rates it scales.
-        total_steps: optimiser steps of the whole run, warm-up included (the CLI links it to
-            ``trainer.max_steps``).
+        total_steps: optimiser steps of the whole run, warm-up included; None (the configs' choice): the
+            training module sets it from the trainer (``trainer.max_steps``) through
+            :meth:`set_total_steps`, so the cosine always ends with the run.
         warmup_steps: steps of the linear warm-up (0: none).
         warmup_start_ratio: factor of the learning rate at step 0 of the warm-up.
         min_lr_ratio: factor of the learning rate at the end of the cosine.
@@ -42,33 +46,60 @@ class WarmupCosineLR(LambdaLR):
         self,
         optimizer: Optimizer,
         *,
-        total_steps: int,
+        total_steps: int | None = None,
         warmup_steps: int = 0,
         warmup_start_ratio: float = 0.01,
         min_lr_ratio: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        if total_steps < 1:
-            raise ValueError(
-                f"total_steps must be >= 1 optimiser steps, got {total_steps}; set trainer.max_steps "
-                "(the CLI links it to the scheduler) or the scheduler's total_steps"
-            )
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         for name, ratio in (("warmup_start_ratio", warmup_start_ratio), ("min_lr_ratio", min_lr_ratio)):
             if not 0.0 <= ratio <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {ratio}")
-        self.total_steps = total_steps
-        self.warmup_steps = min(warmup_steps, total_steps)
+        self.total_steps: int | None = None
+        self.warmup_steps = warmup_steps
         self.warmup_start_ratio = warmup_start_ratio
         self.min_lr_ratio = min_lr_ratio
+        if total_steps is not None:
+            self.set_total_steps(total_steps)
         super().__init__(optimizer, self.factor, last_epoch=last_epoch)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Fix the run's length (optimiser steps); a warm-up longer than the run is cut to it."""
+        if not 1 <= total_steps < math.inf:
+            raise ValueError(
+                f"total_steps must be a finite number >= 1 of optimiser steps, got {total_steps}; "
+                "set trainer.max_steps (streaming data has no natural end) or the scheduler's total_steps"
+            )
+        self.total_steps = int(total_steps)
+        self.warmup_steps = min(self.warmup_steps, self.total_steps)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the progress (step, learning rates) but keep this run's schedule.
+
+        The schedule's shape comes from the config of the run that resumes: extending a run with a larger
+        ``trainer.max_steps`` stretches the cosine to the new end instead of silently keeping the old one.
+        """
+        schedule = {name: getattr(self, name) for name in _SCHEDULE_FIELDS}
+        super().load_state_dict(state_dict)
+        self.__dict__.update(schedule)
+        # The optimiser was restored first with the learning rates of the saved schedule; give it this
+        # schedule's rates at the restored step, or the first resumed step would run at the old rate.
+        factor = self.factor(self.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def factor(self, step: int) -> float:
         """Multiplier of the base learning rate at optimiser step ``step`` (0-based)."""
         if step < self.warmup_steps:
             frac = step / self.warmup_steps
             return self.warmup_start_ratio + (1.0 - self.warmup_start_ratio) * frac
+        if self.total_steps is None:
+            if step == 0:  # the constructor's initial step, before the trainer has told the length
+                return 1.0
+            raise RuntimeError("WarmupCosineLR stepped before set_total_steps(); the run length is unknown")
         span = max(self.total_steps - self.warmup_steps, 1)
         progress = min((step - self.warmup_steps) / span, 1.0)
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -78,6 +109,8 @@ def configure_optimization(
     params: Iterable[torch.nn.Parameter],
     optimizer: Callable[[Iterable[torch.nn.Parameter]], Optimizer],
     scheduler: Callable[[Optimizer], LRScheduler] | None,
+    *,
+    total_steps: int | float | None = None,
 ) -> dict:
     """Build the optimiser over ``params`` (trainable ones only) and a per-step scheduler.
 
@@ -86,6 +119,8 @@ def configure_optimization(
             keeps no state for them.
         optimizer: ``OptimizerCallable``, e.g. ``functools.partial(torch.optim.AdamW, lr=1e-5)``.
         scheduler: ``LRSchedulerCallable`` or None for a constant learning rate.
+        total_steps: the run's optimiser steps (``trainer.estimated_stepping_batches``), handed to a
+            :class:`WarmupCosineLR` built without its own ``total_steps``.
 
     Returns:
         Lightning's ``configure_optimizers`` dictionary.
@@ -96,7 +131,9 @@ def configure_optimization(
     opt = optimizer(trainable)
     if scheduler is None:
         return {"optimizer": opt}
-    return {
-        "optimizer": opt,
-        "lr_scheduler": {"scheduler": scheduler(opt), "interval": "step", "frequency": 1},
-    }
+    sched = scheduler(opt)
+    if isinstance(sched, WarmupCosineLR) and sched.total_steps is None:
+        if total_steps is None:
+            raise ValueError("WarmupCosineLR has no total_steps and the run length is unknown")
+        sched.set_total_steps(total_steps)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}

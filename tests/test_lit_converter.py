@@ -1,0 +1,168 @@
+"""The converter's training stage: through the real CLI, configs, datamodule and tiny network on CPU."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+
+from zim_lightning.data.synthetic import generate
+from zim_lightning.lit.callbacks import MatteGridLogger, SkipCountLogger
+from zim_lightning.lit.cli import cli_main
+from zim_lightning.lit.converter_module import ConverterModule
+from zim_lightning.models.checkpoint import load_exactly, read_state_dict
+from zim_lightning.models.converter import build_converter_tiny
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(
+        root,
+        seed=0,
+        num_shards=1,
+        num_images=2,
+        image_size=(96, 128),
+        matting_train=8,
+        matting_val=4,
+        seg=4,
+        shard_size=8,
+        micromat=2,
+        eval_images=1,
+    )
+    return root
+
+
+def _args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    """The tiny converter config on the synthetic sample, shrunk to a few seconds of CPU."""
+    return [
+        "-c",
+        str(CONFIGS / "trainer" / "cpu.yaml"),
+        "-c",
+        str(CONFIGS / "converter" / "tiny.yaml"),
+        f"--data.init_args.train_shards={data / 'matting/train/matting-000000.tar'}",
+        f"--data.init_args.val_shards={data / 'matting/val/matting-000000.tar'}",
+        f"--data.init_args.seg_shards={data / 'seg/seg-000000.tar'}",
+        "--data.init_args.crop_size=64",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.shuffle_buffer=4",
+        "--data.init_args.shuffle_initial=2",
+        f"--trainer.default_root_dir={run_dir}",
+        f"--trainer.logger.init_args.save_dir={run_dir}",
+        "--trainer.enable_model_summary=false",
+        *extra,
+    ]
+
+
+class _Steps(Callback):
+    """Records the global step and learning rate at the start of every training batch."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self.starts.append(trainer.global_step)
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+class _Dtypes(Callback):
+    """Records the dtypes the network's convolutions compute in during training."""
+
+    def __init__(self) -> None:
+        self.seen: set[torch.dtype] = set()
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        for module in pl_module.net.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.register_forward_hook(lambda m, i, o: self.seen.add(o.dtype))
+
+
+def test_fast_dev_run_in_bf16_mixed_on_cpu(synthetic: Path, tmp_path: Path):
+    cli = cli_main(
+        _args(synthetic, tmp_path, "--trainer.fast_dev_run=true", "--trainer.precision=bf16-mixed"), run=False
+    )
+    assert isinstance(cli.model, ConverterModule)
+    dtypes = _Dtypes()
+    cli.trainer.callbacks.append(dtypes)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 1
+    assert torch.bfloat16 in dtypes.seen
+    logged = cli.trainer.callback_metrics
+    assert torch.isfinite(logged["train/loss"]) and torch.isfinite(logged["val/sad"])
+    # the identity baseline (coarse mask as the matte) is measured on the same crops
+    assert torch.isfinite(logged["val/sad_input"])
+
+
+@pytest.mark.slow
+def test_run_logs_then_resumes_at_the_saved_step(synthetic: Path, tmp_path: Path):
+    common = (
+        "--trainer.limit_val_batches=1",
+        "--trainer.val_check_interval=2",
+        "--trainer.log_every_n_steps=1",
+        "--model.init_args.scheduler.init_args.warmup_steps=0",
+    )
+    first = cli_main(_args(synthetic, tmp_path, "--trainer.max_steps=2", *common), run=False)
+    for callback in first.trainer.callbacks:
+        if isinstance(callback, (MatteGridLogger, SkipCountLogger)):
+            callback.every_n_steps = 1
+    first.trainer.fit(first.model, datamodule=first.datamodule)
+    # the run directory holds the resolved config, picture grids, metrics and checkpoints
+    log_dir = Path(first.trainer.log_dir)
+    last = log_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file() and (log_dir / "config.yaml").is_file()
+    images = sorted(p.name for p in (log_dir / "images").glob("*.png"))
+    assert "train_grid_step0000001.png" in images and "val_grid_step0000002.png" in images
+    with open(log_dir / "metrics.csv") as f:
+        columns = set(next(csv.reader(f)))
+    assert {
+        "train/loss_step",
+        "train/l1_step",
+        "train/grad_step",
+        "val/loss",
+        "val/sad",
+        "val/mse",
+    } <= columns
+    assert "data/skipped" in columns and "lr-AdamW" in columns
+
+    second = cli_main(_args(synthetic, tmp_path, "--trainer.max_steps=4", *common), run=False)
+    steps = _Steps()
+    second.trainer.callbacks.append(steps)
+    second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path=str(last))
+    assert steps.starts == [2, 3]
+    assert second.trainer.global_step == 4
+    # the schedule resumed at step 2 of the new, longer cosine (lr 1e-3 * (1 + cos(pi * s / 4)) / 2)
+    scheduler = second.trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == 4 and scheduler.total_steps == 4
+    assert steps.lrs == pytest.approx([0.5e-3, 1e-3 * (1 + math.cos(math.pi * 3 / 4)) / 2])
+
+    # a Lightning checkpoint of this module is read by the models' loader (weights_only, "net." prefix)
+    net = build_converter_tiny()
+    load_exactly(net, read_state_dict(last), source=str(last))
+    assert torch.equal(net.head_os1.weight, first.model.net.head_os1.weight.detach())
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(synthetic: Path):
+    cli = cli_main(_args(synthetic, synthetic / "unused"), run=False)
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    torch.manual_seed(0)
+    module = ConverterModule(
+        net=build_converter_tiny(), optimizer=functools.partial(torch.optim.AdamW, lr=3e-3)
+    )
+    optimizer = module.configure_optimizers()["optimizer"]
+    losses = []
+    for _ in range(4):
+        loss = module._step(batch)[1]["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses

@@ -1,0 +1,66 @@
+"""The warm-up cosine schedule and the optimiser factory."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from zim_lightning.lit.optimization import WarmupCosineLR, configure_optimization
+
+
+def _lrs(scheduler: WarmupCosineLR, steps: int) -> list[float]:
+    lrs = []
+    for _ in range(steps):
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_warmup_then_cosine_to_the_floor():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupCosineLR(opt, total_steps=10, warmup_steps=4, warmup_start_ratio=0.0, min_lr_ratio=0.1)
+    lrs = _lrs(sched, 12)
+    assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    # halfway through the cosine (step 7 of 4..10) the factor is the mean of 1 and the floor
+    assert lrs[7] == pytest.approx(0.55)
+    assert lrs[10] == pytest.approx(0.1) and lrs[11] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+
+
+def test_bad_schedule_arguments_are_named():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="total_steps"):
+        WarmupCosineLR(opt, total_steps=-1)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        WarmupCosineLR(opt, total_steps=5, min_lr_ratio=2.0)
+
+
+def test_frozen_parameters_are_left_out_and_the_scheduler_steps_per_iteration():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    net[0].requires_grad_(False)
+    config = configure_optimization(
+        net.parameters(),
+        functools.partial(torch.optim.AdamW, lr=1e-3),
+        functools.partial(WarmupCosineLR, total_steps=100),
+    )
+    params = [p for group in config["optimizer"].param_groups for p in group["params"]]
+    assert len(params) == 2 and all(p.requires_grad for p in params)
+    assert config["lr_scheduler"]["interval"] == "step"
+    net.requires_grad_(False)
+    with pytest.raises(ValueError, match="frozen"):
+        configure_optimization(net.parameters(), torch.optim.AdamW, None)
+
+
+def test_the_run_length_comes_from_the_trainer_when_the_config_leaves_it_out():
+    net = torch.nn.Linear(2, 2)
+    config = configure_optimization(
+        net.parameters(), functools.partial(torch.optim.SGD, lr=1.0), WarmupCosineLR, total_steps=8
+    )
+    scheduler = config["lr_scheduler"]["scheduler"]
+    assert scheduler.total_steps == 8
+    assert _lrs(scheduler, 9)[4] == pytest.approx(0.5) and scheduler.get_last_lr()[0] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="max_steps"):
+        configure_optimization(net.parameters(), torch.optim.SGD, WarmupCosineLR, total_steps=float("inf"))
