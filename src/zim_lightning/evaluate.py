@@ -1,0 +1,416 @@
+"""``zim-lightning eval``: zero-shot matting evaluation on MicroMat-3K, AM-2K or AIM-500 (ZIM paper, Sec. 5,
+Tables 1-3).
+
+``zim-lightning eval --model NAME [--checkpoint PATH] --data DIR --format micromat|am2k|aim500
+--prompt point|box|both --out DIR [--save-predictions] [--protocol paper|dim]
+[--baselines binary,closed_form] [--devices N --accelerator ...]`` runs
+:class:`~zim_lightning.lit.eval_module.EvalModule` in Lightning's test loop (each rank a disjoint slice,
+metrics gathered once) and writes, on rank 0:
+
+- ``OUT/metrics.json``: ``{"protocol", "model", "checkpoint", "format", "data", "results": {SUBSET:
+  {PROMPT: {"sad", "mse", "mae", "grad", "conn", "n"}}}, "buckets": {SUBSET: {PROMPT: {"S"|"M"|"L":
+  {...}}}}, "baselines": {METHOD: {SUBSET: {PROMPT: {...}}}}, "baseline_buckets": {METHOD: ...}}``;
+  SUBSET is fine / coarse for MicroMat-3K and "all" for AM-2K / AIM-500; a mean over no instance is null;
+- ``OUT/instances.csv``: one row per method x prompt x instance with its errors;
+- ``OUT/report.md``: the paper's tables (rows method x prompt, columns metrics per subset), the size
+  buckets, and links to the picture grids;
+- ``OUT/grids/<method>_<prompt>_{best,worst}.png``: the instances with the lowest / highest SAD (image
+  with the prompt drawn, prediction, ground truth);
+- with ``--save-predictions``: each ZIM alpha as a 16-bit PNG at ``OUT/predictions/PROMPT/<matte path>``
+  (the path data_list.txt gives; ``mask/<stem>.png`` for AM-2K / AIM-500) and each baseline's at
+  ``OUT/baselines/METHOD/predictions/PROMPT/<matte path>``. The metrics are computed on exactly these
+  16-bit values, so they can be recomputed from the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from zim_lightning.data.micromat import FORMATS, PROMPTS
+from zim_lightning.metrics import BUCKETS, METRIC_NAMES, PROTOCOLS
+
+log = logging.getLogger(__name__)
+
+#: Bits of saved predictions (and of the values the metrics see).
+PREDICTION_BITS = 16
+#: Column titles of the report's tables.
+METRIC_TITLES: dict[str, str] = {"sad": "SAD", "mse": "MSE", "mae": "MAE", "grad": "Grad", "conn": "Conn"}
+#: Height in pixels of each panel of the picture grids.
+GRID_PANEL_HEIGHT = 192
+#: Colours (RGB) of the prompts drawn on grid images.
+POSITIVE_COLOUR, NEGATIVE_COLOUR, BOX_COLOUR = (0, 220, 0), (230, 0, 0), (255, 200, 0)
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def prediction_path(out: Path, method: str, prompt: str, matte_relpath: str) -> Path:
+    """Where a prediction is saved: ``OUT/predictions/PROMPT/<matte path>`` for ZIM, under
+    ``OUT/baselines/METHOD/`` for a baseline (the matte path's suffix becomes .png)."""
+    base = out if method == "zim" else out / "baselines" / method
+    return (base / "predictions" / prompt / matte_relpath).with_suffix(".png")
+
+
+def write_alpha16(path: Path, alpha: torch.Tensor) -> None:
+    """Write HxW alpha in [0, 1] (already on 16-bit levels) as a 16-bit grayscale PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    levels = torch.round(alpha.double().clamp(0, 1) * (2**PREDICTION_BITS - 1)).to(torch.int32).numpy()
+    if not cv2.imwrite(str(path), levels.astype(np.uint16)):
+        raise OSError(f"could not write {path}")
+
+
+def _prediction_writer(out: Path) -> Any:
+    from lightning.pytorch.callbacks import Callback
+
+    class PredictionWriter(Callback):
+        """Saves every prediction of the test loop as a 16-bit PNG (each rank its own instances)."""
+
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            for instance in outputs:
+                for method, by_prompt in instance["alphas"].items():
+                    for prompt, alpha in by_prompt.items():
+                        write_alpha16(prediction_path(out, method, prompt, instance["matte_relpath"]), alpha)
+
+    return PredictionWriter()
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def _clean(value: Any) -> Any:
+    """NaN (a mean over no instance) becomes None, which JSON writes as null."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def metrics_document(
+    results: dict[str, dict[str, dict[str, dict[str, Any]]]], *, protocol: str, info: dict[str, Any]
+) -> dict[str, Any]:
+    """Turn ``EvalModule.results`` ({method: {prompt: {subset: ...}}}) into the metrics.json layout."""
+
+    def by_subset(method: str, part: str) -> dict[str, Any]:
+        table: dict[str, Any] = {}
+        for prompt, subsets in results[method].items():
+            for subset, res in subsets.items():
+                entry = (
+                    {name: res[name] for name in (*METRIC_NAMES, "n")}
+                    if part == "results"
+                    else res["buckets"]
+                )
+                table.setdefault(subset, {})[prompt] = entry
+        return table
+
+    doc: dict[str, Any] = {"protocol": protocol, **info}
+    doc["results"] = by_subset("zim", "results")
+    doc["buckets"] = by_subset("zim", "buckets")
+    baselines = [m for m in results if m != "zim"]
+    if baselines:
+        doc["baselines"] = {m: by_subset(m, "results") for m in baselines}
+        doc["baseline_buckets"] = {m: by_subset(m, "buckets") for m in baselines}
+    return _clean(doc)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def report_markdown(doc: dict[str, Any], *, grids: list[Path], out: Path) -> str:
+    """The report: the paper's tables, the size buckets and the picture grids."""
+    methods = {"zim": (doc["results"], doc["buckets"])}
+    for method, table in doc.get("baselines", {}).items():
+        methods[method] = (table, doc["baseline_buckets"][method])
+    subsets = list(doc["results"])
+    prompts = list(next(iter(doc["results"].values())))
+    names = [METRIC_TITLES[m] for m in METRIC_NAMES]
+    lines = [
+        f"# Matting evaluation: {doc['format']}",
+        "",
+        f"Model `{doc['model']}`, checkpoint `{doc['checkpoint']}`, protocol `{doc['protocol']}` "
+        f"({'paper: SAD/1000, MSE, MAE and Grad x1000, Conn/1000' if doc['protocol'] == 'paper' else 'dim: Composition-1k'}).",
+        "Instances: " + ", ".join(f"{s} {doc['results'][s][prompts[0]]['n']}" for s in subsets) + ".",
+        "",
+        "## Results",
+        "",
+        "| Method | Prompt | " + " | ".join(f"{s} {n}" for s in subsets for n in names) + " |",
+        "|---|---|" + "---:|" * (len(subsets) * len(names)),
+    ]
+    for method, (table, _) in methods.items():
+        for prompt in prompts:
+            cells = [_fmt(table[s][prompt][m]) for s in subsets for m in METRIC_NAMES]
+            lines.append(f"| {method} | {prompt} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Size buckets",
+        "",
+        "Fraction of ground-truth pixels with alpha > 0.3: S < 0.01, M < 0.1, L otherwise.",
+        "",
+        "| Method | Prompt | Subset | Bucket | n | " + " | ".join(names) + " |",
+        "|---|---|---|---|---:|" + "---:|" * len(names),
+    ]
+    for method, (_, buckets) in methods.items():
+        for prompt in prompts:
+            for subset in subsets:
+                for bucket in BUCKETS:
+                    res = buckets[subset][prompt][bucket]
+                    cells = [_fmt(res[m]) for m in METRIC_NAMES]
+                    lines.append(
+                        f"| {method} | {prompt} | {subset} | {bucket} | {res['n']} | "
+                        + " | ".join(cells)
+                        + " |"
+                    )
+    if grids:
+        lines += ["", "## Best and worst instances (by SAD)", ""]
+        lines += [
+            "Each row: image with the prompt (box, positive / negative points), prediction, ground truth.",
+            "",
+        ]
+        for grid in grids:
+            rel = grid.relative_to(out).as_posix()
+            lines += [f"### {grid.stem}", "", f"![{grid.stem}]({rel})", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_instances_csv(path: Path, module: Any, dataset: Any) -> None:
+    """One row per method x prompt x subset x instance: key, bucket inputs and errors."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "prompt", "subset", "key", "matte_relpath", *METRIC_NAMES, "fg_fraction"])
+        for method, by_prompt in module.instance_rows.items():
+            for prompt, by_subset in by_prompt.items():
+                for subset, rows in by_subset.items():
+                    for row in rows.tolist():
+                        record = dataset.records[int(row[0])]
+                        writer.writerow(
+                            [
+                                method,
+                                prompt,
+                                subset,
+                                record.key,
+                                record.matte_relpath,
+                                *(f"{v:.9g}" for v in row[1:]),
+                            ]
+                        )
+
+
+# ---------------------------------------------------------------------------------------------- grids
+
+
+def _panel(array: np.ndarray, height: int) -> np.ndarray:
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    h, w = array.shape[:2]
+    width = max(1, round(w * height / h))
+    return cv2.resize(
+        array, (width, height), interpolation=cv2.INTER_AREA if h > height else cv2.INTER_LINEAR
+    )
+
+
+def draw_prompt(image: np.ndarray, prompt: dict[str, np.ndarray], mode: str) -> np.ndarray:
+    """The image (RGB uint8) with the prompt of ``mode`` drawn in original pixels."""
+    canvas = image.copy()
+    thickness = max(1, round(max(image.shape[:2]) / 300))
+    if mode == "box":
+        x1, y1, x2, y2 = (round(float(v)) for v in prompt["box"])
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), BOX_COLOUR, thickness)
+    else:
+        for x, y, label in np.asarray(prompt["points"]):
+            colour = POSITIVE_COLOUR if label == 1 else NEGATIVE_COLOUR
+            cv2.circle(canvas, (round(float(x)), round(float(y))), 3 * thickness, colour, -1)
+    return canvas
+
+
+def write_grids(
+    out: Path, module: Any, dataset: Any, *, count: int, method: str = "zim", rank_by: str = "sad"
+) -> list[Path]:
+    """Picture grids of the ``count`` best and worst instances per prompt (all subsets together).
+
+    The predictions are recomputed for the chosen instances (the same deterministic forward pass).
+    """
+    paths = []
+    column = 1 + METRIC_NAMES.index(rank_by)
+    for prompt, by_subset in module.instance_rows[method].items():
+        rows = torch.cat(list(by_subset.values()))
+        if not len(rows):
+            continue
+        order = torch.argsort(rows[:, column], stable=True).tolist()
+        for name, chosen in (("best", order[:count]), ("worst", order[::-1][:count])):
+            strips = []
+            for r in chosen:
+                item = dataset[int(rows[r, 0])]
+                alpha = module.predict_instance(item)[method][prompt].numpy()
+                panels = [
+                    draw_prompt(item["image"], item["prompt"], prompt),
+                    np.round(alpha * 255).astype(np.uint8),
+                    np.round(np.asarray(item["alpha"]) * 255).astype(np.uint8),
+                ]
+                strip = np.concatenate([_panel(p, GRID_PANEL_HEIGHT) for p in panels], axis=1)
+                label = f"{item['key']}  SAD {rows[r, column].item():.3f}"
+                cv2.putText(
+                    strip, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA
+                )
+                strips.append(strip)
+            width = max(s.shape[1] for s in strips)
+            grid = np.concatenate([np.pad(s, ((0, 4), (0, width - s.shape[1]), (0, 0))) for s in strips])
+            path = out / "grids" / f"{method}_{prompt}_{name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+            paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def _baselines(text: str) -> list[str]:
+    from zim_lightning.lit.eval_module import BASELINES
+
+    names = [t for t in (s.strip() for s in text.split(",")) if t]
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
+    return names
+
+
+def _parser(models: list[str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zim-lightning eval",
+        description="Evaluate ZIM on MicroMat-3K, AM-2K or AIM-500 (metrics.json, report.md, grids).",
+    )
+    p.add_argument("--model", required=True, choices=models, help="ZIM size in zim_model_registry")
+    p.add_argument("--checkpoint", help="our weights (state dict or Lightning checkpoint); none: random")
+    p.add_argument(
+        "--data", required=True, type=Path, help="dataset folder (MicroMat-3K: holds data_list.txt)"
+    )
+    p.add_argument("--format", required=True, choices=FORMATS, help="dataset layout")
+    p.add_argument("--prompt", default="both", choices=PROMPTS, help="prompt mode(s) to evaluate")
+    p.add_argument("--subset", default=None, help="MicroMat-3K fine or coarse only (default: both)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--save-predictions", action="store_true", help="write every alpha as a 16-bit PNG")
+    p.add_argument("--protocol", default="paper", choices=PROTOCOLS, help="metric definitions")
+    p.add_argument("--baselines", type=_baselines, default=[], help="comma list: binary,closed_form")
+    p.add_argument(
+        "--closed-form-max-side",
+        type=int,
+        default=512,
+        help="closed_form runs at most this size (0: full size)",
+    )
+    p.add_argument(
+        "--grid-count", type=int, default=4, help="instances in each best / worst grid (0: no grids)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights and derived point prompts")
+    p.add_argument("--pixel-decoder", default="hierarchical", choices=["hierarchical", "sam"])
+    p.add_argument("--no-masked-attention", action="store_true", help="ablation: plain cross-attention")
+    p.add_argument("--accelerator", default="auto", help="Lightning accelerator (cpu, gpu, auto)")
+    p.add_argument("--devices", default="1", help="devices per node (a number, or 'auto')")
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--precision", default="32-true", help="Lightning precision of the forward pass")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers per rank")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``zim-lightning eval``."""
+    import lightning as L
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from zim_lightning.data.datamodule import ZimDataModule
+    from zim_lightning.data.micromat import build_eval_dataset
+    from zim_lightning.lit.eval_module import EvalModule
+    from zim_lightning.models.build import zim_model_registry
+
+    parser = _parser(sorted(zim_model_registry))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.checkpoint is None:
+        log.warning("no --checkpoint given: %s has RANDOM weights (smoke tests only)", args.model)
+    elif not Path(args.checkpoint).is_file():
+        parser.error(f"--checkpoint {args.checkpoint!r} does not exist or is not a file")
+    if args.grid_count < 0 or args.closed_form_max_side < 0:
+        parser.error("--grid-count and --closed-form-max-side must be >= 0")
+    devices: int | str = int(args.devices) if args.devices.isdigit() else args.devices
+    try:
+        dataset = build_eval_dataset(
+            args.data, format=args.format, prompt=args.prompt, subset=args.subset, seed=args.seed
+        )
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+
+    # Same seed on every rank: random weights (smoke tests) must be the same network everywhere.
+    L.seed_everything(args.seed, verbose=False)
+    net = zim_model_registry[args.model](
+        checkpoint=args.checkpoint,
+        pixel_decoder=args.pixel_decoder,
+        masked_attention=not args.no_masked_attention,
+    ).eval()
+    module = EvalModule(
+        net=net,
+        prompts=["point", "box"] if args.prompt == "both" else [args.prompt],
+        protocol=args.protocol,
+        subsets=dataset.subsets,
+        baselines=args.baselines,
+        closed_form_max_side=args.closed_form_max_side or None,
+        quantize_bits=PREDICTION_BITS,
+    )
+    data = ZimDataModule(
+        stage="eval",
+        eval_root=str(args.data),
+        eval_format=args.format,
+        eval_prompt=args.prompt,
+        eval_subset=args.subset,
+        batch_size=1,
+        num_workers=args.num_workers,
+        seed=args.seed,
+    )
+    callbacks: list[Any] = [RichProgressBar()]
+    if args.save_predictions:
+        callbacks.append(_prediction_writer(args.out))
+    several = args.num_nodes > 1 or devices not in (1, "auto")
+    trainer = L.Trainer(
+        accelerator=args.accelerator,
+        devices=devices,
+        num_nodes=args.num_nodes,
+        strategy="ddp" if several else "auto",
+        precision=args.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    with warnings.catch_warnings():
+        # Instances are lists of dicts of different sizes; Lightning cannot infer a batch size from them.
+        warnings.filterwarnings("ignore", message=".*Trying to infer the `batch_size`.*")
+        trainer.test(module, datamodule=data, verbose=False)
+    if not trainer.is_global_zero:
+        return 0
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = {
+        "model": args.model,
+        "checkpoint": args.checkpoint,
+        "format": args.format,
+        "data": str(args.data),
+        "prediction_bits": PREDICTION_BITS,
+    }
+    doc = metrics_document(module.results, protocol=args.protocol, info=info)
+    (args.out / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
+    write_instances_csv(args.out / "instances.csv", module, dataset)
+    grids = write_grids(args.out, module, dataset, count=args.grid_count) if args.grid_count else []
+    report = report_markdown(doc, grids=grids, out=args.out)
+    (args.out / "report.md").write_text(report)
+    print(report)
+    print(f"wrote {args.out / 'metrics.json'}, {args.out / 'report.md'}")
+    return 0
