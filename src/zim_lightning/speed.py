@@ -18,19 +18,31 @@ LightningModule can apply exactly the switches it wants:
   sigmoid (the benchmarks and tests do).
 
 Fused AdamW is an optimiser argument, not a model switch: ``torch.optim.AdamW(..., fused=True)``.
+
+For the benchmarks (``benchmarks/``), :func:`measure_ms` times a call properly on CUDA and
+:func:`build_stock_sam` builds segment-anything's own ``Sam`` at the sizes of a ZIM variant, to measure
+the two side by side.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
-from collections.abc import Iterator, Sequence
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 
 import torch
 from torch import nn
 
-from zim_lightning.models.image_encoder import ImageEncoder
+from zim_lightning.models.build import ZIM_VARIANTS
+from zim_lightning.models.image_encoder import LAYER_NORM_EPS, MLP_RATIO, WINDOW_SIZE, ImageEncoder
 from zim_lightning.models.vit_attention import ViTAttention, check_backend
+from zim_lightning.models.zim import Zim
 
 log = logging.getLogger(__name__)
 
@@ -164,3 +176,128 @@ def autocast(device: torch.device | str, precision: str) -> Iterator[None]:
         return
     with torch.autocast(torch.device(device).type, dtype=dtype):
         yield
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued work on ``device`` (CUDA kernels run asynchronously; CPU needs nothing)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_ms(
+    fn: Callable[[], object], *, device: torch.device | str, warmup: int, repeats: int
+) -> dict[str, float]:
+    """Time ``fn()`` in milliseconds: ``warmup`` untimed calls, then ``repeats`` synchronised ones.
+
+    Each timed call is bracketed by device synchronisation, so the time is the call's full latency
+    (what a user waiting for the result sees), not the time to enqueue its kernels.
+
+    Args:
+        fn: the call to time.
+        device: where its work runs.
+        warmup: untimed calls first (compilation, cuDNN autotuning, allocator warm-up).
+        repeats: timed calls (>= 1).
+
+    Returns:
+        ``median``, ``min`` and ``max`` in milliseconds, and ``repeats``.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": repeats}
+
+
+def build_stock_sam(variant: str, *, image_size: int = 1024):
+    """segment-anything's ``Sam`` (its own classes and code) at the sizes of a ZIM variant, random weights.
+
+    For ``vit_b``/``vit_l``/``vit_h`` this is ``sam_model_registry[variant]`` without a checkpoint; for
+    ``tiny`` the same classes at the tiny sizes.
+
+    Args:
+        variant: a key of :data:`~zim_lightning.models.build.ZIM_VARIANTS`.
+        image_size: input side (1024).
+
+    Returns:
+        ``segment_anything.modeling.Sam``.
+    """
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    if variant not in ZIM_VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(ZIM_VARIANTS)}, got {variant!r}")
+    # The variant's sizes over Zim's defaults (the SAM sizes the variants do not override).
+    defaults = {name: p.default for name, p in inspect.signature(Zim.__init__).parameters.items()}
+    cfg = {**defaults, **ZIM_VARIANTS[variant]}
+    dim = cfg["prompt_embed_dim"]
+    grid = image_size // 16
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=image_size,
+            patch_size=16,
+            embed_dim=cfg["encoder_embed_dim"],
+            depth=cfg["encoder_depth"],
+            num_heads=cfg["encoder_num_heads"],
+            mlp_ratio=MLP_RATIO,
+            out_chans=dim,
+            qkv_bias=True,
+            norm_layer=partial(torch.nn.LayerNorm, eps=LAYER_NORM_EPS),
+            use_rel_pos=True,
+            window_size=WINDOW_SIZE,
+            global_attn_indexes=tuple(cfg["encoder_global_attn_indexes"]),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=cfg["decoder_depth"],
+                embedding_dim=dim,
+                mlp_dim=cfg["decoder_mlp_dim"],
+                num_heads=cfg["decoder_num_heads"],
+            ),
+            transformer_dim=dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=cfg["iou_head_hidden_dim"],
+        ),
+    )
+
+
+def describe_environment(device: torch.device | str) -> dict[str, object]:
+    """Machine, library versions and git commit, recorded with benchmark results so they can be told apart.
+
+    Args:
+        device: the device the benchmark ran on.
+
+    Returns:
+        JSON-ready dictionary (``gpu`` and ``cuda`` only on CUDA; ``commit`` None outside a git checkout).
+    """
+    device = torch.device(device)
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    info: dict[str, object] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "device": str(device),
+        "commit": commit or None,
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info

@@ -1,0 +1,270 @@
+"""Interactive latency of ZIM against stock segment-anything, measured in one process; prints JSON.
+
+For each configuration it times, on the same synthetic 1024x1024 image and boxes:
+
+- ``set_image``: the image encoder (plus ZIM's feature pyramid) from a uint8 1x3x1024x1024 tensor
+  already on the device (stock: ``SamPredictor.set_torch_image``);
+- ``one_box``: decode one box and bring the result to the host as a 1024x1024 array (stock:
+  ``SamPredictor.predict(box=...)``; ours: logits upsampled to the image, sigmoid, ``.cpu()``);
+- ``set_image_plus_one_box``: both, back to back (the interactive target: <= 8 ms on an H100);
+- ``boxes16``: 16 boxes decoded in one batched call, results left on the device (stock:
+  ``SamPredictor.predict_torch(boxes=...)``; ours: ``Zim.decode`` with one embedding and 16 prompt sets).
+
+Configurations: stock SAM at fp32 and at ``--precision``; ZIM's plain path (segment-anything's eager
+attention, fp32: the reference); then ZIM with each ``--attention`` backend at ``--precision``,
+channels-last, compiled when ``--compile`` names a mode. Every ZIM configuration also reports the
+mean squared difference of its one-box alpha from the plain fp32 path's (target: < 1e-4).
+
+Weights are random (latency does not depend on them). GPU run (an H100, ViT-B)::
+
+    python benchmarks/predictor_latency.py --model vit_b --device cuda --json-out latency.json
+
+CPU smoke run (tiny model, 256 input: only checks that everything runs)::
+
+    python benchmarks/predictor_latency.py --model tiny --image-size 256 --device cpu --precision fp32 \
+        --compile none --warmup 1 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from segment_anything.predictor import SamPredictor
+
+from zim_lightning import speed
+from zim_lightning.models.build import ZIM_VARIANTS
+from zim_lightning.models.vit_attention import ATTENTION_BACKENDS
+from zim_lightning.models.zim import Zim
+
+BATCHED_BOXES = 16
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="predictor_latency", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vit_b", choices=sorted(ZIM_VARIANTS), help="model size")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=1024,
+        help="input side (SAM and ZIM: 1024; smaller for CPU smoke runs)",
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--attention",
+        default="sdpa,sdpa_fold,flex",
+        help=f"comma-separated ViT attention backends of the fast ZIM configurations ({', '.join(ATTENTION_BACKENDS)})",
+    )
+    parser.add_argument("--precision", default="bf16", choices=sorted(speed.PRECISIONS))
+    parser.add_argument(
+        "--compile",
+        default="default",
+        choices=("none", *speed.COMPILE_MODES),
+        help="torch.compile mode of the fast ZIM configurations ('none': eager)",
+    )
+    parser.add_argument(
+        "--no-channels-last", action="store_true", help="keep NCHW conv weights in the fast path"
+    )
+    parser.add_argument("--skip-stock", action="store_true", help="do not measure stock segment-anything")
+    parser.add_argument(
+        "--warmup", type=int, default=10, help="untimed calls first (compilation happens here)"
+    )
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls; the median is reported")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    args.attention = [a.strip() for a in args.attention.split(",") if a.strip()]
+    for backend in args.attention:
+        if backend not in ATTENTION_BACKENDS:
+            parser.error(f"--attention: {backend!r} is not one of {list(ATTENTION_BACKENDS)}")
+    return args
+
+
+def synthetic_inputs(seed: int, side: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uint8 1x3xSxS image (smooth colours plus noise) and 16 boxes Bx4 ``(x1, y1, x2, y2)`` pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(0, 255, side)
+    image = torch.stack(
+        [
+            ramp[None, :].expand(side, -1),
+            ramp[:, None].expand(-1, side),
+            ramp.flip(0)[None].expand(side, -1),
+        ]
+    )
+    image = (image + torch.randint(-40, 40, image.shape, generator=generator)).clamp(0, 255).to(torch.uint8)
+    corners = torch.rand(BATCHED_BOXES, 2, 2, generator=generator) * (side - 1)
+    boxes = torch.cat([corners.amin(dim=1), corners.amax(dim=1)], dim=1)  # Bx4 (x1, y1, x2, y2)
+    return image[None].to(device), boxes.to(device)
+
+
+def box_prompts(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes Bx4 -> ZIM's point prompts: coords Bx2x2 (corners), labels Bx2 (2 top-left, 3 bottom-right)."""
+    coords = boxes.view(-1, 2, 2)
+    labels = torch.tensor([2.0, 3.0], device=boxes.device).expand(boxes.shape[0], -1)
+    return coords, labels
+
+
+def ours_calls(
+    zim: torch.nn.Module, image: torch.Tensor, boxes: torch.Tensor, precision: str
+) -> dict[str, Callable[[], object]]:
+    """The timed calls for ZIM (state: the last encoded image)."""
+    device = image.device
+    side = image.shape[-1]
+    state: dict[str, object] = {}
+    one_coords, one_labels = box_prompts(boxes[:1])
+    many_coords, many_labels = box_prompts(boxes)
+    size = (side, side)
+
+    @torch.no_grad()
+    def set_image() -> None:
+        with speed.autocast(device, precision):
+            state["encoded"] = zim.encode_image(image)
+
+    @torch.no_grad()
+    def decode_alpha(coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        embedding, feats = state["encoded"]
+        with speed.autocast(device, precision):
+            logits, _ = zim.decode(embedding, feats, coords, labels)
+        return torch.sigmoid(zim.postprocess_masks(logits.float(), size, size))
+
+    def one_box() -> np.ndarray:
+        return decode_alpha(one_coords, one_labels)[0, 0].cpu().numpy()
+
+    def both() -> np.ndarray:
+        set_image()
+        return one_box()
+
+    return {
+        "set_image": set_image,
+        "one_box": one_box,
+        "set_image_plus_one_box": both,
+        "boxes16": lambda: decode_alpha(many_coords, many_labels),
+    }
+
+
+def stock_calls(
+    sam: torch.nn.Module, image: torch.Tensor, boxes: torch.Tensor, precision: str
+) -> dict[str, Callable[[], object]]:
+    """The timed calls for stock segment-anything through its own SamPredictor."""
+    device = image.device
+    side = image.shape[-1]
+    predictor = SamPredictor(sam)
+    one_box_np = boxes[0].cpu().numpy()
+    many = predictor.transform.apply_boxes_torch(boxes, (side, side))
+
+    def set_image() -> None:
+        with speed.autocast(device, precision):
+            predictor.set_torch_image(image, (side, side))
+
+    def one_box() -> np.ndarray:
+        with speed.autocast(device, precision):
+            masks, _, _ = predictor.predict(box=one_box_np, multimask_output=False)
+        return masks
+
+    def both() -> np.ndarray:
+        set_image()
+        return one_box()
+
+    def boxes16() -> torch.Tensor:
+        with speed.autocast(device, precision):
+            masks, _, _ = predictor.predict_torch(None, None, boxes=many, multimask_output=False)
+        return masks
+
+    return {"set_image": set_image, "one_box": one_box, "set_image_plus_one_box": both, "boxes16": boxes16}
+
+
+def run_config(
+    name: str, calls: dict[str, Callable[[], object]], device: torch.device, args: argparse.Namespace
+) -> dict[str, object]:
+    result: dict[str, object] = {"config": name}
+    try:
+        calls["set_image"]()  # the one-box calls need an encoded image
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for key, fn in calls.items():
+            result[f"{key}_ms"] = speed.measure_ms(
+                fn, device=device, warmup=args.warmup, repeats=args.repeats
+            )
+        if device.type == "cuda":
+            result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    except Exception as error:  # one failing configuration (OOM, a compile error) must not hide the others
+        result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    return result
+
+
+def build_zim(args: argparse.Namespace, device: torch.device, attention: str) -> torch.nn.Module:
+    torch.manual_seed(args.seed)
+    zim = Zim(**ZIM_VARIANTS[args.model], image_size=args.image_size).to(device).eval()
+    return speed.set_attention(zim, attention)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    image, boxes = synthetic_inputs(args.seed, args.image_size, device)
+    results: list[dict[str, object]] = []
+
+    if not args.skip_stock:
+        for precision in dict.fromkeys(["fp32", args.precision]):
+            torch.manual_seed(args.seed)
+            sam = speed.build_stock_sam(args.model, image_size=args.image_size).to(device).eval()
+            results.append(
+                run_config(f"stock_sam/{precision}", stock_calls(sam, image, boxes, precision), device, args)
+            )
+            del sam
+            gc.collect()
+
+    plain = build_zim(args, device, "eager")
+    plain_calls = ours_calls(plain, image, boxes, "fp32")
+    results.append(run_config("zim/eager/fp32", plain_calls, device, args))
+    plain_calls["set_image"]()
+    plain_alpha = torch.from_numpy(plain_calls["one_box"]())
+    del plain, plain_calls
+    gc.collect()
+
+    for attention in args.attention:
+        zim = build_zim(args, device, attention)
+        switches = [attention, args.precision]
+        if not args.no_channels_last:
+            speed.to_channels_last(zim)
+            switches.append("channels_last")
+        if args.compile != "none":
+            speed.compile_model(zim, mode=args.compile)
+            switches.append(f"compile={args.compile}")
+        calls = ours_calls(zim, image, boxes, args.precision)
+        result = run_config("zim/" + "/".join(switches), calls, device, args)
+        if "error" not in result:
+            calls["set_image"]()
+            alpha = torch.from_numpy(calls["one_box"]())
+            result["alpha_mse_vs_plain_fp32"] = torch.mean((alpha - plain_alpha) ** 2).item()
+        results.append(result)
+        del zim, calls
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    report = {
+        "benchmark": "predictor_latency",
+        "model": args.model,
+        "image_size": args.image_size,
+        "batched_boxes": BATCHED_BOXES,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "environment": speed.describe_environment(device),
+        "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json_out is not None:
+        args.json_out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

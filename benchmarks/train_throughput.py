@@ -1,0 +1,342 @@
+"""Fine-tuning throughput of ZIM against stock segment-anything, measured in one process; prints JSON.
+
+One training step = forward of image encoder and mask decoder on a batch of 1024x1024 images with one
+box each, ZIM's matting loss (L1 + 10 x gradient, fp32) on the sigmoid of the logits upsampled to the
+image, backward, AdamW step. Stock SAM runs its own modules the way ``Sam.forward`` does (the decoder
+once per image, its 256x256 logits upsampled); ZIM decodes the whole batch in one call.
+
+For every configuration it reports the median step time, images per second, peak CUDA memory
+(``torch.cuda.max_memory_allocated``) and model FLOP utilisation: the FLOPs of one forward + backward of
+the *plain* model (eager attention), counted once with ``torch.utils.flop_counter.FlopCounterMode``,
+divided by the step time and ``--peak-tflops`` (989: H100 SXM dense bf16). Switches that add arithmetic
+(``sdpa_fold``'s wider heads, checkpointing's recomputation) therefore lower MFU, as they should.
+
+A configuration is ``BASE[+switch...]``: BASE is ``stock`` (segment-anything) or a ViT attention backend
+of ZIM (``eager``, ``sdpa``, ``sdpa_fold``, ``flex``); switches are ``cl`` (channels-last convolutions),
+``fused`` (fused AdamW), ``compile`` (torch.compile of encoder, feature pyramid and decoder) and
+``ckpt`` (activation checkpointing of the ViT blocks). All run at ``--precision`` (bf16 autocast).
+
+GPU run (an H100, ViT-B, batch 8)::
+
+    python benchmarks/train_throughput.py --model vit_b --device cuda --batch-size 8 --json-out train.json
+
+One configuration (plus stock) instead of the default sweep::
+
+    python benchmarks/train_throughput.py --attention flex --compile --checkpointing
+
+CPU smoke run (tiny model, 256 input)::
+
+    python benchmarks/train_throughput.py --model tiny --image-size 256 --device cpu --precision fp32 \
+        --batch-size 2 --warmup 1 --steps 2 --configs stock,eager,sdpa,sdpa_fold+cl+fused+ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from zim_lightning import speed
+from zim_lightning.losses import MattingLoss
+from zim_lightning.models.build import ZIM_VARIANTS
+from zim_lightning.models.vit_attention import ATTENTION_BACKENDS
+from zim_lightning.models.zim import PIXEL_MEAN, PIXEL_STD, Zim
+
+#: The sweep run when neither --configs nor --attention is given.
+DEFAULT_CONFIGS = (
+    "stock",
+    "eager",
+    "sdpa",
+    "sdpa_fold",
+    "flex",
+    "sdpa_fold+cl+fused",
+    "flex+cl+fused",
+    "sdpa_fold+cl+fused+compile",
+    "flex+cl+fused+compile",
+    "flex+cl+fused+compile+ckpt",
+)
+SWITCHES = ("cl", "fused", "compile", "ckpt")
+#: AdamW learning rate of the paper's ZIM fine-tuning (it does not change the step time).
+LEARNING_RATE = 1e-5
+
+
+@dataclass(frozen=True)
+class Config:
+    """One measured configuration (see the module docstring for the grammar)."""
+
+    base: str
+    channels_last: bool
+    fused: bool
+    compiled: bool
+    checkpointing: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Config:
+        base, *switches = [t.strip() for t in text.split("+")]
+        if base != "stock" and base not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"configuration {text!r}: base must be 'stock' or one of {list(ATTENTION_BACKENDS)}"
+            )
+        unknown = sorted(set(switches) - set(SWITCHES))
+        if unknown:
+            raise ValueError(
+                f"configuration {text!r}: unknown switches {unknown}; expected some of {list(SWITCHES)}"
+            )
+        if base == "stock" and {"ckpt"} & set(switches):
+            raise ValueError(f"configuration {text!r}: stock SAM has no activation-checkpointing switch")
+        return cls(base, "cl" in switches, "fused" in switches, "compile" in switches, "ckpt" in switches)
+
+    @property
+    def name(self) -> str:
+        flags = [
+            s
+            for s, on in zip(
+                SWITCHES, (self.channels_last, self.fused, self.compiled, self.checkpointing), strict=True
+            )
+            if on
+        ]
+        return "+".join([self.base, *flags])
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="train_throughput", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vit_b", choices=sorted(ZIM_VARIANTS), help="model size")
+    parser.add_argument(
+        "--image-size", type=int, default=1024, help="input side (1024; smaller for CPU smoke runs)"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--precision", default="bf16", choices=sorted(speed.PRECISIONS))
+    parser.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported")
+    parser.add_argument(
+        "--warmup", type=int, default=3, help="untimed steps first (compilation happens here)"
+    )
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help=f"comma-separated configurations (default: {','.join(DEFAULT_CONFIGS)})",
+    )
+    parser.add_argument(
+        "--attention",
+        default=None,
+        choices=ATTENTION_BACKENDS,
+        help="measure stock and this one ZIM configuration",
+    )
+    parser.add_argument("--compile", action="store_true", help="with --attention: torch.compile")
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="with --attention: activation checkpointing"
+    )
+    parser.add_argument("--compile-mode", default="default", choices=speed.COMPILE_MODES)
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="dense peak of the card at --precision"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if args.configs is not None and args.attention is not None:
+        parser.error("give either --configs or --attention (with --compile/--checkpointing), not both")
+    if args.attention is not None:
+        switches = ["cl", "fused"] + ["compile"] * args.compile + ["ckpt"] * args.checkpointing
+        texts = ["stock", "+".join([args.attention, *switches])]
+    else:
+        if args.compile or args.checkpointing:
+            parser.error("--compile and --checkpointing need --attention (or write them into --configs)")
+        texts = DEFAULT_CONFIGS if args.configs is None else [t for t in args.configs.split(",") if t.strip()]
+    try:
+        args.configs = [Config.parse(t) for t in texts]
+    except ValueError as error:
+        parser.error(str(error))
+    return args
+
+
+def synthetic_batch(batch: int, side: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random uint8 images Bx3xSxS, soft-disc alpha targets Bx1xSxS in [0, 1], and one box per image Bx4."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8, generator=generator)
+    centres = torch.rand(batch, 2, generator=generator) * side * 0.5 + side * 0.25  # (x, y) pixels
+    radii = torch.rand(batch, generator=generator) * side * 0.2 + side * 0.05
+    ys, xs = torch.meshgrid(
+        torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32), indexing="ij"
+    )
+    distance = torch.sqrt(
+        (xs[None] - centres[:, 0, None, None]) ** 2 + (ys[None] - centres[:, 1, None, None]) ** 2
+    )
+    alpha = torch.clamp((radii[:, None, None] - distance) / (0.05 * side) + 0.5, 0.0, 1.0)[:, None]
+    boxes = torch.cat([centres - radii[:, None], centres + radii[:, None]], dim=1).clamp(0, side - 1)  # Bx4
+    return {"images": images.to(device), "alpha": alpha.to(device), "boxes": boxes.to(device)}
+
+
+def zim_loss_fn(zim: Zim, batch: dict[str, torch.Tensor], precision: str) -> Callable[[], torch.Tensor]:
+    coords = batch["boxes"].view(-1, 2, 2)
+    labels = torch.tensor([2.0, 3.0], device=coords.device).expand(coords.shape[0], -1)
+    side = batch["images"].shape[-1]
+    criterion = MattingLoss()
+
+    def loss() -> torch.Tensor:
+        with speed.autocast(coords.device, precision):
+            logits = zim(batch["images"], coords, labels)["logits"]
+        pred = torch.sigmoid(
+            F.interpolate(logits.float(), (side, side), mode="bilinear", align_corners=False)
+        )
+        return criterion(pred, batch["alpha"])["loss"]
+
+    return loss
+
+
+def sam_loss_fn(
+    sam: torch.nn.Module, batch: dict[str, torch.Tensor], precision: str
+) -> Callable[[], torch.Tensor]:
+    device = batch["images"].device
+    mean = torch.tensor(PIXEL_MEAN, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=device).view(1, -1, 1, 1)
+    side = batch["images"].shape[-1]
+    criterion = MattingLoss()
+
+    def loss() -> torch.Tensor:
+        with speed.autocast(device, precision):
+            embeddings = sam.image_encoder((batch["images"].float() - mean) / std)
+            low_res = []
+            for i in range(embeddings.shape[0]):  # as Sam.forward: one decoder call per image
+                sparse, dense = sam.prompt_encoder(points=None, boxes=batch["boxes"][i : i + 1], masks=None)
+                masks, _ = sam.mask_decoder(
+                    image_embeddings=embeddings[i : i + 1],
+                    image_pe=sam.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=False,
+                )
+                low_res.append(masks)
+        logits = torch.cat(low_res).float()
+        pred = torch.sigmoid(F.interpolate(logits, (side, side), mode="bilinear", align_corners=False))
+        return criterion(pred, batch["alpha"])["loss"]
+
+    return loss
+
+
+def build(
+    config: Config, args: argparse.Namespace, device: torch.device, *, plain: bool = False
+) -> torch.nn.Module:
+    """The network of ``config`` on ``device``, in train mode; ``plain``: without any speed switch."""
+    torch.manual_seed(args.seed)
+    if config.base == "stock":
+        model = speed.build_stock_sam(args.model, image_size=args.image_size)
+    else:
+        model = Zim(**ZIM_VARIANTS[args.model], image_size=args.image_size)
+        speed.set_attention(model, "eager" if plain else config.base)
+        speed.set_activation_checkpointing(model, config.checkpointing and not plain)
+    model = model.to(device).train()
+    if plain:
+        return model
+    if config.channels_last:
+        speed.to_channels_last(model)
+    if config.compiled:
+        parts = ("image_encoder", "mask_decoder") if config.base == "stock" else speed.ZIM_COMPILED_PARTS
+        speed.compile_model(model, mode=args.compile_mode, parts=parts)
+    return model
+
+
+def loss_fn(model: torch.nn.Module, config: Config, batch: dict[str, torch.Tensor], precision: str):
+    return (
+        sam_loss_fn(model, batch, precision)
+        if config.base == "stock"
+        else zim_loss_fn(model, batch, precision)
+    )
+
+
+def count_flops_per_image(config: Config, args: argparse.Namespace, device: torch.device) -> float:
+    """FLOPs of one forward + backward of the plain model, per image (counted at batch 1)."""
+    model = build(config, args, device, plain=True)
+    batch = synthetic_batch(1, args.image_size, args.seed, device)
+    loss = loss_fn(model, config, batch, args.precision)
+    with FlopCounterMode(display=False) as counter:
+        loss().backward()
+    flops = float(counter.get_total_flops())
+    del model
+    return flops
+
+
+def measure(
+    config: Config, args: argparse.Namespace, device: torch.device, flops_per_image: float
+) -> dict[str, object]:
+    result: dict[str, object] = {"config": config.name}
+    try:
+        model = build(config, args, device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, fused=config.fused or None)
+        batch = synthetic_batch(args.batch_size, args.image_size, args.seed, device)
+        loss = loss_fn(model, config, batch, args.precision)
+        losses: list[float] = []
+
+        def step() -> None:
+            value = loss()
+            value.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(value.detach())
+
+        for _ in range(args.warmup):
+            step()
+        speed.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timing = speed.measure_ms(step, device=device, warmup=0, repeats=args.steps)
+        step_s = timing["median"] / 1e3
+        result.update(
+            step_ms=timing,
+            images_per_s=args.batch_size / step_s,
+            model_tflops_per_step=flops_per_image * args.batch_size / 1e12,
+            mfu=flops_per_image * args.batch_size / step_s / (args.peak_tflops * 1e12),
+            final_loss=float(losses[-1]),
+            finite=bool(all(torch.isfinite(v).item() for v in losses)),
+        )
+        if device.type == "cuda":
+            result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    except Exception as error:  # one failing configuration (OOM, a compile error) must not hide the others
+        result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    finally:
+        model = optimizer = batch = loss = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    flops: dict[str, float] = {}
+    results = []
+    for config in args.configs:
+        family = "stock" if config.base == "stock" else "zim"
+        if family not in flops:
+            flops[family] = count_flops_per_image(config, args, device)
+        results.append(measure(config, args, device, flops[family]))
+    report = {
+        "benchmark": "train_throughput",
+        "model": args.model,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "peak_tflops": args.peak_tflops,
+        "model_gflops_per_image": {k: v / 1e9 for k, v in flops.items()},
+        "environment": speed.describe_environment(device),
+        "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json_out is not None:
+        args.json_out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
