@@ -78,3 +78,20 @@ def test_random_coarsen_uses_every_op_and_never_returns_an_empty_mask():
     assert coarsen.random_coarsen(hair, rng, ops=["erode"], radius_range=(0.1, 0.1)).any()
     with pytest.raises(ValueError, match="coarsening ops"):
         coarsen.random_coarsen(alpha, rng, ops=["sharpen"])
+
+
+@pytest.mark.parametrize("radius", [3, 12])  # disk kernel and distance-transform paths
+def test_morphology_matches_a_disk_and_keeps_the_frame_edge(radius):
+    import cv2
+
+    alpha = soft_matte()
+    alpha[8:56, :20] = 1.0  # the object runs out of the frame on the left
+    base = coarsen.threshold(alpha)
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    reference = cv2.dilate(base, disk)
+    grown = coarsen.dilate(alpha, radius=radius)
+    assert (grown != reference).mean() < 0.01
+    assert (grown >= base).all()
+    shrunk = coarsen.erode(alpha, radius=radius)
+    assert (shrunk <= base).all() and shrunk.sum() < base.sum()
+    assert shrunk[32, 0] == 1, "erosion does not eat into the object where the frame cuts it"
