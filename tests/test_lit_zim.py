@@ -1,0 +1,111 @@
+"""ZIM's training stage: through the real CLI, configs, datamodule and tiny network on CPU."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from zim_lightning.data.synthetic import generate
+from zim_lightning.lit.callbacks import matte_grid
+from zim_lightning.lit.cli import cli_main
+from zim_lightning.lit.zim_module import ZimModule
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: Frame of these tests: smaller than the tiny config's 256 to keep each step well under a second.
+FRAME = 128
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(
+        root,
+        seed=1,
+        num_shards=1,
+        num_images=2,
+        image_size=(96, 128),
+        matting_train=8,
+        matting_val=4,
+        seg=4,
+        shard_size=8,
+        micromat=2,
+        eval_images=1,
+    )
+    return root
+
+
+def _args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        "-c",
+        str(CONFIGS / "trainer" / "cpu.yaml"),
+        "-c",
+        str(CONFIGS / "zim" / "tiny.yaml"),
+        f"--data.init_args.train_shards={data / 'matting/train/matting-000000.tar'}",
+        f"--data.init_args.val_shards={data / 'matting/val/matting-000000.tar'}",
+        f"--data.init_args.image_size={FRAME}",
+        f"--model.init_args.net.init_args.image_size={FRAME}",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.shuffle_buffer=4",
+        "--data.init_args.shuffle_initial=2",
+        f"--trainer.default_root_dir={run_dir}",
+        f"--trainer.logger.init_args.save_dir={run_dir}",
+        "--trainer.enable_model_summary=false",
+        *extra,
+    ]
+
+
+def test_fast_dev_run(synthetic: Path, tmp_path: Path):
+    cli = cli_main(["fit", *_args(synthetic, tmp_path, "--trainer.fast_dev_run=true")])
+    assert isinstance(cli.model, ZimModule)
+    assert cli.trainer.global_step == 1
+    logged = cli.trainer.callback_metrics
+    for key in ("train/loss", "train/l1", "train/grad", "val/loss", "val/sad", "val/mse", "val/mae"):
+        assert torch.isfinite(logged[key]), key
+
+
+def test_fixed_batch_loss_drops_grid_draws_prompts_and_frozen_encoder_stays(synthetic: Path):
+    cli = cli_main(_args(synthetic, synthetic / "unused"), run=False)
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert batch["image"].shape[-1] == FRAME and batch["valid"].shape == batch["alpha"].shape
+
+    torch.manual_seed(0)
+    module = ZimModule(net=cli.model.net, optimizer=functools.partial(torch.optim.AdamW, lr=3e-3))
+    optimizer = module.configure_optimizers()["optimizer"]
+    losses = []
+    for _ in range(4):
+        alpha, terms = module._step(batch)
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+        losses.append(terms["loss"].item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+    # the grid: image with prompts drawn | prediction | truth, one row per sample
+    grid = matte_grid(batch, alpha.detach(), max_samples=2, tile_size=64)
+    assert grid.dtype == torch.uint8 and grid.shape == (3, 2 * 64 + 3 * 2, 3 * 64 + 4 * 2)
+    plain = matte_grid({k: v for k, v in batch.items() if not k.startswith("point")}, alpha, tile_size=64)
+    assert not torch.equal(grid, plain[:, : grid.shape[1]])  # the prompts changed the image tiles
+
+    frozen = ZimModule(
+        net=cli.model.net, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), freeze_image_encoder=True
+    )
+    encoder = [p.detach().clone() for p in frozen.net.image_encoder.parameters()]
+    decoder = [p.detach().clone() for p in frozen.net.mask_decoder.parameters()]
+    optimizer = frozen.configure_optimizers()["optimizer"]
+    frozen._step(batch)[1]["loss"].backward()
+    optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(encoder, frozen.net.image_encoder.parameters(), strict=True))
+    assert any(
+        not torch.equal(a, b) for a, b in zip(decoder, frozen.net.mask_decoder.parameters(), strict=True)
+    )
+
+
+def test_batches_in_another_frame_are_refused(synthetic: Path):
+    cli = cli_main(_args(synthetic, synthetic / "unused", "--data.init_args.image_size=64"), run=False)
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    with pytest.raises(ValueError, match=f"{FRAME}x{FRAME} frame"):
+        cli.model.training_step(batch, 0)
