@@ -23,7 +23,7 @@ Corrupt samples are skipped with one warning and counted in :attr:`ZimDataModule
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import lightning as L
@@ -113,7 +113,15 @@ class ProcessSamples:
         counter: where skips are counted.
     """
 
-    def __init__(self, processor, *, train: bool, seed: int, rank: int, counter: SkipCounter) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        processor: ConverterSampleProcessor | ZimSampleProcessor,
+        *,
+        train: bool,
+        seed: int,
+        rank: int,
+        counter: SkipCounter,
+    ) -> None:
         self.processor, self.train, self.seed, self.rank, self.counter = processor, train, seed, rank, counter
         self.epoch = -1
 
@@ -126,7 +134,7 @@ class ProcessSamples:
             try:
                 sample_rng = rng if self.train else key_rng(self.seed, sample["__key__"])
                 processed = self.processor(sample, sample_rng, train=self.train)
-            except Exception as exn:  # noqa: BLE001 - the handler re-raises what is not bad data
+            except Exception as exn:  # the handler re-raises whatever is not bad data
                 if handler(exn):
                     continue
                 break
@@ -332,7 +340,8 @@ class ZimDataModule(L.LightningDataModule):
             return trainer.global_rank, trainer.world_size
         return distributed_info()
 
-    def _collate(self):  # noqa: ANN202 - a picklable collation function
+    def _collate(self) -> Callable[[list[dict]], dict]:
+        # A partial of a module-level function pickles into DataLoader workers; a lambda would not.
         return partial(collate, frame_size=self.zim_processor.image_size)
 
     def _processor(self) -> ConverterSampleProcessor | ZimSampleProcessor:
