@@ -184,6 +184,9 @@ def keys_of(data: ZimDataModule, **kwargs) -> list[str]:
 def test_validation_is_deterministic_and_covers_ranks_and_workers_exactly_once(shards, monkeypatch):
     data = module(stage="converter", val_shards=shards["pattern"], batch_size=2)
     everything = keys_of(data, rank=0, world_size=1)
+    # local paths, brace patterns, "::" joins and pipe: urls name the same shards
+    piped = module(stage="converter", val_shards=f"pipe:cat {shards['matting'][0]}::{shards['matting'][1]}")
+    assert keys_of(piped, rank=0, world_size=1) == everything[:6]
     assert sorted(everything) == sorted(f"m{s}_{i}" for s in range(5) for i in range(3))
     first = list(data.val_dataset(rank=0, world_size=1))
     second = list(data.val_dataset(rank=0, world_size=1))
