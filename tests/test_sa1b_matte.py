@@ -263,3 +263,34 @@ def test_corrupt_samples_are_skipped_counted_and_a_rerun_changes_nothing(
     again = _build(shards, out, checkpoint)
     assert again["built"] == 0 and _files(out) == snapshot
     assert {name: (out / name).stat().st_mtime_ns for name in _files(out)} == before
+
+
+def test_zim_stage_loads_a_batch_from_the_built_shards(clean_build: Path) -> None:
+    """ZIM's training data reads SA1B-Matte as built: alpha = the stored matte in the SAM frame."""
+    from zim_lightning.data.datamodule import ZimDataModule
+
+    shards = [str(p) for p in sorted(clean_build.glob("sa_*.tar"))]
+    data = ZimDataModule(
+        stage="zim", val_shards=shards, batch_size=2, num_workers=0, image_size=128, pin_memory=False
+    )
+    batch = next(iter(data.val_dataset(rank=0, world_size=1)))
+    assert batch["image"].shape == (2, 3, 128, 128) and batch["alpha"].shape == (2, 1, 128, 128)
+    assert data.skips.total() == 0
+    for row, sample_key in enumerate(batch["key"]):
+        key, ann_id = sample_key.split(".")
+        with tarfile.open(next(p for p in shards if key in _members(p))) as tar:
+            record = json.loads(tar.extractfile(f"{key}.json").read())
+            (annotation,) = [a for a in record["annotations"] if str(a["id"]) == ann_id]
+            x, y, w, h = annotation["matte"]["box"]
+            png = tar.extractfile(f"{key}.{annotation['matte']['member']}").read()
+        height, width = record["image"]["height"], record["image"]["width"]
+        stored = np.zeros((height, width), np.float32)
+        stored[y : y + h, x : x + w] = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE) / 255
+        # 96x128 images need no resize into the 128 frame: the batch's alpha is the stored matte
+        assert batch["original_size"][row].tolist() == [height, width] == batch["input_size"][row].tolist()
+        np.testing.assert_allclose(batch["alpha"][row, 0, :height, :width].numpy(), stored, atol=1 / 255)
+
+
+def _members(shard: str) -> set[str]:
+    with tarfile.open(shard) as tar:
+        return {name.split(".")[0] for name in tar.getnames()}
