@@ -61,8 +61,8 @@ def test_micromat_instances_subsets_and_prompts(tmp_path: Path) -> None:
     assert len(ds) == 3 and ds.subsets == ["fine", "coarse"]
     item = ds[1]
     assert item["image"].dtype == np.uint8 and item["image"].shape == (24, 32, 3)
-    assert item["alpha"].dtype == np.float32 and item["alpha"].shape == (24, 32)
-    expected = np.asarray(Image.open(tmp_path / "matte/coarse/0001_2.png"), dtype=np.float32) / 255
+    assert item["alpha"].dtype == np.float64 and item["alpha"].shape == (24, 32)
+    expected = np.asarray(Image.open(tmp_path / "matte/coarse/0001_2.png"), dtype=np.float64) / 255
     np.testing.assert_array_equal(item["alpha"], expected)
     assert item["subset"] == "coarse" and item["matte_relpath"] == lines[1].split()[1]
     np.testing.assert_array_equal(item["prompt"]["points"], [[18, 12, 1], [1, 1, 0]])
@@ -81,7 +81,7 @@ def test_sixteen_bit_mattes_read_exactly(tmp_path: Path) -> None:
     values = np.arange(24 * 32, dtype=np.uint16).reshape(24, 32) * 85
     Image.fromarray(values).save(tmp_path / "matte/fine/0001_1.png")
     alpha = build_eval_dataset(tmp_path, format="micromat", prompt="box")[0]["alpha"]
-    np.testing.assert_allclose(alpha, values / 65535.0, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(alpha, values / 65535.0)
 
 
 @pytest.mark.parametrize("layout", ["am2k", "am2k_validation", "aim500"])

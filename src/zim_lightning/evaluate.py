@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 import torch
 
-from zim_lightning.data.micromat import FORMATS, PROMPTS
+from zim_lightning.data.micromat import FORMATS, PROMPTS, read_alpha
 from zim_lightning.metrics import BUCKETS, METRIC_NAMES, PROTOCOLS
 
 log = logging.getLogger(__name__)
@@ -234,14 +234,32 @@ def draw_prompt(image: np.ndarray, prompt: dict[str, np.ndarray], mode: str) -> 
 
 
 def write_grids(
-    out: Path, module: Any, dataset: Any, *, count: int, method: str = "zim", rank_by: str = "sad"
+    out: Path,
+    module: Any,
+    dataset: Any,
+    *,
+    count: int,
+    saved: bool,
+    method: str = "zim",
+    rank_by: str = "sad",
 ) -> list[Path]:
     """Picture grids of the ``count`` best and worst instances per prompt (all subsets together).
 
-    The predictions are recomputed for the chosen instances (the same deterministic forward pass).
+    Args:
+        saved: the predictions were saved under ``out`` (read them back); otherwise the chosen instances
+            are predicted again (the same deterministic forward pass).
     """
     paths = []
     column = 1 + METRIC_NAMES.index(rank_by)
+    predicted: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+
+    def prediction(item: dict[str, Any], prompt: str) -> np.ndarray:
+        if saved:
+            return read_alpha(prediction_path(out, method, prompt, item["matte_relpath"]))
+        if item["index"] not in predicted:
+            predicted[item["index"]] = module.predict_instance(item)
+        return predicted[item["index"]][method][prompt].numpy()
+
     for prompt, by_subset in module.instance_rows[method].items():
         rows = torch.cat(list(by_subset.values()))
         if not len(rows):
@@ -251,7 +269,7 @@ def write_grids(
             strips = []
             for r in chosen:
                 item = dataset[int(rows[r, 0])]
-                alpha = module.predict_instance(item)[method][prompt].numpy()
+                alpha = prediction(item, prompt)
                 panels = [
                     draw_prompt(item["image"], item["prompt"], prompt),
                     np.round(alpha * 255).astype(np.uint8),
@@ -408,7 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     doc = metrics_document(module.results, protocol=args.protocol, info=info)
     (args.out / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
     write_instances_csv(args.out / "instances.csv", module, dataset)
-    grids = write_grids(args.out, module, dataset, count=args.grid_count) if args.grid_count else []
+    grids = (
+        write_grids(args.out, module, dataset, count=args.grid_count, saved=args.save_predictions)
+        if args.grid_count
+        else []
+    )
     report = report_markdown(doc, grids=grids, out=args.out)
     (args.out / "report.md").write_text(report)
     print(report)

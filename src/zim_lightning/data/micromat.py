@@ -98,7 +98,7 @@ class EvalDataset(Dataset):
     Each item is a dict:
 
     - ``image``: uint8 HxWx3 RGB numpy array;
-    - ``alpha``: float32 HxW numpy array in [0, 1];
+    - ``alpha``: float64 HxW numpy array in [0, 1];
     - ``trimap``: uint8 HxW numpy array (0 / 128 / 255) or None;
     - ``prompt``: dict with ``points`` (float32 Nx3, (X, Y, label), label 1 / 0) when the prompt mode is
       "point" or "both", and ``box`` (float32 (x1, y1, x2, y2)) when it is "box" or "both";
@@ -151,7 +151,8 @@ class EvalDataset(Dataset):
             )
         trimap = None
         if record.trimap is not None:
-            trimap = np.asarray(Image.open(record.trimap).convert("L"))
+            with Image.open(record.trimap) as img:
+                trimap = np.array(img.convert("L"))
             if trimap.shape != alpha.shape:
                 raise EvalDataError(
                     f"{record.where}: trimap {record.trimap.name} is {trimap.shape[1]}x{trimap.shape[0]} "
@@ -195,15 +196,19 @@ class EvalDataset(Dataset):
 def read_image(path: Path) -> np.ndarray:
     """Read an image as uint8 HxWx3 RGB."""
     with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
+        return np.array(img.convert("RGB"))
 
 
 def read_alpha(path: Path) -> np.ndarray:
-    """Read an 8-bit or 16-bit grayscale PNG as float32 HxW alpha in [0, 1]."""
+    """Read an 8-bit or 16-bit grayscale PNG as float64 HxW alpha in [0, 1].
+
+    float64 keeps ``k / 255`` and ``k / 65535`` as exactly as the metrics compute in, so numbers
+    recomputed from the files by any float64 implementation agree to the last digits.
+    """
     with Image.open(path) as img:
         if img.mode in _16_BIT_MODES:
-            return (np.asarray(img).astype(np.float64) / 65535.0).clip(0, 1).astype(np.float32)
-        return np.asarray(img.convert("L")).astype(np.float32) / 255.0
+            return (np.asarray(img).astype(np.float64) / 65535.0).clip(0, 1)
+        return np.asarray(img.convert("L")).astype(np.float64) / 255.0
 
 
 def build_eval_dataset(

@@ -1,0 +1,197 @@
+"""`zim-lightning eval` end to end on the synthetic MicroMat-3K and AIM-500 folders (tiny ZIM, random
+weights): the files it writes, and its numbers recomputed from the saved 16-bit predictions by an
+independent NumPy implementation of the metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_metrics import _ref_conn
+from zim_lightning.data.synthetic import generate
+from zim_lightning.evaluate import main
+
+METRICS = ("sad", "mse", "mae", "grad", "conn")
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory):
+    return generate(
+        tmp_path_factory.mktemp("synth"),
+        seed=0,
+        num_shards=1,
+        num_images=1,
+        matting_train=1,
+        matting_val=1,
+        seg=1,
+        shard_size=1,
+        micromat=4,
+        eval_images=2,
+        image_size=(64, 80),
+    )
+
+
+@pytest.fixture(scope="module")
+def micromat_run(synthetic, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eval")
+    code = main(
+        [
+            "--model", "tiny",
+            "--data", str(synthetic.micromat),
+            "--format", "micromat",
+            "--prompt", "both",
+            "--out", str(out),
+            "--save-predictions",
+            "--baselines", "binary,closed_form",
+            "--grid-count", "2",
+            "--accelerator", "cpu",
+            "--num-workers", "0",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    return out
+
+
+def _read_png(path: Path, levels: float) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.float64) / levels
+
+
+def _np_paper_errors(p: np.ndarray, g: np.ndarray) -> dict[str, float]:
+    """The paper protocol in plain NumPy: sums and means, Sobel by slicing a zero-padded array."""
+
+    def sobel(a: np.ndarray) -> np.ndarray:
+        z = np.pad(a, 1)
+        sx = (z[:-2, 2:] + 2 * z[1:-1, 2:] + z[2:, 2:]) - (z[:-2, :-2] + 2 * z[1:-1, :-2] + z[2:, :-2])
+        sy = (z[2:, :-2] + 2 * z[2:, 1:-1] + z[2:, 2:]) - (z[:-2, :-2] + 2 * z[:-2, 1:-1] + z[:-2, 2:])
+        return np.sqrt(sx**2 + sy**2 + 1e-8)
+
+    d = p - g
+    return {
+        "sad": np.abs(d).sum() / 1000,
+        "mse": (d**2).mean() * 1000,
+        "mae": np.abs(d).mean() * 1000,
+        "grad": np.abs(sobel(p) - sobel(g)).mean() * 1000,
+        "conn": _ref_conn(p, g) / 1000,
+    }
+
+
+def _data_list(root: Path) -> list[list[str]]:
+    return [line.split() for line in (root / "data_list.txt").read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_eval_writes_metrics_equal_to_those_recomputed_from_saved_predictions(
+    synthetic, micromat_run
+) -> None:
+    out, root = micromat_run, synthetic.micromat
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["protocol"] == "paper" and doc["model"] == "tiny" and doc["prediction_bits"] == 16
+    lines = _data_list(root)
+    for subset in ("fine", "coarse"):
+        mattes = [m for _, m, _, _ in lines if m.split("/")[1] == subset]
+        for prompt in ("point", "box"):
+            reported = doc["results"][subset][prompt]
+            assert reported["n"] == len(mattes) > 0
+            per = []
+            for matte in mattes:
+                saved = out / "predictions" / prompt / matte
+                assert Image.open(saved).mode.startswith("I")  # a 16-bit PNG
+                per.append(_np_paper_errors(_read_png(saved, 65535.0), _read_png(root / matte, 255.0)))
+            for name in METRICS:
+                assert reported[name] == pytest.approx(np.mean([e[name] for e in per]), rel=1e-9), (
+                    subset,
+                    prompt,
+                    name,
+                )
+            buckets = doc["buckets"][subset][prompt]
+            assert sum(buckets[b]["n"] for b in "SML") == len(mattes)
+
+    # The binary baseline is a binary matte, scored like ZIM and saved beside it.
+    for prompt in ("point", "box"):
+        matte = lines[0][1]
+        binary = _read_png(out / "baselines/binary/predictions" / prompt / matte, 65535.0)
+        assert set(np.unique(binary)) <= {0.0, 1.0}
+        assert (out / "baselines/closed_form/predictions" / prompt / matte).is_file()
+    for method in ("binary", "closed_form"):
+        for subset in ("fine", "coarse"):
+            assert set(doc["baselines"][method][subset]) == {"point", "box"}
+            assert doc["baselines"][method][subset]["box"]["n"] == doc["results"][subset]["box"]["n"]
+            assert set(doc["baseline_buckets"][method][subset]["box"]) == {"S", "M", "L"}
+
+
+@pytest.mark.slow
+def test_eval_report_instances_and_grids(synthetic, micromat_run) -> None:
+    out = micromat_run
+    doc = json.loads((out / "metrics.json").read_text())
+    report = (out / "report.md").read_text()
+    assert "| Method | Prompt | fine SAD | fine MSE | fine MAE | fine Grad | fine Conn | coarse SAD" in report
+    zim_box = doc["results"]["fine"]["box"]
+    assert f"| zim | box | {zim_box['sad']:.3f} | {zim_box['mse']:.3f} | {zim_box['mae']:.3f} |" in report
+    assert "| closed_form | point |" in report and "| binary | box | coarse | S |" in report
+
+    with (out / "instances.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    instances = len(_data_list(synthetic.micromat))
+    assert len(rows) == 3 * 2 * instances  # methods x prompts x instances
+    fine_box = [
+        float(r["sad"]) for r in rows if (r["method"], r["prompt"], r["subset"]) == ("zim", "box", "fine")
+    ]
+    assert np.mean(fine_box) == pytest.approx(zim_box["sad"], rel=1e-6)
+
+    for prompt in ("point", "box"):
+        for kind in ("best", "worst"):
+            grid = out / "grids" / f"zim_{prompt}_{kind}.png"
+            assert f"grids/zim_{prompt}_{kind}.png" in report
+            image = np.asarray(Image.open(grid))
+            # two instances, three panels side by side (64x80 images shown 192 px high, 240 wide)
+            assert image.shape[2] == 3 and image.shape[1] == 3 * 240 and image.shape[0] == 2 * (192 + 4)
+    worst = [float(r["sad"]) for r in rows if (r["method"], r["prompt"]) == ("zim", "box")]
+    assert max(worst) >= min(worst)
+
+
+@pytest.mark.slow
+def test_eval_dim_protocol_on_aim500_uses_the_trimap(synthetic, tmp_path: Path) -> None:
+    out = tmp_path / "dim"
+    code = main(
+        [
+            "--model", "tiny",
+            "--data", str(synthetic.aim500),
+            "--format", "aim500",
+            "--prompt", "box",
+            "--protocol", "dim",
+            "--out", str(out),
+            "--save-predictions",
+            "--grid-count", "0",
+            "--accelerator", "cpu",
+            "--num-workers", "0",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert (
+        doc["protocol"] == "dim" and set(doc["results"]) == {"all"} and set(doc["results"]["all"]) == {"box"}
+    )
+    sads, mses = [], []
+    for mask in sorted((synthetic.aim500 / "mask").iterdir()):
+        p = _read_png(out / "predictions/box/mask" / mask.name, 65535.0)
+        g = _read_png(mask, 255.0)
+        unknown = np.asarray(Image.open(synthetic.aim500 / "trimap" / mask.name)) == 128
+        sads.append(np.abs(p - g)[unknown].sum() / 1000)
+        mses.append(((p - g) ** 2)[unknown].mean())
+    assert doc["results"]["all"]["box"]["sad"] == pytest.approx(np.mean(sads), rel=1e-9)
+    assert doc["results"]["all"]["box"]["mse"] == pytest.approx(np.mean(mses), rel=1e-9)
+    assert not (out / "grids").exists()
+
+
+def test_eval_names_the_instance_of_a_missing_file(synthetic, tmp_path: Path, capsys) -> None:
+    root = tmp_path / "micromat"
+    root.mkdir()
+    (root / "data_list.txt").write_text((synthetic.micromat / "data_list.txt").read_text())
+    with pytest.raises(SystemExit):
+        main(["--model", "tiny", "--data", str(root), "--format", "micromat", "--out", str(tmp_path / "o")])
+    assert "data_list.txt line 1: img/0001.png does not exist" in capsys.readouterr().err
