@@ -307,7 +307,13 @@ def _sync_worker(rank: int, world: int, port: int, out: str) -> None:
             metric.update(torch.clamp(gt + 0.05 * index, 0, 1), gt, index=index)
         result = metric.compute()
         indices = metric.computed_instances[:, 0].tolist()
-        torch.save((result["n"], result["sad"], result["conn"], indices), f"{out}/rank{rank}.pt")
+        # A rank without any instance (a subset all on the other rank) must still take part in the sync.
+        lonely = MattingErrors(protocol="paper")
+        if rank == 0:
+            gt = _plateau_pair(9)[1]
+            lonely.update(gt, gt, index=9)
+        lonely_n = lonely.compute()["n"]
+        torch.save((result["n"], result["sad"], result["conn"], indices, lonely_n), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -331,3 +337,4 @@ def test_metric_syncs_across_two_gloo_ranks(tmp_path) -> None:
     expected = (5, sum(e["sad"] for e in singles) / 5, sum(e["conn"] for e in singles) / 5, [0, 1, 2, 3, 4])
     for rank in range(2):
         assert out[rank][:3] == pytest.approx(expected[:3]) and out[rank][3] == expected[3]
+        assert out[rank][4] == 1

@@ -69,6 +69,9 @@ CONN_MIN_DISTANCE = 0.15
 BUCKET_ALPHA = 0.3
 BUCKET_EDGES: tuple[float, float] = (0.01, 0.1)
 
+#: Columns of a MattingErrors row: index, the metrics, foreground fraction.
+_ROW_WIDTH = 2 + len(METRIC_NAMES)
+
 # 4-connectivity inside each threshold plane of a CONN_LEVELS x H x W stack, none across planes, so one
 # labelling call finds the components of every threshold at once.
 _PLANAR_4_CONNECTIVITY = np.zeros((3, 3, 3), dtype=bool)
@@ -344,9 +347,10 @@ class MattingErrors(Metric):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.protocol = protocol
+        # A list state: ranks may hold different numbers of rows (a tensor state must match in shape).
         self.add_state("rows", default=[], dist_reduce_fx="cat")
         #: Every rank's de-duplicated rows at the last :meth:`compute` (Nx7, see :meth:`instances`).
-        self.computed_instances = torch.zeros(0, 2 + len(METRIC_NAMES), dtype=torch.float64)
+        self.computed_instances = torch.zeros(0, _ROW_WIDTH, dtype=torch.float64)
 
     def update(
         self, pred: torch.Tensor, gt: torch.Tensor, index: int, trimap: torch.Tensor | None = None
@@ -363,12 +367,23 @@ class MattingErrors(Metric):
         row = [float(index), *(errors[name] for name in METRIC_NAMES), foreground_fraction(gt)]
         self.rows.append(torch.tensor([row], dtype=torch.float64, device=self.device))
 
+    def sync(self, *args: Any, **kwargs: Any) -> None:
+        """Gather the rows of every rank (torchmetrics' ``sync``).
+
+        A rank that scored no instance (e.g. a subset that all landed on other ranks) would offer
+        torchmetrics' 1D float32 placeholder to the gather, which cannot meet the others' Nx7 float64
+        rows; it offers an empty 0x7 float64 block instead.
+        """
+        if isinstance(self.rows, list) and not self.rows:
+            self.rows.append(torch.zeros(0, _ROW_WIDTH, dtype=torch.float64, device=self.device))
+        super().sync(*args, **kwargs)
+
     def instances(self) -> torch.Tensor:
         """This process's de-duplicated rows, sorted by index: Nx7 float64 ``(index, sad, mse, mae, grad,
         conn, fg)``. Every rank's rows, as :meth:`compute` saw them, are in :attr:`computed_instances`.
         """
         if isinstance(self.rows, list) and not self.rows:
-            return torch.zeros(0, 2 + len(METRIC_NAMES), dtype=torch.float64)
+            return torch.zeros(0, _ROW_WIDTH, dtype=torch.float64)
         rows = dim_zero_cat(self.rows).cpu()
         _, first = np.unique(rows[:, 0].numpy(), return_index=True)
         return rows[torch.as_tensor(first)]

@@ -25,6 +25,7 @@ gathered results are in :attr:`EvalModule.results` on every rank.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import cv2
@@ -273,7 +274,12 @@ class EvalModule(LightningModule):
             for prompt in self.prompts:
                 for subset in self.subsets:
                     metric = self.metrics[metric_name(method, prompt, subset)]
-                    result = metric.compute()
+                    with warnings.catch_warnings():
+                        # A rank may have no instance of a subset; it still joins the gather.
+                        warnings.filterwarnings(
+                            "ignore", message=".*was called before the ``update`` method.*"
+                        )
+                        result = metric.compute()
                     self.results.setdefault(method, {}).setdefault(prompt, {})[subset] = result
                     rows = metric.computed_instances
                     self.instance_rows.setdefault(method, {}).setdefault(prompt, {})[subset] = rows
