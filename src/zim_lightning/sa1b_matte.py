@@ -769,6 +769,8 @@ def build(
             log.warning(
                 "no --converter checkpoint: %s runs with random weights (tests and smoke runs only)", model
             )
+            # random weights drawn from a fixed seed, so reruns of a smoke build stay byte-identical
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
         net = converter_model_registry[model](checkpoint=checkpoint)
     net.eval()
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
