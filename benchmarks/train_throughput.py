@@ -13,7 +13,7 @@ divided by the step time and ``--peak-tflops`` (989: H100 SXM dense bf16). Switc
 
 A configuration is ``BASE[+switch...]``: BASE is ``stock`` (segment-anything) or a ViT attention backend
 of ZIM (``eager``, ``sdpa``, ``sdpa_fold``, ``flex``); switches are ``cl`` (channels-last convolutions),
-``fused`` (fused AdamW), ``compile`` (torch.compile of encoder, feature pyramid and decoder) and
+``fused`` (fused AdamW), ``compile`` (torch.compile of encoder, feature pyramid, prompt encoder and decoder) and
 ``ckpt`` (activation checkpointing of the ViT blocks). All run at ``--precision`` (bf16 autocast).
 
 GPU run (an H100, ViT-B, batch 8)::
@@ -302,6 +302,8 @@ def measure(
         result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     finally:
         model = optimizer = batch = loss = None
+        if config.compiled:
+            torch.compiler.reset()  # drop compiled graphs (and what they hold) before the next configuration
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 #: Precisions of :func:`autocast`, as command-line names.
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 #: Submodules of a :class:`~zim_lightning.models.zim.Zim` that :func:`compile_model` compiles by default.
-ZIM_COMPILED_PARTS: tuple[str, ...] = ("image_encoder", "feature_pyramid", "mask_decoder")
+ZIM_COMPILED_PARTS: tuple[str, ...] = ("image_encoder", "feature_pyramid", "prompt_encoder", "mask_decoder")
 #: ``torch.compile`` modes accepted by :func:`compile_model`.
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 

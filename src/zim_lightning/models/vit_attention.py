@@ -48,6 +48,7 @@ HEAD_DIM_ALIGNMENT = 8
 NO_FLEX_BACKWARD: frozenset[str] = frozenset({"cpu", "mps"})
 
 _compiled_flex: Callable[..., Tensor] | None = None
+_eager_flex: Callable[..., Tensor] | None = None
 
 
 def check_backend(backend: str) -> str:
@@ -58,12 +59,18 @@ def check_backend(backend: str) -> str:
 
 
 def _flex_attention(device: torch.device) -> Callable[..., Tensor]:
-    """flex_attention, compiled once per process on CUDA (its eager form is the slow reference math)."""
-    global _compiled_flex
+    """flex_attention, compiled once per process on CUDA (its eager form is the slow reference math).
+
+    Elsewhere it stays eager, even inside a compiled model: inductor's CPU flex kernel rejects the
+    relative-position tables (an assertion on captured buffers), so the call is kept out of the graph.
+    """
+    global _compiled_flex, _eager_flex
     from torch.nn.attention.flex_attention import flex_attention
 
     if device.type != "cuda":
-        return flex_attention
+        if _eager_flex is None:
+            _eager_flex = torch.compiler.disable(flex_attention)
+        return _eager_flex
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex
