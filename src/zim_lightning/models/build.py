@@ -1,6 +1,7 @@
 """Model registries and weight loading (ZIM paper, Sec. 4.1: ZIM is fine-tuned from a pretrained SAM).
 
-``zim_model_registry[name](checkpoint=..., sam_checkpoint=..., masked_attention=..., pixel_decoder=...)``
+``zim_model_registry[name](checkpoint=..., sam_checkpoint=..., masked_attention=..., pixel_decoder=...,
+attention=..., activation_checkpointing=...)``
 builds a :class:`~zim_lightning.models.zim.Zim` of SAM's sizes (``vit_b``, ``vit_l``, ``vit_h``) or the
 ``tiny`` test size (same 1024 input and 64x64 embedding, narrow and shallow), then loads either
 
@@ -162,6 +163,8 @@ def build_zim(
     sam_checkpoint: str | None = None,
     masked_attention: bool = True,
     pixel_decoder: str = "hierarchical",
+    attention: str | None = None,
+    activation_checkpointing: bool = False,
 ) -> Zim:
     """Build a ZIM of a registered size and load its weights.
 
@@ -171,6 +174,9 @@ def build_zim(
         sam_checkpoint: a segment-anything checkpoint for the shared parts (for fine-tuning from SAM).
         masked_attention: prompt-aware masked attention on (ZIM) or off (SAM's attention).
         pixel_decoder: ``"hierarchical"`` (ZIM) or ``"sam"``.
+        attention: ViT attention backend (``"eager"``, ``"sdpa"``, ``"sdpa_fold"``, ``"flex"``; same
+            weights and function), or None for :class:`Zim`'s default.
+        activation_checkpointing: recompute the ViT blocks' activations in the backward pass.
 
     Returns:
         The network, in train mode as ``nn.Module`` leaves it; random weights when no checkpoint is given.
@@ -185,7 +191,15 @@ def build_zim(
         raise ValueError(
             "give either checkpoint (our ZIM weights) or sam_checkpoint (SAM weights to start from), not both"
         )
-    model = Zim(**ZIM_VARIANTS[variant], masked_attention=masked_attention, pixel_decoder=pixel_decoder)
+    speed_switches: dict[str, Any] = {"encoder_activation_checkpointing": activation_checkpointing}
+    if attention is not None:
+        speed_switches["encoder_attention"] = attention
+    model = Zim(
+        **ZIM_VARIANTS[variant],
+        masked_attention=masked_attention,
+        pixel_decoder=pixel_decoder,
+        **speed_switches,
+    )
     if sam_checkpoint is not None:
         load_sam_weights(model, sam_checkpoint)
     if checkpoint is not None:
@@ -205,6 +219,8 @@ def _registered(variant: str) -> Callable[..., Zim]:
         sam_checkpoint: str | None = None,
         masked_attention: bool = True,
         pixel_decoder: str = "hierarchical",
+        attention: str | None = None,
+        activation_checkpointing: bool = False,
     ) -> Zim:
         return build_zim(
             variant=variant,
@@ -212,6 +228,8 @@ def _registered(variant: str) -> Callable[..., Zim]:
             sam_checkpoint=sam_checkpoint,
             masked_attention=masked_attention,
             pixel_decoder=pixel_decoder,
+            attention=attention,
+            activation_checkpointing=activation_checkpointing,
         )
 
     builder.__name__ = f"build_zim_{variant}"
@@ -220,7 +238,8 @@ def _registered(variant: str) -> Callable[..., Zim]:
     return builder
 
 
-#: name -> builder ``(*, checkpoint, sam_checkpoint, masked_attention, pixel_decoder) -> Zim``.
+#: name -> builder ``(*, checkpoint, sam_checkpoint, masked_attention, pixel_decoder, attention,
+#: activation_checkpointing) -> Zim``.
 zim_model_registry: dict[str, Callable[..., Zim]] = {name: _registered(name) for name in ZIM_VARIANTS}
 
 try:  # The label converter lives beside ZIM; re-exported so one module holds every registry.
