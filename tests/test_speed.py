@@ -11,7 +11,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from zim_lightning import speed
-from zim_lightning.models.build import ZIM_VARIANTS, load_sam_weights
+from zim_lightning.models.build import ZIM_VARIANTS, load_sam_weights, zim_model_registry
 from zim_lightning.models.image_encoder import ImageEncoder
 from zim_lightning.models.vit_attention import ATTENTION_BACKENDS, ViTAttention
 from zim_lightning.models.zim import Zim
@@ -274,3 +274,11 @@ def test_set_attention_reaches_every_vit_block():
     speed.set_attention(zim, "flex")
     assert {m.backend for m in modules} == {"flex"}
     assert zim.image_encoder.attention == "flex"
+
+
+def test_registry_builders_take_the_speed_switches():
+    zim = zim_model_registry["tiny"](attention="flex", activation_checkpointing=True)
+    assert zim.image_encoder.attention == "flex"
+    assert zim.image_encoder.activation_checkpointing
+    with pytest.raises(ValueError, match="attention must be one of"):
+        zim_model_registry["tiny"](attention="fastest")
