@@ -1,0 +1,126 @@
+"""docs/results.md, ZIM lines: tiny ZIM vs the tiny SAM architecture trained alike, over seeds.
+
+Both networks are configs/zim/tiny.yaml (CPU, 256-pixel frame), trained for the same steps on the same
+synthetic matting shards with the same seeds; the SAM architecture switches off the two ZIM changes
+(``masked_attention=false``, ``pixel_decoder=sam``). Each is scored on the synthetic MicroMat-3K with its
+box and point prompts by ``zim-lightning eval``'s evaluation (paper protocol, via its Python API).
+Prints JSON (and writes it with --json).
+
+    python scripts/results_zim.py --work runs/results --json docs/results/zim.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from zim_lightning.demo import evaluate_network
+from zim_lightning.lit.cli import cli_main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+VARIANTS = {
+    "zim": [],
+    "sam_arch": [
+        "--model.init_args.net.init_args.masked_attention=false",
+        "--model.init_args.net.init_args.pixel_decoder=sam",
+    ],
+}
+
+
+def loss_curve(log_dir: Path) -> list[tuple[int, float]]:
+    """(step, train/loss_step) pairs from a CSV logger run."""
+    import csv
+
+    with open(log_dir / "metrics.csv") as f:
+        return [
+            (int(row["step"]), float(row["train/loss_step"]))
+            for row in csv.DictReader(f)
+            if row.get("train/loss_step")
+        ]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, default=Path("runs/results"))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--frame", type=int, default=256)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    data = args.work / "data"
+    if not (data / "micromat" / "data_list.txt").is_file():
+        raise SystemExit(f"{data} holds no synthetic dataset; run scripts/results_converter.py first")
+
+    runs = []
+    for seed in args.seeds:
+        for variant, overrides in VARIANTS.items():
+            run_dir = args.work / f"{variant}_seed{seed}"
+            start = time.process_time()
+            cli = cli_main(
+                [
+                    "fit",
+                    "-c",
+                    str(CONFIGS / "trainer" / "cpu.yaml"),
+                    "-c",
+                    str(CONFIGS / "zim" / "tiny.yaml"),
+                    f"--seed_everything={seed}",
+                    f"--data.init_args.train_shards={data}/matting/train/matting-{{000000..000001}}.tar",
+                    f"--data.init_args.val_shards={data}/matting/val/matting-000000.tar",
+                    f"--data.init_args.image_size={args.frame}",
+                    f"--model.init_args.net.init_args.image_size={args.frame}",
+                    f"--trainer.max_steps={args.steps}",
+                    f"--trainer.val_check_interval={args.steps}",
+                    "--trainer.log_every_n_steps=5",
+                    f"--trainer.default_root_dir={run_dir}",
+                    f"--trainer.logger.init_args.save_dir={run_dir}",
+                    *overrides,
+                ]
+            )
+            cpu = time.process_time() - start
+            doc = evaluate_network(
+                cli.model.net, data / "micromat", run_dir / "eval", seed=seed, num_workers=0
+            )
+            runs.append(
+                {
+                    "variant": variant,
+                    "seed": seed,
+                    "cpu_seconds_train": round(cpu, 1),
+                    "results": doc["results"],
+                    "loss_curve": loss_curve(Path(cli.trainer.log_dir)),
+                }
+            )
+
+    summary = {}
+    for variant in VARIANTS:
+        for subset in ("fine", "coarse"):
+            for prompt in ("box", "point"):
+                sads = [r["results"][subset][prompt]["sad"] for r in runs if r["variant"] == variant]
+                summary[f"{variant}/{subset}/{prompt}/sad"] = {
+                    "mean": statistics.fmean(sads),
+                    "std": statistics.stdev(sads) if len(sads) > 1 else 0.0,
+                    "per_seed": sads,
+                }
+    doc = {
+        "what": "tiny ZIM vs tiny SAM architecture (masked_attention off, pixel_decoder sam), same data, "
+        "steps and seeds; synthetic MicroMat-3K, paper protocol",
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "steps": args.steps,
+        "frame": args.frame,
+        "summary": summary,
+        "runs": runs,
+    }
+    text = json.dumps(doc, indent=1)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

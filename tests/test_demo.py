@@ -1,0 +1,45 @@
+"""The end-to-end demo runs every stage and writes its report, metrics and pictures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from zim_lightning.demo import main
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_small(tmp_path: Path):
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--small-data", "--converter-steps", "2", "--zim-steps", "2"]
+    assert main([*argv, "--frame", "64", "--crop-size", "64", "--num-workers", "0"]) == 0
+
+    doc = json.loads((out / "metrics.json").read_text())
+    # MicroMat-3K results per subset and prompt, in the eval command's layout
+    for subset in ("fine", "coarse"):
+        for prompt in ("box", "point"):
+            assert doc["results"][subset][prompt]["n"] >= 1
+            assert doc["results"][subset][prompt]["sad"] >= 0
+    stages = [s["name"] for s in doc["demo"]["stages"]]
+    assert stages == ["synthetic data", "converter training", "SA1B-Matte", "ZIM training", "evaluation"]
+    assert doc["demo"]["stages"][2]["notes"] == "1 shards"
+    for name in ("converter", "zim"):
+        assert Path(doc["demo"]["checkpoints"][name]).is_file()
+    # ZIM trained on the SA1B-Matte shards the converter wrote
+    zim_config = next((out / "runs" / "zim").rglob("config.yaml")).read_text()
+    assert "sa1b_matte" in zim_config
+
+    report = (out / "report.md").read_text()
+    assert "SA1B-Matte" in report and "| evaluation |" in report
+    grids = sorted((out / "grids").glob("*.png"))
+    assert grids and all(g.stat().st_size > 0 for g in grids)
+
+
+def test_bad_arguments_are_refused(tmp_path: Path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path), "--frame", "100"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--configs", str(tmp_path)])
