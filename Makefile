@@ -10,6 +10,10 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 DATA ?= data/synthetic
 OUT ?= reports
+MODEL ?= tiny
+CHECKPOINT ?=
+EVAL_DATA ?= $(DATA)/micromat
+EVAL_FORMAT ?= micromat
 
 .DEFAULT_GOAL := help
 
@@ -45,10 +49,14 @@ format: $(STAMP) ## Format with ruff
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
+eval: $(STAMP) ## Evaluate MODEL [CHECKPOINT=...] on EVAL_DATA (default synthetic MicroMat-3K; EVAL_FORMAT=am2k|aim500) into OUT/eval
+	$(BIN)/zim-lightning eval --model $(MODEL) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
+		--data $(EVAL_DATA) --format $(EVAL_FORMAT) --prompt both --out $(OUT)/eval --save-predictions
+
 serve: $(STAMP) ## Interactive matting page on 127.0.0.1:7860 (MODEL=tiny|vit_b, CHECKPOINT=...)
-	$(BIN)/zim-lightning serve --model $(or $(MODEL),tiny) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+	$(BIN)/zim-lightning serve --model $(MODEL) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 clean: ## Remove generated data and reports (keeps .venv)
 	rm -rf data/synthetic reports lightning_logs .pytest_cache
 
-.PHONY: help install synth demo test lint format clean serve
+.PHONY: help install synth demo test lint format clean serve eval
