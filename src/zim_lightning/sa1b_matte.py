@@ -72,6 +72,7 @@ import numpy as np
 import torch
 import torch.utils.data
 from lightning.pytorch.callbacks import BasePredictionWriter
+from pycocotools import mask as mask_utils
 
 from zim_lightning.data.sa1b import CorruptSample, decode_mask, iter_tar, sa1b_record
 from zim_lightning.data.shards import expand_shards
@@ -91,6 +92,8 @@ PNG_COMPRESSION = 1
 # Threads projecting and PNG-encoding mattes in the main process (OpenCV releases the GIL).
 WRITER_THREADS = 4
 _TAR_MODE = 0o644
+# Side of the coarse grid the clamp band is measured on (see mask_band).
+BAND_GRID = 256
 RANDOM_WEIGHTS_SEED = 0
 
 
@@ -135,6 +138,21 @@ def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     """(x, y, w, h) of a mask's non-zero pixels; the mask is HxW uint8 and not empty."""
     x, y, w, h = cv2.boundingRect(mask)
     return int(x), int(y), int(w), int(h)
+
+
+def rle_box(annotation: dict) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of an annotation's decoded RLE, from its runs (no pass over the pixels).
+
+    The json's own ``bbox`` is not trusted: the matte box must hold the mask the RLE decodes to.
+    """
+    segmentation = annotation["segmentation"]
+    counts = segmentation["counts"]
+    rle = {
+        "size": segmentation["size"],
+        "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+    }
+    x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))
+    return x, y, w, h
 
 
 def matte_box(box: tuple[int, int, int, int], image_hw: tuple[int, int], margin: float) -> tuple[int, ...]:
@@ -238,10 +256,25 @@ def project_matte(
 
 
 def mask_band(mask_region: np.ndarray, radius: int) -> np.ndarray:
-    """1 within ``radius`` pixels (Euclidean) of the mask, else 0; HxW uint8 in, HxW uint8 out."""
-    outside = (mask_region == 0).astype(np.uint8)
+    """1 within about ``radius`` pixels (Euclidean) of the mask, else 0; HxW uint8 in, HxW uint8 out.
+
+    Large regions are measured on a grid of at most :data:`BAND_GRID` cells a side (a distance transform
+    at full resolution costs as much as the converter's share of a mask): the band is a loose clamp
+    whose edge may move by one grid cell, which stays within the margin's rounding.
+    """
+    height, width = mask_region.shape
+    step = max(1, math.ceil(max(height, width) / BAND_GRID))
+    small = mask_region
+    if step > 1:
+        grid = (math.ceil(width / step), math.ceil(height / step))
+        # any mask pixel in a cell marks the cell (max over the cell, via area average > 0)
+        small = cv2.resize(mask_region, grid, interpolation=cv2.INTER_AREA)
+    outside = (small == 0).astype(np.uint8)
     distance = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    return (distance <= radius).astype(np.uint8)
+    band = (distance <= radius / step).astype(np.uint8)
+    if step > 1:
+        band = cv2.resize(band, (width, height), interpolation=cv2.INTER_NEAREST)
+    return band
 
 
 # ----------------------------------------------------------------------------- shards and resuming
@@ -456,7 +489,7 @@ def _shard_batches(shard: Path, config: CropConfig, batch_size: int) -> Iterator
             except CorruptSample as error:
                 skips.skip(error.reason, error.key, error)
                 continue
-            box = mask_box(mask)
+            box = rle_box(annotation)
             bx, by, bw, bh, margin = matte_box(box, (height, width), config.margin)
             square = crop_square(box, (height, width), config)
             band = None
