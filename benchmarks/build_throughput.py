@@ -54,6 +54,7 @@ from zim_lightning.sa1b_matte import (
     project_matte,
     resample_square,
     resolve_shards,
+    rle_box,
 )
 
 #: SA-1B's average number of masks per image, to scale per-image costs.
@@ -196,9 +197,9 @@ def forward_speed(
     return {"ms_per_batch": seconds * 1e3, "masks_per_s": batch / seconds}
 
 
-def quality(out: Path, shards: list[Path], alpha_dir: Path) -> dict:
+def quality(out: Path, shards: list[Path], alpha_dir: Path, margin_frac: float) -> dict:
     """Mean SAD / MSE (paper protocol) of the built mattes and of the input masks vs the exact alpha."""
-    rows = {"matte": [], "mask": [], "mass_outside_box": []}
+    rows = {"matte": [], "mask": [], "mass_outside_box": [], "mass_outside_band": []}
     for shard in shards:
         with tarfile.open(out / shard.name) as tar:
             data = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
@@ -222,8 +223,12 @@ def quality(out: Path, shards: list[Path], alpha_dir: Path) -> dict:
                 mask = decode_mask(annotation, key=key).astype(np.float64)
                 for kind, p in (("matte", pred), ("mask", mask)):
                     rows[kind].append((np.abs(p - truth).sum() / 1e3, ((p - truth) ** 2).mean() * 1e3))
-                inside = truth[y : y + h, x : x + w].sum()
-                rows["mass_outside_box"].append(1 - inside / max(truth.sum(), 1e-9))
+                total = max(truth.sum(), 1e-9)
+                rows["mass_outside_box"].append(1 - truth[y : y + h, x : x + w].sum() / total)
+                # what the clamp would cut from a perfect matte: true alpha beyond the margin band
+                _, _, _, _, margin = matte_box(rle_box(annotation), (height, width), margin_frac)
+                band = mask_band(mask[y : y + h, x : x + w].astype(np.uint8), margin)
+                rows["mass_outside_band"].append(1 - (truth[y : y + h, x : x + w] * band).sum() / total)
     summary = {
         kind: {
             "sad": float(np.mean([r[0] for r in rows[kind]])),
@@ -233,6 +238,7 @@ def quality(out: Path, shards: list[Path], alpha_dir: Path) -> dict:
     }
     summary["instances"] = len(rows["matte"])
     summary["truth_mass_outside_matte_box"] = float(np.mean(rows["mass_outside_box"]))
+    summary["truth_mass_outside_clamp_band"] = float(np.mean(rows["mass_outside_band"]))
     return summary
 
 
@@ -338,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                 "num_workers": args.num_workers,
             }
             if args.quality and alpha_dir is not None:
-                report["quality"] = quality(out, shards, alpha_dir)
+                report["quality"] = quality(out, shards, alpha_dir, config.margin)
     json.dump(report, sys.stdout, indent=1)
     print()
     return 0
