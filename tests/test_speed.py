@@ -16,6 +16,9 @@ from zim_lightning.models.image_encoder import ImageEncoder
 from zim_lightning.models.vit_attention import ATTENTION_BACKENDS, ViTAttention
 from zim_lightning.models.zim import Zim
 
+# Off CUDA flex runs its eager reference on purpose (tests); its "use torch.compile" advice is noise here.
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
 # A small encoder that still has every case: windows that need padding (8 % 3 != 0), a global block,
 # two heads, relative positions.
 SMALL_ENCODER = {
