@@ -43,13 +43,12 @@ from torch import nn
 from zim_lightning.data.sa1b import decode_image, decode_mask, iter_tar, parse_annotations
 from zim_lightning.data.synthetic import generate
 from zim_lightning.sa1b_matte import (
-    PNG_COMPRESSION,
+    PNG_PARAMS,
     WRITER_THREADS,
     CropConfig,
     build,
     crop_square,
     mask_band,
-    mask_box,
     matte_box,
     project_matte,
     resample_square,
@@ -114,15 +113,12 @@ def cpu_breakdown(shards: list[Path], config: CropConfig) -> dict:
                 t0 = time.process_time()
                 mask = decode_mask(annotation, key=key, image_size=(height, width))
                 t1 = time.process_time()
-                box = mask_box(mask)
+                box = rle_box(annotation)
                 bx, by, bw, bh, margin = matte_box(box, (height, width), config.margin)
                 square = crop_square(box, (height, width), config)
                 band = mask_band(mask[by : by + bh, bx : bx + bw], margin) if config.clamp else None
                 x0, y0, side = square
-                iy0, iy1, ix0, ix1 = max(y0, 0), min(y0 + side, height), max(x0, 0), min(x0 + side, width)
-                part = np.zeros((side, side), np.uint8)
-                part[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = mask[iy0:iy1, ix0:ix1] * np.uint8(255)
-                alpha = resample_square(part, 0, 0, side, size)
+                alpha = resample_square(mask, x0, y0, side, size, gain=255)
                 if whole is None:
                     resample_square(image, x0, y0, side, size)
                 t2 = time.process_time()
@@ -130,7 +126,7 @@ def cpu_breakdown(shards: list[Path], config: CropConfig) -> dict:
                 matte = project_matte(alpha, square, (bx, by, bw, bh))
                 if band is not None:
                     matte *= band
-                ok, png = cv2.imencode(".png", matte, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+                ok, png = cv2.imencode(".png", matte, list(PNG_PARAMS))
                 t3 = time.process_time()
                 members.append((f"{key}.matte_{annotation['id']}.png", png.tobytes()))
                 times["rle"] += t1 - t0

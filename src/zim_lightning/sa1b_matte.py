@@ -86,9 +86,11 @@ PARTIAL_SUFFIX = ".partial"
 MANIFEST_DIR = "manifest"
 # Bilinear resampling spreads an edge over about a pixel, so the matte box keeps at least this margin.
 MIN_MARGIN_PX = 2
-# PNG compression 1: the mattes are mostly flat zero / 255 runs, which level 1 already packs well, and
-# the encode stays a small fraction of the converter's time.
-PNG_COMPRESSION = 1
+# PNG: zlib level 1 and the "sub" filter alone. Mattes are mostly flat 0 / 255 runs that level 1 already
+# packs well; trying every filter per row (OpenCV's default) triples the encode time for a 5% smaller file.
+PNG_PARAMS = (cv2.IMWRITE_PNG_COMPRESSION, 1) + (
+    (cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB) if hasattr(cv2, "IMWRITE_PNG_FILTER") else ()
+)
 # Threads projecting and PNG-encoding mattes in the main process (OpenCV releases the GIL).
 WRITER_THREADS = 4
 _TAR_MODE = 0o644
@@ -193,11 +195,15 @@ def crop_square(
     return place(x + w / 2 - side / 2, width), place(y + h / 2 - side / 2, height), side
 
 
-def resample_square(array: np.ndarray, x0: int, y0: int, side: int, size: int) -> np.ndarray:
+def resample_square(
+    array: np.ndarray, x0: int, y0: int, side: int, size: int, *, gain: int = 1
+) -> np.ndarray:
     """Cut the square (x0, y0, side) out of ``array`` (zero outside it) and resize it to size x size.
 
     Args:
         array: HxW or HxWxC uint8.
+        gain: multiplies the cut-out values first (255 turns a {0, 1} mask into 0 / 255, so that area
+            resampling keeps the coverage of edge pixels).
 
     Returns:
         size x size (x C) uint8; area averaging when shrinking, bilinear when enlarging.
@@ -206,6 +212,8 @@ def resample_square(array: np.ndarray, x0: int, y0: int, side: int, size: int) -
     ix0, iy0 = max(x0, 0), max(y0, 0)
     ix1, iy1 = min(x0 + side, width), min(y0 + side, height)
     part = array[iy0:iy1, ix0:ix1]
+    if gain != 1:
+        part = part * np.uint8(gain)
     if (ix0, iy0, ix1, iy1) != (x0, y0, x0 + side, y0 + side):
         part = cv2.copyMakeBorder(
             np.ascontiguousarray(part),
@@ -496,12 +504,7 @@ def _shard_batches(shard: Path, config: CropConfig, batch_size: int) -> Iterator
             if config.clamp:
                 band = mask_band(mask[by : by + bh, bx : bx + bw], margin)
             x0, y0, side = square
-            # the mask's part of the square only, scaled to 0/255 so area resampling keeps coverage
-            iy0, iy1 = max(y0, 0), min(y0 + side, height)
-            ix0, ix1 = max(x0, 0), min(x0 + side, width)
-            mask_part = np.zeros((side, side), np.uint8)
-            mask_part[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = mask[iy0:iy1, ix0:ix1] * np.uint8(255)
-            masks.append(resample_square(mask_part, 0, 0, side, size))
+            masks.append(resample_square(mask, x0, y0, side, size, gain=255))
             images.append(whole if whole is not None else resample_square(image, x0, y0, side, size))
             items.append(
                 MaskItem(ann_index=index, row=len(images) - 1, square=square, box=(bx, by, bw, bh), band=band)
@@ -567,7 +570,7 @@ def _encode_matte(alpha: np.ndarray, square: tuple, box: tuple, band: np.ndarray
     matte = project_matte(alpha, square, box)
     if band is not None:
         matte *= band
-    ok, png = cv2.imencode(".png", matte, [cv2.IMWRITE_PNG_COMPRESSION, PNG_COMPRESSION])
+    ok, png = cv2.imencode(".png", matte, list(PNG_PARAMS))
     if not ok:
         raise RuntimeError(f"OpenCV could not PNG-encode a {matte.shape} matte")
     return png.tobytes()
