@@ -752,6 +752,9 @@ def _data_module(
                 num_workers=workers,
                 pin_memory=pin,
                 worker_init_fn=_worker_init if workers else None,
+                # spawn, not fork: a worker forked after OpenCV's or OpenMP's thread pools ran in this
+                # process (data generation, model init, a forward) can deadlock in its first cv2 call
+                multiprocessing_context="spawn" if workers else None,
                 prefetch_factor=2 if workers else None,  # a batch of 16 masks at 1024 is 64 MB
             )
 
