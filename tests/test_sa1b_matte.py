@@ -47,7 +47,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _build(sa1b: Path, out: Path, checkpoint: Path) -> dict:
+def _build(sa1b: Path, out: Path, checkpoint: Path, *, num_workers: int = 0) -> dict:
     return build(
         sa1b=[str(sa1b)],
         out=out,
@@ -55,7 +55,7 @@ def _build(sa1b: Path, out: Path, checkpoint: Path) -> dict:
         checkpoint=str(checkpoint),
         config=CropConfig(crop_size=64),
         batch_size=BATCH_SIZE,
-        num_workers=0,
+        num_workers=num_workers,
         accelerator="cpu",
         devices=1,
     )
@@ -98,7 +98,9 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def clean_build(synthetic: Path, checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("clean") / "sa1b_matte"
-    summary = _build(synthetic / "sa1b", out, checkpoint)
+    # two DataLoader workers interleave the shards' batches at the writer; the other builds use none,
+    # so comparing with them also checks that the bytes do not depend on the worker count
+    summary = _build(synthetic / "sa1b", out, checkpoint, num_workers=2)
     assert summary["done"] == NUM_SHARDS and not summary["missing"]
     return out
 
