@@ -12,6 +12,9 @@ DATA ?= data/synthetic
 OUT ?= reports
 MODEL ?= tiny
 CHECKPOINT ?=
+SA1B ?= $(DATA)/sa1b
+SA1B_MATTE ?= $(DATA)/sa1b_matte
+CONVERTER ?=
 EVAL_DATA ?= $(DATA)/micromat
 EVAL_FORMAT ?= micromat
 
@@ -49,6 +52,10 @@ format: $(STAMP) ## Format with ruff
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
+build-sa1b-matte: $(STAMP) ## Convert SA-1B masks to SA1B-Matte shards (SA1B=, SA1B_MATTE=, CONVERTER=ckpt; resumable)
+	$(BIN)/zim-lightning build-sa1b-matte --sa1b $(SA1B) --out $(SA1B_MATTE) \
+		$(if $(CONVERTER),--converter $(CONVERTER),--model converter_tiny --crop-size 256)
+
 eval: $(STAMP) ## Evaluate MODEL [CHECKPOINT=...] on EVAL_DATA (default synthetic MicroMat-3K; EVAL_FORMAT=am2k|aim500) into OUT/eval
 	$(BIN)/zim-lightning eval --model $(MODEL) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
 		--data $(EVAL_DATA) --format $(EVAL_FORMAT) --prompt both --out $(OUT)/eval --save-predictions
@@ -59,4 +66,4 @@ serve: $(STAMP) ## Interactive matting page on 127.0.0.1:7860 (MODEL=tiny|vit_b,
 clean: ## Remove generated data and reports (keeps .venv)
 	rm -rf data/synthetic reports lightning_logs .pytest_cache
 
-.PHONY: help install synth demo test lint format clean serve eval
+.PHONY: help install synth demo test lint format clean serve eval build-sa1b-matte
