@@ -9,6 +9,7 @@ averaged. They track training; the paper's protocol (original resolution, MicroM
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -82,7 +83,8 @@ class MattingModule(LightningModule):
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        # One metric object per stage: Lightning resets each at the end of its own loop.
+        # One metric object per stage, so a validation in the middle of training leaves the running
+        # training means alone.
         self.train_metrics = _means(LOSS_TERMS, "train/")
         eval_names = LOSS_TERMS + FRAME_ERRORS + tuple(extra_val_metrics)
         self.val_metrics = _means(eval_names, "val/")
@@ -100,18 +102,44 @@ class MattingModule(LightningModule):
     def _log_values(
         self, metrics: MetricCollection, values: dict[str, Tensor], *, batch_size: int, train: bool
     ) -> None:
-        """Update the stage's metric objects with scalars or per-sample vectors, and log them."""
+        """Accumulate scalars or per-sample vectors in the stage's metric objects.
+
+        Training values are logged per step and as epoch means by Lightning. Validation and test values
+        are only accumulated here and logged at the epoch end (:meth:`_log_epoch`), because a rank can see
+        no evaluation batch at all (fewer validation shards than ranks): a metric that only some ranks
+        logged would leave the others waiting in its synchronisation.
+        """
         for name, value in values.items():
             metric = metrics[name]
+            if not train:
+                metric.update(value.detach().float())
+                continue
             # forward, not update: Lightning logs the batch value on steps and the running mean on epochs
             metric(value.detach().float())
             self.log(
                 f"{metrics.prefix}{name}",
                 metric,
-                on_step=train,
+                on_step=True,
                 on_epoch=True,
                 prog_bar=name == "loss",
                 batch_size=batch_size,
                 # metrics sync their own states across ranks
                 sync_dist=False,
             )
+
+    def _log_epoch(self, metrics: MetricCollection) -> None:
+        """Compute (synchronised over every rank, each one taking part) and log an evaluation epoch."""
+        for name in metrics.keys(keep_base=True):
+            metric = metrics[name]
+            # a rank without batches still joins the synchronisation; its empty state weighs nothing
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*compute.*before the ..update.*")
+                value = metric.compute()
+            self.log(f"{metrics.prefix}{name}", value, prog_bar=name == "loss", sync_dist=False)
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch(self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch(self.test_metrics)
