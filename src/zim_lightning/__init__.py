@@ -28,7 +28,16 @@ _LAZY = {
     "matting_errors": "zim_lightning.metrics",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "Zim",
+    "ZimAutomaticMatteGenerator",
+    "ZimPredictor",
+    "build_zim",
+    "converter_model_registry",
+    "load_sam_weights",
+    "matting_errors",
+    "zim_model_registry",
+]
 
 if TYPE_CHECKING:
     from zim_lightning.automatic import ZimAutomaticMatteGenerator
