@@ -303,13 +303,14 @@ def _baselines(text: str) -> list[str]:
     return names
 
 
-def _parser(models: list[str]) -> argparse.ArgumentParser:
+def _parser() -> argparse.ArgumentParser:
+    from zim_lightning.models.build import add_zim_arguments
+
     p = argparse.ArgumentParser(
         prog="zim-lightning eval",
         description="Evaluate ZIM on MicroMat-3K, AM-2K or AIM-500 (metrics.json, report.md, grids).",
     )
-    p.add_argument("--model", required=True, choices=models, help="ZIM size in zim_model_registry")
-    p.add_argument("--checkpoint", help="our weights (state dict or Lightning checkpoint); none: random")
+    add_zim_arguments(p)
     p.add_argument(
         "--data", required=True, type=Path, help="dataset folder (MicroMat-3K: holds data_list.txt)"
     )
@@ -330,8 +331,6 @@ def _parser(models: list[str]) -> argparse.ArgumentParser:
         "--grid-count", type=int, default=4, help="instances in each best / worst grid (0: no grids)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and derived point prompts")
-    p.add_argument("--pixel-decoder", default="hierarchical", choices=["hierarchical", "sam"])
-    p.add_argument("--no-masked-attention", action="store_true", help="ablation: plain cross-attention")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator (cpu, gpu, auto)")
     p.add_argument("--devices", default="1", help="devices per node (a number, or 'auto')")
     p.add_argument("--num-nodes", type=int, default=1)
@@ -348,15 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     from zim_lightning.data.datamodule import ZimDataModule
     from zim_lightning.data.micromat import build_eval_dataset
     from zim_lightning.lit.eval_module import EvalModule
-    from zim_lightning.models.build import zim_model_registry
+    from zim_lightning.models.build import check_checkpoint_argument, zim_from_arguments
 
-    parser = _parser(sorted(zim_model_registry))
+    parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.checkpoint is None:
-        log.warning("no --checkpoint given: %s has RANDOM weights (smoke tests only)", args.model)
-    elif not Path(args.checkpoint).is_file():
-        parser.error(f"--checkpoint {args.checkpoint!r} does not exist or is not a file")
+    check_checkpoint_argument(parser, args)
     if args.grid_count < 0 or args.closed_form_max_side < 0:
         parser.error("--grid-count and --closed-form-max-side must be >= 0")
     devices: int | str = int(args.devices) if args.devices.isdigit() else args.devices
@@ -369,11 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Same seed on every rank: random weights (smoke tests) must be the same network everywhere.
     L.seed_everything(args.seed, verbose=False)
-    net = zim_model_registry[args.model](
-        checkpoint=args.checkpoint,
-        pixel_decoder=args.pixel_decoder,
-        masked_attention=not args.no_masked_attention,
-    ).eval()
+    net = zim_from_arguments(args).eval()
     module = EvalModule(
         net=net,
         prompts=["point", "box"] if args.prompt == "both" else [args.prompt],

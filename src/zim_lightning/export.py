@@ -213,45 +213,21 @@ def _export(
 
 def main(argv: list[str] | None = None) -> int:
     """``zim-lightning export-onnx``: write encoder.onnx + decoder.onnx for the official runner."""
-    from zim_lightning.models.build import zim_model_registry
+    from zim_lightning.models.build import add_zim_arguments, check_checkpoint_argument, zim_from_arguments
 
     parser = argparse.ArgumentParser(
         prog="zim-lightning export-onnx",
         description="Export a ZIM network to ONNX in the official zim_anything layout "
         "(a folder with encoder.onnx and decoder.onnx).",
     )
-    parser.add_argument("--model", required=True, choices=sorted(zim_model_registry), help="architecture")
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        help="state dict or Lightning checkpoint of that architecture; without it the export holds "
-        "RANDOM weights (useful only to test the pipeline)",
-    )
-    parser.add_argument(
-        "--pixel-decoder",
-        choices=("hierarchical", "sam"),
-        default="hierarchical",
-        help="pixel decoder the checkpoint was trained with (default hierarchical)",
-    )
-    parser.add_argument(
-        "--no-masked-attention",
-        action="store_true",
-        help="the checkpoint was trained without prompt-aware masked attention",
-    )
+    add_zim_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    if args.checkpoint is None:
-        log.warning("no --checkpoint given: exporting %s with RANDOM weights", args.model)
-    elif not Path(args.checkpoint).is_file():
-        parser.error(f"--checkpoint {args.checkpoint!r} does not exist or is not a file")
-    model = zim_model_registry[args.model](
-        checkpoint=args.checkpoint,
-        pixel_decoder=args.pixel_decoder,
-        masked_attention=not args.no_masked_attention,
-    )
+    check_checkpoint_argument(parser, args)
+    model = zim_from_arguments(args)
     encoder_path, decoder_path = export_onnx(model, args.out, opset=args.opset)
     print(f"wrote {encoder_path}")
     print(f"wrote {decoder_path}")

@@ -103,7 +103,9 @@ def write_outputs(image: np.ndarray, alpha: np.ndarray, out_dir: Path, stem: str
     return alpha_path, cutout_path
 
 
-def _parser(model_names: list[str]) -> argparse.ArgumentParser:
+def _parser() -> argparse.ArgumentParser:
+    from zim_lightning.models.build import add_zim_arguments
+
     parser = argparse.ArgumentParser(
         prog="zim-lightning matte",
         description="Matte one object of an image from a box or points; writes <stem>_alpha.png and "
@@ -119,24 +121,7 @@ def _parser(model_names: list[str]) -> argparse.ArgumentParser:
         metavar="X,Y[,LABEL]",
         help="point prompt, repeatable; LABEL 1 foreground (default) or 0 background",
     )
-    parser.add_argument("--model", required=True, choices=model_names, help="ZIM architecture")
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        help="state dict or Lightning checkpoint of that architecture; without it the model has RANDOM "
-        "weights (useful only to test the pipeline)",
-    )
-    parser.add_argument(
-        "--pixel-decoder",
-        choices=("hierarchical", "sam"),
-        default="hierarchical",
-        help="pixel decoder the checkpoint was trained with (default hierarchical)",
-    )
-    parser.add_argument(
-        "--no-masked-attention",
-        action="store_true",
-        help="the checkpoint was trained without prompt-aware masked attention",
-    )
+    add_zim_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument(
         "--device",
@@ -148,9 +133,9 @@ def _parser(model_names: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``zim-lightning matte``."""
-    from zim_lightning.models.build import zim_model_registry
+    from zim_lightning.models.build import check_checkpoint_argument, zim_from_arguments
 
-    parser = _parser(sorted(zim_model_registry))
+    parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -166,19 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         problem = _check_inside("--point", [(x, y) for x, y, _ in args.point], width, height)
     if problem:
         parser.error(problem)
-    if args.checkpoint is None:
-        log.warning("no --checkpoint given: %s has RANDOM weights, the matte is meaningless", args.model)
-    elif not Path(args.checkpoint).is_file():
-        parser.error(f"--checkpoint {args.checkpoint!r} does not exist or is not a file")
+    check_checkpoint_argument(parser, args)
 
     from zim_lightning.predictor import ZimPredictor
 
-    model = zim_model_registry[args.model](
-        checkpoint=args.checkpoint,
-        pixel_decoder=args.pixel_decoder,
-        masked_attention=not args.no_masked_attention,
-    )
-    predictor = ZimPredictor(model.eval().to(args.device))
+    predictor = ZimPredictor(zim_from_arguments(args).eval().to(args.device))
     predictor.set_image(image)
     if args.box is not None:
         masks, _, _ = predictor.predict(box=np.array(args.box, dtype=np.float32), multimask_output=False)

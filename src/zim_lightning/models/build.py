@@ -13,6 +13,7 @@ builds a :class:`~zim_lightning.models.zim.Zim` of SAM's sizes (``vit_b``, ``vit
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from zim_lightning.models.checkpoint import CheckpointError, load_exactly, read_state_dict
+from zim_lightning.models.pixel_decoder import DECODER_STRIDES
 from zim_lightning.models.zim import Zim
 
 log = logging.getLogger(__name__)
@@ -241,6 +243,54 @@ def _registered(variant: str) -> Callable[..., Zim]:
 #: name -> builder ``(*, checkpoint, sam_checkpoint, masked_attention, pixel_decoder, attention,
 #: activation_checkpointing) -> Zim``.
 zim_model_registry: dict[str, Callable[..., Zim]] = {name: _registered(name) for name in ZIM_VARIANTS}
+
+
+def add_zim_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options that choose a registered ZIM and its weights to a command's parser.
+
+    ``--model`` (a key of :data:`zim_model_registry`), ``--checkpoint``, ``--pixel-decoder`` and
+    ``--no-masked-attention`` (the two architecture switches a checkpoint was trained with). Shared by
+    ``matte``, ``export-onnx`` and ``eval``; read back with :func:`check_checkpoint_argument` and
+    :func:`zim_from_arguments`.
+    """
+    parser.add_argument("--model", required=True, choices=sorted(zim_model_registry), help="ZIM architecture")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="state dict or Lightning checkpoint of that architecture; without it the model has RANDOM "
+        "weights (useful only to test the pipeline)",
+    )
+    parser.add_argument(
+        "--pixel-decoder",
+        choices=tuple(DECODER_STRIDES),
+        default="hierarchical",
+        help="pixel decoder the checkpoint was trained with (default hierarchical)",
+    )
+    parser.add_argument(
+        "--no-masked-attention",
+        action="store_true",
+        help="the checkpoint was trained without prompt-aware masked attention",
+    )
+
+
+def check_checkpoint_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit through ``parser.error`` when ``--checkpoint`` is not a file; warn when it is not given."""
+    if args.checkpoint is None:
+        log.warning(
+            "no --checkpoint given: %s has RANDOM weights (useful only to test the pipeline)", args.model
+        )
+    elif not Path(args.checkpoint).is_file():
+        parser.error(f"--checkpoint {args.checkpoint!r} does not exist or is not a file")
+
+
+def zim_from_arguments(args: argparse.Namespace) -> Zim:
+    """Build the ZIM that :func:`add_zim_arguments`' options name (train mode, as ``build_zim`` leaves it)."""
+    return zim_model_registry[args.model](
+        checkpoint=args.checkpoint,
+        pixel_decoder=args.pixel_decoder,
+        masked_attention=not args.no_masked_attention,
+    )
+
 
 try:  # The label converter lives beside ZIM; re-exported so one module holds every registry.
     from zim_lightning.models.converter import converter_model_registry  # noqa: F401
