@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 from segment_anything.build_sam import sam_model_registry
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import Sam
 
 from zim_lightning.models import CheckpointError, Zim, load_sam_weights, zim_model_registry
 from zim_lightning.models.build import ZIM_VARIANTS
 from zim_lightning.models.transformer import KeyMask, MaskableAttention
+from zim_lightning.speed import build_stock_sam
 
 BOX_COORDS = torch.tensor([[[200.0, 150.0], [700.0, 600.0], [-0.5, -0.5]]])
 BOX_LABELS = torch.tensor([[2.0, 3.0, -1.0]])
@@ -279,41 +280,7 @@ def test_unknown_pixel_decoder_is_rejected():
 
 def tiny_sam() -> Sam:
     """A segment-anything Sam built with SAM's own classes at the sizes of our tiny variant."""
-    cfg = ZIM_VARIANTS["tiny"]
-    dim = cfg["prompt_embed_dim"]
-    from functools import partial
-
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
-            depth=cfg["encoder_depth"],
-            embed_dim=cfg["encoder_embed_dim"],
-            img_size=1024,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=cfg["encoder_num_heads"],
-            patch_size=16,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=cfg["encoder_global_attn_indexes"],
-            window_size=14,
-            out_chans=dim,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=dim, image_embedding_size=(64, 64), input_image_size=(1024, 1024), mask_in_chans=16
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(
-                depth=cfg["decoder_depth"],
-                embedding_dim=dim,
-                mlp_dim=cfg["decoder_mlp_dim"],
-                num_heads=cfg["decoder_num_heads"],
-            ),
-            transformer_dim=dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=cfg["iou_head_hidden_dim"],
-        ),
-    ).eval()
+    sam = build_stock_sam("tiny").eval()
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in sam.parameters():  # SAM zero-initialises rel-pos and pos-embed: make every weight count

@@ -8,7 +8,7 @@ from functools import partial
 
 import pytest
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import ImageEncoderViT, Sam
 
 from zim_lightning import speed
 from zim_lightning.models.build import ZIM_VARIANTS, load_sam_weights, zim_model_registry
@@ -166,41 +166,8 @@ def small_zim(**kwargs) -> Zim:
 
 def small_sam() -> Sam:
     """A segment-anything Sam at the small Zim's sizes, random weights."""
-    cfg = ZIM_VARIANTS["tiny"]
-    dim = cfg["prompt_embed_dim"]
-    grid = SIDE // 16
     torch.manual_seed(7)
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=SIDE,
-            patch_size=16,
-            embed_dim=cfg["encoder_embed_dim"],
-            depth=cfg["encoder_depth"],
-            num_heads=cfg["encoder_num_heads"],
-            mlp_ratio=4.0,
-            out_chans=dim,
-            qkv_bias=True,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            use_rel_pos=True,
-            window_size=14,
-            global_attn_indexes=cfg["encoder_global_attn_indexes"],
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=dim, image_embedding_size=(grid, grid), input_image_size=(SIDE, SIDE), mask_in_chans=16
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(
-                depth=cfg["decoder_depth"],
-                embedding_dim=dim,
-                mlp_dim=cfg["decoder_mlp_dim"],
-                num_heads=cfg["decoder_num_heads"],
-            ),
-            transformer_dim=dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=cfg["iou_head_hidden_dim"],
-        ),
-    ).eval()
+    sam = speed.build_stock_sam("tiny", image_size=SIDE).eval()
     with torch.no_grad():
         for name, p in sam.image_encoder.named_parameters():
             if "rel_pos" in name or name == "pos_embed":
