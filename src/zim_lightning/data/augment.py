@@ -163,6 +163,13 @@ def photometric(
     )
 
 
+def seed_pipelines(rng: np.random.Generator, *pipelines: A.Compose | None) -> None:
+    """Seed albumentations pipelines from a worker's generator, one draw each in order; None is skipped."""
+    for pipeline in pipelines:
+        if pipeline is not None:
+            pipeline.set_random_seed(int(rng.integers(2**31)))
+
+
 def centre_square(array: np.ndarray, size: int, *, centre: tuple[float, float] | None = None) -> np.ndarray:
     """Deterministic square view: a square of the shorter side, resized to ``size``.
 

@@ -21,6 +21,7 @@ from zim_lightning.data.augment import (
     converter_geometric,
     object_centre,
     photometric,
+    seed_pipelines,
     spatial_generalization_cutout,
     zim_geometric,
 )
@@ -84,9 +85,7 @@ class ConverterSampleProcessor:
 
     def seed(self, rng: np.random.Generator) -> None:
         """Seed the albumentations pipelines from a worker's generator."""
-        if self.geometric is not None:
-            self.geometric.set_random_seed(int(rng.integers(2**31)))
-            self.colour.set_random_seed(int(rng.integers(2**31)))
+        seed_pipelines(rng, self.geometric, self.colour)
 
     def __call__(self, sample: dict, rng: np.random.Generator, *, train: bool) -> list[dict]:
         """Process one raw sample; raises CorruptSample on bad data.
@@ -174,9 +173,7 @@ class ZimSampleProcessor:
 
     def seed(self, rng: np.random.Generator) -> None:
         """Seed the albumentations pipelines from a worker's generator."""
-        if self.geometric is not None:
-            self.geometric.set_random_seed(int(rng.integers(2**31)))
-            self.colour.set_random_seed(int(rng.integers(2**31)))
+        seed_pipelines(rng, self.geometric, self.colour)
 
     def __call__(self, sample: dict, rng: np.random.Generator, *, train: bool) -> list[dict]:
         """Process one raw sample into one or more ZIM samples; raises CorruptSample on bad data.
