@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zim_lightning.models.attention_mask import attention_map_from_prompts, is_box_prompt
-from zim_lightning.models.image_encoder import build_image_encoder
+from zim_lightning.models.image_encoder import ImageEncoder
 from zim_lightning.models.mask_decoder import MaskDecoder
 from zim_lightning.models.pixel_decoder import DECODER_STRIDES, PYRAMID_STRIDES, ImageFeaturePyramid
 from zim_lightning.models.prompt_encoding import PromptEncoding
@@ -96,7 +96,7 @@ class Zim(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), persistent=False)
 
-        self.image_encoder = build_image_encoder(
+        self.image_encoder = ImageEncoder(
             image_size=image_size,
             patch_size=patch_size,
             embed_dim=encoder_embed_dim,
