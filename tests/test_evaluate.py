@@ -14,7 +14,7 @@ from PIL import Image
 
 from tests.test_metrics import _ref_conn
 from zim_lightning.data.synthetic import generate
-from zim_lightning.evaluate import main
+from zim_lightning.evaluate import main, write_grids
 
 METRICS = ("sad", "mse", "mae", "grad", "conn")
 
@@ -150,8 +150,16 @@ def test_eval_report_instances_and_grids(synthetic, micromat_run) -> None:
             image = np.asarray(Image.open(grid))
             # two instances, three panels side by side (64x80 images shown 192 px high, 240 wide)
             assert image.shape[2] == 3 and image.shape[1] == 3 * 240 and image.shape[0] == 2 * (192 + 4)
-    worst = [float(r["sad"]) for r in rows if (r["method"], r["prompt"]) == ("zim", "box")]
-    assert max(worst) >= min(worst)
+
+
+def test_write_grids_with_count_zero_writes_nothing_and_rejects_unknown_metrics(tmp_path: Path) -> None:
+    # count 0 must return before touching the module or the dataset (None here would raise).
+    assert write_grids(tmp_path, None, None, count=0, saved=False) == []
+    assert not (tmp_path / "grids").exists()
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        write_grids(tmp_path, None, None, count=-1, saved=False)
+    with pytest.raises(ValueError, match="rank_by must be one of"):
+        write_grids(tmp_path, None, None, count=1, saved=False, rank_by="psnr")
 
 
 @pytest.mark.slow

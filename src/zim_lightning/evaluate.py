@@ -246,10 +246,18 @@ def write_grids(
     """Picture grids of the ``count`` best and worst instances per prompt (all subsets together).
 
     Args:
+        count: instances in each grid; 0 writes no grid.
         saved: the predictions were saved under ``out`` (read them back); otherwise the chosen instances
             are predicted again (the same deterministic forward pass).
+        rank_by: the metric (a name of ``METRIC_NAMES``) that orders the instances and labels each row.
     """
-    paths = []
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    if rank_by not in METRIC_NAMES:
+        raise ValueError(f"rank_by must be one of {METRIC_NAMES}, got {rank_by!r}")
+    paths: list[Path] = []
+    if count == 0:
+        return paths
     column = 1 + METRIC_NAMES.index(rank_by)
     predicted: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
 
@@ -276,7 +284,7 @@ def write_grids(
                     np.round(np.asarray(item["alpha"]) * 255).astype(np.uint8),
                 ]
                 strip = np.concatenate([_panel(p, GRID_PANEL_HEIGHT) for p in panels], axis=1)
-                label = f"{item['key']}  SAD {rows[r, column].item():.3f}"
+                label = f"{item['key']}  {METRIC_TITLES[rank_by]} {rows[r, column].item():.3f}"
                 cv2.putText(
                     strip, label, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA
                 )
@@ -285,7 +293,8 @@ def write_grids(
             grid = np.concatenate([np.pad(s, ((0, 4), (0, width - s.shape[1]), (0, 0))) for s in strips])
             path = out / "grids" / f"{method}_{prompt}_{name}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+            if not cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)):
+                raise OSError(f"could not write {path}")
             paths.append(path)
     return paths
 
