@@ -21,8 +21,10 @@ from tests.test_data_sa1b import (
     seg_members,
     write_tar,
 )
+from zim_lightning.data import micromat
 from zim_lightning.data import samples as samples_module
 from zim_lightning.data.datamodule import UnpaddedDistributedSampler, ZimDataModule
+from zim_lightning.data.synthetic import generate
 
 FRAME = 64  # ZIM frame side in these tests (1024 in real runs)
 CROP = 32
@@ -368,8 +370,6 @@ def test_unpadded_rank_slices_cover_each_instance_once():
 
 
 def test_eval_stage_wraps_the_evaluation_dataset(tmp_path):
-    micromat = pytest.importorskip("zim_lightning.data.micromat")
-    from zim_lightning.data.synthetic import generate
 
     layout = generate(
         tmp_path / "synth",
