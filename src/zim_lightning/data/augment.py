@@ -76,7 +76,7 @@ def mix_stl(
         ratio: the expected fraction of segmentation samples, in [0, 1].
     """
     if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"stl_ratio must be in [0, 1], got {ratio}")
+        raise ValueError(f"ratio (the STL mixing ratio) must be in [0, 1], got {ratio}")
     while True:
         source = segmentation if rng.random() < ratio else matting
         sample = next(source, None)
