@@ -464,13 +464,15 @@ def write_results(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``zim-lightning matte-all``."""
+    from zim_lightning.models.build import add_zim_arguments, check_checkpoint_argument, zim_from_arguments
+
     parser = argparse.ArgumentParser(
         prog="zim-lightning matte-all",
         description="Matte every object in an image with a grid of point prompts (automatic matting).",
     )
     parser.add_argument("image", type=Path, help="input image (any format Pillow reads)")
-    parser.add_argument("--model", required=True, help="registry name: tiny, vit_b, ...")
-    parser.add_argument("--checkpoint", default=None, help="ZIM weights (state dict or Lightning checkpoint)")
+    add_zim_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument(
         "--preset",
@@ -492,13 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_checkpoint_argument(parser, args)
 
     from PIL import Image, ImageOps, UnidentifiedImageError
 
-    from zim_lightning.models.build import zim_model_registry
-
-    if args.model not in zim_model_registry:
-        parser.error(f"--model {args.model!r}: unknown; expected one of {', '.join(zim_model_registry)}")
     try:
         with Image.open(args.image) as picture:
             image = np.asarray(ImageOps.exif_transpose(picture).convert("RGB"), dtype=np.uint8)
@@ -509,11 +508,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = zim_model_registry[args.model](checkpoint=args.checkpoint).to(device).eval()
-    if args.checkpoint is None:
-        logger.warning(
-            "no --checkpoint given: ZIM %s has random weights, so its mattes are noise", args.model
-        )
+    model = zim_from_arguments(args).to(device).eval()
     preset = args.preset or default_preset(args.model)
     overrides = {
         "points_per_side": args.points_per_side,
