@@ -349,28 +349,21 @@ def create_server(app: MattingApp, *, host: str = "127.0.0.1", port: int = 7860)
 
 
 def build_app(
+    model: Any,
     *,
     model_name: str,
-    checkpoint: str | None = None,
     device: str | None = None,
     max_images: int = 8,
     max_upload_bytes: int = 20 << 20,
     max_side: int = 8192,
 ) -> MattingApp:
-    """Build the network from the registry and wrap it in an app."""
+    """Wrap a built ZIM network in an app (moved to ``device``, cuda when available, in eval mode)."""
     import torch
 
-    from zim_lightning.models.build import zim_model_registry
     from zim_lightning.predictor import ZimPredictor
 
-    if model_name not in zim_model_registry:
-        raise SystemExit(f"--model {model_name!r}: unknown; expected one of {', '.join(zim_model_registry)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = zim_model_registry[model_name](checkpoint=checkpoint).to(device).eval()
-    if checkpoint is None:
-        logger.warning(
-            "no --checkpoint given: ZIM %s has random weights, so its mattes are noise", model_name
-        )
+    model = model.to(device).eval()
     store = ImageStore(
         predictor_factory=lambda: ZimPredictor(model), max_images=max_images, max_side=max_side
     )
@@ -378,11 +371,12 @@ def build_app(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from zim_lightning.models.build import add_zim_arguments, check_checkpoint_argument, zim_from_arguments
+
     parser = argparse.ArgumentParser(
         prog="zim-lightning serve", description="Interactive matting in the browser (local web page)."
     )
-    parser.add_argument("--model", required=True, help="registry name: tiny, vit_b, ...")
-    parser.add_argument("--checkpoint", default=None, help="ZIM weights (state dict or Lightning checkpoint)")
+    add_zim_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -391,9 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-side", type=int, default=8192, help="largest image side accepted, pixels")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_checkpoint_argument(parser, args)
     app = build_app(
+        zim_from_arguments(args),
         model_name=args.model,
-        checkpoint=args.checkpoint,
         device=args.device,
         max_images=args.max_images,
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
