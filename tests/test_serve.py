@@ -227,3 +227,12 @@ def test_least_recently_used_image_is_dropped(model: torch.nn.Module) -> None:
     with pytest.raises(RequestError, match="unknown or expired") as error:
         store.get(first.image_id)
     assert error.value.status == 404
+
+
+def test_main_refuses_a_missing_checkpoint_before_building(tmp_path, capsys):
+    from zim_lightning.serve.server import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "tiny", "--checkpoint", str(tmp_path / "missing.ckpt"), "--port", "0"])
+    assert exit_info.value.code == 2
+    assert "missing.ckpt" in capsys.readouterr().err
