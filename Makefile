@@ -12,6 +12,12 @@ DATA ?= data/synthetic
 OUT ?= reports
 MODEL ?= tiny
 CHECKPOINT ?=
+TRAINER ?= cpu
+ARGS ?=
+SYNTH_CONVERTER = --data.init_args.train_shards='$(DATA)/matting/train/matting-{000000..000001}.tar' \
+	--data.init_args.val_shards=$(DATA)/matting/val/matting-000000.tar --data.init_args.seg_shards=$(DATA)/seg/seg-000000.tar
+SYNTH_ZIM = --data.init_args.train_shards='$(DATA)/matting/train/matting-{000000..000001}.tar' \
+	--data.init_args.val_shards=$(DATA)/matting/val/matting-000000.tar
 SA1B ?= $(DATA)/sa1b
 SA1B_MATTE ?= $(DATA)/sa1b_matte
 CONVERTER ?=
@@ -52,6 +58,19 @@ format: $(STAMP) ## Format with ruff
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
+train-converter: $(STAMP) ## Train the label converter (CONFIG=configs/converter/paper.yaml, TRAINER=cpu|gpu|ddp|v100, DATA=, ARGS=overrides)
+	$(if $(CONFIG),,test -d $(DATA)/matting || $(BIN)/zim-lightning synth --out $(DATA) --seed 0)
+	$(BIN)/zim-lightning fit -c configs/trainer/$(TRAINER).yaml -c $(or $(CONFIG),configs/converter/tiny.yaml) $(if $(CONFIG),,$(SYNTH_CONVERTER)) $(ARGS)
+
+train-zim: $(STAMP) ## Train ZIM (CONFIG=configs/zim/vit_b.yaml, TRAINER=cpu|gpu|ddp|v100, DATA=, ARGS=overrides)
+	$(if $(CONFIG),,test -d $(DATA)/matting || $(BIN)/zim-lightning synth --out $(DATA) --seed 0)
+	$(BIN)/zim-lightning fit -c configs/trainer/$(TRAINER).yaml -c $(or $(CONFIG),configs/zim/tiny.yaml) $(if $(CONFIG),,$(SYNTH_ZIM)) $(ARGS)
+
+results: $(STAMP) ## Reproduce docs/results.md (CPU, about 45 min)
+	$(BIN)/python scripts/results_converter.py --work runs/results --steps 400 --json docs/results/converter.json
+	$(BIN)/python scripts/results_zim.py --work runs/results --steps 300 --json docs/results/zim.json
+	$(BIN)/python scripts/results_plot.py docs/results/converter.json docs/results/zim.json --out docs/images/loss_curves.png
+
 build-sa1b-matte: $(STAMP) ## Convert SA-1B masks to SA1B-Matte shards (SA1B=, SA1B_MATTE=, CONVERTER=ckpt; resumable)
 	$(BIN)/zim-lightning build-sa1b-matte --sa1b $(SA1B) --out $(SA1B_MATTE) \
 		$(if $(CONVERTER),--converter $(CONVERTER),--model converter_tiny --crop-size 256)
@@ -64,6 +83,6 @@ serve: $(STAMP) ## Interactive matting page on 127.0.0.1:7860 (MODEL=tiny|vit_b,
 	$(BIN)/zim-lightning serve --model $(MODEL) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 clean: ## Remove generated data and reports (keeps .venv)
-	rm -rf data/synthetic reports lightning_logs .pytest_cache
+	rm -rf data/synthetic reports runs lightning_logs .pytest_cache
 
-.PHONY: help install synth demo test lint format clean serve eval build-sa1b-matte
+.PHONY: help install synth demo test lint format clean serve eval build-sa1b-matte train-converter train-zim results
