@@ -109,3 +109,18 @@ def test_batches_in_another_frame_are_refused(synthetic: Path):
     batch = next(iter(cli.datamodule.train_dataloader()))
     with pytest.raises(ValueError, match=f"{FRAME}x{FRAME} frame"):
         cli.model.training_step(batch, 0)
+
+
+def test_channels_last_switch_keeps_the_loss_and_applies_once(synthetic: Path):
+    cli = cli_main(_args(synthetic, synthetic / "unused"), run=False)
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    plain = ZimModule(net=cli.model.net)
+    with torch.no_grad():
+        reference = plain._step(batch)[1]["loss"]
+    fast = ZimModule(net=cli.model.net, channels_last=True)
+    fast.configure_model()
+    fast.configure_model()  # Lightning calls the hook at every stage; the switch applies once
+    convs = [m for m in fast.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    with torch.no_grad():
+        torch.testing.assert_close(fast._step(batch)[1]["loss"], reference, rtol=1e-4, atol=1e-5)

@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from zim_lightning import speed
 from zim_lightning.lit.matting_module import MattingModule, frame_errors
 from zim_lightning.losses import PAPER_GRAD_WEIGHT, MattingLoss
 
@@ -50,7 +51,16 @@ class ZimModule(MattingModule):
         scheduler: LRSchedulerCallable | None = None,
         grad_weight: float = PAPER_GRAD_WEIGHT,
         freeze_image_encoder: bool = False,
+        compile: str | None = None,
+        channels_last: bool = False,
     ) -> None:
+        """See the class docstring; speed switches (zim_lightning.speed, equivalent outputs):
+
+        Args:
+            compile: ``torch.compile`` mode for the encoder, prompt encoder and decoder parts
+                ("default", "max-autotune", ...), or None for eager.
+            channels_last: store the convolution weights NHWC (faster convolutions on GPUs).
+        """
         super().__init__(net=net, optimizer=optimizer, scheduler=scheduler)
         # Plain values only: the checkpoint must stay loadable with weights_only=True.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
@@ -63,6 +73,17 @@ class ZimModule(MattingModule):
                     f"{type(net).__name__} has none"
                 )
             encoder.requires_grad_(False)
+
+    def configure_model(self) -> None:
+        # Applied in place, so parameter names (and checkpoints) stay those of the plain network; once,
+        # although Lightning calls this hook at every fit / validate / test.
+        if getattr(self, "_speed_applied", False):
+            return
+        self._speed_applied = True
+        if self.hparams.channels_last:
+            speed.to_channels_last(self.net)
+        if self.hparams.compile is not None:
+            speed.compile_model(self.net, mode=self.hparams.compile)
 
     def forward(self, images: Tensor, point_coords: Tensor, point_labels: Tensor) -> Tensor:
         """Predict alpha in the input frame.
