@@ -52,6 +52,10 @@ async function api(path, options = {}) {
 
 // ---------------------------------------------------------------------------------------- images
 async function loadEntry(entry) {
+  // Decode first, then switch state and status in one synchronous step: whoever sees the new image
+  // (a person, or a test polling window.zim) also sees its status, never a later overwrite of it.
+  image.src = `/api/images/${entry.image_id}/image`;
+  await image.decode();
   state.imageId = entry.image_id;
   state.name = entry.name;
   state.width = entry.width;
@@ -61,8 +65,6 @@ async function loadEntry(entry) {
   state.history = [];
   state.overlay = null;
   state.lastResult = null;
-  image.src = `/api/images/${entry.image_id}/image`;
-  await image.decode();
   view.width = entry.width;
   view.height = entry.height;
   view.classList.add("ready");
