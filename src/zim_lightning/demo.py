@@ -60,8 +60,8 @@ def _parser() -> argparse.ArgumentParser:
         default="sa1b-matte",
         help="train ZIM on SA1B-Matte built by the converter (paper) or on the synthetic matting shards",
     )
-    p.add_argument("--converter-steps", type=int, default=100, help="converter optimiser steps (100)")
-    p.add_argument("--zim-steps", type=int, default=100, help="ZIM optimiser steps (100)")
+    p.add_argument("--converter-steps", type=int, default=600, help="converter optimiser steps (600)")
+    p.add_argument("--zim-steps", type=int, default=400, help="ZIM optimiser steps (400)")
     p.add_argument("--frame", type=int, default=256, help="ZIM frame side in pixels (256)")
     p.add_argument("--crop-size", type=int, default=128, help="converter crop side, multiple of 32 (128)")
     p.add_argument("--num-workers", type=int, default=1, help="DataLoader workers (1)")
