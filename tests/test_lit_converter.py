@@ -11,7 +11,6 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from zim_lightning.data.synthetic import generate
 from zim_lightning.lit.callbacks import MatteGridLogger, SkipCountLogger
 from zim_lightning.lit.cli import cli_main
 from zim_lightning.lit.converter_module import ConverterModule
@@ -22,22 +21,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    generate(
-        root,
-        seed=0,
-        num_shards=1,
-        num_images=2,
-        image_size=(96, 128),
-        matting_train=8,
-        matting_val=4,
-        seg=4,
-        shard_size=8,
-        micromat=2,
-        eval_images=1,
-    )
-    return root
+def synthetic(tiny_synthetic) -> Path:
+    return tiny_synthetic(0)
 
 
 def _args(data: Path, run_dir: Path, *extra: str) -> list[str]:

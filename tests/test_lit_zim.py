@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from zim_lightning.data.synthetic import generate
 from zim_lightning.lit.callbacks import matte_grid
 from zim_lightning.lit.cli import cli_main
 from zim_lightning.lit.zim_module import ZimModule
@@ -19,22 +18,8 @@ FRAME = 128
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    generate(
-        root,
-        seed=1,
-        num_shards=1,
-        num_images=2,
-        image_size=(96, 128),
-        matting_train=8,
-        matting_val=4,
-        seg=4,
-        shard_size=8,
-        micromat=2,
-        eval_images=1,
-    )
-    return root
+def synthetic(tiny_synthetic) -> Path:
+    return tiny_synthetic(1)
 
 
 def _args(data: Path, run_dir: Path, *extra: str) -> list[str]:
