@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The GPU speed suite of docs/benchmarks.md ("GPU speed"), in one command, ordered by what matters most,
+# under one wall-clock budget: each step gets at most its own limit and what is left of BUDGET_S, so the
+# suite always ends in time and every finished step has already written its JSON.
+#
+#   OUT=results/ BUDGET_S=520 bash benchmarks/gpu_suite.sh
+#
+# Steps (each JSON file is the script's own report, its stdout; log.txt has their stderr):
+#   latency_flex.json     predictor: stock SAM fp32 + bf16, ZIM plain fp32, ZIM flex bf16 compiled
+#   train_eager.json      training, batch 8 bf16: stock, sdpa_fold, sdpa_fold + checkpointing, flex
+#   train_flex_compile.json   training: flex + channels-last + fused AdamW + torch.compile
+#   latency_eager.json    predictor: ZIM sdpa / sdpa_fold bf16, eager (no compilation)
+#   train_fold_compile.json   training: sdpa_fold + channels-last + fused AdamW + torch.compile
+#   build_forward.json    SA1B-Matte build: the Hiera-B+ converter's forward alone, bf16, crop 1024
+#
+# SMOKE=1 runs the same steps on the CPU with the tiny model in a 256 frame and no compilation: it only
+# checks that the suite runs.
+set -uo pipefail
+OUT=${OUT:?set OUT to the folder for the JSON reports}
+BUDGET_S=${BUDGET_S:-520}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+log="$OUT/log.txt"
+
+if [[ "${SMOKE:-0}" == 1 ]]; then
+  common=(--model tiny --image-size 256 --device cpu --precision fp32)
+  lat=(--warmup 1 --repeats 2)
+  train=(--batch-size 2 --warmup 1 --steps 2)
+  compile_switch=""
+  latency_compile=none
+  build=(--model converter_tiny --device cpu --precision 32 --crop-size 256 --batch-size 2 --repeats 1)
+else
+  common=(--model vit_b --device cuda --precision bf16)
+  lat=(--warmup 5 --repeats 30)
+  train=(--batch-size 8 --warmup 3 --steps 8)
+  compile_switch="+compile"
+  latency_compile=default
+  build=(--model converter_hiera_b_plus --device cuda --precision bf16 --crop-size 1024 --batch-size 16
+         --repeats 5)
+fi
+
+# step NAME LIMIT_S ARGS...: run one benchmark under min(LIMIT_S, what is left of the budget).
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local left=$((BUDGET_S - ($(date +%s) - start)))
+  ((left < limit)) && limit=$left
+  if ((limit < 20)); then
+    echo "[suite] $name: skipped, ${left}s of the budget left" | tee -a "$log"
+    return
+  fi
+  echo "[suite] $name: up to ${limit}s (t=$(($(date +%s) - start))s)" | tee -a "$log"
+  local t0=$(date +%s)
+  timeout -k 10 "$limit" python3 "$@" >"$OUT/$name.json" 2>>"$log"
+  local rc=$?
+  echo "[suite] $name: rc=$rc in $(($(date +%s) - t0))s" | tee -a "$log"
+  python3 - "$OUT/$name.json" <<'EOF'
+import json, sys
+try:
+    report = json.load(open(sys.argv[1]))
+except ValueError:
+    sys.exit("    (no JSON report)")
+for r in report.get("results", []):
+    keep = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()
+            if k in ("config", "error", "images_per_s", "peak_memory_gib", "mfu", "alpha_mse_vs_plain_fp32")
+            or k.endswith("_ms")}
+    for k, v in keep.items():
+        if isinstance(v, dict) and "median" in v:
+            keep[k] = round(v["median"], 2)
+    print("   ", keep)
+if "forward" in report:
+    print("    forward:", report["forward"])
+EOF
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true; } | tee -a "$log"
+
+step latency_flex 170 benchmarks/predictor_latency.py "${common[@]}" "${lat[@]}" \
+  --attention flex --compile "$latency_compile"
+step train_eager 130 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
+  --configs stock,sdpa_fold+cl+fused,sdpa_fold+cl+fused+ckpt,flex+cl+fused
+step train_flex_compile 160 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
+  --configs "flex+cl+fused$compile_switch"
+step latency_eager 40 benchmarks/predictor_latency.py "${common[@]}" "${lat[@]}" --skip-stock \
+  --attention sdpa,sdpa_fold --compile none
+step train_fold_compile 160 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
+  --configs "sdpa_fold+cl+fused$compile_switch"
+step build_forward 60 benchmarks/build_throughput.py "${build[@]}" --skip cpu end_to_end
+echo "[suite] done in $(($(date +%s) - start))s" | tee -a "$log"
