@@ -15,6 +15,8 @@ Configurations: stock SAM at fp32 and at ``--precision``; ZIM's plain path (segm
 attention, fp32: the reference); then ZIM with each ``--attention`` backend at ``--precision``,
 channels-last, compiled when ``--compile`` names a mode. Every ZIM configuration also reports the
 mean squared difference of its one-box alpha from the plain fp32 path's (target: < 1e-4).
+``--profile N`` adds, per configuration, the top operators and kernels of N ``set_image`` + one-box calls
+by self device time (``zim_lightning.speed.profile_top_ops``).
 
 Weights are random (latency does not depend on them). GPU run (an H100, ViT-B)::
 
@@ -77,6 +79,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--warmup", type=int, default=10, help="untimed calls first (compilation happens here)"
     )
     parser.add_argument("--repeats", type=int, default=50, help="timed calls; the median is reported")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="after timing, profile this many set_image + one-box calls per configuration (0: off)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -197,6 +205,10 @@ def run_config(
             )
         if device.type == "cuda":
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if args.profile:
+            result["profile"] = speed.profile_top_ops(
+                calls["set_image_plus_one_box"], device=device, steps=args.profile
+            )
     except Exception as error:  # one failing configuration (OOM, a compile error) must not hide the others
         result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
     return result

@@ -10,6 +10,7 @@ For every configuration it reports the median step time, images per second, peak
 the *plain* model (eager attention), counted once with ``torch.utils.flop_counter.FlopCounterMode``,
 divided by the step time and ``--peak-tflops`` (989: H100 SXM dense bf16). Switches that add arithmetic
 (``sdpa_fold``'s wider heads, checkpointing's recomputation) therefore lower MFU, as they should.
+``--profile N`` adds the top operators and kernels of N more steps by self device time.
 
 A configuration is ``BASE[+switch...]``: BASE is ``stock`` (segment-anything) or a ViT attention backend
 of ZIM (``eager``, ``sdpa``, ``sdpa_fold``, ``flex``); switches are ``cl`` (channels-last convolutions),
@@ -135,6 +136,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--checkpointing", action="store_true", help="with --attention: activation checkpointing"
     )
     parser.add_argument("--compile-mode", default="default", choices=speed.COMPILE_MODES)
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="after timing, profile this many steps and report the top operators/kernels (0: off)",
+    )
     parser.add_argument(
         "--peak-tflops", type=float, default=989.0, help="dense peak of the card at --precision"
     )
@@ -298,6 +305,8 @@ def measure(
         )
         if device.type == "cuda":
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if args.profile:
+            result["profile"] = speed.profile_top_ops(step, device=device, steps=args.profile)
     except Exception as error:  # one failing configuration (OOM, a compile error) must not hide the others
         result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
     finally:

@@ -19,8 +19,8 @@ LightningModule can apply exactly the switches it wants:
 
 Fused AdamW is an optimiser argument, not a model switch: ``torch.optim.AdamW(..., fused=True)``.
 
-For the benchmarks (``benchmarks/``), :func:`measure_ms` times a call properly on CUDA and
-:func:`build_stock_sam` builds segment-anything's own ``Sam`` at the sizes of a ZIM variant, to measure
+For the benchmarks (``benchmarks/``), :func:`measure_ms` times a call properly on CUDA,
+:func:`profile_top_ops` says which operators and kernels that time goes to, and :func:`build_stock_sam` builds segment-anything's own ``Sam`` at the sizes of a ZIM variant, to measure
 the two side by side.
 """
 
@@ -213,6 +213,49 @@ def measure_ms(
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return {"median": statistics.median(times), "min": min(times), "max": max(times), "repeats": repeats}
+
+
+def profile_top_ops(
+    fn: Callable[[], object], *, device: torch.device | str, steps: int, top: int = 15
+) -> list[dict[str, object]]:
+    """Where the time of ``fn()`` goes: the ``top`` operators and kernels by self time, per call.
+
+    ``fn`` runs ``steps`` times under ``torch.profiler``. On CUDA the ranking is by self *device* time
+    (the kernels; what a GPU-bound step is made of), elsewhere by self CPU time. Call it after warm-up, so
+    compilation and autotuning are not in the profile.
+
+    Args:
+        fn: the call to profile (e.g. one training step).
+        device: where its work runs.
+        steps: profiled calls (>= 1); times are divided by it.
+        top: how many entries to return.
+
+    Returns:
+        Entries ``{"name", "ms_per_step", "share", "calls_per_step"}``, largest first; ``share`` is the
+        entry's part of the summed self time of every profiled event.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    on_cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+    attribute = "self_device_time_total" if on_cuda else "self_cpu_time_total"  # microseconds
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attribute), reverse=True)
+    total = sum(getattr(e, attribute) for e in events) or 1.0
+    return [
+        {
+            "name": event.key,
+            "ms_per_step": getattr(event, attribute) / 1e3 / steps,
+            "share": getattr(event, attribute) / total,
+            "calls_per_step": event.count / steps,
+        }
+        for event in events[:top]
+    ]
 
 
 def build_stock_sam(variant: str, *, image_size: int = 1024):
