@@ -47,6 +47,19 @@ def test_box_prompt_writes_alpha_and_cutout(photo, tmp_path) -> None:
     _check_outputs(tmp_path / "box", image)
 
 
+def test_bf16_precision_writes_the_fp32_matte_within_rounding(photo, tmp_path) -> None:
+    path, image = photo
+    alphas = []
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)  # the same random network both times
+        out = tmp_path / precision
+        argv = [str(path), "--box", "120,50,240,170", "--model", "tiny", "--out", str(out)]
+        assert main([*argv, "--precision", precision]) == 0
+        alphas.append(_check_outputs(out, image).astype(np.int16))
+    assert (alphas[0] != alphas[1]).any()  # bf16 really ran
+    assert np.abs(alphas[0] - alphas[1]).max() <= 3  # 8-bit alpha levels
+
+
 def test_point_prompts_with_labels(photo, tmp_path) -> None:
     path, image = photo
     torch.manual_seed(0)

@@ -178,3 +178,16 @@ def test_bad_torch_prompts_are_rejected(predictor):
         predictor.predict_torch(None, None, torch.zeros(4))
     with pytest.raises(ValueError, match="1 \\(foreground\\) or 0"):
         predictor.predict_torch(coords, torch.full((2, 3), -1.0))
+
+
+def test_bf16_precision_gives_the_fp32_matte_in_float32(predictor, image):
+    fast = ZimPredictor(predictor.model, precision="bf16")
+    fast.set_image(image)
+    box = np.array([100, 60, 350, 240])
+    masks, iou, low_res = fast.predict(box=box, multimask_output=False)
+    reference, _, _ = predictor.predict(box=box, multimask_output=False)
+    assert masks.dtype == iou.dtype == low_res.dtype == np.float32
+    mse = float(np.mean((masks - reference) ** 2))
+    assert 0 < mse < 1e-4  # bf16 really ran (not bit-equal), within the fast-path agreement bound
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ZimPredictor(predictor.model, precision="fp8")

@@ -128,6 +128,12 @@ def _parser() -> argparse.ArgumentParser:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device (default: cuda if available)",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: autocast the network (GPUs with bf16; about 2x faster on an H100)",
+    )
     return parser
 
 
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from zim_lightning.predictor import ZimPredictor
 
-    predictor = ZimPredictor(zim_from_arguments(args).eval().to(args.device))
+    predictor = ZimPredictor(zim_from_arguments(args).eval().to(args.device), precision=args.precision)
     predictor.set_image(image)
     if args.box is not None:
         masks, _, _ = predictor.predict(box=np.array(args.box, dtype=np.float32), multimask_output=False)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from zim_lightning import speed
 from zim_lightning.models.attention_mask import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_PAD
 from zim_lightning.models.zim import Zim
 
@@ -35,11 +36,19 @@ class ZimPredictor:
 
     Args:
         model: the network; it stays on its device, and its train/eval mode is left as it is (ZIM has
-            no dropout or batch statistics, so both modes compute the same function).
+            no dropout or batch statistics, so both modes compute the same function). Speed switches
+            (``zim_lightning.speed``: attention backend, ``compile_model``, ``to_channels_last``) are
+            applied to the model before it is handed over.
+        precision: ``"fp32"``, or ``"bf16"`` for bf16 autocast of the encoder and decoder (GPUs with
+            bf16; the fastest measured path on an H100 is compiled ``sdpa_fold`` in bf16, see
+            docs/benchmarks.md). Outputs are float32 either way.
     """
 
-    def __init__(self, model: Zim) -> None:
+    def __init__(self, model: Zim, *, precision: str = "fp32") -> None:
+        if precision not in speed.PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(speed.PRECISIONS)}, got {precision!r}")
         self.model = model
+        self.precision = precision
         self.transform = ResizeLongestSide(model.image_size)
         self.reset_image()
 
@@ -83,7 +92,8 @@ class ZimPredictor:
         resized = self.transform.apply_image(np.ascontiguousarray(image))  # hxwx3, longest side 1024
         tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None]  # 1x3xhxw uint8
         self.reset_image()
-        self.features, self.interm_feats = self.model.encode_image(tensor)
+        with speed.autocast(self.device, self.precision):
+            self.features, self.interm_feats = self.model.encode_image(tensor)
         self.original_size = (int(image.shape[0]), int(image.shape[1]))
         self.input_size = (int(resized.shape[0]), int(resized.shape[1]))
         self.is_image_set = True
@@ -177,9 +187,11 @@ class ZimPredictor:
         self._require_image()
         assert self.features is not None and self.interm_feats is not None
         coords, labels = self._decoder_prompts(point_coords, point_labels, boxes)
-        logits, iou = self.model.decode(
-            self.features, self.interm_feats, coords, labels, multimask_output=multimask_output
-        )
+        with speed.autocast(self.device, self.precision):
+            logits, iou = self.model.decode(
+                self.features, self.interm_feats, coords, labels, multimask_output=multimask_output
+            )
+        logits, iou = logits.float(), iou.float()  # upsampling and sigmoid in float32
         assert self.input_size is not None and self.original_size is not None
         masks = self.model.postprocess_masks(logits, self.input_size, self.original_size)
         return (masks if return_logits else masks.sigmoid()), iou, logits

@@ -356,8 +356,10 @@ def build_app(
     max_images: int = 8,
     max_upload_bytes: int = 20 << 20,
     max_side: int = 8192,
+    precision: str = "fp32",
 ) -> MattingApp:
-    """Wrap a built ZIM network in an app (moved to ``device``, cuda when available, in eval mode)."""
+    """Wrap a built ZIM network in an app (moved to ``device``, cuda when available, in eval mode;
+    ``precision`` as :class:`~zim_lightning.predictor.ZimPredictor`'s)."""
     import torch
 
     from zim_lightning.predictor import ZimPredictor
@@ -365,7 +367,9 @@ def build_app(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     store = ImageStore(
-        predictor_factory=lambda: ZimPredictor(model), max_images=max_images, max_side=max_side
+        predictor_factory=lambda: ZimPredictor(model, precision=precision),
+        max_images=max_images,
+        max_side=max_side,
     )
     return MattingApp(store=store, model_name=model_name, max_upload_bytes=max_upload_bytes)
 
@@ -383,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-images", type=int, default=8, help="encoded images kept in memory")
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted")
     parser.add_argument("--max-side", type=int, default=8192, help="largest image side accepted, pixels")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast the network (GPUs)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     check_checkpoint_argument(parser, args)
@@ -393,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         max_images=args.max_images,
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
         max_side=args.max_side,
+        precision=args.precision,
     )
     server = create_server(app, host=args.host, port=args.port)
     host, port = server.server_address[:2]
