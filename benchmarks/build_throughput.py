@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from zim_lightning import speed
 from zim_lightning.data.sa1b import decode_image, decode_mask, iter_tar, parse_annotations
 from zim_lightning.data.synthetic import generate
 from zim_lightning.sa1b_matte import (
@@ -256,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crop-size", type=int, default=1024)
     p.add_argument("--mode", choices=("crop", "whole"), default="crop")
     p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--channels-last", action="store_true", help="NHWC convolution weights")
+    p.add_argument(
+        "--compile", default=None, choices=speed.COMPILE_MODES, help="torch.compile mode (default: eager)"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5, help="timed forward batches")
@@ -282,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         "mode": args.mode,
         "clamp": args.clamp,
         "batch_size": args.batch_size,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
     }
     with tempfile.TemporaryDirectory() as tmp:
         if args.data is None:
@@ -309,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         if "cpu" not in args.skip:
             report["cpu"] = cpu_breakdown(shards, config)
         net = _net(args.model, args.converter)
+        if args.channels_last and args.model != "identity":
+            speed.to_channels_last(net)
+        if args.compile is not None and args.model != "identity":
+            speed.compile_model(net, mode=args.compile, parts=None)  # compiles at the first (untimed) batch
         if "forward" not in args.skip and args.model != "identity":
             report["forward"] = forward_speed(
                 net,

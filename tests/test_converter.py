@@ -232,3 +232,13 @@ def test_refinement_widths_random_in_training_fixed_in_eval() -> None:
     assert len(draws) > 1
     model.eval()
     assert model._widths() == (model.refine_width_os4, model.refine_width_os1)
+
+
+def test_compile_model_compiles_the_whole_converter_in_place_and_keeps_keys():
+    from zim_lightning import speed
+
+    net = converter_model_registry["converter_tiny"]()
+    keys = list(net.state_dict())
+    assert speed.compile_model(net, mode="default", parts=None) is net
+    assert net._compiled_call_impl is not None  # the module itself is compiled (at its first call)
+    assert list(net.state_dict()) == keys

@@ -775,6 +775,8 @@ def build(
     devices: str | int = "auto",
     num_nodes: int = 1,
     precision: str | None = None,
+    channels_last: bool = False,
+    compile: str | None = None,
 ) -> dict[str, Any]:
     """Build SA1B-Matte shards for ``sa1b`` in ``out``, skipping finished ones.
 
@@ -789,12 +791,16 @@ def build(
         num_workers: DataLoader workers per rank (each reads whole shards).
         accelerator, devices, num_nodes: passed to the Lightning Trainer (DDP when several).
         precision: Trainer precision; None: ``"bf16-mixed"`` on GPU, ``"32-true"`` elsewhere.
+        channels_last: NHWC convolution weights (``zim_lightning.speed.to_channels_last``; same mattes).
+        compile: ``torch.compile`` mode for the whole converter (``zim_lightning.speed.COMPILE_MODES``),
+            or None for eager. Every batch has the same shape, so it compiles once per rank.
 
     Returns:
         A summary over all input shards (rank 0's view after every rank finished): see :func:`summarize`.
     """
     import lightning as L
 
+    from zim_lightning import speed
     from zim_lightning.lit.build_module import MatteBuildModule
 
     config = config or CropConfig()
@@ -818,6 +824,10 @@ def build(
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
         net = converter_model_registry[model](checkpoint=checkpoint)
     net.eval()
+    if channels_last:
+        speed.to_channels_last(net)
+    if compile is not None:
+        speed.compile_model(net, mode=compile, parts=None)
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     precision = precision or ("bf16-mixed" if gpu else "32-true")
     several = num_nodes > 1 or (devices not in ("auto", 1, "1") and str(devices) != "1")
@@ -957,6 +967,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision", default=None, help="Trainer precision (default bf16-mixed on GPU, else 32-true)"
     )
+    from zim_lightning.speed import COMPILE_MODES  # here: the DataLoader workers import this module
+
+    p.add_argument("--channels-last", action="store_true", help="NHWC convolution weights (GPUs)")
+    p.add_argument(
+        "--compile", default=None, choices=COMPILE_MODES, help="torch.compile mode (default: eager)"
+    )
     return p
 
 
@@ -986,6 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
             devices=devices,
             num_nodes=args.num_nodes,
             precision=args.precision,
+            channels_last=args.channels_last,
+            compile=args.compile,
         )
     except (ValueError, OSError) as error:
         print(f"zim-lightning build-sa1b-matte: error: {error}", file=sys.stderr)

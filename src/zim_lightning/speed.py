@@ -120,7 +120,7 @@ def compile_model(
     model: nn.Module,
     *,
     mode: str = "default",
-    parts: Sequence[str] = ZIM_COMPILED_PARTS,
+    parts: Sequence[str] | None = ZIM_COMPILED_PARTS,
     dynamic: bool | None = None,
 ) -> nn.Module:
     """``torch.compile`` the named submodules of ``model`` in place.
@@ -133,7 +133,7 @@ def compile_model(
         model: e.g. a :class:`~zim_lightning.models.zim.Zim`.
         mode: a ``torch.compile`` mode (``"default"``, ``"reduce-overhead"``, ``"max-autotune"``, ...).
         parts: attribute names of the submodules to compile; absent or None ones (the feature pyramid of
-            a ``sam`` pixel decoder) are skipped.
+            a ``sam`` pixel decoder) are skipped. None: compile ``model`` as a whole (the converter).
         dynamic: ``torch.compile``'s ``dynamic`` (None: specialise, then generalise on a shape change;
             the decoder sees a varying number of prompts).
 
@@ -145,6 +145,10 @@ def compile_model(
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {list(COMPILE_MODES)}, got {mode!r}")
+    if parts is None:
+        model.compile(mode=mode, dynamic=dynamic)
+        log.info("torch.compile (mode=%s) of the whole %s", mode, type(model).__name__)
+        return model
     compiled = []
     for name in parts:
         part = getattr(model, name, None)
