@@ -1,0 +1,408 @@
+"""Fused attention with SAM's decomposed relative-position bias, in Triton (ZIM paper, Sec. 3.3: ZIM keeps
+SAM's ViT encoder; this is a faster kernel for the same function in its global blocks).
+
+For queries and keys on one row-major HxW token grid (L = H*W tokens) the attention logits are
+
+    logit[i, j] = scale * q_i . k_j + rel_h[i, j // W] + rel_w[i, j % W]
+
+(see :func:`~zim_lightning.models.vit_attention.decomposed_rel_pos_terms`). The kernels below are a
+flash-attention style computation of ``softmax(logit) @ v`` and of its gradients that never store an
+LxL tile outside registers:
+
+- **Key blocks are image rows.** A key block holds the W keys of one grid row (``BLOCK_N = W``), so in
+  key block ``n`` the bias is ``rel_h[i, n]`` (one column, broadcast over the block) plus the whole
+  ``rel_w[i, :]`` tile, which a query block loads once. W must be a power of two in
+  [:data:`MIN_KEY_BLOCK`, :data:`MAX_KEY_BLOCK`] (16 to 128: the global grid of SAM at 256 to 2048
+  pixels).
+- **Forward** (one program per query block): online softmax over the H key rows, output and the
+  per-query log-sum-exp (base 2) saved for the backward pass.
+- **Backward, dq pass** (one program per query block, loop over key rows): ``dS = P * (dP - delta)``
+  with ``delta = rowsum(dO * O)``; ``dq += dS @ k``; ``d_rel_w`` is ``dS`` summed over the key rows, kept
+  in registers; ``d_rel_h[:, n]`` is the row sum of ``dS`` of key row ``n``, stored directly. Every
+  output element has exactly one writer: no atomics.
+- **Backward, dk/dv pass** (one program per key row, loop over query blocks): ``dv += P^T @ dO``,
+  ``dk += dS^T @ q``; P is recomputed from the saved log-sum-exp.
+
+Head widths that are not a power of two (80 in ViT-L/H) are padded to the next one with load/store masks;
+all accumulation is float32, inputs are float32, bfloat16 or float16 (one dtype for all five).
+Float32 inputs use IEEE float32 products (not TF32), so the kernel matches the eager reference.
+
+The kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` in
+the environment before this module is imported: Triton reads it when the kernels are decorated). The
+op is registered with :func:`torch.library.custom_op` (with a fake implementation and an autograd
+formula), so ``torch.compile`` keeps it in the graph as one opaque call, no graph break, and never
+traces into the Triton code.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton ships with PyTorch's CUDA wheels only; elsewhere the kernel is unavailable.
+    triton = None
+    tl = None
+
+#: Triton's interpreter was requested when this module was imported (then the kernels run on CPU tensors).
+INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in {"1", "true", "yes", "on", "y"}
+
+#: Grid widths W the kernel takes (a key block is one grid row): ``tl.dot`` needs tiles of at least 16,
+#: and the dq pass keeps a BLOCK_M x W float32 ``d_rel_w`` tile in registers, which caps W.
+MIN_KEY_BLOCK = 16
+MAX_KEY_BLOCK = 128
+
+# Tile sizes and launch settings for an H100 with ViT-B's global blocks (W = 64, d = 64). Untuned: chosen
+# like common flash-attention settings for head width 64 (a 128-query forward tile over 64 keys in 8
+# warps; the backward holds about twice the live tiles, so 64 queries), not measured.
+#: Queries per program in the forward kernel.
+FWD_BLOCK_M = 128
+#: Queries per program in the dq pass and per loop step of the dk/dv pass.
+BWD_BLOCK_M = 64
+#: Warps per program, forward and both backward passes.
+FWD_NUM_WARPS = 8
+BWD_NUM_WARPS = 8
+#: Software-pipelining depth of the key (forward, dq) or query (dk/dv) loop.
+FWD_NUM_STAGES = 3
+BWD_NUM_STAGES = 2
+
+_LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e)), exp2 is the fast hardware op
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def key_block_supported(width: int) -> bool:
+    """Whether a grid ``width`` (tokens per row) can be one key block of the kernel."""
+    return MIN_KEY_BLOCK <= width <= MAX_KEY_BLOCK and width & (width - 1) == 0
+
+
+def kernel_available(device: torch.device, width: int) -> bool:
+    """Whether the Triton kernel can run on ``device`` for a grid ``width`` tokens wide.
+
+    True on CUDA (Triton installed), or on any device under Triton's interpreter, and only for widths of
+    :func:`key_block_supported`. Callers fall back to another path where this is False.
+    """
+    if triton is None or not key_block_supported(width):
+        return False
+    return device.type == "cuda" or INTERPRETED
+
+
+if triton is not None:
+
+    @triton.jit
+    def _relpos_fwd_kernel(
+        Q, K, V, RH, RW, Out, LSE,
+        qk_scale, length, head_dim, rows,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """Q, K, V, Out: (B*heads)xLxd; RH: (B*heads)xLxH; RW: (B*heads)xLxW; LSE: (B*heads)xL float32."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < length
+        d_ok = offs_d < head_dim
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        qd_offs = offs_m[:, None] * head_dim + offs_d[None, :]
+        seq_base = bh * length * head_dim
+
+        q = tl.load(Q + seq_base + qd_offs, mask=q_mask, other=0.0)
+        # The column term of every key row, in the base-2 logit units used below.
+        rel_w = (
+            tl.load(
+                RW + bh * length * BLOCK_N + offs_m[:, None] * BLOCK_N + offs_n[None, :],
+                mask=row_ok[:, None],
+                other=0.0,
+            ).to(tl.float32)
+            * 1.4426950408889634
+        )
+        rh_ptrs = RH + bh * length * rows + offs_m * rows
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for n in range(0, rows):
+            kv_offs = seq_base + (n * BLOCK_N + offs_n)[:, None] * head_dim + offs_d[None, :]
+            k = tl.load(K + kv_offs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(V + kv_offs, mask=d_ok[None, :], other=0.0)
+            rel_h = tl.load(rh_ptrs + n, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + rel_h[:, None] + rel_w
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        tl.store(Out + seq_base + qd_offs, acc.to(Out.dtype.element_ty), mask=q_mask)
+        tl.store(LSE + bh * length + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+
+    @triton.jit
+    def _relpos_bwd_dq_kernel(
+        Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
+        sm_scale, qk_scale, length, head_dim, rows,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """dq, d_rel_h and d_rel_w of one query block: a loop over all key rows, one writer per output."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < length
+        d_ok = offs_d < head_dim
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        qd_offs = offs_m[:, None] * head_dim + offs_d[None, :]
+        seq_base = bh * length * head_dim
+        rw_offs = bh * length * BLOCK_N + offs_m[:, None] * BLOCK_N + offs_n[None, :]
+
+        q = tl.load(Q + seq_base + qd_offs, mask=q_mask, other=0.0)
+        do = tl.load(DO + seq_base + qd_offs, mask=q_mask, other=0.0)
+        lse = tl.load(LSE + bh * length + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(DELTA + bh * length + offs_m, mask=row_ok, other=0.0)
+        rel_w = tl.load(RW + rw_offs, mask=row_ok[:, None], other=0.0).to(tl.float32) * 1.4426950408889634
+        rh_offs = bh * length * rows + offs_m * rows
+
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        d_rel_w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for n in range(0, rows):
+            kv_offs = seq_base + (n * BLOCK_N + offs_n)[:, None] * head_dim + offs_d[None, :]
+            k = tl.load(K + kv_offs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(V + kv_offs, mask=d_ok[None, :], other=0.0)
+            rel_h = tl.load(RH + rh_offs + n, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + rel_h[:, None] + rel_w
+            p = tl.exp2(s - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])  # gradient of the natural-unit logits
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+            d_rel_w += ds
+            tl.store(DRH + rh_offs + n, tl.sum(ds, 1).to(DRH.dtype.element_ty), mask=row_ok)
+        tl.store(DQ + seq_base + qd_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+        tl.store(DRW + rw_offs, d_rel_w.to(DRW.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _relpos_bwd_dkv_kernel(
+        Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
+        sm_scale, qk_scale, length, head_dim, rows,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """dk and dv of one key row (BLOCK_N = W keys): a loop over all query blocks."""
+        row = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < head_dim
+        seq_base = bh * length * head_dim
+        kv_offs = seq_base + (row * BLOCK_N + offs_n)[:, None] * head_dim + offs_d[None, :]
+        k = tl.load(K + kv_offs, mask=d_ok[None, :], other=0.0)
+        v = tl.load(V + kv_offs, mask=d_ok[None, :], other=0.0)
+
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for start_m in range(0, length, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            row_ok = offs_m < length
+            q_mask = row_ok[:, None] & d_ok[None, :]
+            qd_offs = seq_base + offs_m[:, None] * head_dim + offs_d[None, :]
+            # Rows past L load zeros (q = dO = 0, lse = delta = 0), so their dS and dO are zero and they
+            # add nothing to dk or dv.
+            q = tl.load(Q + qd_offs, mask=q_mask, other=0.0)
+            do = tl.load(DO + qd_offs, mask=q_mask, other=0.0)
+            lse = tl.load(LSE + bh * length + offs_m, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + bh * length + offs_m, mask=row_ok, other=0.0)
+            rel_h = tl.load(RH + bh * length * rows + offs_m * rows + row, mask=row_ok, other=0.0)
+            rel_w = tl.load(
+                RW + bh * length * BLOCK_N + offs_m[:, None] * BLOCK_N + offs_n[None, :],
+                mask=row_ok[:, None],
+                other=0.0,
+            )
+            bias = (rel_h.to(tl.float32)[:, None] + rel_w.to(tl.float32)) * 1.4426950408889634
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + bias
+            p = tl.exp2(s - lse[:, None])
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        tl.store(DK + kv_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=d_ok[None, :])
+        tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
+
+
+def _on_device_of(t: Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
+
+
+def _launch_settings(q: Tensor) -> tuple[int, str]:
+    """The padded head width and the tl.dot precision for inputs like ``q``."""
+    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
+    # TF32 would cost float32 inputs ~1e-3 relative error against the float32 reference.
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    return block_d, precision
+
+
+@torch.library.custom_op("zim_lightning::relpos_flash_fwd", mutates_args=())
+def _relpos_flash_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_h: Tensor,
+    rel_w: Tensor,
+    scale: float,
+    block_m: int,
+    bwd_block_m: int,
+) -> tuple[Tensor, Tensor]:
+    q, k, v, rel_h, rel_w = (t.contiguous() for t in (q, k, v, rel_h, rel_w))
+    batch, heads, length, head_dim = q.shape
+    rows, width = rel_h.shape[-1], rel_w.shape[-1]
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, length, device=q.device, dtype=torch.float32)
+    block_d, precision = _launch_settings(q)
+    grid = (triton.cdiv(length, block_m), batch * heads)
+    with _on_device_of(q):
+        _relpos_fwd_kernel[grid](
+            q, k, v, rel_h, rel_w, out, lse,
+            scale * _LOG2E, length, head_dim, rows,
+            BLOCK_M=block_m, BLOCK_N=width, BLOCK_D=block_d, PRECISION=precision,
+            num_warps=FWD_NUM_WARPS, num_stages=FWD_NUM_STAGES,
+        )  # fmt: skip
+    return out, lse
+
+
+@_relpos_flash_fwd.register_fake
+def _(q, k, v, rel_h, rel_w, scale, block_m, bwd_block_m):
+    batch, heads, length, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=torch.float32)
+
+
+@torch.library.custom_op("zim_lightning::relpos_flash_bwd", mutates_args=())
+def _relpos_flash_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    rel_h: Tensor,
+    rel_w: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    block_m: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    q, k, v, rel_h, rel_w, out, lse = (t.contiguous() for t in (q, k, v, rel_h, rel_w, out, lse))
+    grad_out = grad_out.to(q.dtype).contiguous()
+    batch, heads, length, head_dim = q.shape
+    rows, width = rel_h.shape[-1], rel_w.shape[-1]
+    delta = (grad_out.float() * out.float()).sum(-1)  # Bxheadsx L: rowsum(dO * O)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    d_rel_h, d_rel_w = torch.empty_like(rel_h), torch.empty_like(rel_w)
+    block_d, precision = _launch_settings(q)
+    common = dict(BLOCK_M=block_m, BLOCK_N=width, BLOCK_D=block_d, PRECISION=precision)
+    launch = dict(num_warps=BWD_NUM_WARPS, num_stages=BWD_NUM_STAGES)
+    with _on_device_of(q):
+        _relpos_bwd_dq_kernel[(triton.cdiv(length, block_m), batch * heads)](
+            q, k, v, rel_h, rel_w, grad_out, lse, delta, dq, d_rel_h, d_rel_w,
+            scale, scale * _LOG2E, length, head_dim, rows, **common, **launch,
+        )  # fmt: skip
+        _relpos_bwd_dkv_kernel[(rows, batch * heads)](
+            q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv,
+            scale, scale * _LOG2E, length, head_dim, rows, **common, **launch,
+        )  # fmt: skip
+    return dq, dk, dv, d_rel_h, d_rel_w
+
+
+@_relpos_flash_bwd.register_fake
+def _(grad_out, q, k, v, rel_h, rel_w, out, lse, scale, block_m):
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, rel_h, rel_w))  # contiguous, like the real outputs
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, rel_h, rel_w, scale, _, bwd_block_m = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, rel_h, rel_w, out, lse)
+    ctx.scale = scale
+    ctx.bwd_block_m = bwd_block_m
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor | None):
+    q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
+    grads = _relpos_flash_bwd(grad_out, q, k, v, rel_h, rel_w, out, lse, ctx.scale, ctx.bwd_block_m)
+    return (*grads, None, None, None)
+
+
+_relpos_flash_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def relpos_attention(
+    q: Tensor, k: Tensor, v: Tensor, rel_h: Tensor, rel_w: Tensor, *, scale: float, block_m: int | None = None
+) -> Tensor:
+    """``softmax(scale * q k^T + bias) v`` with SAM's decomposed relative-position bias, fused in Triton.
+
+    The bias of query i for key j is ``rel_h[..., i, j // W] + rel_w[..., i, j % W]`` (tokens row-major on
+    an HxW grid). Differentiable in q, k, v, rel_h and rel_w. This function always runs the kernel, so it
+    needs CUDA tensors (or Triton's interpreter, see the module docstring) and a grid width W accepted by
+    :func:`key_block_supported`; :class:`~zim_lightning.models.vit_attention.ViTAttention`'s
+    ``"triton_relpos"`` backend checks :func:`kernel_available` and otherwise takes its ``"sdpa_fold"`` path.
+
+    Args:
+        q: Bxheadsx(H*W)xd queries, unscaled.
+        k: Bxheadsx(H*W)xd keys.
+        v: Bxheadsx(H*W)xd values.
+        rel_h: Bxheadsx(H*W)xH row term of the bias (logit units).
+        rel_w: Bxheadsx(H*W)xW column term of the bias (logit units).
+        scale: the factor of ``q . k`` (``d ** -0.5`` in SAM).
+        block_m: queries per program, forward and backward (a power of two >= 16; small values are for
+            tests); default :data:`FWD_BLOCK_M` forward and :data:`BWD_BLOCK_M` backward.
+
+    Returns:
+        Bxheadsx(H*W)xd in the dtype of ``q`` (k, v, rel_h and rel_w are cast to it).
+
+    Raises:
+        ValueError: shapes that disagree, or a W or block_m the kernel does not take.
+        TypeError: a dtype other than float32, bfloat16 or float16.
+        RuntimeError: Triton is missing, or the tensors are not on CUDA and the interpreter is off.
+    """
+    if q.dim() != 4:
+        raise ValueError(f"q: expected Bxheadsx(H*W)xd (4 dims), got shape {tuple(q.shape)}")
+    batch, heads, length, head_dim = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{name}: expected the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+    rows, width = rel_h.shape[-1], rel_w.shape[-1]
+    for name, t in (("rel_h", rel_h), ("rel_w", rel_w)):
+        if t.shape[:-1] != (batch, heads, length):
+            raise ValueError(
+                f"{name}: expected Bxheadsx(H*W)x{'H' if name == 'rel_h' else 'W'} with "
+                f"B, heads, L = {batch}, {heads}, {length} (from q), got {tuple(t.shape)}"
+            )
+    if rows * width != length:
+        raise ValueError(
+            f"rel_h, rel_w: expected L = H * W tokens (a row-major HxW grid), got L={length} tokens in q "
+            f"but H={rows} (rel_h.shape[-1]) and W={width} (rel_w.shape[-1])"
+        )
+    if not key_block_supported(width):
+        raise ValueError(
+            f"rel_w: the grid width W must be a power of two in [{MIN_KEY_BLOCK}, {MAX_KEY_BLOCK}] "
+            f"(one key block per grid row), got W={width}"
+        )
+    if block_m is not None and (block_m < 16 or block_m & (block_m - 1)):
+        raise ValueError(f"block_m: expected a power of two >= 16, got {block_m}")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q: expected float32, bfloat16 or float16, got {q.dtype}")
+    if triton is None:
+        raise RuntimeError("relpos_attention needs Triton, which is not installed")
+    if q.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError(
+            f"relpos_attention runs on CUDA tensors, got {q.device.type} (set TRITON_INTERPRET=1 before "
+            "importing zim_lightning to run Triton's interpreter on CPU)"
+        )
+    k, v, rel_h, rel_w = (t.to(q.dtype) for t in (k, v, rel_h, rel_w))
+    # The backward passes hold about twice the live tiles of the forward one, hence their smaller default.
+    fwd_block_m = FWD_BLOCK_M if block_m is None else block_m
+    bwd_block_m = BWD_BLOCK_M if block_m is None else block_m
+    out, _ = _relpos_flash_fwd(q, k, v, rel_h, rel_w, float(scale), fwd_block_m, bwd_block_m)
+    return out
