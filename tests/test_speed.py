@@ -32,7 +32,8 @@ SMALL_ENCODER = {
     "window_size": 3,
 }
 FAST_BACKENDS = [b for b in ATTENTION_BACKENDS if b != "eager"]
-TRAINABLE_ON_CPU = ["sdpa", "sdpa_fold"]  # PyTorch's flex attention has no CPU backward
+# flex has no CPU backward; triton_relpos trains on CPU through its sdpa_fold fallback.
+TRAINABLE_ON_CPU = ["sdpa", "sdpa_fold", "triton_relpos"]
 
 
 def stock_encoder(seed: int = 0) -> ImageEncoderViT:

@@ -25,8 +25,15 @@ backends:
 - ``"flex"``: ``torch.nn.attention.flex_attention`` with a ``score_mod`` that adds
   ``rel_h[b, h, i, j // W] + rel_w[b, h, i, j % W]`` inside the kernel. It is compiled on CUDA (flex is
   only fast compiled) and runs eagerly elsewhere (the reference math, for tests on CPU).
+- ``"triton_relpos"`` (experimental): our fused Triton kernel
+  (:mod:`~zim_lightning.models.relpos_flash`), flash-attention style with the bias added inside the
+  kernel and its gradient produced without atomics; head width stays d. It runs where
+  :func:`~zim_lightning.models.relpos_flash.kernel_available` says so: CUDA (or Triton's interpreter)
+  and a grid width W that is a power of two in [16, 128], i.e. SAM's global blocks. Everywhere else
+  (the 14x14 windowed blocks, CPU without the interpreter, no Triton, no relative positions) it
+  computes the same function through the ``"sdpa_fold"`` path.
 
-All four agree to float32 round-off; ``tests/test_speed.py`` checks outputs and gradients.
+All five agree to float32 round-off; ``tests/test_speed.py`` checks outputs and gradients.
 """
 
 from __future__ import annotations
@@ -39,8 +46,10 @@ import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import Tensor
 
+from zim_lightning.models import relpos_flash
+
 #: Backends of :class:`ViTAttention`, in the order the benchmarks report them.
-ATTENTION_BACKENDS: tuple[str, ...] = ("eager", "sdpa", "sdpa_fold", "flex")
+ATTENTION_BACKENDS: tuple[str, ...] = ("eager", "sdpa", "sdpa_fold", "flex", "triton_relpos")
 #: Fused SDPA kernels want the head width a multiple of this (alignment of the memory-efficient kernel).
 HEAD_DIM_ALIGNMENT = 8
 
@@ -186,6 +195,8 @@ class ViTAttention(Attention):
             out = self._sdpa_mask(q, k, v, rel)
         elif self.backend == "sdpa_fold":
             out = self._sdpa_fold(q, k, v, rel, (height, width))
+        elif self.backend == "triton_relpos":
+            out = self._triton_relpos(q, k, v, rel, (height, width))
         else:
             out = self._flex(q, k, v, rel, width)
         out = out.transpose(1, 2).reshape(batch, height, width, -1)  # BxheadsxLxd -> BxHxWxC
@@ -235,3 +246,16 @@ class ViTAttention(Attention):
 
         kwargs: dict[str, Any] = {"score_mod": add_rel_pos, "scale": self.scale}
         return flex(q, k, v, **kwargs)
+
+    def _triton_relpos(
+        self, q: Tensor, k: Tensor, v: Tensor, rel: tuple[Tensor, Tensor] | None, size: tuple[int, int]
+    ) -> Tensor:
+        """The fused Triton kernel where it runs (global blocks on CUDA), else the ``"sdpa_fold"`` path.
+
+        The fallback computes the same function: it covers windowed blocks (W = 14 is no power of two),
+        blocks without relative positions, and devices other than CUDA unless ``TRITON_INTERPRET=1``.
+        """
+        if rel is None or not relpos_flash.kernel_available(q.device, size[1]):
+            return self._sdpa_fold(q, k, v, rel, size)
+        rel_h, rel_w = rel
+        return relpos_flash.relpos_attention(q, k, v, rel_h, rel_w, scale=self.scale)
