@@ -1,0 +1,249 @@
+"""The Triton relative-position attention kernel computes SAM's attention and its gradients.
+
+Off CUDA the kernel runs in Triton's interpreter, which is read when the kernels are decorated: those
+checks run in one subprocess with ``TRITON_INTERPRET=1`` (the rest of the session keeps the plain
+path), which saves its outputs; this process compares them with the eager reference.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zim_lightning.models import relpos_flash
+from zim_lightning.models.relpos_flash import kernel_available, key_block_supported, relpos_attention
+from zim_lightning.models.vit_attention import ViTAttention
+
+# Runs every interpreted case of the cases file (argv[1]) and saves their outputs (argv[2]).
+INTERPRETED_RUNNER = r"""
+import sys
+import torch
+from zim_lightning.models import relpos_flash
+from zim_lightning.models.vit_attention import ViTAttention
+
+assert relpos_flash.INTERPRETED, "TRITON_INTERPRET=1 did not reach the subprocess"
+results = {}
+for name, case in torch.load(sys.argv[1], weights_only=True).items():
+    if case["kind"] == "module":
+        attn = ViTAttention(**case["config"], backend="triton_relpos")
+        attn.load_state_dict(case["state"])
+        out = attn(case["x"])
+        out.backward(case["grad_out"])
+        results[name] = {"out": out.detach(), **{n: p.grad for n, p in attn.named_parameters()}}
+        continue
+    inputs = [t.clone().requires_grad_() for t in case["inputs"]]
+
+    def run(*args, case=case):
+        return relpos_flash.relpos_attention(*args, scale=case["scale"], block_m=case["block_m"])
+
+    if case["kind"] == "compiled":
+        run = torch.compile(run, fullgraph=True, backend="aot_eager")
+    out = run(*inputs)
+    out.backward(case["grad_out"].to(out.dtype))
+    results[name] = {"out": out.detach(), **{n: t.grad for n, t in zip("q k v rel_h rel_w".split(), inputs, strict=True)}}
+torch.save(results, sys.argv[2])
+"""
+
+
+def reference_attention(q, k, v, rel_h, rel_w, scale):
+    """SAM's attention with the decomposed bias, dense: logits Bxheads x L x L, bias broadcast from rel_h/rel_w."""
+    batch, heads, length, _ = q.shape
+    bias = (rel_h[..., :, :, None] + rel_w[..., :, None, :]).reshape(batch, heads, length, length)
+    return torch.softmax(scale * q @ k.transpose(-1, -2) + bias, dim=-1) @ v
+
+
+def kernel_case(*, batch, heads, rows, width, head_dim, block_m, seed, dtype=torch.float32, kind="kernel"):
+    """Random inputs large enough that the softmax is far from flat (logit spread of a few units)."""
+    gen = torch.Generator().manual_seed(seed)
+    length = rows * width
+    q, k, v = (1.5 * torch.randn(batch, heads, length, head_dim, generator=gen) for _ in range(3))
+    rel_h = 2.0 * torch.randn(batch, heads, length, rows, generator=gen)
+    rel_w = 2.0 * torch.randn(batch, heads, length, width, generator=gen)
+    return {
+        "kind": kind,
+        "inputs": [t.to(dtype) for t in (q, k, v, rel_h, rel_w)],
+        "grad_out": torch.randn(batch, heads, length, head_dim, generator=gen),
+        "scale": head_dim**-0.5,
+        "block_m": block_m,
+    }
+
+
+GLOBAL_BLOCK = {"dim": 128, "num_heads": 2, "use_rel_pos": True, "input_size": (16, 16)}  # d = 64
+
+
+def module_case(seed: int) -> dict:
+    torch.manual_seed(seed)
+    attn = ViTAttention(**GLOBAL_BLOCK, backend="eager")
+    with torch.no_grad():  # SAM zero-initialises the tables: make the bias count
+        attn.rel_pos_h.normal_(0.0, 0.5)
+        attn.rel_pos_w.normal_(0.0, 0.5)
+    x = torch.randn(2, 16, 16, GLOBAL_BLOCK["dim"])
+    return {
+        "kind": "module",
+        "config": GLOBAL_BLOCK,
+        "state": attn.state_dict(),
+        "x": x,
+        "grad_out": torch.randn_like(x),
+    }
+
+
+CASES = {
+    # B*heads = 4, full query blocks.
+    "d64": kernel_case(batch=2, heads=2, rows=16, width=16, head_dim=64, block_m=32, seed=0),
+    # Head width padded 80 -> 128; L = 5 * 16 = 80 leaves a partial last query block of 32.
+    "d80_partial_block": kernel_case(batch=1, heads=2, rows=5, width=16, head_dim=80, block_m=32, seed=1),
+    # Half precision (bf16 is not testable here: the interpreter's tl.dot multiplies bf16 bit patterns).
+    "fp16": kernel_case(
+        batch=1, heads=2, rows=16, width=16, head_dim=64, block_m=16, seed=2, dtype=torch.float16
+    ),
+    # Inside torch.compile with fullgraph=True: the custom op must not break the graph.
+    "compiled": kernel_case(
+        batch=1, heads=2, rows=16, width=16, head_dim=64, block_m=32, seed=3, kind="compiled"
+    ),
+    "module": module_case(seed=4),
+}
+KERNEL_CASES = ["d64", "d80_partial_block", "compiled"]
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, torch.Tensor]]:
+    """Outputs and gradients of every case, computed by the kernel in Triton's interpreter."""
+    root = tmp_path_factory.mktemp("relpos_flash")
+    cases, results = root / "cases.pt", root / "results.pt"
+    torch.save(CASES, cases)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERPRETED_RUNNER, str(cases), str(results)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return torch.load(results, weights_only=True)
+
+
+def reference_grads(case: dict) -> dict[str, torch.Tensor]:
+    inputs = [t.double().requires_grad_() for t in case["inputs"]]
+    out = reference_attention(*inputs, case["scale"])
+    out.backward(case["grad_out"].double())
+    return {
+        "out": out.detach(),
+        **{n: t.grad for n, t in zip("q k v rel_h rel_w".split(), inputs, strict=True)},
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", KERNEL_CASES)
+def test_interpreted_kernel_matches_reference_output_and_all_gradients(interpreted, name):
+    case = CASES[name]
+    q, k, _, rel_h, rel_w = case["inputs"]
+    # The inputs make a peaked softmax (uniform would be 1/L), so a wrong bias or scale shows.
+    length = q.shape[-2]
+    probs = torch.softmax(
+        case["scale"] * q @ k.transpose(-1, -2) + (rel_h[..., None] + rel_w[..., None, :]).flatten(-2), -1
+    )
+    assert probs.amax(-1).mean() > 20 / length
+    expected = reference_grads(case)
+    got = interpreted[name]
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key].dtype == torch.float32
+        torch.testing.assert_close(got[key].double(), value, atol=1e-4, rtol=1e-4, msg=f"{name}: {key}")
+
+
+@pytest.mark.slow
+def test_interpreted_kernel_in_half_precision_is_close_to_float64(interpreted):
+    case = CASES["fp16"]
+    expected = reference_grads({**case, "inputs": [t.double() for t in case["inputs"]]})
+    got = interpreted["fp16"]
+    for key, value in expected.items():
+        assert got[key].dtype == torch.float16
+        error = (got[key].double() - value).abs().max() / value.abs().max()
+        assert error < 1e-2, f"fp16 {key}: relative error {error:.2e}"
+
+
+@pytest.mark.slow
+def test_interpreted_global_block_equals_segment_anything_eager(interpreted):
+    case = CASES["module"]
+    eager = ViTAttention(**case["config"], backend="eager")
+    eager.load_state_dict(case["state"])
+    out = eager(case["x"])
+    out.backward(case["grad_out"])
+    got = interpreted["module"]
+    torch.testing.assert_close(got["out"], out.detach(), atol=1e-5, rtol=1e-4)
+    for name, p in eager.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, atol=1e-4, rtol=1e-4, msg=name)
+    assert got["rel_pos_h"].abs().sum() > 0 and got["rel_pos_w"].abs().sum() > 0
+
+
+@pytest.mark.skipif(relpos_flash.INTERPRETED, reason="the fallback is the path without the interpreter")
+def test_off_cuda_the_backend_is_the_sdpa_fold_path_and_says_so():
+    assert not kernel_available(torch.device("cpu"), 16)
+    assert "sdpa_fold" in ViTAttention._triton_relpos.__doc__
+    torch.manual_seed(5)
+    modules = {b: ViTAttention(**GLOBAL_BLOCK, backend=b) for b in ("triton_relpos", "sdpa_fold", "eager")}
+    with torch.no_grad():
+        modules["eager"].rel_pos_h.normal_(0.0, 0.5)
+    for m in modules.values():
+        m.load_state_dict(modules["eager"].state_dict())
+    x = torch.randn(1, 16, 16, GLOBAL_BLOCK["dim"])
+    results = {}
+    for backend, m in modules.items():
+        out = m(x)
+        out.square().sum().backward()
+        results[backend] = (out.detach(), m.rel_pos_h.grad)
+    for got, want in zip(results["triton_relpos"], results["sdpa_fold"], strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    for got, want in zip(results["triton_relpos"], results["eager"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_kernel_takes_power_of_two_grid_widths_only():
+    assert [w for w in (8, 14, 16, 24, 32, 64, 128, 256) if key_block_supported(w)] == [16, 32, 64, 128]
+    # The windowed blocks (14x14) go to the fallback even on CUDA.
+    assert not kernel_available(torch.device("cuda"), 14)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.zeros(1, 2, 256, 64)
+    with pytest.raises(ValueError, match=r"rel_h, rel_w: expected L = H \* W .* L=256 .* H=8 .* W=16"):
+        relpos_attention(q, q, q, torch.zeros(1, 2, 256, 8), torch.zeros(1, 2, 256, 16), scale=0.125)
+    with pytest.raises(ValueError, match="rel_w: the grid width W must be a power of two"):
+        relpos_attention(
+            q[..., :196, :], q[..., :196, :], q[..., :196, :],
+            torch.zeros(1, 2, 196, 14), torch.zeros(1, 2, 196, 14), scale=0.125,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="k: expected the shape of q"):
+        relpos_attention(q, q[:, :1], q, torch.zeros(1, 2, 256, 16), torch.zeros(1, 2, 256, 16), scale=0.125)
+    with pytest.raises(ValueError, match="block_m: expected a power of two >= 16"):
+        rel = torch.zeros(1, 2, 256, 16)
+        relpos_attention(q, q, q, rel, rel, scale=0.125, block_m=24)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    ("head_dim", "dtype"), [(64, torch.float32), (64, torch.bfloat16), (80, torch.bfloat16)]
+)
+def test_cuda_kernel_matches_reference_at_vit_b_size(head_dim, dtype):
+    case = kernel_case(
+        batch=2, heads=4, rows=64, width=64, head_dim=head_dim, block_m=None, seed=6, dtype=dtype
+    )
+    case["inputs"] = [t.cuda() for t in case["inputs"]]
+    inputs = [t.clone().requires_grad_() for t in case["inputs"]]
+    out = relpos_attention(*inputs, scale=case["scale"])
+    out.backward(case["grad_out"].cuda().to(dtype))
+    got = {
+        "out": out.detach(),
+        **{n: t.grad for n, t in zip("q k v rel_h rel_w".split(), inputs, strict=True)},
+    }
+    expected = reference_grads({**case, "grad_out": case["grad_out"].cuda()})
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    for key, value in expected.items():
+        error = (got[key].double() - value).abs().max() / value.abs().max()
+        assert error < tolerance, f"{key}: relative error {error:.2e}"
