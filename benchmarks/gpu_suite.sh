@@ -5,13 +5,16 @@
 #
 #   OUT=results/ BUDGET_S=520 bash benchmarks/gpu_suite.sh
 #
-# Steps (each JSON file is the script's own report, its stdout; log.txt has their stderr):
-#   latency_flex.json     predictor: stock SAM fp32 + bf16, ZIM plain fp32, ZIM flex bf16 compiled
-#   train_eager.json      training, batch 8 bf16: stock, sdpa_fold, sdpa_fold + checkpointing, flex
-#   train_flex_compile.json   training: flex + channels-last + fused AdamW + torch.compile
-#   latency_eager.json    predictor: ZIM sdpa / sdpa_fold bf16, eager (no compilation)
-#   train_fold_compile.json   training: sdpa_fold + channels-last + fused AdamW + torch.compile
-#   build_forward.json    SA1B-Matte build: the Hiera-B+ converter's forward alone, bf16, crop 1024
+# Steps, most informative first (each JSON file is the script's own report, its stdout; log.txt has
+# their stderr). The run of 2026-11-26 (docs/benchmarks.md, run A) used this script as of commit 7c24d85;
+# the steps below are the next ones to measure:
+#   train_eager.json         training, batch 8 bf16: stock, sdpa_fold, triton_relpos (+ checkpointing)
+#   train_relpos_compile.json    training: triton_relpos + channels-last + fused AdamW + compile, profiled
+#   latency_relpos.json      predictor: stock SAM fp32 + bf16, ZIM plain fp32, ZIM triton_relpos compiled
+#   latency_graphs.json      predictor: ZIM sdpa_fold compiled with CUDA graphs (reduce-overhead), profiled
+#   train_fold_compile.json  training: sdpa_fold + channels-last + fused AdamW + compile, profiled
+#   build_forward.json       SA1B-Matte build: the Hiera-B+ converter's forward, bf16, crop 1024,
+#                            channels-last and compiled
 #
 # SMOKE=1 runs the same steps on the CPU with the tiny model in a 256 frame and no compilation: it only
 # checks that the suite runs.
@@ -29,15 +32,18 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   train=(--batch-size 2 --warmup 1 --steps 2)
   compile_switch=""
   latency_compile=none
-  build=(--model converter_tiny --device cpu --precision 32 --crop-size 256 --batch-size 2 --repeats 1)
+  latency_graphs=none
+  build=(--model converter_tiny --device cpu --precision 32 --crop-size 256 --batch-size 2 --repeats 1
+         --channels-last)
 else
   common=(--model vit_b --device cuda --precision bf16)
   lat=(--warmup 5 --repeats 30)
   train=(--batch-size 8 --warmup 3 --steps 8)
   compile_switch="+compile"
   latency_compile=default
+  latency_graphs=reduce-overhead
   build=(--model converter_hiera_b_plus --device cuda --precision bf16 --crop-size 1024 --batch-size 16
-         --repeats 5)
+         --repeats 5 --channels-last --compile default)
 fi
 
 # step NAME LIMIT_S ARGS...: run one benchmark under min(LIMIT_S, what is left of the budget).
@@ -76,15 +82,15 @@ EOF
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true; } | tee -a "$log"
 
-step latency_flex 170 benchmarks/predictor_latency.py "${common[@]}" "${lat[@]}" \
-  --attention flex --compile "$latency_compile"
-step train_eager 130 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
-  --configs stock,sdpa_fold+cl+fused,sdpa_fold+cl+fused+ckpt,flex+cl+fused
-step train_flex_compile 160 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
-  --configs "flex+cl+fused$compile_switch"
-step latency_eager 40 benchmarks/predictor_latency.py "${common[@]}" "${lat[@]}" --skip-stock \
-  --attention sdpa,sdpa_fold --compile none
-step train_fold_compile 160 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
-  --configs "sdpa_fold+cl+fused$compile_switch"
-step build_forward 60 benchmarks/build_throughput.py "${build[@]}" --skip cpu end_to_end
+step train_eager 120 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
+  --configs stock,sdpa_fold+cl+fused,triton_relpos+cl+fused,triton_relpos+cl+fused+ckpt
+step train_relpos_compile 150 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
+  --configs "triton_relpos+cl+fused$compile_switch" --profile 3
+step latency_relpos 130 benchmarks/predictor_latency.py "${common[@]}" "${lat[@]}" \
+  --attention triton_relpos --compile "$latency_compile"
+step latency_graphs 120 benchmarks/predictor_latency.py "${common[@]}" "${lat[@]}" --skip-stock \
+  --attention sdpa_fold --compile "$latency_graphs" --profile 3
+step train_fold_compile 150 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
+  --configs "sdpa_fold+cl+fused$compile_switch" --profile 3
+step build_forward 90 benchmarks/build_throughput.py "${build[@]}" --skip cpu end_to_end
 echo "[suite] done in $(($(date +%s) - start))s" | tee -a "$log"

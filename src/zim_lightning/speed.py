@@ -4,8 +4,8 @@ run faster; see the "GPU speed" section of docs/benchmarks.md).
 Each helper works on a built network, in place, and returns it, so a predictor, a benchmark or a
 LightningModule can apply exactly the switches it wants:
 
-- :func:`set_attention`: the ViT attention backend (``"eager"``, ``"sdpa"``, ``"sdpa_fold"``, ``"flex"``;
-  :mod:`zim_lightning.models.vit_attention`).
+- :func:`set_attention`: the ViT attention backend (``"eager"``, ``"sdpa"``, ``"sdpa_fold"``, ``"flex"``,
+  ``"triton_relpos"``; :mod:`zim_lightning.models.vit_attention`).
 - :func:`set_activation_checkpointing`: recompute ViT block activations in the backward pass.
 - :func:`to_channels_last`: NHWC weights for the convolutional parts (patch embedding, neck, image
   feature pyramid, pixel decoder, the converter's convolutions), so cuDNN picks its NHWC kernels.
@@ -59,7 +59,7 @@ def set_attention(model: nn.Module, backend: str) -> nn.Module:
 
     Args:
         model: a network holding :class:`~zim_lightning.models.vit_attention.ViTAttention` modules.
-        backend: ``"eager"``, ``"sdpa"``, ``"sdpa_fold"`` or ``"flex"``.
+        backend: ``"eager"``, ``"sdpa"``, ``"sdpa_fold"``, ``"flex"`` or ``"triton_relpos"``.
 
     Returns:
         ``model``.
