@@ -5,9 +5,17 @@ Tables 1-3).
 --prompt point|box|both --out DIR [--save-predictions] [--protocol paper|dim]
 [--baselines binary,closed_form] [--devices N --accelerator ...]`` runs
 :class:`~zim_lightning.lit.eval_module.EvalModule` in Lightning's test loop (each rank a disjoint slice,
-metrics gathered once) and writes, on rank 0:
+metrics gathered once) and writes, on rank 0, the files below.
 
-- ``OUT/metrics.json``: ``{"protocol", "model", "checkpoint", "format", "data", "results": {SUBSET:
+``--run-config RUN/config.yaml --checkpoint RUN/checkpoints/last.ckpt`` in place of ``--model`` evaluates
+a ``zim-lightning fit`` run directly: the network is built exactly as the run built it, from the
+``config.yaml`` LightningCLI saved in its log directory
+(:func:`~zim_lightning.models.build.zim_from_run_config`), so any size or frame trained (the 256-pixel
+frame of ``configs/zim/tiny.yaml``) is evaluated as trained. The frame reaches the evaluation through the
+network: each image is resized to the network's ``image_size`` by the predictor, as in serving.
+
+- ``OUT/metrics.json``: ``{"protocol", "model", "run_config", "checkpoint", "image_size", "format",
+  "data", "results": {SUBSET:
   {PROMPT: {"sad", "mse", "mae", "grad", "conn", "n"}}}, "buckets": {SUBSET: {PROMPT: {"S"|"M"|"L":
   {...}}}}, "baselines": {METHOD: {SUBSET: {PROMPT: {...}}}}, "baseline_buckets": {METHOD: ...}}``;
   SUBSET is fine / coarse for MicroMat-3K and "all" for AM-2K / AIM-500; a mean over no instance is null;
@@ -319,7 +327,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="zim-lightning eval",
         description="Evaluate ZIM on MicroMat-3K, AM-2K or AIM-500 (metrics.json, report.md, grids).",
     )
-    add_zim_arguments(p)
+    add_zim_arguments(p, run_config=True)
     p.add_argument(
         "--data", required=True, type=Path, help="dataset folder (MicroMat-3K: holds data_list.txt)"
     )
@@ -356,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     from zim_lightning.data.datamodule import ZimDataModule
     from zim_lightning.data.micromat import build_eval_dataset
     from zim_lightning.lit.eval_module import EvalModule
-    from zim_lightning.models.build import check_checkpoint_argument, zim_from_arguments
+    from zim_lightning.models.build import RunConfigError, check_checkpoint_argument, zim_from_arguments
+    from zim_lightning.models.checkpoint import CheckpointError
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -365,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid_count < 0 or args.closed_form_max_side < 0:
         parser.error("--grid-count and --closed-form-max-side must be >= 0")
     devices: int | str = int(args.devices) if args.devices.isdigit() else args.devices
+    # Same seed on every rank: random weights (smoke tests) must be the same network everywhere.
+    L.seed_everything(args.seed, verbose=False)
+    try:
+        net = zim_from_arguments(args).eval()
+    except (RunConfigError, CheckpointError) as err:
+        parser.error(str(err))
     try:
         dataset = build_eval_dataset(
             args.data, format=args.format, prompt=args.prompt, subset=args.subset, seed=args.seed
@@ -372,9 +387,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
 
-    # Same seed on every rank: random weights (smoke tests) must be the same network everywhere.
-    L.seed_everything(args.seed, verbose=False)
-    net = zim_from_arguments(args).eval()
     module = EvalModule(
         net=net,
         prompts=["point", "box"] if args.prompt == "both" else [args.prompt],
@@ -418,8 +430,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     info = {
-        "model": args.model,
+        "model": args.model or f"{type(net).__name__} of run config {args.run_config}",
+        "run_config": args.run_config,
         "checkpoint": args.checkpoint,
+        "image_size": net.image_size,
         "format": args.format,
         "data": str(args.data),
         "prediction_bits": PREDICTION_BITS,

@@ -9,6 +9,10 @@ builds a :class:`~zim_lightning.models.zim.Zim` of SAM's sizes (``vit_b``, ``vit
 - ``sam_checkpoint``: a segment-anything checkpoint (``sam_vit_b_01ec64.pth``), loaded into the parts
   ZIM shares with SAM, every SAM key landing on a parameter of the same shape (see
   :func:`load_sam_weights`).
+
+:func:`zim_from_run_config` builds the network of a training run instead, exactly as ``zim-lightning fit``
+did, from the ``config.yaml`` LightningCLI saved in the run's log directory, and loads the run's
+Lightning checkpoint into it.
 """
 
 from __future__ import annotations
@@ -176,8 +180,8 @@ def build_zim(
         sam_checkpoint: a segment-anything checkpoint for the shared parts (for fine-tuning from SAM).
         masked_attention: prompt-aware masked attention on (ZIM) or off (SAM's attention).
         pixel_decoder: ``"hierarchical"`` (ZIM) or ``"sam"``.
-        attention: ViT attention backend (``"eager"``, ``"sdpa"``, ``"sdpa_fold"``, ``"flex"``; same
-            weights and function), or None for :class:`Zim`'s default.
+        attention: ViT attention backend (``"eager"``, ``"sdpa"``, ``"sdpa_fold"``, ``"flex"``,
+            ``"triton_relpos"``; same weights and function), or None for :class:`Zim`'s default.
         activation_checkpointing: recompute the ViT blocks' activations in the backward pass.
 
     Returns:
@@ -214,6 +218,90 @@ def build_zim(
     return model
 
 
+class RunConfigError(ValueError):
+    """A training run's config.yaml is missing, unreadable, or not the config of a ZIM training run."""
+
+
+#: Network arguments that name weights to start training from; a run's own checkpoint replaces them.
+STARTING_WEIGHTS_ARGUMENTS: tuple[str, ...] = ("checkpoint", "sam_checkpoint")
+
+
+def zim_from_run_config(config: str | Path, checkpoint: str | Path | None = None) -> Zim:
+    """Build the ZIM of a training run from its saved LightningCLI config and load the run's weights.
+
+    The network is ``model.init_args.net`` of the config (``class_path`` and ``init_args``: the
+    :class:`Zim` class itself, as ``configs/zim/tiny.yaml`` gives it, or a builder such as
+    :func:`build_zim`), instantiated by jsonargparse as LightningCLI did, so its sizes, frame
+    (``image_size``), architecture switches and attention backend are the run's. Starting weights named
+    in the config (:data:`STARTING_WEIGHTS_ARGUMENTS`) are not loaded: the weights come from
+    ``checkpoint``. The module's speed switches (``compile``, ``channels_last``) do not change parameter
+    names (``nn.Module.compile`` keeps them), so they need no handling here.
+
+    Args:
+        config: the ``config.yaml`` that ``zim-lightning fit`` saved in the run's log directory.
+        checkpoint: a Lightning checkpoint of that run (keys under ``net.``), or a plain state dict of the
+            same network; loaded with ``weights_only=True`` and exact key and shape matching. None leaves
+            the random initialisation.
+
+    Returns:
+        The network, in train mode as ``nn.Module`` leaves it.
+
+    Raises:
+        RunConfigError: the config is missing, not YAML, or its ``model.init_args.net`` does not build a
+            :class:`Zim` (e.g. a label converter run's config).
+        CheckpointError: the checkpoint is missing, unreadable, or holds another network's weights.
+    """
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    path = Path(config)
+    expected = "expected the config.yaml that `zim-lightning fit` saved in a ZIM training run's log directory"
+    if not path.is_file():
+        raise RunConfigError(f"run config {str(path)!r} does not exist or is not a file; {expected}")
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise RunConfigError(f"run config {str(path)!r} is not YAML ({err}); {expected}") from err
+    model = document.get("model") if isinstance(document, dict) else None
+    init_args = model.get("init_args") if isinstance(model, dict) else None
+    spec = init_args.get("net") if isinstance(init_args, dict) else None
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise RunConfigError(f"run config {str(path)!r} has no model.init_args.net.class_path; {expected}")
+    spec = {**spec, "init_args": dict(spec.get("init_args") or {})}
+    for name in STARTING_WEIGHTS_ARGUMENTS:
+        if spec["init_args"].get(name) is not None:
+            log.info(
+                "run config %s: ignoring net %s=%s (the weights come from the checkpoint)",
+                path,
+                name,
+                spec["init_args"][name],
+            )
+            spec["init_args"][name] = None
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--net", type=Zim)
+    try:
+        parsed = parser.parse_object({"net": spec})
+    except argparse.ArgumentError as err:
+        raise RunConfigError(
+            f"run config {str(path)!r} is not a ZIM training config: its model "
+            f"{model.get('class_path')!r} has the network {spec['class_path']!r}, expected one that builds "
+            f"{Zim.__module__}.{Zim.__qualname__} ({' '.join(str(err).split())})"
+        ) from err
+    try:
+        network = parser.instantiate(parsed).net
+    except (TypeError, ValueError) as err:
+        raise RunConfigError(
+            f"run config {str(path)!r}: its network {spec['class_path']!r} could not be built: {err}"
+        ) from err
+    if checkpoint is not None:
+        load_exactly(
+            network,
+            read_state_dict(checkpoint),
+            source=f"{checkpoint} (as the network of run config {path}: {spec['class_path']})",
+        )
+    return network
+
+
 def _registered(variant: str) -> Callable[..., Zim]:
     def builder(
         *,
@@ -245,15 +333,31 @@ def _registered(variant: str) -> Callable[..., Zim]:
 zim_model_registry: dict[str, Callable[..., Zim]] = {name: _registered(name) for name in ZIM_VARIANTS}
 
 
-def add_zim_arguments(parser: argparse.ArgumentParser) -> None:
+def add_zim_arguments(parser: argparse.ArgumentParser, *, run_config: bool = False) -> None:
     """Add the options that choose a registered ZIM and its weights to a command's parser.
 
     ``--model`` (a key of :data:`zim_model_registry`), ``--checkpoint``, ``--pixel-decoder`` and
     ``--no-masked-attention`` (the two architecture switches a checkpoint was trained with). Shared by
-    ``matte``, ``export-onnx`` and ``eval``; read back with :func:`check_checkpoint_argument` and
-    :func:`zim_from_arguments`.
+    ``matte``, ``export-onnx``, ``serve`` and ``eval``; read back with :func:`check_checkpoint_argument`
+    and :func:`zim_from_arguments`.
+
+    Args:
+        parser: the command's parser.
+        run_config: also offer ``--run-config`` (a training run's saved ``config.yaml``, see
+            :func:`zim_from_run_config`) in place of ``--model``; exactly one of the two is required.
     """
-    parser.add_argument("--model", required=True, choices=sorted(zim_model_registry), help="ZIM architecture")
+    model_help = "ZIM architecture"
+    if run_config:
+        which = parser.add_mutually_exclusive_group(required=True)
+        which.add_argument("--model", choices=sorted(zim_model_registry), help=model_help)
+        which.add_argument(
+            "--run-config",
+            default=None,
+            help="config.yaml that `zim-lightning fit` saved in a ZIM run's log directory: builds the "
+            "network exactly as that run did (sizes, frame, switches); give the run's .ckpt as --checkpoint",
+        )
+    else:
+        parser.add_argument("--model", required=True, choices=sorted(zim_model_registry), help=model_help)
     parser.add_argument(
         "--checkpoint",
         default=None,
@@ -263,32 +367,54 @@ def add_zim_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pixel-decoder",
         choices=tuple(DECODER_STRIDES),
-        default="hierarchical",
-        help="pixel decoder the checkpoint was trained with (default hierarchical)",
+        default=None,
+        help="pixel decoder the checkpoint was trained with (default hierarchical; not with --run-config)",
     )
     parser.add_argument(
         "--no-masked-attention",
         action="store_true",
-        help="the checkpoint was trained without prompt-aware masked attention",
+        help="the checkpoint was trained without prompt-aware masked attention (not with --run-config)",
     )
 
 
 def check_checkpoint_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Exit through ``parser.error`` when ``--checkpoint`` is not a file; warn when it is not given."""
+    """Exit through ``parser.error`` when ``--checkpoint`` or ``--run-config`` is not a file, or when
+    architecture switches come with ``--run-config`` (its config fixes them); warn when no checkpoint is
+    given."""
+    run_config = getattr(args, "run_config", None)
+    if run_config is not None:
+        if not Path(run_config).is_file():
+            parser.error(
+                f"--run-config {run_config!r} does not exist or is not a file; expected the config.yaml "
+                "that `zim-lightning fit` saved in a ZIM training run's log directory"
+            )
+        if args.pixel_decoder is not None or args.no_masked_attention:
+            parser.error(
+                "--pixel-decoder and --no-masked-attention describe a --model; with --run-config the "
+                "run's config fixes the architecture"
+            )
     if args.checkpoint is None:
         log.warning(
-            "no --checkpoint given: %s has RANDOM weights (useful only to test the pipeline)", args.model
+            "no --checkpoint given: %s has RANDOM weights (useful only to test the pipeline)",
+            args.model or run_config,
         )
     elif not Path(args.checkpoint).is_file():
         parser.error(f"--checkpoint {args.checkpoint!r} does not exist or is not a file")
 
 
 def zim_from_arguments(args: argparse.Namespace) -> Zim:
-    """Build the ZIM that :func:`add_zim_arguments`' options name (train mode, as ``build_zim`` leaves it)."""
+    """Build the ZIM that :func:`add_zim_arguments`' options name (train mode, as ``build_zim`` leaves it).
+
+    Raises:
+        RunConfigError: ``--run-config`` is not the config of a ZIM training run.
+        CheckpointError: ``--checkpoint`` holds weights of another network.
+    """
+    if getattr(args, "run_config", None) is not None:
+        return zim_from_run_config(args.run_config, args.checkpoint)
+    # Switches not given keep the builder's defaults (ZIM's hierarchical pixel decoder).
+    switches = {} if args.pixel_decoder is None else {"pixel_decoder": args.pixel_decoder}
     return zim_model_registry[args.model](
-        checkpoint=args.checkpoint,
-        pixel_decoder=args.pixel_decoder,
-        masked_attention=not args.no_masked_attention,
+        checkpoint=args.checkpoint, masked_attention=not args.no_masked_attention, **switches
     )
 
 
