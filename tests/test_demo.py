@@ -27,6 +27,9 @@ def test_demo_end_to_end_small(tmp_path: Path):
     assert doc["demo"]["stages"][2]["notes"] == "1 shards"
     for name in ("converter", "zim"):
         assert Path(doc["demo"]["checkpoints"][name]).is_file()
+    # evaluated through `eval --run-config`: the ZIM rebuilt from its run, in the run's frame
+    assert doc["checkpoint"] == doc["demo"]["checkpoints"]["zim"] and doc["image_size"] == 64
+    assert Path(doc["run_config"]) == Path(doc["checkpoint"]).parents[1] / "config.yaml"
     # ZIM trained on the SA1B-Matte shards the converter wrote
     zim_config = next((out / "runs" / "zim").rglob("config.yaml")).read_text()
     assert "sa1b_matte" in zim_config
