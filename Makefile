@@ -12,6 +12,7 @@ DATA ?= data/synthetic
 OUT ?= reports
 MODEL ?= tiny
 CHECKPOINT ?=
+RUN_CONFIG ?=
 TRAINER ?= cpu
 ARGS ?=
 SYNTH_CONVERTER = --data.init_args.train_shards='$(DATA)/matting/train/matting-{000000..000001}.tar' \
@@ -75,8 +76,9 @@ build-sa1b-matte: $(STAMP) ## Convert SA-1B masks to SA1B-Matte shards (SA1B=, S
 	$(BIN)/zim-lightning build-sa1b-matte --sa1b $(SA1B) --out $(SA1B_MATTE) \
 		$(if $(CONVERTER),--converter $(CONVERTER),--model converter_tiny --crop-size 256)
 
-eval: $(STAMP) ## Evaluate MODEL [CHECKPOINT=...] on EVAL_DATA (default synthetic MicroMat-3K; EVAL_FORMAT=am2k|aim500) into OUT/eval
-	$(BIN)/zim-lightning eval --model $(MODEL) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
+eval: $(STAMP) ## Evaluate MODEL [CHECKPOINT=...] (or a fit run: RUN_CONFIG=RUN/config.yaml CHECKPOINT=RUN/...ckpt) on EVAL_DATA into OUT/eval
+	$(BIN)/zim-lightning eval $(if $(RUN_CONFIG),--run-config $(RUN_CONFIG),--model $(MODEL)) \
+		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
 		--data $(EVAL_DATA) --format $(EVAL_FORMAT) --prompt both --out $(OUT)/eval --save-predictions
 
 serve: $(STAMP) ## Interactive matting page on 127.0.0.1:7860 (MODEL=tiny|vit_b, CHECKPOINT=...)
