@@ -65,6 +65,7 @@ def test_paper_settings(capsys: pytest.CaptureFixture):
     assert conv["data"]["init_args"]["stl"]
     net = zim["model"]["init_args"]["net"]["init_args"]
     assert net["variant"] == "vit_b" and net["masked_attention"] and net["pixel_decoder"] == "hierarchical"
+    assert zim["model"]["init_args"]["bce_weight"] == 0.0  # the paper's loss, L1 + 10 * gradient only
     assert zim["data"]["init_args"]["image_size"] == 1024 and zim["data"]["init_args"]["box_jitter"] == 0.1
     # the fastest training path measured on an H100 (docs/benchmarks.md)
     assert net["attention"] == "sdpa_fold" and zim["model"]["init_args"]["optimizer"]["init_args"]["fused"]

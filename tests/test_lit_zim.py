@@ -89,6 +89,24 @@ def test_fixed_batch_loss_drops_grid_draws_prompts_and_frozen_encoder_stays(synt
     )
 
 
+def test_bce_weight_adds_cross_entropy_of_the_frame_logits(synthetic: Path):
+    cli = cli_main(_args(synthetic, synthetic / "unused"), run=False)
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    paper = ZimModule(net=cli.model.net)
+    mixed = ZimModule(net=cli.model.net, bce_weight=0.5)
+    with torch.no_grad():
+        logits = paper.frame_logits(batch["image"], batch["point_coords"], batch["point_labels"])
+        _, paper_terms = paper._step(batch)
+        _, mixed_terms = mixed._step(batch)
+    valid = batch["valid"].float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, batch["alpha"].float(), reduction="none"
+    )
+    expected = paper_terms["loss"] + 0.5 * (bce * valid).sum() / valid.sum()
+    assert mixed_terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert mixed_terms["l1"].item() == paper_terms["l1"].item()  # the paper terms are logged unchanged
+
+
 def test_batches_in_another_frame_are_refused(synthetic: Path):
     cli = cli_main(_args(synthetic, synthetic / "unused", "--data.init_args.image_size=64"), run=False)
     batch = next(iter(cli.datamodule.train_dataloader()))

@@ -54,3 +54,28 @@ def test_converter_loss_weights_outputs():
     assert terms["loss"].item() == pytest.approx((2 * 0.1 + 0.4 + 0.8) / 4)
     with pytest.raises(KeyError, match="alpha_os8"):
         ConverterLoss()({"alpha_os1": target, "alpha_os4": target}, target)
+
+
+def test_bce_term_is_cross_entropy_on_the_logits_and_keeps_a_gradient_when_saturated():
+    target = _m([[1.0, 0.0], [0.0, 0.0]])
+    valid = _m([[1.0, 1.0], [1.0, 0.0]])  # the last pixel is padding
+    logits = _m([[-30.0, -30.0], [-30.0, 5.0]]).requires_grad_(True)  # an empty matte, saturated
+    paper = MattingLoss()(torch.sigmoid(logits), target, valid)["loss"]
+    (paper_grad,) = torch.autograd.grad(paper, logits)
+    assert paper_grad.abs().max().item() < 1e-10  # sigmoid'(-30): the paper loss alone is stuck here
+
+    loss = MattingLoss(bce_weight=2.0)(torch.sigmoid(logits), target, valid, logits=logits)["loss"]
+    # BCE with logits over the 3 valid pixels: softplus(30) for the object pixel, softplus(-30) twice
+    bce = (
+        torch.nn.functional.softplus(torch.tensor(30.0))
+        + 2 * torch.nn.functional.softplus(torch.tensor(-30.0))
+    ) / 3
+    assert loss.item() == pytest.approx(paper.item() + 2.0 * bce.item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert grad[0, 0, 0, 0].item() == pytest.approx(-2.0 / 3, rel=1e-4)  # (p - y) / 3 pixels * weight
+    assert grad[0, 0, 1, 1].item() == 0.0  # padding
+
+    with pytest.raises(ValueError, match="needs the logits"):
+        MattingLoss(bce_weight=1.0)(torch.sigmoid(logits), target)
+    with pytest.raises(ValueError, match="bce_weight must be >= 0"):
+        MattingLoss(bce_weight=-1.0)

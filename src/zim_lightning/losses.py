@@ -14,10 +14,17 @@ and 1, combined with fixed weights (2 on the stride-1 output, 1 on the others, a
 refinement losses). MGMatting restricts the stride-4 and stride-1 terms to the uncertain band around the
 coarser prediction; we supervise every pixel instead, which is simpler and keeps the loss defined where
 the band is empty (the STL samples, whose target is the coarse mask itself).
+
+Not in the paper: an optional binary cross-entropy term on the logits (``bce_weight``, default 0). ZIM
+fine-tunes from SAM, whose logits already separate object from background. From random weights (the
+tiny CPU configs) the paper's loss alone saturates the sigmoid: the background is ~95% of the pixels, so
+L1 pushes every logit down until sigmoid'(logit) is ~0 and no gradient reaches the object either, and
+the network settles on an empty matte. Cross-entropy on the logits keeps its gradient (``p - y``) there.
 """
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: Weight of the gradient term in the paper (lambda).
@@ -87,35 +94,51 @@ def gradient_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> 
 
 
 class MattingLoss(nn.Module):
-    """The paper's matting loss, L1 + grad_weight * Lgrad, on alpha in [0, 1].
+    """The paper's matting loss, L1 + grad_weight * Lgrad, on alpha in [0, 1] (+ bce_weight * BCE).
 
     Args:
         grad_weight: lambda, the weight of the gradient term (paper: 10).
+        bce_weight: weight of binary cross-entropy on the logits (paper: 0, off; see the module docstring:
+            training from random weights needs it).
     """
 
-    def __init__(self, *, grad_weight: float = PAPER_GRAD_WEIGHT) -> None:
+    def __init__(self, *, grad_weight: float = PAPER_GRAD_WEIGHT, bce_weight: float = 0.0) -> None:
         super().__init__()
         if grad_weight < 0:
             raise ValueError(f"grad_weight must be >= 0, got {grad_weight}")
+        if bce_weight < 0:
+            raise ValueError(f"bce_weight must be >= 0, got {bce_weight}")
         self.grad_weight = grad_weight
+        self.bce_weight = bce_weight
 
-    def forward(self, pred: Tensor, target: Tensor, valid: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, pred: Tensor, target: Tensor, valid: Tensor | None = None, *, logits: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Compute the loss and its terms.
 
         Args:
             pred: predicted alpha, Bx1xHxW in [0, 1] (apply sigmoid to logits first).
             target: ground-truth alpha, Bx1xHxW in [0, 1].
             valid: optional per-pixel weight, Bx1xHxW in [0, 1] (0 on the SAM frame's padding).
+            logits: the Bx1xHxW logits ``pred`` is the sigmoid of; needed when ``bce_weight > 0``.
 
         Returns:
-            dict with ``loss`` (to minimise), ``l1`` and ``grad`` (the unweighted terms), all scalars.
+            dict with ``loss`` (to minimise, the weighted sum of every term), ``l1`` and ``grad`` (the
+            unweighted paper terms), all scalars.
         """
         # Losses in float32: bf16 sums over a million pixels lose the small differences that matter.
         pred, target = pred.float(), target.float()
         valid = None if valid is None else valid.float()
         l1 = l1_loss(pred, target, valid)
         grad = gradient_loss(pred, target, valid)
-        return {"loss": l1 + self.grad_weight * grad, "l1": l1, "grad": grad}
+        loss = l1 + self.grad_weight * grad
+        if self.bce_weight > 0:
+            if logits is None:
+                raise ValueError("bce_weight > 0 needs the logits that pred is the sigmoid of (logits=...)")
+            _check_pair(logits, target, valid)
+            bce = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
+            loss = loss + self.bce_weight * _weighted_mean(bce, valid)
+        return {"loss": loss, "l1": l1, "grad": grad}
 
 
 class ConverterLoss(nn.Module):

@@ -39,6 +39,9 @@ class ZimModule(MattingModule):
         optimizer: optimiser factory (paper: AdamW, lr 1e-5).
         scheduler: per-step learning-rate schedule factory (paper: cosine), or None.
         grad_weight: lambda of the gradient term (paper: 10).
+        bce_weight: weight of binary cross-entropy on the upsampled logits, added to the loss (paper: 0).
+            Training from random weights needs it: without it the sigmoid saturates and the network
+            settles on an empty matte (``zim_lightning.losses``).
         freeze_image_encoder: keep the ViT image encoder fixed (no gradients, no optimiser state) and
             train the rest: a cheap fine-tuning mode, not the paper's recipe.
     """
@@ -50,6 +53,7 @@ class ZimModule(MattingModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         grad_weight: float = PAPER_GRAD_WEIGHT,
+        bce_weight: float = 0.0,
         freeze_image_encoder: bool = False,
         compile: str | None = None,
         channels_last: bool = False,
@@ -64,7 +68,7 @@ class ZimModule(MattingModule):
         super().__init__(net=net, optimizer=optimizer, scheduler=scheduler)
         # Plain values only: the checkpoint must stay loadable with weights_only=True.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
-        self.loss = MattingLoss(grad_weight=grad_weight)
+        self.loss = MattingLoss(grad_weight=grad_weight, bce_weight=bce_weight)
         if freeze_image_encoder:
             encoder = getattr(net, "image_encoder", None)
             if not isinstance(encoder, nn.Module):
@@ -96,6 +100,10 @@ class ZimModule(MattingModule):
         Returns:
             Bx1xSxS alpha in [0, 1] (float32).
         """
+        return torch.sigmoid(self.frame_logits(images, point_coords, point_labels))
+
+    def frame_logits(self, images: Tensor, point_coords: Tensor, point_labels: Tensor) -> Tensor:
+        """The decoder's first logits, upsampled to the input frame (float32 Bx1xSxS); see :meth:`forward`."""
         frame = getattr(self.net, "image_size", images.shape[-1])
         if tuple(images.shape[-2:]) != (frame, frame):
             raise ValueError(
@@ -105,14 +113,16 @@ class ZimModule(MattingModule):
         logits = self.net(images, point_coords, point_labels, multimask_output=False)["logits"]
         # upsample logits, not alpha, as the official predictor does: sigmoid after interpolation keeps
         # edges sharp; float32 because the loss compares small differences
-        logits = F.interpolate(
+        return F.interpolate(
             logits[:, :1].float(), size=images.shape[-2:], mode="bilinear", align_corners=False
         )
-        return torch.sigmoid(logits)
 
     def _step(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        alpha = self(batch["image"], batch["point_coords"].float(), batch["point_labels"].float())
-        return alpha, self.loss(alpha, batch["alpha"].float(), batch.get("valid"))
+        logits = self.frame_logits(
+            batch["image"], batch["point_coords"].float(), batch["point_labels"].float()
+        )
+        alpha = torch.sigmoid(logits)
+        return alpha, self.loss(alpha, batch["alpha"].float(), batch.get("valid"), logits=logits)
 
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         alpha, terms = self._step(batch)
