@@ -67,9 +67,9 @@ train-zim: $(STAMP) ## Train ZIM (CONFIG=configs/zim/vit_b.yaml, TRAINER=cpu|gpu
 	$(if $(CONFIG),,test -d $(DATA)/matting || $(BIN)/zim-lightning synth --out $(DATA) --seed 0)
 	$(BIN)/zim-lightning fit -c configs/trainer/$(TRAINER).yaml -c $(or $(CONFIG),configs/zim/tiny.yaml) $(if $(CONFIG),,$(SYNTH_ZIM)) $(ARGS)
 
-results: $(STAMP) ## Reproduce docs/results.md (CPU, about 45 min)
-	$(BIN)/python scripts/results_converter.py --work runs/results --steps 400 --json docs/results/converter.json
-	$(BIN)/python scripts/results_zim.py --work runs/results --steps 300 --json docs/results/zim.json
+results: $(STAMP) ## Reproduce docs/results.md (CPU, about 40 min on an idle 2-core box)
+	$(BIN)/python scripts/results_converter.py --work runs/results --steps 1500 --json docs/results/converter.json
+	$(BIN)/python scripts/results_zim.py --work runs/results --steps 1500 --json docs/results/zim.json
 	$(BIN)/python scripts/results_plot.py docs/results/converter.json docs/results/zim.json --out docs/images/loss_curves.png
 
 build-sa1b-matte: $(STAMP) ## Convert SA-1B masks to SA1B-Matte shards (SA1B=, SA1B_MATTE=, CONVERTER=ckpt; resumable)
