@@ -12,8 +12,6 @@ learned nothing useful would leave. Prints JSON (and writes it with --json).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from results_common import loss_curve, machine, spread, write_report
 
 from zim_lightning.data.synthetic import generate
 from zim_lightning.lit.cli import cli_main
@@ -35,18 +34,6 @@ def synthetic(work: Path, *, micromat: int) -> Path:
     if not (data / "micromat" / "data_list.txt").is_file():
         generate(data, seed=0, micromat=micromat)
     return data
-
-
-def loss_curve(log_dir: Path) -> list[tuple[int, float]]:
-    """(step, train/loss_step) pairs from a CSV logger run."""
-    import csv
-
-    with open(log_dir / "metrics.csv") as f:
-        return [
-            (int(row["step"]), float(row["train/loss_step"]))
-            for row in csv.DictReader(f)
-            if row.get("train/loss_step")
-        ]
 
 
 def train(data: Path, work: Path, *, seed: int, steps: int, crop: int) -> tuple[torch.nn.Module, Path, float]:
@@ -108,7 +95,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("runs/results"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--micromat", type=int, default=40, help="synthetic MicroMat-3K instances")
     p.add_argument("--json", type=Path, default=None)
@@ -130,25 +117,17 @@ def main() -> None:
     for subset in subsets:
         for method in ("converter", "identity"):
             sads = [r["errors"][subset][method]["sad"] for r in runs]
-            summary[f"{subset}/{method}/sad"] = {
-                "mean": statistics.fmean(sads),
-                "std": statistics.stdev(sads) if len(sads) > 1 else 0.0,
-                "per_seed": sads,
-            }
+            summary[f"{subset}/{method}/sad"] = spread(sads)
     doc = {
         "what": "tiny converter vs identity (mask as matte) on synthetic MicroMat-3K seg -> matte, paper protocol",
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
         "steps": args.steps,
         "crop": args.crop,
         "instances": {s: len(v) for s, v in subsets.items()},
         "summary": summary,
         "runs": runs,
     }
-    text = json.dumps(doc, indent=1)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
+    write_report(doc, args.json)
 
 
 if __name__ == "__main__":

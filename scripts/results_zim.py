@@ -12,13 +12,10 @@ Prints JSON (and writes it with --json).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import time
 from pathlib import Path
 
-import torch
+from results_common import loss_curve, machine, spread, write_report
 
 from zim_lightning.demo import evaluate_network
 from zim_lightning.lit.cli import cli_main
@@ -33,23 +30,11 @@ VARIANTS = {
 }
 
 
-def loss_curve(log_dir: Path) -> list[tuple[int, float]]:
-    """(step, train/loss_step) pairs from a CSV logger run."""
-    import csv
-
-    with open(log_dir / "metrics.csv") as f:
-        return [
-            (int(row["step"]), float(row["train/loss_step"]))
-            for row in csv.DictReader(f)
-            if row.get("train/loss_step")
-        ]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("runs/results"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--frame", type=int, default=256)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -101,25 +86,17 @@ def main() -> None:
         for subset in ("fine", "coarse"):
             for prompt in ("box", "point"):
                 sads = [r["results"][subset][prompt]["sad"] for r in runs if r["variant"] == variant]
-                summary[f"{variant}/{subset}/{prompt}/sad"] = {
-                    "mean": statistics.fmean(sads),
-                    "std": statistics.stdev(sads) if len(sads) > 1 else 0.0,
-                    "per_seed": sads,
-                }
+                summary[f"{variant}/{subset}/{prompt}/sad"] = spread(sads)
     doc = {
         "what": "tiny ZIM vs tiny SAM architecture (masked_attention off, pixel_decoder sam), same data, "
         "steps and seeds; synthetic MicroMat-3K, paper protocol",
-        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine(),
         "steps": args.steps,
         "frame": args.frame,
         "summary": summary,
         "runs": runs,
     }
-    text = json.dumps(doc, indent=1)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
+    write_report(doc, args.json)
 
 
 if __name__ == "__main__":
