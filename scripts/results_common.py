@@ -6,9 +6,45 @@ import csv
 import json
 import platform
 import statistics
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from zim_lightning.lit.cli import cli_main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def fit(
+    config: str, data: Path, run_dir: Path, *, seed: int, steps: int, extra: list[str]
+) -> tuple[Any, float]:
+    """``zim-lightning fit`` of ``configs/CONFIG`` on the CPU with the synthetic matting shards.
+
+    Returns:
+        The LightningCLI after training, and the process CPU seconds it took.
+    """
+    start = time.process_time()
+    cli = cli_main(
+        [
+            "fit",
+            "-c",
+            str(CONFIGS / "trainer" / "cpu.yaml"),
+            "-c",
+            str(CONFIGS / config),
+            f"--seed_everything={seed}",
+            f"--data.init_args.train_shards={data}/matting/train/matting-{{000000..000001}}.tar",
+            f"--data.init_args.val_shards={data}/matting/val/matting-000000.tar",
+            f"--trainer.max_steps={steps}",
+            f"--trainer.val_check_interval={steps}",
+            "--trainer.log_every_n_steps=5",
+            f"--trainer.default_root_dir={run_dir}",
+            f"--trainer.logger.init_args.save_dir={run_dir}",
+            *extra,
+        ]
+    )
+    return cli, time.process_time() - start
 
 
 def loss_curve(log_dir: Path) -> list[tuple[int, float]]:

@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from results_common import loss_curve, machine, spread, write_report
+from results_common import fit, loss_curve, machine, spread, write_report
 
 from zim_lightning.data.synthetic import generate
-from zim_lightning.lit.cli import cli_main
 from zim_lightning.metrics import METRIC_NAMES, matting_errors
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def synthetic(work: Path, *, micromat: int) -> Path:
@@ -37,27 +33,18 @@ def synthetic(work: Path, *, micromat: int) -> Path:
 
 
 def train(data: Path, work: Path, *, seed: int, steps: int, crop: int) -> tuple[torch.nn.Module, Path, float]:
-    start = time.process_time()
-    cli = cli_main(
-        [
-            "fit",
-            "-c",
-            str(CONFIGS / "trainer" / "cpu.yaml"),
-            "-c",
-            str(CONFIGS / "converter" / "tiny.yaml"),
-            f"--seed_everything={seed}",
-            f"--data.init_args.train_shards={data}/matting/train/matting-{{000000..000001}}.tar",
-            f"--data.init_args.val_shards={data}/matting/val/matting-000000.tar",
+    cli, cpu = fit(
+        "converter/tiny.yaml",
+        data,
+        work / f"converter_seed{seed}",
+        seed=seed,
+        steps=steps,
+        extra=[
             f"--data.init_args.seg_shards={data}/seg/seg-000000.tar",
             f"--data.init_args.crop_size={crop}",
-            f"--trainer.max_steps={steps}",
-            f"--trainer.val_check_interval={steps}",
-            "--trainer.log_every_n_steps=5",
-            f"--trainer.default_root_dir={work}/converter_seed{seed}",
-            f"--trainer.logger.init_args.save_dir={work}/converter_seed{seed}",
-        ]
+        ],
     )
-    return cli.model.net.eval(), Path(cli.trainer.log_dir), time.process_time() - start
+    return cli.model.net.eval(), Path(cli.trainer.log_dir), cpu
 
 
 def instances(micromat: Path, subset: str) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

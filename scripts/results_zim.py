@@ -12,15 +12,12 @@ Prints JSON (and writes it with --json).
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-from results_common import loss_curve, machine, spread, write_report
+from results_common import fit, loss_curve, machine, spread, write_report
 
 from zim_lightning.demo import evaluate_network
-from zim_lightning.lit.cli import cli_main
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VARIANTS = {
     "zim": [],
     "sam_arch": [
@@ -46,28 +43,18 @@ def main() -> None:
     for seed in args.seeds:
         for variant, overrides in VARIANTS.items():
             run_dir = args.work / f"{variant}_seed{seed}"
-            start = time.process_time()
-            cli = cli_main(
-                [
-                    "fit",
-                    "-c",
-                    str(CONFIGS / "trainer" / "cpu.yaml"),
-                    "-c",
-                    str(CONFIGS / "zim" / "tiny.yaml"),
-                    f"--seed_everything={seed}",
-                    f"--data.init_args.train_shards={data}/matting/train/matting-{{000000..000001}}.tar",
-                    f"--data.init_args.val_shards={data}/matting/val/matting-000000.tar",
+            cli, cpu = fit(
+                "zim/tiny.yaml",
+                data,
+                run_dir,
+                seed=seed,
+                steps=args.steps,
+                extra=[
                     f"--data.init_args.image_size={args.frame}",
                     f"--model.init_args.net.init_args.image_size={args.frame}",
-                    f"--trainer.max_steps={args.steps}",
-                    f"--trainer.val_check_interval={args.steps}",
-                    "--trainer.log_every_n_steps=5",
-                    f"--trainer.default_root_dir={run_dir}",
-                    f"--trainer.logger.init_args.save_dir={run_dir}",
                     *overrides,
-                ]
+                ],
             )
-            cpu = time.process_time() - start
             doc = evaluate_network(
                 cli.model.net, data / "micromat", run_dir / "eval", seed=seed, num_workers=0
             )
