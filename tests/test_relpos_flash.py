@@ -26,6 +26,22 @@ from zim_lightning.models import relpos_flash
 from zim_lightning.models.vit_attention import ViTAttention
 
 assert relpos_flash.INTERPRETED, "TRITON_INTERPRET=1 did not reach the subprocess"
+
+
+def autotuned_op(q, k, v, rel_h, rel_w, *, scale):
+    # The autotuned launch path, which on a GPU times every candidate tile. Only the timer is replaced (it
+    # needs a GPU): each candidate still runs in the interpreter, and the fake timings make the last one
+    # win, so the output comes from a tile other than the default. The op is called directly, as
+    # relpos_attention checks for CUDA tensors when the interpreter flag is off.
+    relpos_flash.INTERPRETED = False  # take the autotuned branch (the kernels stay interpreted)
+    for _, tuner in relpos_flash._KERNELS.values():
+        tuner.cache_results = False  # Triton's disk cache asks the GPU driver for its target
+        times = iter(range(1000, 0, -1))
+        tuner._do_bench = lambda call, quantiles, times=times: (call(), [float(next(times))] * 3)[1]
+    out, _ = torch.ops.zim_lightning.relpos_flash_fwd(q, k, v, rel_h.transpose(-1, -2), rel_w, scale, 0, 0)
+    return out
+
+
 results = {}
 for name, case in torch.load(sys.argv[1], weights_only=True).items():
     if case["kind"] == "module":
@@ -42,9 +58,15 @@ for name, case in torch.load(sys.argv[1], weights_only=True).items():
 
     if case["kind"] == "compiled":
         run = torch.compile(run, fullgraph=True, backend="aot_eager")
+    if case["kind"] == "autotuned":
+        run = lambda *args, case=case: autotuned_op(*args, scale=case["scale"])
     out = run(*inputs)
     out.backward(case["grad_out"].to(out.dtype))
     results[name] = {"out": out.detach(), **{n: t.grad for n, t in zip("q k v rel_h rel_w".split(), inputs, strict=True)}}
+    if case["kind"] == "autotuned":
+        relpos_flash.INTERPRETED = True
+        chosen = [c["block_m"] for c in relpos_flash.autotuned_choices()]  # one key per kernel
+        results[name]["chosen_block_m"] = torch.tensor(chosen)
 torch.save(results, sys.argv[2])
 """
 
@@ -105,8 +127,12 @@ CASES = {
         batch=1, heads=2, rows=16, width=16, head_dim=64, block_m=32, seed=3, kind="compiled"
     ),
     "module": module_case(seed=4),
+    # The autotuned path (last: it patches the tuners' timers). L = 96: partial blocks for 64 and 128.
+    "autotuned": kernel_case(
+        batch=1, heads=2, rows=6, width=16, head_dim=64, block_m=None, seed=7, kind="autotuned"
+    ),
 }
-KERNEL_CASES = ["d64", "d80_partial_block", "compiled"]
+KERNEL_CASES = ["d64", "d80_partial_block", "compiled", "autotuned"]
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +175,10 @@ def test_interpreted_kernel_matches_reference_output_and_all_gradients(interpret
     )
     assert probs.amax(-1).mean() > 20 / length
     expected = reference_grads(case)
-    got = interpreted[name]
+    got = dict(interpreted[name])
+    if name == "autotuned":  # the fake timings favour each kernel's last candidate: it ran and was kept
+        last = [relpos_flash.tuning_candidates(k)[-1].block_m for k in ("fwd", "bwd_dq", "bwd_dkv")]
+        assert got.pop("chosen_block_m").tolist() == last
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         assert got[key].dtype == torch.float32
@@ -228,9 +257,16 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(
-    ("head_dim", "dtype"), [(64, torch.float32), (64, torch.bfloat16), (80, torch.bfloat16)]
+    ("head_dim", "dtype", "autotune"),
+    [
+        (64, torch.bfloat16, True),  # the training and predictor path: every candidate tile is timed
+        (64, torch.bfloat16, False),
+        (64, torch.float32, False),
+        (80, torch.bfloat16, False),  # ViT-H's head width
+    ],
 )
-def test_cuda_kernel_matches_reference_at_vit_b_size(head_dim, dtype):
+def test_cuda_kernel_matches_reference_at_vit_b_size(head_dim, dtype, autotune, monkeypatch):
+    monkeypatch.setattr(relpos_flash, "AUTOTUNE", autotune)
     case = kernel_case(
         batch=2, heads=4, rows=64, width=64, head_dim=head_dim, block_m=None, seed=6, dtype=dtype
     )

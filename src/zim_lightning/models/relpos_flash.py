@@ -19,13 +19,19 @@ LxL tile outside registers:
 - **Backward, dq pass** (one program per query block, loop over key rows): ``dS = P * (dP - delta)``
   with ``delta = rowsum(dO * O)``; ``dq += dS @ k``; ``d_rel_w`` is ``dS`` summed over the key rows, kept
   in registers; ``d_rel_h[:, n]`` is the row sum of ``dS`` of key row ``n``, stored directly. Every
-  output element has exactly one writer: no atomics.
+  output element has exactly one writer: no atomics. The row term and its gradient are laid out H x L
+  inside the op, so the column of key row ``n`` is contiguous over the queries (coalesced accesses).
 - **Backward, dk/dv pass** (one program per key row, loop over query blocks): ``dv += P^T @ dO``,
   ``dk += dS^T @ q``; P is recomputed from the saved log-sum-exp.
 
-Head widths that are not a power of two (80 in ViT-L/H) are padded to the next one with load/store masks;
+Head widths that are not a power of two (80 in ViT-H) are padded to the next one with load/store masks;
 all accumulation is float32, inputs are float32, bfloat16 or float16 (one dtype for all five).
 Float32 inputs use IEEE float32 products (not TF32), so the kernel matches the eager reference.
+
+On CUDA each kernel's tile size, warps and pipeline depth are chosen by Triton's autotuner among
+:func:`tuning_candidates` the first time a shape is seen (a few seconds; ``ZIM_RELPOS_AUTOTUNE=0`` keeps
+the defaults). ``benchmarks/kernel_resources.py`` compiles every candidate for a GPU on a machine
+without one and reports registers, spills and shared memory.
 
 The kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` in
 the environment before this module is imported: Triton reads it when the kernels are decorated). The
@@ -36,8 +42,10 @@ traces into the Triton code.
 
 from __future__ import annotations
 
+import inspect
 import os
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -57,19 +65,61 @@ INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in {
 MIN_KEY_BLOCK = 16
 MAX_KEY_BLOCK = 128
 
-# Tile sizes and launch settings for an H100 with ViT-B's global blocks (W = 64, d = 64). Untuned: chosen
-# like common flash-attention settings for head width 64 (a 128-query forward tile over 64 keys in 8
-# warps; the backward holds about twice the live tiles, so 64 queries), not measured.
-#: Queries per program in the forward kernel.
-FWD_BLOCK_M = 128
-#: Queries per program in the dq pass and per loop step of the dk/dv pass.
-BWD_BLOCK_M = 64
-#: Warps per program, forward and both backward passes.
-FWD_NUM_WARPS = 8
-BWD_NUM_WARPS = 8
-#: Software-pipelining depth of the key (forward, dq) or query (dk/dv) loop.
-FWD_NUM_STAGES = 3
-BWD_NUM_STAGES = 2
+
+@dataclass(frozen=True)
+class TileConfig:
+    """How one kernel is launched: queries per program (or per loop step of the dk/dv pass), warps per
+    program and software-pipelining depth of its main loop."""
+
+    block_m: int
+    num_warps: int
+    num_stages: int
+
+
+# Launch settings for an H100 with ViT-B's global blocks (W = 64, d = 64). The defaults are common
+# flash-attention settings for head width 64 (a 128-query forward tile over 64 keys in 8 warps; the
+# backward holds about twice the live tiles, so 64 queries). Every candidate compiles for sm_90 at d = 64
+# without spilling registers; at d = 80 (padded to 128) the defaults do not spill, some 4-warp candidates
+# do (benchmarks/kernel_resources.py; tests/test_benchmarks.py checks both). Which one is fastest is for
+# the autotuner to measure on the GPU.
+#: Forward kernel, when not autotuned.
+FWD_TILE = TileConfig(block_m=128, num_warps=8, num_stages=3)
+#: Both backward passes, when not autotuned.
+BWD_TILE = TileConfig(block_m=64, num_warps=8, num_stages=2)
+_CANDIDATES: dict[str, tuple[TileConfig, ...]] = {
+    "fwd": (
+        FWD_TILE,
+        TileConfig(block_m=128, num_warps=8, num_stages=4),
+        TileConfig(block_m=128, num_warps=4, num_stages=3),
+        TileConfig(block_m=64, num_warps=4, num_stages=3),
+        TileConfig(block_m=64, num_warps=4, num_stages=4),
+    ),
+    "bwd_dq": (
+        BWD_TILE,
+        TileConfig(block_m=64, num_warps=8, num_stages=3),
+        TileConfig(block_m=64, num_warps=4, num_stages=2),
+        TileConfig(block_m=128, num_warps=8, num_stages=2),
+        TileConfig(block_m=32, num_warps=4, num_stages=2),
+    ),
+    "bwd_dkv": (
+        BWD_TILE,
+        TileConfig(block_m=64, num_warps=4, num_stages=2),
+        TileConfig(block_m=64, num_warps=4, num_stages=3),
+        TileConfig(block_m=128, num_warps=8, num_stages=2),
+        TileConfig(block_m=32, num_warps=4, num_stages=3),
+    ),
+}
+#: Pick each kernel's launch settings among :func:`tuning_candidates` by timing them on the GPU, once per
+#: shape and dtype (Triton's autotuner); False keeps :data:`FWD_TILE` and :data:`BWD_TILE`.
+AUTOTUNE: bool = os.environ.get("ZIM_RELPOS_AUTOTUNE", "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def tuning_candidates(kernel: str) -> tuple[TileConfig, ...]:
+    """The launch settings the autotuner times for ``kernel`` ("fwd", "bwd_dq" or "bwd_dkv")."""
+    if kernel not in _CANDIDATES:
+        raise ValueError(f"kernel: expected one of {sorted(_CANDIDATES)}, got {kernel!r}")
+    return _CANDIDATES[kernel]
+
 
 _LOG2E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e)), exp2 is the fast hardware op
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -95,11 +145,11 @@ if triton is not None:
 
     @triton.jit
     def _relpos_fwd_kernel(
-        Q, K, V, RH, RW, Out, LSE,
+        Q, K, V, RHT, RW, Out, LSE,
         qk_scale, length, head_dim, rows,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """Q, K, V, Out: (B*heads)xLxd; RH: (B*heads)xLxH; RW: (B*heads)xLxW; LSE: (B*heads)xL float32."""
+        """Q, K, V, Out: (B*heads)xLxd; RHT: (B*heads)xHxL; RW: (B*heads)xLxW; LSE: (B*heads)xL float32."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -121,7 +171,7 @@ if triton is not None:
             ).to(tl.float32)
             * 1.4426950408889634
         )
-        rh_ptrs = RH + bh * length * rows + offs_m * rows
+        rh_ptrs = RHT + bh * rows * length + offs_m  # row term of key row n: contiguous over the queries
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -130,7 +180,7 @@ if triton is not None:
             kv_offs = seq_base + (n * BLOCK_N + offs_n)[:, None] * head_dim + offs_d[None, :]
             k = tl.load(K + kv_offs, mask=d_ok[None, :], other=0.0)
             v = tl.load(V + kv_offs, mask=d_ok[None, :], other=0.0)
-            rel_h = tl.load(rh_ptrs + n, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            rel_h = tl.load(rh_ptrs + n * length, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + rel_h[:, None] + rel_w
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -144,7 +194,7 @@ if triton is not None:
 
     @triton.jit
     def _relpos_bwd_dq_kernel(
-        Q, K, V, RH, RW, DO, LSE, DELTA, DQ, DRH, DRW,
+        Q, K, V, RHT, RW, DO, LSE, DELTA, DQ, DRHT, DRW,
         sm_scale, qk_scale, length, head_dim, rows,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
@@ -166,7 +216,7 @@ if triton is not None:
         lse = tl.load(LSE + bh * length + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * length + offs_m, mask=row_ok, other=0.0)
         rel_w = tl.load(RW + rw_offs, mask=row_ok[:, None], other=0.0).to(tl.float32) * 1.4426950408889634
-        rh_offs = bh * length * rows + offs_m * rows
+        rh_offs = bh * rows * length + offs_m  # (B*heads)xHxL: contiguous over the queries
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         d_rel_w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -174,20 +224,23 @@ if triton is not None:
             kv_offs = seq_base + (n * BLOCK_N + offs_n)[:, None] * head_dim + offs_d[None, :]
             k = tl.load(K + kv_offs, mask=d_ok[None, :], other=0.0)
             v = tl.load(V + kv_offs, mask=d_ok[None, :], other=0.0)
-            rel_h = tl.load(RH + rh_offs + n, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            rel_h = (
+                tl.load(RHT + rh_offs + n * length, mask=row_ok, other=0.0).to(tl.float32)
+                * 1.4426950408889634
+            )
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + rel_h[:, None] + rel_w
             p = tl.exp2(s - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])  # gradient of the natural-unit logits
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
             d_rel_w += ds
-            tl.store(DRH + rh_offs + n, tl.sum(ds, 1).to(DRH.dtype.element_ty), mask=row_ok)
+            tl.store(DRHT + rh_offs + n * length, tl.sum(ds, 1).to(DRHT.dtype.element_ty), mask=row_ok)
         tl.store(DQ + seq_base + qd_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
         tl.store(DRW + rw_offs, d_rel_w.to(DRW.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _relpos_bwd_dkv_kernel(
-        Q, K, V, RH, RW, DO, LSE, DELTA, DK, DV,
+        Q, K, V, RHT, RW, DO, LSE, DELTA, DK, DV,
         sm_scale, qk_scale, length, head_dim, rows,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
@@ -215,7 +268,7 @@ if triton is not None:
             do = tl.load(DO + qd_offs, mask=q_mask, other=0.0)
             lse = tl.load(LSE + bh * length + offs_m, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * length + offs_m, mask=row_ok, other=0.0)
-            rel_h = tl.load(RH + bh * length * rows + offs_m * rows + row, mask=row_ok, other=0.0)
+            rel_h = tl.load(RHT + (bh * rows + row) * length + offs_m, mask=row_ok, other=0.0)
             rel_w = tl.load(
                 RW + bh * length * BLOCK_N + offs_m[:, None] * BLOCK_N + offs_n[None, :],
                 mask=row_ok[:, None],
@@ -231,18 +284,78 @@ if triton is not None:
         tl.store(DK + kv_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=d_ok[None, :])
         tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
 
+    def _autotuned(kernel, name: str):
+        configs = [
+            triton.Config({"BLOCK_M": c.block_m}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in _CANDIDATES[name]
+        ]
+        # Re-tuned per grid shape (L, H, W), head width and dtype. Triton >= 3.4 caches the timings on disk
+        # with the compiled kernels, so later processes skip them. Outputs are overwritten whole on every
+        # run, so timing a configuration leaves nothing to reset.
+        cache = (
+            {"cache_results": True}
+            if "cache_results" in inspect.signature(triton.autotune).parameters
+            else {}
+        )
+        return triton.autotune(configs=configs, key=["length", "head_dim", "rows", "BLOCK_N"], **cache)(
+            kernel
+        )
+
+    _KERNELS = {
+        "fwd": (_relpos_fwd_kernel, _autotuned(_relpos_fwd_kernel, "fwd")),
+        "bwd_dq": (_relpos_bwd_dq_kernel, _autotuned(_relpos_bwd_dq_kernel, "bwd_dq")),
+        "bwd_dkv": (_relpos_bwd_dkv_kernel, _autotuned(_relpos_bwd_dkv_kernel, "bwd_dkv")),
+    }
+
+
+def _launch(
+    name: str, grid, args: tuple, *, block_m: int, head_dim: int, dtype: torch.dtype, width: int
+) -> None:
+    """Launch kernel ``name`` autotuned (``block_m`` 0, :data:`AUTOTUNE` on, not interpreted) or with fixed
+    tiles (``block_m`` queries, else the default tile's)."""
+    fixed, tuned = _KERNELS[name]
+    constexprs = dict(
+        BLOCK_N=width,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        # TF32 would cost float32 inputs ~1e-3 relative error against the float32 reference.
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
+    if block_m == 0 and AUTOTUNE and not INTERPRETED:
+        tuned[grid](*args, **constexprs)
+        return
+    tile = FWD_TILE if name == "fwd" else BWD_TILE
+    fixed[grid](
+        *args,
+        BLOCK_M=block_m or tile.block_m,
+        num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
+        **constexprs,
+    )
+
+
+def autotuned_choices() -> list[dict[str, object]]:
+    """The launch settings the autotuner has chosen in this process, one entry per kernel and tuning key
+    (``key``: L, d, H, W and the argument dtypes), for benchmark reports. Empty before any tuned launch."""
+    if triton is None:
+        return []
+    choices = []
+    for name, (_, tuner) in _KERNELS.items():
+        for key, config in tuner.cache.items():
+            choices.append(
+                {
+                    "kernel": name,
+                    "key": [str(part) for part in key],
+                    "block_m": config.kwargs["BLOCK_M"],
+                    "num_warps": config.num_warps,
+                    "num_stages": config.num_stages,
+                }
+            )
+    return choices
+
 
 def _on_device_of(t: Tensor):
     """Triton launches on the current CUDA device: make it the tensors' one."""
     return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
-
-
-def _launch_settings(q: Tensor) -> tuple[int, str]:
-    """The padded head width and the tl.dot precision for inputs like ``q``."""
-    block_d = max(16, triton.next_power_of_2(q.shape[-1]))
-    # TF32 would cost float32 inputs ~1e-3 relative error against the float32 reference.
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    return block_d, precision
 
 
 @torch.library.custom_op("zim_lightning::relpos_flash_fwd", mutates_args=())
@@ -250,31 +363,35 @@ def _relpos_flash_fwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    rel_h: Tensor,
+    rel_h_t: Tensor,
     rel_w: Tensor,
     scale: float,
     block_m: int,
     bwd_block_m: int,
 ) -> tuple[Tensor, Tensor]:
-    q, k, v, rel_h, rel_w = (t.contiguous() for t in (q, k, v, rel_h, rel_w))
+    """Output and base-2 log-sum-exp; ``rel_h_t`` is Bxheadsx H x L (row term, transposed), block sizes 0
+    mean autotuned."""
+    q, k, v, rel_h_t, rel_w = (t.contiguous() for t in (q, k, v, rel_h_t, rel_w))
     batch, heads, length, head_dim = q.shape
-    rows, width = rel_h.shape[-1], rel_w.shape[-1]
+    rows, width = rel_h_t.shape[-2], rel_w.shape[-1]
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, length, device=q.device, dtype=torch.float32)
-    block_d, precision = _launch_settings(q)
-    grid = (triton.cdiv(length, block_m), batch * heads)
+    args = (q, k, v, rel_h_t, rel_w, out, lse, scale * _LOG2E, length, head_dim, rows)
     with _on_device_of(q):
-        _relpos_fwd_kernel[grid](
-            q, k, v, rel_h, rel_w, out, lse,
-            scale * _LOG2E, length, head_dim, rows,
-            BLOCK_M=block_m, BLOCK_N=width, BLOCK_D=block_d, PRECISION=precision,
-            num_warps=FWD_NUM_WARPS, num_stages=FWD_NUM_STAGES,
-        )  # fmt: skip
+        _launch(
+            "fwd",
+            lambda meta: (triton.cdiv(length, meta["BLOCK_M"]), batch * heads),
+            args,
+            block_m=block_m,
+            head_dim=head_dim,
+            dtype=q.dtype,
+            width=width,
+        )
     return out, lse
 
 
 @_relpos_flash_fwd.register_fake
-def _(q, k, v, rel_h, rel_w, scale, block_m, bwd_block_m):
+def _(q, k, v, rel_h_t, rel_w, scale, block_m, bwd_block_m):
     batch, heads, length, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((batch, heads, length), dtype=torch.float32)
 
@@ -285,52 +402,52 @@ def _relpos_flash_bwd(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    rel_h: Tensor,
+    rel_h_t: Tensor,
     rel_w: Tensor,
     out: Tensor,
     lse: Tensor,
     scale: float,
     block_m: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    q, k, v, rel_h, rel_w, out, lse = (t.contiguous() for t in (q, k, v, rel_h, rel_w, out, lse))
+    """Gradients of q, k, v, ``rel_h_t`` (Bxheadsx H x L) and rel_w."""
+    q, k, v, rel_h_t, rel_w, out, lse = (t.contiguous() for t in (q, k, v, rel_h_t, rel_w, out, lse))
     grad_out = grad_out.to(q.dtype).contiguous()
     batch, heads, length, head_dim = q.shape
-    rows, width = rel_h.shape[-1], rel_w.shape[-1]
+    rows, width = rel_h_t.shape[-2], rel_w.shape[-1]
     delta = (grad_out.float() * out.float()).sum(-1)  # Bxheadsx L: rowsum(dO * O)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    d_rel_h, d_rel_w = torch.empty_like(rel_h), torch.empty_like(rel_w)
-    block_d, precision = _launch_settings(q)
-    common = dict(BLOCK_M=block_m, BLOCK_N=width, BLOCK_D=block_d, PRECISION=precision)
-    launch = dict(num_warps=BWD_NUM_WARPS, num_stages=BWD_NUM_STAGES)
+    d_rel_h_t, d_rel_w = torch.empty_like(rel_h_t), torch.empty_like(rel_w)
+    inputs = (q, k, v, rel_h_t, rel_w, grad_out, lse, delta)
+    scalars = (scale, scale * _LOG2E, length, head_dim, rows)
+    settings = dict(block_m=block_m, head_dim=head_dim, dtype=q.dtype, width=width)
     with _on_device_of(q):
-        _relpos_bwd_dq_kernel[(triton.cdiv(length, block_m), batch * heads)](
-            q, k, v, rel_h, rel_w, grad_out, lse, delta, dq, d_rel_h, d_rel_w,
-            scale, scale * _LOG2E, length, head_dim, rows, **common, **launch,
-        )  # fmt: skip
-        _relpos_bwd_dkv_kernel[(rows, batch * heads)](
-            q, k, v, rel_h, rel_w, grad_out, lse, delta, dk, dv,
-            scale, scale * _LOG2E, length, head_dim, rows, **common, **launch,
-        )  # fmt: skip
-    return dq, dk, dv, d_rel_h, d_rel_w
+        _launch(
+            "bwd_dq",
+            lambda meta: (triton.cdiv(length, meta["BLOCK_M"]), batch * heads),
+            (*inputs, dq, d_rel_h_t, d_rel_w, *scalars),
+            **settings,
+        )
+        _launch("bwd_dkv", (rows, batch * heads), (*inputs, dk, dv, *scalars), **settings)
+    return dq, dk, dv, d_rel_h_t, d_rel_w
 
 
 @_relpos_flash_bwd.register_fake
-def _(grad_out, q, k, v, rel_h, rel_w, out, lse, scale, block_m):
-    return tuple(t.new_empty(t.shape) for t in (q, k, v, rel_h, rel_w))  # contiguous, like the real outputs
+def _(grad_out, q, k, v, rel_h_t, rel_w, out, lse, scale, block_m):
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, rel_h_t, rel_w))  # contiguous, like the real outputs
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, rel_h, rel_w, scale, _, bwd_block_m = inputs
+    q, k, v, rel_h_t, rel_w, scale, _, bwd_block_m = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, rel_h, rel_w, out, lse)
+    ctx.save_for_backward(q, k, v, rel_h_t, rel_w, out, lse)
     ctx.scale = scale
     ctx.bwd_block_m = bwd_block_m
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor | None):
-    q, k, v, rel_h, rel_w, out, lse = ctx.saved_tensors
-    grads = _relpos_flash_bwd(grad_out, q, k, v, rel_h, rel_w, out, lse, ctx.scale, ctx.bwd_block_m)
+    q, k, v, rel_h_t, rel_w, out, lse = ctx.saved_tensors
+    grads = _relpos_flash_bwd(grad_out, q, k, v, rel_h_t, rel_w, out, lse, ctx.scale, ctx.bwd_block_m)
     return (*grads, None, None, None)
 
 
@@ -355,8 +472,10 @@ def relpos_attention(
         rel_h: Bxheadsx(H*W)xH row term of the bias (logit units).
         rel_w: Bxheadsx(H*W)xW column term of the bias (logit units).
         scale: the factor of ``q . k`` (``d ** -0.5`` in SAM).
-        block_m: queries per program, forward and backward (a power of two >= 16; small values are for
-            tests); default :data:`FWD_BLOCK_M` forward and :data:`BWD_BLOCK_M` backward.
+        block_m: queries per program, forward and backward, with the default warps and stages (a power of
+            two >= 16; small values are for tests). None: each kernel's launch settings are autotuned on
+            CUDA among :func:`tuning_candidates` (or, with :data:`AUTOTUNE` off and under the interpreter,
+            :data:`FWD_TILE` and :data:`BWD_TILE`).
 
     Returns:
         Bxheadsx(H*W)xd in the dtype of ``q`` (k, v, rel_h and rel_w are cast to it).
@@ -401,8 +520,8 @@ def relpos_attention(
             "importing zim_lightning to run Triton's interpreter on CPU)"
         )
     k, v, rel_h, rel_w = (t.to(q.dtype) for t in (k, v, rel_h, rel_w))
-    # The backward passes hold about twice the live tiles of the forward one, hence their smaller default.
-    fwd_block_m = FWD_BLOCK_M if block_m is None else block_m
-    bwd_block_m = BWD_BLOCK_M if block_m is None else block_m
-    out, _ = _relpos_flash_fwd(q, k, v, rel_h, rel_w, float(scale), fwd_block_m, bwd_block_m)
+    # The kernels read the row term as H x L, contiguous over the queries of one key row (coalesced loads,
+    # and coalesced stores of its gradient); the copy is L*H per head, small next to the attention.
+    rel_h_t = rel_h.transpose(-1, -2)
+    out, _ = _relpos_flash_fwd(q, k, v, rel_h_t, rel_w, float(scale), block_m or 0, block_m or 0)
     return out
