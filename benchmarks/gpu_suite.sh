@@ -8,6 +8,8 @@
 # Steps, most informative first (each JSON file is the script's own report, its stdout; log.txt has
 # their stderr). The run of 2026-11-26 (docs/benchmarks.md, run A) used this script as of commit 7c24d85;
 # the steps below are the next ones to measure:
+#   attention_layer.json     one global attention layer (batch 8, bf16): eager, sdpa_fold, triton_relpos
+#                            (autotuned; its chosen tiles), and bias-free flash attention as the ceiling
 #   train_eager.json         training, batch 8 bf16: stock, sdpa_fold, triton_relpos (+ checkpointing)
 #   train_relpos_compile.json    training: triton_relpos + channels-last + fused AdamW + compile, profiled
 #   latency_relpos.json      predictor: stock SAM fp32 + bf16, ZIM plain fp32, ZIM triton_relpos compiled
@@ -27,6 +29,7 @@ start=$(date +%s)
 log="$OUT/log.txt"
 
 if [[ "${SMOKE:-0}" == 1 ]]; then
+  layer=(--device cpu --precision fp32 --batch-size 1 --heads 2 --grid 16 --warmup 1 --repeats 2)
   common=(--model tiny --image-size 256 --device cpu --precision fp32)
   lat=(--warmup 1 --repeats 2)
   train=(--batch-size 2 --warmup 1 --steps 2)
@@ -36,6 +39,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   build=(--model converter_tiny --device cpu --precision 32 --crop-size 256 --batch-size 2 --repeats 1
          --channels-last)
 else
+  layer=(--device cuda --precision bf16)
   common=(--model vit_b --device cuda --precision bf16)
   lat=(--warmup 5 --repeats 30)
   train=(--batch-size 8 --warmup 3 --steps 8)
@@ -69,12 +73,17 @@ except ValueError:
     sys.exit("    (no JSON report)")
 for r in report.get("results", []):
     keep = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()
-            if k in ("config", "error", "images_per_s", "peak_memory_gib", "mfu", "alpha_mse_vs_plain_fp32")
+            if k in ("config", "backend", "error", "images_per_s", "peak_memory_gib", "mfu", "attention_tflops",
+                     "alpha_mse_vs_plain_fp32", "relpos_tiles")
             or k.endswith("_ms")}
+    if "max_error" in r:
+        keep["max_error"] = float(f"{max(r['max_error'].values()):.3g}")
     for k, v in keep.items():
         if isinstance(v, dict) and "median" in v:
             keep[k] = round(v["median"], 2)
     print("   ", keep)
+if report.get("relpos_tiles"):
+    print("    relpos_tiles:", report["relpos_tiles"])
 if "forward" in report:
     print("    forward:", report["forward"])
 EOF
@@ -82,6 +91,7 @@ EOF
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true; } | tee -a "$log"
 
+step attention_layer 75 benchmarks/attention_layer.py "${layer[@]}" --backends eager,sdpa_fold,triton_relpos,sdpa_nobias
 step train_eager 120 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
   --configs stock,sdpa_fold+cl+fused,triton_relpos+cl+fused,triton_relpos+cl+fused+ckpt
 step train_relpos_compile 150 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \

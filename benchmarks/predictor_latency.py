@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 from segment_anything.predictor import SamPredictor
 
 from zim_lightning import speed
+from zim_lightning.models import relpos_flash
 from zim_lightning.models.build import ZIM_VARIANTS
 from zim_lightning.models.vit_attention import ATTENTION_BACKENDS
 from zim_lightning.models.zim import Zim
@@ -274,12 +274,10 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "environment": speed.describe_environment(device),
+        "relpos_tiles": relpos_flash.autotuned_choices(),  # triton_relpos: the autotuner's choices
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json_out is not None:
-        args.json_out.write_text(text + "\n")
+    speed.emit_report(report, args.json_out)
     return 0
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from zim_lightning import speed
 from zim_lightning.losses import MattingLoss
+from zim_lightning.models import relpos_flash
 from zim_lightning.models.build import ZIM_VARIANTS
 from zim_lightning.models.vit_attention import ATTENTION_BACKENDS
 from zim_lightning.models.zim import PIXEL_MEAN, PIXEL_STD, Zim
@@ -340,12 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         "peak_tflops": args.peak_tflops,
         "model_gflops_per_image": {k: v / 1e9 for k, v in flops.items()},
         "environment": speed.describe_environment(device),
+        "relpos_tiles": relpos_flash.autotuned_choices(),  # triton_relpos: the autotuner's choices
         "results": results,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json_out is not None:
-        args.json_out.write_text(text + "\n")
+    speed.emit_report(report, args.json_out)
     return 0
 
 

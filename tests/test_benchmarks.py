@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from zim_lightning import speed
+from zim_lightning.models import relpos_flash
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -71,3 +72,78 @@ def test_predictor_latency_reports_every_call_and_the_alpha_agreement(tmp_path: 
         for call in ("set_image", "one_box", "set_image_plus_one_box", "boxes16"):
             assert result[f"{call}_ms"]["median"] > 0
     assert results["zim/sdpa_fold/fp32/channels_last"]["alpha_mse_vs_plain_fp32"] < 1e-10
+
+
+def test_relpos_kernels_compile_for_hopper_without_spilling(tmp_path: Path):
+    """Every launch setting the autotuner may pick, compiled for an H100 (sm_90) with Triton's own ptxas:
+    no register spills, tensor-core matrix products, and at least one program per SM."""
+    script = _script("kernel_resources")
+    out = tmp_path / "resources.json"
+    assert script.main(["--configs", "candidates", "--json-out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    for kernel in script.KERNELS:
+        assert len([r for r in results if r["kernel"] == kernel]) == len(
+            relpos_flash.tuning_candidates(kernel)
+        )
+    for r in results:
+        where = f"{r['kernel']} block_m={r['block_m']} warps={r['num_warps']} stages={r['num_stages']}"
+        assert (r["arch"], r["dtype"], r["head_dim"]) == (90, "bf16", 64)
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, where
+        assert r["tensor_cores"] in {"wgmma", "mma"}, where
+        assert 0 < r["registers"] <= 255 and r["programs_per_sm"] >= 1, where
+    # Hopper's warpgroup products wherever a program has at least 64 queries.
+    assert all(r["tensor_cores"] == "wgmma" for r in results if r["block_m"] >= 64)
+
+
+def test_relpos_kernel_defaults_compile_for_vit_h_and_for_ampere(tmp_path: Path):
+    """The default tiles at ViT-H's head width (80, padded to 128) fit an H100 without spills; on an A100
+    (sm_80) they compile, with Ampere's mma.sync."""
+    script = _script("kernel_resources")
+    out = tmp_path / "resources.json"
+    assert (
+        script.main(["--arch", "80", "90", "--dtype", "fp16", "--head-dim", "80", "--json-out", str(out)])
+        == 0
+    )
+    results = json.loads(out.read_text())["results"]
+    assert sorted((r["arch"], r["kernel"]) for r in results) == sorted(
+        (arch, kernel) for arch in (80, 90) for kernel in script.KERNELS
+    )
+    assert all(r["spill_stores"] == 0 for r in results if r["arch"] == 90)
+    assert all(r["tensor_cores"] == "mma" for r in results if r["arch"] == 80)
+
+
+def test_programs_per_sm_counts_registers_shared_memory_and_threads():
+    script = _script("kernel_resources")
+    # 255 registers in 4 warps: 8192 per warp, 32768 per program: two programs in 64K registers.
+    assert script.programs_per_sm(90, registers=255, shared_bytes=1024, num_warps=4) == 2
+    # 128 registers in 8 warps: 32768 per program (two), but 100 KB of shared memory allows only two
+    # programs in 228 KB, and 160 KB only one.
+    assert script.programs_per_sm(90, registers=128, shared_bytes=100 * 1024, num_warps=8) == 2
+    assert script.programs_per_sm(90, registers=128, shared_bytes=160 * 1024, num_warps=8) == 1
+    # More shared memory than a program may have on an A100: it does not run at all.
+    assert script.programs_per_sm(80, registers=32, shared_bytes=200 * 1024, num_warps=4) == 0
+    # Few registers: threads are the limit (2048 per SM, 256 per program).
+    assert script.programs_per_sm(90, registers=16, shared_bytes=0, num_warps=8) == 8
+
+
+def test_attention_layer_times_every_backend_and_checks_it_against_eager(tmp_path: Path):
+    script = _script("attention_layer")
+    out = tmp_path / "attention.json"
+    args = "--device cpu --precision fp32 --batch-size 1 --heads 2 --grid 16 --warmup 0 --repeats 1"
+    backends = "eager,sdpa_fold,flex,triton_relpos,sdpa_nobias"
+    assert script.main([*args.split(), "--backends", backends, "--json-out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    results = {r["backend"]: r for r in report["results"]}
+    assert list(results) == backends.split(",")
+    # flex has no backward on the CPU: its error is reported and the other backends still ran.
+    assert "no backward" in results.pop("flex")["error"]
+    for backend, result in results.items():
+        assert result["forward_ms"]["median"] > 0 and result["train_ms"]["median"] > 0, backend
+        assert result["attention_tflops"] > 0, backend
+    for backend in ("sdpa_fold", "triton_relpos"):
+        errors = results[backend]["max_error"]
+        assert {"out", "grad_x", "grad_rel_pos_h", "grad_rel_pos_w", "grad_qkv.weight"} <= set(errors)
+        assert max(errors.values()) < 1e-5, (backend, errors)
+    assert results["triton_relpos"]["kernel_ran"] is False  # off CUDA it is the sdpa_fold fallback
+    assert "max_error" not in results["sdpa_nobias"]  # another function: not compared
+    assert report["attention_gflops_forward"] == pytest.approx(4 * 256**2 * 64 * 2 / 1e9)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import logging
 import platform
 import statistics
@@ -35,6 +36,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -348,3 +350,11 @@ def describe_environment(device: torch.device | str) -> dict[str, object]:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def emit_report(report: dict[str, object], json_out: Path | None) -> None:
+    """Print a benchmark's JSON report on stdout (its result), and also write it to ``json_out`` if given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if json_out is not None:
+        json_out.write_text(text + "\n")
