@@ -153,8 +153,14 @@ def test_channels_last_build_gives_the_same_mattes(
     synthetic: Path, checkpoint: Path, clean_build: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "sa1b_matte"
-    summary = _build(synthetic / "sa1b", out, checkpoint, channels_last=True)
+    net = converter_model_registry["converter_tiny"](checkpoint=str(checkpoint))
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    nhwc = torch.channels_last
+    assert convs and not any(c.weight.is_contiguous(memory_format=nhwc) for c in convs)
+    summary = _build(synthetic / "sa1b", out, checkpoint, net=net, channels_last=True)
     assert summary["done"] == NUM_SHARDS
+    # The switch reached the network that ran: every spatial convolution now holds NHWC weights.
+    assert all(c.weight.is_contiguous(memory_format=nhwc) for c in convs)
     plain, fast = _mattes(clean_build), _mattes(out)
     assert plain and plain.keys() == fast.keys()
     for name, matte in plain.items():  # NHWC convolutions may round differently: one 8-bit level at most
