@@ -5,7 +5,7 @@
 #
 #   OUT=results/ BUDGET_S=520 bash benchmarks/gpu_suite.sh
 #
-# Steps, most informative first (each JSON file is the script's own report, its stdout; log.txt has
+# First the GPU tests of the Triton kernel (gpu_tests.txt), then the steps, most informative first (each JSON file is the script's own report, its stdout; log.txt has
 # their stderr). The run of 2026-11-26 (docs/benchmarks.md, run A) used this script as of commit 7c24d85;
 # the steps below are the next ones to measure:
 #   attention_layer.json     one global attention layer (batch 8, bf16): eager, sdpa_fold, triton_relpos
@@ -90,6 +90,13 @@ EOF
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true; } | tee -a "$log"
+
+# The Triton kernel's GPU tests first (outputs and gradients against the float64 reference, autotuned and
+# fixed launches): a wrong kernel would make its timings meaningless.
+t0=$(date +%s)
+timeout -k 10 150 python3 -m pytest tests/test_relpos_flash.py -m gpu -x -p no:cacheprovider \
+  >"$OUT/gpu_tests.txt" 2>&1
+echo "[suite] gpu_tests: rc=$? in $(($(date +%s) - t0))s: $(tail -n 1 "$OUT/gpu_tests.txt")" | tee -a "$log"
 
 step attention_layer 75 benchmarks/attention_layer.py "${layer[@]}" --backends eager,sdpa_fold,triton_relpos,sdpa_nobias
 step train_eager 120 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
