@@ -142,6 +142,10 @@ def kernel_available(device: torch.device, width: int) -> bool:
 
 
 if triton is not None:
+    # The forward and dq kernels repeat their first dozen lines (offsets, masks, q and rel_w tiles) and the
+    # key-row loads. Moving those into @triton.jit helpers was tried: every kernel still compiled, but
+    # ptxas allocated registers differently (the default dq tile went from 181 to 209 registers), so they
+    # stay inline until a GPU can time both forms.
 
     @triton.jit
     def _relpos_fwd_kernel(
