@@ -124,6 +124,7 @@ def compile_model(
     mode: str = "default",
     parts: Sequence[str] | None = ZIM_COMPILED_PARTS,
     dynamic: bool | None = None,
+    backend: str = "inductor",
 ) -> nn.Module:
     """``torch.compile`` the named submodules of ``model`` in place.
 
@@ -138,6 +139,9 @@ def compile_model(
             a ``sam`` pixel decoder) are skipped. None: compile ``model`` as a whole (the converter).
         dynamic: ``torch.compile``'s ``dynamic`` (None: specialise, then generalise on a shape change;
             the decoder sees a varying number of prompts).
+        backend: ``torch.compile``'s backend: ``"inductor"`` (generated kernels, the fast one), or e.g.
+            ``"aot_eager"`` (graph capture and autograd tracing only, no code generation: a quick check
+            that a model compiles, and how the tests run the compiled path on a CPU).
 
     Returns:
         ``model``.
@@ -147,19 +151,25 @@ def compile_model(
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {list(COMPILE_MODES)}, got {mode!r}")
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(
+            f"compile backend must be one of {torch._dynamo.list_backends(exclude_tags=())}, got {backend!r}"
+        )
+    # Modes are inductor's options; other backends take none.
+    options = {"mode": mode} if backend == "inductor" else {}
     if parts is None:
-        model.compile(mode=mode, dynamic=dynamic)
-        log.info("torch.compile (mode=%s) of the whole %s", mode, type(model).__name__)
+        model.compile(backend=backend, dynamic=dynamic, **options)
+        log.info("torch.compile (%s, mode=%s) of the whole %s", backend, mode, type(model).__name__)
         return model
     compiled = []
     for name in parts:
         part = getattr(model, name, None)
         if isinstance(part, nn.Module):
-            part.compile(mode=mode, dynamic=dynamic)
+            part.compile(backend=backend, dynamic=dynamic, **options)
             compiled.append(name)
     if not compiled:
         raise ValueError(f"none of {list(parts)} is a submodule of {type(model).__name__}")
-    log.info("torch.compile (mode=%s) of %s", mode, ", ".join(compiled))
+    log.info("torch.compile (%s, mode=%s) of %s", backend, mode, ", ".join(compiled))
     return model
 
 

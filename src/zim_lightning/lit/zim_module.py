@@ -56,6 +56,7 @@ class ZimModule(MattingModule):
         bce_weight: float = 0.0,
         freeze_image_encoder: bool = False,
         compile: str | None = None,
+        compile_backend: str = "inductor",
         channels_last: bool = False,
     ) -> None:
         """See the class docstring; speed switches (zim_lightning.speed, equivalent outputs):
@@ -63,6 +64,8 @@ class ZimModule(MattingModule):
         Args:
             compile: ``torch.compile`` mode for the encoder, prompt encoder and decoder parts
                 ("default", "max-autotune", ...), or None for eager.
+            compile_backend: ``torch.compile`` backend ("inductor"; "aot_eager" checks that the network
+                compiles without generating code).
             channels_last: store the convolution weights NHWC (faster convolutions on GPUs).
         """
         super().__init__(net=net, optimizer=optimizer, scheduler=scheduler)
@@ -87,7 +90,7 @@ class ZimModule(MattingModule):
         if self.hparams.channels_last:
             speed.to_channels_last(self.net)
         if self.hparams.compile is not None:
-            speed.compile_model(self.net, mode=self.hparams.compile)
+            speed.compile_model(self.net, mode=self.hparams.compile, backend=self.hparams.compile_backend)
 
     def forward(self, images: Tensor, point_coords: Tensor, point_labels: Tensor) -> Tensor:
         """Predict alpha in the input frame.
