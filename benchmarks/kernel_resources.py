@@ -54,7 +54,7 @@ DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 KERNELS = ("fwd", "bwd_dq", "bwd_dkv")
 #: Scalar arguments of the kernels, by name (pointer arguments are the capitalised ones).
 FLOAT_ARGS = frozenset({"sm_scale", "qk_scale"})
-INT_ARGS = frozenset({"length", "head_dim", "rows"})
+INT_ARGS = frozenset({"length", "head_dim", "rows", "sequences"})
 #: Pointer arguments that are float32 whatever the input dtype (softmax statistics).
 FLOAT32_POINTERS = frozenset({"LSE", "DELTA"})
 
@@ -85,8 +85,9 @@ def kernel_function(name: str):
     }[name]
 
 
-def signature(kernel, dtype: str) -> tuple[dict[str, str], dict[tuple[int, ...], list]]:
-    """Triton's signature of ``kernel`` for inputs of ``dtype``, and the run-time divisibility hints.
+def signature(kernel, dtype: str, ints: dict[str, int]) -> tuple[dict[str, str], dict[tuple[int, ...], list]]:
+    """Triton's signature of ``kernel`` for inputs of ``dtype``, and the divisibility hints a launch with
+    the integer arguments ``ints`` (name -> value) would get: aligned pointers, integers divisible by 16.
 
     Raises:
         ValueError: an argument this script does not know how to type (the kernel changed).
@@ -101,7 +102,8 @@ def signature(kernel, dtype: str) -> tuple[dict[str, str], dict[tuple[int, ...],
             types[name] = "fp32"
         elif name in INT_ARGS:
             types[name] = "i32"
-            attrs[(index,)] = divisible  # L, d and H of SAM's global blocks are multiples of 16
+            if ints[name] % 16 == 0:
+                attrs[(index,)] = divisible
         elif name[:1].isupper():
             types[name] = "*fp32" if name in FLOAT32_POINTERS else f"*{DTYPES[dtype]}"
             attrs[(index,)] = divisible  # PyTorch's allocations are 16-byte aligned
@@ -140,7 +142,9 @@ def compile_kernel(
 ) -> Resources:
     """Compile one kernel for ``sm_<arch>`` (no GPU needed) and read its resources off ``ptxas -v``."""
     kernel = kernel_function(kernel_name)
-    types, attrs = signature(kernel, dtype)
+    # A square W x W grid (SAM's global blocks), 8 images x 12 heads (sequences: a tuning key, unused).
+    ints = {"length": width * width, "head_dim": head_dim, "rows": width, "sequences": 96}
+    types, attrs = signature(kernel, dtype, ints)
     constexprs = {
         "BLOCK_M": block_m,
         "BLOCK_N": width,
@@ -198,7 +202,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--arch", type=int, nargs="+", default=[90], choices=sorted(ARCHS))
     parser.add_argument("--dtype", nargs="+", default=["bf16"], choices=sorted(DTYPES))
     parser.add_argument("--head-dim", type=int, nargs="+", default=[64], help="64: ViT-B/L; 80: ViT-H")
-    parser.add_argument("--width", type=int, default=64, help="token grid width W (64: SAM at 1024)")
+    parser.add_argument(
+        "--width", type=int, default=64, help="token grid side W, square grid (64: SAM at 1024)"
+    )
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
     parser.add_argument(
         "--configs",

@@ -29,8 +29,9 @@ all accumulation is float32, inputs are float32, bfloat16 or float16 (one dtype 
 Float32 inputs use IEEE float32 products (not TF32), so the kernel matches the eager reference.
 
 On CUDA each kernel's tile size, warps and pipeline depth are chosen by Triton's autotuner among
-:func:`tuning_candidates` the first time a shape is seen (a few seconds; ``ZIM_RELPOS_AUTOTUNE=0`` keeps
-the defaults). ``benchmarks/kernel_resources.py`` compiles every candidate for a GPU on a machine
+:func:`tuning_candidates` the first time a problem size is seen (a few seconds, which synchronise the
+GPU: under CUDA graphs, run an uncaptured call first, as ``torch.compile``'s ``reduce-overhead`` mode
+does; ``ZIM_RELPOS_AUTOTUNE=0`` keeps the defaults). ``benchmarks/kernel_resources.py`` compiles every candidate for a GPU on a machine
 without one and reports registers, spills and shared memory.
 
 The kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` in
@@ -78,10 +79,11 @@ class TileConfig:
 
 # Launch settings for an H100 with ViT-B's global blocks (W = 64, d = 64). The defaults are common
 # flash-attention settings for head width 64 (a 128-query forward tile over 64 keys in 8 warps; the
-# backward holds about twice the live tiles, so 64 queries). Every candidate compiles for sm_90 at d = 64
-# without spilling registers; at d = 80 (padded to 128) the defaults do not spill, some 4-warp candidates
-# do (benchmarks/kernel_resources.py; tests/test_benchmarks.py checks both). Which one is fastest is for
-# the autotuner to measure on the GPU.
+# backward holds about twice the live tiles, so 64 queries). In bf16 and fp16 at W = 64, every candidate
+# compiles for sm_90 at d = 64 without spilling registers; at d = 80 (padded to 128) the defaults do not
+# spill but some other candidates do (benchmarks/kernel_resources.py; tests/test_benchmarks.py checks
+# both). float32 inputs and W = 128 spill with most settings. Which one is fastest is for the autotuner
+# to measure on the GPU; a spilling setting is simply slower.
 #: Forward kernel, when not autotuned.
 FWD_TILE = TileConfig(block_m=128, num_warps=8, num_stages=3)
 #: Both backward passes, when not autotuned.
@@ -150,10 +152,13 @@ if triton is not None:
     @triton.jit
     def _relpos_fwd_kernel(
         Q, K, V, RHT, RW, Out, LSE,
-        qk_scale, length, head_dim, rows,
+        qk_scale, length, head_dim, rows, sequences,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """Q, K, V, Out: (B*heads)xLxd; RHT: (B*heads)xHxL; RW: (B*heads)xLxW; LSE: (B*heads)xL float32."""
+        """Q, K, V, Out: (B*heads)xLxd; RHT: (B*heads)xHxL; RW: (B*heads)xLxW; LSE: (B*heads)xL float32.
+
+        ``sequences`` (B*heads, the grid's second axis) is unused in the body: it is an autotuning key,
+        since how many programs fill the GPU decides which tile is fastest."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -199,7 +204,7 @@ if triton is not None:
     @triton.jit
     def _relpos_bwd_dq_kernel(
         Q, K, V, RHT, RW, DO, LSE, DELTA, DQ, DRHT, DRW,
-        sm_scale, qk_scale, length, head_dim, rows,
+        sm_scale, qk_scale, length, head_dim, rows, sequences,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """dq, d_rel_h and d_rel_w of one query block: a loop over all key rows, one writer per output."""
@@ -245,7 +250,7 @@ if triton is not None:
     @triton.jit
     def _relpos_bwd_dkv_kernel(
         Q, K, V, RHT, RW, DO, LSE, DELTA, DK, DV,
-        sm_scale, qk_scale, length, head_dim, rows,
+        sm_scale, qk_scale, length, head_dim, rows, sequences,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         """dk and dv of one key row (BLOCK_N = W keys): a loop over all query blocks."""
@@ -293,17 +298,19 @@ if triton is not None:
             triton.Config({"BLOCK_M": c.block_m}, num_warps=c.num_warps, num_stages=c.num_stages)
             for c in _CANDIDATES[name]
         ]
-        # Re-tuned per grid shape (L, H, W), head width and dtype. Triton >= 3.4 caches the timings on disk
-        # with the compiled kernels, so later processes skip them. Outputs are overwritten whole on every
-        # run, so timing a configuration leaves nothing to reset.
+        # Re-tuned per problem: L, d, H, W, the number of sequences B*heads (how many programs fill the GPU)
+        # and the dtypes. Triton >= 3.4 caches the timings on disk with the compiled kernels, so later
+        # processes skip them. Outputs are overwritten whole on every run, so timing a configuration leaves
+        # nothing to reset. The dk/dv pass sums over query blocks of the chosen size, so another choice
+        # changes its gradients at round-off level.
         cache = (
             {"cache_results": True}
             if "cache_results" in inspect.signature(triton.autotune).parameters
             else {}
         )
-        return triton.autotune(configs=configs, key=["length", "head_dim", "rows", "BLOCK_N"], **cache)(
-            kernel
-        )
+        return triton.autotune(
+            configs=configs, key=["length", "head_dim", "rows", "sequences", "BLOCK_N"], **cache
+        )(kernel)
 
     _KERNELS = {
         "fwd": (_relpos_fwd_kernel, _autotuned(_relpos_fwd_kernel, "fwd")),
@@ -339,7 +346,7 @@ def _launch(
 
 def autotuned_choices() -> list[dict[str, object]]:
     """The launch settings the autotuner has chosen in this process, one entry per kernel and tuning key
-    (``key``: L, d, H, W and the argument dtypes), for benchmark reports. Empty before any tuned launch."""
+    (``key``: L, d, H, B*heads, W and the argument dtypes), for benchmark reports. Empty before any tuned launch."""
     if triton is None:
         return []
     choices = []
@@ -380,7 +387,7 @@ def _relpos_flash_fwd(
     rows, width = rel_h_t.shape[-2], rel_w.shape[-1]
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, length, device=q.device, dtype=torch.float32)
-    args = (q, k, v, rel_h_t, rel_w, out, lse, scale * _LOG2E, length, head_dim, rows)
+    args = (q, k, v, rel_h_t, rel_w, out, lse, scale * _LOG2E, length, head_dim, rows, batch * heads)
     with _on_device_of(q):
         _launch(
             "fwd",
@@ -422,7 +429,7 @@ def _relpos_flash_bwd(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     d_rel_h_t, d_rel_w = torch.empty_like(rel_h_t), torch.empty_like(rel_w)
     inputs = (q, k, v, rel_h_t, rel_w, grad_out, lse, delta)
-    scalars = (scale, scale * _LOG2E, length, head_dim, rows)
+    scalars = (scale, scale * _LOG2E, length, head_dim, rows, batch * heads)
     settings = dict(block_m=block_m, head_dim=head_dim, dtype=q.dtype, width=width)
     with _on_device_of(q):
         _launch(
@@ -478,7 +485,7 @@ def relpos_attention(
         scale: the factor of ``q . k`` (``d ** -0.5`` in SAM).
         block_m: queries per program, forward and backward, with the default warps and stages (a power of
             two >= 16; small values are for tests). None: each kernel's launch settings are autotuned on
-            CUDA among :func:`tuning_candidates` (or, with :data:`AUTOTUNE` off and under the interpreter,
+            CUDA among :func:`tuning_candidates` (or, with :data:`AUTOTUNE` off or under the interpreter,
             :data:`FWD_TILE` and :data:`BWD_TILE`).
 
     Returns:
