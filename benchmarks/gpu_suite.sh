@@ -97,7 +97,8 @@ EOF
 # The Triton kernel's GPU tests first (outputs and gradients against the float64 reference, autotuned and
 # fixed launches): a wrong kernel would make its timings meaningless.
 t0=$(date +%s)
-timeout -k 10 150 python3 -m pytest tests/test_relpos_flash.py -m gpu -x -p no:cacheprovider \
+tests_limit=$((BUDGET_S < 150 ? BUDGET_S : 150))
+timeout -k 10 "$tests_limit" python3 -m pytest tests/test_relpos_flash.py -m gpu -x -p no:cacheprovider \
   >"$OUT/gpu_tests.txt" 2>&1
 echo "[suite] gpu_tests: rc=$? in $(($(date +%s) - t0))s: $(tail -n 1 "$OUT/gpu_tests.txt")" | tee -a "$log"
 

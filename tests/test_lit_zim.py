@@ -72,7 +72,8 @@ def test_compiled_training_through_lightning_matches_eager(synthetic: Path, tmp_
         "--model.init_args.compile_backend=aot_eager",
         "--model.init_args.channels_last=true",
     )
-    assert counters["stats"]["unique_graphs"] >= 3  # one per compiled part at least, forward and backward
+    # Dynamo captured a graph for each of the four compiled parts (at least), with no break anywhere.
+    assert counters["stats"]["unique_graphs"] >= 4
     assert not counters["graph_break"], dict(counters["graph_break"])
     for key in ("train/loss", "val/loss", "val/sad"):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-5), key

@@ -146,6 +146,8 @@ def test_switches_reject_unknown_values_and_models_without_targets():
         speed.compile_model(torch.nn.Linear(2, 2), mode="fastest")
     with pytest.raises(ValueError, match=r"compile backend must be one of .*'inductor'.*got 'fast'"):
         speed.compile_model(torch.nn.Linear(2, 2), parts=None, backend="fast")
+    with pytest.raises(ValueError, match="'reduce-overhead' is an inductor mode"):
+        speed.compile_model(torch.nn.Linear(2, 2), parts=None, mode="reduce-overhead", backend="aot_eager")
     with pytest.raises(ValueError, match="precision must be one of"):
         with speed.autocast("cpu", "fp8"):
             pass

@@ -155,7 +155,10 @@ def compile_model(
         raise ValueError(
             f"compile backend must be one of {torch._dynamo.list_backends(exclude_tags=())}, got {backend!r}"
         )
-    # Modes are inductor's options; other backends take none.
+    if backend != "inductor" and mode != "default":
+        raise ValueError(
+            f"compile mode {mode!r} is an inductor mode; backend {backend!r} takes only 'default'"
+        )
     options = {"mode": mode} if backend == "inductor" else {}
     if parts is None:
         model.compile(backend=backend, dynamic=dynamic, **options)
