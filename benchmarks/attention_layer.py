@@ -15,6 +15,10 @@ bias terms, attention, output projection. Per backend it reports
   to the largest reference value;
 - ``relpos_tiles`` (``triton_relpos`` on CUDA): the launch settings the autotuner chose.
 
+``--sdpa-kernel`` forces one of PyTorch's fused kernels (flash, memory-efficient, cuDNN) where the
+backends call ``scaled_dot_product_attention``: which one serves ``sdpa``'s dense bias or ``sdpa_fold``'s
+unequal q/k and v widths fastest is a question for the GPU.
+
 ``sdpa_nobias`` is the same layer without the bias (plain flash attention): not SAM's function, but the
 ceiling that a fused bias can approach. Weights and inputs are random; the relative-position tables are
 drawn too (SAM initialises them to zero, which would hide a wrong bias).
@@ -32,11 +36,13 @@ CPU smoke run (small layer; ``triton_relpos`` takes its ``sdpa_fold`` fallback o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from zim_lightning import speed
 from zim_lightning.models import relpos_flash
@@ -44,6 +50,15 @@ from zim_lightning.models.vit_attention import ATTENTION_BACKENDS, ViTAttention
 
 #: The bias-free layer timed next to the backends (flash attention at head width d).
 NO_BIAS = "sdpa_nobias"
+#: ``--sdpa-kernel`` choices: PyTorch's own pick, or one of its fused SDPA kernels forced
+#: (``torch.nn.attention.sdpa_kernel``) for the backends that call ``scaled_dot_product_attention``.
+SDPA_KERNELS = {
+    "auto": None,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 DEFAULT_BACKENDS = ("eager", "sdpa_fold", "flex", "triton_relpos", NO_BIAS)
 
 
@@ -59,6 +74,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--backends",
         default=",".join(DEFAULT_BACKENDS),
         help=f"comma-separated, from {', '.join((*ATTENTION_BACKENDS, NO_BIAS))}",
+    )
+    parser.add_argument(
+        "--sdpa-kernel",
+        default="auto",
+        choices=sorted(SDPA_KERNELS),
+        help="force one SDPA kernel for sdpa / sdpa_fold / sdpa_nobias (a backend it cannot serve reports "
+        "the error); auto: PyTorch's choice",
     )
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls first (autotuning happens here)")
     parser.add_argument("--repeats", type=int, default=20)
@@ -138,8 +160,10 @@ def relative_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor])
 
 
 def run(args: argparse.Namespace, backend: str, device: torch.device, inputs: dict) -> dict[str, object]:
+    kernel = SDPA_KERNELS[args.sdpa_kernel]
     try:
-        return measure(args, backend, device, inputs)
+        with contextlib.nullcontext() if kernel is None else sdpa_kernel([kernel]):
+            return measure(args, backend, device, inputs)
     except Exception as error:  # one failing backend must not lose the others' figures
         return {"backend": backend, "error": f"{type(error).__name__}: {error}"}
     finally:
@@ -168,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "attention_layer",
         "precision": args.precision,
+        "sdpa_kernel": args.sdpa_kernel,
         "batch_size": args.batch_size,
         "heads": args.heads,
         "head_dim": args.head_dim,

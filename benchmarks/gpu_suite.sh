@@ -11,6 +11,7 @@
 #   attention_layer.json     one global attention layer (batch 8, bf16): eager, sdpa_fold, triton_relpos
 #                            (autotuned; its chosen tiles), and bias-free flash attention as the ceiling
 #   attention_windows.json   the same for a batch of 14x14 windows (the windowed blocks): eager, sdpa, sdpa_fold
+#   attention_cudnn.json     the global layer again with cuDNN attention forced for sdpa and sdpa_fold
 #   train_eager.json         training, batch 8 bf16: stock, sdpa_fold, triton_relpos (+ checkpointing)
 #   train_relpos_compile.json    training: triton_relpos + channels-last + fused AdamW + compile, profiled
 #   latency_relpos.json      predictor: stock SAM fp32 + bf16, ZIM plain fp32, ZIM triton_relpos compiled
@@ -32,6 +33,7 @@ log="$OUT/log.txt"
 if [[ "${SMOKE:-0}" == 1 ]]; then
   layer=(--device cpu --precision fp32 --batch-size 1 --heads 2 --grid 16 --warmup 1 --repeats 2)
   window=(--device cpu --precision fp32 --batch-size 2 --heads 2 --grid 14 --warmup 1 --repeats 2)
+  cudnn=auto  # no cuDNN attention on a CPU
   common=(--model tiny --image-size 256 --device cpu --precision fp32)
   lat=(--warmup 1 --repeats 2)
   train=(--batch-size 2 --warmup 1 --steps 2)
@@ -43,6 +45,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
 else
   layer=(--device cuda --precision bf16)
   window=(--device cuda --precision bf16 --batch-size 200 --grid 14)
+  cudnn=cudnn
   common=(--model vit_b --device cuda --precision bf16)
   lat=(--warmup 5 --repeats 30)
   train=(--batch-size 8 --warmup 3 --steps 8)
@@ -106,6 +109,10 @@ step attention_layer 75 benchmarks/attention_layer.py "${layer[@]}" --backends e
 # The windowed blocks (14x14 windows, 25 per image: 200 at batch 8), where triton_relpos falls back to
 # sdpa_fold: is the fold or the dense-mask sdpa faster there?
 step attention_windows 40 benchmarks/attention_layer.py "${window[@]}" --backends eager,sdpa,sdpa_fold
+# The same global layer with PyTorch's cuDNN attention forced for the SDPA backends (dense bias,
+# unequal widths of the fold): a faster kernel for the existing paths, if cuDNN takes them.
+step attention_cudnn 45 benchmarks/attention_layer.py "${layer[@]}" --backends eager,sdpa,sdpa_fold,sdpa_nobias \
+  --sdpa-kernel "$cudnn"
 step train_eager 120 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
   --configs stock,sdpa_fold+cl+fused,triton_relpos+cl+fused,triton_relpos+cl+fused+ckpt
 step train_relpos_compile 150 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \

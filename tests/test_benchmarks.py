@@ -147,3 +147,18 @@ def test_attention_layer_times_every_backend_and_checks_it_against_eager(tmp_pat
     assert results["triton_relpos"]["kernel_ran"] is False  # off CUDA it is the sdpa_fold fallback
     assert "max_error" not in results["sdpa_nobias"]  # another function: not compared
     assert report["attention_gflops_forward"] == pytest.approx(4 * 256**2 * 64 * 2 / 1e9)
+
+
+def test_attention_layer_forces_the_sdpa_kernel_it_is_told(tmp_path: Path):
+    script = _script("attention_layer")
+    out = tmp_path / "attention.json"
+    args = "--device cpu --precision fp32 --batch-size 1 --heads 2 --grid 16 --warmup 0 --repeats 1"
+    assert script.main([*args.split(), "--backends", "eager,sdpa_fold,sdpa_nobias", "--sdpa-kernel", "flash",
+                        "--json-out", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    results = {r["backend"]: r for r in report["results"]}
+    assert report["sdpa_kernel"] == "flash"
+    # Flash attention takes neither a bias nor unequal q/k and v widths: the fold cannot run on it, and
+    # says so; the bias-free layer and the eager one (no SDPA at all) still run.
+    assert "No available kernel" in results["sdpa_fold"]["error"]
+    assert "error" not in results["sdpa_nobias"] and "error" not in results["eager"]
