@@ -10,7 +10,7 @@
 # the steps below are the next ones to measure:
 #   attention_layer.json     one global attention layer (batch 8, bf16): eager, sdpa_fold, triton_relpos
 #                            (autotuned; its chosen tiles), and bias-free flash attention as the ceiling
-#   attention_windows.json   the same for a batch of 14x14 windows (the windowed blocks): eager, sdpa, sdpa_fold
+#   attention_windows.json   the same for a batch of 14x14 windows (the windowed blocks), with sdpa too
 #   attention_cudnn.json     the global layer again with cuDNN attention forced for sdpa and sdpa_fold
 #   train_eager.json         training, batch 8 bf16: stock, sdpa_fold, triton_relpos (+ checkpointing)
 #   train_relpos_compile.json    training: triton_relpos + channels-last + fused AdamW + compile, profiled
@@ -106,9 +106,9 @@ timeout -k 10 "$tests_limit" python3 -m pytest tests/test_relpos_flash.py -m gpu
 echo "[suite] gpu_tests: rc=$? in $(($(date +%s) - t0))s: $(tail -n 1 "$OUT/gpu_tests.txt")" | tee -a "$log"
 
 step attention_layer 75 benchmarks/attention_layer.py "${layer[@]}" --backends eager,sdpa_fold,triton_relpos,sdpa_nobias
-# The windowed blocks (14x14 windows, 25 per image: 200 at batch 8), where triton_relpos falls back to
-# sdpa_fold: is the fold or the dense-mask sdpa faster there?
-step attention_windows 40 benchmarks/attention_layer.py "${window[@]}" --backends eager,sdpa,sdpa_fold
+# The windowed blocks (14x14 windows, 25 per image: 200 at batch 8): the fold, the dense-mask sdpa, and
+# the Triton kernel with 14 of 16 keys per tile.
+step attention_windows 50 benchmarks/attention_layer.py "${window[@]}" --backends eager,sdpa,sdpa_fold,triton_relpos
 # The same global layer with PyTorch's cuDNN attention forced for the SDPA backends (dense bias,
 # unequal widths of the fold): a faster kernel for the existing paths, if cuDNN takes them.
 step attention_cudnn 45 benchmarks/attention_layer.py "${layer[@]}" --backends eager,sdpa,sdpa_fold,sdpa_nobias \

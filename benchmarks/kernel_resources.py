@@ -54,7 +54,7 @@ DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
 KERNELS = ("fwd", "bwd_dq", "bwd_dkv")
 #: Scalar arguments of the kernels, by name (pointer arguments are the capitalised ones).
 FLOAT_ARGS = frozenset({"sm_scale", "qk_scale"})
-INT_ARGS = frozenset({"length", "head_dim", "rows", "sequences"})
+INT_ARGS = frozenset({"length", "head_dim", "rows", "width", "sequences"})
 #: Pointer arguments that are float32 whatever the input dtype (softmax statistics).
 FLOAT32_POINTERS = frozenset({"LSE", "DELTA"})
 
@@ -143,11 +143,12 @@ def compile_kernel(
     """Compile one kernel for ``sm_<arch>`` (no GPU needed) and read its resources off ``ptxas -v``."""
     kernel = kernel_function(kernel_name)
     # A square W x W grid (SAM's global blocks), 8 images x 12 heads (sequences: a tuning key, unused).
-    ints = {"length": width * width, "head_dim": head_dim, "rows": width, "sequences": 96}
+    ints = {"length": width * width, "head_dim": head_dim, "rows": width, "width": width, "sequences": 96}
     types, attrs = signature(kernel, dtype, ints)
     constexprs = {
         "BLOCK_M": block_m,
-        "BLOCK_N": width,
+        "BLOCK_N": relpos_flash.key_block(width),
+        "EVEN_N": relpos_flash.key_block(width) == width,
         "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
         "PRECISION": "ieee" if dtype == "fp32" else "tf32",
     }

@@ -112,6 +112,17 @@ def test_relpos_kernel_defaults_compile_for_vit_h_and_for_ampere(tmp_path: Path)
     assert all(r["tensor_cores"] == "mma" for r in results if r["arch"] == 80)
 
 
+def test_relpos_kernels_compile_for_sam_windows(tmp_path: Path):
+    """14-key rows in 16-key tiles (SAM's windowed blocks): the masked variant builds for an H100 without
+    spills, on Hopper's warpgroup products."""
+    script = _script("kernel_resources")
+    out = tmp_path / "resources.json"
+    assert script.main(["--width", "14", "--json-out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["kernel"] for r in results] == list(script.KERNELS)
+    assert all(r["spill_stores"] == 0 and r["tensor_cores"] == "wgmma" for r in results), results
+
+
 def test_programs_per_sm_counts_registers_shared_memory_and_threads():
     script = _script("kernel_resources")
     # 255 registers in 4 warps: 8192 per warp, 32768 per program: two programs in 64K registers.

@@ -15,7 +15,12 @@ import pytest
 import torch
 
 from zim_lightning.models import relpos_flash
-from zim_lightning.models.relpos_flash import kernel_available, key_block_supported, relpos_attention
+from zim_lightning.models.relpos_flash import (
+    kernel_available,
+    key_block,
+    key_block_supported,
+    relpos_attention,
+)
 from zim_lightning.models.vit_attention import ViTAttention
 
 # Runs every interpreted case of the cases file (argv[1]) and saves their outputs (argv[2]).
@@ -105,16 +110,20 @@ def kernel_case(*, batch, heads, rows, width, head_dim, block_m, seed, dtype=tor
 GLOBAL_BLOCK = {"dim": 128, "num_heads": 2, "use_rel_pos": True, "input_size": (16, 16)}  # d = 64
 
 
-def module_case(seed: int) -> dict:
+#: A windowed block of SAM: 14x14 tokens per window (a batch of windows), W = 14 in 16-key tiles.
+WINDOW_BLOCK = {"dim": 128, "num_heads": 2, "use_rel_pos": True, "input_size": (14, 14)}
+
+
+def module_case(seed: int, config: dict = GLOBAL_BLOCK) -> dict:
     torch.manual_seed(seed)
-    attn = ViTAttention(**GLOBAL_BLOCK, backend="eager")
+    attn = ViTAttention(**config, backend="eager")
     with torch.no_grad():  # SAM zero-initialises the tables: make the bias count
         attn.rel_pos_h.normal_(0.0, 0.5)
         attn.rel_pos_w.normal_(0.0, 0.5)
-    x = torch.randn(2, 16, 16, GLOBAL_BLOCK["dim"])
+    x = torch.randn(2, *config["input_size"], config["dim"])
     return {
         "kind": "module",
-        "config": GLOBAL_BLOCK,
+        "config": config,
         "state": attn.state_dict(),
         "x": x,
         "grad_out": torch.randn_like(x),
@@ -135,12 +144,17 @@ CASES = {
         batch=1, heads=2, rows=16, width=16, head_dim=64, block_m=32, seed=3, kind="compiled"
     ),
     "module": module_case(seed=4),
+    # Rows narrower than the key tile (14 of 16 keys, and 24 of 32): the padding keys must take no
+    # probability. L = 196 leaves a partial last query block of 4.
+    "w14": kernel_case(batch=1, heads=2, rows=14, width=14, head_dim=64, block_m=32, seed=9),
+    "w24": kernel_case(batch=1, heads=2, rows=3, width=24, head_dim=64, block_m=16, seed=10),
+    "window_module": module_case(seed=11, config=WINDOW_BLOCK),
     # The autotuned path (last: it patches the tuners' timers). L = 96: partial blocks for 64 and 128.
     "autotuned": kernel_case(
         batch=1, heads=2, rows=6, width=16, head_dim=64, block_m=None, seed=7, kind="autotuned"
     ),
 }
-KERNEL_CASES = ["d64", "d80_partial_block", "compiled", "autotuned"]
+KERNEL_CASES = ["d64", "d80_partial_block", "compiled", "autotuned", "w14", "w24"]
 
 
 @pytest.fixture(scope="module")
@@ -205,13 +219,14 @@ def test_interpreted_kernel_in_half_precision_is_close_to_float64(interpreted):
 
 
 @pytest.mark.slow
-def test_interpreted_global_block_equals_segment_anything_eager(interpreted):
-    case = CASES["module"]
+@pytest.mark.parametrize("name", ["module", "window_module"])
+def test_interpreted_global_and_windowed_blocks_equal_segment_anything_eager(interpreted, name):
+    case = CASES[name]
     eager = ViTAttention(**case["config"], backend="eager")
     eager.load_state_dict(case["state"])
     out = eager(case["x"])
     out.backward(case["grad_out"])
-    got = interpreted["module"]
+    got = interpreted[name]
     torch.testing.assert_close(got["out"], out.detach(), atol=1e-5, rtol=1e-4)
     for name, p in eager.named_parameters():
         torch.testing.assert_close(got[name], p.grad, atol=1e-4, rtol=1e-4, msg=name)
@@ -240,20 +255,23 @@ def test_off_cuda_the_backend_is_the_sdpa_fold_path_and_says_so():
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_kernel_takes_power_of_two_grid_widths_only():
-    assert [w for w in (8, 14, 16, 24, 32, 64, 128, 256) if key_block_supported(w)] == [16, 32, 64, 128]
-    # The windowed blocks (14x14) go to the fallback even on CUDA.
-    assert not kernel_available(torch.device("cuda"), 14)
+def test_kernel_takes_grid_widths_8_to_128_in_power_of_two_tiles():
+    widths = (4, 7, 8, 14, 16, 24, 32, 64, 128, 129, 256)
+    assert [w for w in widths if key_block_supported(w)] == [8, 14, 16, 24, 32, 64, 128]
+    assert [key_block(w) for w in (8, 14, 16, 24, 64, 100, 128)] == [16, 16, 16, 32, 64, 128, 128]
+    # SAM's windowed blocks (14x14) run the kernel on CUDA too; W = 256 (a 4096-pixel grid) does not.
+    assert kernel_available(torch.device("cuda"), 14) == (relpos_flash.triton is not None)
+    assert not kernel_available(torch.device("cuda"), 256)
 
 
 def test_bad_inputs_raise_clear_errors():
     q = torch.zeros(1, 2, 256, 64)
     with pytest.raises(ValueError, match=r"rel_h, rel_w: expected L = H \* W .* L=256 .* H=8 .* W=16"):
         relpos_attention(q, q, q, torch.zeros(1, 2, 256, 8), torch.zeros(1, 2, 256, 16), scale=0.125)
-    with pytest.raises(ValueError, match="rel_w: the grid width W must be a power of two"):
+    with pytest.raises(ValueError, match=r"rel_w: the grid width W must be in \[8, 128\] .* got W=4"):
         relpos_attention(
-            q[..., :196, :], q[..., :196, :], q[..., :196, :],
-            torch.zeros(1, 2, 196, 14), torch.zeros(1, 2, 196, 14), scale=0.125,
+            q[..., :16, :], q[..., :16, :], q[..., :16, :],
+            torch.zeros(1, 2, 16, 4), torch.zeros(1, 2, 16, 4), scale=0.125,
         )  # fmt: skip
     with pytest.raises(ValueError, match="k: expected the shape of q"):
         relpos_attention(q, q[:, :1], q, torch.zeros(1, 2, 256, 16), torch.zeros(1, 2, 256, 16), scale=0.125)
@@ -265,18 +283,25 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(
-    ("head_dim", "dtype", "autotune"),
+    ("grid", "batch", "head_dim", "dtype", "autotune"),
     [
-        (64, torch.bfloat16, True),  # the training and predictor path: autotuned (or its cached choice)
-        (64, torch.bfloat16, False),
-        (64, torch.float32, False),
-        (80, torch.bfloat16, False),  # ViT-H's head width
+        (
+            64,
+            2,
+            64,
+            torch.bfloat16,
+            True,
+        ),  # the training and predictor path: autotuned (or its cached choice)
+        (64, 2, 64, torch.bfloat16, False),
+        (64, 2, 64, torch.float32, False),
+        (64, 2, 80, torch.bfloat16, False),  # ViT-H's head width
+        (14, 50, 64, torch.bfloat16, True),  # the windowed blocks: 2 images x 25 windows of 14x14
     ],
 )
-def test_cuda_kernel_matches_reference_at_vit_b_size(head_dim, dtype, autotune, monkeypatch):
+def test_cuda_kernel_matches_reference_at_vit_b_size(grid, batch, head_dim, dtype, autotune, monkeypatch):
     monkeypatch.setattr(relpos_flash, "AUTOTUNE", autotune)
     case = kernel_case(
-        batch=2, heads=4, rows=64, width=64, head_dim=head_dim, block_m=None, seed=6, dtype=dtype
+        batch=batch, heads=4, rows=grid, width=grid, head_dim=head_dim, block_m=None, seed=6, dtype=dtype
     )
     case["inputs"] = [t.cuda() for t in case["inputs"]]
     inputs = [t.clone().requires_grad_() for t in case["inputs"]]

@@ -9,11 +9,12 @@ For queries and keys on one row-major HxW token grid (L = H*W tokens) the attent
 flash-attention style computation of ``softmax(logit) @ v`` and of its gradients that never store an
 LxL tile outside registers:
 
-- **Key blocks are image rows.** A key block holds the W keys of one grid row (``BLOCK_N = W``), so in
-  key block ``n`` the bias is ``rel_h[i, n]`` (one column, broadcast over the block) plus the whole
-  ``rel_w[i, :]`` tile, which a query block loads once. W must be a power of two in
-  [:data:`MIN_KEY_BLOCK`, :data:`MAX_KEY_BLOCK`] (16 to 128: the global grid of SAM at 256 to 2048
-  pixels).
+- **Key blocks are image rows.** A key block holds the W keys of one grid row, so in key block ``n``
+  the bias is ``rel_h[i, n]`` (one column, broadcast over the block) plus the whole ``rel_w[i, :]``
+  tile, which a query block loads once. W may be [:data:`MIN_WIDTH`, :data:`MAX_WIDTH`]: SAM's global
+  grid at 256 to 2048 pixels (W = 16 to 128) and its 14x14 windows. The tile is the next power of two
+  (:func:`key_block`, at least 16); its padding keys are masked to zero probability, a cost only rows
+  whose width is not a power of two pay (a compile-time switch).
 - **Forward** (one program per query block): online softmax over the H key rows, output and the
   per-query log-sum-exp (base 2) saved for the backward pass.
 - **Backward, dq pass** (one program per query block, loop over key rows): ``dS = P * (dP - delta)``
@@ -61,10 +62,14 @@ except ImportError:  # Triton ships with PyTorch's CUDA wheels only; elsewhere t
 #: Triton's interpreter was requested when this module was imported (then the kernels run on CPU tensors).
 INTERPRETED: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in {"1", "true", "yes", "on", "y"}
 
-#: Grid widths W the kernel takes (a key block is one grid row): ``tl.dot`` needs tiles of at least 16,
-#: and the dq pass keeps a BLOCK_M x W float32 ``d_rel_w`` tile in registers, which caps W.
+#: Grid widths W the kernel takes (a key block is one grid row, held in a tile of :func:`key_block` keys):
+#: ``tl.dot`` needs tiles of at least 16 keys, so narrower rows are padded (14 -> 16 in SAM's windows; below
+#: 8 most of the tile would be padding), and the dq pass keeps a BLOCK_M x tile float32 ``d_rel_w`` tile in
+#: registers, which caps W.
+MIN_WIDTH = 8
+MAX_WIDTH = 128
+#: The smallest key tile (``tl.dot``'s minimum).
 MIN_KEY_BLOCK = 16
-MAX_KEY_BLOCK = 128
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,13 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def key_block_supported(width: int) -> bool:
     """Whether a grid ``width`` (tokens per row) can be one key block of the kernel."""
-    return MIN_KEY_BLOCK <= width <= MAX_KEY_BLOCK and width & (width - 1) == 0
+    return MIN_WIDTH <= width <= MAX_WIDTH
+
+
+def key_block(width: int) -> int:
+    """Keys per tile for a grid row of ``width`` keys: the next power of two, at least
+    :data:`MIN_KEY_BLOCK`; the keys past ``width`` are masked out."""
+    return max(MIN_KEY_BLOCK, 1 << (width - 1).bit_length())
 
 
 def kernel_available(device: torch.device, width: int) -> bool:
@@ -152,30 +163,34 @@ if triton is not None:
     @triton.jit
     def _relpos_fwd_kernel(
         Q, K, V, RHT, RW, Out, LSE,
-        qk_scale, length, head_dim, rows, sequences,
+        qk_scale, length, head_dim, rows, width, sequences,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        EVEN_N: tl.constexpr,
     ):  # fmt: skip
         """Q, K, V, Out: (B*heads)xLxd; RHT: (B*heads)xHxL; RW: (B*heads)xLxW; LSE: (B*heads)xL float32.
 
-        ``sequences`` (B*heads, the grid's second axis) is unused in the body: it is an autotuning key,
-        since how many programs fill the GPU decides which tile is fastest."""
+        A key block is one grid row of ``width`` keys in a tile of BLOCK_N (``EVEN_N``: they are equal,
+        and no key needs masking). ``sequences`` (B*heads, the grid's second axis) is unused in the body:
+        it is an autotuning key, since how many programs fill the GPU decides which tile is fastest."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < length
+        key_ok = offs_n < (BLOCK_N if EVEN_N else width)
         d_ok = offs_d < head_dim
         q_mask = row_ok[:, None] & d_ok[None, :]
         qd_offs = offs_m[:, None] * head_dim + offs_d[None, :]
         seq_base = bh * length * head_dim
+        row_len = BLOCK_N if EVEN_N else width
 
         q = tl.load(Q + seq_base + qd_offs, mask=q_mask, other=0.0)
         # The column term of every key row, in the base-2 logit units used below.
         rel_w = (
             tl.load(
-                RW + bh * length * BLOCK_N + offs_m[:, None] * BLOCK_N + offs_n[None, :],
-                mask=row_ok[:, None],
+                RW + bh * length * row_len + offs_m[:, None] * row_len + offs_n[None, :],
+                mask=row_ok[:, None] & key_ok[None, :],
                 other=0.0,
             ).to(tl.float32)
             * 1.4426950408889634
@@ -186,11 +201,14 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for n in range(0, rows):
-            kv_offs = seq_base + (n * BLOCK_N + offs_n)[:, None] * head_dim + offs_d[None, :]
-            k = tl.load(K + kv_offs, mask=d_ok[None, :], other=0.0)
-            v = tl.load(V + kv_offs, mask=d_ok[None, :], other=0.0)
+            kv_offs = seq_base + (n * row_len + offs_n)[:, None] * head_dim + offs_d[None, :]
+            kv_mask = key_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)
+            v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
             rel_h = tl.load(rh_ptrs + n * length, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + rel_h[:, None] + rel_w
+            if not EVEN_N:  # padding keys of the tile take no probability
+                s = tl.where(key_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
@@ -204,8 +222,9 @@ if triton is not None:
     @triton.jit
     def _relpos_bwd_dq_kernel(
         Q, K, V, RHT, RW, DO, LSE, DELTA, DQ, DRHT, DRW,
-        sm_scale, qk_scale, length, head_dim, rows, sequences,
+        sm_scale, qk_scale, length, head_dim, rows, width, sequences,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        EVEN_N: tl.constexpr,
     ):  # fmt: skip
         """dq, d_rel_h and d_rel_w of one query block: a loop over all key rows, one writer per output."""
         pid_m = tl.program_id(0)
@@ -214,30 +233,36 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < length
+        key_ok = offs_n < (BLOCK_N if EVEN_N else width)
         d_ok = offs_d < head_dim
         q_mask = row_ok[:, None] & d_ok[None, :]
         qd_offs = offs_m[:, None] * head_dim + offs_d[None, :]
         seq_base = bh * length * head_dim
-        rw_offs = bh * length * BLOCK_N + offs_m[:, None] * BLOCK_N + offs_n[None, :]
+        row_len = BLOCK_N if EVEN_N else width
+        rw_offs = bh * length * row_len + offs_m[:, None] * row_len + offs_n[None, :]
+        rw_mask = row_ok[:, None] & key_ok[None, :]
 
         q = tl.load(Q + seq_base + qd_offs, mask=q_mask, other=0.0)
         do = tl.load(DO + seq_base + qd_offs, mask=q_mask, other=0.0)
         lse = tl.load(LSE + bh * length + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(DELTA + bh * length + offs_m, mask=row_ok, other=0.0)
-        rel_w = tl.load(RW + rw_offs, mask=row_ok[:, None], other=0.0).to(tl.float32) * 1.4426950408889634
+        rel_w = tl.load(RW + rw_offs, mask=rw_mask, other=0.0).to(tl.float32) * 1.4426950408889634
         rh_offs = bh * rows * length + offs_m  # (B*heads)xHxL: contiguous over the queries
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         d_rel_w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for n in range(0, rows):
-            kv_offs = seq_base + (n * BLOCK_N + offs_n)[:, None] * head_dim + offs_d[None, :]
-            k = tl.load(K + kv_offs, mask=d_ok[None, :], other=0.0)
-            v = tl.load(V + kv_offs, mask=d_ok[None, :], other=0.0)
+            kv_offs = seq_base + (n * row_len + offs_n)[:, None] * head_dim + offs_d[None, :]
+            kv_mask = key_ok[:, None] & d_ok[None, :]
+            k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)
+            v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
             rel_h = (
                 tl.load(RHT + rh_offs + n * length, mask=row_ok, other=0.0).to(tl.float32)
                 * 1.4426950408889634
             )
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale + rel_h[:, None] + rel_w
+            if not EVEN_N:  # padding keys: P = 0, so dS = 0
+                s = tl.where(key_ok[None, :], s, float("-inf"))
             p = tl.exp2(s - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])  # gradient of the natural-unit logits
@@ -245,24 +270,32 @@ if triton is not None:
             d_rel_w += ds
             tl.store(DRHT + rh_offs + n * length, tl.sum(ds, 1).to(DRHT.dtype.element_ty), mask=row_ok)
         tl.store(DQ + seq_base + qd_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
-        tl.store(DRW + rw_offs, d_rel_w.to(DRW.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(DRW + rw_offs, d_rel_w.to(DRW.dtype.element_ty), mask=rw_mask)
 
     @triton.jit
     def _relpos_bwd_dkv_kernel(
         Q, K, V, RHT, RW, DO, LSE, DELTA, DK, DV,
-        sm_scale, qk_scale, length, head_dim, rows, sequences,
+        sm_scale, qk_scale, length, head_dim, rows, width, sequences,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+        EVEN_N: tl.constexpr,
     ):  # fmt: skip
-        """dk and dv of one key row (BLOCK_N = W keys): a loop over all query blocks."""
+        """dk and dv of one key row (W keys in a BLOCK_N tile): a loop over all query blocks.
+
+        The padding keys of the tile (not EVEN_N) load as zeros and get a nonzero P here, but P of key j
+        only reaches dk and dv of key j, and those rows are not stored: nothing needs masking but the
+        loads and the stores."""
         row = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
+        key_ok = offs_n < (BLOCK_N if EVEN_N else width)
         d_ok = offs_d < head_dim
         seq_base = bh * length * head_dim
-        kv_offs = seq_base + (row * BLOCK_N + offs_n)[:, None] * head_dim + offs_d[None, :]
-        k = tl.load(K + kv_offs, mask=d_ok[None, :], other=0.0)
-        v = tl.load(V + kv_offs, mask=d_ok[None, :], other=0.0)
+        row_len = BLOCK_N if EVEN_N else width
+        kv_offs = seq_base + (row * row_len + offs_n)[:, None] * head_dim + offs_d[None, :]
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)
+        v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -279,8 +312,8 @@ if triton is not None:
             delta = tl.load(DELTA + bh * length + offs_m, mask=row_ok, other=0.0)
             rel_h = tl.load(RHT + (bh * rows + row) * length + offs_m, mask=row_ok, other=0.0)
             rel_w = tl.load(
-                RW + bh * length * BLOCK_N + offs_m[:, None] * BLOCK_N + offs_n[None, :],
-                mask=row_ok[:, None],
+                RW + bh * length * row_len + offs_m[:, None] * row_len + offs_n[None, :],
+                mask=row_ok[:, None] & key_ok[None, :],
                 other=0.0,
             )
             bias = (rel_h.to(tl.float32)[:, None] + rel_w.to(tl.float32)) * 1.4426950408889634
@@ -290,8 +323,8 @@ if triton is not None:
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        tl.store(DK + kv_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=d_ok[None, :])
-        tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=d_ok[None, :])
+        tl.store(DK + kv_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
     def _autotuned(kernel, name: str):
         configs = [
@@ -309,7 +342,7 @@ if triton is not None:
             else {}
         )
         return triton.autotune(
-            configs=configs, key=["length", "head_dim", "rows", "sequences", "BLOCK_N"], **cache
+            configs=configs, key=["length", "head_dim", "rows", "width", "sequences"], **cache
         )(kernel)
 
     _KERNELS = {
@@ -326,7 +359,8 @@ def _launch(
     tiles (``block_m`` queries, else the default tile's)."""
     fixed, tuned = _KERNELS[name]
     constexprs = dict(
-        BLOCK_N=width,
+        BLOCK_N=key_block(width),
+        EVEN_N=key_block(width) == width,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         # TF32 would cost float32 inputs ~1e-3 relative error against the float32 reference.
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
@@ -387,7 +421,7 @@ def _relpos_flash_fwd(
     rows, width = rel_h_t.shape[-2], rel_w.shape[-1]
     out = torch.empty_like(q)
     lse = torch.empty(batch, heads, length, device=q.device, dtype=torch.float32)
-    args = (q, k, v, rel_h_t, rel_w, out, lse, scale * _LOG2E, length, head_dim, rows, batch * heads)
+    args = (q, k, v, rel_h_t, rel_w, out, lse, scale * _LOG2E, length, head_dim, rows, width, batch * heads)
     with _on_device_of(q):
         _launch(
             "fwd",
@@ -429,7 +463,7 @@ def _relpos_flash_bwd(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     d_rel_h_t, d_rel_w = torch.empty_like(rel_h_t), torch.empty_like(rel_w)
     inputs = (q, k, v, rel_h_t, rel_w, grad_out, lse, delta)
-    scalars = (scale, scale * _LOG2E, length, head_dim, rows, batch * heads)
+    scalars = (scale, scale * _LOG2E, length, head_dim, rows, width, batch * heads)
     settings = dict(block_m=block_m, head_dim=head_dim, dtype=q.dtype, width=width)
     with _on_device_of(q):
         _launch(
@@ -516,8 +550,8 @@ def relpos_attention(
         )
     if not key_block_supported(width):
         raise ValueError(
-            f"rel_w: the grid width W must be a power of two in [{MIN_KEY_BLOCK}, {MAX_KEY_BLOCK}] "
-            f"(one key block per grid row), got W={width}"
+            f"rel_w: the grid width W must be in [{MIN_WIDTH}, {MAX_WIDTH}] (one key block per grid row), "
+            f"got W={width}"
         )
     if block_m is not None and (block_m < 16 or block_m & (block_m - 1)):
         raise ValueError(f"block_m: expected a power of two >= 16, got {block_m}")

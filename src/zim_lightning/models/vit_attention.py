@@ -29,9 +29,9 @@ backends:
   (:mod:`~zim_lightning.models.relpos_flash`), flash-attention style with the bias added inside the
   kernel and its gradient produced without atomics; head width stays d. It runs where
   :func:`~zim_lightning.models.relpos_flash.kernel_available` says so: CUDA (or Triton's interpreter)
-  and a grid width W that is a power of two in [16, 128], i.e. SAM's global blocks. Everywhere else
-  (the 14x14 windowed blocks, CPU without the interpreter, no Triton, no relative positions) it
-  computes the same function through the ``"sdpa_fold"`` path.
+  and a grid width W in [8, 128], i.e. SAM's global blocks and its 14x14 windows. Everywhere else (CPU
+  without the interpreter, no Triton, no relative positions) it computes the same function through the
+  ``"sdpa_fold"`` path.
 
 All five agree to float32 round-off; ``tests/test_speed.py`` checks outputs and gradients.
 """
@@ -250,10 +250,11 @@ class ViTAttention(Attention):
     def _triton_relpos(
         self, q: Tensor, k: Tensor, v: Tensor, rel: tuple[Tensor, Tensor] | None, size: tuple[int, int]
     ) -> Tensor:
-        """The fused Triton kernel where it runs (global blocks on CUDA), else the ``"sdpa_fold"`` path.
+        """The fused Triton kernel where it runs (global and windowed blocks on CUDA), else the
+        ``"sdpa_fold"`` path.
 
-        The fallback computes the same function: it covers windowed blocks (W = 14 is no power of two),
-        blocks without relative positions, and devices other than CUDA unless ``TRITON_INTERPRET=1``.
+        The fallback computes the same function: it covers blocks without relative positions, grids the
+        kernel does not take, and devices other than CUDA unless ``TRITON_INTERPRET=1``.
         """
         if rel is None or not relpos_flash.kernel_available(q.device, size[1]):
             return self._sdpa_fold(q, k, v, rel, size)
