@@ -102,7 +102,7 @@ def signature(kernel, dtype: str, ints: dict[str, int]) -> tuple[dict[str, str],
             types[name] = "fp32"
         elif name in INT_ARGS:
             types[name] = "i32"
-            if ints[name] % 16 == 0:
+            if ints[name] % 16 == 0 and name != "sequences":  # the kernels do not specialise on it
                 attrs[(index,)] = divisible
         elif name[:1].isupper():
             types[name] = "*fp32" if name in FLOAT32_POINTERS else f"*{DTYPES[dtype]}"

@@ -160,7 +160,7 @@ if triton is not None:
     # ptxas allocated registers differently (the default dq tile went from 181 to 209 registers), so they
     # stay inline until a GPU can time both forms.
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["sequences"])
     def _relpos_fwd_kernel(
         Q, K, V, RHT, RW, Out, LSE,
         qk_scale, length, head_dim, rows, width, sequences,
@@ -171,7 +171,8 @@ if triton is not None:
 
         A key block is one grid row of ``width`` keys in a tile of BLOCK_N (``EVEN_N``: they are equal,
         and no key needs masking). ``sequences`` (B*heads, the grid's second axis) is unused in the body:
-        it is an autotuning key, since how many programs fill the GPU decides which tile is fastest."""
+        it is an autotuning key, since how many programs fill the GPU decides which tile is fastest (and it
+        is not specialised on, so a new batch size re-times the tiles without recompiling them)."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -219,7 +220,7 @@ if triton is not None:
         tl.store(Out + seq_base + qd_offs, acc.to(Out.dtype.element_ty), mask=q_mask)
         tl.store(LSE + bh * length + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["sequences"])
     def _relpos_bwd_dq_kernel(
         Q, K, V, RHT, RW, DO, LSE, DELTA, DQ, DRHT, DRW,
         sm_scale, qk_scale, length, head_dim, rows, width, sequences,
@@ -272,7 +273,7 @@ if triton is not None:
         tl.store(DQ + seq_base + qd_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
         tl.store(DRW + rw_offs, d_rel_w.to(DRW.dtype.element_ty), mask=rw_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["sequences"])
     def _relpos_bwd_dkv_kernel(
         Q, K, V, RHT, RW, DO, LSE, DELTA, DK, DV,
         sm_scale, qk_scale, length, head_dim, rows, width, sequences,
