@@ -33,6 +33,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -51,7 +52,7 @@ ARCHS: dict[int, dict[str, int]] = {
 #: Shared memory the driver reserves per program (CUDA 11+).
 RESERVED_SHARED = 1024
 DTYPES = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
-KERNELS = ("fwd", "bwd_dq", "bwd_dkv")
+KERNELS = ("fwd", "bwd_dq", "bwd_dkv")  # the keys of relpos_flash's kernels, in launch order
 #: Scalar arguments of the kernels, by name (pointer arguments are the capitalised ones).
 FLOAT_ARGS = frozenset({"sm_scale", "qk_scale"})
 INT_ARGS = frozenset({"length", "head_dim", "rows", "width", "sequences"})
@@ -78,11 +79,8 @@ class Resources:
 
 
 def kernel_function(name: str):
-    return {
-        "fwd": relpos_flash._relpos_fwd_kernel,
-        "bwd_dq": relpos_flash._relpos_bwd_dq_kernel,
-        "bwd_dkv": relpos_flash._relpos_bwd_dkv_kernel,
-    }[name]
+    """The Triton kernel ``name`` (its plain form; the module also holds an autotuned wrapper of it)."""
+    return relpos_flash._KERNELS[name][0]
 
 
 def signature(kernel, dtype: str, ints: dict[str, int]) -> tuple[dict[str, str], dict[tuple[int, ...], list]]:
@@ -145,12 +143,10 @@ def compile_kernel(
     # A square W x W grid (SAM's global blocks), 8 images x 12 heads (sequences: a tuning key, unused).
     ints = {"length": width * width, "head_dim": head_dim, "rows": width, "width": width, "sequences": 96}
     types, attrs = signature(kernel, dtype, ints)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     constexprs = {
         "BLOCK_M": block_m,
-        "BLOCK_N": relpos_flash.key_block(width),
-        "EVEN_N": relpos_flash.key_block(width) == width,
-        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
-        "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+        **relpos_flash.kernel_constexprs(width=width, head_dim=head_dim, dtype=torch_dtype),
     }
     source = ASTSource(fn=kernel, signature=types, constexprs=constexprs, attrs=attrs)
     log = io.StringIO()

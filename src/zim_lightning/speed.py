@@ -151,10 +151,9 @@ def compile_model(
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode must be one of {list(COMPILE_MODES)}, got {mode!r}")
-    if backend not in torch._dynamo.list_backends(exclude_tags=()):
-        raise ValueError(
-            f"compile backend must be one of {torch._dynamo.list_backends(exclude_tags=())}, got {backend!r}"
-        )
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise ValueError(f"compile backend must be one of {backends}, got {backend!r}")
     if backend != "inductor" and mode != "default":
         raise ValueError(
             f"compile mode {mode!r} is an inductor mode; backend {backend!r} takes only 'default'"

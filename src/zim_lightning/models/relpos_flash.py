@@ -327,6 +327,11 @@ if triton is not None:
         tl.store(DK + kv_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
+    # Triton >= 3.4 can keep the autotuner's timings on disk.
+    _AUTOTUNE_CACHE = (
+        {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    )
+
     def _autotuned(kernel, name: str):
         configs = [
             triton.Config({"BLOCK_M": c.block_m}, num_warps=c.num_warps, num_stages=c.num_stages)
@@ -337,13 +342,8 @@ if triton is not None:
         # processes skip them. Outputs are overwritten whole on every run, so timing a configuration leaves
         # nothing to reset. The dk/dv pass sums over query blocks of the chosen size, so another choice
         # changes its gradients at round-off level.
-        cache = (
-            {"cache_results": True}
-            if "cache_results" in inspect.signature(triton.autotune).parameters
-            else {}
-        )
         return triton.autotune(
-            configs=configs, key=["length", "head_dim", "rows", "width", "sequences"], **cache
+            configs=configs, key=["length", "head_dim", "rows", "width", "sequences"], **_AUTOTUNE_CACHE
         )(kernel)
 
     _KERNELS = {
@@ -353,19 +353,26 @@ if triton is not None:
     }
 
 
+def kernel_constexprs(*, width: int, head_dim: int, dtype: torch.dtype) -> dict[str, object]:
+    """The compile-time constants of every kernel but the tile size, for a grid ``width`` keys wide, a head
+    width and an input dtype (launches here; ``benchmarks/kernel_resources.py`` compiles with the same)."""
+    block_n = key_block(width)
+    return {
+        "BLOCK_N": block_n,
+        "EVEN_N": block_n == width,
+        "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
+        # TF32 would cost float32 inputs ~1e-3 relative error against the float32 reference.
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }
+
+
 def _launch(
     name: str, grid, args: tuple, *, block_m: int, head_dim: int, dtype: torch.dtype, width: int
 ) -> None:
     """Launch kernel ``name`` autotuned (``block_m`` 0, :data:`AUTOTUNE` on, not interpreted) or with fixed
     tiles (``block_m`` queries, else the default tile's)."""
     fixed, tuned = _KERNELS[name]
-    constexprs = dict(
-        BLOCK_N=key_block(width),
-        EVEN_N=key_block(width) == width,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        # TF32 would cost float32 inputs ~1e-3 relative error against the float32 reference.
-        PRECISION="ieee" if dtype == torch.float32 else "tf32",
-    )
+    constexprs = kernel_constexprs(width=width, head_dim=head_dim, dtype=dtype)
     if block_m == 0 and AUTOTUNE and not INTERPRETED:
         tuned[grid](*args, **constexprs)
         return
@@ -565,9 +572,12 @@ def relpos_attention(
             f"relpos_attention runs on CUDA tensors, got {q.device.type} (set TRITON_INTERPRET=1 before "
             "importing zim_lightning to run Triton's interpreter on CPU)"
         )
-    k, v, rel_h, rel_w = (t.to(q.dtype) for t in (k, v, rel_h, rel_w))
-    # The kernels read the row term as H x L, contiguous over the queries of one key row (coalesced loads,
-    # and coalesced stores of its gradient); the copy is L*H per head, small next to the attention.
-    rel_h_t = rel_h.transpose(-1, -2)
+    # Contiguous here, once: the op saves its inputs for the backward pass as they come, so a strided q
+    # (a view of the qkv projection) would otherwise be copied again there. The kernels read the row term
+    # as H x L, contiguous over the queries of one key row (coalesced loads, and coalesced stores of its
+    # gradient); that copy is L*H per head, small next to the attention.
+    q = q.contiguous()
+    k, v, rel_w = (t.to(q.dtype).contiguous() for t in (k, v, rel_w))
+    rel_h_t = rel_h.to(q.dtype).transpose(-1, -2).contiguous()
     out, _ = _relpos_flash_fwd(q, k, v, rel_h_t, rel_w, float(scale), block_m or 0, block_m or 0)
     return out
