@@ -21,6 +21,7 @@ from tests.test_data_sa1b import (
     seg_members,
     write_tar,
 )
+from zim_lightning.data import datamodule as datamodule_module
 from zim_lightning.data import micromat
 from zim_lightning.data import samples as samples_module
 from zim_lightning.data.datamodule import UnpaddedDistributedSampler, ZimDataModule
@@ -312,6 +313,74 @@ def test_training_streams_are_reproducible_per_seed_and_differ_across_ranks(shar
     # 5 shards >= 2 ranks x 1 worker: each rank resamples its own disjoint shards (0, 2, 4 and 1, 3)
     assert {k.split("_")[0] for k in rank0} <= {"m0", "m2", "m4"}
     assert {k.split("_")[0] for k in rank1} <= {"m1", "m3"}
+
+
+def test_missing_shards_are_named_before_anything_runs(shards):
+    pattern = str(shards["root"] / "matting-{000003..000007}.tar")  # 3 and 4 exist, 5..7 do not
+    with pytest.raises(FileNotFoundError, match=r"3 of the 5 shards .* do not exist: .*matting-000005.tar"):
+        module(stage="zim", train_shards=pattern).train_dataset(rank=0, world_size=1)
+    with pytest.raises(FileNotFoundError, match="matting-000009.tar"):
+        module(stage="zim", val_shards=str(shards["root"] / "matting-000009.tar")).val_dataloader()
+
+
+def test_training_stops_with_an_error_when_no_batch_can_come(shards, tmp_path, monkeypatch):
+    # SA-1B shards given to the ZIM stage (it needs SA1B-Matte or matting shards): every sample is
+    # skipped, so the endless stream would never yield a batch.
+    monkeypatch.setattr(datamodule_module, "MAX_CONSECUTIVE_SKIPS", 20)
+    data = module(stage="zim", train_shards=shards["sa1b"])
+    with pytest.raises(RuntimeError, match=r"20 training samples in a row were skipped .*missing_member"):
+        next(iter(data.train_dataset(rank=0, world_size=1)))
+    # Every shard unreadable (here: cut inside its first member): no sample at all.
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(open(shards["matting"][0], "rb").read()[:700])
+    data = module(stage="zim", train_shards=[str(cut)])
+    with pytest.raises(RuntimeError, match="1000 shards in a row gave no sample"):
+        next(iter(data.train_dataset(rank=0, world_size=1)))
+    assert data.skip_counts()["truncated_tar"] == 1000
+
+
+class KeyRecorder(L.LightningModule):
+    """Records the sample keys of every training batch, per epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+        self.keys: dict[int, list[str]] = {}
+
+    def training_step(self, batch, batch_idx):
+        self.keys.setdefault(self.current_epoch, []).extend(batch["key"])
+        return ((batch["alpha"].mean() - self.bias) ** 2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_resumed_run_draws_new_samples_instead_of_replaying_epoch_0(shards, tmp_path):
+    def fit(epochs: int, ckpt_path=None) -> KeyRecorder:
+        model = KeyRecorder()
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(
+            model,
+            datamodule=module(stage="zim", train_shards=shards["pattern"], batches_per_epoch=3),
+            ckpt_path=ckpt_path,
+        )
+        trainer.save_checkpoint(tmp_path / f"epochs{epochs}.ckpt")
+        return model
+
+    first = fit(2)
+    resumed = fit(3, ckpt_path=tmp_path / "epochs2.ckpt")
+    assert list(resumed.keys) == [2] and len(resumed.keys[2]) == 6
+    assert resumed.keys[2] not in (first.keys[0], first.keys[1])
+    # ... and a resumed run is as reproducible as a fresh one
+    again = fit(3, ckpt_path=tmp_path / "epochs2.ckpt")
+    assert again.keys == resumed.keys
 
 
 class TinyModule(L.LightningModule):

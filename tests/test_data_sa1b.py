@@ -17,6 +17,7 @@ from pycocotools import mask as mask_utils
 from zim_lightning.data.sa1b import (
     CorruptSample,
     check_decoded_size,
+    decode_gray,
     decode_image,
     decode_mask,
     decode_matte,
@@ -189,6 +190,21 @@ def test_decode_image_reduces_large_jpegs_and_rejects_corrupt_ones():
     assert caught.value.reason == "corrupt_image"
 
 
+def test_decode_gray_rescales_16_bit_and_rejects_alpha_channels():
+    ramp16 = np.linspace(0, 65535, 256).astype(np.uint16)[None].repeat(3, axis=0)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp16).save(buffer, format="PNG")  # a 16-bit grayscale PNG (mode I;16)
+    np.testing.assert_array_equal(decode_gray(buffer.getvalue(), key="a")[0], np.arange(256))
+    rgb = io.BytesIO()
+    Image.fromarray(np.full((4, 5, 3), 77, np.uint8)).save(rgb, format="PNG")  # an alpha saved as RGB
+    np.testing.assert_array_equal(decode_gray(rgb.getvalue(), key="a"), np.full((4, 5), 77))
+    rgba = io.BytesIO()
+    Image.new("RGBA", (4, 4)).save(rgba, format="PNG")
+    with pytest.raises(CorruptSample, match="mode RGBA with an alpha channel") as caught:
+        decode_gray(rgba.getvalue(), key="a")
+    assert caught.value.reason == "corrupt_image"
+
+
 def test_decode_matte_pastes_the_box(tmp_path):
     rng = np.random.default_rng(3)
     image, alpha = scene(rng, 48, 64)
@@ -226,6 +242,35 @@ def test_iter_tar_stops_at_truncation_and_counts_it(tmp_path, compress):
             assert {k: v for k, v in got.items() if k != "__url__"} == {
                 k: v for k, v in expected.items() if k != "__url__"
             }
+
+
+def test_iter_tar_counts_a_corrupt_header_mid_shard(tmp_path):
+    rng = np.random.default_rng(4)
+    members = []
+    for i in range(5):
+        image, alpha = scene(rng, 32, 32)
+        members += sa1b_members(f"sa_{i}", image, [alpha > 127])
+    data = bytearray(write_tar(tmp_path / "full.tar", members).read_bytes())
+    with tarfile.open(tmp_path / "full.tar") as archive:
+        offset = next(m.offset for m in archive.getmembers() if m.name.startswith("sa_3."))
+    data[offset : offset + 512] = b"\xff" * 512  # the header of sa_3's first member: bad checksum
+    (tmp_path / "bad.tar").write_bytes(bytes(data))
+    counter = SkipCounter()
+    keys = [s["__key__"] for s in iter_tar(str(tmp_path / "bad.tar"), counter=counter)]
+    assert keys == ["sa_0", "sa_1", "sa_2"] and counter.counts()["truncated_tar"] == 1
+
+
+def test_iter_tar_counts_a_failing_pipe_command(tmp_path):
+    rng = np.random.default_rng(4)
+    image, alpha = scene(rng, 32, 32)
+    shard = write_tar(tmp_path / "one.tar", sa1b_members("sa_0", image, [alpha > 127]))
+    for url in (f"pipe:cat {tmp_path / 'absent.tar'}", f"pipe:cat {shard}; exit 3"):
+        counter = SkipCounter()
+        samples = list(iter_tar(url, counter=counter))  # a failed download: counted once, not raised
+        assert counter.counts()["truncated_tar"] == 1, url
+        # (where the exit status surfaces, in a member's read or at the close, decides whether the
+        # sample read before it is kept)
+        assert [s["__key__"] for s in samples] in ([], ["sa_0"])
 
 
 def test_iter_tar_reads_pipe_urls_and_iter_sa1b_skips_corrupt_samples(tmp_path):

@@ -52,10 +52,37 @@ log = logging.getLogger(__name__)
 STAGES = ("converter", "zim", "build", "eval")
 
 
-def _stream_seed(seed: int, rank: int, epoch: int, stream: int) -> np.random.SeedSequence:
-    # One independent stream per (run seed, rank, worker, epoch, pipeline stage).
-    worker, _ = worker_info()
-    return np.random.SeedSequence([seed, rank, worker, epoch, stream])
+#: Training stops with an error after this many samples in a row were skipped as corrupt (the shards are
+#: not what the stage reads, e.g. SA-1B shards given to the "zim" stage, which needs SA1B-Matte ones).
+MAX_CONSECUTIVE_SKIPS = 1000
+
+
+class EpochSeeds:
+    """The seeds of one training pipeline stage, one independent stream per epoch.
+
+    A stream is keyed by (run seed, rank, DataLoader worker, epoch, stage), so a run is reproducible and
+    every epoch draws anew. Each stage object is iterated once per epoch (in its worker), and counts
+    epochs itself. A resumed run starts counting at the restored epoch and adds the restored global step
+    to the key, so it neither replays epoch 0's stream nor, after a mid-epoch restart, the interrupted
+    epoch's first batches.
+
+    Args:
+        seed: run seed.
+        rank: this process's rank.
+        first_epoch: the epoch the first iteration belongs to (the trainer's, when resuming).
+        resume_step: the global step the run resumed at (0: a fresh run).
+    """
+
+    def __init__(self, *, seed: int, rank: int, first_epoch: int = 0, resume_step: int = 0) -> None:
+        self.seed, self.rank, self.resume_step = seed, rank, resume_step
+        self.epoch = first_epoch - 1
+
+    def next_epoch(self, stream: int) -> np.random.SeedSequence:
+        """Advance to the next epoch and return its seed for pipeline stage ``stream``."""
+        self.epoch += 1
+        worker, _ = worker_info()
+        entropy = [self.seed, self.rank, worker, self.epoch, stream]
+        return np.random.SeedSequence(entropy + [self.resume_step] if self.resume_step else entropy)
 
 
 class ResampleShards:
@@ -67,19 +94,17 @@ class ResampleShards:
     epoch), so a run is reproducible and every epoch draws a new order.
 
     Args:
-        seed: run seed.
-        rank: this process's rank.
+        seeds: this stage's per-epoch seeds.
     """
 
-    def __init__(self, *, seed: int, rank: int) -> None:
-        self.seed, self.rank, self.epoch = seed, rank, -1
+    def __init__(self, *, seeds: EpochSeeds) -> None:
+        self.seeds = seeds
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         urls = [shard["url"] for shard in src]
-        self.epoch += 1
+        rng = np.random.default_rng(self.seeds.next_epoch(0))
         if not urls:
             return
-        rng = np.random.default_rng(_stream_seed(self.seed, self.rank, self.epoch, 0))
         while True:
             yield {"url": urls[int(rng.integers(len(urls)))]}
 
@@ -87,14 +112,13 @@ class ResampleShards:
 class ShuffleSamples:
     """Pipeline stage: webdataset's sample shuffle buffer with a per (seed, rank, worker, epoch) seed."""
 
-    def __init__(self, *, bufsize: int, initial: int, seed: int, rank: int) -> None:
-        self.bufsize, self.initial, self.seed, self.rank, self.epoch = bufsize, initial, seed, rank, -1
+    def __init__(self, *, bufsize: int, initial: int, seeds: EpochSeeds) -> None:
+        self.bufsize, self.initial, self.seeds = bufsize, initial, seeds
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        self.epoch += 1
+        seed = int(self.seeds.next_epoch(1).generate_state(1)[0])
         if self.bufsize <= 1:
             return src
-        seed = int(_stream_seed(self.seed, self.rank, self.epoch, 1).generate_state(1)[0])
         return wds.shuffle(self.bufsize, initial=min(self.initial, self.bufsize), seed=seed)(src)
 
 
@@ -103,13 +127,14 @@ class ProcessSamples:
 
     Uses webdataset's handler protocol: the counter's handler warns, counts and continues on
     :class:`~zim_lightning.data.skips.CorruptSample` and re-raises anything else (a bug, not bad data).
+    In training, :data:`MAX_CONSECUTIVE_SKIPS` skips in a row raise instead: the endless stream would
+    otherwise never produce a batch.
 
     Args:
         processor: a :class:`~zim_lightning.data.samples.ConverterSampleProcessor` or
             :class:`~zim_lightning.data.samples.ZimSampleProcessor`.
         train: training randomness (worker generator) or deterministic validation (key-seeded).
-        seed: run seed.
-        rank: this process's rank.
+        seeds: this stage's per-epoch seeds (``seeds.seed`` also keys validation's per-sample seeds).
         counter: where skips are counted.
     """
 
@@ -118,26 +143,32 @@ class ProcessSamples:
         processor: ConverterSampleProcessor | ZimSampleProcessor,
         *,
         train: bool,
-        seed: int,
-        rank: int,
+        seeds: EpochSeeds,
         counter: SkipCounter,
     ) -> None:
-        self.processor, self.train, self.seed, self.rank, self.counter = processor, train, seed, rank, counter
-        self.epoch = -1
+        self.processor, self.train, self.seeds, self.counter = processor, train, seeds, counter
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        self.epoch += 1
-        rng = np.random.default_rng(_stream_seed(self.seed, self.rank, self.epoch, 2))
+        rng = np.random.default_rng(self.seeds.next_epoch(2))
         self.processor.seed(rng)
         handler = self.counter.handler()
+        skipped = 0
         for sample in src:
             try:
-                sample_rng = rng if self.train else key_rng(self.seed, sample["__key__"])
+                sample_rng = rng if self.train else key_rng(self.seeds.seed, sample["__key__"])
                 processed = self.processor(sample, sample_rng, train=self.train)
             except Exception as exn:  # the handler re-raises whatever is not bad data
-                if handler(exn):
-                    continue
-                break
+                if not handler(exn):
+                    break
+                skipped += 1
+                if self.train and skipped >= MAX_CONSECUTIVE_SKIPS:
+                    raise RuntimeError(
+                        f"{skipped} training samples in a row were skipped as corrupt (the last: "
+                        f"{exn}); skips so far: {self.counter.counts()}. Check that the shards are "
+                        f"the kind this stage reads ({type(self.processor).__name__})"
+                    ) from exn
+                continue
+            skipped = 0
             yield from processed
 
 
@@ -145,15 +176,13 @@ class MixSTL(torch.utils.data.IterableDataset):
     """Matting samples with segmentation (STL) samples mixed in at ``ratio`` (see ``augment.mix_stl``)."""
 
     def __init__(
-        self, matting: wds.DataPipeline, segmentation: wds.DataPipeline, *, ratio: float, seed: int, rank: int
+        self, matting: wds.DataPipeline, segmentation: wds.DataPipeline, *, ratio: float, seeds: EpochSeeds
     ):
         super().__init__()
-        self.matting, self.segmentation, self.ratio = matting, segmentation, ratio
-        self.seed, self.rank, self.epoch = seed, rank, -1
+        self.matting, self.segmentation, self.ratio, self.seeds = matting, segmentation, ratio, seeds
 
     def __iter__(self) -> Iterator[dict]:
-        self.epoch += 1
-        rng = np.random.default_rng(_stream_seed(self.seed, self.rank, self.epoch, 3))
+        rng = np.random.default_rng(self.seeds.next_epoch(3))
         return mix_stl(iter(self.matting), iter(self.segmentation), rng, ratio=self.ratio)
 
 
@@ -359,6 +388,16 @@ class ZimDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ training
 
+    def _epoch_seeds(self, rank: int) -> EpochSeeds:
+        # Where training resumes: the restored epoch and global step (Lightning restores the loops
+        # before it asks for the training loader), or the start of a fresh run.
+        trainer = self.trainer
+        if trainer is None:
+            return EpochSeeds(seed=self.seed, rank=rank)
+        return EpochSeeds(
+            seed=self.seed, rank=rank, first_epoch=trainer.current_epoch, resume_step=trainer.global_step
+        )
+
     def _train_stream(self, urls: list[str], *, rank: int, world_size: int) -> wds.DataPipeline:
         workers = max(1, self.num_workers)
         split = len(urls) >= world_size * workers
@@ -376,10 +415,11 @@ class ZimDataModule(L.LightningDataModule):
                 split_by_dataloader_worker,  # workersplitter: this worker's share of them
             ]
         stages += [
-            ResampleShards(seed=self.seed, rank=rank),  # endless {"url"} draws with replacement
-            partial(tar_samples, counter=self.skips),  # raw samples {"__key__", "jpg": bytes, ...}
+            ResampleShards(seeds=self._epoch_seeds(rank)),  # endless {"url"} draws with replacement
+            # raw samples {"__key__", "jpg": bytes, ...}; an error if every shard drawn is unreadable
+            partial(tar_samples, counter=self.skips, max_empty_shards=max(1000, 10 * len(urls))),
             ShuffleSamples(
-                bufsize=self.shuffle_buffer, initial=self.shuffle_initial, seed=self.seed, rank=rank
+                bufsize=self.shuffle_buffer, initial=self.shuffle_initial, seeds=self._epoch_seeds(rank)
             ),
         ]
         return wds.DataPipeline(*stages)
@@ -403,14 +443,14 @@ class ZimDataModule(L.LightningDataModule):
                 self._shards(self.seg_shards, "seg_shards (stl=True)"), rank=rank, world_size=world_size
             )
             source = MixSTL(
-                raw, seg, ratio=self.stl_ratio, seed=self.seed, rank=rank
+                raw, seg, ratio=self.stl_ratio, seeds=self._epoch_seeds(rank)
             )  # matting + STL samples
         else:
             source = raw
         return wds.DataPipeline(
             source,
             # processed samples in the contract's layout (numpy), corrupt ones skipped and counted
-            ProcessSamples(self._processor(), train=True, seed=self.seed, rank=rank, counter=self.skips),
+            ProcessSamples(self._processor(), train=True, seeds=self._epoch_seeds(rank), counter=self.skips),
             # collated batches: tensors, key list[str]
             wds.batched(self.batch_size, collation_fn=self._collate(), partial=False),
         )
@@ -463,7 +503,12 @@ class ZimDataModule(L.LightningDataModule):
         return wds.DataPipeline(
             *stages,
             partial(tar_samples, counter=self.skips),  # raw samples, in file order
-            ProcessSamples(self._processor(), train=False, seed=self.seed, rank=rank, counter=self.skips),
+            ProcessSamples(
+                self._processor(),
+                train=False,
+                seeds=EpochSeeds(seed=self.seed, rank=rank),
+                counter=self.skips,
+            ),
             wds.batched(self.val_batch_size, collation_fn=self._collate(), partial=True),
         )
 

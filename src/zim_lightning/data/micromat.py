@@ -41,6 +41,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from zim_lightning.data.prompts import sample_points, support_box
+from zim_lightning.data.sa1b import GRAY_16_BIT_MODES
 
 FORMATS: tuple[str, ...] = ("micromat", "am2k", "aim500")
 PROMPTS: tuple[str, ...] = ("point", "box", "both")
@@ -53,7 +54,6 @@ DERIVED_SUPPORT_ALPHA = 0.0
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _ALPHA_SUFFIXES = (".png",)
-_16_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
 class EvalDataError(ValueError):
@@ -206,7 +206,7 @@ def read_alpha(path: Path) -> np.ndarray:
     recomputed from the files by any float64 implementation agree to the last digits.
     """
     with Image.open(path) as img:
-        if img.mode in _16_BIT_MODES:
+        if img.mode in GRAY_16_BIT_MODES:
             return (np.asarray(img).astype(np.float64) / 65535.0).clip(0, 1)
         return np.asarray(img.convert("L")).astype(np.float64) / 255.0
 

@@ -28,6 +28,7 @@ from pycocotools import mask as mask_utils
 from zim_lightning.data.skips import CorruptSample, SkipCounter
 
 __all__ = [
+    "GRAY_16_BIT_MODES",
     "CorruptSample",
     "check_decoded_size",
     "decode_gray",
@@ -46,6 +47,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Pillow modes of 16-bit grayscale PNGs (values 0..65535).
+GRAY_16_BIT_MODES: tuple[str, ...] = ("I;16", "I;16B", "I;16L", "I")
+
 #: Exceptions that mean the tar stream itself is damaged (truncated download, bad gzip).
 _TAR_STREAM_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 
@@ -62,7 +66,9 @@ class _EndCheckingTarInfo(tarfile.TarInfo):
     def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
         try:
             return super().fromtarfile(tarfile_)
-        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError):
+            # (A zero block, EOFHeaderError, is the normal end; an invalid header, e.g. a bad checksum,
+            # ends a stream as silently as a missing one.)
             tarfile_.zim_truncated = True
             raise
 
@@ -116,18 +122,34 @@ def decode_image(data: bytes, *, key: str, max_side: int | None = None) -> np.nd
 
 
 def decode_gray(data: bytes, *, key: str) -> np.ndarray:
-    """Decode an 8-bit grayscale PNG (alpha or mask) into HxW uint8 in [0, 255].
+    """Decode a grayscale PNG (alpha or mask) into HxW uint8 in [0, 255].
+
+    8-bit grayscale is the format; 16-bit grayscale is rescaled (65535 -> 255, rounded), and RGB or
+    palette images are converted to luminance (alphas saved with three equal channels).
 
     Raises:
-        CorruptSample: if the bytes are not a decodable image.
+        CorruptSample: if the bytes are not a decodable image, or carry an alpha channel (LA, RGBA:
+            which of the channels is the matte is ambiguous).
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
-            gray = np.asarray(image if image.mode == "L" else image.convert("L"))
+            mode, has_alpha = image.mode, "A" in image.getbands()
+            if mode in GRAY_16_BIT_MODES:
+                wide = np.asarray(image).astype(np.int64).clip(0, 65535)
+                gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+            elif not has_alpha:
+                gray = np.asarray(image if mode == "L" else image.convert("L"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise CorruptSample(
             f"cannot decode grayscale image ({error})", key=key, reason="corrupt_image"
         ) from error
+    if has_alpha:
+        raise CorruptSample(
+            f"expected a grayscale alpha or mask (mode L or I;16), got mode {mode} with an alpha "
+            "channel; save the matte as a single-channel PNG",
+            key=key,
+            reason="corrupt_image",
+        )
     if gray.ndim != 2 or gray.size == 0:
         raise CorruptSample(f"expected an HxW image, got shape {gray.shape}", key=key, reason="corrupt_image")
     return gray
@@ -357,8 +379,13 @@ def iter_tar(url: str, *, counter: SkipCounter | None = None) -> Iterator[dict]:
                 raise tarfile.ReadError("stream ends without the end-of-archive marker")
     except _TAR_STREAM_ERRORS as error:
         _report(counter, "truncated_tar", url, f"damaged tar stream ({error}){damage or ''}")
+        damage = damage or "reported"
     finally:
-        stream.close()
+        try:
+            stream.close()
+        except OSError as error:  # a ``pipe:`` command that exits with an error status (a failed download)
+            if damage is None:
+                _report(counter, "truncated_tar", url, f"shard stream failed on close ({error})")
     if current is not None:
         yield current
 
@@ -369,10 +396,34 @@ def iter_shards(urls: Iterable[str], *, counter: SkipCounter | None = None) -> I
         yield from iter_tar(url, counter=counter)
 
 
-def tar_samples(src: Iterable[dict], *, counter: SkipCounter | None = None) -> Iterator[dict]:
-    """Webdataset pipeline stage: ``{"url": ...}`` shard dicts in, samples out (see :func:`iter_tar`)."""
+def tar_samples(
+    src: Iterable[dict], *, counter: SkipCounter | None = None, max_empty_shards: int | None = None
+) -> Iterator[dict]:
+    """Webdataset pipeline stage: ``{"url": ...}`` shard dicts in, samples out (see :func:`iter_tar`).
+
+    Args:
+        src: shard dicts.
+        counter: where damaged and unreadable shards are counted.
+        max_empty_shards: raise once this many shards in a row gave no sample (an endless resampled
+            stream over shards that are all unreadable would otherwise never yield and never end);
+            None: no limit.
+
+    Raises:
+        RuntimeError: ``max_empty_shards`` shards in a row gave no sample.
+    """
+    empty = 0
     for shard in src:
-        yield from iter_tar(shard["url"], counter=counter)
+        got = False
+        for sample in iter_tar(shard["url"], counter=counter):
+            got = True
+            yield sample
+        empty = 0 if got else empty + 1
+        if max_empty_shards is not None and empty >= max_empty_shards:
+            skipped = f"; skips so far: {counter.counts()}" if counter is not None else ""
+            raise RuntimeError(
+                f"{empty} shards in a row gave no sample (the last: {shard['url']}): the shards are "
+                f"unreadable or empty{skipped}"
+            )
 
 
 def sa1b_record(sample: dict, *, max_side: int | None = None) -> tuple[np.ndarray, dict]:

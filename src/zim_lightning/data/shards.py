@@ -13,24 +13,40 @@ import braceexpand
 import torch.utils.data
 
 
-def expand_shards(spec: str | Sequence[str]) -> list[str]:
+def expand_shards(spec: str | Sequence[str], *, check_exists: bool = True) -> list[str]:
     """Expand a shard specification into a list of urls, order preserved.
 
     Args:
         spec: a local path, a brace pattern (``"sa_{000000..000009}.tar"``), a ``pipe:`` url, several of
             these separated by ``::``, or a list of them.
+        check_exists: check that every local path exists (``pipe:`` and ``scheme://`` urls are not
+            checked). A training stream draws shards endlessly, so a mistyped path would otherwise
+            never end, and a deterministic pass would silently miss the shard.
 
     Returns:
         The shard urls.
 
     Raises:
         ValueError: if the specification expands to nothing.
+        FileNotFoundError: if a local shard does not exist (the message names the first few).
     """
     parts = spec.split("::") if isinstance(spec, str) else list(spec)
     urls = [url for part in parts for url in braceexpand.braceexpand(part)]
     if not urls:
         raise ValueError(f"shard specification {spec!r} names no shards; expected a path or brace pattern")
+    if check_exists:
+        missing = [url for url in urls if is_local(url) and not os.path.exists(url)]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise FileNotFoundError(
+                f"{len(missing)} of the {len(urls)} shards of {spec!r} do not exist: {shown}"
+            )
     return urls
+
+
+def is_local(url: str) -> bool:
+    """Whether a shard url is a local path (not ``pipe:...`` nor ``scheme://...``)."""
+    return not url.startswith("pipe:") and "://" not in url
 
 
 def distributed_info(*, rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
