@@ -61,6 +61,17 @@ def test_tiny_accepts_float_images_and_is_deterministic_in_eval() -> None:
 
 
 @pytest.mark.slow
+def test_alpha_stays_float32_under_bf16_autocast() -> None:
+    # bf16 alpha has 8 bits: 1/256 steps in [0.5, 1), coarser than the 8-bit PNGs SA1B-Matte stores
+    torch.manual_seed(0)
+    model = converter_model_registry["converter_tiny"]().eval()
+    images, masks = _inputs(b=1, h=64, w=64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, masks)
+    for key in ALPHA_KEYS:
+        assert out[key].dtype == torch.float32, key
+
+
 def test_hiera_b_plus_shapes_and_ranges() -> None:
     torch.manual_seed(0)
     model = converter_model_registry["converter_hiera_b_plus"]().eval()

@@ -187,6 +187,23 @@ def test_resampling_round_trip_keeps_the_mask(tmp_path: Path) -> None:
         assert ((back > 0.5) == (truth > 0.5)).mean() > 0.99
 
 
+@pytest.mark.parametrize("context, margin, min_crop", [(0.1, 0.1, 1), (0.25, 0.25, 1), (0.5, 0.1, 128)])
+def test_the_matte_box_always_lies_inside_the_converter_square(context, margin, min_crop) -> None:
+    config = CropConfig(crop_size=32, context=context, margin=margin, min_crop=min_crop)
+    rng = np.random.default_rng(0)
+    alpha = np.full((32, 32), 200, np.uint8)
+    for _ in range(2000):
+        height, width = (int(v) for v in rng.integers(20, 400, size=2))
+        w, h = int(rng.integers(1, width + 1)), int(rng.integers(1, height + 1))
+        box = (int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h)
+        x0, y0, side = crop_square(box, (height, width), config)
+        bx, by, bw, bh, _ = matte_box(box, (height, width), config.margin)
+        assert x0 <= bx and y0 <= by and bx + bw <= x0 + side and by + bh <= y0 + side, (box, height, width)
+        assert project_matte(alpha, (x0, y0, side), (bx, by, bw, bh)).shape == (bh, bw)
+    with pytest.raises(ValueError, match="not inside the converter's square"):
+        project_matte(alpha, (10, 10, 50), (5, 10, 20, 20))
+
+
 def _build_in_child(sa1b: Path, out: Path, checkpoint: Path) -> None:
     # one thread: OpenMP's pool does not survive fork, and the child only needs to be killable mid-run
     torch.set_num_threads(1)
@@ -275,7 +292,10 @@ def test_corrupt_samples_are_skipped_counted_and_a_rerun_changes_nothing(
     out = tmp_path / "out"
     summary = _build(shards, out, checkpoint)
 
-    assert summary["done"] == 2
+    # the truncated download is not finished (a rerun would otherwise skip its missing tail for good)
+    assert summary["done"] == 1 and summary["missing"] == ["sa_000101.tar"]
+    assert "sa_000101.tar" in summary["failed"] and "--accept-truncated" in summary["failed"]["sa_000101.tar"]
+    assert not (out / "sa_000101.tar").exists() and not list(out.rglob("*.partial"))
     first = json.loads((out / MANIFEST_DIR / "sa_000100.json").read_text())
     assert first["skipped"]["corrupt_image"] == 1 and first["skipped"]["bad_json"] == 1
     assert first["skipped"]["bad_rle"] == 1 and first["skipped"]["empty_mask"] == 1
@@ -286,15 +306,21 @@ def test_corrupt_samples_are_skipped_counted_and_a_rerun_changes_nothing(
     converted = [a["id"] for a in kept["annotations"] if "matte" in a]
     assert len(converted) == good and 900001 not in converted and 900002 not in converted
     assert not any(n.startswith(k_jpeg) or n.startswith(k_json) for n in names)
+    assert summary["skipped_total"] == 4
+
+    def finished_mtimes() -> dict[str, int]:  # the failure note is rewritten by each failing run
+        return {n: (out / n).stat().st_mtime_ns for n in _files(out) if not n.endswith(".failed.json")}
+
+    before, snapshot = finished_mtimes(), _files(out)
+    again = _build(shards, out, checkpoint)  # finished shards stay as they are; the damaged one fails again
+    assert again["built"] == 0 and again["failed_this_rank"] == ["sa_000101.tar"] and _files(out) == snapshot
+    assert finished_mtimes() == before
+
+    accepted = _build(shards, out, checkpoint, accept_truncated=True)  # keep what the damaged one holds
+    assert accepted["done"] == 2 and accepted["failed"] == {}
     second = json.loads((out / MANIFEST_DIR / "sa_000101.json").read_text())
     assert second["skipped"]["truncated_tar"] == 1 and 0 < second["images"] < len(source)
-    assert summary["skipped_total"] == 5
-
-    before = {name: (out / name).stat().st_mtime_ns for name in _files(out)}
-    snapshot = _files(out)
-    again = _build(shards, out, checkpoint)
-    assert again["built"] == 0 and _files(out) == snapshot
-    assert {name: (out / name).stat().st_mtime_ns for name in _files(out)} == before
+    assert not (out / MANIFEST_DIR / "sa_000101.failed.json").exists()
 
 
 def test_zim_stage_loads_a_batch_from_the_built_shards(clean_build: Path) -> None:

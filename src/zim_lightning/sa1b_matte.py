@@ -70,6 +70,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,8 @@ PARTIAL_SUFFIX = ".partial"
 MANIFEST_DIR = "manifest"
 # Bilinear resampling spreads an edge over about a pixel, so the matte box keeps at least this margin.
 MIN_MARGIN_PX = 2
+#: How long a rank that finished its shards waits at the final barrier for the others.
+BARRIER_TIMEOUT = timedelta(days=7)
 # PNG: zlib level 1 and the "sub" filter alone. Mattes are mostly flat 0 / 255 runs that level 1 already
 # packs well; trying every filter per row (OpenCV's default) triples the encode time for a 5% smaller file.
 PNG_PARAMS = (cv2.IMWRITE_PNG_COMPRESSION, 1) + (
@@ -163,6 +166,11 @@ def rle_box(annotation: dict) -> tuple[int, int, int, int]:
     return x, y, w, h
 
 
+def margin_px(box: tuple[int, int, int, int], margin: float) -> int:
+    """The matte box's margin in pixels around a mask box (x, y, w, h): ``margin`` of its longer side."""
+    return max(MIN_MARGIN_PX, math.ceil(margin * max(box[2], box[3])))
+
+
 def matte_box(box: tuple[int, int, int, int], image_hw: tuple[int, int], margin: float) -> tuple[int, ...]:
     """The stored matte's region: ``box`` grown by ``margin`` and clipped to the image.
 
@@ -171,7 +179,7 @@ def matte_box(box: tuple[int, int, int, int], image_hw: tuple[int, int], margin:
     """
     x, y, w, h = box
     height, width = image_hw
-    m = max(MIN_MARGIN_PX, math.ceil(margin * max(w, h)))
+    m = margin_px(box, margin)
     x0, y0 = max(x - m, 0), max(y - m, 0)
     x1, y1 = min(x + w + m, width), min(y + h + m, height)
     return x0, y0, x1 - x0, y1 - y0, m
@@ -189,7 +197,11 @@ def crop_square(
     if config.mode == "whole":
         return 0, 0, max(height, width)
     x, y, w, h = box
-    side = max(math.ceil(max(w, h) * (1.0 + 2.0 * config.context)), config.min_crop)
+    longer = max(w, h)
+    # at least the matte box's extent (plus a pixel for centring on a whole pixel): the matte box must
+    # lie inside the square whatever the rounding of the context, the margin and the placement
+    needed = longer + 2 * margin_px(box, config.margin) + 1
+    side = max(math.ceil(longer * (1.0 + 2.0 * config.context)), config.min_crop, needed)
     side = min(side, max(height, width))
 
     def place(start: float, extent: int) -> int:
@@ -246,10 +258,15 @@ def project_matte(
 
     Returns:
         h x w uint8 alpha.
+
+    Raises:
+        ValueError: if the box is not inside the square.
     """
     size = alpha.shape[0]
     x0, y0, side = square
     bx, by, bw, bh = box
+    if bx < x0 or by < y0 or bx + bw > x0 + side or by + bh > y0 + side:
+        raise ValueError(f"matte box {box} is not inside the converter's square {square}")
     if side < size:
         # the square was enlarged for the converter: average back down, then cut the box out
         small = cv2.resize(alpha, (side, side), interpolation=cv2.INTER_AREA)
@@ -340,6 +357,11 @@ def output_path(out: Path, shard: Path) -> Path:
 
 def manifest_path(out: Path, shard: Path) -> Path:
     return out / MANIFEST_DIR / (Path(shard.name).stem + ".json")
+
+
+def failure_path(out: Path, shard: Path) -> Path:
+    """Where a shard whose input was damaged records why it was not finished."""
+    return out / MANIFEST_DIR / (Path(shard.name).stem + ".failed.json")
 
 
 def is_done(out: Path, shard: Path) -> bool:
@@ -611,20 +633,30 @@ def _run_info(config: CropConfig, model: str, checkpoint: str | None) -> dict[st
 class SA1BMatteWriter(BasePredictionWriter):
     """Writes each rank's output shards from its predictions, batch by batch (nothing is gathered).
 
+    An input shard whose tar stream is damaged (a truncated or failed download) is not finished: its
+    output is dropped and ``manifest/<name>.failed.json`` says why, so that a rerun builds it again once
+    the input is fetched anew, instead of skipping a shard that silently lacks its tail. With
+    ``accept_truncated`` such a shard is finished with what could be read (the manifest counts it).
+
     Args:
         out: the output directory.
         inputs: input shard paths by name, for the manifest.
         run_info: the options recorded in every manifest.
+        accept_truncated: finish shards whose input stream is damaged.
     """
 
-    def __init__(self, *, out: Path, inputs: dict[str, Path], run_info: dict[str, Any]) -> None:
+    def __init__(
+        self, *, out: Path, inputs: dict[str, Path], run_info: dict[str, Any], accept_truncated: bool = False
+    ) -> None:
         super().__init__(write_interval="batch")
         self.out = out
         self.inputs = inputs
         self.run_info = run_info
+        self.accept_truncated = accept_truncated
         self.open: dict[str, _OpenShard] = {}
         self.pool: ThreadPoolExecutor | None = None
         self.completed: list[str] = []
+        self.failed: list[str] = []
         self.masks = 0
         self.start: float | None = None
 
@@ -698,6 +730,20 @@ class SA1BMatteWriter(BasePredictionWriter):
         state.handle.flush()
         os.fsync(state.handle.fileno())
         state.handle.close()
+        final = self.out / state.shard
+        if end.skipped.get("truncated_tar", 0) and not self.accept_truncated:
+            reason = (
+                f"the input {self.inputs[state.shard]} is damaged (truncated tar or gzip stream, or a "
+                f"failed read) after {end.samples} samples; fetch it again and rerun, or pass "
+                "--accept-truncated to keep what can be read"
+            )
+            note = {"input": str(self.inputs[state.shard]), "output": state.shard, "reason": reason}
+            write_atomic(failure_path(self.out, final), (json.dumps(note, indent=1) + "\n").encode())
+            state.tmp.unlink()
+            del self.open[state.shard]
+            self.failed.append(state.shard)
+            log.error("%s: not finished: %s", state.shard, reason)
+            return
         manifest = {
             "input": str(self.inputs[state.shard]),
             "output": state.shard,
@@ -709,10 +755,10 @@ class SA1BMatteWriter(BasePredictionWriter):
             "skipped_total": sum(end.skipped.values()),
             "build": self.run_info,
         }
-        final = self.out / state.shard
         # manifest first: a shard under its final name always has its manifest
         write_atomic(manifest_path(self.out, final), (json.dumps(manifest, indent=1) + "\n").encode())
         os.replace(state.tmp, final)
+        failure_path(self.out, final).unlink(missing_ok=True)  # an earlier run's note on this shard
         _fsync_dir(self.out)
         del self.open[state.shard]
         self.completed.append(state.shard)
@@ -777,6 +823,7 @@ def build(
     precision: str | None = None,
     channels_last: bool = False,
     compile: str | None = None,
+    accept_truncated: bool = False,
 ) -> dict[str, Any]:
     """Build SA1B-Matte shards for ``sa1b`` in ``out``, skipping finished ones.
 
@@ -794,11 +841,14 @@ def build(
         channels_last: NHWC convolution weights (``zim_lightning.speed.to_channels_last``; same mattes).
         compile: ``torch.compile`` mode for the whole converter (``zim_lightning.speed.COMPILE_MODES``),
             or None for eager. Every batch has the same shape, so it compiles once per rank.
+        accept_truncated: finish shards whose input tar stream is damaged with what can be read;
+            default: leave them unfinished with a note (see :class:`SA1BMatteWriter`).
 
     Returns:
         A summary over all input shards (rank 0's view after every rank finished): see :func:`summarize`.
     """
     import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy
 
     from zim_lightning import speed
     from zim_lightning.lit.build_module import MatteBuildModule
@@ -832,13 +882,18 @@ def build(
     precision = precision or ("bf16-mixed" if gpu else "32-true")
     several = num_nodes > 1 or (devices not in ("auto", 1, "1") and str(devices) != "1")
     writer = SA1BMatteWriter(
-        out=out, inputs={s.name: s for s in shards}, run_info=_run_info(config, model, checkpoint)
+        out=out,
+        inputs={s.name: s for s in shards},
+        run_info=_run_info(config, model, checkpoint),
+        accept_truncated=accept_truncated,
     )
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,
-        strategy="ddp" if several else "auto",
+        # Ranks wait at the final barrier for the slowest one (a shard takes hours), far past the
+        # 30-minute default timeout of a collective, after which NCCL would abort the finished ranks.
+        strategy=DDPStrategy(timeout=BARRIER_TIMEOUT) if several else "auto",
         precision=precision,
         logger=False,
         enable_checkpointing=False,
@@ -867,7 +922,12 @@ def build(
     )
     trainer.strategy.barrier()
     summary = summarize(out, shards)
-    summary.update(built=len(writer.completed), masks_this_rank=writer.masks, seconds=seconds)
+    summary.update(
+        built=len(writer.completed),
+        failed_this_rank=writer.failed,
+        masks_this_rank=writer.masks,
+        seconds=seconds,
+    )
     summary["rank"] = trainer.global_rank
     return summary
 
@@ -876,10 +936,11 @@ def summarize(out: Path, shards: Sequence[Path]) -> dict[str, Any]:
     """Totals over the manifests of ``shards`` in ``out``.
 
     Returns:
-        ``{"shards": n, "done": finished, "missing": [names], "samples", "images", "annotations",
-        "masks", "skipped": {kind: n}, "skipped_total", "per_shard": [manifest, ...]}``.
+        ``{"shards": n, "done": finished, "missing": [names], "failed": {name: why} (unfinished shards
+        whose input was damaged), "samples", "images", "annotations", "masks", "skipped": {kind: n},
+        "skipped_total", "per_shard": [manifest, ...]}``.
     """
-    totals: dict[str, Any] = {"shards": len(shards), "done": 0, "missing": [], "per_shard": []}
+    totals: dict[str, Any] = {"shards": len(shards), "done": 0, "missing": [], "failed": {}, "per_shard": []}
     for name in ("samples", "images", "annotations", "masks", "skipped_total"):
         totals[name] = 0
     totals["skipped"] = dict.fromkeys(SKIP_REASONS, 0)
@@ -887,6 +948,8 @@ def summarize(out: Path, shards: Sequence[Path]) -> dict[str, Any]:
         path = manifest_path(out, shard)
         if not (is_done(out, shard) and path.is_file()):
             totals["missing"].append(shard.name)
+            if failure_path(out, shard).is_file():
+                totals["failed"][shard.name] = json.loads(failure_path(out, shard).read_text())["reason"]
             continue
         manifest = json.loads(path.read_text())
         totals["done"] += 1
@@ -928,6 +991,8 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     console.print(table)
     if summary["missing"]:
         console.print(f"[red]unfinished shards[/red]: {', '.join(summary['missing'][:20])}")
+    for name, reason in list(summary["failed"].items())[:20]:
+        console.print(f"[red]{name}[/red]: {reason}")
     console.print(f"skipped samples and masks: {summary['skipped_total']}")
 
 
@@ -969,6 +1034,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     from zim_lightning.speed import COMPILE_MODES  # here: the DataLoader workers import this module
 
+    p.add_argument(
+        "--accept-truncated",
+        action="store_true",
+        help="finish shards whose input tar is damaged with what can be read (default: leave them "
+        "unfinished, with a note, for a rerun after fetching them again)",
+    )
     p.add_argument("--channels-last", action="store_true", help="NHWC convolution weights (GPUs)")
     p.add_argument(
         "--compile", default=None, choices=COMPILE_MODES, help="torch.compile mode (default: eager)"
@@ -1004,6 +1075,7 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision,
             channels_last=args.channels_last,
             compile=args.compile,
+            accept_truncated=args.accept_truncated,
         )
     except (ValueError, OSError) as error:
         print(f"zim-lightning build-sa1b-matte: error: {error}", file=sys.stderr)

@@ -259,12 +259,15 @@ class MattingConverter(nn.Module):
         y1 = self.up1(y2, self.shortcut1(inp))  # BxD1xHxW
 
         def full(logits: torch.Tensor) -> torch.Tensor:
-            # upsample logits rather than alpha so the sigmoid keeps edges sharp
+            # upsample logits rather than alpha so the sigmoid keeps edges sharp; in float32, so that
+            # under bf16 autocast alpha is not rounded to bf16's 8 bits (1/256 steps near 1) before
+            # the losses and the 8-bit PNGs of SA1B-Matte
+            logits = logits.float()
             return torch.sigmoid(F.interpolate(logits, size=size, mode="bilinear", align_corners=False))
 
         alpha_os8 = full(self.head_os8(y8))
         alpha_os4 = full(self.head_os4(y4))
-        alpha_os1 = torch.sigmoid(self.head_os1(y1))
+        alpha_os1 = torch.sigmoid(self.head_os1(y1).float())
         if self.progressive_refinement:
             width4, width1 = self._widths()
             alpha, band_os4 = progressive_refine(alpha_os8, alpha_os4, width4, eps=self.uncertainty_eps)
