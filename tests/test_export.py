@@ -23,7 +23,8 @@ from zim_lightning.export import (
     main,
 )
 from zim_lightning.models.attention_mask import attention_map_from_prompts
-from zim_lightning.models.build import zim_model_registry
+from zim_lightning.models.build import ZIM_VARIANTS, zim_model_registry
+from zim_lightning.models.zim import Zim
 
 ATOL = 1e-4
 
@@ -124,6 +125,24 @@ def test_sam_decoder_variant_keeps_all_seven_inputs(tmp_path) -> None:
     onnx_masks, _ = _session(decoder_path).run(None, {k: v.numpy() for k, v in feeds.items()})
     assert onnx_masks.shape == (1, 4, 256, 256)
     np.testing.assert_allclose(onnx_masks, masks.numpy(), atol=ATOL)
+
+
+def test_flex_attention_exports_as_sdpa_fold_and_the_model_is_left_as_it_was(tmp_path) -> None:
+    torch.manual_seed(2)
+    model = zim_model_registry["tiny"](attention="flex").train()
+    encoder_path, _ = export_onnx(model, tmp_path)
+    assert model.training and {m.backend for m in model.modules() if hasattr(m, "backend")} == {"flex"}
+    image = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        embedding, _ = model.eval().encode_preprocessed(image)
+    onnx_embedding = _session(encoder_path).run(["image_embeddings"], {"image": image.numpy()})[0]
+    np.testing.assert_allclose(onnx_embedding, embedding.numpy(), atol=ATOL)
+
+
+def test_a_frame_the_official_runner_cannot_feed_is_rejected(tmp_path) -> None:
+    with pytest.raises(ValueError, match="feeds 1024x1024 images; this model's frame is 256"):
+        export_onnx(Zim(**ZIM_VARIANTS["tiny"], image_size=256), tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_rejects_missing_checkpoint(tmp_path, capsys) -> None:

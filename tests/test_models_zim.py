@@ -242,6 +242,18 @@ def test_box_off_grid_gives_finite_logits_equal_to_unmasked(tiny_encoded):
     assert torch.allclose(logits, unmasked, atol=1e-5)
 
 
+def test_prompt_positions_are_encoded_in_float32_under_bf16_autocast(tiny_encoded):
+    model = tiny_encoded[0]
+    coords = torch.tensor([[[1000.0, 37.0], [3.0, 999.0], [512.0, 512.0]]])
+    labels = torch.tensor([[1.0, 0.0, 2.0]])
+    tokens, dense = model.prompt_encoder(coords, labels), model.prompt_encoder.get_dense_pe()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens_bf16, dense_bf16 = model.prompt_encoder(coords, labels), model.prompt_encoder.get_dense_pe()
+    # bf16 features of a click near x = 1000 are off by about a 2-pixel shift's worth
+    torch.testing.assert_close(tokens_bf16, tokens)
+    torch.testing.assert_close(dense_bf16, dense)
+
+
 # --- ablation switches ------------------------------------------------------------------------------
 
 

@@ -16,7 +16,8 @@ ignores one (the ``sam`` pixel decoder ignores the features, ``masked_attention=
 ``attn_mask``). The TorchScript exporter drops unused inputs; they are declared again afterwards as
 graph inputs that no node reads, which ONNX allows.
 
-``zim-lightning export-onnx --model NAME [--checkpoint PATH] --out DIR``.
+``zim-lightning export-onnx --model NAME [--checkpoint PATH] --out DIR``, or ``--run-config RUN/config.yaml
+--checkpoint RUN/...ckpt`` for a training run's own network.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import onnx
 import torch
 from torch import nn
 
+from zim_lightning.models.vit_attention import ViTAttention
 from zim_lightning.models.zim import Zim
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,11 @@ DECODER_INPUTS: tuple[str, ...] = (
     "point_labels",
 )
 DECODER_OUTPUTS: tuple[str, ...] = ("masks", "iou_predictions")
+#: The frame the official runner feeds the encoder (it resizes every image to it).
+OFFICIAL_IMAGE_SIZE = 1024
+#: ViT attention backends the exporter traces as they are; others (``flex``: a higher-order op,
+#: ``triton_relpos``: a custom kernel) are exported as ``sdpa_fold``, the same function.
+_TRACEABLE_ATTENTION = ("eager", "sdpa", "sdpa_fold")
 
 #: Symbolic sizes of the decoder: prompt sets per call and points per set (SAM's runner pads with one
 #: point, a box gives two).
@@ -150,16 +157,38 @@ def export_onnx(model: Zim, out_dir: str | Path, *, opset: int = 17) -> tuple[Pa
     """Export ``model`` as ``encoder.onnx`` + ``decoder.onnx`` in the official layout.
 
     Args:
-        model: the ZIM network (any variant; it is put in eval mode and on the CPU for the export).
+        model: the ZIM network (any variant at the official 1024 frame). It is exported in eval mode on
+            the CPU, with ``flex`` or ``triton_relpos`` attention traced as ``sdpa_fold``; its device,
+            mode and attention backend are restored afterwards.
         out_dir: folder to write; created if needed. Existing files of the same names are replaced.
         opset: ONNX opset version.
 
     Returns:
         ``(encoder_path, decoder_path)``.
+
+    Raises:
+        ValueError: the model's frame is not 1024 (the official runner could not feed it).
     """
-    out_dir = Path(out_dir)
+    if model.image_size != OFFICIAL_IMAGE_SIZE:
+        raise ValueError(
+            f"the official zim_anything runner feeds {OFFICIAL_IMAGE_SIZE}x{OFFICIAL_IMAGE_SIZE} images; this "
+            f"model's frame is {model.image_size} (image_size), so its ONNX files could not run there"
+        )
+    backends = {module: module.backend for module in model.modules() if isinstance(module, ViTAttention)}
+    device, training = model.device, model.training
+    try:
+        for module, backend in backends.items():
+            if backend not in _TRACEABLE_ATTENTION:
+                module.backend = "sdpa_fold"
+        return _export_model(model.eval().cpu(), Path(out_dir), opset)
+    finally:
+        for module, backend in backends.items():
+            module.backend = backend
+        model.to(device).train(training)
+
+
+def _export_model(model: Zim, out_dir: Path, opset: int) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.eval().cpu()
     encoder, decoder = EncoderGraph(model), DecoderGraph(model)
     size = model.image_size
 
@@ -213,22 +242,31 @@ def _export(
 
 def main(argv: list[str] | None = None) -> int:
     """``zim-lightning export-onnx``: write encoder.onnx + decoder.onnx for the official runner."""
-    from zim_lightning.models.build import add_zim_arguments, check_checkpoint_argument, zim_from_arguments
+    from zim_lightning.models.build import (
+        RunConfigError,
+        add_zim_arguments,
+        check_checkpoint_argument,
+        zim_from_arguments,
+    )
+    from zim_lightning.models.checkpoint import CheckpointError
 
     parser = argparse.ArgumentParser(
         prog="zim-lightning export-onnx",
         description="Export a ZIM network to ONNX in the official zim_anything layout "
         "(a folder with encoder.onnx and decoder.onnx).",
     )
-    add_zim_arguments(parser)
+    add_zim_arguments(parser, run_config=True)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     check_checkpoint_argument(parser, args)
-    model = zim_from_arguments(args)
-    encoder_path, decoder_path = export_onnx(model, args.out, opset=args.opset)
+    try:
+        model = zim_from_arguments(args)
+        encoder_path, decoder_path = export_onnx(model, args.out, opset=args.opset)
+    except (RunConfigError, CheckpointError, ValueError) as err:
+        parser.error(str(err))
     print(f"wrote {encoder_path}")
     print(f"wrote {decoder_path}")
     return 0

@@ -170,7 +170,8 @@ class ZimPredictor:
         Args:
             point_coords: BxNx2 ``(X, Y)`` pixels in the resized 1024 frame
                 (``self.transform.apply_coords_torch``), or None.
-            point_labels: BxN labels in {0, 1}; required with ``point_coords``.
+            point_labels: BxN labels in {0, 1}, or -1 for padding (point sets of different lengths in one
+                batch, as in segment-anything); required with ``point_coords``.
             boxes: Bx4 ``(x1, y1, x2, y2)`` in the 1024 frame, or None.
             multimask_output: True: 4 mattes per prompt; False: mask 0 only.
             return_logits: return logits instead of alpha.
@@ -217,8 +218,14 @@ class ZimPredictor:
                     f"point_labels must be BxN = {tuple(point_coords.shape[:2])} to match point_coords, "
                     f"got shape {tuple(point_labels.shape)}"
                 )
-            if not bool(((point_labels == 0) | (point_labels == 1)).all()):
-                raise ValueError("point_labels must be 1 (foreground) or 0 (background)")
+            real = (point_labels == 0) | (point_labels == 1)
+            if not bool((real | (point_labels == LABEL_PAD)).all()):
+                raise ValueError(
+                    f"point_labels must be 1 (foreground), 0 (background) or {LABEL_PAD} (padding, to batch "
+                    "point sets of different lengths)"
+                )
+            if boxes is None and not bool(real.any(dim=1).all()):
+                raise ValueError("every point set needs at least one point labelled 0 or 1, not only padding")
             batch = point_coords.shape[0]
             parts_coords.append(point_coords.float())
             parts_labels.append(point_labels.float())

@@ -19,6 +19,12 @@ from torch import nn
 NUM_POINT_EMBEDDINGS = 4
 
 
+def _float32(device: torch.device) -> torch.autocast:
+    """Autocast off: the random Fourier features take sin/cos of (2 pi x coords @ gaussian), up to about
+    a hundred, so bf16's 8 bits there would move a click by pixels (about 2 px near x = 1000)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 class PromptEncoding(nn.Module):
     """Embeds labelled points into sparse tokens and gives the dense positional encoding.
 
@@ -45,7 +51,8 @@ class PromptEncoding(nn.Module):
             1xCxSxS float, S = ``image_embedding_size``.
         """
         side = self.image_embedding_size
-        return self.pe_layer((side, side)).unsqueeze(0)
+        with _float32(self.no_mask_embed.weight.device):
+            return self.pe_layer((side, side)).unsqueeze(0)
 
     def dense_embedding(self) -> torch.Tensor:
         """The "no mask" embedding SAM adds to the image embedding when no mask prompt is given.
@@ -67,7 +74,8 @@ class PromptEncoding(nn.Module):
         """
         # +0.5: SAM encodes the centre of the pixel.
         coords = (point_coords.float() + 0.5) / self.input_image_size
-        pe = self.pe_layer._pe_encoding(coords)  # BxNxC
+        with _float32(coords.device):
+            pe = self.pe_layer._pe_encoding(coords)  # BxNxC
         labels = point_labels[..., None]  # BxNx1
         # Padding carries no position, only the "not a point" embedding.
         tokens = pe * (labels != -1) + self.not_a_point_embed.weight * (labels == -1)
