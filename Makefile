@@ -22,6 +22,7 @@ SYNTH_ZIM = --data.init_args.train_shards='$(DATA)/matting/train/matting-{000000
 SA1B ?= $(DATA)/sa1b
 SA1B_MATTE ?= $(DATA)/sa1b_matte
 CONVERTER ?=
+CONVERTER_MODEL ?= converter_hiera_b_plus
 EVAL_DATA ?= $(DATA)/micromat
 EVAL_FORMAT ?= micromat
 
@@ -72,9 +73,9 @@ results: $(STAMP) ## Reproduce docs/results.md (CPU, about 40 min on an idle 2-c
 	$(BIN)/python scripts/results_zim.py --work runs/results --steps 1500 --json docs/results/zim.json
 	$(BIN)/python scripts/results_plot.py docs/results/converter.json docs/results/zim.json --out docs/images/loss_curves.png
 
-build-sa1b-matte: $(STAMP) ## Convert SA-1B masks to SA1B-Matte shards (SA1B=, SA1B_MATTE=, CONVERTER=ckpt; resumable)
+build-sa1b-matte: $(STAMP) ## Convert SA-1B masks to SA1B-Matte shards (SA1B=, SA1B_MATTE=, CONVERTER=ckpt, CONVERTER_MODEL=, ARGS=; resumable)
 	$(BIN)/zim-lightning build-sa1b-matte --sa1b $(SA1B) --out $(SA1B_MATTE) \
-		$(if $(CONVERTER),--converter $(CONVERTER),--model converter_tiny --crop-size 256)
+		$(if $(CONVERTER),--converter $(CONVERTER) --model $(CONVERTER_MODEL),--model converter_tiny --crop-size 256) $(ARGS)
 
 eval: $(STAMP) ## Evaluate MODEL [CHECKPOINT=...] (or a fit run: RUN_CONFIG=RUN/config.yaml CHECKPOINT=RUN/...ckpt) on EVAL_DATA into OUT/eval
 	$(BIN)/zim-lightning eval $(if $(RUN_CONFIG),--run-config $(RUN_CONFIG),--model $(MODEL)) \

@@ -17,7 +17,7 @@ from segment_anything.utils.amg import generate_crop_boxes
 from skimage import data
 from torchvision.ops import batched_nms, box_iou
 
-from zim_lightning.automatic import PRESETS, ZimAutomaticMatteGenerator, main
+from zim_lightning.automatic import PRESETS, ZimAutomaticMatteGenerator, main, write_results
 from zim_lightning.models.build import zim_model_registry
 
 NO_FILTER = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
@@ -214,6 +214,30 @@ def test_cli_writes_mattes_and_a_matching_index(tmp_path: Path, photo: np.ndarra
     overlay = Image.open(out / "overlay.png")
     assert overlay.size == (width, height) and overlay.mode == "RGB"
     assert not np.array_equal(np.asarray(overlay), photo)  # the mattes are drawn on it
+
+
+def test_write_results_leaves_no_mattes_of_an_earlier_run(tmp_path: Path, photo: np.ndarray) -> None:
+    alpha = np.zeros(photo.shape[:2], np.float32)
+    record = {
+        "alpha": alpha,
+        "bbox": [0, 0, 1, 1],
+        "area": 0,
+        "predicted_iou": 1.0,
+        "stability_score": 1.0,
+        "point_coords": [[0, 0]],
+        "crop_box": [0, 0, 1, 1],
+    }
+    write_results(tmp_path, photo, [record, record, record], {"image": "a.png"})
+    index = write_results(tmp_path, photo, [record], {"image": "b.png"})
+    assert sorted(p.name for p in tmp_path.glob("matte_*.png")) == [o["file"] for o in index["objects"]]
+
+
+def test_cli_rejects_bad_settings_with_a_usage_error(tmp_path: Path, photo: np.ndarray, capsys) -> None:
+    image_path = tmp_path / "photo.png"
+    Image.fromarray(photo).save(image_path)
+    with pytest.raises(SystemExit) as exc:
+        main([str(image_path), "--model", "tiny", "--out", str(tmp_path / "out"), "--points-per-side", "0"])
+    assert exc.value.code == 2 and "points_per_side" in capsys.readouterr().err
 
 
 def test_cli_rejects_a_missing_image(tmp_path: Path) -> None:

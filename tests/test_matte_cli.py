@@ -112,3 +112,29 @@ def test_missing_and_unreadable_images(tmp_path, capsys) -> None:
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_of_another_network_or_an_out_file_is_a_usage_error(photo, tmp_path, capsys) -> None:
+    path, _ = photo
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"weight": torch.zeros(3)}, wrong)
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                str(path),
+                "--box",
+                "1,2,30,40",
+                "--model",
+                "tiny",
+                "--checkpoint",
+                str(wrong),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+    assert exc.value.code == 2 and "wrong.pt" in capsys.readouterr().err
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), "--box", "1,2,30,40", "--model", "tiny", "--out", str(taken)])
+    assert exc.value.code == 2 and "is a file; expected a folder" in capsys.readouterr().err

@@ -434,12 +434,17 @@ def write_results(
 ) -> dict[str, Any]:
     """Write one 8-bit alpha PNG per object, ``index.json`` and ``overlay.png`` into ``out_dir``.
 
+    The ``matte_*.png`` files of an earlier run in ``out_dir`` are removed first, so the folder holds
+    exactly the objects its ``index.json`` lists.
+
     Returns:
         The index written to ``index.json``.
     """
     from PIL import Image
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("matte_*.png"):
+        stale.unlink()
     width = max(3, len(str(max(len(records) - 1, 0))))
     objects = []
     for index, record in enumerate(records):
@@ -465,7 +470,8 @@ def write_results(
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``zim-lightning matte-all``."""
-    from zim_lightning.models.build import add_zim_arguments, check_checkpoint_argument, zim_from_arguments
+    from zim_lightning.images import read_rgb
+    from zim_lightning.models.build import add_zim_arguments, describe_model, zim_for_command
 
     parser = argparse.ArgumentParser(
         prog="zim-lightning matte-all",
@@ -494,21 +500,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    check_checkpoint_argument(parser, args)
-
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {str(args.out)!r} is a file; expected a folder (created if missing)")
     try:
-        with Image.open(args.image) as picture:
-            image = np.asarray(ImageOps.exif_transpose(picture).convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        parser.error(f"image {str(args.image)!r}: no such file")
-    except (UnidentifiedImageError, OSError) as error:
-        parser.error(f"image {str(args.image)!r}: not a readable image ({error})")
+        image = read_rgb(args.image)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
 
     torch.manual_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = zim_from_arguments(args).to(device).eval()
+    model = zim_for_command(parser, args).to(device).eval()
     preset = args.preset or default_preset(args.model)
     overrides = {
         "points_per_side": args.points_per_side,
@@ -520,11 +521,14 @@ def main(argv: list[str] | None = None) -> int:
         "min_mask_region_area": args.min_mask_region_area,
         "mask_dedupe_iou_thresh": args.mask_dedupe_iou_thresh,
     }
-    generator = ZimAutomaticMatteGenerator.from_preset(model, preset, **overrides)
+    try:
+        generator = ZimAutomaticMatteGenerator.from_preset(model, preset, **overrides)
+    except ValueError as error:
+        parser.error(str(error))
     records = generator.generate(image)
     meta = {
         "image": args.image.name,
-        "model": args.model,
+        "model": describe_model(args),
         "checkpoint": Path(args.checkpoint).name if args.checkpoint else None,
         "preset": preset,
         "settings": {k: v for k, v in overrides.items() if v is not None},

@@ -327,7 +327,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="zim-lightning eval",
         description="Evaluate ZIM on MicroMat-3K, AM-2K or AIM-500 (metrics.json, report.md, grids).",
     )
-    add_zim_arguments(p, run_config=True)
+    add_zim_arguments(p)
     p.add_argument(
         "--data", required=True, type=Path, help="dataset folder (MicroMat-3K: holds data_list.txt)"
     )
@@ -364,8 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     from zim_lightning.data.datamodule import ZimDataModule
     from zim_lightning.data.micromat import build_eval_dataset
     from zim_lightning.lit.eval_module import EvalModule
-    from zim_lightning.models.build import RunConfigError, check_checkpoint_argument, zim_from_arguments
-    from zim_lightning.models.checkpoint import CheckpointError
+    from zim_lightning.models.build import check_checkpoint_argument, zim_for_command
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -376,10 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     devices: int | str = int(args.devices) if args.devices.isdigit() else args.devices
     # Same seed on every rank: random weights (smoke tests) must be the same network everywhere.
     L.seed_everything(args.seed, verbose=False)
-    try:
-        net = zim_from_arguments(args).eval()
-    except (RunConfigError, CheckpointError) as err:
-        parser.error(str(err))
+    net = zim_for_command(parser, args).eval()
     try:
         dataset = build_eval_dataset(
             args.data, format=args.format, prompt=args.prompt, subset=args.subset, seed=args.seed

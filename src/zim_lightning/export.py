@@ -242,30 +242,23 @@ def _export(
 
 def main(argv: list[str] | None = None) -> int:
     """``zim-lightning export-onnx``: write encoder.onnx + decoder.onnx for the official runner."""
-    from zim_lightning.models.build import (
-        RunConfigError,
-        add_zim_arguments,
-        check_checkpoint_argument,
-        zim_from_arguments,
-    )
-    from zim_lightning.models.checkpoint import CheckpointError
+    from zim_lightning.models.build import add_zim_arguments, zim_for_command
 
     parser = argparse.ArgumentParser(
         prog="zim-lightning export-onnx",
         description="Export a ZIM network to ONNX in the official zim_anything layout "
         "(a folder with encoder.onnx and decoder.onnx).",
     )
-    add_zim_arguments(parser, run_config=True)
+    add_zim_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    check_checkpoint_argument(parser, args)
+    model = zim_for_command(parser, args)
     try:
-        model = zim_from_arguments(args)
         encoder_path, decoder_path = export_onnx(model, args.out, opset=args.opset)
-    except (RunConfigError, CheckpointError, ValueError) as err:
+    except ValueError as err:
         parser.error(str(err))
     print(f"wrote {encoder_path}")
     print(f"wrote {decoder_path}")

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from zim_lightning.images import read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +59,6 @@ def parse_point(text: str) -> tuple[float, float, int]:
             f"--point label must be 0 (background) or 1 (foreground), got {text!r}"
         )
     return x, y, label
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """Read an image file as HxWx3 uint8 RGB.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is not an image PIL can decode.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r} does not exist or is not a file")
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"image {str(path)!r} could not be read as an image: {err}") from err
 
 
 def _check_inside(name: str, coords: list[tuple[float, float]], width: int, height: int) -> str | None:
@@ -139,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``zim-lightning matte``."""
-    from zim_lightning.models.build import check_checkpoint_argument, zim_from_arguments
+    from zim_lightning.models.build import zim_for_command
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -157,11 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         problem = _check_inside("--point", [(x, y) for x, y, _ in args.point], width, height)
     if problem:
         parser.error(problem)
-    check_checkpoint_argument(parser, args)
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {str(args.out)!r} is a file; expected a folder (created if missing)")
 
     from zim_lightning.predictor import ZimPredictor
 
-    predictor = ZimPredictor(zim_from_arguments(args).eval().to(args.device), precision=args.precision)
+    predictor = ZimPredictor(zim_for_command(parser, args).eval().to(args.device), precision=args.precision)
     predictor.set_image(image)
     if args.box is not None:
         masks, _, _ = predictor.predict(box=np.array(args.box, dtype=np.float32), multimask_output=False)

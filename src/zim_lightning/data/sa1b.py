@@ -41,6 +41,7 @@ __all__ = [
     "parse_annotations",
     "rle_counts",
     "sa1b_record",
+    "scale_16_bit",
     "split_member_name",
     "tar_samples",
 ]
@@ -121,6 +122,12 @@ def decode_image(data: bytes, *, key: str, max_side: int | None = None) -> np.nd
     return rgb
 
 
+def scale_16_bit(values: np.ndarray) -> np.ndarray:
+    """16-bit values (0..65535) to uint8 (0..255), rounded to the nearest level."""
+    wide = values.astype(np.int64).clip(0, 65535)
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
 def decode_gray(data: bytes, *, key: str) -> np.ndarray:
     """Decode a grayscale PNG (alpha or mask) into HxW uint8 in [0, 255].
 
@@ -135,8 +142,7 @@ def decode_gray(data: bytes, *, key: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as image:
             mode, has_alpha = image.mode, "A" in image.getbands()
             if mode in GRAY_16_BIT_MODES:
-                wide = np.asarray(image).astype(np.int64).clip(0, 65535)
-                gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+                gray = scale_16_bit(np.asarray(image))
             elif not has_alpha:
                 gray = np.asarray(image if mode == "L" else image.convert("L"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:

@@ -333,13 +333,13 @@ def _registered(variant: str) -> Callable[..., Zim]:
 zim_model_registry: dict[str, Callable[..., Zim]] = {name: _registered(name) for name in ZIM_VARIANTS}
 
 
-def add_zim_arguments(parser: argparse.ArgumentParser, *, run_config: bool = False) -> None:
+def add_zim_arguments(parser: argparse.ArgumentParser, *, run_config: bool = True) -> None:
     """Add the options that choose a registered ZIM and its weights to a command's parser.
 
     ``--model`` (a key of :data:`zim_model_registry`), ``--checkpoint``, ``--pixel-decoder`` and
     ``--no-masked-attention`` (the two architecture switches a checkpoint was trained with). Shared by
-    ``matte``, ``export-onnx``, ``serve`` and ``eval``; read back with :func:`check_checkpoint_argument`
-    and :func:`zim_from_arguments`.
+    ``matte``, ``matte-all``, ``export-onnx``, ``serve`` and ``eval``; read back with
+    :func:`zim_for_command` (or :func:`check_checkpoint_argument` and :func:`zim_from_arguments`).
 
     Args:
         parser: the command's parser.
@@ -416,6 +416,23 @@ def zim_from_arguments(args: argparse.Namespace) -> Zim:
     return zim_model_registry[args.model](
         checkpoint=args.checkpoint, masked_attention=not args.no_masked_attention, **switches
     )
+
+
+def zim_for_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Zim:
+    """:func:`check_checkpoint_argument`, then :func:`zim_from_arguments`; a run config or checkpoint
+    that does not fit ends the command through ``parser.error`` (a usage message, not a traceback)."""
+    check_checkpoint_argument(parser, args)
+    try:
+        return zim_from_arguments(args)
+    except (RunConfigError, CheckpointError) as err:
+        parser.error(str(err))
+
+
+def describe_model(args: argparse.Namespace) -> str:
+    """The model the options name, for messages and reports: ``vit_b``, or ``run config config.yaml``."""
+    if getattr(args, "run_config", None) is not None:
+        return f"run config {Path(args.run_config).name}"
+    return str(args.model)
 
 
 try:  # The label converter lives beside ZIM; re-exported so one module holds every registry.

@@ -375,7 +375,7 @@ def build_app(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from zim_lightning.models.build import add_zim_arguments, check_checkpoint_argument, zim_from_arguments
+    from zim_lightning.models.build import add_zim_arguments, describe_model, zim_for_command
 
     parser = argparse.ArgumentParser(
         prog="zim-lightning serve", description="Interactive matting in the browser (local web page)."
@@ -392,10 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    check_checkpoint_argument(parser, args)
     app = build_app(
-        zim_from_arguments(args),
-        model_name=args.model,
+        zim_for_command(parser, args),
+        model_name=describe_model(args),
         device=args.device,
         max_images=args.max_images,
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
@@ -404,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = create_server(app, host=args.host, port=args.port)
     host, port = server.server_address[:2]
-    print(f"zim-lightning serve: model {args.model} at http://{host}:{port}/ (Ctrl+C to stop)")
+    print(f"zim-lightning serve: model {describe_model(args)} at http://{host}:{port}/ (Ctrl+C to stop)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

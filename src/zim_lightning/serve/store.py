@@ -26,7 +26,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from zim_lightning.images import pil_to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +129,8 @@ def decode_image(data: bytes, *, max_side: int, source: str = "upload") -> np.nd
         raise RequestError(400, f"{source}: empty body; expected the bytes of an image file")
     try:
         picture = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:  # a header declaring far more pixels than max_side allows
+        raise RequestError(400, f"{source}: image too large to decode safely ({error})") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise RequestError(
             400, f"{source}: not an image file; expected one of {', '.join(ACCEPTED_FORMATS)}"
@@ -142,11 +146,9 @@ def decode_image(data: bytes, *, max_side: int, source: str = "upload") -> np.nd
             400, f"{source}: image is {width}x{height} px; expected each side between 1 and {max_side} px"
         )
     try:
-        picture = ImageOps.exif_transpose(picture)
-        rgb = np.asarray(picture.convert("RGB"), dtype=np.uint8)
+        return pil_to_rgb(picture)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise RequestError(400, f"{source}: the image could not be decoded ({error})") from None
-    return np.ascontiguousarray(rgb)
 
 
 def _number(value: Any, what: str) -> float:

@@ -1,0 +1,49 @@
+"""Reading the images users give the commands (``matte``, ``matte-all``, ``serve``).
+
+One decoder for all of them, so an image gives the same pixels, and a prompt the same place, whichever
+command reads it: EXIF orientation applied (as image viewers show the file), 16-bit images scaled to 8
+bits (Pillow's ``convert("RGB")`` clips them at 255, turning most of an image white).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from zim_lightning.data.sa1b import GRAY_16_BIT_MODES, scale_16_bit
+
+
+def pil_to_rgb(picture: Image.Image) -> np.ndarray:
+    """An opened image as HxWx3 uint8 RGB, EXIF orientation applied, 16-bit grayscale scaled to 8 bits.
+
+    Raises:
+        ValueError: a floating-point image (mode F), whose value range is unknown.
+        OSError: the image data cannot be decoded.
+    """
+    picture = ImageOps.exif_transpose(picture)
+    if picture.mode == "F":
+        raise ValueError("32-bit floating-point images are not supported; save it as an 8- or 16-bit image")
+    if picture.mode in GRAY_16_BIT_MODES:
+        gray = scale_16_bit(np.asarray(picture))
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    return np.ascontiguousarray(np.asarray(picture.convert("RGB"), dtype=np.uint8))
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as HxWx3 uint8 RGB (see :func:`pil_to_rgb`).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file is not an image Pillow can decode, is too large to decode safely (Pillow's
+            decompression-bomb limit), or is a floating-point image.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {str(path)!r} does not exist or is not a file")
+    try:
+        with Image.open(path) as picture:
+            return pil_to_rgb(picture)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"image {str(path)!r} could not be read as an image: {err}") from err

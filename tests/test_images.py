@@ -1,0 +1,51 @@
+"""Reading user images (images.py): EXIF orientation, 16-bit scaling, clear errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zim_lightning.images import pil_to_rgb, read_rgb
+from zim_lightning.serve import RequestError
+from zim_lightning.serve.store import decode_image
+
+
+def test_exif_orientation_is_applied(tmp_path) -> None:
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:10, :20] = 255  # a white block at the stored image's top left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(pixels).save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    shown = read_rgb(tmp_path / "rotated.jpg")
+    assert shown.shape == (60, 40, 3)  # as a viewer shows it: portrait
+    assert shown[:20, -10:].mean() > 200 and shown[-20:, :10].mean() < 50  # the block is now top right
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path) -> None:
+    ramp = np.linspace(0, 65535, 256).astype(np.uint16)[None].repeat(4, axis=0)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    rgb = read_rgb(tmp_path / "ramp16.png")
+    assert rgb.dtype == np.uint8 and rgb.shape == (4, 256, 3)
+    np.testing.assert_array_equal(rgb[0, :, 0], np.arange(256))  # convert("RGB") gave 255 from 1 on
+    np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
+    with pytest.raises(ValueError, match="floating-point"):
+        pil_to_rgb(Image.fromarray(np.zeros((4, 4), np.float32)))
+
+
+def test_a_decompression_bomb_upload_is_a_400(tmp_path) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = 1000  # 32x64 = 2048 pixels is then over twice the limit
+        buffer = io.BytesIO()
+        Image.new("L", (32, 64)).save(buffer, format="PNG")
+        with pytest.raises(RequestError, match="too large to decode safely") as caught:
+            decode_image(buffer.getvalue(), max_side=8192)
+        assert caught.value.status == 400
+        Image.new("L", (32, 64)).save(tmp_path / "bomb.png")
+        with pytest.raises(ValueError, match="could not be read as an image"):
+            read_rgb(tmp_path / "bomb.png")
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
