@@ -11,6 +11,8 @@ which makes a SAM checkpoint's ``prompt_encoder.*`` weights load key for key. SA
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from torch import nn
@@ -19,9 +21,11 @@ from torch import nn
 NUM_POINT_EMBEDDINGS = 4
 
 
-def _float32(device: torch.device) -> torch.autocast:
+def _float32(device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast off: the random Fourier features take sin/cos of (2 pi x coords @ gaussian), up to about
     a hundred, so bf16's 8 bits there would move a click by pixels (about 2 px near x = 1000)."""
+    if not torch.amp.is_autocast_available(device.type):  # e.g. the meta device: nothing to turn off
+        return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
 
 
