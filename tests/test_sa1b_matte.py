@@ -9,6 +9,7 @@ import io
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import tarfile
 import time
@@ -321,6 +322,35 @@ def test_corrupt_samples_are_skipped_counted_and_a_rerun_changes_nothing(
     second = json.loads((out / MANIFEST_DIR / "sa_000101.json").read_text())
     assert second["skipped"]["truncated_tar"] == 1 and 0 < second["images"] < len(source)
     assert not (out / MANIFEST_DIR / "sa_000101.failed.json").exists()
+
+
+def test_resuming_into_shards_built_differently_is_refused(
+    synthetic: Path, checkpoint: Path, clean_build: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(clean_build, out)
+    with pytest.raises(ValueError, match=r"built differently .*crop_size 64 \(now 96\)"):
+        build(
+            sa1b=[str(synthetic / "sa1b")],
+            out=out,
+            model="converter_tiny",
+            checkpoint=str(checkpoint),
+            config=CropConfig(crop_size=96),
+            accelerator="cpu",
+            devices=1,
+        )
+    other = tmp_path / "retrained" / checkpoint.name  # same name, other weights: another run's last.ckpt
+    other.parent.mkdir()
+    torch.save({k: v + 1 for k, v in torch.load(checkpoint, weights_only=True).items()}, other)
+    with pytest.raises(ValueError, match="checkpoint_sha256"):
+        _build(synthetic / "sa1b", out, other)
+    inputs = tmp_path / "sa1b"
+    shutil.copytree(synthetic / "sa1b", inputs)
+    first = sorted(inputs.glob("*.tar"))[0]
+    first.write_bytes(first.read_bytes() + b"\0" * 1024)  # a re-downloaded input of another size
+    with pytest.raises(ValueError, match=f"{first.name}: input of .* the input has changed"):
+        _build(inputs, out, checkpoint)
+    assert _files(out) == _files(clean_build)  # nothing was touched
 
 
 def test_zim_stage_loads_a_batch_from_the_built_shards(clean_build: Path) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -247,6 +248,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.zim_data == "sa1b-matte":
         t = stage("3/5 SA1B-Matte")
         matte_dir = out / "sa1b_matte"
+        # a fresh build: shards an earlier demo built (another converter, other data) must not be resumed
+        shutil.rmtree(matte_dir, ignore_errors=True)
         code = build_sa1b_matte(
             [
                 "--sa1b",

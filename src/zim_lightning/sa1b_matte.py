@@ -59,6 +59,7 @@ few alpha values by a level.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -618,9 +619,12 @@ class _OpenShard:
 
 
 def _run_info(config: CropConfig, model: str, checkpoint: str | None) -> dict[str, Any]:
+    """What a build's mattes depend on besides its input: recorded in every manifest, compared on resume."""
     return {
         "model": model,
         "checkpoint": None if checkpoint is None else Path(checkpoint).name,
+        # the name alone cannot tell two runs' last.ckpt apart
+        "checkpoint_sha256": None if checkpoint is None else _sha256(Path(checkpoint)),
         "mode": config.mode,
         "crop_size": config.crop_size,
         "context": config.context,
@@ -628,6 +632,48 @@ def _run_info(config: CropConfig, model: str, checkpoint: str | None) -> dict[st
         "margin": config.margin,
         "clamp": config.clamp,
     }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_resumable(out: Path, shards: Sequence[Path], run_info: dict[str, Any]) -> None:
+    """Refuse to resume into ``out`` when its finished shards were built differently.
+
+    A finished shard is skipped on resume, so one built with another converter, other crop options or
+    from an input that has changed since (its size differs) would silently stay in the dataset.
+
+    Raises:
+        ValueError: naming the first few such shards and what differs.
+    """
+    problems = []
+    for shard in shards:
+        path = manifest_path(out, shard)
+        if not (is_done(out, shard) and path.is_file()):
+            continue
+        manifest = json.loads(path.read_text())
+        built = manifest.get("build", {})
+        differ = [
+            f"{key} {built[key]!r} (now {value!r})"
+            for key, value in run_info.items()
+            if key in built and built[key] != value
+        ]
+        size = shard.stat().st_size
+        if manifest.get("input_bytes", size) != size:
+            differ.append(f"input of {manifest['input_bytes']} bytes (now {size}: the input has changed)")
+        if differ:
+            problems.append(f"{shard.name}: {', '.join(differ)}")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ValueError(
+            f"{out} holds {len(problems)} finished shards built differently from this run, which a resume "
+            f"would keep: {shown}. Build into a new --out, or delete those shards and their manifests"
+        )
 
 
 class SA1BMatteWriter(BasePredictionWriter):
@@ -746,6 +792,7 @@ class SA1BMatteWriter(BasePredictionWriter):
             return
         manifest = {
             "input": str(self.inputs[state.shard]),
+            "input_bytes": self.inputs[state.shard].stat().st_size,
             "output": state.shard,
             "samples": end.samples,
             "images": state.images,
@@ -881,10 +928,12 @@ def build(
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     precision = precision or ("bf16-mixed" if gpu else "32-true")
     several = num_nodes > 1 or (devices not in ("auto", 1, "1") and str(devices) != "1")
+    run_info = _run_info(config, model, checkpoint)
+    check_resumable(out, shards, run_info)
     writer = SA1BMatteWriter(
         out=out,
         inputs={s.name: s for s in shards},
-        run_info=_run_info(config, model, checkpoint),
+        run_info=run_info,
         accept_truncated=accept_truncated,
     )
     trainer = L.Trainer(
