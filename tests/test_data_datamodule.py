@@ -94,7 +94,7 @@ def check_converter_batch(batch: dict, size: int) -> None:
     assert isinstance(batch["key"], list) and len(batch["key"]) == size
 
 
-def check_zim_batch(batch: dict, size: int, num_points: int = 5) -> None:
+def check_zim_batch(batch: dict, size: int, num_points: int = 6) -> None:
     assert set(batch) == {
         "image",
         "alpha",
@@ -112,7 +112,7 @@ def check_zim_batch(batch: dict, size: int, num_points: int = 5) -> None:
         batch["point_coords"].shape == (size, num_points, 2) and batch["point_coords"].dtype == torch.float32
     )
     assert batch["point_labels"].shape == (size, num_points) and batch["point_labels"].dtype == torch.float32
-    assert set(batch["point_labels"].unique().tolist()) <= {-1.0, 0.0, 1.0, 2.0, 3.0}
+    assert set(batch["point_labels"].unique().tolist()) <= {-2.0, -1.0, 0.0, 1.0, 2.0, 3.0}
     for name in ("original_size", "input_size"):
         assert batch[name].dtype == torch.int64 and batch[name].shape == (size, 2)
     assert (batch["input_size"].amax(dim=1) == FRAME).all()
@@ -120,7 +120,7 @@ def check_zim_batch(batch: dict, size: int, num_points: int = 5) -> None:
         h, w = batch["input_size"][i].tolist()
         assert batch["valid"][i, 0, :h, :w].all() and batch["valid"][i].sum() == h * w
         assert batch["alpha"][i, 0, h:].sum() == 0 and batch["alpha"][i, 0, :, w:].sum() == 0
-        real = batch["point_labels"][i] != -1
+        real = batch["point_labels"][i] >= 0
         xy = batch["point_coords"][i][real]
         assert (xy[:, 0] <= w - 1).all() and (xy[:, 1] <= h - 1).all() and (xy >= 0).all()
 

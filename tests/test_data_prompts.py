@@ -85,17 +85,20 @@ def test_sampler_follows_the_contract():
     kinds = set()
     for _ in range(100):
         coords, labels = sampler(alpha, rng, image_size=(96, 128))
-        assert coords.shape == (5, 2) and labels.shape == (5,) and coords.dtype == labels.dtype == np.float32
-        real = labels[labels != -1]
-        assert (labels[len(real) :] == -1).all(), "padding comes last"
+        assert coords.shape == (6, 2) and labels.shape == (6,) and coords.dtype == labels.dtype == np.float32
+        real = labels[labels >= 0]
+        # the layout inference sees (a box alone; points then one padding point), then absent points
+        layout = labels[labels != -2]
+        assert (labels[len(layout) :] == -2).all(), "absent points come last"
         if 2 in real:
             kinds.add("box")
-            assert list(real) == [2, 3]
+            assert list(layout) == [2, 3]
             x1, y1, x2, y2 = coords[:2].reshape(-1)
             assert x1 <= 30 + 6 and x2 >= 89 - 6  # contains the support up to the 10% jitter
         else:
             kinds.add("points")
             assert real[0] == 1 and set(real) <= {0, 1} and (np.diff(real) <= 0).all()
+            assert list(layout) == [*real, -1] and tuple(coords[len(real)]) == (-0.5, -0.5)
     assert kinds == {"box", "points"}
     only_boxes = PromptSampler(box_ratio=1.0)
     assert all(2 in only_boxes(alpha, rng, image_size=(96, 128))[1] for _ in range(20))
@@ -105,7 +108,9 @@ def test_sampler_follows_the_contract():
 
 def test_pad_prompt_rejects_overflow():
     with pytest.raises(ValueError, match="num_points"):
-        pad_prompt(np.zeros((3, 2)), np.ones(3), 2)
+        pad_prompt(np.zeros((2, 2)), np.ones(2), 2)  # two points and the padding point
+    coords, labels = pad_prompt(np.zeros((2, 2)), np.array([2.0, 3.0]), 2)  # a box fits exactly
+    assert list(labels) == [2, 3]
 
 
 def test_points_never_fall_in_the_padding():

@@ -242,6 +242,38 @@ def test_box_off_grid_gives_finite_logits_equal_to_unmasked(tiny_encoded):
     assert torch.allclose(logits, unmasked, atol=1e-5)
 
 
+def test_absent_points_change_nothing_unlike_the_padding_point(tiny_encoded):
+    # Training fills prompts to one length with absent points (-2), so a training box or click decodes
+    # exactly as the same prompt does at inference, where it has no filler.
+    model, emb, feats = tiny_encoded
+    box = (torch.tensor([[[200.0, 150.0], [700.0, 600.0]]]), torch.tensor([[2.0, 3.0]]))
+    click = (torch.tensor([[[400.0, 300.0], [-0.5, -0.5]]]), torch.tensor([[1.0, -1.0]]))
+
+    def filled(prompt, label, count=3):
+        coords, labels = prompt
+        return torch.cat([coords, torch.zeros(1, count, 2)], 1), torch.cat(
+            [labels, torch.full((1, count), label)], 1
+        )
+
+    with torch.no_grad():
+        for prompt in (box, click):
+            alone, iou = model.decode(emb, feats, *prompt)
+            absent, absent_iou = model.decode(emb, feats, *filled(prompt, -2.0))
+            torch.testing.assert_close(absent, alone, atol=1e-5, rtol=0)
+            torch.testing.assert_close(absent_iou, iou, atol=1e-5, rtol=0)
+            padded, _ = model.decode(emb, feats, *filled(prompt, -1.0))
+            assert (padded - alone).abs().max() > 1e-3  # padding points are tokens that count
+        # one batch of a box and a click, filled to one length, decodes as each alone
+        both = [filled(box, -2.0, 1), filled(click, -2.0, 1)]
+        batch, _ = model.decode(
+            emb, feats, torch.cat([c for c, _ in both]), torch.cat([lab for _, lab in both])
+        )
+        for row, prompt in enumerate((box, click)):
+            torch.testing.assert_close(
+                batch[row : row + 1], model.decode(emb, feats, *prompt)[0], atol=1e-5, rtol=0
+            )
+
+
 def test_prompt_positions_are_encoded_in_float32_under_bf16_autocast(tiny_encoded):
     model = tiny_encoded[0]
     coords = torch.tensor([[[1000.0, 37.0], [3.0, 999.0], [512.0, 512.0]]])

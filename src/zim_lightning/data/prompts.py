@@ -4,7 +4,12 @@ The paper prompts ZIM during training with a box from the min-max coordinates of
 up to 10% of its size, or with random positive and negative points. Prompts follow SAM's ONNX
 convention (docs/architecture.md, "Conventions"): ``point_coords`` Nx2 float (X, Y) pixels in the
 resized 1024 frame, ``point_labels`` N float with 1 positive, 0 negative, 2 / 3 the top-left /
-bottom-right box corners and -1 padding up to a fixed N.
+bottom-right box corners and -1 the padding point.
+
+Each prompt has the token layout the model sees at inference (SAM's predictor and the official runner):
+a box is its two corners, points are followed by one padding point (-1). The rest of the fixed length N
+is filled with absent points (-2), which the model hides from every attention, so a training prompt
+decodes exactly as the same prompt at inference.
 """
 
 from __future__ import annotations
@@ -19,6 +24,10 @@ LABEL_PAD, LABEL_NEGATIVE, LABEL_POSITIVE, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_
     2.0,
     3.0,
 )
+#: An absent point: fills prompts to a fixed length; the model ignores it (models.attention_mask).
+LABEL_ABSENT = -2.0
+#: Where SAM's predictor puts the padding point.
+PADDING_POINT = (-0.5, -0.5)
 
 
 def support_box(alpha: np.ndarray, *, support_threshold: float) -> np.ndarray:
@@ -137,15 +146,26 @@ def sample_points(
 
 
 def pad_prompt(coords: np.ndarray, labels: np.ndarray, num_points: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pad to ``num_points`` with label -1 and coordinates 0 (padding coordinates are ignored).
+    """Lay a prompt out as inference does, then fill it to ``num_points`` with absent points.
+
+    A prompt without box corners gets SAM's padding point (label -1 at (-0.5, -0.5)) after its points,
+    as SAM's predictor and the official runner append; a box gets none. Absent points (label -2,
+    coordinates 0) fill the rest.
 
     Returns:
         (coords ``num_points`` x 2 float32, labels ``num_points`` float32).
     """
+    labels = np.asarray(labels, dtype=np.float32)
+    coords = np.asarray(coords, dtype=np.float32).reshape(-1, 2)
+    if not np.isin(labels, (LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT)).any():
+        coords = np.concatenate([coords, np.array([PADDING_POINT], dtype=np.float32)])
+        labels = np.append(labels, np.float32(LABEL_PAD))
     if len(labels) > num_points:
-        raise ValueError(f"{len(labels)} prompt points do not fit in num_points={num_points}")
+        raise ValueError(
+            f"{len(labels)} prompt points (with the padding point) do not fit in num_points={num_points}"
+        )
     padded_coords = np.zeros((num_points, 2), dtype=np.float32)
-    padded_labels = np.full(num_points, LABEL_PAD, dtype=np.float32)
+    padded_labels = np.full(num_points, LABEL_ABSENT, dtype=np.float32)
     padded_coords[: len(labels)] = coords
     padded_labels[: len(labels)] = labels
     return padded_coords, padded_labels
@@ -194,8 +214,9 @@ class PromptSampler:
 
     @property
     def num_points(self) -> int:
-        """N, the fixed number of prompt points per sample (a box takes two)."""
-        return max(2, self.max_positive + self.max_negative)
+        """N, the fixed number of prompt points per sample (a box takes two; points one more, the padding
+        point)."""
+        return max(2, self.max_positive + self.max_negative + 1)
 
     def __call__(
         self, alpha: np.ndarray, rng: np.random.Generator, *, image_size: tuple[int, int]
@@ -208,7 +229,7 @@ class PromptSampler:
             image_size: (H, W) of the resized image inside the frame; boxes are clipped to it.
 
         Returns:
-            (point_coords Nx2 float32 (X, Y), point_labels N float32), padded with -1.
+            (point_coords Nx2 float32 (X, Y), point_labels N float32), laid out by :func:`pad_prompt`.
         """
         if rng.random() < self.box_ratio:
             box = support_box(alpha, support_threshold=self.support_threshold)

@@ -32,6 +32,10 @@ ATTENTION_SIGMA = 21
 
 #: Point labels of SAM's ONNX convention.
 LABEL_PAD, LABEL_NEGATIVE, LABEL_POSITIVE, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT = -1, 0, 1, 2, 3
+#: Ours, not SAM's: an absent point, which fills a training batch's prompts to one length. Unlike the
+#: padding point (-1), which is a token of SAM's convention and changes the output, an absent point
+#: changes nothing (no token attends to it); the official runner never sends one.
+LABEL_ABSENT = -2
 
 
 def _cell(coord: torch.Tensor, stride: int) -> torch.Tensor:

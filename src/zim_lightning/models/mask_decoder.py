@@ -96,6 +96,7 @@ class MaskDecoder(nn.Module):
         prompt_tokens: torch.Tensor,
         feats: tuple[torch.Tensor, ...],
         key_mask: KeyMask | None,
+        prompt_present: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode all 4 masks.
 
@@ -106,6 +107,8 @@ class MaskDecoder(nn.Module):
             prompt_tokens: BxNxC sparse prompt tokens.
             feats: (feat_D0, feat_D1, feat_D2), batch B or 1; ignored by the ``sam`` pixel decoder.
             key_mask: prompt-aware restriction of the token-to-image attention, or None (SAM's).
+            prompt_present: BxN bool, False for absent prompt points (hidden from every attention), or
+                None (all present).
 
         Returns:
             (logits Bx4x(16h/stride)x(16w/stride), stride = ``output_stride``; iou Bx4).
@@ -115,7 +118,13 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat([output_tokens[None].expand(batch, -1, -1), prompt_tokens], dim=1)  # Bx(5+N)xC
         src = image_embeddings.expand(batch, -1, -1, -1) + dense_embedding  # BxCxhxw
         _, channels, height, width = src.shape
-        hs, src = self.transformer(src, image_pe, tokens, key_mask)
+        token_mask = None
+        if prompt_present is not None:  # the output tokens are always present
+            present = torch.cat(
+                [prompt_present.new_ones(batch, output_tokens.shape[0]), prompt_present], dim=1
+            )
+            token_mask = KeyMask.hiding(present)
+        hs, src = self.transformer(src, image_pe, tokens, key_mask, token_mask)
         iou_token_out = hs[:, 0, :]  # BxC
         mask_tokens_out = hs[:, 1 : 1 + NUM_MASK_TOKENS, :]  # Bx4xC
         src = src.transpose(1, 2).reshape(batch, channels, height, width)  # BxHWxC -> BxCxhxw

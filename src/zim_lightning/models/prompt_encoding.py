@@ -71,10 +71,11 @@ class PromptEncoding(nn.Module):
 
         Args:
             point_coords: BxNx2 float, ``(X, Y)`` pixels in the padded input frame (1024).
-            point_labels: BxN float in {-1, 0, 1, 2, 3}; coordinates of padding (-1) are ignored.
+            point_labels: BxN float in {-2, -1, 0, 1, 2, 3}; coordinates of padding (-1) and absent
+                points (-2) are ignored.
 
         Returns:
-            BxNxC sparse prompt tokens.
+            BxNxC sparse prompt tokens (zero for absent points, which the decoder hides).
         """
         # +0.5: SAM encodes the centre of the pixel.
         coords = (point_coords.float() + 0.5) / self.input_image_size
@@ -82,7 +83,7 @@ class PromptEncoding(nn.Module):
             pe = self.pe_layer._pe_encoding(coords)  # BxNxC
         labels = point_labels[..., None]  # BxNx1
         # Padding carries no position, only the "not a point" embedding.
-        tokens = pe * (labels != -1) + self.not_a_point_embed.weight * (labels == -1)
+        tokens = pe * (labels >= 0) + self.not_a_point_embed.weight * (labels == -1)
         for label, embedding in enumerate(self.point_embeddings):
             tokens = tokens + embedding.weight * (labels == label)
         return tokens

@@ -36,12 +36,21 @@ class KeyMask:
     """How the token-to-image attention is restricted, per sample, over the HW image keys.
 
     Attributes:
-        scale: BxHW float in [0, 1], multiplies the attention logits (1 = unchanged).
+        scale: BxHW float in [0, 1], multiplies the attention logits (1 = unchanged), or None.
         bias: BxHW float in {0, -inf}, added to the attention logits (-inf = key hidden).
     """
 
-    scale: Tensor
+    scale: Tensor | None
     bias: Tensor
+
+    @classmethod
+    def hiding(cls, present: Tensor) -> KeyMask:
+        """Hide the keys where ``present`` (BxN bool) is False; the others attend as usual."""
+        zero, hidden = (
+            torch.zeros((), device=present.device),
+            torch.tensor(float("-inf"), device=present.device),
+        )
+        return cls(scale=None, bias=torch.where(present, zero, hidden))
 
     @classmethod
     def from_attention_map(cls, attn_map: Tensor, box_sample: Tensor) -> KeyMask:
@@ -85,7 +94,8 @@ class MaskableAttention(Attention):
         v = self._separate_heads(self.v_proj(v), self.num_heads)
         bias = None
         if key_mask is not None:
-            k = k * key_mask.scale[:, None, :, None].to(k.dtype)  # scaling key j scales logit column j
+            if key_mask.scale is not None:  # scaling key j scales logit column j
+                k = k * key_mask.scale[:, None, :, None].to(k.dtype)
             bias = key_mask.bias[:, None, None, :].to(q.dtype)  # Bx1x1xNk, broadcast over heads, queries
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         return self.out_proj(self._recombine_heads(out))
@@ -127,7 +137,13 @@ class TwoWayBlock(nn.Module):
         self.skip_first_layer_pe = skip_first_layer_pe
 
     def forward(
-        self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor, key_mask: KeyMask | None
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        query_pe: Tensor,
+        key_pe: Tensor,
+        key_mask: KeyMask | None,
+        token_mask: KeyMask | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Update tokens and image keys.
 
@@ -137,15 +153,17 @@ class TwoWayBlock(nn.Module):
             query_pe: BxNxC token positional embedding (the initial tokens).
             key_pe: BxHWxC image positional encoding.
             key_mask: prompt-aware restriction of the token-to-image attention, or None.
+            token_mask: tokens hidden as keys (absent prompt points), in the token self-attention and
+                the image-to-token attention, so they change no other token and no image cell; or None.
 
         Returns:
             Updated (queries BxNxC, keys BxHWxC).
         """
         if self.skip_first_layer_pe:
-            queries = self.self_attn(q=queries, k=queries, v=queries)
+            queries = self.self_attn(q=queries, k=queries, v=queries, key_mask=token_mask)
         else:
             q = queries + query_pe
-            queries = queries + self.self_attn(q=q, k=q, v=queries)
+            queries = queries + self.self_attn(q=q, k=q, v=queries, key_mask=token_mask)
         queries = self.norm1(queries)
 
         q = queries + query_pe
@@ -154,10 +172,10 @@ class TwoWayBlock(nn.Module):
 
         queries = self.norm3(queries + self.mlp(queries))
 
-        # Image-to-token attention stays unmasked: every image cell may read the prompt tokens.
+        # Image-to-token attention is not prompt-masked: every image cell may read the prompt tokens.
         q = queries + query_pe
         k = keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
+        keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries, key_mask=token_mask))
         return queries, keys
 
 
@@ -205,6 +223,7 @@ class MaskedTwoWayTransformer(nn.Module):
         image_pe: Tensor,
         point_embedding: Tensor,
         key_mask: KeyMask | None = None,
+        token_mask: KeyMask | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Run the blocks and the final token-to-image attention.
 
@@ -213,6 +232,7 @@ class MaskedTwoWayTransformer(nn.Module):
             image_pe: BxCxHxW (or 1xCxHxW) positional encoding of the image grid.
             point_embedding: BxNxC tokens (output tokens followed by prompt tokens).
             key_mask: restriction over the HW image cells (row-major), or None for SAM's attention.
+            token_mask: tokens hidden as keys (see :class:`TwoWayBlock`), or None.
 
         Returns:
             (tokens BxNxC, image embedding BxHWxC).
@@ -221,7 +241,7 @@ class MaskedTwoWayTransformer(nn.Module):
         key_pe = image_pe.flatten(2).transpose(1, 2)  # BxHWxC or 1xHWxC
         queries = point_embedding
         for layer in self.layers:
-            queries, keys = layer(queries, keys, point_embedding, key_pe, key_mask)
+            queries, keys = layer(queries, keys, point_embedding, key_pe, key_mask, token_mask)
         q = queries + point_embedding
         k = keys + key_pe
         queries = self.norm_final_attn(

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zim_lightning.models.attention_mask import attention_map_from_prompts, is_box_prompt
+from zim_lightning.models.attention_mask import LABEL_ABSENT, attention_map_from_prompts, is_box_prompt
 from zim_lightning.models.image_encoder import ImageEncoder
 from zim_lightning.models.mask_decoder import MaskDecoder
 from zim_lightning.models.pixel_decoder import DECODER_STRIDES, PYRAMID_STRIDES, ImageFeaturePyramid
@@ -206,7 +206,8 @@ class Zim(nn.Module):
             image_embeddings: BxCx64x64 or 1xCx64x64.
             feats: (feat_D0, feat_D1, feat_D2), batch B or 1.
             point_coords: BxNx2 float, ``(X, Y)`` pixels in the 1024 frame.
-            point_labels: BxN float: -1 padding, 0 negative, 1 positive, 2 / 3 box corners.
+            point_labels: BxN float: -1 padding, 0 negative, 1 positive, 2 / 3 box corners; also -2, an
+                absent point that changes nothing (training batches fill prompts to one length with it).
             attn_mask: Bx64x64 float in [0, 1] (see :mod:`zim_lightning.models.attention_mask`), or None
                 to build it from the prompts. Ignored when ``masked_attention`` is off.
             multimask_output: False returns mask 0, True all 4 (as the official predictor).
@@ -249,6 +250,7 @@ class Zim(nn.Module):
             tokens,
             feats,
             key_mask,
+            prompt_present=point_labels != LABEL_ABSENT,
         )
         if not multimask_output:
             logits, iou = logits[:, :1], iou[:, :1]
