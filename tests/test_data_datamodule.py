@@ -298,6 +298,9 @@ def test_skips_in_dataloader_workers_reach_the_main_process(shards, tmp_path):
     keys = [k for batch in data.val_dataloader() for k in batch["key"]]
     assert sorted(keys) == ["ok0", "ok1"]
     assert data.skip_counts()["corrupt_image"] == 2 and data.skips.total() == 2
+    # validation counts in its own lane: training's persistent workers, which may still prefetch, write
+    # the rows of the same worker ids in lane 0
+    assert data.skips.tables[1].sum() == 2 and data.skips.tables[0].sum() == 0
 
 
 def test_training_streams_are_reproducible_per_seed_and_differ_across_ranks(shards):

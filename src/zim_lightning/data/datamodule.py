@@ -355,7 +355,7 @@ class ZimDataModule(L.LightningDataModule):
             image_size=image_size, prompts=self.prompts, mattes_per_image=mattes_per_image, augment=augment
         )
         #: Corrupt samples skipped so far by this process and its workers, per reason.
-        self.skips = SkipCounter(max_workers=num_workers)
+        self.skips = SkipCounter(max_workers=num_workers, lanes=2)  # lane 0 training, lane 1 the others
 
     # ------------------------------------------------------------------ helpers
 
@@ -500,14 +500,15 @@ class ZimDataModule(L.LightningDataModule):
                 partial(split_by_rank, rank=rank, world_size=world_size),  # this rank's shards
                 split_by_dataloader_worker,  # this worker's shards
             ]
+        counter = self.skips.lane(1)  # validation workers run while training's persistent ones prefetch
         return wds.DataPipeline(
             *stages,
-            partial(tar_samples, counter=self.skips),  # raw samples, in file order
+            partial(tar_samples, counter=counter),  # raw samples, in file order
             ProcessSamples(
                 self._processor(),
                 train=False,
                 seeds=EpochSeeds(seed=self.seed, rank=rank),
-                counter=self.skips,
+                counter=counter,
             ),
             wds.batched(self.val_batch_size, collation_fn=self._collate(), partial=True),
         )

@@ -6,6 +6,7 @@ with one warning line, and the datamodule exposes the totals so the LightningMod
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
@@ -45,14 +46,26 @@ class SkipCounter:
 
     Row 0 belongs to the main process, row ``i + 1`` to DataLoader worker ``i``; each process only writes
     its own row, so no lock is needed. The tensor lives in shared memory, so it survives pickling into
-    workers (fork or spawn) and the main process reads the workers' counts directly.
+    workers (fork or spawn) and the main process reads the workers' counts directly. Loaders whose
+    workers run at the same time (training's persistent workers prefetch while validation's run) count
+    in separate lanes (:meth:`lane`), so no row has two writers.
 
     Args:
         max_workers: the largest ``num_workers`` of any DataLoader that will use this counter.
+        lanes: how many loaders may count at the same time.
     """
 
-    def __init__(self, *, max_workers: int = 0) -> None:
-        self.table = torch.zeros(max_workers + 1, len(SKIP_REASONS), dtype=torch.int64).share_memory_()
+    def __init__(self, *, max_workers: int = 0, lanes: int = 1) -> None:
+        self.tables = torch.zeros(
+            lanes, max_workers + 1, len(SKIP_REASONS), dtype=torch.int64
+        ).share_memory_()
+        self.table = self.tables[0]
+
+    def lane(self, index: int) -> SkipCounter:
+        """A counter writing to lane ``index`` of the same shared tensor (its totals are this counter's)."""
+        other = copy.copy(self)
+        other.table = self.tables[index]
+        return other
 
     def _row(self) -> int:
         info = torch.utils.data.get_worker_info()
@@ -78,16 +91,16 @@ class SkipCounter:
 
     def counts(self) -> dict[str, int]:
         """Totals over the main process and all workers, one entry per reason."""
-        totals = self.table.sum(dim=0).tolist()
+        totals = self.tables.sum(dim=(0, 1)).tolist()
         return dict(zip(SKIP_REASONS, totals, strict=True))
 
     def total(self) -> int:
         """Total number of skipped samples."""
-        return int(self.table.sum())
+        return int(self.tables.sum())
 
     def reset(self) -> None:
         """Zero every count."""
-        self.table.zero_()
+        self.tables.zero_()
 
     def handler(self) -> Callable[[BaseException], bool]:
         """A webdataset exception handler that counts, warns and continues.
