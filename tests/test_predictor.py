@@ -176,23 +176,22 @@ def test_bad_torch_prompts_are_rejected(predictor):
         predictor.predict_torch(coords, torch.ones(2, 2))
     with pytest.raises(ValueError, match="boxes must be Bx4"):
         predictor.predict_torch(None, None, torch.zeros(4))
-    with pytest.raises(ValueError, match="1 \\(foreground\\), 0 \\(background\\) or -1"):
+    with pytest.raises(ValueError, match="1 \\(foreground\\), 0 \\(background\\), or -2 / -1"):
         predictor.predict_torch(coords, torch.full((2, 3), 2.0))
     with pytest.raises(ValueError, match="at least one point labelled 0 or 1"):
         predictor.predict_torch(coords, torch.tensor([[1.0, 0.0, -1.0], [-1.0, -1.0, -1.0]]))
 
 
-def test_point_sets_of_different_lengths_batch_with_minus_one_padding(predictor):
-    # SamPredictor-style batching: rows padded with label -1 decode as they would one by one
+def test_point_sets_of_different_lengths_batch_with_absent_or_padding_points(predictor):
     coords = torch.tensor([[[100.0, 120.0], [300.0, 200.0]], [[250.0, 90.0], [0.0, 0.0]]])
-    labels = torch.tensor([[1.0, 0.0], [1.0, -1.0]])
-    masks, iou, _ = predictor.predict_torch(coords, labels, multimask_output=False)
-    for row in range(2):
-        single, single_iou, _ = predictor.predict_torch(
-            coords[row : row + 1], labels[row : row + 1], multimask_output=False
-        )
-        torch.testing.assert_close(masks[row : row + 1], single, atol=1e-5, rtol=0)
-        torch.testing.assert_close(iou[row : row + 1], single_iou, atol=1e-5, rtol=0)
+    for filler in (-2.0, -1.0):  # -2: each row as alone; -1: SamPredictor's padding, a token that counts
+        labels = torch.tensor([[1.0, 0.0], [1.0, filler]])
+        masks, iou, _ = predictor.predict_torch(coords, labels, multimask_output=False)
+        second = (coords[1:, :1], labels[1:, :1]) if filler == -2.0 else (coords[1:], labels[1:])
+        for row, (c, lab) in enumerate([(coords[:1], labels[:1]), second]):
+            single, single_iou, _ = predictor.predict_torch(c, lab, multimask_output=False)
+            torch.testing.assert_close(masks[row : row + 1], single, atol=1e-5, rtol=0)
+            torch.testing.assert_close(iou[row : row + 1], single_iou, atol=1e-5, rtol=0)
 
 
 def test_bf16_precision_gives_the_fp32_matte_in_float32(predictor, image):

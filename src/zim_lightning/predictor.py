@@ -22,7 +22,12 @@ import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from zim_lightning import speed
-from zim_lightning.models.attention_mask import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT, LABEL_PAD
+from zim_lightning.models.attention_mask import (
+    LABEL_ABSENT,
+    LABEL_BOX_BOTTOM_RIGHT,
+    LABEL_BOX_TOP_LEFT,
+    LABEL_PAD,
+)
 from zim_lightning.models.zim import Zim
 
 #: Coordinates of the padding point the official decoder appends to point prompts.
@@ -170,8 +175,9 @@ class ZimPredictor:
         Args:
             point_coords: BxNx2 ``(X, Y)`` pixels in the resized 1024 frame
                 (``self.transform.apply_coords_torch``), or None.
-            point_labels: BxN labels in {0, 1}, or -1 for padding (point sets of different lengths in one
-                batch, as in segment-anything); required with ``point_coords``.
+            point_labels: BxN labels in {0, 1}; required with ``point_coords``. Point sets of different
+                lengths batch with filler labels: -2 (absent: each row decodes exactly as it would alone)
+                or -1 (SAM's padding point: a token that changes the result, as in segment-anything).
             boxes: Bx4 ``(x1, y1, x2, y2)`` in the 1024 frame, or None.
             multimask_output: True: 4 mattes per prompt; False: mask 0 only.
             return_logits: return logits instead of alpha.
@@ -219,10 +225,11 @@ class ZimPredictor:
                     f"got shape {tuple(point_labels.shape)}"
                 )
             real = (point_labels == 0) | (point_labels == 1)
-            if not bool((real | (point_labels == LABEL_PAD)).all()):
+            filler = (point_labels == LABEL_ABSENT) | (point_labels == LABEL_PAD)
+            if not bool((real | filler).all()):
                 raise ValueError(
-                    f"point_labels must be 1 (foreground), 0 (background) or {LABEL_PAD} (padding, to batch "
-                    "point sets of different lengths)"
+                    f"point_labels must be 1 (foreground), 0 (background), or {LABEL_ABSENT} / {LABEL_PAD} "
+                    "to batch point sets of different lengths"
                 )
             if boxes is None and not bool(real.any(dim=1).all()):
                 raise ValueError("every point set needs at least one point labelled 0 or 1, not only padding")
