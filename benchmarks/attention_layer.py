@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import sys
 from pathlib import Path
 
@@ -91,6 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.backends) - {*ATTENTION_BACKENDS, NO_BIAS})
     if unknown:
         parser.error(f"--backends: unknown {unknown}; expected names from {[*ATTENTION_BACKENDS, NO_BIAS]}")
+    # eager first: it is the reference of every later backend's max_error, reported as each one ends
+    args.backends.sort(key=lambda backend: backend != "eager")
     return args
 
 
@@ -147,7 +148,8 @@ def measure(args: argparse.Namespace, backend: str, device: torch.device, inputs
         result["relpos_tiles"] = relpos_flash.autotuned_choices()
     out, grads = train()
     names = ["out", "grad_x", *(f"grad_{name}" for name, _ in layer.named_parameters())]
-    result["_outputs"] = dict(zip(names, (t.detach().float() for t in (out, *grads)), strict=True))
+    # on the host: kept on the GPU, they would raise every later backend's peak memory
+    result["_outputs"] = dict(zip(names, (t.detach().float().cpu() for t in (out, *grads)), strict=True))
     return result
 
 
@@ -165,11 +167,9 @@ def run(args: argparse.Namespace, backend: str, device: torch.device, inputs: di
         with contextlib.nullcontext() if kernel is None else sdpa_kernel([kernel]):
             return measure(args, backend, device, inputs)
     except Exception as error:  # one failing backend must not lose the others' figures
-        return {"backend": backend, "error": f"{type(error).__name__}: {error}"}
+        return {"backend": backend, "error": speed.describe_error(error)}
     finally:
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        speed.release_memory(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,13 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "grad_out": torch.randn(shape, generator=generator),
     }
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    results = [run(args, backend, device, inputs) for backend in args.backends]
-    outputs = {r["backend"]: r.pop("_outputs") for r in results if "_outputs" in r}
-    reference = outputs.get("eager")
-    for result in results:
-        if reference is not None and result["backend"] in outputs and result["backend"] != NO_BIAS:
-            result["max_error"] = relative_errors(outputs[result["backend"]], reference)
-        print(f"[attention_layer] {result}", file=sys.stderr)
+    results: list[dict[str, object]] = []
     report = {
         "benchmark": "attention_layer",
         "precision": args.precision,
@@ -201,6 +195,16 @@ def main(argv: list[str] | None = None) -> int:
         "environment": speed.describe_environment(device),
         "results": results,
     }
+    outputs: dict[str, dict[str, torch.Tensor]] = {}
+    for backend in args.backends:  # eager first (the reference)
+        result = run(args, backend, device, inputs)
+        if "_outputs" in result:
+            outputs[backend] = result.pop("_outputs")
+        if "eager" in outputs and backend in outputs and backend != NO_BIAS:
+            result["max_error"] = relative_errors(outputs[backend], outputs["eager"])
+        print(f"[attention_layer] {result}", file=sys.stderr)
+        results.append(result)
+        speed.emit_report(report, args.json_out, complete=False)
     speed.emit_report(report, args.json_out)
     return 0
 

@@ -31,7 +31,6 @@ CPU smoke run (tiny model, 256 input: only checks that everything runs)::
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -70,6 +69,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="default",
         choices=("none", *speed.COMPILE_MODES),
         help="torch.compile mode of the fast ZIM configurations ('none': eager)",
+    )
+    parser.add_argument(
+        "--compile-scope",
+        default="parts",
+        choices=("parts", "calls"),
+        help="parts: one graph per submodule (speed.compile_model); calls: encode_image and decode whole "
+        "(speed.compile_inference: one CUDA graph per call under reduce-overhead)",
     )
     parser.add_argument(
         "--no-channels-last", action="store_true", help="keep NCHW conv weights in the fast path"
@@ -210,7 +216,7 @@ def run_config(
                 calls["set_image_plus_one_box"], device=device, steps=args.profile
             )
     except Exception as error:  # one failing configuration (OOM, a compile error) must not hide the others
-        result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        result["error"] = speed.describe_error(error)
     return result
 
 
@@ -225,24 +231,38 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     image, boxes = synthetic_inputs(args.seed, args.image_size, device)
     results: list[dict[str, object]] = []
+    report = {
+        "benchmark": "predictor_latency",
+        "model": args.model,
+        "image_size": args.image_size,
+        "batched_boxes": BATCHED_BOXES,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "compile_scope": args.compile_scope,
+        "environment": speed.describe_environment(device),
+        "results": results,
+    }
+
+    def add(result: dict[str, object]) -> None:
+        results.append(result)
+        report["relpos_tiles"] = relpos_flash.autotuned_choices()  # triton_relpos: the autotuner's choices
+        speed.emit_report(report, args.json_out, complete=False)  # a killed run keeps what it measured
 
     if not args.skip_stock:
         for precision in dict.fromkeys(["fp32", args.precision]):
             torch.manual_seed(args.seed)
             sam = speed.build_stock_sam(args.model, image_size=args.image_size).to(device).eval()
-            results.append(
-                run_config(f"stock_sam/{precision}", stock_calls(sam, image, boxes, precision), device, args)
-            )
+            add(run_config(f"stock_sam/{precision}", stock_calls(sam, image, boxes, precision), device, args))
             del sam
-            gc.collect()
+            speed.release_memory(device)
 
     plain = build_zim(args, device, "eager")
     plain_calls = ours_calls(plain, image, boxes, "fp32")
-    results.append(run_config("zim/eager/fp32", plain_calls, device, args))
+    add(run_config("zim/eager/fp32", plain_calls, device, args))
     plain_calls["set_image"]()
     plain_alpha = torch.from_numpy(plain_calls["one_box"]())
     del plain, plain_calls
-    gc.collect()
+    speed.release_memory(device)
 
     for attention in args.attention:
         zim = build_zim(args, device, attention)
@@ -250,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_channels_last:
             speed.to_channels_last(zim)
             switches.append("channels_last")
-        if args.compile != "none":
+        if args.compile != "none" and args.compile_scope == "calls":
+            speed.compile_inference(zim, mode=args.compile)
+            switches.append(f"compile_calls={args.compile}")
+        elif args.compile != "none":
             speed.compile_model(zim, mode=args.compile)
             switches.append(f"compile={args.compile}")
         calls = ours_calls(zim, image, boxes, args.precision)
@@ -259,24 +282,11 @@ def main(argv: list[str] | None = None) -> int:
             calls["set_image"]()
             alpha = torch.from_numpy(calls["one_box"]())
             result["alpha_mse_vs_plain_fp32"] = torch.mean((alpha - plain_alpha) ** 2).item()
-        results.append(result)
+        add(result)
         del zim, calls
         torch.compiler.reset()  # drop compiled graphs (and what they hold) before the next configuration
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        speed.release_memory(device)
 
-    report = {
-        "benchmark": "predictor_latency",
-        "model": args.model,
-        "image_size": args.image_size,
-        "batched_boxes": BATCHED_BOXES,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "environment": speed.describe_environment(device),
-        "relpos_tiles": relpos_flash.autotuned_choices(),  # triton_relpos: the autotuner's choices
-        "results": results,
-    }
     speed.emit_report(report, args.json_out)
     return 0
 

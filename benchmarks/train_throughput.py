@@ -34,7 +34,6 @@ CPU smoke run (tiny model, 256 input)::
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -308,14 +307,12 @@ def measure(
         if args.profile:
             result["profile"] = speed.profile_top_ops(step, device=device, steps=args.profile)
     except Exception as error:  # one failing configuration (OOM, a compile error) must not hide the others
-        result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        result["error"] = speed.describe_error(error)
     finally:
         model = optimizer = batch = loss = None
         if config.compiled:
             torch.compiler.reset()  # drop compiled graphs (and what they hold) before the next configuration
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        speed.release_memory(device)
     return result
 
 
@@ -323,12 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     flops: dict[str, float] = {}
-    results = []
-    for config in args.configs:
-        family = "stock" if config.base == "stock" else "zim"
-        if family not in flops:
-            flops[family] = count_flops_per_image(config, args, device)
-        results.append(measure(config, args, device, flops[family]))
+    results: list[dict[str, object]] = []
     report = {
         "benchmark": "train_throughput",
         "model": args.model,
@@ -338,11 +330,17 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "warmup": args.warmup,
         "peak_tflops": args.peak_tflops,
-        "model_gflops_per_image": {k: v / 1e9 for k, v in flops.items()},
         "environment": speed.describe_environment(device),
-        "relpos_tiles": relpos_flash.autotuned_choices(),  # triton_relpos: the autotuner's choices
         "results": results,
     }
+    for config in args.configs:
+        family = "stock" if config.base == "stock" else "zim"
+        if family not in flops:
+            flops[family] = count_flops_per_image(config, args, device)
+        results.append(measure(config, args, device, flops[family]))
+        report["model_gflops_per_image"] = {k: v / 1e9 for k, v in flops.items()}
+        report["relpos_tiles"] = relpos_flash.autotuned_choices()  # triton_relpos: the autotuner's choices
+        speed.emit_report(report, args.json_out, complete=False)  # a killed run keeps what it measured
     speed.emit_report(report, args.json_out)
     return 0
 

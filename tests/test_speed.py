@@ -4,6 +4,7 @@ bf16 autocast, and the torch.compile wiring."""
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import pytest
@@ -240,6 +241,59 @@ def test_compile_model_wires_the_parts_in_place_and_keeps_keys():
     assert list(zim.state_dict()) == keys  # checkpoints keep their names (no "_orig_mod.")
     with pytest.raises(ValueError, match="none of"):
         speed.compile_model(zim, parts=("not_a_part",))
+
+
+def test_compile_inference_makes_one_graph_of_each_call_and_keeps_the_outputs():
+    from torch._dynamo.utils import counters
+
+    zim = small_zim().eval()
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (1, 3, SIDE, SIDE * 3 // 4), generator=generator).to(torch.uint8)
+    coords, labels = torch.tensor([[[70.0, 50.0], [180.0, 160.0]]]), torch.tensor([[2.0, 3.0]])
+    with torch.no_grad():
+        embedding, feats = zim.encode_image(image)
+        logits, iou = zim.decode(embedding, feats, coords, labels)
+        keys = list(zim.state_dict())
+        torch._dynamo.reset()
+        counters.clear()
+        speed.compile_inference(zim, backend="aot_eager")
+        got_embedding, got_feats = zim.encode_image(image)
+        got_logits, got_iou = zim.decode(got_embedding, got_feats, coords, labels)
+    # one graph per call, nothing left to eager code between the parts
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(
+        counters["graph_break"]
+    )
+    torch.testing.assert_close(got_embedding, embedding)
+    torch.testing.assert_close(got_logits, logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_iou, iou, atol=1e-5, rtol=0)
+    assert list(zim.state_dict()) == keys
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="inductor mode"):
+        speed.compile_inference(small_zim(), mode="reduce-overhead", backend="aot_eager")
+
+
+def test_calls_under_cuda_graphs_start_a_step_and_return_copies():
+    # Under cudagraph trees the next replay overwrites a graph's outputs: the image embedding a
+    # predictor keeps for many decodes must be a copy.
+    buffer = torch.arange(4.0)
+    call = speed._step_and_copy(lambda: (buffer, {"iou": buffer}))
+    out, extra = call()
+    assert torch.equal(out, buffer) and out.data_ptr() != buffer.data_ptr()
+    assert extra["iou"].data_ptr() != buffer.data_ptr()
+
+
+def test_reports_survive_a_cut_off_run_and_errors_without_a_message(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    report = {"benchmark": "x", "results": [{"config": "a"}]}
+    speed.emit_report(report, path, complete=False)
+    assert json.loads(path.read_text()) == {**report, "complete": False}
+    assert capsys.readouterr().out == ""  # only the final report goes to stdout
+    report["results"].append({"config": "b"})
+    speed.emit_report(report, path)
+    assert json.loads(capsys.readouterr().out)["complete"] is True
+    assert json.loads(path.read_text())["results"] == [{"config": "a"}, {"config": "b"}]
+    assert speed.describe_error(AssertionError()) == "AssertionError"
+    assert speed.describe_error(RuntimeError("CUDA error\nmore")) == "RuntimeError: CUDA error"
 
 
 def test_set_attention_reaches_every_vit_block():

@@ -27,6 +27,8 @@ the two side by side.
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import inspect
 import json
 import logging
@@ -54,6 +56,8 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 ZIM_COMPILED_PARTS: tuple[str, ...] = ("image_encoder", "feature_pyramid", "prompt_encoder", "mask_decoder")
 #: ``torch.compile`` modes accepted by :func:`compile_model`.
 COMPILE_MODES: tuple[str, ...] = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: The modes that replay CUDA graphs (inductor's cudagraph trees).
+CUDAGRAPH_MODES: tuple[str, ...] = ("reduce-overhead", "max-autotune")
 
 
 def set_attention(model: nn.Module, backend: str) -> nn.Module:
@@ -118,6 +122,19 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_compile_options(mode: str, backend: str) -> None:
+    """Raise ValueError for an unknown ``torch.compile`` mode or backend, or an inductor mode elsewhere."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {list(COMPILE_MODES)}, got {mode!r}")
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in backends:
+        raise ValueError(f"compile backend must be one of {backends}, got {backend!r}")
+    if backend != "inductor" and mode != "default":
+        raise ValueError(
+            f"compile mode {mode!r} is an inductor mode; backend {backend!r} takes only 'default'"
+        )
+
+
 def compile_model(
     model: nn.Module,
     *,
@@ -149,15 +166,7 @@ def compile_model(
     Raises:
         ValueError: unknown mode, or none of ``parts`` is a submodule of ``model``.
     """
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode must be one of {list(COMPILE_MODES)}, got {mode!r}")
-    backends = torch._dynamo.list_backends(exclude_tags=())
-    if backend not in backends:
-        raise ValueError(f"compile backend must be one of {backends}, got {backend!r}")
-    if backend != "inductor" and mode != "default":
-        raise ValueError(
-            f"compile mode {mode!r} is an inductor mode; backend {backend!r} takes only 'default'"
-        )
+    check_compile_options(mode, backend)
     options = {"mode": mode} if backend == "inductor" else {}
     if parts is None:
         model.compile(backend=backend, dynamic=dynamic, **options)
@@ -173,6 +182,49 @@ def compile_model(
         raise ValueError(f"none of {list(parts)} is a submodule of {type(model).__name__}")
     log.info("torch.compile (%s, mode=%s) of %s", backend, mode, ", ".join(compiled))
     return model
+
+
+def compile_inference(
+    model: Zim, *, mode: str = "default", dynamic: bool | None = None, backend: str = "inductor"
+) -> Zim:
+    """``torch.compile`` a ZIM's two inference calls whole: :meth:`Zim.encode_image` and :meth:`Zim.decode`.
+
+    Unlike :func:`compile_model` (one graph per submodule), each call becomes one graph: normalisation
+    and padding with the encoder and feature pyramid; the attention map, prompt encoder and mask decoder
+    together. With a CUDA-graph mode (:data:`CUDAGRAPH_MODES`) each call is then one graph replay, which
+    is what a launch-bound one-box decode needs. Every call then starts a new cudagraph-trees step and
+    returns copies, since the next replay overwrites a graph's outputs, and the image embedding must
+    outlive many decodes. The compiled functions are instance attributes, so ``forward`` and
+    :class:`~zim_lightning.predictor.ZimPredictor` use them and the state dict is unchanged. Meant for
+    serving; export ONNX from an uncompiled model.
+
+    Args:
+        model: the network.
+        mode, dynamic, backend: as in :func:`compile_model`.
+
+    Returns:
+        ``model``.
+    """
+    check_compile_options(mode, backend)
+    options = {"mode": mode} if backend == "inductor" else {}
+    for name in ("encode_image", "decode"):
+        compiled = torch.compile(
+            getattr(type(model), name).__get__(model), backend=backend, dynamic=dynamic, **options
+        )
+        setattr(model, name, _step_and_copy(compiled) if mode in CUDAGRAPH_MODES else compiled)
+    log.info("torch.compile (%s, mode=%s) of Zim.encode_image and Zim.decode", backend, mode)
+    return model
+
+
+def _step_and_copy(fn: Callable[..., object]) -> Callable[..., object]:
+    # A compiled call under CUDA graphs: a new cudagraph-trees step, and outputs the next replay cannot
+    # overwrite.
+    @functools.wraps(fn)
+    def call(*args: object, **kwargs: object) -> object:
+        torch.compiler.cudagraph_mark_step_begin()
+        return torch.utils._pytree.tree_map_only(torch.Tensor, torch.clone, fn(*args, **kwargs))
+
+    return call
 
 
 @contextlib.contextmanager
@@ -250,7 +302,8 @@ def profile_top_ops(
 
     Returns:
         Entries ``{"name", "ms_per_step", "share", "calls_per_step"}``, largest first; ``share`` is the
-        entry's part of the summed self time of every profiled event.
+        entry's part of the summed self time: of the kernels on CUDA (an operator's self device time
+        repeats its kernels' time, so summing every event would count it twice), of every event elsewhere.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -264,7 +317,13 @@ def profile_top_ops(
         synchronize(device)
     attribute = "self_device_time_total" if on_cuda else "self_cpu_time_total"  # microseconds
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, attribute), reverse=True)
-    total = sum(getattr(e, attribute) for e in events) or 1.0
+    if on_cuda:
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        total = sum(getattr(e, attribute) for e in kernels) or 1.0
+    else:
+        total = sum(getattr(e, attribute) for e in events) or 1.0
     return [
         {
             "name": event.key,
@@ -364,9 +423,37 @@ def describe_environment(device: torch.device | str) -> dict[str, object]:
     return info
 
 
-def emit_report(report: dict[str, object], json_out: Path | None) -> None:
-    """Print a benchmark's JSON report on stdout (its result), and also write it to ``json_out`` if given."""
+def emit_report(report: dict[str, object], json_out: Path | None, *, complete: bool = True) -> None:
+    """Print a benchmark's JSON report on stdout (its result), and also write it to ``json_out`` if given.
+
+    With ``complete=False`` the report is only written to ``json_out`` (marked ``"complete": false``):
+    call it after each measured configuration, so a run killed by its time limit keeps what it measured.
+    """
+    report["complete"] = complete
     text = json.dumps(report, indent=2)
-    print(text)
+    if complete:
+        print(text)
     if json_out is not None:
-        json_out.write_text(text + "\n")
+        tmp = json_out.with_name(json_out.name + ".partial")
+        tmp.write_text(text + "\n")
+        tmp.replace(json_out)
+
+
+def describe_error(error: BaseException) -> str:
+    """``Type: first line of the message`` (just the type for an empty message), for a report."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def release_memory(device: torch.device | str) -> None:
+    """Collect garbage and return cached CUDA memory between configurations of a benchmark.
+
+    A sticky CUDA error (an illegal address in a kernel) also fails ``empty_cache``; it is logged, not
+    raised, so the figures already measured are still reported.
+    """
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError as error:
+            log.error("cannot release CUDA memory: %s", describe_error(error))
