@@ -90,6 +90,7 @@ def write_outputs(image: np.ndarray, alpha: np.ndarray, out_dir: Path, stem: str
 
 
 def _parser() -> argparse.ArgumentParser:
+    from zim_lightning import speed
     from zim_lightning.models.build import add_zim_arguments
 
     parser = argparse.ArgumentParser(
@@ -116,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--precision",
-        choices=("fp32", "bf16"),
+        choices=tuple(speed.PRECISIONS),
         default="fp32",
         help="bf16: autocast the network (GPUs with bf16; about 2x faster on an H100)",
     )

@@ -375,6 +375,7 @@ def build_app(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from zim_lightning import speed
     from zim_lightning.models.build import add_zim_arguments, describe_model, zim_for_command
 
     parser = argparse.ArgumentParser(
@@ -388,7 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted")
     parser.add_argument("--max-side", type=int, default=8192, help="largest image side accepted, pixels")
     parser.add_argument(
-        "--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast the network (GPUs)"
+        "--precision",
+        choices=tuple(speed.PRECISIONS),
+        default="fp32",
+        help="bf16: autocast the network (GPUs)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
