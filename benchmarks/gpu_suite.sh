@@ -72,6 +72,7 @@ step() {
   ((left < limit)) && limit=$left
   echo "[suite] $name: up to ${limit}s (t=$(($(date +%s) - start))s)" | tee -a "$log"
   local t0=$(date +%s)
+  rm -f "$OUT/$name.json"  # an earlier run's report in a reused OUT must not pass for this one's
   timeout -k 10 "$limit" python3 "$@" --json-out "$OUT/$name.json" >/dev/null 2>>"$log"
   local rc=$?
   echo "[suite] $name: rc=$rc in $(($(date +%s) - t0))s" | tee -a "$log"
@@ -79,7 +80,7 @@ step() {
 import json, sys
 try:
     report = json.load(open(sys.argv[1]))
-except ValueError:
+except (OSError, ValueError):
     sys.exit("    (no JSON report)")
 for r in report.get("results", []):
     keep = {k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in r.items()

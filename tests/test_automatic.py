@@ -17,7 +17,7 @@ from segment_anything.utils.amg import generate_crop_boxes
 from skimage import data
 from torchvision.ops import batched_nms, box_iou
 
-from zim_lightning.automatic import PRESETS, ZimAutomaticMatteGenerator, main, write_results
+from zim_lightning.automatic import PRESETS, ZimAutomaticMatteGenerator, default_preset, main, write_results
 from zim_lightning.models.build import zim_model_registry
 
 NO_FILTER = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
@@ -238,6 +238,16 @@ def test_cli_rejects_bad_settings_with_a_usage_error(tmp_path: Path, photo: np.n
     with pytest.raises(SystemExit) as exc:
         main([str(image_path), "--model", "tiny", "--out", str(tmp_path / "out"), "--points-per-side", "0"])
     assert exc.value.code == 2 and "points_per_side" in capsys.readouterr().err
+
+
+def test_the_default_preset_follows_the_network_also_from_a_run_config() -> None:
+    from zim_lightning.models.build import ZIM_VARIANTS, variant_of
+    from zim_lightning.models.zim import Zim
+
+    # a run config builds the network without a registry name: its sizes tell the preset
+    assert variant_of(Zim(**ZIM_VARIANTS["tiny"], image_size=256)) == "tiny"
+    assert default_preset(variant_of(Zim(**ZIM_VARIANTS["tiny"], image_size=256))) == "fast"
+    assert default_preset(None) == "quality"
 
 
 def test_cli_rejects_a_missing_image(tmp_path: Path) -> None:

@@ -60,7 +60,6 @@ def test_tiny_accepts_float_images_and_is_deterministic_in_eval() -> None:
     torch.testing.assert_close(a, b)
 
 
-@pytest.mark.slow
 def test_alpha_stays_float32_under_bf16_autocast() -> None:
     # bf16 alpha has 8 bits: 1/256 steps in [0.5, 1), coarser than the 8-bit PNGs SA1B-Matte stores
     torch.manual_seed(0)
@@ -72,6 +71,7 @@ def test_alpha_stays_float32_under_bf16_autocast() -> None:
         assert out[key].dtype == torch.float32, key
 
 
+@pytest.mark.slow
 def test_hiera_b_plus_shapes_and_ranges() -> None:
     torch.manual_seed(0)
     model = converter_model_registry["converter_hiera_b_plus"]().eval()

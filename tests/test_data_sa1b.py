@@ -273,6 +273,20 @@ def test_iter_tar_counts_a_failing_pipe_command(tmp_path):
         assert [s["__key__"] for s in samples] in ([], ["sa_0"])
 
 
+def test_a_pipe_left_early_by_its_reader_is_no_damage(tmp_path):
+    rng = np.random.default_rng(4)
+    members = []
+    for i in range(3):
+        image, alpha = scene(rng, 32, 32)
+        members += sa1b_members(f"sa_{i}", image, [alpha > 127])
+    shard = write_tar(tmp_path / "three.tar", members)
+    counter = SkipCounter()
+    samples = iter_tar(f"pipe:cat {shard}; exit 5", counter=counter)  # exits 5 whenever it ends
+    assert next(samples)["__key__"] == "sa_0"
+    samples.close()  # the reader stops (an epoch's end): the command's status says nothing of the data
+    assert counter.total() == 0
+
+
 def test_iter_tar_reads_pipe_urls_and_iter_sa1b_skips_corrupt_samples(tmp_path):
     rng = np.random.default_rng(5)
     members = []

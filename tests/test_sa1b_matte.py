@@ -26,6 +26,7 @@ from zim_lightning.models.converter import converter_model_registry
 from zim_lightning.sa1b_matte import (
     MANIFEST_DIR,
     CropConfig,
+    _several_processes,
     build,
     crop_square,
     mask_box,
@@ -339,6 +340,9 @@ def test_resuming_into_shards_built_differently_is_refused(
             accelerator="cpu",
             devices=1,
         )
+    renamed = tmp_path / "renamed.pt"  # the same weights under another name resume
+    shutil.copy(checkpoint, renamed)
+    assert _build(synthetic / "sa1b", out, renamed)["built"] == 0
     other = tmp_path / "retrained" / checkpoint.name  # same name, other weights: another run's last.ckpt
     other.parent.mkdir()
     torch.save({k: v + 1 for k, v in torch.load(checkpoint, weights_only=True).items()}, other)
@@ -382,3 +386,12 @@ def test_zim_stage_loads_a_batch_from_the_built_shards(clean_build: Path) -> Non
 def _members(shard: str) -> set[str]:
     with tarfile.open(shard) as tar:
         return {name.split(".")[0] for name in tar.getnames()}
+
+
+@pytest.mark.parametrize(
+    "devices, num_nodes, several",
+    [("auto", 1, False), (1, 1, False), ("1", 1, False), (2, 1, True), ("0,1", 1, True), (1, 2, True)],
+)
+def test_builds_over_several_processes_get_the_long_barrier_timeout(devices, num_nodes, several) -> None:
+    # (on this CPU-only machine "auto" is one process; on a multi-GPU node it is one per GPU)
+    assert _several_processes(devices, num_nodes=num_nodes, gpu=False) is several

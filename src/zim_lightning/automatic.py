@@ -78,7 +78,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def default_preset(model_name: str) -> str:
+def default_preset(model_name: str | None) -> str:
     """The preset a model size gets when none is named: ``fast`` for ``tiny``, else ``quality``."""
     return "fast" if model_name == "tiny" else "quality"
 
@@ -471,7 +471,7 @@ def write_results(
 def main(argv: list[str] | None = None) -> int:
     """Run ``zim-lightning matte-all``."""
     from zim_lightning.images import read_rgb
-    from zim_lightning.models.build import add_zim_arguments, describe_model, zim_for_command
+    from zim_lightning.models.build import add_zim_arguments, describe_model, variant_of, zim_for_command
 
     parser = argparse.ArgumentParser(
         prog="zim-lightning matte-all",
@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = zim_for_command(parser, args).to(device).eval()
-    preset = args.preset or default_preset(args.model)
+    preset = args.preset or default_preset(args.model or variant_of(model))
     overrides = {
         "points_per_side": args.points_per_side,
         "points_per_batch": args.points_per_batch,

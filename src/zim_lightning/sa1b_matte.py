@@ -658,10 +658,14 @@ def check_resumable(out: Path, shards: Sequence[Path], run_info: dict[str, Any])
             continue
         manifest = json.loads(path.read_text())
         built = manifest.get("build", {})
+        # the same weights under another name or path resume (the hash decides, when both have one)
+        ignored = (
+            {"checkpoint"} if built.get("checkpoint_sha256") and run_info["checkpoint_sha256"] else set()
+        )
         differ = [
             f"{key} {built[key]!r} (now {value!r})"
             for key, value in run_info.items()
-            if key in built and built[key] != value
+            if key in built and key not in ignored and built[key] != value
         ]
         size = shard.stat().st_size
         if manifest.get("input_bytes", size) != size:
@@ -927,7 +931,7 @@ def build(
         speed.compile_model(net, mode=compile, parts=None)
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     precision = precision or ("bf16-mixed" if gpu else "32-true")
-    several = num_nodes > 1 or (devices not in ("auto", 1, "1") and str(devices) != "1")
+    several = _several_processes(devices, num_nodes=num_nodes, gpu=gpu)
     run_info = _run_info(config, model, checkpoint)
     check_resumable(out, shards, run_info)
     writer = SA1BMatteWriter(
@@ -979,6 +983,17 @@ def build(
     )
     summary["rank"] = trainer.global_rank
     return summary
+
+
+def _several_processes(devices: str | int, *, num_nodes: int, gpu: bool) -> bool:
+    """Whether the Trainer will launch several processes (DDP), as Lightning resolves ``devices``."""
+    if num_nodes > 1:
+        return True
+    if devices in ("auto", -1, "-1"):  # every visible device (one CPU process)
+        return gpu and torch.cuda.device_count() > 1
+    if isinstance(devices, int) or str(devices).isdigit():
+        return int(devices) > 1
+    return len([d for d in str(devices).split(",") if d.strip()]) > 1  # device ids, "0,1"
 
 
 def summarize(out: Path, shards: Sequence[Path]) -> dict[str, Any]:

@@ -356,6 +356,7 @@ def iter_tar(url: str, *, counter: SkipCounter | None = None) -> Iterator[dict]:
     """
     current: dict | None = None
     damage: str | None = None
+    read_to_end = False
     try:
         stream = wds.gopen(url, "rb")
     except OSError as error:
@@ -383,14 +384,18 @@ def iter_tar(url: str, *, counter: SkipCounter | None = None) -> Iterator[dict]:
                     raise
             if getattr(archive, "zim_truncated", False):
                 raise tarfile.ReadError("stream ends without the end-of-archive marker")
+        read_to_end = True
     except _TAR_STREAM_ERRORS as error:
         _report(counter, "truncated_tar", url, f"damaged tar stream ({error}){damage or ''}")
         damage = damage or "reported"
     finally:
         try:
             stream.close()
-        except OSError as error:  # a ``pipe:`` command that exits with an error status (a failed download)
-            if damage is None:
+        except OSError as error:
+            # A ``pipe:`` command that exits with an error status: a failed download when the stream was
+            # read to its end; when the reader stopped early (an epoch's end), the command only lost its
+            # reader (curl's write error), which is no damage.
+            if read_to_end and damage is None:
                 _report(counter, "truncated_tar", url, f"shard stream failed on close ({error})")
     if current is not None:
         yield current

@@ -428,6 +428,16 @@ def zim_for_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(str(err))
 
 
+def variant_of(model: Zim) -> str | None:
+    """The registered size (``vit_b``, ..., ``tiny``) whose image encoder ``model`` has, or None."""
+    width = model.image_encoder.patch_embed.proj.out_channels
+    depth = len(model.image_encoder.blocks)
+    for name, sizes in ZIM_VARIANTS.items():
+        if (sizes["encoder_embed_dim"], sizes["encoder_depth"]) == (width, depth):
+            return name
+    return None
+
+
 def describe_model(args: argparse.Namespace) -> str:
     """The model the options name, for messages and reports: ``vit_b``, or ``run config config.yaml``."""
     if getattr(args, "run_config", None) is not None:
