@@ -66,6 +66,16 @@ def scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray
     return image, (alpha * 255).astype(np.uint8)
 
 
+def small_sa1b_members(count: int) -> list[tuple[str, bytes]]:
+    """``count`` SA-1B samples sa_0, sa_1, ... of 32x32 images with one mask each (seeded)."""
+    rng = np.random.default_rng(4)
+    members = []
+    for i in range(count):
+        image, alpha = scene(rng, 32, 32)
+        members += sa1b_members(f"sa_{i}", image, [alpha > 127])
+    return members
+
+
 def rle(mask: np.ndarray) -> dict:
     encoded = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": encoded["counts"].decode("ascii")}
@@ -221,11 +231,7 @@ def test_decode_matte_pastes_the_box(tmp_path):
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_iter_tar_stops_at_truncation_and_counts_it(tmp_path, compress):
-    rng = np.random.default_rng(4)
-    members = []
-    for i in range(6):
-        image, alpha = scene(rng, 32, 32)
-        members += sa1b_members(f"sa_{i}", image, [alpha > 127])
+    members = small_sa1b_members(6)
     full = write_tar(tmp_path / "full.tar", members, compress=compress)
     complete = list(iter_tar(str(full)))
     assert [s["__key__"] for s in complete] == [f"sa_{i}" for i in range(6)]
@@ -245,11 +251,7 @@ def test_iter_tar_stops_at_truncation_and_counts_it(tmp_path, compress):
 
 
 def test_iter_tar_counts_a_corrupt_header_mid_shard(tmp_path):
-    rng = np.random.default_rng(4)
-    members = []
-    for i in range(5):
-        image, alpha = scene(rng, 32, 32)
-        members += sa1b_members(f"sa_{i}", image, [alpha > 127])
+    members = small_sa1b_members(5)
     data = bytearray(write_tar(tmp_path / "full.tar", members).read_bytes())
     with tarfile.open(tmp_path / "full.tar") as archive:
         offset = next(m.offset for m in archive.getmembers() if m.name.startswith("sa_3."))
@@ -261,9 +263,7 @@ def test_iter_tar_counts_a_corrupt_header_mid_shard(tmp_path):
 
 
 def test_iter_tar_counts_a_failing_pipe_command(tmp_path):
-    rng = np.random.default_rng(4)
-    image, alpha = scene(rng, 32, 32)
-    shard = write_tar(tmp_path / "one.tar", sa1b_members("sa_0", image, [alpha > 127]))
+    shard = write_tar(tmp_path / "one.tar", small_sa1b_members(1))
     for url in (f"pipe:cat {tmp_path / 'absent.tar'}", f"pipe:cat {shard}; exit 3"):
         counter = SkipCounter()
         samples = list(iter_tar(url, counter=counter))  # a failed download: counted once, not raised
@@ -274,11 +274,7 @@ def test_iter_tar_counts_a_failing_pipe_command(tmp_path):
 
 
 def test_a_pipe_left_early_by_its_reader_is_no_damage(tmp_path):
-    rng = np.random.default_rng(4)
-    members = []
-    for i in range(3):
-        image, alpha = scene(rng, 32, 32)
-        members += sa1b_members(f"sa_{i}", image, [alpha > 127])
+    members = small_sa1b_members(3)
     shard = write_tar(tmp_path / "three.tar", members)
     counter = SkipCounter()
     samples = iter_tar(f"pipe:cat {shard}; exit 5", counter=counter)  # exits 5 whenever it ends
