@@ -14,7 +14,8 @@ import webdataset as wds
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from zim_lightning.data.synthetic import SyntheticLayout, _write_tar, generate, main
+from zim_lightning.data.synthetic import SyntheticLayout, generate, main
+from zim_lightning.data.tar_writer import write_tar
 
 SMALL = {
     "num_shards": 2,
@@ -249,7 +250,7 @@ def test_same_seed_same_bytes_through_the_cli_and_other_seed_differs(
 def test_interrupted_tar_write_leaves_nothing(tmp_path: Path) -> None:
     path = tmp_path / "sa_000000.tar"
     with pytest.raises(TypeError):
-        _write_tar(path, [("a.json", b"{}"), ("b.jpg", None)], compress=True)
+        write_tar(path, [("a.json", b"{}"), ("b.jpg", None)], compress=True)
     assert list(tmp_path.iterdir()) == []
 
 

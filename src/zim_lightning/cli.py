@@ -16,6 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "zim_lightning.data.synthetic",
         "write the synthetic dataset (SA-1B, matting, MicroMat-3K formats)",
     ),
+    "pack-shards": (
+        "zim_lightning.data.pack",
+        "pack folders of images and alphas (or masks) into matting (or segmentation) shards",
+    ),
     "fit": ("zim_lightning.lit.cli", "train a converter or ZIM from YAML configs (LightningCLI)"),
     "validate": ("zim_lightning.lit.cli", "validate a model from YAML configs (LightningCLI)"),
     "test": ("zim_lightning.lit.cli", "test a model from YAML configs (LightningCLI)"),

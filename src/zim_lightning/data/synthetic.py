@@ -43,18 +43,15 @@ leaves a complete-looking half tar.
 from __future__ import annotations
 
 import argparse
-import gzip
 import io
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import sys
-import tarfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -62,6 +59,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
+
+from zim_lightning.data.tar_writer import write_tar
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,6 @@ OBJECT_SCALES = (0.18, 0.3, 0.45, 0.65, 0.85)
 # Photographs bundled with scikit-image (no download needed).
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 _TEXTURES = ("brick", "grass", "gravel")
-_TAR_MEMBER_MODE = 0o644
 # Marks OUT as written by this module (holds the settings); the parts below are what a rerun replaces.
 MARKER = "synthetic.json"
 _PARTS = ("sa1b", "sa1b_alpha", "matting", "seg", "micromat", "am2k", "aim500", "preview.png")
@@ -428,33 +426,6 @@ def _alpha_u8(alpha: np.ndarray) -> np.ndarray:
     return np.round(alpha * 255.0).astype(np.uint8)
 
 
-def _write_tar(path: Path, members: Iterable[tuple[str, bytes]], *, compress: bool) -> None:
-    """Write a tar with sorted members and fixed metadata, via a temporary name and an atomic rename.
-
-    A failure part way removes the temporary file, so ``path`` is either complete or absent.
-    """
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        with open(tmp, "wb") as raw:
-            # gzip with mtime 0 and no file name so the bytes depend on the content only.
-            stream = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if compress else raw
-            try:
-                with tarfile.open(fileobj=stream, mode="w", format=tarfile.GNU_FORMAT) as tar:
-                    for name, data in sorted(members):
-                        info = tarfile.TarInfo(name)
-                        info.size, info.mtime, info.mode = len(data), 0, _TAR_MEMBER_MODE
-                        info.uid = info.gid = 0
-                        info.uname = info.gname = ""
-                        tar.addfile(info, io.BytesIO(data))
-            finally:
-                if compress:
-                    stream.close()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
@@ -550,7 +521,7 @@ def _write_sa1b(
             for aid, alpha in alphas.items():
                 _write_file(alpha_dir / f"sa_{image_id}" / f"{aid}.png", _png(_alpha_u8(alpha)))
         path = shard_dir / f"sa_{s:06d}.tar"
-        _write_tar(path, members, compress=True)
+        write_tar(path, members, compress=True)
         shards.append(path)
     return shards
 
@@ -596,7 +567,7 @@ def _write_matting(
                 (f"{key}.json", json.dumps(meta).encode()),
             ]
         path = directory / f"matting-{s:06d}.tar"
-        _write_tar(path, members, compress=False)
+        write_tar(path, members, compress=False)
         shards.append(path)
     return shards
 
@@ -619,7 +590,7 @@ def _write_seg(out: Path, *, seed: int, count: int, shard_size: int, size: tuple
                 (f"{key}.json", json.dumps(meta).encode()),
             ]
         path = directory / f"seg-{s:06d}.tar"
-        _write_tar(path, members, compress=False)
+        write_tar(path, members, compress=False)
         shards.append(path)
     return shards
 

@@ -1,0 +1,256 @@
+"""Pack a matting or segmentation dataset (a folder of images, a folder of alphas or masks) into shards.
+
+The label converter trains on matting shards (image + alpha) mixed with segmentation shards (image +
+mask, for STL), in the format of docs/architecture.md, "File formats": ``<key>.jpg`` (or ``<key>.png``)
+the image's own bytes, ``<key>.alpha.png`` an 8-bit alpha or ``<key>.mask.png`` a 0 / 255 mask, and
+``<key>.json`` ``{"kind": ..., "source": ...}``. Public matting sets (AM-2K, P3M, Distinctions-646,
+AIM-500, ...) ship as two folders whose files share a stem, which is what this reads::
+
+    zim-lightning pack-shards --images AM-2K/train/original --alphas AM-2K/train/mask \\
+        --out data/matting/train --name matting
+    zim-lightning pack-shards --images seg/images --masks seg/masks --out data/seg --name seg
+
+Alphas are normalised as the shard reader expects them: 16-bit grayscale scaled to 8 bits, three equal
+channels taken as one; masks are thresholded at the midpoint. A pair whose image and alpha differ in
+size, or that cannot be decoded, is skipped and listed. Shards are written atomically and the same input
+gives byte-identical shards, so a rerun replaces them safely.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from zim_lightning.data.sa1b import decode_gray
+from zim_lightning.data.skips import CorruptSample
+from zim_lightning.data.tar_writer import write_tar
+
+log = logging.getLogger(__name__)
+
+#: Image files read, by suffix, and the shard member each is stored under (its bytes are kept).
+IMAGE_SUFFIXES: dict[str, str] = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+#: Alpha / mask files read, in the order they are looked for.
+LABEL_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+KINDS: tuple[str, ...] = ("fine", "solid")
+
+
+@dataclass(frozen=True)
+class PackSummary:
+    """What :func:`pack` wrote and left out."""
+
+    shards: list[Path]
+    samples: int
+    skipped: list[str]
+    unmatched_images: list[str]
+    unmatched_labels: list[str]
+
+
+def _key(stem: str, taken: set[str]) -> str:
+    # webdataset splits a member name at the first dot of its base name: keys must hold none
+    key = re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "sample"
+    unique, n = key, 1
+    while unique in taken:
+        n += 1
+        unique = f"{key}_{n}"
+    taken.add(unique)
+    return unique
+
+
+def _files(folder: Path, suffixes: tuple[str, ...] | dict[str, str]) -> dict[str, Path]:
+    """stem -> file of ``folder`` with one of ``suffixes`` (case-insensitive); for a stem with several,
+    the one whose suffix comes first."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{str(folder)!r} is not a folder")
+    order = list(suffixes)
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        suffix = path.suffix.lower()
+        if not (path.is_file() and suffix in order):
+            continue
+        kept = found.get(path.stem)
+        if kept is None or order.index(suffix) < order.index(kept.suffix.lower()):
+            found[path.stem] = path
+    return found
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _sample(
+    image_path: Path, label_path: Path, *, key: str, mask: bool, kind: str, source: str
+) -> list[tuple[str, bytes]]:
+    """The members of one sample. Raises CorruptSample for a pair the shard reader would skip."""
+    image_bytes = image_path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as image:
+            image.verify()  # a truncated or corrupt file
+        with Image.open(io.BytesIO(image_bytes)) as image:
+            width, height = image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise CorruptSample(
+            f"cannot decode image {image_path.name} ({error})", key=key, reason="corrupt_image"
+        ) from error
+    label = decode_gray(label_path.read_bytes(), key=f"{key} ({label_path.name})")
+    if label.shape != (height, width):
+        raise CorruptSample(
+            f"{label_path.name} is {label.shape[1]}x{label.shape[0]}, its image {width}x{height}",
+            key=key,
+            reason="corrupt_image",
+        )
+    if mask:
+        label = np.where(label > 127, 255, 0).astype(np.uint8)
+    if not label.any():
+        raise CorruptSample(f"{label_path.name} is empty", key=key, reason="empty_mask")
+    member = IMAGE_SUFFIXES[image_path.suffix.lower()]
+    meta = {"kind": kind, "source": source}
+    return [
+        (f"{key}.{member}", image_bytes),
+        (f"{key}.{'mask' if mask else 'alpha'}.png", _png(label)),
+        (f"{key}.json", json.dumps(meta).encode()),
+    ]
+
+
+def pack(
+    *,
+    images: str | Path,
+    labels: str | Path,
+    out: str | Path,
+    masks: bool = False,
+    name: str | None = None,
+    shard_size: int = 256,
+    kind: str | None = None,
+    source: str | None = None,
+) -> PackSummary:
+    """Pack image / alpha (or mask) pairs that share a file stem into numbered shards.
+
+    Args:
+        images: folder of images (jpg, png).
+        labels: folder of alphas (or masks with ``masks``), the same stems as the images.
+        out: folder for ``<name>-000000.tar``, ``<name>-000001.tar``, ... (created).
+        masks: the labels are segmentation masks (STL shards) rather than alphas.
+        name: shard name prefix (default ``seg`` with ``masks``, else ``matting``).
+        shard_size: samples per shard.
+        kind: ``"fine"`` or ``"solid"``, recorded per sample (default ``solid`` for masks, else ``fine``).
+        source: recorded per sample as ``<source>/<image file name>`` (default: the images folder's name).
+
+    Returns:
+        The shards written and what was left out.
+
+    Raises:
+        ValueError: a bad option, or no pair to pack.
+        FileNotFoundError: a folder does not exist.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    kind = kind or ("solid" if masks else "fine")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    images, labels, out = Path(images), Path(labels), Path(out)
+    name = name or ("seg" if masks else "matting")
+    source = source or images.name
+    image_files, label_files = _files(images, IMAGE_SUFFIXES), _files(labels, LABEL_SUFFIXES)
+    stems = sorted(set(image_files) & set(label_files))
+    if not stems:
+        raise ValueError(
+            f"no image in {str(images)!r} has an {'mask' if masks else 'alpha'} of the same file stem in "
+            f"{str(labels)!r} ({len(image_files)} images, {len(label_files)} label files)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    taken: set[str] = set()
+    keys = {stem: _key(stem, taken) for stem in stems}
+    shards, skipped, samples = [], [], 0
+    from rich.progress import track
+
+    count = math.ceil(len(stems) / shard_size)
+    for index in track(range(count), description=f"packing {len(stems)} pairs", disable=count < 2):
+        members: list[tuple[str, bytes]] = []
+        for stem in stems[index * shard_size : (index + 1) * shard_size]:
+            try:
+                members += _sample(
+                    image_files[stem],
+                    label_files[stem],
+                    key=keys[stem],
+                    mask=masks,
+                    kind=kind,
+                    source=f"{source}/{image_files[stem].name}",
+                )
+                samples += 1
+            except (CorruptSample, OSError) as error:
+                log.warning("skipped %s: %s", image_files[stem].name, error)
+                skipped.append(image_files[stem].name)
+        path = out / f"{name}-{index:06d}.tar"
+        write_tar(path, members, compress=False)
+        shards.append(path)
+    return PackSummary(
+        shards=shards,
+        samples=samples,
+        skipped=skipped,
+        unmatched_images=sorted(image_files[s].name for s in set(image_files) - set(label_files)),
+        unmatched_labels=sorted(label_files[s].name for s in set(label_files) - set(image_files)),
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zim-lightning pack-shards",
+        description="Pack a folder of images and a folder of alphas (or masks) sharing file stems into "
+        "matting (or segmentation) shards for the label converter.",
+    )
+    p.add_argument("--images", required=True, type=Path, help="folder of images (jpg, png)")
+    labels = p.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--alphas", type=Path, help="folder of alpha mattes: matting shards")
+    labels.add_argument("--masks", type=Path, help="folder of segmentation masks: STL shards")
+    p.add_argument("--out", required=True, type=Path, help="output folder for the shards")
+    p.add_argument("--name", default=None, help="shard name prefix (default matting, or seg with --masks)")
+    p.add_argument("--shard-size", type=int, default=256, help="samples per shard (256)")
+    p.add_argument(
+        "--kind", choices=KINDS, default=None, help="sample kind (default fine, solid with --masks)"
+    )
+    p.add_argument("--source", default=None, help="dataset name recorded per sample (default: images folder)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``zim-lightning pack-shards``; returns 0, or 2 on bad input."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = pack(
+            images=args.images,
+            labels=args.masks if args.masks is not None else args.alphas,
+            out=args.out,
+            masks=args.masks is not None,
+            name=args.name,
+            shard_size=args.shard_size,
+            kind=args.kind,
+            source=args.source,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    print(f"wrote {len(summary.shards)} shards, {summary.samples} samples, to {args.out}")
+    for what, names in (
+        ("skipped (unreadable or sizes differ)", summary.skipped),
+        ("images without a label", summary.unmatched_images),
+        ("labels without an image", summary.unmatched_labels),
+    ):
+        if names:
+            print(f"{what}: {len(names)}: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

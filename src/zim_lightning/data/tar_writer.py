@@ -1,0 +1,50 @@
+"""The atomic, reproducible tar writer every shard producer uses (``synth``, ``pack-shards``).
+
+Kept free of torch so that writing data stays a light import.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+
+#: Permissions recorded for every member of the tars we write.
+TAR_MEMBER_MODE = 0o644
+
+
+def write_tar(path: Path, members: Iterable[tuple[str, bytes]], *, compress: bool) -> None:
+    """Write a tar with sorted members and fixed metadata, via a temporary name and an atomic rename.
+
+    The bytes depend on the members only (no times, owners or gzip file name), so the same content gives
+    the same file. A failure part way removes the temporary file, so ``path`` is either complete or
+    absent.
+
+    Args:
+        path: the shard to write (replaced if it exists).
+        members: ``(name, bytes)`` pairs, written in name order.
+        compress: gzip the tar (as SA-1B ships its ``.tar`` files).
+    """
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        with open(tmp, "wb") as raw:
+            # gzip with mtime 0 and no file name so the bytes depend on the content only.
+            stream = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if compress else raw
+            try:
+                with tarfile.open(fileobj=stream, mode="w", format=tarfile.GNU_FORMAT) as tar:
+                    for name, data in sorted(members):
+                        info = tarfile.TarInfo(name)
+                        info.size, info.mtime, info.mode = len(data), 0, TAR_MEMBER_MODE
+                        info.uid = info.gid = 0
+                        info.uname = info.gname = ""
+                        tar.addfile(info, io.BytesIO(data))
+            finally:
+                if compress:
+                    stream.close()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

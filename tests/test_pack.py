@@ -1,0 +1,100 @@
+"""`zim-lightning pack-shards` (data/pack.py): folders of images and alphas or masks -> shards the
+converter stage reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from zim_lightning.data.datamodule import ZimDataModule
+from zim_lightning.data.matting import decode_matting, decode_segmentation
+from zim_lightning.data.pack import main, pack
+from zim_lightning.data.sa1b import iter_tar
+
+
+def _scene(seed: int, height: int = 40, width: int = 56) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    alpha = np.zeros((height, width), np.uint8)
+    alpha[8:30, 10:40] = rng.integers(1, 256, (22, 30), dtype=np.uint8)
+    return image, alpha
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """A dataset as public matting sets ship: images/ and alphas/ sharing stems, with their quirks."""
+    images, alphas = tmp_path / "images", tmp_path / "alphas"
+    images.mkdir()
+    alphas.mkdir()
+    truth = {}
+    image, alpha = _scene(0)
+    Image.fromarray(image).save(images / "a.jpg", quality=95)
+    Image.fromarray(alpha).save(alphas / "a.png")
+    truth["a"] = (np.asarray(Image.open(images / "a.jpg").convert("RGB")), alpha)
+    image, alpha = _scene(1)
+    Image.fromarray(image).save(images / "b.png")  # a PNG image, stored as it is
+    Image.fromarray(alpha.astype(np.uint16) * 257).save(alphas / "b.png")  # a 16-bit alpha
+    truth["b"] = (image, alpha)
+    image, alpha = _scene(2)
+    Image.fromarray(image).save(images / "c.v2.JPG", quality=95)  # dots in the stem, upper-case suffix
+    Image.fromarray(np.dstack([alpha] * 3)).save(alphas / "c.v2.png")  # an alpha saved as RGB
+    truth["c_v2"] = (np.asarray(Image.open(images / "c.v2.JPG").convert("RGB")), alpha)
+    image, alpha = _scene(3)
+    Image.fromarray(image).save(images / "d.jpg")  # no alpha
+    Image.fromarray(alpha).save(alphas / "e.png")  # no image
+    Image.fromarray(image).save(images / "f.jpg")
+    Image.fromarray(alpha[:20]).save(alphas / "f.png")  # another size: skipped
+    return images, alphas, truth
+
+
+def test_pairs_are_packed_into_shards_the_readers_decode(folders, tmp_path) -> None:
+    images, alphas, truth = folders
+    summary = pack(images=images, labels=alphas, out=tmp_path / "out", shard_size=2)
+    assert [p.name for p in summary.shards] == ["matting-000000.tar", "matting-000001.tar"]
+    assert summary.samples == 3 and summary.skipped == ["f.jpg"]
+    assert summary.unmatched_images == ["d.jpg"] and summary.unmatched_labels == ["e.png"]
+    decoded = {}
+    for shard in summary.shards:
+        for sample in iter_tar(str(shard)):
+            decoded[sample["__key__"]] = decode_matting(sample)
+    assert sorted(decoded) == ["a", "b", "c_v2"]
+    for key, (image, alpha) in truth.items():
+        np.testing.assert_array_equal(decoded[key][0], image)  # the image's own bytes
+        np.testing.assert_array_equal(decoded[key][1], alpha)  # 16-bit and RGB alphas as 8-bit
+    # the same input gives the same bytes
+    again = pack(images=images, labels=alphas, out=tmp_path / "again", shard_size=2)
+    assert [p.read_bytes() for p in again.shards] == [p.read_bytes() for p in summary.shards]
+    # and the converter stage trains on them
+    data = ZimDataModule(
+        stage="converter",
+        val_shards=[str(p) for p in summary.shards],
+        batch_size=3,
+        num_workers=0,
+        crop_size=32,
+    )
+    batch = next(iter(data.val_dataset(rank=0, world_size=1)))
+    assert sorted(batch["key"]) == ["a", "b", "c_v2"] and data.skips.total() == 0
+
+
+def test_masks_make_segmentation_shards(folders, tmp_path) -> None:
+    images, alphas, _ = folders
+    summary = pack(images=images, labels=alphas, out=tmp_path / "seg", masks=True)
+    assert [p.name for p in summary.shards] == ["seg-000000.tar"]
+    for sample in iter_tar(str(summary.shards[0])):
+        _, mask = decode_segmentation(sample)
+        assert set(np.unique(mask)) <= {0.0, 1.0} and mask.any()
+
+
+def test_bad_input_is_a_usage_error(tmp_path, capsys) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for argv, message in (
+        (["--images", str(tmp_path / "missing"), "--alphas", str(empty)], "is not a folder"),
+        (["--images", str(empty), "--alphas", str(empty)], "no image in"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--out", str(tmp_path / "out")])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
