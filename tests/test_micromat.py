@@ -84,6 +84,25 @@ def test_sixteen_bit_mattes_read_exactly(tmp_path: Path) -> None:
     np.testing.assert_array_equal(alpha, values / 65535.0)
 
 
+def test_a_matte_with_an_alpha_channel_is_refused_not_read_as_opaque(tmp_path: Path) -> None:
+    write_micromat(tmp_path)
+    matte = np.asarray(Image.open(tmp_path / "matte/fine/0001_1.png"))
+    Image.fromarray(np.dstack([np.full_like(matte, 255), matte]), mode="LA").save(
+        tmp_path / "matte/fine/0001_1.png"
+    )
+    dataset = build_eval_dataset(tmp_path, format="micromat", prompt="box")
+    with pytest.raises(EvalDataError, match="has an alpha channel"):
+        dataset[0]
+
+
+def test_a_box_evaluation_reads_only_the_boxes(tmp_path: Path) -> None:
+    write_micromat(tmp_path)
+    (tmp_path / "prompt/fine/0002_3.json").write_text('{"point": [], "bbox": [2, 3, 20, 18]}')
+    assert len(build_eval_dataset(tmp_path, format="micromat", prompt="box")) == 3
+    with pytest.raises(EvalDataError, match="'point' must be"):
+        build_eval_dataset(tmp_path, format="micromat", prompt="point")
+
+
 @pytest.mark.parametrize("layout", ["am2k", "am2k_validation", "aim500"])
 def test_matting_folders_derive_deterministic_prompts(tmp_path: Path, layout: str) -> None:
     folder = tmp_path / "validation" if layout.startswith("am2k") else tmp_path

@@ -203,9 +203,19 @@ def read_alpha(path: Path) -> np.ndarray:
     """Read an 8-bit or 16-bit grayscale PNG as float64 HxW alpha in [0, 1].
 
     float64 keeps ``k / 255`` and ``k / 65535`` as exactly as the metrics compute in, so numbers
-    recomputed from the files by any float64 implementation agree to the last digits.
+    recomputed from the files by any float64 implementation agree to the last digits. An RGB matte
+    (three equal channels) reads as its luminance.
+
+    Raises:
+        EvalDataError: a matte with an alpha channel (LA, RGBA): which channel is the matte is ambiguous,
+            and reading the luminance would score against an all-opaque truth.
     """
     with Image.open(path) as img:
+        if "A" in img.getbands():
+            raise EvalDataError(
+                f"matte {str(path)!r} has an alpha channel (mode {img.mode}); expected a single-channel "
+                "grayscale PNG"
+            )
         if img.mode in GRAY_16_BIT_MODES:
             return (np.asarray(img).astype(np.float64) / 65535.0).clip(0, 1)
         return np.asarray(img.convert("L")).astype(np.float64) / 255.0
@@ -318,7 +328,7 @@ def _read_prompt(path: Path, *, where: str, prompt: str) -> dict[str, np.ndarray
             f"{where}: prompt must be a json object with 'point' and 'bbox', got {type(data).__name__}"
         )
     parsed: dict[str, np.ndarray] = {}
-    if prompt in ("point", "both") or "point" in data:
+    if prompt in ("point", "both"):  # a box evaluation does not need the file's points, nor checks them
         try:
             points = np.asarray(data["point"], dtype=np.float32)
         except (KeyError, TypeError, ValueError) as err:
@@ -334,7 +344,7 @@ def _read_prompt(path: Path, *, where: str, prompt: str) -> dict[str, np.ndarray
                 f"{where}: point labels must be 1 (positive) or 0 (negative), got {points[:, 2]}"
             )
         parsed["points"] = points
-    if prompt in ("box", "both") or "bbox" in data:
+    if prompt in ("box", "both"):
         try:
             box = np.asarray(data["bbox"], dtype=np.float32)
         except (KeyError, TypeError, ValueError) as err:
