@@ -113,6 +113,16 @@ def test_the_tiny_zim_config_builds_the_chosen_variant():
     assert cli.datamodule.seed == 0
 
 
+@pytest.mark.parametrize("value, data_seed", [("7", 7), ("true", 0), ("false", 0)])
+def test_any_seed_everything_value_parses_and_seeds_the_data(value, data_seed):
+    # LightningCLI's true (a random seed) and false used to fail on the link to the data seed
+    cli = cli_main(
+        ["-c", str(CONFIGS / "zim" / "tiny.yaml"), f"--seed_everything={value}", "--trainer.logger=false"],
+        run=False,
+    )
+    assert cli.datamodule.seed == data_seed
+
+
 def test_unknown_options_are_refused(capsys: pytest.CaptureFixture):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "-c", str(CONFIGS / "zim" / "tiny.yaml"), "--model.init_args.net.init_args.bogus=1"])

@@ -7,7 +7,8 @@ import functools
 import pytest
 import torch
 
-from zim_lightning.lit.optimization import WarmupCosineLR, configure_optimization
+from zim_lightning.lit.optimization import WarmupCosineLR, configure_optimization, parameter_groups
+from zim_lightning.models.build import zim_model_registry
 
 
 def _lrs(scheduler: WarmupCosineLR, steps: int) -> list[float]:
@@ -64,3 +65,33 @@ def test_the_run_length_comes_from_the_trainer_when_the_config_leaves_it_out():
     assert _lrs(scheduler, 9)[4] == pytest.approx(0.5) and scheduler.get_last_lr()[0] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="max_steps"):
         configure_optimization(net.parameters(), torch.optim.SGD, WarmupCosineLR, total_steps=float("inf"))
+
+
+def test_no_weight_decay_on_biases_norms_positions_tables_and_embeddings():
+    net = zim_model_registry["tiny"]()
+    net.image_encoder.requires_grad_(False)  # frozen parameters leave their group, empty groups vanish
+    config = configure_optimization(
+        parameter_groups(net), functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05), None
+    )
+    names = {id(p): n for n, p in net.named_parameters()}
+    groups = {
+        g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in config["optimizer"].param_groups
+    }
+    decayed, kept = groups[0.05], groups[0.0]
+    assert "mask_decoder.transformer.layers.0.self_attn.q_proj.weight" in decayed
+    for name in (
+        "mask_decoder.transformer.layers.0.self_attn.q_proj.bias",
+        "mask_decoder.transformer.norm_final_attn.weight",
+        "mask_decoder.iou_token.weight",
+        "mask_decoder.mask_tokens.weight",
+        "prompt_encoder.not_a_point_embed.weight",
+        "prompt_encoder.point_embeddings.2.weight",
+    ):
+        assert name in kept, name
+    assert not any(n.startswith("image_encoder.") for n in decayed | kept)
+    encoder = {n: p for n, p in net.named_parameters() if n.startswith("image_encoder.")}
+    exempt = {names[id(p)] for p in parameter_groups(net)[1]["params"]}
+    assert {n for n in encoder if "pos_embed" in n or "rel_pos" in n} <= exempt
+    # one group, everything decayed: the layout of optimiser states saved before the switch
+    single = parameter_groups(net, exempt=False)
+    assert len(single) == 1 and len(single[0]["params"]) == len(list(net.parameters()))

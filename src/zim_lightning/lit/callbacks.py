@@ -53,6 +53,11 @@ def _draw_prompts(tile: Tensor, coords: Tensor, labels: Tensor, scale: float) ->
     return tile
 
 
+def _step_ends(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether this batch completes an optimiser step (the last micro-batch of gradient accumulation)."""
+    return (batch_idx + 1) % max(1, trainer.accumulate_grad_batches) == 0
+
+
 def matte_grid(batch: dict[str, Any], alpha: Tensor, *, max_samples: int = 4, tile_size: int = 256) -> Tensor:
     """One picture of a batch: a row per sample, columns image | [input mask] | prediction | truth.
 
@@ -128,7 +133,11 @@ class MatteGridLogger(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        if (
+            self.every_n_steps
+            and _step_ends(trainer, batch_idx)
+            and trainer.global_step % self.every_n_steps == 0
+        ):
             self._emit(trainer, "train/grid", batch, outputs)
 
     def on_validation_batch_end(
@@ -178,5 +187,5 @@ class SkipCountLogger(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
+        if _step_ends(trainer, batch_idx) and trainer.global_step % self.every_n_steps == 0:
             self._log(trainer, pl_module)

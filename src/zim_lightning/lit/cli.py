@@ -27,12 +27,20 @@ from lightning.pytorch.cli import LightningCLI
 MULTI_COMMAND = True
 
 
+def _data_seed(seed_everything: object) -> int:
+    return (
+        seed_everything if isinstance(seed_everything, int) and not isinstance(seed_everything, bool) else 0
+    )
+
+
 class ZimLightningCLI(LightningCLI):
     """LightningCLI with the links between values that several parts share."""
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - LightningArgumentParser
         # The run seed also seeds the data streams (per rank and worker), so one number repeats a run.
-        parser.link_arguments("seed_everything", "data.init_args.seed")
+        # LightningCLI's non-integer values (true: a random seed, false / null: none) leave the data
+        # streams at seed 0 rather than failing to parse.
+        parser.link_arguments("seed_everything", "data.init_args.seed", compute_fn=_data_seed)
 
 
 def cli_main(args: list[str] | None = None, *, run: bool = True) -> LightningCLI:

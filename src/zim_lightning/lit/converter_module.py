@@ -38,6 +38,8 @@ class ConverterModule(MattingModule):
         weight_os1: loss weight of the stride-1 output.
         weight_os4: loss weight of the stride-4 output.
         weight_os8: loss weight of the stride-8 output.
+        decay_exempt: no weight decay on biases, norms, position embeddings and embeddings
+            (:func:`~zim_lightning.lit.optimization.parameter_groups`); False: one group, all decayed.
     """
 
     def __init__(
@@ -50,8 +52,15 @@ class ConverterModule(MattingModule):
         weight_os1: float = 2.0,
         weight_os4: float = 1.0,
         weight_os8: float = 1.0,
+        decay_exempt: bool = True,
     ) -> None:
-        super().__init__(net=net, optimizer=optimizer, scheduler=scheduler, extra_val_metrics=("sad_input",))
+        super().__init__(
+            net=net,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            extra_val_metrics=("sad_input",),
+            decay_exempt=decay_exempt,
+        )
         # Only plain values go into the checkpoint's hyper-parameters: the network and the factories are
         # described by the saved config, and a checkpoint must stay loadable with weights_only=True.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
@@ -73,7 +82,7 @@ class ConverterModule(MattingModule):
         self._log_values(self.train_metrics, terms, batch_size=size, train=True)
         if "is_stl" in batch:
             stl = torch.as_tensor(batch["is_stl"], dtype=torch.float32).mean()
-            self.log("train/stl_fraction", stl, on_step=False, on_epoch=True, batch_size=size)
+            self.log("train/stl_fraction", stl, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
         return {"loss": terms["loss"], "alpha": outputs["alpha"].detach()}
 
     def _evaluate(self, batch: dict, metrics: MetricCollection) -> dict[str, Tensor]:

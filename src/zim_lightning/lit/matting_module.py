@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric, MetricCollection
 
-from zim_lightning.lit.optimization import configure_optimization
+from zim_lightning.lit.optimization import configure_optimization, parameter_groups
 
 #: Loss terms logged for every stage (``<stage>/<name>``).
 LOSS_TERMS: tuple[str, ...] = ("loss", "l1", "grad")
@@ -67,6 +67,9 @@ class MattingModule(LightningModule):
         optimizer: ``OptimizerCallable``: parameters -> optimiser (AdamW in the configs).
         scheduler: ``LRSchedulerCallable`` stepped per optimiser step, or None for a constant rate.
         extra_val_metrics: names of further per-sample values the subclass logs in validation and test.
+        decay_exempt: no weight decay on biases, norms, position embeddings and tables, and embeddings
+            (:func:`~zim_lightning.lit.optimization.parameter_groups`); False decays every parameter
+            (one parameter group, as runs before this switch saved their optimiser state).
     """
 
     def __init__(
@@ -76,8 +79,10 @@ class MattingModule(LightningModule):
         optimizer: Callable[[Iterable[nn.Parameter]], Optimizer],
         scheduler: Callable[[Optimizer], LRScheduler] | None,
         extra_val_metrics: tuple[str, ...] = (),
+        decay_exempt: bool = True,
     ) -> None:
         super().__init__()
+        self.decay_exempt = decay_exempt
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a built torch.nn.Module, got {type(net).__name__}")
         self.net = net
@@ -92,7 +97,7 @@ class MattingModule(LightningModule):
 
     def configure_optimizers(self) -> dict:
         return configure_optimization(
-            self.parameters(),
+            parameter_groups(self, exempt=self.decay_exempt),
             self.optimizer_factory,
             self.scheduler_factory,
             # max_steps when set, else epochs x batches: the cosine ends with the run

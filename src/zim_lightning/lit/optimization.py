@@ -105,8 +105,45 @@ class WarmupCosineLR(LambdaLR):
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+#: Parameter names (substrings) that take no weight decay besides the 1-D ones (biases, norms): learned
+#: positions and relative-position tables of the ViT and Hiera backbones.
+NO_DECAY_NAMES: tuple[str, ...] = ("pos_embed", "rel_pos")
+
+
+def parameter_groups(module: torch.nn.Module, *, exempt: bool = True) -> list[dict]:
+    """The module's parameters in two groups: with weight decay, and without it.
+
+    Without decay (``exempt``), as ViT / SAM fine-tuning recipes do: 1-D parameters (biases, norm
+    scales and shifts), learned position embeddings and relative-position tables (:data:`NO_DECAY_NAMES`)
+    and every ``nn.Embedding`` (SAM's prompt label embeddings, the IoU and mask tokens). Decaying them
+    pulls pretrained values towards zero for no regularising gain.
+
+    Args:
+        module: the network.
+        exempt: False puts every parameter in one group that decays (the optimiser's weight decay).
+
+    Returns:
+        ``[{"params": decayed, "name": "decay"}, {"params": exempt, "weight_decay": 0.0, "name":
+        "no_decay"}]`` (the second only when ``exempt``), for any ``torch.optim`` optimiser (Lightning's
+        learning-rate monitor logs ``lr-AdamW/decay`` and ``lr-AdamW/no_decay``).
+    """
+    embeddings = {
+        id(p)
+        for m in module.modules()
+        if isinstance(m, torch.nn.Embedding)
+        for p in m.parameters(recurse=False)
+    }
+    decayed, kept = [], []
+    for name, param in module.named_parameters():
+        no_decay = param.ndim <= 1 or id(param) in embeddings or any(key in name for key in NO_DECAY_NAMES)
+        (kept if exempt and no_decay else decayed).append(param)
+    if not exempt:
+        return [{"params": decayed}]
+    return [{"params": decayed, "name": "decay"}, {"params": kept, "weight_decay": 0.0, "name": "no_decay"}]
+
+
 def configure_optimization(
-    params: Iterable[torch.nn.Parameter],
+    params: Iterable[torch.nn.Parameter] | list[dict],
     optimizer: Callable[[Iterable[torch.nn.Parameter]], Optimizer],
     scheduler: Callable[[Optimizer], LRScheduler] | None,
     *,
@@ -115,8 +152,9 @@ def configure_optimization(
     """Build the optimiser over ``params`` (trainable ones only) and a per-step scheduler.
 
     Args:
-        params: the module's parameters; frozen ones (``requires_grad=False``) are left out, so AdamW
-            keeps no state for them.
+        params: the module's parameters, or parameter groups (:func:`parameter_groups`); frozen ones
+            (``requires_grad=False``) are left out, so AdamW keeps no state for them, and so are groups
+            left empty.
         optimizer: ``OptimizerCallable``, e.g. ``functools.partial(torch.optim.AdamW, lr=1e-5)``.
         scheduler: ``LRSchedulerCallable`` or None for a constant learning rate.
         total_steps: the run's optimiser steps (``trainer.estimated_stepping_batches``), handed to a
@@ -125,7 +163,12 @@ def configure_optimization(
     Returns:
         Lightning's ``configure_optimizers`` dictionary.
     """
-    trainable = [p for p in params if p.requires_grad]
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+        trainable: list = [g for g in groups if g["params"]]
+    else:
+        trainable = [p for p in params if p.requires_grad]
     if not trainable:
         raise ValueError("no trainable parameters: every parameter of the network is frozen")
     opt = optimizer(trainable)

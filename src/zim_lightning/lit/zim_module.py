@@ -36,7 +36,8 @@ class ZimModule(MattingModule):
         net: a built ZIM (``zim_lightning.models.build.build_zim``); fine-tuning starts from SAM when the
             builder is given ``sam_checkpoint``. Called as ``net(images, point_coords, point_labels,
             multimask_output=False)`` returning ``{"logits": Bx1xhxw, "iou": Bx1}``.
-        optimizer: optimiser factory (paper: AdamW, lr 1e-5).
+        optimizer: optimiser factory (paper: AdamW, lr 1e-5, which the configs set; the default is plain
+            AdamW at its own lr 1e-3, too high to fine-tune SAM).
         scheduler: per-step learning-rate schedule factory (paper: cosine), or None.
         grad_weight: lambda of the gradient term (paper: 10).
         bce_weight: weight of binary cross-entropy on the upsampled logits, added to the loss (paper: 0).
@@ -44,6 +45,8 @@ class ZimModule(MattingModule):
             settles on an empty matte (``zim_lightning.losses``).
         freeze_image_encoder: keep the ViT image encoder fixed (no gradients, no optimiser state) and
             train the rest: a cheap fine-tuning mode, not the paper's recipe.
+        decay_exempt: no weight decay on biases, norms, position embeddings and tables, and embeddings
+            (:func:`~zim_lightning.lit.optimization.parameter_groups`); False: one group, all decayed.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class ZimModule(MattingModule):
         compile: str | None = None,
         compile_backend: str = "inductor",
         channels_last: bool = False,
+        decay_exempt: bool = True,
     ) -> None:
         """See the class docstring; speed switches (zim_lightning.speed, equivalent outputs):
 
@@ -68,7 +72,7 @@ class ZimModule(MattingModule):
                 compiles without generating code).
             channels_last: store the convolution weights NHWC (faster convolutions on GPUs).
         """
-        super().__init__(net=net, optimizer=optimizer, scheduler=scheduler)
+        super().__init__(net=net, optimizer=optimizer, scheduler=scheduler, decay_exempt=decay_exempt)
         # Plain values only: the checkpoint must stay loadable with weights_only=True.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.loss = MattingLoss(grad_weight=grad_weight, bce_weight=bce_weight)
