@@ -155,3 +155,60 @@ def test_channels_last_switch_keeps_the_loss_and_applies_once(synthetic: Path):
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     with torch.no_grad():
         torch.testing.assert_close(fast._step(batch)[1]["loss"], reference, rtol=1e-4, atol=1e-5)
+
+
+def _batch(labels: list[list[float]]) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    b = len(labels)
+    alpha = torch.zeros(b, 1, FRAME, FRAME)
+    alpha[:, :, 30:90, 40:100] = torch.rand(b, 1, 60, 60, generator=generator)
+    return {
+        "image": torch.randint(0, 256, (b, 3, FRAME, FRAME), generator=generator).to(torch.uint8),
+        "alpha": alpha,
+        "valid": torch.ones(b, 1, FRAME, FRAME),
+        "point_coords": torch.tensor([[[40.0, 30.0], [100.0, 90.0], [0.0, 0.0]]]).expand(b, -1, -1).clone(),
+        "point_labels": torch.tensor(labels),
+    }
+
+
+def _grads(module: ZimModule, batch: dict) -> dict[str, float]:
+    module.zero_grad()
+    _, terms = module._step(batch)
+    terms["loss"].backward()
+    return {
+        name: 0.0 if p.grad is None else float(p.grad.abs().max())
+        for name, p in module.net.mask_decoder.named_parameters()
+    }
+
+
+def test_multimask_and_iou_switches_train_every_output_token():
+    from zim_lightning.models.build import ZIM_VARIANTS
+    from zim_lightning.models.zim import Zim
+
+    torch.manual_seed(0)
+    net = Zim(**ZIM_VARIANTS["tiny"], image_size=FRAME)
+    click, box = [1.0, -1.0, -2.0], [2.0, 3.0, -2.0]  # a single click is ambiguous, a box is not
+    paper = ZimModule(net=net)
+    both = ZimModule(net=net, multimask=True, iou_weight=1.0)
+    _, paper_terms = paper._step(_batch([click, box]))
+    _, both_terms = both._step(_batch([click, box]))
+    # token 0's terms are the paper's; the switches only add losses
+    for name in ("l1", "grad"):
+        torch.testing.assert_close(both_terms[name], paper_terms[name])
+    assert both_terms["loss"] > paper_terms["loss"]
+
+    def trained(grads: dict[str, float], part: str) -> bool:
+        return any(v > 0 for n, v in grads.items() if n.startswith(part))
+
+    grads = _grads(paper, _batch([click, box]))  # the paper's loss: token 0 only, no IoU
+    assert not trained(grads, "iou_prediction_head") and not trained(grads, "output_hypernetworks_mlps.1")
+    grads = _grads(both, _batch([click, box]))
+    assert trained(grads, "iou_prediction_head")
+    assert trained(grads, "output_hypernetworks_mlps.0")
+    # the click trains the closest of tokens 1-3 (SAM's minimum over the alternatives): exactly one
+    assert sum(trained(grads, f"output_hypernetworks_mlps.{k}") for k in (1, 2, 3)) == 1
+    grads = _grads(both, _batch([box, box]))  # no ambiguous prompt: tokens 1-3 get no mask loss
+    assert trained(grads, "output_hypernetworks_mlps.0") and trained(grads, "iou_prediction_head")
+    assert not any(trained(grads, f"output_hypernetworks_mlps.{k}") for k in (1, 2, 3))
+    with pytest.raises(ValueError, match="iou_weight"):
+        ZimModule(net=net, iou_weight=-1.0)

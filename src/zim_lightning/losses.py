@@ -45,14 +45,16 @@ def _check_pair(pred: Tensor, target: Tensor, valid: Tensor | None) -> None:
         )
 
 
-def _weighted_mean(values: Tensor, weight: Tensor | None) -> Tensor:
+def _weighted_mean(values: Tensor, weight: Tensor | None, per_sample: bool = False) -> Tensor:
+    # per_sample: one mean per batch element (B), else over everything (a scalar)
+    dims = tuple(range(1, values.dim())) if per_sample else tuple(range(values.dim()))
     if weight is None:
-        return values.mean()
+        return values.mean(dim=dims)
     # An all-zero weight (an image that is all padding cannot happen, but a crop could) gives 0, not NaN.
-    return (values * weight).sum() / weight.sum().clamp_min(1.0)
+    return (values * weight).sum(dim=dims) / weight.sum(dim=dims).clamp_min(1.0)
 
 
-def l1_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
+def l1_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None, *, per_sample: bool = False) -> Tensor:
     """Mean absolute difference of two mattes.
 
     Args:
@@ -60,14 +62,18 @@ def l1_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor
         target: ground-truth alpha, Bx1xHxW in [0, 1].
         valid: optional per-pixel weight, Bx1xHxW in [0, 1] (0 on padding); None weighs all pixels 1.
 
+        per_sample: one value per batch element instead of one over the batch.
+
     Returns:
-        Scalar: sum(valid * |pred - target|) / sum(valid).
+        Scalar (or B): sum(valid * |pred - target|) / sum(valid).
     """
     _check_pair(pred, target, valid)
-    return _weighted_mean((pred - target).abs(), valid)
+    return _weighted_mean((pred - target).abs(), valid, per_sample)
 
 
-def gradient_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
+def gradient_loss(
+    pred: Tensor, target: Tensor, valid: Tensor | None = None, *, per_sample: bool = False
+) -> Tensor:
     """Finite-difference gradient loss: mean |dx pred - dx target| + mean |dy pred - dy target|.
 
     ``dx M[y, x] = M[y, x + 1] - M[y, x]`` and ``dy M[y, x] = M[y + 1, x] - M[y, x]``. With ``valid``, a
@@ -78,9 +84,10 @@ def gradient_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> 
         pred: predicted alpha, Bx1xHxW in [0, 1].
         target: ground-truth alpha, Bx1xHxW in [0, 1].
         valid: optional per-pixel weight, Bx1xHxW in [0, 1]; None weighs all pixels 1.
+        per_sample: one value per batch element instead of one over the batch.
 
     Returns:
-        Scalar: the horizontal mean plus the vertical mean.
+        Scalar (or B): the horizontal mean plus the vertical mean.
     """
     _check_pair(pred, target, valid)
     diff = pred - target  # differencing is linear: d(pred) - d(target) = d(pred - target)
@@ -90,7 +97,7 @@ def gradient_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> 
     if valid is not None:
         wx = valid[..., :, 1:] * valid[..., :, :-1]
         wy = valid[..., 1:, :] * valid[..., :-1, :]
-    return _weighted_mean(dx.abs(), wx) + _weighted_mean(dy.abs(), wy)
+    return _weighted_mean(dx.abs(), wx, per_sample) + _weighted_mean(dy.abs(), wy, per_sample)
 
 
 class MattingLoss(nn.Module):
@@ -112,7 +119,13 @@ class MattingLoss(nn.Module):
         self.bce_weight = bce_weight
 
     def forward(
-        self, pred: Tensor, target: Tensor, valid: Tensor | None = None, *, logits: Tensor | None = None
+        self,
+        pred: Tensor,
+        target: Tensor,
+        valid: Tensor | None = None,
+        *,
+        logits: Tensor | None = None,
+        per_sample: bool = False,
     ) -> dict[str, Tensor]:
         """Compute the loss and its terms.
 
@@ -121,23 +134,24 @@ class MattingLoss(nn.Module):
             target: ground-truth alpha, Bx1xHxW in [0, 1].
             valid: optional per-pixel weight, Bx1xHxW in [0, 1] (0 on the SAM frame's padding).
             logits: the Bx1xHxW logits ``pred`` is the sigmoid of; needed when ``bce_weight > 0``.
+            per_sample: every term per batch element (B-vectors) instead of over the batch.
 
         Returns:
             dict with ``loss`` (to minimise, the weighted sum of every term), ``l1`` and ``grad`` (the
-            unweighted paper terms), all scalars.
+            unweighted paper terms), all scalars (B-vectors with ``per_sample``).
         """
         # Losses in float32: bf16 sums over a million pixels lose the small differences that matter.
         pred, target = pred.float(), target.float()
         valid = None if valid is None else valid.float()
-        l1 = l1_loss(pred, target, valid)
-        grad = gradient_loss(pred, target, valid)
+        l1 = l1_loss(pred, target, valid, per_sample=per_sample)
+        grad = gradient_loss(pred, target, valid, per_sample=per_sample)
         loss = l1 + self.grad_weight * grad
         if self.bce_weight > 0:
             if logits is None:
                 raise ValueError("bce_weight > 0 needs the logits that pred is the sigmoid of (logits=...)")
             _check_pair(logits, target, valid)
             bce = F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none")
-            loss = loss + self.bce_weight * _weighted_mean(bce, valid)
+            loss = loss + self.bce_weight * _weighted_mean(bce, valid, per_sample)
         return {"loss": loss, "l1": l1, "grad": grad}
 
 

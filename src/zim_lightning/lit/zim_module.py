@@ -47,6 +47,13 @@ class ZimModule(MattingModule):
             train the rest: a cheap fine-tuning mode, not the paper's recipe.
         decay_exempt: no weight decay on biases, norms, position embeddings and tables, and embeddings
             (:func:`~zim_lightning.lit.optimization.parameter_groups`); False: one group, all decayed.
+        multimask: train all four mask tokens, SAM-style (not in the paper, whose loss takes the first
+            output only): token 0 on every prompt, as before, plus, for a single click (ambiguous), the
+            smallest loss over tokens 1-3. ``matte-all`` and ``multimask_output=True`` read all four;
+            ``multimask_output=False`` (``matte``, the metrics logged here) reads token 0.
+        iou_weight: weight of the IoU head's loss (not in the paper; SAM: 1): the mean squared error of
+            the four predicted IoUs against each output's actual IoU with the matte (both thresholded at
+            0.5, in the valid region). ``matte-all`` ranks and filters its mattes by these predictions.
     """
 
     def __init__(
@@ -62,6 +69,8 @@ class ZimModule(MattingModule):
         compile_backend: str = "inductor",
         channels_last: bool = False,
         decay_exempt: bool = True,
+        multimask: bool = False,
+        iou_weight: float = 0.0,
     ) -> None:
         """See the class docstring; speed switches (zim_lightning.speed, equivalent outputs):
 
@@ -75,6 +84,8 @@ class ZimModule(MattingModule):
         super().__init__(net=net, optimizer=optimizer, scheduler=scheduler, decay_exempt=decay_exempt)
         # Plain values only: the checkpoint must stay loadable with weights_only=True.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        if iou_weight < 0:
+            raise ValueError(f"iou_weight must be >= 0, got {iou_weight}")
         self.loss = MattingLoss(grad_weight=grad_weight, bce_weight=bce_weight)
         if freeze_image_encoder:
             encoder = getattr(net, "image_encoder", None)
@@ -111,25 +122,63 @@ class ZimModule(MattingModule):
 
     def frame_logits(self, images: Tensor, point_coords: Tensor, point_labels: Tensor) -> Tensor:
         """The decoder's first logits, upsampled to the input frame (float32 Bx1xSxS); see :meth:`forward`."""
+        return self._frame_outputs(images, point_coords, point_labels, multimask=False)[0]
+
+    def _frame_outputs(
+        self, images: Tensor, point_coords: Tensor, point_labels: Tensor, *, multimask: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Logits of the first (or all four) outputs upsampled to the frame (float32 BxKxSxS), and IoU BxK."""
         frame = getattr(self.net, "image_size", images.shape[-1])
         if tuple(images.shape[-2:]) != (frame, frame):
             raise ValueError(
                 f"ZIM batches must be in the network's {frame}x{frame} frame, got images of "
                 f"{tuple(images.shape[-2:])}; set the datamodule's image_size to the network's image_size"
             )
-        logits = self.net(images, point_coords, point_labels, multimask_output=False)["logits"]
+        out = self.net(images, point_coords, point_labels, multimask_output=multimask)
         # upsample logits, not alpha, as the official predictor does: sigmoid after interpolation keeps
         # edges sharp; float32 because the loss compares small differences
-        return F.interpolate(
-            logits[:, :1].float(), size=images.shape[-2:], mode="bilinear", align_corners=False
-        )
+        logits = out["logits"] if multimask else out["logits"][:, :1]
+        logits = F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return logits, out["iou"]
 
     def _step(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.hparams.multimask or self.hparams.iou_weight > 0:
+            return self._multimask_step(batch)
         logits = self.frame_logits(
             batch["image"], batch["point_coords"].float(), batch["point_labels"].float()
         )
         alpha = torch.sigmoid(logits)
         return alpha, self.loss(alpha, batch["alpha"].float(), batch.get("valid"), logits=logits)
+
+    def _multimask_step(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """All four outputs: SAM's ambiguity-aware mask loss and the IoU head's loss (see the switches)."""
+        labels = batch["point_labels"].float()
+        logits, iou = self._frame_outputs(
+            batch["image"], batch["point_coords"].float(), labels, multimask=True
+        )
+        alphas = torch.sigmoid(logits)  # BxKxSxS, K = 4
+        target, valid = batch["alpha"].float(), batch.get("valid")
+        terms = [
+            self.loss(alphas[:, k : k + 1], target, valid, logits=logits[:, k : k + 1], per_sample=True)
+            for k in range(alphas.shape[1])
+        ]
+        per_token = {name: torch.stack([t[name] for t in terms], dim=1) for name in terms[0]}  # BxK each
+        values = {name: value[:, 0].mean() for name, value in per_token.items()}  # token 0, as logged before
+        if self.hparams.multimask:
+            clicks = ((labels == 0) | (labels == 1)).sum(dim=1)
+            ambiguous = (clicks == 1) & ~((labels == 2) | (labels == 3)).any(dim=1)
+            best = per_token["loss"][:, 1:].amin(dim=1)  # the closest of the three alternatives
+            values["loss"] = values["loss"] + (best * ambiguous).mean()
+        if self.hparams.iou_weight > 0:
+            with torch.no_grad():
+                predicted, truth = alphas > 0.5, (target > 0.5).expand_as(alphas)
+                inside = torch.ones_like(predicted) if valid is None else (valid > 0).expand_as(alphas)
+                intersection = (predicted & truth & inside).flatten(2).sum(-1).float()
+                union = ((predicted | truth) & inside).flatten(2).sum(-1).float()
+                actual = torch.where(union > 0, intersection / union.clamp_min(1.0), torch.ones_like(union))
+            iou_loss = F.mse_loss(iou.float(), actual)
+            values["loss"] = values["loss"] + self.hparams.iou_weight * iou_loss
+        return alphas[:, :1], values
 
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         alpha, terms = self._step(batch)
