@@ -22,7 +22,7 @@ SYNTH_ZIM = --data.init_args.train_shards='$(DATA)/matting/train/matting-{000000
 SA1B ?= $(DATA)/sa1b
 SA1B_MATTE ?= $(DATA)/sa1b_matte
 CONVERTER ?=
-CONVERTER_MODEL ?= converter_hiera_b_plus
+CONVERTER_MODEL ?=
 EVAL_DATA ?= $(DATA)/micromat
 EVAL_FORMAT ?= micromat
 
@@ -75,7 +75,7 @@ results: $(STAMP) ## Reproduce docs/results.md (CPU, about 40 min on an idle 2-c
 
 build-sa1b-matte: $(STAMP) ## Convert SA-1B masks to SA1B-Matte shards (SA1B=, SA1B_MATTE=, CONVERTER=ckpt, CONVERTER_MODEL=, ARGS=; resumable)
 	$(BIN)/zim-lightning build-sa1b-matte --sa1b $(SA1B) --out $(SA1B_MATTE) \
-		$(if $(CONVERTER),--converter $(CONVERTER) --model $(CONVERTER_MODEL),--model converter_tiny --crop-size 256) $(ARGS)
+		$(if $(CONVERTER),--converter $(CONVERTER) $(if $(CONVERTER_MODEL),--model $(CONVERTER_MODEL)),--model converter_tiny --crop-size 256) $(ARGS)
 
 eval: $(STAMP) ## Evaluate MODEL [CHECKPOINT=...] (or a fit run: RUN_CONFIG=RUN/config.yaml CHECKPOINT=RUN/...ckpt) on EVAL_DATA into OUT/eval
 	$(BIN)/zim-lightning eval $(if $(RUN_CONFIG),--run-config $(RUN_CONFIG),--model $(MODEL)) \

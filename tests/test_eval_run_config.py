@@ -18,7 +18,7 @@ from zim_lightning.demo import evaluate_network
 from zim_lightning.evaluate import main
 from zim_lightning.lit.cli import cli_main
 from zim_lightning.lit.zim_module import ZimModule
-from zim_lightning.models.build import RunConfigError, zim_from_run_config
+from zim_lightning.models.build import RunConfigError, zim_from_checkpoint, zim_from_run_config
 from zim_lightning.models.checkpoint import CheckpointError
 
 # The run's frame, FRAME, is neither the tiny config's 256 nor SAM's 1024: a network built from anything
@@ -71,6 +71,26 @@ def test_eval_of_a_run_equals_the_python_api_on_the_run_network(run, synthetic: 
     expected = evaluate_network(net, synthetic / "micromat", tmp_path / "api", seed=0, num_workers=0)
     assert doc["results"] == expected["results"] and doc["baselines"] == expected["baselines"]
     assert doc["results"]["fine"]["box"]["n"] >= 1
+
+
+def test_a_fit_checkpoint_carries_its_network(run, synthetic: Path, tmp_path: Path, capsys):
+    config, checkpoint = run
+    by_config = zim_from_run_config(config, checkpoint)
+    alone = zim_from_checkpoint(checkpoint)  # no config.yaml, no --model
+    assert alone.image_size == FRAME and alone.masked_attention == by_config.masked_attention
+    assert all(torch.equal(v, by_config.state_dict()[k]) for k, v in alone.state_dict().items())
+    # the commands take such a checkpoint alone
+    args = _eval_args(config, checkpoint, synthetic / "micromat", tmp_path)
+    assert main(args[2:]) == 0  # without --run-config
+    assert json.loads((tmp_path / "metrics.json").read_text())["image_size"] == FRAME
+    # a plain state dict carries no network: the error says what to give instead
+    plain = tmp_path / "plain.pt"
+    torch.save(by_config.state_dict(), plain)
+    with pytest.raises(RunConfigError, match="does not carry its network's config"):
+        zim_from_checkpoint(plain)
+    with pytest.raises(SystemExit):
+        main(["--data", str(synthetic / "micromat"), "--format", "micromat", "--out", str(tmp_path / "none")])
+    assert "name the network: --model, --run-config, or a --checkpoint" in capsys.readouterr().err
 
 
 def test_a_compiled_module_saves_the_keys_of_the_plain_network(run, tmp_path: Path):

@@ -395,3 +395,34 @@ def _members(shard: str) -> set[str]:
 def test_builds_over_several_processes_get_the_long_barrier_timeout(devices, num_nodes, several) -> None:
     # (on this CPU-only machine "auto" is one process; on a multi-GPU node it is one per GPU)
     assert _several_processes(devices, num_nodes=num_nodes, gpu=False) is several
+
+
+def test_a_fit_checkpoint_names_its_converter(
+    synthetic: Path, checkpoint: Path, clean_build: Path, tmp_path: Path
+):
+    # What `zim-lightning fit` writes: the network under net. and its config (NET_SPEC_KEY); the builder
+    # then needs no --model (the default, converter_hiera_b_plus, would not fit these weights).
+    from zim_lightning.models.checkpoint import NET_SPEC_KEY
+
+    weights = torch.load(checkpoint, weights_only=True)
+    spec = {
+        "class_path": "zim_lightning.models.converter.build_converter_tiny",
+        "init_args": {"checkpoint": None},
+    }
+    fit_ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in weights.items()}, NET_SPEC_KEY: spec}, fit_ckpt)
+    out = tmp_path / "out"
+    summary = build(
+        sa1b=[str(synthetic / "sa1b")],
+        out=out,
+        checkpoint=str(fit_ckpt),
+        config=CropConfig(crop_size=64),
+        batch_size=BATCH_SIZE,
+        num_workers=0,
+        accelerator="cpu",
+        devices=1,
+    )
+    assert summary["done"] == NUM_SHARDS
+    assert summary["per_shard"][0]["build"]["model"] == "converter_tiny"
+    for name in (p.name for p in sorted((synthetic / "sa1b").glob("*.tar"))):  # the same mattes
+        assert (out / name).read_bytes() == (clean_build / name).read_bytes()

@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     from zim_lightning.data.datamodule import ZimDataModule
     from zim_lightning.data.micromat import build_eval_dataset
     from zim_lightning.lit.eval_module import EvalModule
-    from zim_lightning.models.build import check_checkpoint_argument, zim_for_command
+    from zim_lightning.models.build import check_checkpoint_argument, describe_model, zim_for_command
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     info = {
-        "model": args.model or f"{type(net).__name__} of run config {args.run_config}",
+        "model": args.model or describe_model(args),
         "run_config": args.run_config,
         "checkpoint": args.checkpoint,
         "image_size": net.image_size,

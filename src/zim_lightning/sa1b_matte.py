@@ -107,6 +107,7 @@ _TAR_MODE = 0o644
 # Side of the coarse grid the clamp band is measured on (see mask_band).
 BAND_GRID = 256
 RANDOM_WEIGHTS_SEED = 0
+DEFAULT_CONVERTER = "converter_hiera_b_plus"
 
 
 # ----------------------------------------------------------------------------- options and geometry
@@ -862,7 +863,7 @@ def build(
     *,
     sa1b: Sequence[str],
     out: str | Path,
-    model: str = "converter_hiera_b_plus",
+    model: str | None = None,
     checkpoint: str | None = None,
     net: torch.nn.Module | None = None,
     config: CropConfig | None = None,
@@ -881,7 +882,8 @@ def build(
     Args:
         sa1b: directories, brace patterns or paths of SA-1B shards.
         out: output directory (created).
-        model: converter name in ``converter_model_registry``.
+        model: converter name in ``converter_model_registry``; None: the network a ``zim-lightning fit``
+            checkpoint carries, else ``converter_hiera_b_plus``.
         checkpoint: converter weights (plain state dict or Lightning checkpoint); None: random weights.
         net: an already built converter, used instead of ``model`` / ``checkpoint`` (benchmarks).
         config: cropping options.
@@ -911,19 +913,8 @@ def build(
     out = Path(out)
     (out / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
     if net is None:
-        from zim_lightning.models.converter import converter_model_registry
-
-        if model not in converter_model_registry:
-            raise ValueError(
-                f"unknown converter {model!r}; expected one of {sorted(converter_model_registry)}"
-            )
-        if checkpoint is None:
-            log.warning(
-                "no --converter checkpoint: %s runs with random weights (tests and smoke runs only)", model
-            )
-            # random weights drawn from a fixed seed, so reruns of a smoke build stay byte-identical
-            torch.manual_seed(RANDOM_WEIGHTS_SEED)
-        net = converter_model_registry[model](checkpoint=checkpoint)
+        net, model = _converter(model, checkpoint)
+    model = model or type(net).__name__
     net.eval()
     if channels_last:
         speed.to_channels_last(net)
@@ -994,6 +985,32 @@ def _several_processes(devices: str | int, *, num_nodes: int, gpu: bool) -> bool
     if isinstance(devices, int) or str(devices).isdigit():
         return int(devices) > 1
     return len([d for d in str(devices).split(",") if d.strip()]) > 1  # device ids, "0,1"
+
+
+def _converter(model: str | None, checkpoint: str | None) -> tuple[torch.nn.Module, str]:
+    """The converter to build with, and its registry name: ``model`` from the registry, or, without it,
+    the network a ``zim-lightning fit`` checkpoint carries (its class_path when it is no registry entry)."""
+    from zim_lightning.models.build import zim_from_spec
+    from zim_lightning.models.checkpoint import load_exactly, read_net_spec, read_state_dict
+    from zim_lightning.models.converter import MattingConverter, converter_model_registry
+
+    spec = read_net_spec(checkpoint) if model is None and checkpoint is not None else None
+    if spec is not None:
+        net = zim_from_spec(spec, source=f"checkpoint {checkpoint!r}", expected=MattingConverter)
+        load_exactly(net, read_state_dict(checkpoint), source=f"{checkpoint} (the network it carries)")
+        # the registry name when the run used a registry builder, so manifests name the model alike
+        names = {f"{fn.__module__}.{fn.__name__}": name for name, fn in converter_model_registry.items()}
+        return net, names.get(str(spec.get("class_path")), str(spec.get("class_path")))
+    model = model or DEFAULT_CONVERTER
+    if model not in converter_model_registry:
+        raise ValueError(f"unknown converter {model!r}; expected one of {sorted(converter_model_registry)}")
+    if checkpoint is None:
+        log.warning(
+            "no --converter checkpoint: %s runs with random weights (tests and smoke runs only)", model
+        )
+        # random weights drawn from a fixed seed, so reruns of a smoke build stay byte-identical
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+    return converter_model_registry[model](checkpoint=checkpoint), model
 
 
 def summarize(out: Path, shards: Sequence[Path]) -> dict[str, Any]:
@@ -1072,8 +1089,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--converter", default=None, help="converter checkpoint (state dict or Lightning .ckpt)")
     p.add_argument(
         "--model",
-        default="converter_hiera_b_plus",
-        help="converter architecture (default converter_hiera_b_plus); without --converter: random weights",
+        default=None,
+        help="converter architecture (default: the one a `zim-lightning fit` checkpoint carries, else "
+        "converter_hiera_b_plus); without --converter: random weights",
     )
     p.add_argument(
         "--mode", choices=MODES, default="crop", help="per-mask crop or whole image (default crop)"

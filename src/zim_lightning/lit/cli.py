@@ -36,6 +36,16 @@ def _data_seed(seed_everything: object) -> int:
 class ZimLightningCLI(LightningCLI):
     """LightningCLI with the links between values that several parts share."""
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # Checkpoints carry the network's config, so they rebuild it without the run's config.yaml.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        net = config.get("model.init_args.net")
+        if net is not None and hasattr(net, "as_dict"):
+            from zim_lightning.lit.callbacks import NetSpecInCheckpoint
+
+            self.trainer.callbacks.append(NetSpecInCheckpoint(net.as_dict()))
+
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - LightningArgumentParser
         # The run seed also seeds the data streams (per rank and worker), so one number repeats a run.
         # LightningCLI's non-integer values (true: a random seed, false / null: none) leave the data

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from zim_lightning.models.checkpoint import CheckpointError, load_exactly, read_state_dict
+from zim_lightning.models.checkpoint import CheckpointError, load_exactly, read_net_spec, read_state_dict
 from zim_lightning.models.pixel_decoder import DECODER_STRIDES
 from zim_lightning.models.zim import Zim
 
@@ -223,7 +224,82 @@ class RunConfigError(ValueError):
 
 
 #: Network arguments that name weights to start training from; a run's own checkpoint replaces them.
-STARTING_WEIGHTS_ARGUMENTS: tuple[str, ...] = ("checkpoint", "sam_checkpoint")
+STARTING_WEIGHTS_ARGUMENTS: tuple[str, ...] = ("checkpoint", "sam_checkpoint", "backbone_checkpoint")
+
+
+def zim_from_spec(
+    spec: Mapping[str, Any], *, source: str, model_class_path: str = "?", expected: type[nn.Module] = Zim
+) -> nn.Module:
+    """Build a network from its config ``{"class_path": ..., "init_args": {...}}`` as jsonargparse does.
+
+    Starting weights named in it (:data:`STARTING_WEIGHTS_ARGUMENTS`) are not loaded (a run's own
+    checkpoint replaces them).
+
+    Args:
+        spec: the config (``model.init_args.net`` of a run's config.yaml, or what a checkpoint carries).
+        source: what to call it in errors.
+        model_class_path: the LightningModule the config belongs to, for errors.
+        expected: the class the network must be (:class:`Zim`; the label converter's class for the
+            SA1B-Matte builder).
+
+    Raises:
+        RunConfigError: the config does not build an ``expected`` (``source`` names it).
+    """
+    from jsonargparse import ArgumentParser
+
+    spec = {**spec, "init_args": dict(spec.get("init_args") or {})}
+    for name in STARTING_WEIGHTS_ARGUMENTS:
+        if spec["init_args"].get(name) is not None:
+            log.info(
+                "%s: ignoring net %s=%s (the weights come from the checkpoint)",
+                source,
+                name,
+                spec["init_args"][name],
+            )
+            spec["init_args"][name] = None
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--net", type=expected)
+    what = "ZIM" if expected is Zim else expected.__name__
+    try:
+        parsed = parser.parse_object({"net": spec})
+    except argparse.ArgumentError as err:
+        raise RunConfigError(
+            f"{source} is not a {what} training config: its model {model_class_path!r} has the network "
+            f"{spec.get('class_path')!r}, expected one that builds {expected.__module__}.{expected.__qualname__} "
+            f"({' '.join(str(err).split())})"
+        ) from err
+    try:
+        return parser.instantiate(parsed).net
+    except (TypeError, ValueError) as err:
+        raise RunConfigError(
+            f"{source}: its network {spec.get('class_path')!r} could not be built: {err}"
+        ) from err
+
+
+def zim_from_checkpoint(checkpoint: str | Path) -> Zim:
+    """Build the ZIM of a ``zim-lightning fit`` checkpoint from the network config it carries, with its weights.
+
+    Checkpoints written by ``zim-lightning fit`` hold their network's config
+    (:data:`~zim_lightning.models.checkpoint.NET_SPEC_KEY`), so no config.yaml or ``--model`` is needed.
+
+    Raises:
+        RunConfigError: the checkpoint carries no network config (a plain state dict, or one written
+            before checkpoints carried it): give the model (``zim_model_registry``) or the run config.
+        CheckpointError: the file is missing or unreadable, or its weights do not fit the network.
+    """
+    spec = read_net_spec(checkpoint)
+    if spec is None:
+        raise RunConfigError(
+            f"checkpoint {str(checkpoint)!r} does not carry its network's config (a plain state dict, or "
+            "saved by an older version); name the network: --model, or --run-config with the run's config.yaml"
+        )
+    network = zim_from_spec(spec, source=f"checkpoint {str(checkpoint)!r}")
+    load_exactly(
+        network,
+        read_state_dict(checkpoint),
+        source=f"{checkpoint} (as the network it carries: {spec.get('class_path')})",
+    )
+    return network
 
 
 def zim_from_run_config(config: str | Path, checkpoint: str | Path | None = None) -> Zim:
@@ -252,7 +328,6 @@ def zim_from_run_config(config: str | Path, checkpoint: str | Path | None = None
         CheckpointError: the checkpoint is missing, unreadable, or holds another network's weights.
     """
     import yaml
-    from jsonargparse import ArgumentParser
 
     path = Path(config)
     expected = "expected the config.yaml that `zim-lightning fit` saved in a ZIM training run's log directory"
@@ -267,32 +342,9 @@ def zim_from_run_config(config: str | Path, checkpoint: str | Path | None = None
     spec = init_args.get("net") if isinstance(init_args, dict) else None
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise RunConfigError(f"run config {str(path)!r} has no model.init_args.net.class_path; {expected}")
-    spec = {**spec, "init_args": dict(spec.get("init_args") or {})}
-    for name in STARTING_WEIGHTS_ARGUMENTS:
-        if spec["init_args"].get(name) is not None:
-            log.info(
-                "run config %s: ignoring net %s=%s (the weights come from the checkpoint)",
-                path,
-                name,
-                spec["init_args"][name],
-            )
-            spec["init_args"][name] = None
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--net", type=Zim)
-    try:
-        parsed = parser.parse_object({"net": spec})
-    except argparse.ArgumentError as err:
-        raise RunConfigError(
-            f"run config {str(path)!r} is not a ZIM training config: its model "
-            f"{model.get('class_path')!r} has the network {spec['class_path']!r}, expected one that builds "
-            f"{Zim.__module__}.{Zim.__qualname__} ({' '.join(str(err).split())})"
-        ) from err
-    try:
-        network = parser.instantiate(parsed).net
-    except (TypeError, ValueError) as err:
-        raise RunConfigError(
-            f"run config {str(path)!r}: its network {spec['class_path']!r} could not be built: {err}"
-        ) from err
+    network = zim_from_spec(
+        spec, source=f"run config {str(path)!r}", model_class_path=str(model.get("class_path"))
+    )
     if checkpoint is not None:
         load_exactly(
             network,
@@ -344,11 +396,14 @@ def add_zim_arguments(parser: argparse.ArgumentParser, *, run_config: bool = Tru
     Args:
         parser: the command's parser.
         run_config: also offer ``--run-config`` (a training run's saved ``config.yaml``, see
-            :func:`zim_from_run_config`) in place of ``--model``; exactly one of the two is required.
+            :func:`zim_from_run_config`) in place of ``--model``, and neither with a ``--checkpoint`` of
+            ``zim-lightning fit``, which carries its network (:func:`zim_from_checkpoint`).
     """
-    model_help = "ZIM architecture"
+    model_help = (
+        "ZIM architecture (not needed with a --checkpoint of `zim-lightning fit`: it carries its own)"
+    )
     if run_config:
-        which = parser.add_mutually_exclusive_group(required=True)
+        which = parser.add_mutually_exclusive_group()
         which.add_argument("--model", choices=sorted(zim_model_registry), help=model_help)
         which.add_argument(
             "--run-config",
@@ -382,6 +437,14 @@ def check_checkpoint_argument(parser: argparse.ArgumentParser, args: argparse.Na
     architecture switches come with ``--run-config`` (its config fixes them); warn when no checkpoint is
     given."""
     run_config = getattr(args, "run_config", None)
+    if args.model is None and run_config is None:
+        if args.checkpoint is None:
+            parser.error(
+                "name the network: --model, --run-config, or a --checkpoint saved by `zim-lightning fit` "
+                "(it carries its network's config)"
+            )
+        if args.pixel_decoder is not None or args.no_masked_attention:
+            parser.error("--pixel-decoder and --no-masked-attention describe a --model")
     if run_config is not None:
         if not Path(run_config).is_file():
             parser.error(
@@ -411,6 +474,8 @@ def zim_from_arguments(args: argparse.Namespace) -> Zim:
     """
     if getattr(args, "run_config", None) is not None:
         return zim_from_run_config(args.run_config, args.checkpoint)
+    if args.model is None:  # a checkpoint of `zim-lightning fit`, which names its network itself
+        return zim_from_checkpoint(args.checkpoint)
     # Switches not given keep the builder's defaults (ZIM's hierarchical pixel decoder).
     switches = {} if args.pixel_decoder is None else {"pixel_decoder": args.pixel_decoder}
     return zim_model_registry[args.model](
@@ -442,6 +507,8 @@ def describe_model(args: argparse.Namespace) -> str:
     """The model the options name, for messages and reports: ``vit_b``, or ``run config config.yaml``."""
     if getattr(args, "run_config", None) is not None:
         return f"run config {Path(args.run_config).name}"
+    if args.model is None:
+        return f"the network of checkpoint {Path(args.checkpoint).name}"
     return str(args.model)
 
 

@@ -22,6 +22,37 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable, or holds weights of another model."""
 
 
+#: Key of a Lightning checkpoint under which ``zim-lightning fit`` stores the network's config
+#: (``{"class_path": ..., "init_args": {...}}``, as the run's config.yaml has it), so that the checkpoint
+#: alone rebuilds its network (plain YAML values: it loads with ``weights_only=True``).
+NET_SPEC_KEY = "zim_lightning_net"
+
+
+def _load(path: str | Path) -> object:
+    """``torch.load`` with ``weights_only=True`` on the CPU; CheckpointError naming the file on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for foreign or corrupt files
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} could not be read as a PyTorch state dict or Lightning checkpoint "
+            f"with weights_only=True: {err}"
+        ) from err
+
+
+def read_net_spec(path: str | Path) -> dict | None:
+    """The network config a ``zim-lightning fit`` checkpoint carries (:data:`NET_SPEC_KEY`), or None.
+
+    Raises:
+        CheckpointError: if the file is missing or cannot be read with ``weights_only=True``.
+    """
+    obj = _load(path)
+    spec = obj.get(NET_SPEC_KEY) if isinstance(obj, Mapping) else None
+    return spec if isinstance(spec, dict) else None
+
+
 def read_state_dict(
     path: str | Path, *, prefixes: Iterable[str] = LIGHTNING_PREFIXES
 ) -> dict[str, torch.Tensor]:
@@ -40,15 +71,7 @@ def read_state_dict(
             tensors.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for foreign or corrupt files
-        raise CheckpointError(
-            f"checkpoint {str(path)!r} could not be read as a PyTorch state dict or Lightning checkpoint "
-            f"with weights_only=True: {err}"
-        ) from err
+    obj = _load(path)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         prefixes = tuple(prefixes)
         state = {}
