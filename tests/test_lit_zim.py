@@ -162,10 +162,14 @@ def _batch(labels: list[list[float]]) -> dict:
     b = len(labels)
     alpha = torch.zeros(b, 1, FRAME, FRAME)
     alpha[:, :, 30:90, 40:100] = torch.rand(b, 1, 60, 60, generator=generator)
+    valid = torch.ones(b, 1, FRAME, FRAME)
+    valid[0, :, FRAME * 3 // 4 :] = (
+        0  # the first image is landscape: padding below it, the second fills the frame
+    )
     return {
         "image": torch.randint(0, 256, (b, 3, FRAME, FRAME), generator=generator).to(torch.uint8),
         "alpha": alpha,
-        "valid": torch.ones(b, 1, FRAME, FRAME),
+        "valid": valid,
         "point_coords": torch.tensor([[[40.0, 30.0], [100.0, 90.0], [0.0, 0.0]]]).expand(b, -1, -1).clone(),
         "point_labels": torch.tensor(labels),
     }
@@ -192,7 +196,7 @@ def test_multimask_and_iou_switches_train_every_output_token():
     both = ZimModule(net=net, multimask=True, iou_weight=1.0)
     _, paper_terms = paper._step(_batch([click, box]))
     _, both_terms = both._step(_batch([click, box]))
-    # token 0's terms are the paper's; the switches only add losses
+    # token 0's terms are the paper's (pooled over the batch's valid pixels); the switches only add losses
     for name in ("l1", "grad"):
         torch.testing.assert_close(both_terms[name], paper_terms[name])
     assert both_terms["loss"] > paper_terms["loss"]
@@ -212,3 +216,32 @@ def test_multimask_and_iou_switches_train_every_output_token():
     assert not any(trained(grads, f"output_hypernetworks_mlps.{k}") for k in (1, 2, 3))
     with pytest.raises(ValueError, match="iou_weight"):
         ZimModule(net=net, iou_weight=-1.0)
+
+
+def test_checkpoints_carry_the_network_and_old_optimiser_states_resume(synthetic: Path, tmp_path: Path):
+    from zim_lightning.models.build import zim_from_checkpoint
+    from zim_lightning.models.checkpoint import NET_SPEC_KEY, read_net_spec
+
+    steps = ("--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0")
+    old = cli_main(
+        ["fit", *_args(synthetic, tmp_path / "old", *steps, "--model.init_args.decay_exempt=false")]
+    )
+    # a weights-only checkpoint, the file one ships for inference, carries the network too
+    weights_only = tmp_path / "weights_only.ckpt"
+    old.trainer.save_checkpoint(weights_only, weights_only=True)
+    assert read_net_spec(weights_only)["init_args"]["image_size"] == FRAME
+    assert zim_from_checkpoint(weights_only).image_size == FRAME
+    # an optimiser state of one parameter group, as saved before decay_exempt existed
+    last = torch.load(old.trainer.checkpoint_callback.last_model_path, weights_only=True)
+    del last["hyper_parameters"]["decay_exempt"], last[NET_SPEC_KEY]
+    before = tmp_path / "before.ckpt"
+    torch.save(last, before)
+    with pytest.warns(UserWarning, match="one parameter group"):
+        resumed = cli_main(
+            [
+                "fit",
+                *_args(synthetic, tmp_path / "resumed", "--trainer.max_steps=2", *steps[1:]),
+                f"--ckpt_path={before}",
+            ]
+        )
+    assert resumed.trainer.global_step == 2 and resumed.model.decay_exempt is False

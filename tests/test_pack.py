@@ -54,7 +54,8 @@ def test_pairs_are_packed_into_shards_the_readers_decode(folders, tmp_path) -> N
     images, alphas, truth = folders
     summary = pack(images=images, labels=alphas, out=tmp_path / "out", shard_size=2)
     assert [p.name for p in summary.shards] == ["matting-000000.tar", "matting-000001.tar"]
-    assert summary.samples == 3 and summary.skipped == ["f.jpg"]
+    assert summary.samples == 3 and [s.split()[0] for s in summary.skipped] == ["f.jpg"]
+    assert "f.png is 56x20, its image 56x40" in summary.skipped[0]
     assert summary.unmatched_images == ["d.jpg"] and summary.unmatched_labels == ["e.png"]
     decoded = {}
     for shard in summary.shards:
@@ -98,3 +99,32 @@ def test_bad_input_is_a_usage_error(tmp_path, capsys) -> None:
         with pytest.raises(SystemExit) as exc:
             main([*argv, "--out", str(tmp_path / "out")])
         assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_keys_the_readers_keep_reruns_that_leave_no_stale_shards_and_masks_of_0_and_1(tmp_path) -> None:
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    for i, stem in enumerate(["__x", "_.y", "a.b", "a_b", "ok"]):
+        image, alpha = _scene(i)
+        Image.fromarray(image).save(images / f"{stem}.png")
+        Image.fromarray((alpha > 0).astype(np.uint8)).save(masks / f"{stem}.png")  # class indices 0 / 1
+    out = tmp_path / "seg"
+    first = pack(images=images, labels=masks, out=out, masks=True, shard_size=2)
+    assert len(first.shards) == 3
+    keys = sorted(s["__key__"] for shard in first.shards for s in iter_tar(str(shard)))
+    assert keys == ["a_b", "a_b_2", "ok", "x", "y"]  # none starts with "__" (readers skip those)
+    for shard in first.shards:
+        for sample in iter_tar(str(shard)):
+            assert decode_segmentation(sample)[1].any()  # 0 / 1 masks are not emptied
+    again = pack(images=images, labels=masks, out=out, masks=True, shard_size=5)
+    assert sorted(p.name for p in out.iterdir()) == ["seg-000000.tar"] == [p.name for p in again.shards]
+
+
+def test_nothing_is_written_when_no_pair_can_be_packed(folders, tmp_path) -> None:
+    images, alphas, _ = folders
+    for path in alphas.iterdir():
+        Image.fromarray(np.zeros_like(np.asarray(Image.open(path)))).save(path)
+    with pytest.raises(ValueError, match="none of the 4 pairs could be packed: .*empty"):
+        pack(images=images, labels=alphas, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

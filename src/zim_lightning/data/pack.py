@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import logging
-import math
 import re
 import sys
 from dataclasses import dataclass
@@ -56,8 +55,9 @@ class PackSummary:
 
 
 def _key(stem: str, taken: set[str]) -> str:
-    # webdataset splits a member name at the first dot of its base name: keys must hold none
-    key = re.sub(r"[^A-Za-z0-9_-]", "_", stem) or "sample"
+    # webdataset splits a member name at the first dot of its base name: keys must hold none; and keys
+    # starting with "__" are metadata the readers skip
+    key = re.sub(r"[^A-Za-z0-9_-]", "_", stem).lstrip("_") or "sample"
     unique, n = key, 1
     while unique in taken:
         n += 1
@@ -110,8 +110,8 @@ def _sample(
             key=key,
             reason="corrupt_image",
         )
-    if mask:
-        label = np.where(label > 127, 255, 0).astype(np.uint8)
+    if mask:  # 0 / 255 masks, or 0 / 1 ones (saved as class indices)
+        label = np.where(label > (127 if label.max() > 1 else 0), 255, 0).astype(np.uint8)
     if not label.any():
         raise CorruptSample(f"{label_path.name} is empty", key=key, reason="empty_mask")
     member = IMAGE_SUFFIXES[image_path.suffix.lower()]
@@ -168,35 +168,53 @@ def pack(
             f"no image in {str(images)!r} has an {'mask' if masks else 'alpha'} of the same file stem in "
             f"{str(labels)!r} ({len(image_files)} images, {len(label_files)} label files)"
         )
-    out.mkdir(parents=True, exist_ok=True)
     taken: set[str] = set()
     keys = {stem: _key(stem, taken) for stem in stems}
-    shards, skipped, samples = [], [], 0
     from rich.progress import track
 
-    count = math.ceil(len(stems) / shard_size)
-    for index in track(range(count), description=f"packing {len(stems)} pairs", disable=count < 2):
-        members: list[tuple[str, bytes]] = []
-        for stem in stems[index * shard_size : (index + 1) * shard_size]:
-            try:
-                members += _sample(
-                    image_files[stem],
-                    label_files[stem],
-                    key=keys[stem],
-                    mask=masks,
-                    kind=kind,
-                    source=f"{source}/{image_files[stem].name}",
-                )
-                samples += 1
-            except (CorruptSample, OSError) as error:
-                log.warning("skipped %s: %s", image_files[stem].name, error)
-                skipped.append(image_files[stem].name)
-        path = out / f"{name}-{index:06d}.tar"
-        write_tar(path, members, compress=False)
+    # Shards fill with good pairs only (a bad pair leaves no gap), and are written as they fill, so the
+    # dataset never has to fit in memory; a set with no good pair writes nothing.
+    shards: list[Path] = []
+    skipped: list[str] = []
+    pending: list[tuple[str, bytes]] = []
+    count = 0
+
+    def flush() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{name}-{len(shards):06d}.tar"
+        write_tar(path, pending, compress=False)
         shards.append(path)
+        pending.clear()
+
+    for stem in track(stems, description=f"packing {len(stems)} pairs", disable=len(stems) < 2 * shard_size):
+        try:
+            pending += _sample(
+                image_files[stem],
+                label_files[stem],
+                key=keys[stem],
+                mask=masks,
+                kind=kind,
+                source=f"{source}/{image_files[stem].name}",
+            )
+            count += 1
+        except (CorruptSample, OSError) as error:
+            log.warning("skipped %s: %s", image_files[stem].name, error)
+            skipped.append(f"{image_files[stem].name} ({error})")
+            continue
+        if count % shard_size == 0:
+            flush()
+    if pending:
+        flush()
+    if not shards:
+        raise ValueError(f"none of the {len(stems)} pairs could be packed: {'; '.join(skipped[:3])}")
+    # a rerun with fewer shards (another --shard-size) must not leave the earlier run's tail behind
+    for stale in out.glob(f"{name}-*.tar"):
+        if re.fullmatch(rf"{re.escape(name)}-\d{{6}}\.tar", stale.name) and stale not in shards:
+            stale.unlink()
+            log.info("removed %s, left by an earlier run", stale)
     return PackSummary(
         shards=shards,
-        samples=samples,
+        samples=count,
         skipped=skipped,
         unmatched_images=sorted(image_files[s].name for s in set(image_files) - set(label_files)),
         unmatched_labels=sorted(label_files[s].name for s in set(label_files) - set(image_files)),
@@ -243,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     print(f"wrote {len(summary.shards)} shards, {summary.samples} samples, to {args.out}")
     for what, names in (
-        ("skipped (unreadable or sizes differ)", summary.skipped),
+        ("skipped", summary.skipped),
         ("images without a label", summary.unmatched_images),
         ("labels without an image", summary.unmatched_labels),
     ):

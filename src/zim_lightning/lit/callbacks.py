@@ -20,8 +20,6 @@ from torch import Tensor
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, make_grid
 
-from zim_lightning.models.checkpoint import NET_SPEC_KEY
-
 log = logging.getLogger(__name__)
 
 #: Prompt label values of SAM's ONNX convention (see docs/architecture.md).
@@ -191,24 +189,3 @@ class SkipCountLogger(Callback):
     ) -> None:
         if _step_ends(trainer, batch_idx) and trainer.global_step % self.every_n_steps == 0:
             self._log(trainer, pl_module)
-
-
-class NetSpecInCheckpoint(Callback):
-    """Store the network's config in every checkpoint, so that the checkpoint alone rebuilds it.
-
-    ``zim-lightning fit`` adds it with ``model.init_args.net`` of the run's config (``class_path`` and
-    ``init_args``, plain YAML values, so the checkpoint still loads with ``weights_only=True``);
-    :func:`zim_lightning.models.build.zim_from_checkpoint` reads it back.
-
-    Args:
-        spec: the network's config.
-    """
-
-    def __init__(self, spec: dict[str, Any]) -> None:
-        super().__init__()
-        self.spec = spec
-
-    def on_save_checkpoint(
-        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        checkpoint[NET_SPEC_KEY] = self.spec

@@ -39,12 +39,11 @@ class ZimLightningCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         # Checkpoints carry the network's config, so they rebuild it without the run's config.yaml.
+        # (set on the module, whose checkpoint hook also runs for weights-only checkpoints)
         config = self.config[self.subcommand] if self.subcommand else self.config
         net = config.get("model.init_args.net")
-        if net is not None and hasattr(net, "as_dict"):
-            from zim_lightning.lit.callbacks import NetSpecInCheckpoint
-
-            self.trainer.callbacks.append(NetSpecInCheckpoint(net.as_dict()))
+        if net is not None and hasattr(net, "as_dict") and hasattr(self.model, "net_spec"):
+            self.model.net_spec = net.as_dict()
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - LightningArgumentParser
         # The run seed also seeds the data streams (per rank and worker), so one number repeats a run.

@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric, MetricCollection
 
 from zim_lightning.lit.optimization import configure_optimization, parameter_groups
+from zim_lightning.models.checkpoint import NET_SPEC_KEY
 
 #: Loss terms logged for every stage (``<stage>/<name>``).
 LOSS_TERMS: tuple[str, ...] = ("loss", "l1", "grad")
@@ -83,6 +84,9 @@ class MattingModule(LightningModule):
     ) -> None:
         super().__init__()
         self.decay_exempt = decay_exempt
+        #: The network's config (class_path, init_args), set by ``zim-lightning fit`` and stored in every
+        #: checkpoint, weights-only ones included, so the checkpoint alone rebuilds the network.
+        self.net_spec: dict | None = None
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be a built torch.nn.Module, got {type(net).__name__}")
         self.net = net
@@ -94,6 +98,22 @@ class MattingModule(LightningModule):
         eval_names = LOSS_TERMS + FRAME_ERRORS + tuple(extra_val_metrics)
         self.val_metrics = _means(eval_names, "val/")
         self.test_metrics = _means(eval_names, "test/")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.net_spec is not None:
+            checkpoint[NET_SPEC_KEY] = self.net_spec
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # An optimiser state of one parameter group was saved before the weight-decay groups existed:
+        # resume it as it was, rather than fail in the optimiser's load_state_dict.
+        states = checkpoint.get("optimizer_states") or []
+        if self.decay_exempt and states and len(states[0].get("param_groups", ())) == 1:
+            warnings.warn(
+                "the checkpoint's optimiser state has one parameter group (saved before decay_exempt "
+                "existed): resuming with decay_exempt=False, every parameter decayed as before",
+                stacklevel=2,
+            )
+            self.decay_exempt = False
 
     def configure_optimizers(self) -> dict:
         return configure_optimization(

@@ -158,16 +158,21 @@ class ZimModule(MattingModule):
         )
         alphas = torch.sigmoid(logits)  # BxKxSxS, K = 4
         target, valid = batch["alpha"].float(), batch.get("valid")
-        terms = [
-            self.loss(alphas[:, k : k + 1], target, valid, logits=logits[:, k : k + 1], per_sample=True)
-            for k in range(alphas.shape[1])
-        ]
-        per_token = {name: torch.stack([t[name] for t in terms], dim=1) for name in terms[0]}  # BxK each
-        values = {name: value[:, 0].mean() for name, value in per_token.items()}  # token 0, as logged before
+        # token 0: the paper's loss exactly as without the switches (pooled over the batch's valid pixels)
+        values = self.loss(alphas[:, :1], target, valid, logits=logits[:, :1])
         if self.hparams.multimask:
             clicks = ((labels == 0) | (labels == 1)).sum(dim=1)
             ambiguous = (clicks == 1) & ~((labels == 2) | (labels == 3)).any(dim=1)
-            best = per_token["loss"][:, 1:].amin(dim=1)  # the closest of the three alternatives
+            alternatives = torch.stack(
+                [
+                    self.loss(
+                        alphas[:, k : k + 1], target, valid, logits=logits[:, k : k + 1], per_sample=True
+                    )["loss"]
+                    for k in range(1, alphas.shape[1])
+                ],
+                dim=1,
+            )  # Bx3, each sample's own loss
+            best = alternatives.amin(dim=1)  # the closest of the three alternatives
             values["loss"] = values["loss"] + (best * ambiguous).mean()
         if self.hparams.iou_weight > 0:
             with torch.no_grad():

@@ -290,8 +290,9 @@ def zim_from_checkpoint(checkpoint: str | Path) -> Zim:
     spec = read_net_spec(checkpoint)
     if spec is None:
         raise RunConfigError(
-            f"checkpoint {str(checkpoint)!r} does not carry its network's config (a plain state dict, or "
-            "saved by an older version); name the network: --model, or --run-config with the run's config.yaml"
+            f"checkpoint {str(checkpoint)!r} does not carry its network's config (a plain state dict, one "
+            "saved outside `zim-lightning fit`, or by an older version); name the network: --model, or "
+            "--run-config with the run's config.yaml"
         )
     network = zim_from_spec(spec, source=f"checkpoint {str(checkpoint)!r}")
     load_exactly(
