@@ -32,7 +32,7 @@ from PIL import Image
 
 from zim_lightning.data.sa1b import decode_gray
 from zim_lightning.data.skips import CorruptSample
-from zim_lightning.data.tar_writer import write_tar
+from zim_lightning.data.tar_writer import encode_png, write_tar
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +83,6 @@ def _files(folder: Path, suffixes: tuple[str, ...] | dict[str, str]) -> dict[str
     return found
 
 
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _sample(
     image_path: Path, label_path: Path, *, key: str, mask: bool, kind: str, source: str
 ) -> list[tuple[str, bytes]]:
@@ -118,7 +112,7 @@ def _sample(
     meta = {"kind": kind, "source": source}
     return [
         (f"{key}.{member}", image_bytes),
-        (f"{key}.{'mask' if mask else 'alpha'}.png", _png(label)),
+        (f"{key}.{'mask' if mask else 'alpha'}.png", encode_png(label)),
         (f"{key}.json", json.dumps(meta).encode()),
     ]
 

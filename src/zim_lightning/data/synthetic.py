@@ -60,7 +60,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from zim_lightning.data.tar_writer import write_tar
+from zim_lightning.data.tar_writer import encode_png, write_tar
 
 log = logging.getLogger(__name__)
 
@@ -416,12 +416,6 @@ def _jpeg(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _alpha_u8(alpha: np.ndarray) -> np.ndarray:
     return np.round(alpha * 255.0).astype(np.uint8)
 
@@ -519,7 +513,7 @@ def _write_sa1b(
             ann_id += len(record["annotations"])
             members += [(f"sa_{image_id}.jpg", jpg), (f"sa_{image_id}.json", json.dumps(record).encode())]
             for aid, alpha in alphas.items():
-                _write_file(alpha_dir / f"sa_{image_id}" / f"{aid}.png", _png(_alpha_u8(alpha)))
+                _write_file(alpha_dir / f"sa_{image_id}" / f"{aid}.png", encode_png(_alpha_u8(alpha)))
         path = shard_dir / f"sa_{s:06d}.tar"
         write_tar(path, members, compress=True)
         shards.append(path)
@@ -563,7 +557,7 @@ def _write_matting(
             meta = {"kind": kind, "source": f"synthetic/{target.shape}/{scene.source}"}
             members += [
                 (f"{key}.jpg", _jpeg(scene.image)),
-                (f"{key}.alpha.png", _png(_alpha_u8(target.alpha))),
+                (f"{key}.alpha.png", encode_png(_alpha_u8(target.alpha))),
                 (f"{key}.json", json.dumps(meta).encode()),
             ]
         path = directory / f"matting-{s:06d}.tar"
@@ -586,7 +580,7 @@ def _write_seg(out: Path, *, seed: int, count: int, shard_size: int, size: tuple
             meta = {"kind": "solid", "source": f"synthetic/solid/{scene.source}"}
             members += [
                 (f"{key}.jpg", _jpeg(scene.image)),
-                (f"{key}.mask.png", _png(mask)),
+                (f"{key}.mask.png", encode_png(mask)),
                 (f"{key}.json", json.dumps(meta).encode()),
             ]
         path = directory / f"seg-{s:06d}.tar"
@@ -635,15 +629,15 @@ def _write_micromat(out: Path, *, seed: int, instances: int, size: tuple[int, in
             if all(_visible(obj) for obj in scene.objects):
                 break
         stem = f"{n + 1:04d}"
-        _write_file(root / "img" / f"{stem}.png", _png(scene.image))
+        _write_file(root / "img" / f"{stem}.png", encode_png(scene.image))
         for k, obj in enumerate(scene.objects, start=1):
             if not (obj.alpha > 0).any():
                 continue
             subset = "fine" if obj.kind == "fine" else "coarse"
             name = f"{stem}_{k}"
-            _write_file(root / "matte" / subset / f"{name}.png", _png(_alpha_u8(obj.alpha)))
+            _write_file(root / "matte" / subset / f"{name}.png", encode_png(_alpha_u8(obj.alpha)))
             seg = np.where(_coarse_mask(obj.alpha), 255, 0).astype(np.uint8)
-            _write_file(root / "seg" / subset / f"{name}.png", _png(seg))
+            _write_file(root / "seg" / subset / f"{name}.png", encode_png(seg))
             prompt = _prompt(rng, obj.alpha)
             _write_file(root / "prompt" / subset / f"{name}.json", json.dumps(prompt).encode())
             lines.append(
@@ -662,8 +656,8 @@ def _write_matting_folder(
         scene, target = _matting_sample(rng, *size, "fine" if i % 3 != 2 else "solid")
         stem = f"{prefix}_{i + 1:04d}"
         _write_file(root / "original" / f"{stem}.jpg", _jpeg(scene.image))
-        _write_file(root / "mask" / f"{stem}.png", _png(_alpha_u8(target.alpha)))
-        _write_file(root / "trimap" / f"{stem}.png", _png(_trimap(target.alpha)))
+        _write_file(root / "mask" / f"{stem}.png", encode_png(_alpha_u8(target.alpha)))
+        _write_file(root / "trimap" / f"{stem}.png", encode_png(_trimap(target.alpha)))
     return root
 
 
@@ -687,7 +681,7 @@ def _write_preview(
         if len(rows) == len(_FINE_SHAPES) + 1:
             break
     order = [*_FINE_SHAPES, "solid"]
-    _write_file(path, _png(np.concatenate([rows[k] for k in order if k in rows], axis=0)))
+    _write_file(path, encode_png(np.concatenate([rows[k] for k in order if k in rows], axis=0)))
 
 
 # ----------------------------------------------------------------------------- API

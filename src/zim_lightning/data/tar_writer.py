@@ -1,4 +1,5 @@
-"""The atomic, reproducible tar writer every shard producer uses (``synth``, ``pack-shards``).
+"""The atomic, reproducible tar writer every shard producer uses (``synth``, ``pack-shards``), and their
+PNG member encoder.
 
 Kept free of torch so that writing data stays a light import.
 """
@@ -11,6 +12,9 @@ import os
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 #: Permissions recorded for every member of the tars we write.
 TAR_MEMBER_MODE = 0o644
@@ -48,3 +52,10 @@ def write_tar(path: Path, members: Iterable[tuple[str, bytes]], *, compress: boo
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """A uint8 (or uint16) HxW or HxWxC array as PNG bytes, for a shard member."""
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -227,7 +227,7 @@ class RunConfigError(ValueError):
 STARTING_WEIGHTS_ARGUMENTS: tuple[str, ...] = ("checkpoint", "sam_checkpoint", "backbone_checkpoint")
 
 
-def zim_from_spec(
+def network_from_spec(
     spec: Mapping[str, Any], *, source: str, model_class_path: str = "?", expected: type[nn.Module] = Zim
 ) -> nn.Module:
     """Build a network from its config ``{"class_path": ..., "init_args": {...}}`` as jsonargparse does.
@@ -294,7 +294,7 @@ def zim_from_checkpoint(checkpoint: str | Path) -> Zim:
             "saved outside `zim-lightning fit`, or by an older version); name the network: --model, or "
             "--run-config with the run's config.yaml"
         )
-    network = zim_from_spec(spec, source=f"checkpoint {str(checkpoint)!r}")
+    network = network_from_spec(spec, source=f"checkpoint {str(checkpoint)!r}")
     load_exactly(
         network,
         read_state_dict(checkpoint),
@@ -343,7 +343,7 @@ def zim_from_run_config(config: str | Path, checkpoint: str | Path | None = None
     spec = init_args.get("net") if isinstance(init_args, dict) else None
     if not isinstance(spec, dict) or "class_path" not in spec:
         raise RunConfigError(f"run config {str(path)!r} has no model.init_args.net.class_path; {expected}")
-    network = zim_from_spec(
+    network = network_from_spec(
         spec, source=f"run config {str(path)!r}", model_class_path=str(model.get("class_path"))
     )
     if checkpoint is not None:

@@ -46,11 +46,7 @@ class KeyMask:
     @classmethod
     def hiding(cls, present: Tensor) -> KeyMask:
         """Hide the keys where ``present`` (BxN bool) is False; the others attend as usual."""
-        zero, hidden = (
-            torch.zeros((), device=present.device),
-            torch.tensor(float("-inf"), device=present.device),
-        )
-        return cls(scale=None, bias=torch.where(present, zero, hidden))
+        return cls(scale=None, bias=torch.where(present, 0.0, float("-inf")))
 
     @classmethod
     def from_attention_map(cls, attn_map: Tensor, box_sample: Tensor) -> KeyMask:
