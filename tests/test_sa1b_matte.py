@@ -11,6 +11,8 @@ import multiprocessing
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -24,8 +26,11 @@ from pycocotools import mask as mask_utils
 from zim_lightning.data.synthetic import generate
 from zim_lightning.models.converter import converter_model_registry
 from zim_lightning.sa1b_matte import (
+    CLAIMS_DIR,
     MANIFEST_DIR,
     CropConfig,
+    ShardClaims,
+    ShardDataset,
     _several_processes,
     build,
     crop_square,
@@ -245,6 +250,51 @@ def test_sigkill_mid_run_then_rerun_gives_the_clean_result(
     assert _files(out) == _files(clean_build)  # same set, byte for byte: no duplicates, no partial files
     for name, mtime in finished.items():  # finished shards were skipped, not rewritten
         assert (out / name).stat().st_mtime_ns == mtime
+
+
+def test_ranks_claim_shards_first_come_first_served(synthetic: Path, tmp_path: Path) -> None:
+    shards = sorted((synthetic / "sa1b").glob("*.tar"))
+    out = tmp_path / "out"
+    (out / shards[3].name).parent.mkdir(parents=True)
+    (out / shards[3].name).write_bytes(b"finished by an earlier run")
+    killed = ShardClaims(out=out, run_id="killed-run")
+    assert killed.claim(shards[0])  # a run killed while building shard 0
+    claims = ShardClaims(out=out, run_id="this-run")
+    fast, slow = (
+        ShardDataset(shards=shards, config=CropConfig(crop_size=64), batch_size=4, claims=claims)
+        for _ in "ab"
+    )
+
+    def built(batches) -> set[str]:
+        return {batch["shard"] for batch in batches}
+
+    slow_batches = iter(slow)
+    slow_first = next(slow_batches)  # the slow rank claims shard 0 (the killed run's claim is no obstacle)
+    fast_shards = built(fast)  # the fast rank builds everything else that is unfinished...
+    slow_shards = built([slow_first, *slow_batches])  # ...and the slow one finds nothing left
+    assert slow_shards == {shards[0].name}
+    assert fast_shards == {shards[1].name, shards[2].name}  # a static split would give it shard 2 alone
+    assert not claims.claim(shards[1]) and not claims.claim(shards[3])  # claimed, finished
+    claims.remove_other_runs()
+    assert [p.name for p in (out / CLAIMS_DIR).iterdir()] == ["this-run"]
+    claims.remove()
+    assert not (out / CLAIMS_DIR).exists()
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_shards_and_write_the_bytes_of_one(
+    synthetic: Path, checkpoint: Path, clean_build: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "sa1b_matte"
+    # Lightning launches the second rank by rerunning this command, so the build runs as a command
+    command = [sys.executable, "-m", "zim_lightning.sa1b_matte", "--sa1b", str(synthetic / "sa1b")]
+    command += ["--out", str(out), "--model", "converter_tiny", "--converter", str(checkpoint)]
+    command += ["--crop-size", "64", "--batch-size", str(BATCH_SIZE), "--num-workers", "1"]
+    command += ["--accelerator", "cpu", "--devices", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 0:" in result.stderr and "rank 1:" in result.stderr  # both ranks ran
+    assert _files(out) == _files(clean_build)  # every shard once, the same bytes; no claims left
 
 
 def _tar_bytes(members: list[tuple[str, bytes]]) -> bytes:

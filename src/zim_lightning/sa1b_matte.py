@@ -44,10 +44,15 @@ skips per kind (:data:`zim_lightning.data.skips.SKIP_REASONS`).
 
 Distribution: the job runs in Lightning's predict loop (:class:`~zim_lightning.lit.build_module.MatteBuildModule`),
 bf16-mixed on GPU; with several devices or nodes (DDP; torchrun and SLURM are picked up by Lightning)
-every rank takes the input shards ``rank::world_size`` of the sorted list and writes its own output
-shards; predictions never travel through the trainer. Within a rank, DataLoader workers read, decode
-and crop whole shards each; batches never span two shards, so a shard's bytes do not depend on which
-shards came before it, nor on the number of ranks or workers (checked: 2 CPU ranks give the bytes of 1).
+the ranks share the unfinished shards first come, first served: every DataLoader worker of every rank
+claims the next unclaimed shard of the sorted list (:class:`ShardClaims`, a file created with
+``O_EXCL`` in ``OUT/claims/<run>/``, so OUT must be on a file system every rank sees, e.g. NFS or
+Lustre), reads, decodes and crops it whole, and its rank writes the output shard; predictions never
+travel through the trainer. A rank whose shards go fast, or whose share was finished by an earlier run,
+takes more: the ranks end within about one shard's time of each other. Batches never span two shards, so
+a shard's bytes do not depend on which rank or worker built it, nor on what it built before (checked by
+the tests: 2 CPU ranks give the bytes of 1). Claims belong to one run; the next run ignores and removes
+them. Two builds started separately into the same OUT at the same time are not supported.
 Bytes repeat for the same weights, options, software and hardware; another device or kernel may move a
 few alpha values by a level.
 
@@ -64,9 +69,12 @@ import json
 import logging
 import math
 import os
+import shutil
+import socket
 import sys
 import tarfile
 import time
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -92,6 +100,8 @@ MODES = ("crop", "whole")
 #: Suffix of a shard (or manifest) being written; never a complete file.
 PARTIAL_SUFFIX = ".partial"
 MANIFEST_DIR = "manifest"
+#: Where the processes of a run claim the shards they build (see :class:`ShardClaims`).
+CLAIMS_DIR = "claims"
 # Bilinear resampling spreads an edge over about a pixel, so the matte box keeps at least this margin.
 MIN_MARGIN_PX = 2
 #: How long a rank that finished its shards waits at the final barrier for the others.
@@ -344,15 +354,6 @@ def resolve_shards(specs: Sequence[str]) -> list[Path]:
     return unique
 
 
-def rank_shards(shards: Sequence[Path], *, rank: int, world_size: int) -> list[Path]:
-    """The shards one rank builds: every ``world_size``-th of the sorted list, from ``rank`` on.
-
-    The split is over all shards, finished or not, so every rank derives it without looking at OUT
-    (ranks may start at different times while others already finish shards).
-    """
-    return list(shards[rank::world_size])
-
-
 def output_path(out: Path, shard: Path) -> Path:
     return out / shard.name
 
@@ -380,6 +381,67 @@ def remove_stale(out: Path, shard: Path) -> list[Path]:
             stale.unlink()
             removed.append(stale)
     return removed
+
+
+def new_run_id() -> str:
+    """A name for one run's claims: its start time (readable) and a random part (unique)."""
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class ShardClaims:
+    """Which process builds each shard in one run: the first to create its claim file.
+
+    A claim is ``OUT/claims/<run_id>/<shard>.claim``, created with ``O_CREAT | O_EXCL``, which is atomic
+    on local file systems and on NFS (v3 and later) and Lustre; it holds the claimant's host and pid.
+    Every process of a run uses the same ``run_id`` (rank 0's, broadcast), so a claim left by a killed
+    run blocks nothing: the next run has its own directory, and removes the others
+    (:meth:`remove_other_runs`). Picklable: DataLoader workers claim shards themselves.
+
+    Args:
+        out: the output directory.
+        run_id: this run's name (:func:`new_run_id`).
+    """
+
+    out: Path
+    run_id: str
+
+    @property
+    def directory(self) -> Path:
+        return self.out / CLAIMS_DIR / self.run_id
+
+    def claim(self, shard: Path) -> bool:
+        """Claim ``shard`` for the calling process; False when another process of this run has it or it
+        is finished. A claimed shard's temporary files left by a killed run are removed."""
+        if is_done(self.out, shard):
+            return False
+        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(
+                self.directory / (shard.name + ".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644
+            )
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}) + "\n")
+        for stale in remove_stale(self.out, shard):
+            log.info("removed %s left by an interrupted run", stale)
+        return True
+
+    def remove_other_runs(self) -> None:
+        """Delete the claims of earlier runs (call in one process, before this run's first claim)."""
+        root = self.out / CLAIMS_DIR
+        for run in root.iterdir() if root.is_dir() else ():
+            if run.name != self.run_id:
+                shutil.rmtree(run, ignore_errors=True)
+
+    def remove(self) -> None:
+        """Delete this run's claims and, when no other run's remain, the claims directory itself."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+        try:
+            (self.out / CLAIMS_DIR).rmdir()
+        except OSError:  # another run's claims (or a file system that lags) keep it
+            pass
 
 
 def _fsync_dir(path: Path) -> None:
@@ -548,21 +610,35 @@ class ShardDataset(torch.utils.data.IterableDataset):
     """Batches of converter inputs for a list of shards; DataLoader workers take whole shards each.
 
     Args:
-        shards: the shards to build (this rank's unfinished ones).
+        shards: the shards to build, in order.
         config: cropping options.
         batch_size: masks per batch (the last batch of a shard may hold fewer).
+        claims: with claims, every worker (of every rank sharing them) builds the shards it claims first,
+            in order; without, each of a DataLoader's workers builds every ``num_workers``-th shard.
     """
 
-    def __init__(self, *, shards: Sequence[Path], config: CropConfig, batch_size: int) -> None:
+    def __init__(
+        self,
+        *,
+        shards: Sequence[Path],
+        config: CropConfig,
+        batch_size: int,
+        claims: ShardClaims | None = None,
+    ) -> None:
         super().__init__()
         self.shards = list(shards)
         self.config = config
         self.batch_size = batch_size
+        self.claims = claims
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        for shard in self.shards[worker::workers]:
+        if self.claims is None:
+            info = torch.utils.data.get_worker_info()
+            worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+            mine: Iterator[Path] = iter(self.shards[worker::workers])
+        else:
+            mine = (shard for shard in self.shards if self.claims.claim(shard))
+        for shard in mine:
             yield from _shard_batches(shard, self.config, self.batch_size)
 
 
@@ -832,17 +908,25 @@ def _data_module(
     import lightning as L
 
     class BuildData(L.LightningDataModule):
-        """This rank's unfinished shards; the rank is known only once the trainer has launched."""
+        """The unfinished shards, claimed by the workers of every rank as they free up (the run's claims
+        are named once the trainer has launched every rank: rank 0's name, broadcast)."""
+
+        claims: ShardClaims | None = None
 
         def predict_dataloader(self) -> torch.utils.data.DataLoader:
             rank, world = self.trainer.global_rank, self.trainer.world_size
-            mine = rank_shards(shards, rank=rank, world_size=world)
-            todo = [s for s in mine if not is_done(out, s)]
-            for shard in todo:
-                for stale in remove_stale(out, shard):
-                    log.info("removed %s left by an interrupted run", stale)
-            log.info("rank %d/%d: %d of its %d shards to build", rank, world, len(todo), len(mine))
-            dataset = ShardDataset(shards=todo, config=config, batch_size=batch_size)
+            self.claims = ShardClaims(out=out, run_id=self.trainer.strategy.broadcast(new_run_id(), src=0))
+            if rank == 0:
+                self.claims.remove_other_runs()
+            todo = [s for s in shards if not is_done(out, s)]
+            log.info(
+                "rank %d/%d: %d of %d shards unfinished, shared over the ranks",
+                rank,
+                world,
+                len(todo),
+                len(shards),
+            )
+            dataset = ShardDataset(shards=todo, config=config, batch_size=batch_size, claims=self.claims)
             workers = min(num_workers, len(todo))
             return torch.utils.data.DataLoader(
                 dataset,
@@ -965,6 +1049,8 @@ def build(
         writer.masks / max(seconds, 1e-9),
     )
     trainer.strategy.barrier()
+    if trainer.global_rank == 0 and data.claims is not None:
+        data.claims.remove()  # every rank is past its last claim
     summary = summarize(out, shards)
     summary.update(
         built=len(writer.completed),
