@@ -258,8 +258,12 @@ def test_ranks_claim_shards_first_come_first_served(synthetic: Path, tmp_path: P
     (out / shards[3].name).parent.mkdir(parents=True)
     (out / shards[3].name).write_bytes(b"finished by an earlier run")
     killed = ShardClaims(out=out, run_id="killed-run")
+    killed.begin()
     assert killed.claim(shards[0])  # a run killed while building shard 0
     claims = ShardClaims(out=out, run_id="this-run")
+    assert not claims.visible(timeout_s=0)  # what a node that does not share OUT sees
+    claims.begin()  # removes the killed run's claims
+    assert claims.visible(timeout_s=0) and [p.name for p in (out / CLAIMS_DIR).iterdir()] == ["this-run"]
     fast, slow = (
         ShardDataset(shards=shards, config=CropConfig(crop_size=64), batch_size=4, claims=claims)
         for _ in "ab"
@@ -275,8 +279,6 @@ def test_ranks_claim_shards_first_come_first_served(synthetic: Path, tmp_path: P
     assert slow_shards == {shards[0].name}
     assert fast_shards == {shards[1].name, shards[2].name}  # a static split would give it shard 2 alone
     assert not claims.claim(shards[1]) and not claims.claim(shards[3])  # claimed, finished
-    claims.remove_other_runs()
-    assert [p.name for p in (out / CLAIMS_DIR).iterdir()] == ["this-run"]
     claims.remove()
     assert not (out / CLAIMS_DIR).exists()
 

@@ -102,6 +102,7 @@ PARTIAL_SUFFIX = ".partial"
 MANIFEST_DIR = "manifest"
 #: Where the processes of a run claim the shards they build (see :class:`ShardClaims`).
 CLAIMS_DIR = "claims"
+RUN_NOTE = "run.json"
 # Bilinear resampling spreads an edge over about a pixel, so the matte box keeps at least this margin.
 MIN_MARGIN_PX = 2
 #: How long a rank that finished its shards waits at the final barrier for the others.
@@ -395,8 +396,9 @@ class ShardClaims:
     A claim is ``OUT/claims/<run_id>/<shard>.claim``, created with ``O_CREAT | O_EXCL``, which is atomic
     on local file systems and on NFS (v3 and later) and Lustre; it holds the claimant's host and pid.
     Every process of a run uses the same ``run_id`` (rank 0's, broadcast), so a claim left by a killed
-    run blocks nothing: the next run has its own directory, and removes the others
-    (:meth:`remove_other_runs`). Picklable: DataLoader workers claim shards themselves.
+    run blocks nothing: the next run has its own directory, made by :meth:`begin`, which removes the
+    others. Every process checks that it sees that directory (:meth:`visible`): on a per-node OUT each
+    node would otherwise build every shard. Picklable: DataLoader workers claim shards themselves.
 
     Args:
         out: the output directory.
@@ -410,12 +412,36 @@ class ShardClaims:
     def directory(self) -> Path:
         return self.out / CLAIMS_DIR / self.run_id
 
+    def begin(self) -> None:
+        """Start the run's claims (in one process, before any claim): remove earlier runs' claims and
+        create this run's directory, with a note of who made it."""
+        root = self.out / CLAIMS_DIR
+        for run in root.iterdir() if root.is_dir() else ():
+            if run.name != self.run_id:
+                shutil.rmtree(run, ignore_errors=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        note = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        (self.directory / RUN_NOTE).write_text(json.dumps(note) + "\n")
+
+    def visible(self, timeout_s: float = 60.0) -> bool:
+        """Whether this process sees the directory :meth:`begin` made (polling up to ``timeout_s``: a
+        network file system may show another node's new directory a little later)."""
+        deadline = time.monotonic() + timeout_s
+        while not (self.directory / RUN_NOTE).is_file():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.5)
+        return True
+
     def claim(self, shard: Path) -> bool:
         """Claim ``shard`` for the calling process; False when another process of this run has it or it
         is finished. A claimed shard's temporary files left by a killed run are removed."""
         if is_done(self.out, shard):
             return False
-        self.directory.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(
                 self.directory / (shard.name + ".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644
@@ -427,13 +453,6 @@ class ShardClaims:
         for stale in remove_stale(self.out, shard):
             log.info("removed %s left by an interrupted run", stale)
         return True
-
-    def remove_other_runs(self) -> None:
-        """Delete the claims of earlier runs (call in one process, before this run's first claim)."""
-        root = self.out / CLAIMS_DIR
-        for run in root.iterdir() if root.is_dir() else ():
-            if run.name != self.run_id:
-                shutil.rmtree(run, ignore_errors=True)
 
     def remove(self) -> None:
         """Delete this run's claims and, when no other run's remain, the claims directory itself."""
@@ -914,10 +933,18 @@ def _data_module(
         claims: ShardClaims | None = None
 
         def predict_dataloader(self) -> torch.utils.data.DataLoader:
-            rank, world = self.trainer.global_rank, self.trainer.world_size
-            self.claims = ShardClaims(out=out, run_id=self.trainer.strategy.broadcast(new_run_id(), src=0))
+            strategy, rank, world = self.trainer.strategy, self.trainer.global_rank, self.trainer.world_size
+            self.claims = ShardClaims(out=out, run_id=strategy.broadcast(new_run_id(), src=0))
             if rank == 0:
-                self.claims.remove_other_runs()
+                self.claims.begin()
+            strategy.barrier()
+            # every rank decides together: one rank raising alone would leave the others at a barrier
+            if not strategy.reduce_boolean_decision(self.claims.visible(), all=True):
+                raise RuntimeError(
+                    f"some ranks do not see {self.claims.directory}, which rank 0 made: --out {out} must be "
+                    f"one directory that every node shares (NFS, Lustre), or each node would build every "
+                    f"shard (this is rank {rank} on {socket.gethostname()})"
+                )
             todo = [s for s in shards if not is_done(out, s)]
             log.info(
                 "rank %d/%d: %d of %d shards unfinished, shared over the ranks",
