@@ -64,6 +64,7 @@ few alpha values by a level.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -661,9 +662,11 @@ class ShardDataset(torch.utils.data.IterableDataset):
             yield from _shard_batches(shard, self.config, self.batch_size)
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(_: int, *, log_level: int = logging.WARNING) -> None:
     # one OpenCV thread per worker: the workers are the parallelism
     cv2.setNumThreads(1)
+    # spawned workers start with no logging set up; they report what they clean up and skip
+    logging.basicConfig(level=log_level, format=f"%(levelname)s %(name)s (worker {os.getpid()}): %(message)s")
 
 
 # ----------------------------------------------------------------------------- writing side (main process)
@@ -940,7 +943,7 @@ def _data_module(
             strategy.barrier()
             # every rank decides together: one rank raising alone would leave the others at a barrier
             if not strategy.reduce_boolean_decision(self.claims.visible(), all=True):
-                raise RuntimeError(
+                raise ValueError(
                     f"some ranks do not see {self.claims.directory}, which rank 0 made: --out {out} must be "
                     f"one directory that every node shares (NFS, Lustre), or each node would build every "
                     f"shard (this is rank {rank} on {socket.gethostname()})"
@@ -954,13 +957,18 @@ def _data_module(
                 len(shards),
             )
             dataset = ShardDataset(shards=todo, config=config, batch_size=batch_size, claims=self.claims)
-            workers = min(num_workers, len(todo))
+            # every rank lists every unfinished shard, but builds about its share of them
+            workers = min(num_workers, math.ceil(len(todo) / world))
             return torch.utils.data.DataLoader(
                 dataset,
                 batch_size=None,
                 num_workers=workers,
                 pin_memory=pin,
-                worker_init_fn=_worker_init if workers else None,
+                worker_init_fn=(
+                    functools.partial(_worker_init, log_level=logging.getLogger().getEffectiveLevel())
+                    if workers
+                    else None
+                ),
                 # spawn, not fork: a worker forked after OpenCV's or OpenMP's thread pools ran in this
                 # process (data generation, model init, a forward) can deadlock in its first cv2 call
                 multiprocessing_context="spawn" if workers else None,
