@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from zim_lightning.data.synthetic import generate
+
+
+@pytest.fixture(autouse=True)
+def _global_random_state_stays_with_its_test() -> Iterator[None]:
+    """A test that seeds globally (Lightning's ``seed_everything``, which may draw a random seed and
+    leaves it in ``PL_GLOBAL_SEED``) must not decide what the tests after it draw."""
+    # numpy: the legacy global state is the one seed_everything seeds
+    states = torch.random.get_rng_state(), np.random.get_state(), random.getstate()  # noqa: NPY002
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    yield
+    torch.random.set_rng_state(states[0])
+    np.random.set_state(states[1])  # noqa: NPY002
+    random.setstate(states[2])
+    if seed is None:
+        os.environ.pop("PL_GLOBAL_SEED", None)
+    else:
+        os.environ["PL_GLOBAL_SEED"] = seed
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ Every build runs a tiny converter with random weights over synthetic SA-1B shard
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import multiprocessing
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -55,6 +57,19 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Every build of these tests runs the converter on one thread: byte-equal comparisons between builds
+    then hold on CPUs whose kernels round differently at other thread counts (seen with oneDNN below AVX2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@_one_thread()
 def _build(sa1b: Path, out: Path, checkpoint: Path, *, num_workers: int = 0, **speed_switches) -> dict:
     return build(
         sa1b=[str(sa1b)],
@@ -236,7 +251,9 @@ def test_sigkill_mid_run_then_rerun_gives_the_clean_result(
             time.sleep(0.005)
         os.kill(child.pid, signal.SIGKILL)
     finally:
-        child.join()
+        if child.is_alive():  # an assertion above failed: the child must not outlive the test
+            os.kill(child.pid, signal.SIGKILL)
+        child.join(timeout=60)
     assert child.exitcode == -signal.SIGKILL
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("sa_*.tar")}
     assert 1 <= len(finished) < NUM_SHARDS, "the kill should land between the first and the last shard"
@@ -294,7 +311,9 @@ def test_two_processes_share_the_shards_and_write_the_bytes_of_one(
     command += ["--out", str(out), "--model", "converter_tiny", "--converter", str(checkpoint)]
     command += ["--crop-size", "64", "--batch-size", str(BATCH_SIZE), "--num-workers", "1"]
     command += ["--accelerator", "cpu", "--devices", "2"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    # one thread per rank, as the other builds here (Lightning keeps an OMP_NUM_THREADS it finds)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     built = {int(r): int(n) for r, n in re.findall(r"rank (\d+): (\d+) shards, ", result.stderr)}
     assert set(built) == {0, 1} and sum(built.values()) == NUM_SHARDS  # both ran; each shard built once
@@ -466,16 +485,17 @@ def test_a_fit_checkpoint_names_its_converter(
     fit_ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": {f"net.{k}": v for k, v in weights.items()}, NET_SPEC_KEY: spec}, fit_ckpt)
     out = tmp_path / "out"
-    summary = build(
-        sa1b=[str(synthetic / "sa1b")],
-        out=out,
-        checkpoint=str(fit_ckpt),
-        config=CropConfig(crop_size=64),
-        batch_size=BATCH_SIZE,
-        num_workers=0,
-        accelerator="cpu",
-        devices=1,
-    )
+    with _one_thread():
+        summary = build(
+            sa1b=[str(synthetic / "sa1b")],
+            out=out,
+            checkpoint=str(fit_ckpt),
+            config=CropConfig(crop_size=64),
+            batch_size=BATCH_SIZE,
+            num_workers=0,
+            accelerator="cpu",
+            devices=1,
+        )
     assert summary["done"] == NUM_SHARDS
     assert summary["per_shard"][0]["build"]["model"] == "converter_tiny"
     for name in (p.name for p in sorted((synthetic / "sa1b").glob("*.tar"))):  # the same mattes
