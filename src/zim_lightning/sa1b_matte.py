@@ -95,7 +95,8 @@ from zim_lightning.data.sa1b import CorruptSample, decode_mask, iter_tar, sa1b_r
 from zim_lightning.data.shards import expand_shards
 from zim_lightning.data.skips import SKIP_REASONS
 
-log = logging.getLogger(__name__)
+# by name: the module also runs as __main__ (torchrun -m) and in spawned workers as __mp_main__
+log = logging.getLogger("zim_lightning.sa1b_matte")
 
 MODES = ("crop", "whole")
 #: Suffix of a shard (or manifest) being written; never a complete file.
