@@ -20,6 +20,8 @@
 #   train_fold_compile.json  training: sdpa_fold + channels-last + fused AdamW + compile, profiled
 #   build_forward.json       SA1B-Matte build: the Hiera-B+ converter's forward, bf16, crop 1024,
 #                            channels-last and compiled
+#   report.md                all of the above as Markdown tables, and issue 8's targets checked
+#                            (benchmarks/suite_report.py)
 #
 # SMOKE=1 runs the same steps on the CPU with the tiny model in a 256 frame and no compilation: it only
 # checks that the suite runs.
@@ -146,3 +148,5 @@ step train_fold_compile 150 benchmarks/train_throughput.py "${common[@]}" "${tra
   --configs "sdpa_fold+cl+fused$compile_switch" --profile 3
 step build_forward 90 benchmarks/build_throughput.py "${build[@]}" --skip cpu end_to_end
 echo "[suite] done in $(($(date +%s) - start))s" | tee -a "$log"
+# every figure as Markdown tables and issue 8's targets checked (nothing measured here)
+python3 benchmarks/suite_report.py "$OUT" > "$OUT/report.md" 2>>"$log" && tail -n 8 "$OUT/report.md"

@@ -176,3 +176,62 @@ def test_attention_layer_forces_the_sdpa_kernel_it_is_told(tmp_path: Path):
     # says so; the bias-free layer and the eager one (no SDPA at all) still run.
     assert "No available kernel" in results["sdpa_fold"]["error"]
     assert "error" not in results["sdpa_nobias"] and "error" not in results["eager"]
+
+
+def _timing(ms: float) -> dict:
+    return {"median": ms, "min": ms, "max": ms, "repeats": 3}
+
+
+def test_suite_report_checks_the_targets_on_gpu_reports_only(tmp_path):
+    report = _script("suite_report")
+    h100 = {"torch": "2.x", "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3", "commit": "abc1234"}
+    latency = {
+        "model": "vit_b",
+        "image_size": 1024,
+        "environment": h100,
+        "complete": False,  # cut off after these rows
+        "results": [
+            {"config": "stock_sam/fp32", "set_image_plus_one_box_ms": _timing(42.6)},
+            {"config": "zim/eager/fp32", "set_image_plus_one_box_ms": _timing(47.5)},
+            # fastest, but its alpha disagrees: it cannot count for the latency target
+            {"config": "zim/a", "set_image_plus_one_box_ms": _timing(5.0), "alpha_mse_vs_plain_fp32": 3e-4},
+            {"config": "zim/b", "set_image_plus_one_box_ms": _timing(7.5), "alpha_mse_vs_plain_fp32": 2e-7},
+        ],
+    }
+    train = {
+        "model": "vit_b",
+        "image_size": 1024,
+        "batch_size": 8,
+        "environment": h100,
+        "complete": True,
+        "results": [
+            {"config": "stock", "images_per_s": 15.0, "peak_memory_gib": 68.0, "finite": True},
+            {"config": "fast", "images_per_s": 120.0, "peak_memory_gib": 45.0, "finite": True},  # over 40 GiB
+            {"config": "lean", "images_per_s": 80.0, "peak_memory_gib": 18.0, "finite": True},
+            {"config": "lean+ckpt", "images_per_s": 60.0, "peak_memory_gib": 6.4, "finite": True},
+        ],
+    }
+    smoke = dict(train, model="tiny", image_size=256, environment={"device": "cpu"})
+    smoke["results"] = [{"config": "quick", "images_per_s": 500.0, "peak_memory_gib": 1.0, "finite": True}]
+    for name, data in {"latency_graphs": latency, "train_eager": train, "train_fold_compile": smoke}.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    reports = report.read_reports(tmp_path)
+    checks = report.check_targets(reports)
+    assert checks["predictor_set_image_plus_one_box_ms"] == {
+        "status": "met",
+        "value": 7.5,
+        "target": 8.0,
+        "config": "zim/b",
+        "step": "latency_graphs",
+        "gpu": "NVIDIA H100 80GB HBM3",
+    }
+    assert checks["alpha_mse_vs_plain_fp32"]["status"] == "missed"  # zim/a's 3e-4
+    # "fast" is over the memory target and the CPU smoke report does not count: "lean" is the best
+    assert (checks["train_images_per_s"]["status"], checks["train_images_per_s"]["config"]) == (
+        "missed",
+        "lean",
+    )
+    assert checks["checkpointed_peak_gib"]["status"] == "met"
+    text = report.markdown(reports)
+    assert "`latency_graphs` (cut off)" in text and "| lean+ckpt | 8 |" in text
+    assert report.main([str(tmp_path / "absent")]) == 2
