@@ -32,6 +32,7 @@ from zim_lightning.sa1b_matte import (
     CLAIMS_DIR,
     MANIFEST_DIR,
     CropConfig,
+    OutputLock,
     ShardClaims,
     ShardDataset,
     _several_processes,
@@ -301,6 +302,21 @@ def test_ranks_claim_shards_first_come_first_served(synthetic: Path, tmp_path: P
     assert not (out / CLAIMS_DIR).exists()
 
 
+def test_a_second_build_into_the_same_out_is_refused(
+    synthetic: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    running = OutputLock(out)  # another build's rank 0 (flock: another open file conflicts, same process too)
+    assert running.acquire() is None
+    with pytest.raises(ValueError, match=rf'another build is writing into .*"pid": {os.getpid()}'):
+        _build(synthetic / "sa1b", out, checkpoint)
+    assert not list(out.glob("sa_*.tar*"))  # it wrote nothing
+    running.release()  # that build ends (or dies: the system drops its lock)
+    assert _build(synthetic / "sa1b", out, checkpoint)["done"] == NUM_SHARDS
+    assert (out / ".build.lock").read_text() == ""  # released, no holder named
+
+
 @pytest.mark.slow
 def test_two_processes_share_the_shards_and_write_the_bytes_of_one(
     synthetic: Path, checkpoint: Path, clean_build: Path, tmp_path: Path
@@ -383,8 +399,10 @@ def test_corrupt_samples_are_skipped_counted_and_a_rerun_changes_nothing(
     assert not any(n.startswith(k_jpeg) or n.startswith(k_json) for n in names)
     assert summary["skipped_total"] == 4
 
-    def finished_mtimes() -> dict[str, int]:  # the failure note is rewritten by each failing run
-        return {n: (out / n).stat().st_mtime_ns for n in _files(out) if not n.endswith(".failed.json")}
+    def finished_mtimes() -> dict[str, int]:  # each run rewrites the failure note and takes the lock
+        return {
+            n: (out / n).stat().st_mtime_ns for n in _files(out) if not n.endswith((".failed.json", ".lock"))
+        }
 
     before, snapshot = finished_mtimes(), _files(out)
     again = _build(shards, out, checkpoint)  # finished shards stay as they are; the damaged one fails again

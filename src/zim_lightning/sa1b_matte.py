@@ -52,7 +52,7 @@ travel through the trainer. A rank whose shards go fast, or whose share was fini
 takes more: the ranks end within about one shard's time of each other. Batches never span two shards, so
 a shard's bytes do not depend on which rank or worker built it, nor on what it built before (checked by
 the tests: 2 CPU ranks give the bytes of 1). Claims belong to one run; the next run ignores and removes
-them. Two builds started separately into the same OUT at the same time are not supported.
+them. A second build started into an OUT that a running build holds (:class:`OutputLock`) is refused.
 Bytes repeat for the same weights, options, software and hardware; another device or kernel may move a
 few alpha values by a level.
 
@@ -64,6 +64,7 @@ few alpha values by a level.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
 import hashlib
 import json
@@ -105,6 +106,8 @@ MANIFEST_DIR = "manifest"
 #: Where the processes of a run claim the shards they build (see :class:`ShardClaims`).
 CLAIMS_DIR = "claims"
 RUN_NOTE = "run.json"
+#: The lock one build holds on OUT for its whole run (see :class:`OutputLock`).
+LOCK_NAME = ".build.lock"
 # Bilinear resampling spreads an edge over about a pixel, so the matte box keeps at least this margin.
 MIN_MARGIN_PX = 2
 #: How long a rank that finished its shards waits at the final barrier for the others.
@@ -463,6 +466,58 @@ class ShardClaims:
             (self.out / CLAIMS_DIR).rmdir()
         except OSError:  # another run's claims (or a file system that lags) keep it
             pass
+
+
+class OutputLock:
+    """One build at a time per OUT: an exclusive ``flock`` on ``OUT/.build.lock``, held by rank 0.
+
+    Two builds into one OUT would write the same temporary shards over each other. The operating system
+    drops the lock when its holder dies, so a killed build leaves nothing that blocks the next one. The
+    file stays (empty between runs; during a run it names the holder). File systems without locks (some
+    Lustre mounts) get a warning and no check.
+
+    Args:
+        out: the output directory.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.path = out / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns None, or why not (another build holds it, named)."""
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that wrote no note"
+            os.close(fd)
+            return (
+                f"another build is writing into {self.out} (holder: {holder}); wait for it to end, or build "
+                "into another --out"
+            )
+        except OSError as error:
+            os.close(fd)
+            log.warning("cannot lock %s (%s): make sure no other build writes into it", self.path, error)
+            return None
+        os.ftruncate(fd, 0)
+        note = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        os.write(fd, (json.dumps(note) + "\n").encode())
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        """Empty the note and drop the lock (a no-op when not held)."""
+        if self.fd is None:
+            return
+        os.ftruncate(self.fd, 0)
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -935,13 +990,19 @@ def _data_module(
         are named once the trainer has launched every rank: rank 0's name, broadcast)."""
 
         claims: ShardClaims | None = None
+        lock = OutputLock(out)
 
         def predict_dataloader(self) -> torch.utils.data.DataLoader:
             strategy, rank, world = self.trainer.strategy, self.trainer.global_rank, self.trainer.world_size
             self.claims = ShardClaims(out=out, run_id=strategy.broadcast(new_run_id(), src=0))
+            problem = None
             if rank == 0:
-                self.claims.begin()
-            strategy.barrier()
+                problem = self.lock.acquire()
+                if problem is None:
+                    self.claims.begin()
+            problem = strategy.broadcast(problem, src=0)  # every rank raises it, none waits at a barrier
+            if problem is not None:
+                raise ValueError(problem)
             # every rank decides together: one rank raising alone would leave the others at a barrier
             if not strategy.reduce_boolean_decision(self.claims.visible(), all=True):
                 raise ValueError(
@@ -1074,7 +1135,11 @@ def build(
         # transfer_batch_to_device is the one meant to run), and the writer needs no batch indices
         warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
         warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
-        trainer.predict(MatteBuildModule(net=net), datamodule=data, return_predictions=False)
+        try:
+            trainer.predict(MatteBuildModule(net=net), datamodule=data, return_predictions=False)
+        except BaseException:
+            data.lock.release()
+            raise
     seconds = time.perf_counter() - start
     log.info(
         "rank %d: %d shards, %d mattes in %.1f s (%.1f masks/s)",
@@ -1087,6 +1152,7 @@ def build(
     trainer.strategy.barrier()
     if trainer.global_rank == 0 and data.claims is not None:
         data.claims.remove()  # every rank is past its last claim
+        data.lock.release()
     summary = summarize(out, shards)
     summary.update(
         built=len(writer.completed),
