@@ -10,7 +10,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 DATA ?= data/synthetic
 OUT ?= reports
-MODEL ?= tiny
+MODEL ?=
 CHECKPOINT ?=
 RUN_CONFIG ?=
 TRAINER ?= cpu
@@ -77,13 +77,17 @@ build-sa1b-matte: $(STAMP) ## Convert SA-1B masks to SA1B-Matte shards (SA1B=, S
 	$(BIN)/zim-lightning build-sa1b-matte --sa1b $(SA1B) --out $(SA1B_MATTE) \
 		$(if $(CONVERTER),--converter $(CONVERTER) $(if $(CONVERTER_MODEL),--model $(CONVERTER_MODEL)),--model converter_tiny --crop-size 256) $(ARGS)
 
-eval: $(STAMP) ## Evaluate MODEL [CHECKPOINT=...] (or a fit run: RUN_CONFIG=RUN/config.yaml CHECKPOINT=RUN/...ckpt) on EVAL_DATA into OUT/eval
-	$(BIN)/zim-lightning eval $(if $(RUN_CONFIG),--run-config $(RUN_CONFIG),--model $(MODEL)) \
+# The network: RUN_CONFIG (a fit run's config.yaml), else MODEL, else the one a fit checkpoint carries,
+# else (no CHECKPOINT: random weights) the tiny model.
+NET_ARGS = $(if $(RUN_CONFIG),--run-config $(RUN_CONFIG),$(if $(MODEL),--model $(MODEL),$(if $(CHECKPOINT),,--model tiny)))
+
+eval: $(STAMP) ## Evaluate CHECKPOINT= (a fit checkpoint, or MODEL= / RUN_CONFIG= for plain weights; none: tiny, random) on EVAL_DATA into OUT/eval
+	$(BIN)/zim-lightning eval $(NET_ARGS) \
 		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
 		--data $(EVAL_DATA) --format $(EVAL_FORMAT) --prompt both --out $(OUT)/eval --save-predictions
 
-serve: $(STAMP) ## Interactive matting page on 127.0.0.1:7860 (MODEL=tiny|vit_b, CHECKPOINT=...)
-	$(BIN)/zim-lightning serve --model $(MODEL) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+serve: $(STAMP) ## Interactive matting page on 127.0.0.1:7860 (CHECKPOINT=, MODEL=tiny|vit_b or RUN_CONFIG= for plain weights)
+	$(BIN)/zim-lightning serve $(NET_ARGS) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 clean: ## Remove generated data and reports (keeps .venv)
 	rm -rf data/synthetic reports runs lightning_logs .pytest_cache

@@ -168,7 +168,7 @@ def _is_int(value: Any) -> bool:
 def parse_annotations(data: bytes, *, key: str) -> dict:
     """Parse and validate an SA-1B (or SA1B-Matte) annotation json.
 
-    Checks the structure DESIGN.md describes: ``image`` with positive integer ``width`` and ``height``,
+    Checks the structure docs/architecture.md ("File formats") describes: ``image`` with positive integer ``width`` and ``height``,
     and ``annotations``, a list of dicts each with an ``id`` and a ``segmentation`` holding ``size`` =
     [height, width] of the image and a string ``counts``. The RLE itself is checked when decoded.
 

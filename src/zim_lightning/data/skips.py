@@ -1,6 +1,6 @@
 """Counting of skipped (corrupt) samples, shared by the main process and DataLoader workers.
 
-Bad data never stops a run (DESIGN.md, data flow): every reader that drops a sample reports it here
+Bad data never stops a run: every reader that drops a sample reports it here
 with one warning line, and the datamodule exposes the totals so the LightningModule can log them.
 """
 
