@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,19 @@ def _rows(
     ]
 
 
+def failure(row: dict[str, Any]) -> str | None:
+    """Why a configuration has no usable figure: its error, or a loss that was not finite."""
+    if "error" in row:
+        return str(row["error"])
+    return "the loss was not finite" if row.get("finite") is False else None
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    """Text for a Markdown table cell: one line, no column separators, at most ``limit`` characters."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def counts_for_targets(report: dict[str, Any]) -> bool:
     """Whether a report measured what the targets are about: ViT-B at 1024 on a GPU."""
     return (
@@ -100,21 +114,27 @@ def check_targets(reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
     Rows = list[tuple[str, dict[str, Any]]]
 
     def decide(candidates: Rows, value: Any, target: float, better: str) -> dict[str, Any]:
-        """The best candidate's check (for "worst" the one closest to failing: the largest value)."""
-        scored = [(value(row), step, row) for step, row in candidates if value(row) is not None]
+        """The best candidate's check (for "worst" the one closest to failing: the largest value). A
+        value that is not finite (NaN) decides for itself, as a miss; configurations that failed (an
+        ``error``, no figure) are listed under ``failed``."""
+        failed = [f"{row['config']}: {failure(row)}" for _, row in candidates if failure(row)]
+        scored = [
+            (value(row), step, row) for step, row in candidates if not failure(row) and value(row) is not None
+        ]
         if not scored:
-            return {"status": "not measured", "value": None, "target": target}
+            return {"status": "not measured", "value": None, "target": target, "failed": failed}
+        broken = [item for item in scored if not math.isfinite(item[0])]
         pick = max if better in ("higher", "worst") else min
-        got, step, row = pick(scored, key=lambda item: item[0])
-        met = got >= target if better == "higher" else got <= target
-        gpu = reports[step]["environment"]["gpu"]
+        got, step, row = broken[0] if broken else pick(scored, key=lambda item: item[0])
+        met = math.isfinite(got) and (got >= target if better == "higher" else got <= target)
         return {
             "status": "met" if met else "missed",
             "value": got,
             "target": target,
             "config": row["config"],
             "step": step,
-            "gpu": gpu,
+            "gpu": reports[step]["environment"]["gpu"],
+            "failed": failed,
         }
 
     def mse(row: dict[str, Any]) -> float | None:
@@ -123,20 +143,20 @@ def check_targets(reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
     fast = [
         (step, row)
         for step, _, row in _rows(reports, LATENCY_STEPS)
-        if row["config"].startswith("zim/") and mse(row) is not None
+        if row["config"].startswith("zim/") and (mse(row) is not None or failure(row))
     ]
     at_batch = [
         (step, row)
         for step, report, row in _rows(reports, TRAIN_STEPS)
-        if report.get("batch_size") == TARGET_BATCH_SIZE
-        and row["config"] != "stock"
-        and row.get("finite", True)
+        if report.get("batch_size") == TARGET_BATCH_SIZE and row["config"] != "stock"
     ]
     plain = [(s, r) for s, r in at_batch if "ckpt" not in r["config"].split("+")]
-    within = [(s, r) for s, r in plain if (r.get("peak_memory_gib") or float("inf")) <= TRAIN_PEAK_GIB]
+    within = [
+        (s, r) for s, r in plain if failure(r) or (r.get("peak_memory_gib") or math.inf) <= TRAIN_PEAK_GIB
+    ]
     checks = {
         "predictor_set_image_plus_one_box_ms": decide(
-            [(s, r) for s, r in fast if mse(r) <= ALPHA_MSE],
+            [(s, r) for s, r in fast if failure(r) or mse(r) <= ALPHA_MSE],
             lambda row: _median(row.get("set_image_plus_one_box_ms")),
             PREDICTOR_MS,
             "lower",
@@ -184,7 +204,7 @@ def markdown(reports: dict[str, dict[str, Any]], *, gpu_tests: str | None = None
                     _num(_median(row.get("forward_ms")), 2),
                     _num(_median(row.get("train_ms")), 2),
                     _num(row.get("attention_tflops"), 1),
-                    _sci(worst) if "error" not in row else f"failed: {row['error']}",
+                    _sci(worst) if not failure(row) else f"failed: {_cell(failure(row))}",
                 ]
             )
         lines += _table(
@@ -209,11 +229,11 @@ def markdown(reports: dict[str, dict[str, Any]], *, gpu_tests: str | None = None
                     _num(row.get("images_per_s")),
                     _num(peak),
                     _num(None if row.get("mfu") is None else 100 * row["mfu"]) + "%",
-                    str(row.get("finite", "-")),
+                    f"failed: {_cell(failure(row))}" if failure(row) else "",
                 ]
             )
         lines += _table(
-            ["report", "configuration", "batch", "step ms", "img/s", "peak GiB", "MFU", "finite"], rows
+            ["report", "configuration", "batch", "step ms", "img/s", "peak GiB", "MFU", "note"], rows
         )
         lines.append("")
     latency = _rows(reports, LATENCY_STEPS)
@@ -231,6 +251,7 @@ def markdown(reports: dict[str, dict[str, Any]], *, gpu_tests: str | None = None
                     _num(_median(row.get("boxes16_ms"))),
                     _num(row.get("peak_memory_gib")),
                     _sci(row.get("alpha_mse_vs_plain_fp32")),
+                    f"failed: {_cell(failure(row))}" if failure(row) else "",
                 ]
             )
         lines += _table(
@@ -243,6 +264,7 @@ def markdown(reports: dict[str, dict[str, Any]], *, gpu_tests: str | None = None
                 "16 boxes",
                 "peak GiB",
                 "alpha MSE",
+                "note",
             ],
             rows,
         )
@@ -264,10 +286,13 @@ def markdown(reports: dict[str, dict[str, Any]], *, gpu_tests: str | None = None
             _sci(check["value"]) if check["target"] < 1 else _num(check["value"]),
             str(check["target"]),
             str(check.get("config", "-")),
+            _cell("; ".join(check["failed"])) if check["failed"] else "",
         ]
         for name, check in check_targets(reports).items()
     ]
-    lines += _table(["target", "status", "best value", "target", "configuration"], rows)
+    lines += _table(
+        ["target", "status", "best value", "target", "configuration", "failed configurations"], rows
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -196,6 +196,7 @@ def test_suite_report_checks_the_targets_on_gpu_reports_only(tmp_path):
             # fastest, but its alpha disagrees: it cannot count for the latency target
             {"config": "zim/a", "set_image_plus_one_box_ms": _timing(5.0), "alpha_mse_vs_plain_fp32": 3e-4},
             {"config": "zim/b", "set_image_plus_one_box_ms": _timing(7.5), "alpha_mse_vs_plain_fp32": 2e-7},
+            {"config": "zim/c", "error": "OutOfMemoryError: CUDA out of memory | tried 2 GiB"},
         ],
     }
     train = {
@@ -209,6 +210,7 @@ def test_suite_report_checks_the_targets_on_gpu_reports_only(tmp_path):
             {"config": "fast", "images_per_s": 120.0, "peak_memory_gib": 45.0, "finite": True},  # over 40 GiB
             {"config": "lean", "images_per_s": 80.0, "peak_memory_gib": 18.0, "finite": True},
             {"config": "lean+ckpt", "images_per_s": 60.0, "peak_memory_gib": 6.4, "finite": True},
+            {"config": "diverged", "images_per_s": 200.0, "peak_memory_gib": 10.0, "finite": False},
         ],
     }
     smoke = dict(train, model="tiny", image_size=256, environment={"device": "cpu"})
@@ -224,14 +226,22 @@ def test_suite_report_checks_the_targets_on_gpu_reports_only(tmp_path):
         "config": "zim/b",
         "step": "latency_graphs",
         "gpu": "NVIDIA H100 80GB HBM3",
+        "failed": ["zim/c: OutOfMemoryError: CUDA out of memory | tried 2 GiB"],
     }
     assert checks["alpha_mse_vs_plain_fp32"]["status"] == "missed"  # zim/a's 3e-4
-    # "fast" is over the memory target and the CPU smoke report does not count: "lean" is the best
+    # "fast" is over the memory target, "diverged" failed, the CPU smoke report does not count: "lean" is best
+    assert checks["train_images_per_s"]["failed"] == ["diverged: the loss was not finite"]
     assert (checks["train_images_per_s"]["status"], checks["train_images_per_s"]["config"]) == (
         "missed",
         "lean",
     )
     assert checks["checkpointed_peak_gib"]["status"] == "met"
     text = report.markdown(reports)
+    assert "failed: OutOfMemoryError: CUDA out of memory \\| tried 2 GiB |" in text  # the cell stays one cell
+    # a fast path whose alpha is NaN misses the agreement target, wherever it comes in the report
+    latency["results"].append({"config": "zim/nan", "alpha_mse_vs_plain_fp32": float("nan")})
+    (tmp_path / "latency_graphs.json").write_text(json.dumps(latency))
+    nan_check = report.check_targets(report.read_reports(tmp_path))["alpha_mse_vs_plain_fp32"]
+    assert (nan_check["status"], nan_check["config"]) == ("missed", "zim/nan")
     assert "`latency_graphs` (cut off)" in text and "| lean+ckpt | 8 |" in text
     assert report.main([str(tmp_path / "absent")]) == 2
