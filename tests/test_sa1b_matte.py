@@ -313,6 +313,11 @@ def test_a_second_build_into_the_same_out_is_refused(
         _build(synthetic / "sa1b", out, checkpoint)
     assert not list(out.glob("sa_*.tar*"))  # it wrote nothing
     running.release()  # that build ends (or dies: the system drops its lock)
+    orphan = OutputLock(out)  # ...but a rank of it outlived its rank 0
+    orphan.join()
+    with pytest.raises(ValueError, match="ranks of an earlier build are still writing"):
+        _build(synthetic / "sa1b", out, checkpoint)
+    orphan.release()
     assert _build(synthetic / "sa1b", out, checkpoint)["done"] == NUM_SHARDS
     assert (out / ".build.lock").read_text() == ""  # released, no holder named
 

@@ -108,6 +108,7 @@ CLAIMS_DIR = "claims"
 RUN_NOTE = "run.json"
 #: The lock one build holds on OUT for its whole run (see :class:`OutputLock`).
 LOCK_NAME = ".build.lock"
+RANKS_LOCK_NAME = ".build.ranks"
 # Bilinear resampling spreads an edge over about a pixel, so the matte box keeps at least this margin.
 MIN_MARGIN_PX = 2
 #: How long a rank that finished its shards waits at the final barrier for the others.
@@ -436,11 +437,15 @@ class ShardClaims:
         """Whether this process sees the directory :meth:`begin` made (polling up to ``timeout_s``: a
         network file system may show another node's new directory a little later)."""
         deadline = time.monotonic() + timeout_s
-        while not (self.directory / RUN_NOTE).is_file():
+        while True:
+            try:
+                if (self.directory / RUN_NOTE).is_file():
+                    return True
+            except OSError as error:  # e.g. a stale NFS handle: not visible, decided with the others
+                log.warning("cannot look for %s (%s)", self.directory, error)
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.5)
-        return True
 
     def claim(self, shard: Path) -> bool:
         """Claim ``shard`` for the calling process; False when another process of this run has it or it
@@ -452,6 +457,11 @@ class ShardClaims:
                 self.directory / (shard.name + ".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644
             )
         except FileExistsError:
+            return False
+        except FileNotFoundError:  # the run's claims are gone (another build removed them): claim nothing
+            log.error(
+                "%s is gone: %s and the shards after it are left for a rerun", self.directory, shard.name
+            )
             return False
         with os.fdopen(fd, "w") as handle:
             handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}) + "\n")
@@ -469,12 +479,16 @@ class ShardClaims:
 
 
 class OutputLock:
-    """One build at a time per OUT: an exclusive ``flock`` on ``OUT/.build.lock``, held by rank 0.
+    """One build at a time per OUT, with two ``flock`` locks the operating system drops when their holder
+    dies (so a killed build leaves nothing that blocks the next one):
 
-    Two builds into one OUT would write the same temporary shards over each other. The operating system
-    drops the lock when its holder dies, so a killed build leaves nothing that blocks the next one. The
-    file stays (empty between runs; during a run it names the holder). File systems without locks (some
-    Lustre mounts) get a warning and no check.
+    - ``OUT/.build.lock``, exclusive, held by rank 0; it names its holder during a run (empty between runs);
+    - ``OUT/.build.ranks``, shared, held by every rank: a new build needs it exclusively for a moment, so
+      ranks of an earlier build still running after their rank 0 died also refuse it.
+
+    Two builds into one OUT would write the same temporary shards over each other. File systems without
+    locks get a warning and no check; some (NFS mounted ``nolock``, Lustre ``localflock``) lock per node
+    only, which does not protect against a build on another node.
 
     Args:
         out: the output directory.
@@ -483,11 +497,17 @@ class OutputLock:
     def __init__(self, out: Path) -> None:
         self.out = out
         self.path = out / LOCK_NAME
+        self.ranks_path = out / RANKS_LOCK_NAME
         self.fd: int | None = None
+        self.ranks_fd: int | None = None
 
     def acquire(self) -> str | None:
-        """Take the lock; returns None, or why not (another build holds it, named)."""
-        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        """Rank 0: take both locks, the ranks' one shared in the end; returns None, or why not (a running
+        build, named, or an error of the file system)."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as error:
+            return f"cannot open {self.path} ({error})"
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -501,23 +521,49 @@ class OutputLock:
             os.close(fd)
             log.warning("cannot lock %s (%s): make sure no other build writes into it", self.path, error)
             return None
-        os.ftruncate(fd, 0)
-        note = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        os.write(fd, (json.dumps(note) + "\n").encode())
         self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            note = {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            os.write(fd, (json.dumps(note) + "\n").encode())
+            self.ranks_fd = os.open(self.ranks_path, os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(self.ranks_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.ranks_fd, fcntl.LOCK_SH)
+        except BlockingIOError:
+            self.release()
+            return (
+                f"ranks of an earlier build are still writing into {self.out} (its rank 0 has ended); stop "
+                "them first, or build into another --out"
+            )
+        except OSError as error:
+            self.release()
+            return f"cannot lock {self.out} for this build ({error})"
         return None
 
+    def join(self) -> None:
+        """Every other rank, once rank 0 holds the locks: hold the ranks' lock, shared, for the run."""
+        try:
+            self.ranks_fd = os.open(self.ranks_path, os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(self.ranks_fd, fcntl.LOCK_SH)
+        except OSError as error:  # a file system without locks: rank 0 warned
+            log.debug("cannot lock %s (%s)", self.ranks_path, error)
+
     def release(self) -> None:
-        """Empty the note and drop the lock (a no-op when not held)."""
-        if self.fd is None:
-            return
-        os.ftruncate(self.fd, 0)
-        os.close(self.fd)  # closing drops the flock
-        self.fd = None
+        """Drop what this process holds (closing drops a flock); rank 0 also empties the note."""
+        if self.ranks_fd is not None:
+            os.close(self.ranks_fd)
+            self.ranks_fd = None
+        if self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -996,13 +1042,18 @@ def _data_module(
             strategy, rank, world = self.trainer.strategy, self.trainer.global_rank, self.trainer.world_size
             self.claims = ShardClaims(out=out, run_id=strategy.broadcast(new_run_id(), src=0))
             problem = None
-            if rank == 0:
+            if rank == 0:  # an error here must reach every rank, or the others wait in the broadcast
                 problem = self.lock.acquire()
                 if problem is None:
-                    self.claims.begin()
+                    try:
+                        self.claims.begin()
+                    except OSError as error:
+                        problem = f"cannot start the run's claims in {out} ({error})"
             problem = strategy.broadcast(problem, src=0)  # every rank raises it, none waits at a barrier
             if problem is not None:
                 raise ValueError(problem)
+            if rank != 0:
+                self.lock.join()
             # every rank decides together: one rank raising alone would leave the others at a barrier
             if not strategy.reduce_boolean_decision(self.claims.visible(), all=True):
                 raise ValueError(
@@ -1152,7 +1203,7 @@ def build(
     trainer.strategy.barrier()
     if trainer.global_rank == 0 and data.claims is not None:
         data.claims.remove()  # every rank is past its last claim
-        data.lock.release()
+    data.lock.release()
     summary = summarize(out, shards)
     summary.update(
         built=len(writer.completed),
