@@ -390,6 +390,12 @@ def remove_stale(out: Path, shard: Path) -> list[Path]:
     return removed
 
 
+def _holder_note() -> bytes:
+    """Who holds a claim, a lock or a run: host, pid and start time, one json line."""
+    note = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return (json.dumps(note) + "\n").encode()
+
+
 def new_run_id() -> str:
     """A name for one run's claims: its start time (readable) and a random part (unique)."""
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -426,12 +432,7 @@ class ShardClaims:
             if run.name != self.run_id:
                 shutil.rmtree(run, ignore_errors=True)
         self.directory.mkdir(parents=True, exist_ok=True)
-        note = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }
-        (self.directory / RUN_NOTE).write_text(json.dumps(note) + "\n")
+        (self.directory / RUN_NOTE).write_bytes(_holder_note())
 
     def visible(self, timeout_s: float = 60.0) -> bool:
         """Whether this process sees the directory :meth:`begin` made (polling up to ``timeout_s``: a
@@ -463,8 +464,8 @@ class ShardClaims:
                 "%s is gone: %s and the shards after it are left for a rerun", self.directory, shard.name
             )
             return False
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}) + "\n")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(_holder_note())
         for stale in remove_stale(self.out, shard):
             log.info("removed %s left by an interrupted run", stale)
         return True
@@ -524,12 +525,7 @@ class OutputLock:
         self.fd = fd
         try:
             os.ftruncate(fd, 0)
-            note = {
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
-            os.write(fd, (json.dumps(note) + "\n").encode())
+            os.write(fd, _holder_note())
             self.ranks_fd = os.open(self.ranks_path, os.O_CREAT | os.O_RDWR, 0o644)
             fcntl.flock(self.ranks_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             fcntl.flock(self.ranks_fd, fcntl.LOCK_SH)
@@ -735,8 +731,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
         shards: the shards to build, in order.
         config: cropping options.
         batch_size: masks per batch (the last batch of a shard may hold fewer).
-        claims: with claims, every worker (of every rank sharing them) builds the shards it claims first,
-            in order; without, each of a DataLoader's workers builds every ``num_workers``-th shard.
+        claims: the run's claims: every worker (of every rank sharing them) builds the shards it claims
+            first, in order.
     """
 
     def __init__(
@@ -745,7 +741,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         shards: Sequence[Path],
         config: CropConfig,
         batch_size: int,
-        claims: ShardClaims | None = None,
+        claims: ShardClaims,
     ) -> None:
         super().__init__()
         self.shards = list(shards)
@@ -754,14 +750,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.claims = claims
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.claims is None:
-            info = torch.utils.data.get_worker_info()
-            worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-            mine: Iterator[Path] = iter(self.shards[worker::workers])
-        else:
-            mine = (shard for shard in self.shards if self.claims.claim(shard))
-        for shard in mine:
-            yield from _shard_batches(shard, self.config, self.batch_size)
+        for shard in self.shards:
+            if self.claims.claim(shard):
+                yield from _shard_batches(shard, self.config, self.batch_size)
 
 
 def _worker_init(_: int, *, log_level: int = logging.WARNING) -> None:
@@ -1181,29 +1172,27 @@ def build(
         shards=shards, out=out, config=config, batch_size=batch_size, num_workers=num_workers, pin=gpu
     )
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        # both are expected here: the module moves only the tensors of its batches (its own
-        # transfer_batch_to_device is the one meant to run), and the writer needs no batch indices
-        warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
-        warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
-        try:
+    try:
+        with warnings.catch_warnings():
+            # both are expected here: the module moves only the tensors of its batches (its own
+            # transfer_batch_to_device is the one meant to run), and the writer needs no batch indices
+            warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
+            warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
             trainer.predict(MatteBuildModule(net=net), datamodule=data, return_predictions=False)
-        except BaseException:
-            data.lock.release()
-            raise
-    seconds = time.perf_counter() - start
-    log.info(
-        "rank %d: %d shards, %d mattes in %.1f s (%.1f masks/s)",
-        trainer.global_rank,
-        len(writer.completed),
-        writer.masks,
-        seconds,
-        writer.masks / max(seconds, 1e-9),
-    )
-    trainer.strategy.barrier()
-    if trainer.global_rank == 0 and data.claims is not None:
-        data.claims.remove()  # every rank is past its last claim
-    data.lock.release()
+        seconds = time.perf_counter() - start
+        log.info(
+            "rank %d: %d shards, %d mattes in %.1f s (%.1f masks/s)",
+            trainer.global_rank,
+            len(writer.completed),
+            writer.masks,
+            seconds,
+            writer.masks / max(seconds, 1e-9),
+        )
+        trainer.strategy.barrier()
+        if trainer.global_rank == 0 and data.claims is not None:
+            data.claims.remove()  # every rank is past its last claim
+    finally:
+        data.lock.release()
     summary = summarize(out, shards)
     summary.update(
         built=len(writer.completed),
