@@ -29,10 +29,9 @@ set -uo pipefail
 OUT=${OUT:?set OUT to the folder for the JSON reports}
 BUDGET_S=${BUDGET_S:-520}
 mkdir -p "$OUT"
-# an earlier run's reports in a reused OUT must not pass for this one's, also those of steps this run
-# skips or leaves out (the Triton steps when its GPU tests fail)
-rm -f "$OUT"/{attention_layer,attention_windows,attention_cudnn,train_eager,train_relpos_compile}.json \
-  "$OUT"/{latency_relpos,latency_graphs,train_fold_compile,build_forward}.json "$OUT/report.md"
+# OUT holds this run's reports only: an earlier run's in a reused OUT must not pass for this one's, also
+# those of steps this run skips or leaves out (the Triton steps when its GPU tests fail)
+rm -f "$OUT"/*.json "$OUT/report.md"
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
 log="$OUT/log.txt"
@@ -70,7 +69,6 @@ fi
 step() {
   local name=$1 limit=$2
   shift 2
-  rm -f "$OUT/$name.json"  # an earlier run's report in a reused OUT must not pass for this one's
   local left=$((BUDGET_S - ($(date +%s) - start)))
   if ((left < limit / 2)); then
     echo "[suite] $name: skipped, ${left}s of the budget left (needs $((limit / 2))s)" | tee -a "$log"
@@ -154,4 +152,4 @@ step build_forward 90 benchmarks/build_throughput.py "${build[@]}" --skip cpu en
 echo "[suite] done in $(($(date +%s) - start))s" | tee -a "$log"
 # every figure as Markdown tables and issue 8's targets checked (nothing measured here)
 python3 benchmarks/suite_report.py "$OUT" > "$OUT/report.md" 2>>"$log" && tail -n 8 "$OUT/report.md" \
-  || echo "[suite] no report.md (see log.txt)"
+  || { rm -f "$OUT/report.md"; echo "[suite] no report.md (see log.txt)"; }
