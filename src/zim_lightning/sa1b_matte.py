@@ -1218,14 +1218,14 @@ def _several_processes(devices: str | int, *, num_nodes: int, gpu: bool) -> bool
 def _converter(model: str | None, checkpoint: str | None) -> tuple[torch.nn.Module, str]:
     """The converter to build with, and its registry name: ``model`` from the registry, or, without it,
     the network a ``zim-lightning fit`` checkpoint carries (its class_path when it is no registry entry)."""
-    from zim_lightning.models.build import network_from_spec
-    from zim_lightning.models.checkpoint import load_exactly, read_net_spec, read_state_dict
+    from zim_lightning.models.build import network_from_checkpoint
     from zim_lightning.models.converter import MattingConverter, converter_model_registry
 
-    spec = read_net_spec(checkpoint) if model is None and checkpoint is not None else None
-    if spec is not None:
-        net = network_from_spec(spec, source=f"checkpoint {checkpoint!r}", expected=MattingConverter)
-        load_exactly(net, read_state_dict(checkpoint), source=f"{checkpoint} (the network it carries)")
+    carried = None
+    if model is None and checkpoint is not None:
+        carried = network_from_checkpoint(checkpoint, expected=MattingConverter)
+    if carried is not None:
+        net, spec = carried
         # the registry name when the run used a registry builder, so manifests name the model alike
         names = {f"{fn.__module__}.{fn.__name__}": name for name, fn in converter_model_registry.items()}
         return net, names.get(str(spec.get("class_path")), str(spec.get("class_path")))

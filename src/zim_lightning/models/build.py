@@ -27,7 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from zim_lightning.models.checkpoint import CheckpointError, load_exactly, read_net_spec, read_state_dict
+from zim_lightning.models.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_exactly,
+    net_spec_of,
+    read_state_dict,
+    state_dict_of,
+)
 from zim_lightning.models.pixel_decoder import DECODER_STRIDES
 from zim_lightning.models.zim import Zim
 
@@ -276,6 +283,29 @@ def network_from_spec(
         ) from err
 
 
+def network_from_checkpoint(
+    checkpoint: str | Path, *, expected: type[nn.Module] = Zim
+) -> tuple[nn.Module, dict] | None:
+    """The network a ``zim-lightning fit`` checkpoint carries, built and with its weights, and its config;
+    None when the checkpoint carries no config (a plain state dict). The file is read once.
+
+    Raises:
+        RunConfigError: the config does not build an ``expected`` network.
+        CheckpointError: the file is missing or unreadable, or its weights do not fit the network.
+    """
+    loaded = load_checkpoint(checkpoint)
+    spec = net_spec_of(loaded)
+    if spec is None:
+        return None
+    network = network_from_spec(spec, source=f"checkpoint {str(checkpoint)!r}", expected=expected)
+    load_exactly(
+        network,
+        state_dict_of(loaded, source=checkpoint),
+        source=f"{checkpoint} (as the network it carries: {spec.get('class_path')})",
+    )
+    return network, spec
+
+
 def zim_from_checkpoint(checkpoint: str | Path) -> Zim:
     """Build the ZIM of a ``zim-lightning fit`` checkpoint from the network config it carries, with its weights.
 
@@ -287,20 +317,14 @@ def zim_from_checkpoint(checkpoint: str | Path) -> Zim:
             before checkpoints carried it): give the model (``zim_model_registry``) or the run config.
         CheckpointError: the file is missing or unreadable, or its weights do not fit the network.
     """
-    spec = read_net_spec(checkpoint)
-    if spec is None:
+    carried = network_from_checkpoint(checkpoint)
+    if carried is None:
         raise RunConfigError(
             f"checkpoint {str(checkpoint)!r} does not carry its network's config (a plain state dict, one "
             "saved outside `zim-lightning fit`, or by an older version); name the network: --model, or "
             "--run-config with the run's config.yaml"
         )
-    network = network_from_spec(spec, source=f"checkpoint {str(checkpoint)!r}")
-    load_exactly(
-        network,
-        read_state_dict(checkpoint),
-        source=f"{checkpoint} (as the network it carries: {spec.get('class_path')})",
-    )
-    return network
+    return carried[0]
 
 
 def zim_from_run_config(config: str | Path, checkpoint: str | Path | None = None) -> Zim:

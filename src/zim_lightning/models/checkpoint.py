@@ -28,8 +28,12 @@ class CheckpointError(ValueError):
 NET_SPEC_KEY = "zim_lightning_net"
 
 
-def _load(path: str | Path) -> object:
-    """``torch.load`` with ``weights_only=True`` on the CPU; CheckpointError naming the file on failure."""
+def load_checkpoint(path: str | Path) -> object:
+    """``torch.load`` with ``weights_only=True`` on the CPU; CheckpointError naming the file on failure.
+
+    One read serves both :func:`net_spec_of` and :func:`state_dict_of` (a Lightning checkpoint with its
+    optimiser state can take gigabytes).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
@@ -42,26 +46,72 @@ def _load(path: str | Path) -> object:
         ) from err
 
 
+def net_spec_of(checkpoint: object) -> dict | None:
+    """The network config a loaded ``zim-lightning fit`` checkpoint carries (:data:`NET_SPEC_KEY`), or None."""
+    spec = checkpoint.get(NET_SPEC_KEY) if isinstance(checkpoint, Mapping) else None
+    return spec if isinstance(spec, dict) else None
+
+
 def read_net_spec(path: str | Path) -> dict | None:
     """The network config a ``zim-lightning fit`` checkpoint carries (:data:`NET_SPEC_KEY`), or None.
 
     Raises:
         CheckpointError: if the file is missing or cannot be read with ``weights_only=True``.
     """
-    obj = _load(path)
-    spec = obj.get(NET_SPEC_KEY) if isinstance(obj, Mapping) else None
-    return spec if isinstance(spec, dict) else None
+    return net_spec_of(load_checkpoint(path))
+
+
+def state_dict_of(
+    checkpoint: object, *, source: str | Path, prefixes: Iterable[str] = LIGHTNING_PREFIXES
+) -> dict[str, torch.Tensor]:
+    """The flat network state dict of a loaded plain state dict or Lightning checkpoint.
+
+    Args:
+        checkpoint: what :func:`load_checkpoint` returned.
+        source: the file it came from, for errors.
+        prefixes: key prefixes to strip from a Lightning checkpoint (the LightningModule attribute that
+            holds the network). Keys without one of them (optimizer-side buffers, metrics) are dropped.
+
+    Raises:
+        CheckpointError: if it holds no tensors.
+    """
+    if (
+        isinstance(checkpoint, Mapping)
+        and "state_dict" in checkpoint
+        and isinstance(checkpoint["state_dict"], Mapping)
+    ):
+        prefixes = tuple(prefixes)
+        state = {}
+        for key, value in checkpoint["state_dict"].items():
+            for prefix in prefixes:
+                if key.startswith(prefix):
+                    state[key[len(prefix) :]] = value
+                    break
+        if not state:
+            raise CheckpointError(
+                f"Lightning checkpoint {str(source)!r} holds no network weights under the prefixes {prefixes}"
+            )
+        return state
+    if (
+        isinstance(checkpoint, Mapping)
+        and checkpoint
+        and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
+    ):
+        return dict(checkpoint)
+    raise CheckpointError(
+        f"checkpoint {str(source)!r} holds a {type(checkpoint).__name__}, expected a state dict of tensors "
+        "or a Lightning checkpoint with a 'state_dict' entry"
+    )
 
 
 def read_state_dict(
     path: str | Path, *, prefixes: Iterable[str] = LIGHTNING_PREFIXES
 ) -> dict[str, torch.Tensor]:
-    """Read a plain state dict or a Lightning checkpoint into a flat state dict.
+    """Read a plain state dict or a Lightning checkpoint into a flat state dict (see :func:`state_dict_of`).
 
     Args:
         path: file written by ``torch.save(model.state_dict())`` or by Lightning's ``ModelCheckpoint``.
-        prefixes: key prefixes to strip from a Lightning checkpoint (the LightningModule attribute that
-            holds the network). Keys without one of them (optimizer-side buffers, metrics) are dropped.
+        prefixes: key prefixes to strip from a Lightning checkpoint.
 
     Returns:
         The network's state dict, keys as the bare ``nn.Module`` names them.
@@ -70,27 +120,7 @@ def read_state_dict(
         CheckpointError: if the file is missing, cannot be read with ``weights_only=True``, or holds no
             tensors.
     """
-    path = Path(path)
-    obj = _load(path)
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        prefixes = tuple(prefixes)
-        state = {}
-        for key, value in obj["state_dict"].items():
-            for prefix in prefixes:
-                if key.startswith(prefix):
-                    state[key[len(prefix) :]] = value
-                    break
-        if not state:
-            raise CheckpointError(
-                f"Lightning checkpoint {str(path)!r} holds no network weights under the prefixes {prefixes}"
-            )
-        return state
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return dict(obj)
-    raise CheckpointError(
-        f"checkpoint {str(path)!r} holds a {type(obj).__name__}, expected a state dict of tensors "
-        "or a Lightning checkpoint with a 'state_dict' entry"
-    )
+    return state_dict_of(load_checkpoint(path), source=path, prefixes=prefixes)
 
 
 def load_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
