@@ -95,6 +95,7 @@ from pycocotools import mask as mask_utils
 from zim_lightning.data.sa1b import CorruptSample, decode_mask, iter_tar, sa1b_record
 from zim_lightning.data.shards import expand_shards
 from zim_lightning.data.skips import SKIP_REASONS
+from zim_lightning.data.tar_writer import member_info
 
 # by name: the module also runs as __main__ (torchrun -m) and in spawned workers as __mp_main__
 log = logging.getLogger("zim_lightning.sa1b_matte")
@@ -120,7 +121,6 @@ PNG_PARAMS = (cv2.IMWRITE_PNG_COMPRESSION, 1) + (
 )
 # Threads projecting and PNG-encoding mattes in the main process (OpenCV releases the GIL).
 WRITER_THREADS = 4
-_TAR_MODE = 0o644
 # Side of the coarse grid the clamp band is measured on (see mask_band).
 BAND_GRID = 256
 RANDOM_WEIGHTS_SEED = 0
@@ -766,11 +766,7 @@ def _worker_init(_: int, *, log_level: int = logging.WARNING) -> None:
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, _TAR_MODE
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, _BytesReader(data))
+    tar.addfile(member_info(name, len(data)), _BytesReader(data))
 
 
 class _BytesReader:

@@ -1,5 +1,5 @@
-"""The atomic, reproducible tar writer every shard producer uses (``synth``, ``pack-shards``), and their
-PNG member encoder.
+"""The atomic, reproducible tar writer every shard producer uses (``synth``, ``pack-shards``; the
+SA1B-Matte builder streams its own tar but shares the member headers), and their PNG member encoder.
 
 Kept free of torch so that writing data stays a light import.
 """
@@ -18,6 +18,15 @@ from PIL import Image
 
 #: Permissions recorded for every member of the tars we write.
 TAR_MEMBER_MODE = 0o644
+
+
+def member_info(name: str, size: int) -> tarfile.TarInfo:
+    """A member header that depends on the name and size only (no time, owner or umask)."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, TAR_MEMBER_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
 
 
 def write_tar(path: Path, members: Iterable[tuple[str, bytes]], *, compress: bool) -> None:
@@ -40,11 +49,7 @@ def write_tar(path: Path, members: Iterable[tuple[str, bytes]], *, compress: boo
             try:
                 with tarfile.open(fileobj=stream, mode="w", format=tarfile.GNU_FORMAT) as tar:
                     for name, data in sorted(members):
-                        info = tarfile.TarInfo(name)
-                        info.size, info.mtime, info.mode = len(data), 0, TAR_MEMBER_MODE
-                        info.uid = info.gid = 0
-                        info.uname = info.gname = ""
-                        tar.addfile(info, io.BytesIO(data))
+                        tar.addfile(member_info(name, len(data)), io.BytesIO(data))
             finally:
                 if compress:
                     stream.close()

@@ -177,9 +177,12 @@ class ZimModule(MattingModule):
         if self.hparams.iou_weight > 0:
             with torch.no_grad():
                 predicted, truth = alphas > 0.5, (target > 0.5).expand_as(alphas)
-                inside = torch.ones_like(predicted) if valid is None else (valid > 0).expand_as(alphas)
-                intersection = (predicted & truth & inside).flatten(2).sum(-1).float()
-                union = ((predicted | truth) & inside).flatten(2).sum(-1).float()
+                both, either = predicted & truth, predicted | truth
+                if valid is not None:
+                    inside = (valid > 0).expand_as(alphas)
+                    both, either = both & inside, either & inside
+                intersection = both.flatten(2).sum(-1).float()
+                union = either.flatten(2).sum(-1).float()
                 actual = torch.where(union > 0, intersection / union.clamp_min(1.0), torch.ones_like(union))
             iou_loss = F.mse_loss(iou.float(), actual)
             values["loss"] = values["loss"] + self.hparams.iou_weight * iou_loss
