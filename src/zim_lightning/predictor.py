@@ -22,16 +22,15 @@ import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from zim_lightning import speed
-from zim_lightning.models.attention_mask import (
+from zim_lightning.models.zim import Zim
+from zim_lightning.prompt_labels import (
     LABEL_ABSENT,
     LABEL_BOX_BOTTOM_RIGHT,
     LABEL_BOX_TOP_LEFT,
     LABEL_PAD,
+    PADDING_POINT,
 )
-from zim_lightning.models.zim import Zim
 
-#: Coordinates of the padding point the official decoder appends to point prompts.
-PADDING_POINT = -0.5
 #: Accepted ``image_format`` values.
 IMAGE_FORMATS = ("RGB", "BGR")
 
@@ -250,7 +249,7 @@ class ZimPredictor:
         else:
             # Point-only prompts get SAM's padding point, as the official decoder appends.
             assert batch is not None
-            parts_coords.append(torch.full((batch, 1, 2), PADDING_POINT, device=self.device))
+            parts_coords.append(torch.tensor(PADDING_POINT, device=self.device).expand(batch, 1, 2))
             parts_labels.append(torch.full((batch, 1), float(LABEL_PAD), device=self.device))
         coords = torch.cat([c.to(self.device) for c in parts_coords], dim=1)
         labels = torch.cat([lab.to(self.device) for lab in parts_labels], dim=1)

@@ -16,18 +16,15 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Point label values (SAM's ONNX convention).
-LABEL_PAD, LABEL_NEGATIVE, LABEL_POSITIVE, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT = (
-    -1.0,
-    0.0,
-    1.0,
-    2.0,
-    3.0,
+from zim_lightning.prompt_labels import (
+    LABEL_ABSENT,
+    LABEL_BOX_BOTTOM_RIGHT,
+    LABEL_BOX_TOP_LEFT,
+    LABEL_NEGATIVE,
+    LABEL_PAD,
+    LABEL_POSITIVE,
+    PADDING_POINT,
 )
-#: An absent point: fills prompts to a fixed length; the model ignores it (models.attention_mask).
-LABEL_ABSENT = -2.0
-#: Where SAM's predictor puts the padding point.
-PADDING_POINT = (-0.5, -0.5)
 
 
 def support_box(alpha: np.ndarray, *, support_threshold: float) -> np.ndarray:

@@ -23,19 +23,19 @@ from __future__ import annotations
 
 import torch
 
+from zim_lightning.prompt_labels import (
+    LABEL_BOX_BOTTOM_RIGHT,
+    LABEL_BOX_TOP_LEFT,
+    LABEL_NEGATIVE,
+    LABEL_POSITIVE,
+)
+
 #: Side of the attention map in cells: the 64x64 image embedding of SAM's ViT at 1024 input.
 ATTENTION_MAP_SIZE = 64
 #: Pixels per attention-map cell (the ViT patch size).
 ATTENTION_STRIDE = 16
 #: Standard deviation of the point Gaussians, in cells (official release and paper).
 ATTENTION_SIGMA = 21
-
-#: Point labels of SAM's ONNX convention.
-LABEL_PAD, LABEL_NEGATIVE, LABEL_POSITIVE, LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT = -1, 0, 1, 2, 3
-#: Ours, not SAM's: an absent point, which fills a training batch's prompts to one length. Unlike the
-#: padding point (-1), which is a token of SAM's convention and changes the output, an absent point
-#: changes nothing (no token attends to it); the official runner never sends one.
-LABEL_ABSENT = -2
 
 
 def _cell(coord: torch.Tensor, stride: int) -> torch.Tensor:

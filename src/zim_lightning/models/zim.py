@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zim_lightning.models.attention_mask import LABEL_ABSENT, attention_map_from_prompts, is_box_prompt
+from zim_lightning.models.attention_mask import attention_map_from_prompts, is_box_prompt
 from zim_lightning.models.image_encoder import ImageEncoder
 from zim_lightning.models.mask_decoder import MaskDecoder
 from zim_lightning.models.pixel_decoder import DECODER_STRIDES, PYRAMID_STRIDES, ImageFeaturePyramid
 from zim_lightning.models.prompt_encoding import PromptEncoding
 from zim_lightning.models.transformer import KeyMask
+from zim_lightning.prompt_labels import LABEL_ABSENT
 
 #: SAM's normalisation of 0-255 RGB pixels.
 PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
