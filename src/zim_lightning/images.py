@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from zim_lightning.data.sa1b import GRAY_16_BIT_MODES, scale_16_bit
+from zim_lightning.data.decode import GRAY_16_BIT_MODES, scale_16_bit
 
 
 def pil_to_rgb(picture: Image.Image) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from zim_lightning.data.sa1b import check_decoded_size, decode_gray, decode_image
+from zim_lightning.data.decode import check_decoded_size, decode_gray, decode_image
 from zim_lightning.data.skips import CorruptSample
 
 #: Member holding the image, the alpha of a matting sample and the mask of a segmentation sample.
@@ -50,7 +50,7 @@ def decode_matting(sample: dict, *, max_side: int | None = None) -> tuple[np.nda
 
     Args:
         sample: raw tar sample with ``jpg`` (or ``png``) and ``alpha.png``.
-        max_side: reduced JPEG decoding (see :func:`~zim_lightning.data.sa1b.decode_image`); the alpha
+        max_side: reduced JPEG decoding (see :func:`~zim_lightning.data.decode.decode_image`); the alpha
             keeps its full size.
 
     Returns:

@@ -40,8 +40,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from zim_lightning.data.decode import GRAY_16_BIT_MODES
 from zim_lightning.data.prompts import sample_points, support_box
-from zim_lightning.data.sa1b import GRAY_16_BIT_MODES
 
 FORMATS: tuple[str, ...] = ("micromat", "am2k", "aim500")
 PROMPTS: tuple[str, ...] = ("point", "box", "both")

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from zim_lightning.data.sa1b import decode_gray
+from zim_lightning.data.decode import decode_gray
 from zim_lightning.data.skips import CorruptSample
 from zim_lightning.data.tar_writer import encode_png, write_tar
 

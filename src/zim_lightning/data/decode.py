@@ -1,0 +1,113 @@
+"""Decoding of the images, alphas and masks that shards and dataset folders carry, into numpy arrays.
+
+Kept apart from the shard readers, so that reading one picture (the matte command, the
+predictor, MicroMat-3K folders) does not import webdataset and pycocotools.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from zim_lightning.data.skips import CorruptSample
+
+__all__ = ["GRAY_16_BIT_MODES", "check_decoded_size", "decode_gray", "decode_image", "scale_16_bit"]
+
+#: Pillow modes of 16-bit grayscale PNGs (values 0..65535).
+GRAY_16_BIT_MODES: tuple[str, ...] = ("I;16", "I;16B", "I;16L", "I")
+
+
+def decode_image(data: bytes, *, key: str, max_side: int | None = None) -> np.ndarray:
+    """Decode a JPEG or PNG into an RGB array.
+
+    Args:
+        data: the encoded image.
+        key: the sample key, named in errors.
+        max_side: when given, JPEGs whose longest side is at least twice ``max_side`` are decoded at a
+            reduced scale (1/2, 1/4 or 1/8 in libjpeg's DCT domain) that keeps the longest side at least
+            ``max_side``. This is several times faster than a full decode followed by a resize, and the
+            caller resizes to ``max_side`` anyway (SAM frame, longest side 1024).
+
+    Returns:
+        HxWx3 uint8 RGB.
+
+    Raises:
+        CorruptSample: if the bytes are not a decodable image.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if max_side is not None and image.format == "JPEG":
+                width, height = image.size
+                scale = max(width, height) / max_side
+                reduction = 1
+                while reduction < 8 and scale >= 2 * reduction:
+                    reduction *= 2
+                if reduction > 1:
+                    # draft() picks the largest DCT scale whose output is still >= the requested size.
+                    image.draft("RGB", (-(-width // reduction), -(-height // reduction)))
+            rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise CorruptSample(f"cannot decode image ({error})", key=key, reason="corrupt_image") from error
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
+        raise CorruptSample(
+            f"expected an HxWx3 image, got shape {rgb.shape}", key=key, reason="corrupt_image"
+        )
+    return rgb
+
+
+def scale_16_bit(values: np.ndarray) -> np.ndarray:
+    """16-bit values (0..65535) to uint8 (0..255), rounded to the nearest level."""
+    wide = values.astype(np.int64).clip(0, 65535)
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def decode_gray(data: bytes, *, key: str) -> np.ndarray:
+    """Decode a grayscale PNG (alpha or mask) into HxW uint8 in [0, 255].
+
+    8-bit grayscale is the format; 16-bit grayscale is rescaled (65535 -> 255, rounded), and RGB or
+    palette images are converted to luminance (alphas saved with three equal channels).
+
+    Raises:
+        CorruptSample: if the bytes are not a decodable image, or carry an alpha channel (LA, RGBA:
+            which of the channels is the matte is ambiguous).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            mode, has_alpha = image.mode, "A" in image.getbands()
+            if mode in GRAY_16_BIT_MODES:
+                gray = scale_16_bit(np.asarray(image))
+            elif not has_alpha:
+                gray = np.asarray(image if mode == "L" else image.convert("L"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise CorruptSample(
+            f"cannot decode grayscale image ({error})", key=key, reason="corrupt_image"
+        ) from error
+    if has_alpha:
+        raise CorruptSample(
+            f"expected a grayscale alpha or mask (mode L or I;16), got mode {mode} with an alpha "
+            "channel; save the matte as a single-channel PNG",
+            key=key,
+            reason="corrupt_image",
+        )
+    if gray.ndim != 2 or gray.size == 0:
+        raise CorruptSample(f"expected an HxW image, got shape {gray.shape}", key=key, reason="corrupt_image")
+    return gray
+
+
+def check_decoded_size(image: np.ndarray, original_size: tuple[int, int], *, key: str) -> None:
+    """Check that a (possibly reduced) decode matches an original (H, W) at scale 1, 1/2, 1/4 or 1/8.
+
+    Raises:
+        CorruptSample: if the image is not the original size at any of those scales.
+    """
+    height, width = original_size
+    for reduction in (1, 2, 4, 8):
+        if image.shape[:2] == (-(-height // reduction), -(-width // reduction)):
+            return
+    raise CorruptSample(
+        f"image is {image.shape[1]}x{image.shape[0]}, its labels say {width}x{height}",
+        key=key,
+        reason="corrupt_image",
+    )
