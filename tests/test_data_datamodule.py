@@ -24,7 +24,7 @@ from tests.test_data_sa1b import (
 from zim_lightning.data import datamodule as datamodule_module
 from zim_lightning.data import micromat
 from zim_lightning.data import samples as samples_module
-from zim_lightning.data.datamodule import UnpaddedDistributedSampler, ZimDataModule
+from zim_lightning.data.datamodule import UnpaddedDistributedSampler, ZimDataModule, owner_rank
 from zim_lightning.data.synthetic import generate
 
 FRAME = 64  # ZIM frame side in these tests (1024 in real runs)
@@ -439,6 +439,15 @@ def test_unpadded_rank_slices_cover_each_instance_once():
     slices = [list(UnpaddedDistributedSampler(dataset, rank=r, world_size=3)) for r in range(3)]
     assert slices == [[0, 3, 6], [1, 4], [2, 5]]
     assert [len(UnpaddedDistributedSampler(dataset, rank=r, world_size=3)) for r in range(3)] == [3, 2, 2]
+
+
+def test_ranks_without_an_instance_repeat_one_that_another_rank_owns():
+    dataset = Instances(2)
+    slices = [list(UnpaddedDistributedSampler(dataset, rank=r, world_size=5)) for r in range(5)]
+    assert slices == [[0], [1], [0], [1], [0]]  # no rank is empty (Lightning refuses that)
+    owners = [owner_rank(index, 5) for index in (0, 1)]
+    assert owners == [0, 1]  # the repeats (ranks 2, 3, 4) own nothing: they save nothing
+    assert list(UnpaddedDistributedSampler(Instances(0), rank=1, world_size=2)) == []
 
 
 def test_eval_stage_wraps_the_evaluation_dataset(tmp_path):

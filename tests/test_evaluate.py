@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +198,31 @@ def test_eval_dim_protocol_on_aim500_uses_the_trimap(synthetic, tmp_path: Path) 
     assert doc["results"]["all"]["box"]["sad"] == pytest.approx(np.mean(sads), rel=1e-9)
     assert doc["results"]["all"]["box"]["mse"] == pytest.approx(np.mean(mses), rel=1e-9)
     assert not (out / "grids").exists()
+
+
+@pytest.mark.slow
+def test_eval_on_more_ranks_than_instances_scores_and_saves_each_once(synthetic, tmp_path: Path) -> None:
+    # One AIM-500 image on two ranks: rank 1 has no instance of its own, so it repeats rank 0's (an
+    # empty loader on one rank of two is refused by Lightning and stalls the other rank's metric sync).
+    root = tmp_path / "aim500"
+    stem = sorted(p.stem for p in (synthetic.aim500 / "mask").iterdir())[0]
+    for folder in ("original", "mask", "trimap"):
+        for path in (synthetic.aim500 / folder).glob(f"{stem}.*"):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, root / folder / path.name)
+    out = tmp_path / "out"
+    # Lightning starts the second rank by rerunning this command, so eval runs as a command
+    command = [sys.executable, "-m", "zim_lightning", "eval", "--model", "tiny", "--data", str(root)]
+    command += ["--format", "aim500", "--prompt", "box", "--out", str(out), "--save-predictions"]
+    command += ["--grid-count", "0", "--num-workers", "0", "--accelerator", "cpu", "--devices", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["results"]["all"]["box"]["n"] == 1
+    with open(out / "instances.csv", newline="") as handle:
+        assert [row["key"] for row in csv.DictReader(handle)] == [stem]
+    assert [p.name for p in (out / "predictions/box/mask").iterdir()] == [f"{stem}.png"]
 
 
 def test_eval_names_the_instance_of_a_missing_file(synthetic, tmp_path: Path, capsys) -> None:

@@ -81,11 +81,16 @@ def write_alpha16(path: Path, alpha: torch.Tensor) -> None:
 def _prediction_writer(out: Path) -> Any:
     from lightning.pytorch.callbacks import Callback
 
+    from zim_lightning.data.datamodule import owner_rank
+
     class PredictionWriter(Callback):
-        """Saves every prediction of the test loop as a 16-bit PNG (each rank its own instances)."""
+        """Saves every prediction of the test loop as a 16-bit PNG (each rank its own instances; a rank
+        that repeats another's instance, when there are more ranks than instances, saves nothing)."""
 
         def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
             for instance in outputs:
+                if owner_rank(int(instance["index"]), trainer.world_size) != trainer.global_rank:
+                    continue
                 for method, by_prompt in instance["alphas"].items():
                     for prompt, alpha in by_prompt.items():
                         write_alpha16(prediction_path(out, method, prompt, instance["matte_relpath"]), alpha)

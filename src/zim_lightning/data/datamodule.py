@@ -202,17 +202,29 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
     Evaluation must see each instance exactly once, so ranks may get one index fewer than others. Being
     a DistributedSampler, Lightning does not replace it with its own (padding) one.
+
+    With fewer instances than ranks, a rank that would get none takes index ``rank % len(dataset)`` again
+    (Lightning refuses an empty loader on one rank of several, and the others would then wait for it in
+    the metric sync). Instance ``i`` is owned by rank ``i % world_size`` (:func:`owner_rank`); the metrics
+    de-duplicate rows by index and the prediction writer saves only the owner's copy.
     """
 
     def __init__(self, dataset: Dataset, *, rank: int, world_size: int) -> None:
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False, drop_last=False)
         self.indices = list(range(rank, len(dataset), world_size))
+        if not self.indices and len(dataset):
+            self.indices = [rank % len(dataset)]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def owner_rank(index: int, world_size: int) -> int:
+    """The rank whose :class:`UnpaddedDistributedSampler` slice holds instance ``index`` first."""
+    return index % world_size
 
 
 def _shard_dicts(urls: list[str]) -> Iterator[dict]:
