@@ -200,6 +200,18 @@ def test_eval_dim_protocol_on_aim500_uses_the_trimap(synthetic, tmp_path: Path) 
     assert not (out / "grids").exists()
 
 
+def test_dim_protocol_refuses_trimaps_for_only_some_instances(synthetic, tmp_path: Path, capsys) -> None:
+    root = tmp_path / "aim500"
+    shutil.copytree(synthetic.aim500, root)
+    missing = sorted((root / "trimap").iterdir())[0]
+    missing.unlink()
+    argv = ["--model", "tiny", "--data", str(root), "--format", "aim500", "--prompt", "box", "--out"]
+    with pytest.raises(SystemExit):
+        main([*argv, str(tmp_path / "o"), "--protocol", "dim"])
+    assert f"1 of 2 instances have no trimap (e.g. {missing.stem})" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_eval_on_more_ranks_than_instances_scores_and_saves_each_once(synthetic, tmp_path: Path) -> None:
     # One AIM-500 image on two ranks: rank 1 has no instance of its own, so it repeats rank 0's (an

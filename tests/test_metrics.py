@@ -251,6 +251,9 @@ def test_clear_errors_for_bad_inputs() -> None:
         matting_errors(gt, gt, protocol="sam")
     with pytest.raises(ValueError, match="whole image"):
         matting_errors(gt, gt, trimap=torch.zeros(4, 4, dtype=torch.uint8))
+    # a trimap whose "unknown" is 127 (or resized with interpolation) would score 0 everywhere
+    with pytest.raises(ValueError, match=r"no unknown pixel \(value 128\).*\[127\]"):
+        matting_errors(gt, gt, "dim", trimap=torch.full((4, 4), 127, dtype=torch.uint8))
     with pytest.raises(ValueError, match="HxW"):
         matting_errors(gt[None], gt[None])
 

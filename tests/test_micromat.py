@@ -128,6 +128,17 @@ def test_matting_folders_derive_deterministic_prompts(tmp_path: Path, layout: st
     assert item["matte_relpath"] == "mask/s_1.png"
 
 
+@pytest.mark.parametrize("value", [127, 255])
+def test_a_trimap_without_a_128_unknown_region_names_the_file(tmp_path: Path, value: int) -> None:
+    write_matting_folder(tmp_path)
+    trimap = np.asarray(Image.open(tmp_path / "trimap/s_1.png"))
+    _save(tmp_path / "trimap/s_1.png", np.where(trimap == 128, value, trimap).astype(np.uint8))
+    dataset = build_eval_dataset(tmp_path, format="aim500", prompt="box")
+    assert dataset[0]["trimap"] is not None
+    with pytest.raises(EvalDataError, match=r"'s_1'.*trimap s_1.png must hold 0 .*128 .*255"):
+        dataset[1]
+
+
 def test_missing_file_names_the_instance(tmp_path: Path) -> None:
     write_micromat(tmp_path)
     (tmp_path / "matte/coarse/0001_2.png").unlink()

@@ -387,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
+    without = [record.key for record in dataset.records if record.trimap is None]
+    if args.protocol == "dim" and 0 < len(without) < len(dataset.records):
+        # One mean over some instances scored in the unknown region and others over the whole image
+        parser.error(
+            f"--protocol dim: {len(without)} of {len(dataset.records)} instances have no trimap "
+            f"(e.g. {', '.join(without[:5])}); give one per instance, or none to score whole images"
+        )
 
     module = EvalModule(
         net=net,

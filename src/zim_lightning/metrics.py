@@ -281,8 +281,9 @@ def matting_errors(
         ``{"sad", "mse", "mae", "grad", "conn"}`` as Python floats.
 
     Raises:
-        ValueError: for an unknown protocol, mismatched shapes, values outside [0, 1], or a trimap given
-            with the paper protocol (which always uses the whole image).
+        ValueError: for an unknown protocol, mismatched shapes, values outside [0, 1], a trimap given
+            with the paper protocol (which always uses the whole image), or a trimap without an unknown
+            (128) pixel (its dim errors would all be 0, or undefined for MSE and MAE).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -317,11 +318,16 @@ def matting_errors(
             raise ValueError(f"trimap must have the shape of gt {tuple(gt.shape)}, got {tuple(trimap.shape)}")
         weight = (trimap.to(p.device) == TRIMAP_UNKNOWN).to(torch.float64)
     area = float(weight.sum())
+    if not area:
+        raise ValueError(
+            f"the trimap has no unknown pixel (value {TRIMAP_UNKNOWN}), which is all the dim protocol scores; "
+            f"its values are {torch.unique(trimap).tolist()[:8]}"
+        )
     grads = gaussian_gradient_magnitude(torch.stack([p, g]))
     return {
         "sad": float((diff.abs() * weight).sum()) * SUM_SCALE,
-        "mse": float((diff.square() * weight).sum()) / area if area else 0.0,
-        "mae": float((diff.abs() * weight).sum()) / area if area else 0.0,
+        "mse": float((diff.square() * weight).sum()) / area,
+        "mae": float((diff.abs() * weight).sum()) / area,
         "grad": float(((grads[0] - grads[1]).square() * weight).sum()) * SUM_SCALE,
         "conn": connectivity_error(p, g, weight) * SUM_SCALE,
     }

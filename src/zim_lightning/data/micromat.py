@@ -56,6 +56,10 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _ALPHA_SUFFIXES = (".png",)
 
 
+#: Trimap values: background, unknown (what the dim protocol scores), foreground.
+TRIMAP_VALUES: tuple[int, ...] = (0, 128, 255)
+
+
 class EvalDataError(ValueError):
     """An evaluation instance is missing a file, or has a malformed prompt or mismatched sizes."""
 
@@ -157,6 +161,12 @@ class EvalDataset(Dataset):
                 raise EvalDataError(
                     f"{record.where}: trimap {record.trimap.name} is {trimap.shape[1]}x{trimap.shape[0]} "
                     f"(WxH) but matte {record.matte_relpath} is {alpha.shape[1]}x{alpha.shape[0]}"
+                )
+            values = np.unique(trimap)
+            if not np.isin(values, TRIMAP_VALUES).all() or TRIMAP_VALUES[1] not in values:
+                raise EvalDataError(
+                    f"{record.where}: trimap {record.trimap.name} must hold 0 (background), 128 (unknown) "
+                    f"and 255 (foreground), with at least one 128, got values {values.tolist()[:8]}"
                 )
         full = record.prompt if record.prompt is not None else self._derived_prompt(record, alpha)
         wanted = {"point": ("points",), "box": ("box",), "both": ("points", "box")}[self.prompt]
