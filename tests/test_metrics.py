@@ -17,6 +17,7 @@ from zim_lightning.metrics import (
     MattingErrors,
     connectivity_error,
     matting_errors,
+    scoring_device,
     size_bucket,
 )
 
@@ -231,6 +232,12 @@ def test_perfect_prediction_scores_zero(protocol: str) -> None:
     assert matting_errors(gt.clone(), gt, protocol=protocol, trimap=trimap) == dict.fromkeys(
         METRIC_NAMES, 0.0
     )
+
+
+def test_metrics_run_in_float64_where_the_model_runs_except_on_mps() -> None:
+    assert scoring_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # no tensor is made
+    assert scoring_device("cpu") == torch.device("cpu")
+    assert scoring_device("mps") == torch.device("cpu")  # MPS has no float64
 
 
 def test_float32_and_float64_inputs_agree() -> None:

@@ -333,6 +333,13 @@ def matting_errors(
     }
 
 
+def scoring_device(device: torch.device | str) -> torch.device:
+    """Where the float64 metrics run for a model on ``device``: there, except on Apple's MPS (which has no
+    float64), where they run on the CPU."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 class MattingErrors(Metric):
     """Accumulates per-instance matting errors; computes their means overall and per size bucket.
 
@@ -371,7 +378,7 @@ class MattingErrors(Metric):
         """
         errors = matting_errors(pred, gt, protocol=self.protocol, trimap=trimap)
         row = [float(index), *(errors[name] for name in METRIC_NAMES), foreground_fraction(gt)]
-        self.rows.append(torch.tensor([row], dtype=torch.float64, device=self.device))
+        self.rows.append(torch.tensor([row], dtype=torch.float64, device=scoring_device(self.device)))
 
     def sync(self, *args: Any, **kwargs: Any) -> None:
         """Gather the rows of every rank (torchmetrics' ``sync``).
@@ -381,7 +388,9 @@ class MattingErrors(Metric):
         rows; it offers an empty 0x7 float64 block instead.
         """
         if isinstance(self.rows, list) and not self.rows:
-            self.rows.append(torch.zeros(0, _ROW_WIDTH, dtype=torch.float64, device=self.device))
+            self.rows.append(
+                torch.zeros(0, _ROW_WIDTH, dtype=torch.float64, device=scoring_device(self.device))
+            )
         super().sync(*args, **kwargs)
 
     def instances(self) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from zim_lightning.metrics import PROTOCOLS, MattingErrors
+from zim_lightning.metrics import PROTOCOLS, MattingErrors, scoring_device
 from zim_lightning.predictor import ZimPredictor
 
 log = logging.getLogger(__name__)
@@ -245,16 +245,17 @@ class EvalModule(LightningModule):
                     f"instance {item['key']!r} is in subset {item['subset']!r}, not in this module's {self.subsets}"
                 )
             alphas = self.predict_instance(item)
-            gt = torch.as_tensor(np.asarray(item["alpha"]), dtype=torch.float64, device=self.device)
+            device = scoring_device(self.device)
+            gt = torch.as_tensor(np.asarray(item["alpha"]), dtype=torch.float64, device=device)
             trimap = None
             if self.protocol == "dim" and item.get("trimap") is not None:
-                trimap = torch.as_tensor(np.asarray(item["trimap"]), device=self.device)
+                trimap = torch.as_tensor(np.asarray(item["trimap"]), device=device)
             # Under a mixed-precision trainer the metric filters must still run in float64.
-            with torch.autocast(device_type=self.device.type, enabled=False):
+            with torch.autocast(device_type=device.type, enabled=False):
                 for method, by_prompt in alphas.items():
                     for prompt, alpha in by_prompt.items():
                         self.metrics[metric_name(method, prompt, item["subset"])].update(
-                            alpha.to(self.device), gt, index=int(item["index"]), trimap=trimap
+                            alpha.to(device), gt, index=int(item["index"]), trimap=trimap
                         )
             outputs.append({**_identity(item), "alphas": alphas})
         return outputs
