@@ -156,6 +156,19 @@ def test_eval_report_instances_and_grids(synthetic, micromat_run) -> None:
             assert image.shape[2] == 3 and image.shape[1] == 3 * 240 and image.shape[0] == 2 * (192 + 4)
 
 
+@pytest.mark.slow
+def test_grids_without_saved_predictions_predict_the_scored_alphas_again(
+    synthetic, micromat_run, tmp_path: Path
+) -> None:
+    out = tmp_path / "unsaved"
+    argv = ["--model", "tiny", "--data", str(synthetic.micromat), "--format", "micromat", "--out", str(out)]
+    argv += ["--baselines", "binary,closed_form", "--grid-count", "2", "--accelerator", "cpu"]
+    assert main([*argv, "--num-workers", "0"]) == 0
+    assert not (out / "predictions").exists()
+    for grid in sorted((micromat_run / "grids").iterdir()):  # the run that read its saved predictions
+        assert np.array_equal(np.asarray(Image.open(out / "grids" / grid.name)), np.asarray(Image.open(grid)))
+
+
 def test_write_grids_with_count_zero_writes_nothing_and_rejects_unknown_metrics(tmp_path: Path) -> None:
     # count 0 must return before touching the module or the dataset (None here would raise).
     assert write_grids(tmp_path, None, None, count=0, saved=False) == []

@@ -261,7 +261,8 @@ def write_grids(
     Args:
         count: instances in each grid; 0 writes no grid.
         saved: the predictions were saved under ``out`` (read them back); otherwise the chosen instances
-            are predicted again (the same deterministic forward pass).
+            are predicted again by ``method`` alone (the same deterministic forward pass: call it where
+            and in the precision the test loop ran, see :func:`main`).
         rank_by: the metric (a name of ``METRIC_NAMES``) that orders the instances and labels each row.
     """
     if count < 0:
@@ -278,7 +279,7 @@ def write_grids(
         if saved:
             return read_alpha(prediction_path(out, method, prompt, item["matte_relpath"]))
         if item["index"] not in predicted:
-            predicted[item["index"]] = module.predict_instance(item)
+            predicted[item["index"]] = module.predict_instance(item, methods=[method])
         return predicted[item["index"]][method][prompt].numpy()
 
     for prompt, by_subset in module.instance_rows[method].items():
@@ -449,11 +450,14 @@ def main(argv: list[str] | None = None) -> int:
     doc = metrics_document(module.results, protocol=args.protocol, info=info)
     (args.out / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n")
     write_instances_csv(args.out / "instances.csv", module, dataset)
-    grids = (
-        write_grids(args.out, module, dataset, count=args.grid_count, saved=args.save_predictions)
-        if args.grid_count
-        else []
-    )
+    grids = []
+    if args.grid_count:
+        if not args.save_predictions:
+            # The grids predict their instances again: on the accelerator the test loop used (its
+            # teardown moved the network to the CPU) and in its precision, as the scored predictions.
+            module.to(trainer.strategy.root_device)
+        with trainer.precision_plugin.test_step_context():
+            grids = write_grids(args.out, module, dataset, count=args.grid_count, saved=args.save_predictions)
     report = report_markdown(doc, grids=grids, out=args.out)
     (args.out / "report.md").write_text(report)
     print(report)

@@ -187,21 +187,27 @@ class EvalModule(LightningModule):
         return self._predictor
 
     @torch.no_grad()
-    def predict_instance(self, item: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
-        """Predict every method x prompt for one instance.
+    def predict_instance(
+        self, item: dict[str, Any], *, methods: list[str] | None = None
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Predict every method (or the given ones) x prompt for one instance.
 
         Args:
             item: an instance dict (see the module docstring).
+            methods: a subset of :attr:`methods` (None: all of them).
 
         Returns:
             {method: {prompt: HxW float64 alpha in [0, 1], quantised to ``quantize_bits``, on CPU}}.
 
         Raises:
-            ValueError: the instance lacks the prompt a mode needs.
+            ValueError: the instance lacks the prompt a mode needs, or a method is not this module's.
         """
+        methods = self.methods if methods is None else methods
+        if any(m not in self.methods for m in methods):
+            raise ValueError(f"methods must be among this module's {self.methods}, got {methods}")
         predictor = self.predictor
         predictor.set_image(np.asarray(item["image"]))
-        out: dict[str, dict[str, torch.Tensor]] = {m: {} for m in self.methods}
+        out: dict[str, dict[str, torch.Tensor]] = {m: {} for m in methods}
         for prompt in self.prompts:
             given = item["prompt"].get(PROMPT_KEYS[prompt])
             if given is None:
@@ -217,7 +223,8 @@ class EvalModule(LightningModule):
             else:
                 masks, _, _ = predictor.predict(box=given, multimask_output=False)
             alpha = torch.from_numpy(masks[0])  # HxW float32 in [0, 1]
-            out["zim"][prompt] = quantize(alpha, self.quantize_bits)
+            if "zim" in out:
+                out["zim"][prompt] = quantize(alpha, self.quantize_bits)
             binary = alpha > self.binary_threshold
             if "binary" in out:
                 out["binary"][prompt] = binary.to(torch.float64)
