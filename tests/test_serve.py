@@ -139,6 +139,55 @@ def test_upload_predict_and_download(address: str, uploaded: dict) -> None:
     assert Image.open(io.BytesIO(body)).size == (width, height)
 
 
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        {"points": [[0.7, 0.25, 1]]},  # a lone click: the first output too, unless --multimask
+        {"points": [[0.2, 0.6, 1], [0.9, 0.1, 0]]},
+        {"box": [0.1, 0.05, 0.6, 0.9]},
+    ],
+)
+def test_served_alpha_is_the_predictors_for_the_same_prompt(
+    model: torch.nn.Module, address: str, uploaded: dict, prompt: dict
+) -> None:
+    # Off-diagonal prompts on a non-square image: swapped X and Y, or another frame, would differ.
+    height, width = photo().shape[:2]
+    assert height != width
+    predictor = ZimPredictor(model)
+    predictor.set_image(photo())
+    if "box" in prompt:
+        x1, y1, x2, y2 = prompt["box"]
+        prompt = {"box": [x1 * width, y1 * height, x2 * width, y2 * height]}
+        masks, _, _ = predictor.predict(box=np.array(prompt["box"]), multimask_output=False)
+    else:
+        prompt = {"points": [[x * width, y * height, label] for x, y, label in prompt["points"]]}
+        points = np.array(prompt["points"])
+        masks, _, _ = predictor.predict(
+            point_coords=points[:, :2], point_labels=points[:, 2], multimask_output=False
+        )
+    status, body, _ = predict(address, uploaded["image_id"], prompt)
+    assert status == 200, body
+    expected = np.round(np.clip(masks[0], 0, 1) * 255).astype(np.uint8)
+    assert np.array_equal(np.asarray(decode_png(body["alpha"])), expected)
+
+
+def test_multimask_store_keeps_the_best_output_of_a_lone_click(model: torch.nn.Module) -> None:
+    store = ImageStore(predictor_factory=lambda: ZimPredictor(model), multimask=True)
+    entry = store.add(png(photo()), name="p.png")
+    height, width = photo().shape[:2]
+    prediction = store.predict(entry, store.parse(entry, {"points": [[0.7 * width, 0.25 * height, 1]]}))
+    predictor = ZimPredictor(model)
+    predictor.set_image(photo())
+    masks, iou, _ = predictor.predict(
+        point_coords=np.array([[0.7 * width, 0.25 * height]]),
+        point_labels=np.array([1]),
+        multimask_output=True,
+    )
+    best = int(np.argmax(iou))
+    assert prediction.iou == pytest.approx(float(iou[best]))
+    np.testing.assert_allclose(prediction.alpha, np.clip(masks[best], 0, 1), atol=1e-6)
+
+
 def test_page_and_examples_are_served(address: str) -> None:
     status, page, _ = call(address, "GET", "/")
     assert status == 200 and b'src="app.js"' in page

@@ -126,7 +126,10 @@ class ZimPredictor:
             point_coords: Nx2 ``(X, Y)`` pixels of the original image, or None.
             point_labels: N labels, 1 foreground, 0 background; required with ``point_coords``.
             box: ``(x1, y1, x2, y2)`` pixels of the original image, or None.
-            multimask_output: True: the 4 mattes of the 4 mask tokens; False: mask 0 only.
+            multimask_output: True: the 4 mattes of the 4 mask tokens (segment-anything's default);
+                False: mask 0 only. The paper's loss trains mask 0 alone: mattes 1-3 and the IoU
+                scores mean something only for a model trained with ``multimask`` and ``iou_weight``
+                (see :class:`~zim_lightning.lit.zim_module.ZimModule`).
             return_logits: return logits instead of alpha.
 
         Returns:

@@ -357,9 +357,11 @@ def build_app(
     max_upload_bytes: int = 20 << 20,
     max_side: int = 8192,
     precision: str = "fp32",
+    multimask: bool = False,
 ) -> MattingApp:
     """Wrap a built ZIM network in an app (moved to ``device``, cuda when available, in eval mode;
-    ``precision`` as :class:`~zim_lightning.predictor.ZimPredictor`'s)."""
+    ``precision`` as :class:`~zim_lightning.predictor.ZimPredictor`'s, ``multimask`` as
+    :class:`~zim_lightning.serve.store.ImageStore`'s)."""
     import torch
 
     from zim_lightning.predictor import ZimPredictor
@@ -370,6 +372,7 @@ def build_app(
         predictor_factory=lambda: ZimPredictor(model, precision=precision),
         max_images=max_images,
         max_side=max_side,
+        multimask=multimask,
     )
     return MattingApp(store=store, model_name=model_name, max_upload_bytes=max_upload_bytes)
 
@@ -394,6 +397,13 @@ def main(argv: list[str] | None = None) -> int:
         default="fp32",
         help="bf16: autocast the network (GPUs)",
     )
+    parser.add_argument(
+        "--multimask",
+        action="store_true",
+        help="a lone click keeps the best of four mattes by the IoU head, as SAM's demos (only for models "
+        "trained with --model.init_args.multimask=true --model.init_args.iou_weight=1; the paper's loss "
+        "trains the first matte alone)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(
@@ -404,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
         max_side=args.max_side,
         precision=args.precision,
+        multimask=args.multimask,
     )
     server = create_server(app, host=args.host, port=args.port)
     host, port = server.server_address[:2]

@@ -223,6 +223,11 @@ class ImageStore:
         max_images: how many encoded images to keep; the least recently used one is dropped first.
         max_side: the largest image side accepted, in pixels.
         max_points: the most points accepted in one prompt.
+        multimask: a lone point decodes all four mask tokens and keeps the one the IoU head ranks first,
+            as SAM's demos do (a lone point is ambiguous: a shirt or the person wearing it). Only for a
+            model trained that way (``--model.init_args.multimask=true --model.init_args.iou_weight=1``):
+            the paper's loss trains the first token alone, and leaves the IoU head and the other tokens
+            untrained, so by default every prompt decodes the first token, as ``matte`` does.
     """
 
     def __init__(
@@ -232,6 +237,7 @@ class ImageStore:
         max_images: int = 8,
         max_side: int = 8192,
         max_points: int = 64,
+        multimask: bool = False,
     ) -> None:
         if max_images < 1:
             raise ValueError(f"max_images: expected at least 1, got {max_images}")
@@ -239,6 +245,7 @@ class ImageStore:
         self.max_images = max_images
         self.max_side = max_side
         self.max_points = max_points
+        self.multimask = multimask
         self.model_lock = threading.Lock()
         self._entries: OrderedDict[str, ImageEntry] = OrderedDict()
         self._entries_lock = threading.Lock()
@@ -312,15 +319,17 @@ class ImageStore:
     def predict(self, entry: ImageEntry, prompt: Prompt) -> Prediction:
         """Decode a matte for a prompt, reusing the image's embedding.
 
-        A lone point is ambiguous (a shirt or the person wearing it), so, as SAM's demos do, it asks for
-        every mask token and keeps the one with the best predicted IoU; other prompts ask for one.
+        The first mask token, or with ``multimask`` for a lone point the best of four by the IoU head.
         """
         key = prompt.key()
         last = entry.last
         if last is not None and last[0] == key:
             return last[1]
         single_point = (
-            prompt.box is None and prompt.point_coords is not None and len(prompt.point_coords) == 1
+            self.multimask
+            and prompt.box is None
+            and prompt.point_coords is not None
+            and len(prompt.point_coords) == 1
         )
         with self.model_lock, torch.inference_mode():
             start = time.perf_counter()
