@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 
 from zim_lightning.matte_cli import main
+from zim_lightning.models.build import zim_model_registry
+from zim_lightning.predictor import ZimPredictor
 
 HEIGHT, WIDTH = 240, 320
 
@@ -39,12 +41,23 @@ def _check_outputs(out: Path, image: np.ndarray) -> np.ndarray:
     return alpha
 
 
+def _predicted(image: np.ndarray, **prompt: np.ndarray) -> np.ndarray:
+    """The 8-bit alpha ZimPredictor gives the command's network (tiny, seed 0) for a prompt."""
+    torch.manual_seed(0)
+    predictor = ZimPredictor(zim_model_registry["tiny"]().eval())
+    predictor.set_image(image)
+    masks, _, _ = predictor.predict(**prompt, multimask_output=False)
+    return np.round(np.clip(masks[0], 0, 1) * 255).astype(np.uint8)
+
+
 def test_box_prompt_writes_alpha_and_cutout(photo, tmp_path) -> None:
     path, image = photo
     torch.manual_seed(0)
     argv = [str(path), "--box", "120,50,240,170", "--model", "tiny", "--out", str(tmp_path / "box")]
     assert main(argv) == 0
-    _check_outputs(tmp_path / "box", image)
+    alpha = _check_outputs(tmp_path / "box", image)
+    # the predictor's matte for the box in the original image's (X, Y) pixels (not swapped, not resized)
+    np.testing.assert_array_equal(alpha, _predicted(image, box=np.array([120, 50, 240, 170])))
 
 
 def test_bf16_precision_writes_the_fp32_matte_within_rounding(photo, tmp_path) -> None:
@@ -75,7 +88,9 @@ def test_point_prompts_with_labels(photo, tmp_path) -> None:
         str(tmp_path / "pt"),
     ]
     assert main(argv) == 0
-    _check_outputs(tmp_path / "pt", image)
+    alpha = _check_outputs(tmp_path / "pt", image)
+    expected = _predicted(image, point_coords=np.array([[180, 110], [20, 20]]), point_labels=np.array([1, 0]))
+    np.testing.assert_array_equal(alpha, expected)
 
 
 @pytest.mark.parametrize(
