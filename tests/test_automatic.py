@@ -175,6 +175,55 @@ def test_patches_are_placed_in_the_full_frame(model: torch.nn.Module) -> None:
     assert generator._place(whole, (0, 0), 60, 90) is whole
 
 
+DISC_RADIUS = 60.0  # pixels of the 1024 frame
+
+
+def _disc_decoder(net: torch.nn.Module) -> torch.nn.Module:
+    """The tiny network with a decoder that mattes a disc around each prompt's first point.
+
+    Random weights give mattes that fill the frame, which the crop-edge filter drops, so no crop layer's
+    matte would reach the output; a disc shows where each stage put the prompt.
+    """
+
+    def decode(image_embeddings, feats, point_coords, point_labels, attn_mask=None, multimask_output=False):
+        side = net.image_size // net.output_stride
+        centres = (torch.arange(side, dtype=torch.float32) + 0.5) * net.output_stride
+        dy = centres[None, :, None] - point_coords[:, 0, 1, None, None]
+        dx = centres[None, None, :] - point_coords[:, 0, 0, None, None]
+        logits = (DISC_RADIUS - (dx.square() + dy.square()).sqrt()).clamp(-10, 10)[:, None]
+        count = 4 if multimask_output else 1
+        return logits.expand(-1, count, -1, -1), torch.ones(len(logits), count)
+
+    net.decode = decode
+    return net
+
+
+def test_every_layers_mattes_land_on_their_prompt_in_the_full_image() -> None:
+    torch.manual_seed(0)
+    photo = np.ascontiguousarray(data.coffee())  # 400x600: crops big enough for the edge filter
+    height, width = photo.shape[:2]
+    generator = ZimAutomaticMatteGenerator(
+        _disc_decoder(zim_model_registry["tiny"]().eval()),
+        points_per_side=2,
+        crop_n_layers=1,
+        multimask_output=False,
+        box_nms_thresh=1.0,
+        crop_nms_thresh=1.0,
+        **NO_FILTER,
+    )
+    records = generator.generate(photo)
+    crop_boxes = {tuple(r["crop_box"]) for r in records}
+    assert (0, 0, width, height) in crop_boxes and len(crop_boxes) == 5  # the image and its 4 crops
+    for record in records:
+        (px, py), (x, y, w, h) = record["point_coords"][0], record["crop_box"]
+        assert x <= px < x + w and y <= py < y + h
+        ys, xs = np.nonzero(record["alpha"] > 0.5)
+        # the disc's centre is the prompt (original pixels), its radius the 1024 frame's in the crop's scale
+        assert abs(xs.mean() - px) < 1.5 and abs(ys.mean() - py) < 1.5, (record["crop_box"], px, py)
+        radius = DISC_RADIUS * max(w, h) / 1024
+        assert len(xs) == pytest.approx(np.pi * radius**2, rel=0.1)
+
+
 def test_cli_writes_mattes_and_a_matching_index(tmp_path: Path, photo: np.ndarray) -> None:
     image_path = tmp_path / "coffee.jpg"
     Image.fromarray(photo).save(image_path, quality=95)
