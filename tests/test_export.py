@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import zim_lightning.export as export_module
 from zim_lightning.export import (
     DECODER_FILE,
     DECODER_INPUTS,
@@ -143,6 +144,34 @@ def test_a_frame_the_official_runner_cannot_feed_is_rejected(tmp_path) -> None:
     with pytest.raises(ValueError, match="feeds 1024x1024 images; this model's frame is 256"):
         export_onnx(Zim(**ZIM_VARIANTS["tiny"], image_size=256), tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_attention_maps_other_than_the_runners_are_rejected(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"sigma, cell size and grid \(21, 16, 64\).* uses \(5, 16, 64\)"):
+        export_onnx(Zim(**ZIM_VARIANTS["tiny"], attention_sigma=5), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_failed_export_leaves_the_earlier_pair_as_it_was(tmp_path, monkeypatch) -> None:
+    earlier = {name: f"earlier {name}".encode() for name in ("encoder.onnx", "decoder.onnx")}
+    for name, data in earlier.items():
+        (tmp_path / name).write_bytes(data)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("decoder tracing failed")
+
+    monkeypatch.setattr(export_module, "_dummy_decoder_inputs", fail)  # after the encoder is written
+    with pytest.raises(RuntimeError, match="decoder tracing failed"):
+        export_onnx(zim_model_registry["tiny"](), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == earlier  # no new encoder, no leftovers
+
+
+def test_cli_rejects_an_out_that_is_a_file(tmp_path, capsys) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "tiny", "--out", str(taken)])
+    assert exc.value.code == 2 and "is a file; expected a folder" in capsys.readouterr().err
 
 
 def test_cli_rejects_missing_checkpoint(tmp_path, capsys) -> None:

@@ -32,6 +32,7 @@ import onnx
 import torch
 from torch import nn
 
+from zim_lightning.models.attention_mask import ATTENTION_MAP_SIZE, ATTENTION_SIGMA, ATTENTION_STRIDE
 from zim_lightning.models.vit_attention import ViTAttention
 from zim_lightning.models.zim import Zim
 
@@ -167,12 +168,21 @@ def export_onnx(model: Zim, out_dir: str | Path, *, opset: int = 17) -> tuple[Pa
         ``(encoder_path, decoder_path)``.
 
     Raises:
-        ValueError: the model's frame is not 1024 (the official runner could not feed it).
+        ValueError: the model's frame is not 1024 (the official runner could not feed it), or its masked
+            attention expects other maps than the runner builds (sigma 21 cells, 16-pixel cells, 64x64).
     """
     if model.image_size != OFFICIAL_IMAGE_SIZE:
         raise ValueError(
             f"the official zim_anything runner feeds {OFFICIAL_IMAGE_SIZE}x{OFFICIAL_IMAGE_SIZE} images; this "
             f"model's frame is {model.image_size} (image_size), so its ONNX files could not run there"
+        )
+    official = (ATTENTION_SIGMA, ATTENTION_STRIDE, ATTENTION_MAP_SIZE)
+    own = (model.attention_sigma, model.attention_stride, model.embedding_size)
+    if model.masked_attention and own != official:
+        raise ValueError(
+            "the official zim_anything runner builds the attention maps with sigma, cell size and grid "
+            f"{official}; this model's masked attention uses {own} (attention_sigma, attention_stride, "
+            "the embedding grid), so it would decode the runner's maps differently than here"
         )
     backends = {module: module.backend for module in model.modules() if isinstance(module, ViTAttention)}
     device, training = model.device, model.training
@@ -188,21 +198,30 @@ def export_onnx(model: Zim, out_dir: str | Path, *, opset: int = 17) -> tuple[Pa
 
 
 def _export_model(model: Zim, out_dir: Path, opset: int) -> tuple[Path, Path]:
+    # Both graphs are written to a temporary folder first (each .onnx file and any external-data files
+    # beside it) and moved into place only once both are written and checked: a failed export leaves
+    # neither a half-written model nor a new encoder beside an earlier export's decoder.
     out_dir.mkdir(parents=True, exist_ok=True)
     encoder, decoder = EncoderGraph(model), DecoderGraph(model)
     size = model.image_size
-
-    # A random image rather than zeros, so no data-dependent shortcut is traced.
-    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    encoder_path = out_dir / ENCODER_FILE
-    encoder_outputs = encoder(image)
-    _export(encoder, (image,), encoder_path, ENCODER_INPUTS, ENCODER_OUTPUTS, {}, opset)
-
-    decoder_inputs = _dummy_decoder_inputs(encoder_outputs)
-    decoder_path = out_dir / DECODER_FILE
-    _export(
-        decoder, decoder_inputs, decoder_path, DECODER_INPUTS, DECODER_OUTPUTS, _DECODER_DYNAMIC_AXES, opset
-    )
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
+        staging = Path(tmp)
+        # A random image rather than zeros, so no data-dependent shortcut is traced.
+        image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        encoder_outputs = encoder(image)
+        _export(encoder, (image,), staging / ENCODER_FILE, ENCODER_INPUTS, ENCODER_OUTPUTS, {}, opset)
+        _export(
+            decoder,
+            _dummy_decoder_inputs(encoder_outputs),
+            staging / DECODER_FILE,
+            DECODER_INPUTS,
+            DECODER_OUTPUTS,
+            _DECODER_DYNAMIC_AXES,
+            opset,
+        )
+        for produced in sorted(staging.iterdir()):
+            produced.replace(out_dir / produced.name)
+    encoder_path, decoder_path = out_dir / ENCODER_FILE, out_dir / DECODER_FILE
     log.info("exported %s and %s", encoder_path, decoder_path)
     return encoder_path, decoder_path
 
@@ -216,18 +235,15 @@ def _export(
     dynamic_axes: dict[str, dict[int, str]],
     opset: int,
 ) -> None:
-    # The TorchScript exporter (dynamo=False) traces this model reliably. Everything is written to a
-    # temporary folder first (the .onnx file and any external-data files beside it) and moved into place
-    # only once checked, so a failed export never leaves a half-written model in the output folder.
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings():
+    # The TorchScript exporter (dynamo=False) traces this model reliably.
+    with warnings.catch_warnings():
         # The tracer warns about every Python-side shape check (input validation); shapes are fixed or
         # declared dynamic above, so those checks hold for every input the graph accepts.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        tmp_path = Path(tmp) / path.name
         torch.onnx.export(
             module,
             args,
-            str(tmp_path),
+            str(path),
             input_names=list(input_names),
             output_names=list(output_names),
             dynamic_axes=dynamic_axes or None,
@@ -235,9 +251,7 @@ def _export(
             do_constant_folding=True,
             dynamo=False,
         )
-        _restore_inputs(tmp_path, input_names, args, dynamic_axes)
-        for produced in Path(tmp).iterdir():
-            produced.replace(path.parent / produced.name)
+    _restore_inputs(path, input_names, args, dynamic_axes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out!r} is a file; expected a folder (created if missing)")
 
     model = zim_for_command(parser, args)
     try:
