@@ -115,6 +115,15 @@ def test_prompt_errors(photo, tmp_path, capsys, extra: list[str], message: str) 
     assert not list(tmp_path.iterdir())
 
 
+def test_an_image_too_elongated_for_the_frame_is_a_usage_error(tmp_path, capsys) -> None:
+    path = tmp_path / "line.png"
+    Image.fromarray(np.zeros((1, 3000, 3), np.uint8)).save(path)
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), "--point", "10,0", "--model", "tiny", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and "3000x1 (WxH) pixels is too elongated" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_and_unreadable_images(tmp_path, capsys) -> None:
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")

@@ -122,6 +122,7 @@ def test_matches_official_predictor_given_the_same_network(predictor, image):
         (np.zeros((HEIGHT, WIDTH, 4), dtype=np.uint8), "HxWx3"),
         (np.zeros((HEIGHT, WIDTH, 3), dtype=np.float32), "uint8"),
         (np.full((HEIGHT, WIDTH, 3), 300, dtype=np.int16), "uint8"),
+        (np.zeros((1, 3000, 3), dtype=np.uint8), r"3000x1 \(WxH\) pixels is too elongated"),
     ],
 )
 def test_bad_images_are_rejected(bad, match):

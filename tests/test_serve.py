@@ -205,6 +205,7 @@ def test_page_and_examples_are_served(address: str) -> None:
         ("POST", "/api/images", b"this is not an image", 400, "not an image"),
         ("POST", "/api/images", b"", 400, "empty"),
         ("POST", "/api/images", png(np.zeros((2, 5000, 3), np.uint8)), 400, "5000x2"),
+        ("POST", "/api/images", png(np.zeros((1, 3000, 3), np.uint8)), 400, "too elongated"),
         ("POST", "/api/images", b"x" * (MAX_UPLOAD + 1), 413, "exceeds"),
         ("POST", "/api/images/0123456789abcdef/predict", b'{"points": [[1, 1, 1]]}', 404, "unknown"),
         ("GET", "/api/images/0123456789abcdef/image", None, 404, "unknown"),

@@ -525,7 +525,10 @@ def main(argv: list[str] | None = None) -> int:
         generator = ZimAutomaticMatteGenerator.from_preset(model, preset, **overrides)
     except ValueError as error:
         parser.error(str(error))
-    records = generator.generate(image)
+    try:
+        records = generator.generate(image)
+    except ValueError as error:  # an image the network cannot take (e.g. 1x3000 pixels)
+        parser.error(f"{args.image}: {error}")
     meta = {
         "image": args.image.name,
         "model": describe_model(args),

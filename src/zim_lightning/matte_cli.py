@@ -150,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     from zim_lightning.predictor import ZimPredictor
 
     predictor = ZimPredictor(zim_for_command(parser, args).eval().to(args.device), precision=args.precision)
-    predictor.set_image(image)
+    try:
+        predictor.set_image(image)
+    except ValueError as err:  # an image the network cannot take (e.g. 1x3000 pixels)
+        parser.error(f"{args.image}: {err}")
     if args.box is not None:
         masks, _, _ = predictor.predict(box=np.array(args.box, dtype=np.float32), multimask_output=False)
     else:

@@ -77,13 +77,20 @@ class ZimPredictor:
             image_format: channel order of ``image``, ``"RGB"`` or ``"BGR"``.
 
         Raises:
-            ValueError: for an image that is not HxWx3 with values in [0, 255], or an unknown format.
+            ValueError: for an image that is not HxWx3 with values in [0, 255], so elongated that its
+                short side would be 0 pixels in the model's frame, or an unknown format.
         """
         if image_format not in IMAGE_FORMATS:
             raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
             raise ValueError(f"image must be an HxWx3 array, got shape {image.shape}")
+        frame = self.transform.get_preprocess_shape(image.shape[0], image.shape[1], self.model.image_size)
+        if min(frame) < 1:
+            raise ValueError(
+                f"image of {image.shape[1]}x{image.shape[0]} (WxH) pixels is too elongated: with its long "
+                f"side resized to {self.model.image_size}, its short side would be 0 pixels"
+            )
         if image.dtype != np.uint8:
             if not np.issubdtype(image.dtype, np.integer) or image.min() < 0 or image.max() > 255:
                 raise ValueError(

@@ -279,7 +279,10 @@ class ImageStore:
         predictor = self.predictor_factory()
         with self.model_lock:
             start = time.perf_counter()
-            predictor.set_image(image)
+            try:
+                predictor.set_image(image)
+            except ValueError as error:  # an image the network cannot take (e.g. 1x3000 pixels)
+                raise RequestError(400, f"{name}: {error}") from error
             encode_ms = (time.perf_counter() - start) * 1e3
         logger.info("encoded %s (%dx%d) in %.0f ms", name, image.shape[1], image.shape[0], encode_ms)
         preview = io.BytesIO()
