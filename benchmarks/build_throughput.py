@@ -48,6 +48,7 @@ from zim_lightning.sa1b_matte import (
     WRITER_THREADS,
     CropConfig,
     build,
+    converter_mask,
     crop_square,
     mask_band,
     matte_box,
@@ -119,7 +120,7 @@ def cpu_breakdown(shards: list[Path], config: CropConfig) -> dict:
                 square = crop_square(box, (height, width), config)
                 band = mask_band(mask[by : by + bh, bx : bx + bw], margin) if config.clamp else None
                 x0, y0, side = square
-                alpha = resample_square(mask, x0, y0, side, size, gain=255)
+                alpha = converter_mask(mask, x0, y0, side, size)
                 if whole is None:
                     resample_square(image, x0, y0, side, size)
                 t2 = time.process_time()

@@ -36,12 +36,13 @@ from zim_lightning.sa1b_matte import (
     ShardClaims,
     ShardDataset,
     _several_processes,
+    _shard_batches,
     build,
+    converter_mask,
     crop_square,
     mask_box,
     matte_box,
     project_matte,
-    resample_square,
 )
 
 # Small enough that a full build takes seconds on two cores; 4 shards so a kill lands mid-run.
@@ -203,12 +204,21 @@ def test_resampling_round_trip_keeps_the_mask(tmp_path: Path) -> None:
         bx, by, bw, bh, _ = matte_box(box, (height, width), config.margin)
         x0, y0, side = square
         assert x0 <= bx and y0 <= by and bx + bw <= x0 + side and by + bh <= y0 + side
-        converter_view = resample_square(mask * np.uint8(255), *square, size)
+        converter_view = converter_mask(mask, *square, size)
+        assert set(np.unique(converter_view)) == {0, 255}  # binary, as the converter's training masks
         back = project_matte(converter_view, square, (bx, by, bw, bh)).astype(np.float32) / 255
         truth = mask[by : by + bh, bx : bx + bw].astype(np.float32)
         error = np.abs(back - truth)
         assert error.mean() < 0.02, (mode, error.mean())
         assert ((back > 0.5) == (truth > 0.5)).mean() > 0.99
+
+
+def test_the_converter_gets_binary_masks_as_in_its_training(synthetic: Path) -> None:
+    # Small SA-1B masks are enlarged to the crop size, which bilinear resampling turns into ramps.
+    shard = sorted((synthetic / "sa1b").glob("*.tar"))[0]
+    config = CropConfig(crop_size=256, min_crop=16)
+    masks = torch.cat([batch["mask"] for batch in _shard_batches(shard, config, batch_size=4)])
+    assert len(masks) > 0 and set(masks.unique().tolist()) == {0, 255}
 
 
 @pytest.mark.parametrize("context, margin, min_crop", [(0.1, 0.1, 1), (0.25, 0.25, 1), (0.5, 0.1, 128)])
