@@ -176,6 +176,31 @@ def test_input_errors(h: int, w: int, mask_shape: tuple[int, ...] | None, match:
         model(images, masks)
 
 
+def test_masks_outside_zero_one_are_refused() -> None:
+    model = converter_model_registry["converter_tiny"]().eval()
+    images, masks = _inputs(b=1, h=64, w=64)
+    with pytest.raises(ValueError, match="float in \\[0, 1\\], got dtype torch.uint8 .*divide by 255"):
+        model(images, (masks * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="in \\[0, 1\\], got values in \\[0.0, 255.0\\]"):
+        model(images, masks * 255)
+
+
+def test_the_backbone_sees_sam_normalised_rgb_and_the_mask_in_minus_one_one() -> None:
+    torch.manual_seed(0)
+    model = converter_model_registry["converter_tiny"]().eval()
+    images, masks = _inputs(b=1, h=64, w=64)
+    seen = []
+    model.backbone.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        first = model(images, masks)["alpha"]
+        flipped = model(images, 1.0 - masks)["alpha"]
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    torch.testing.assert_close(seen[0][:, :3], (images.float() - mean) / std)
+    torch.testing.assert_close(seen[0][:, 3:], masks * 2 - 1)
+    assert (first - flipped).abs().max() > 1e-3  # the mask changes the matte
+
+
 def test_unknown_backbone_is_rejected() -> None:
     with pytest.raises(ValueError, match="not a timm model"):
         MattingConverter(backbone="no_such_hiera")

@@ -500,3 +500,6 @@ def test_configured_from_yaml_with_validated_types(shards, tmp_path):
     check_converter_batch(next(iter(data.train_dataloader())), 2)
     with pytest.raises(Exception, match="batch_size"):
         parser.parse_args(["--config", str(config), "--data.batch_size", "two"])
+    for ops in ([], ["dilate", "melt"]):  # an empty list is not "all" (None is)
+        with pytest.raises(ValueError, match="coarsen_ops must be a non-empty subset"):
+            ZimDataModule(stage="converter", coarsen_ops=ops)

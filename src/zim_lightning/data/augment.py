@@ -28,8 +28,9 @@ def spatial_generalization_cutout(
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int] | None]:
     """SGA: cut the same random rectangle out of the segmentation label and the matte label.
 
-    The rectangle's sides are ``size_range`` fractions of the image sides and its centre lies inside the
-    mask's bounding box, so the cut always touches the object. Inputs are not modified.
+    The rectangle's sides are ``size_range`` fractions of the image sides and its centre is a random
+    pixel of the mask, so the cut always touches the object (also a ring's or a concave one's, which a
+    centre drawn in the bounding box could miss). Inputs are not modified.
 
     Args:
         mask: HxW float in {0, 1}, the coarse segmentation label.
@@ -47,14 +48,11 @@ def spatial_generalization_cutout(
     if p <= 0 or rng.random() >= p:
         return mask, alpha, None
     height, width = mask.shape
-    rows = np.flatnonzero(mask.any(axis=1))
-    columns = np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        rows, columns = np.arange(height), np.arange(width)
     cut_w = max(1, round(rng.uniform(*size_range) * width))
     cut_h = max(1, round(rng.uniform(*size_range) * height))
-    centre_x = int(rng.integers(columns[0], columns[-1] + 1))
-    centre_y = int(rng.integers(rows[0], rows[-1] + 1))
+    inside = np.flatnonzero(mask)
+    centre = int(inside[rng.integers(inside.size)]) if inside.size else int(rng.integers(height * width))
+    centre_y, centre_x = divmod(centre, width)
     x, y = max(0, centre_x - cut_w // 2), max(0, centre_y - cut_h // 2)
     mask, alpha = mask.copy(), alpha.copy()
     mask[y : y + cut_h, x : x + cut_w] = 0

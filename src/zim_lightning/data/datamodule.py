@@ -349,7 +349,7 @@ class ZimDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.converter_processor = ConverterSampleProcessor(
             crop_size=crop_size,
-            coarsen_ops=tuple(coarsen_ops or COARSEN_OPS),
+            coarsen_ops=tuple(COARSEN_OPS if coarsen_ops is None else coarsen_ops),
             sga=sga,
             sga_p=sga_p,
             augment=augment,

@@ -75,6 +75,11 @@ class ConverterSampleProcessor:
         sga_p: float = 0.5,
         augment: bool = True,
     ) -> None:
+        unknown = sorted(set(coarsen_ops) - set(coarsen.COARSEN_OPS))
+        if unknown or not coarsen_ops:
+            raise ValueError(
+                f"coarsen_ops must be a non-empty subset of {coarsen.COARSEN_OPS}, got {list(coarsen_ops)}"
+            )
         self.crop_size = crop_size
         self.coarsen_ops = tuple(coarsen_ops)
         self.sga = sga

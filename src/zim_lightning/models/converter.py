@@ -18,6 +18,7 @@ on a Hiera-base-plus backbone. This module implements it:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,8 @@ from torch import nn
 
 from zim_lightning.models.checkpoint import load_exactly, read_state_dict
 from zim_lightning.models.hiera_backbone import HieraBackbone
+
+log = logging.getLogger(__name__)
 
 #: SAM's normalisation of 0-255 RGB pixels (the backbone was pretrained with SAM 2, which uses it).
 PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -219,6 +222,15 @@ class MattingConverter(nn.Module):
             raise ValueError(
                 f"masks must be Bx1xHxW = {(b, 1, h, w)} in [0, 1] to match the images, got {tuple(masks.shape)}"
             )
+        if not masks.is_floating_point():
+            raise ValueError(
+                f"masks must be float in [0, 1], got dtype {masks.dtype} (a 0/255 uint8 mask: divide by 255)"
+            )
+        # One reduction per batch, skipped while compiling (a data-dependent branch would split the graph)
+        if not torch.compiler.is_compiling():
+            low, high = torch.aminmax(masks)
+            if low < 0 or high > 1:
+                raise ValueError(f"masks must be in [0, 1], got values in [{float(low)}, {float(high)}]")
 
     def _widths(self) -> tuple[int, int]:
         """Band radii (os4, os1): random in 1..max per batch while training, the maxima otherwise."""
@@ -289,6 +301,12 @@ class MattingConverter(nn.Module):
 def _build(
     name: str, checkpoint: str | Path | None, backbone_checkpoint: str | Path | None, **kwargs: object
 ) -> MattingConverter:
+    if name != "converter_tiny" and checkpoint is None and backbone_checkpoint is None:
+        log.warning(
+            "%s without checkpoint or backbone_checkpoint: the Hiera backbone starts from RANDOM weights "
+            "(the paper starts from SAM 2's; pass backbone_checkpoint=.../sam2_hiera_base_plus.pt)",
+            name,
+        )
     model = MattingConverter(
         backbone_checkpoint=None if backbone_checkpoint is None else str(backbone_checkpoint),
         **kwargs,  # type: ignore[arg-type]
