@@ -123,7 +123,9 @@ def test_bce_weight_adds_cross_entropy_of_the_frame_logits(synthetic: Path):
     paper = ZimModule(net=cli.model.net)
     mixed = ZimModule(net=cli.model.net, bce_weight=0.5)
     with torch.no_grad():
-        logits = paper.frame_logits(batch["image"], batch["point_coords"], batch["point_labels"])
+        logits = paper.frame_logits(
+            batch["image"], batch["point_coords"], batch["point_labels"], batch["valid"]
+        )
         _, paper_terms = paper._step(batch)
         _, mixed_terms = mixed._step(batch)
     valid = batch["valid"].float()
@@ -173,6 +175,33 @@ def _batch(labels: list[list[float]]) -> dict:
         "point_coords": torch.tensor([[[40.0, 30.0], [100.0, 90.0], [0.0, 0.0]]]).expand(b, -1, -1).clone(),
         "point_labels": torch.tensor(labels),
     }
+
+
+def test_training_sees_a_padded_image_as_the_predictor_does():
+    """Collated images are padded with black before normalisation; the network must see SAM's
+    normalise-then-zero-pad, as at inference (predictor, ONNX encoder, official runner)."""
+    import torch.nn.functional as F
+
+    from zim_lightning.models.build import ZIM_VARIANTS
+    from zim_lightning.models.zim import Zim
+
+    torch.manual_seed(0)
+    net = Zim(**ZIM_VARIANTS["tiny"], image_size=FRAME).eval()
+    module = ZimModule(net=net)
+    batch = _batch([[1.0, -1.0, -2.0], [2.0, 3.0, -2.0]])
+    height = FRAME * 3 // 4  # the first image's rows; collate pads the rest with black
+    batch["image"][0, :, height:] = 0
+    coords, labels = batch["point_coords"], batch["point_labels"]
+    with torch.no_grad():
+        trained = module.frame_logits(batch["image"], coords, labels, batch["valid"])
+        embedding, feats = net.encode_image(batch["image"][:1, :, :height])  # the predictor's input
+        logits, _ = net.decode(embedding, feats, coords[:1], labels[:1])
+        inference = F.interpolate(logits[:, :1], size=(FRAME, FRAME), mode="bilinear", align_corners=False)
+        black = module.frame_logits(batch["image"], coords, labels)  # no valid: black padding
+    torch.testing.assert_close(trained[:1], inference, atol=1e-5, rtol=1e-5)
+    assert (black[:1] - inference)[
+        ..., :height, :
+    ].abs().max() > 1e-3  # the padding changes the image's logits
 
 
 def _grads(module: ZimModule, batch: dict) -> dict[str, float]:

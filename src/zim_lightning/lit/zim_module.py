@@ -34,8 +34,8 @@ class ZimModule(MattingModule):
 
     Args:
         net: a built ZIM (``zim_lightning.models.build.build_zim``); fine-tuning starts from SAM when the
-            builder is given ``sam_checkpoint``. Called as ``net(images, point_coords, point_labels,
-            multimask_output=False)`` returning ``{"logits": Bx1xhxw, "iou": Bx1}``.
+            builder is given ``sam_checkpoint``. Its ``preprocess``, ``encode_preprocessed`` and
+            ``decode`` are called (the padding of each image zeroed after normalisation, as at inference).
         optimizer: optimiser factory (paper: AdamW, lr 1e-5, which the configs set; the default is plain
             AdamW at its own lr 1e-3, too high to fine-tune SAM).
         scheduler: per-step learning-rate schedule factory (paper: cosine), or None.
@@ -107,45 +107,64 @@ class ZimModule(MattingModule):
         if self.hparams.compile is not None:
             speed.compile_model(self.net, mode=self.hparams.compile, backend=self.hparams.compile_backend)
 
-    def forward(self, images: Tensor, point_coords: Tensor, point_labels: Tensor) -> Tensor:
+    def forward(
+        self, images: Tensor, point_coords: Tensor, point_labels: Tensor, valid: Tensor | None = None
+    ) -> Tensor:
         """Predict alpha in the input frame.
 
         Args:
-            images: Bx3xSxS RGB in [0, 255] (S = 1024, the SAM frame).
+            images: Bx3xSxS RGB in [0, 255] (S = 1024, the SAM frame), each image resized into the
+                top-left corner and padded bottom-right.
             point_coords: BxNx2 ``(X, Y)`` pixels in the frame.
             point_labels: BxN prompt labels (SAM's ONNX convention).
+            valid: Bx1xSxS, 1 on each image and 0 on its padding (the batches' ``valid``), or None when
+                no image is padded.
 
         Returns:
             Bx1xSxS alpha in [0, 1] (float32).
         """
-        return torch.sigmoid(self.frame_logits(images, point_coords, point_labels))
+        return torch.sigmoid(self.frame_logits(images, point_coords, point_labels, valid))
 
-    def frame_logits(self, images: Tensor, point_coords: Tensor, point_labels: Tensor) -> Tensor:
+    def frame_logits(
+        self, images: Tensor, point_coords: Tensor, point_labels: Tensor, valid: Tensor | None = None
+    ) -> Tensor:
         """The decoder's first logits, upsampled to the input frame (float32 Bx1xSxS); see :meth:`forward`."""
-        return self._frame_outputs(images, point_coords, point_labels, multimask=False)[0]
+        return self._frame_outputs(images, point_coords, point_labels, valid, multimask=False)[0]
 
     def _frame_outputs(
-        self, images: Tensor, point_coords: Tensor, point_labels: Tensor, *, multimask: bool
+        self,
+        images: Tensor,
+        point_coords: Tensor,
+        point_labels: Tensor,
+        valid: Tensor | None,
+        *,
+        multimask: bool,
     ) -> tuple[Tensor, Tensor]:
         """Logits of the first (or all four) outputs upsampled to the frame (float32 BxKxSxS), and IoU BxK."""
-        frame = getattr(self.net, "image_size", images.shape[-1])
+        net = self.net
+        frame = getattr(net, "image_size", images.shape[-1])
         if tuple(images.shape[-2:]) != (frame, frame):
             raise ValueError(
                 f"ZIM batches must be in the network's {frame}x{frame} frame, got images of "
                 f"{tuple(images.shape[-2:])}; set the datamodule's image_size to the network's image_size"
             )
-        out = self.net(images, point_coords, point_labels, multimask_output=multimask)
+        # As SAM and the predictor: normalise, then pad with zeros. The batches are padded before (with
+        # black, which normalises to about -2), so their padding is set to 0 here.
+        x = net.preprocess(images)
+        if valid is not None:
+            x = x * valid.to(x.dtype)
+        embedding, feats = net.encode_preprocessed(x)
+        logits, iou = net.decode(embedding, feats, point_coords, point_labels, multimask_output=multimask)
         # upsample logits, not alpha, as the official predictor does: sigmoid after interpolation keeps
         # edges sharp; float32 because the loss compares small differences
-        logits = out["logits"] if multimask else out["logits"][:, :1]
         logits = F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return logits, out["iou"]
+        return logits, iou
 
     def _step(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         if self.hparams.multimask or self.hparams.iou_weight > 0:
             return self._multimask_step(batch)
         logits = self.frame_logits(
-            batch["image"], batch["point_coords"].float(), batch["point_labels"].float()
+            batch["image"], batch["point_coords"].float(), batch["point_labels"].float(), batch.get("valid")
         )
         alpha = torch.sigmoid(logits)
         return alpha, self.loss(alpha, batch["alpha"].float(), batch.get("valid"), logits=logits)
@@ -154,7 +173,7 @@ class ZimModule(MattingModule):
         """All four outputs: SAM's ambiguity-aware mask loss and the IoU head's loss (see the switches)."""
         labels = batch["point_labels"].float()
         logits, iou = self._frame_outputs(
-            batch["image"], batch["point_coords"].float(), labels, multimask=True
+            batch["image"], batch["point_coords"].float(), labels, batch.get("valid"), multimask=True
         )
         alphas = torch.sigmoid(logits)  # BxKxSxS, K = 4
         target, valid = batch["alpha"].float(), batch.get("valid")
