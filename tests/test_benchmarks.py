@@ -77,6 +77,30 @@ def test_predictor_latency_reports_every_call_and_the_alpha_agreement(tmp_path: 
     assert results["zim/sdpa_fold/fp32/channels_last"]["alpha_mse_vs_plain_fp32"] < 1e-10
 
 
+def test_preprocess_latency_times_both_resize_modes_and_compares_their_pixels(tmp_path: Path):
+    out = tmp_path / "preprocess.json"
+    report = _script("preprocess_latency").main(
+        [
+            "--device",
+            "cpu",
+            "--sizes",
+            "1024x1024,300x200",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+            "--json-out",
+            str(out),
+        ]
+    )
+    assert json.loads(out.read_text()) == report
+    same, small = report["sizes"]
+    assert same["frame"] == [1024, 1024] and small["frame"] == [1024, 683]
+    for entry in (same, small):
+        assert min(entry["segment_anything_ms"], entry["pil_ms"], entry["tensor_ms"]) > 0
+        assert entry["max_level_difference"] <= 1 and entry["pixels_differing"] < 0.01
+
+
 def test_relpos_kernels_compile_for_hopper_without_spilling(tmp_path: Path):
     """Every launch setting the autotuner may pick, compiled for an H100 (sm_90) with Triton's own ptxas:
     no register spills, tensor-core matrix products, and at least one program per SM."""

@@ -71,6 +71,27 @@ def test_predict_torch_batch_equals_single_calls(predictor):
         assert np.allclose(low_res[i].numpy(), lr, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(240, 320), (1300, 1700), (1024, 1024)])  # up, down, no resize
+def test_tensor_resize_gives_the_pil_matte(predictor, shape):
+    from skimage import data
+
+    photo = np.tile(data.astronaut(), (3, 4, 1))[: shape[0], : shape[1]]  # a photograph, tiled
+    box = np.array([0.2 * shape[1], 0.1 * shape[0], 0.7 * shape[1], 0.9 * shape[0]])
+    results = {}
+    for resize in ("pil", "tensor"):
+        other = ZimPredictor(predictor.model, resize=resize)
+        other.set_image(photo)
+        assert other.input_size == predictor.transform.get_preprocess_shape(*shape, 1024)
+        results[resize] = other.predict(box=box, multimask_output=False)[0], other.get_image_embedding()
+    (pil, pil_embedding), (tensor, tensor_embedding) = results["pil"], results["tensor"]
+    assert ((pil - tensor) ** 2).mean() < 1e-8  # Pillow's pixels but for rare one-level differences
+    assert (tensor_embedding - pil_embedding).abs().mean() < 1e-3  # of values about 1 in size
+    if shape == (1024, 1024):  # not resized either way
+        assert torch.equal(tensor_embedding, pil_embedding)
+    with pytest.raises(ValueError, match="resize must be one of"):
+        ZimPredictor(predictor.model, resize="cv2")
+
+
 def test_bgr_input_gives_the_same_embedding(predictor, image):
     other = ZimPredictor(predictor.model)
     other.set_image(np.ascontiguousarray(image[..., ::-1]), image_format="BGR")

@@ -7,7 +7,9 @@ original image's pixels, ``predict_torch`` decodes a batch of prompts (already i
 decoder call. The image is resized exactly as the official predictor does (torchvision ``to_pil_image``
 and ``resize`` of the longest side to 1024, via segment-anything's ``ResizeLongestSide``), and logits
 come back to the original size the same way (bilinear to 1024, crop, bilinear to the original), so a
-network with the official weights gives the official output.
+network with the official weights gives the official output. ``resize="tensor"`` resizes on the model's
+device with torchvision instead (the same pixels but for rare one-level differences, several times
+faster: see :class:`ZimPredictor`).
 
 Prompts become the decoder's labelled points (SAM's ONNX convention): points get the padding point
 ``(-0.5, -0.5)`` labelled -1, as the official decoder adds; a box becomes its two corners labelled 2
@@ -20,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from zim_lightning import speed
 from zim_lightning.models.zim import Zim
@@ -33,6 +37,8 @@ from zim_lightning.prompt_labels import (
 
 #: Accepted ``image_format`` values.
 IMAGE_FORMATS = ("RGB", "BGR")
+#: Accepted ``resize`` values (see :class:`ZimPredictor`).
+RESIZE_MODES = ("pil", "tensor")
 
 
 class ZimPredictor:
@@ -46,13 +52,22 @@ class ZimPredictor:
         precision: ``"fp32"``, or ``"bf16"`` for bf16 autocast of the encoder and decoder (GPUs with
             bf16; the fastest measured path on an H100 is compiled ``sdpa_fold`` in bf16, see
             docs/benchmarks.md). Outputs are float32 either way.
+        resize: how ``set_image`` brings the image to the model's frame. ``"pil"``: segment-anything's
+            ``ResizeLongestSide`` (Pillow's antialiased bilinear on the host), exactly the official
+            predictor's. ``"tensor"``: torchvision's antialiased bilinear resize of the uint8 image on
+            the model's device, which gives Pillow's pixels but for rare one-level differences and takes
+            a fraction of the host time (docs/benchmarks.md, "Predictor preprocessing"). An image
+            already at the frame's size is not resized either way.
     """
 
-    def __init__(self, model: Zim, *, precision: str = "fp32") -> None:
+    def __init__(self, model: Zim, *, precision: str = "fp32", resize: str = "pil") -> None:
         if precision not in speed.PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(speed.PRECISIONS)}, got {precision!r}")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
         self.model = model
         self.precision = precision
+        self.resize = resize
         self.transform = ResizeLongestSide(model.image_size)
         self.reset_image()
 
@@ -100,14 +115,25 @@ class ZimPredictor:
             image = image.astype(np.uint8)
         if image_format == "BGR":
             image = image[..., ::-1]
-        resized = self.transform.apply_image(np.ascontiguousarray(image))  # hxwx3, longest side 1024
-        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None]  # 1x3xhxw uint8
+        tensor = self.to_frame(image)  # 1x3xhxw uint8, longest side 1024
         self.reset_image()
         with speed.autocast(self.device, self.precision):
             self.features, self.interm_feats = self.model.encode_image(tensor)
         self.original_size = (int(image.shape[0]), int(image.shape[1]))
-        self.input_size = (int(resized.shape[0]), int(resized.shape[1]))
+        self.input_size = frame
         self.is_image_set = True
+
+    def to_frame(self, image: np.ndarray) -> torch.Tensor:
+        """What :meth:`set_image` encodes: an HxWx3 uint8 RGB image resized to the model's frame (longest
+        side ``image_size``, see ``resize``), as a 1x3xhxw uint8 tensor on the model's device."""
+        image = np.ascontiguousarray(image)
+        frame = self.transform.get_preprocess_shape(image.shape[0], image.shape[1], self.model.image_size)
+        if self.resize == "pil" and frame != image.shape[:2]:
+            image = self.transform.apply_image(image)
+        tensor = torch.as_tensor(image, device=self.device).permute(2, 0, 1)[None]
+        if tuple(tensor.shape[-2:]) != frame:
+            tensor = TF.resize(tensor, list(frame), interpolation=InterpolationMode.BILINEAR, antialias=True)
+        return tensor
 
     def get_image_embedding(self) -> torch.Tensor:
         """The current image's embedding.
