@@ -40,6 +40,7 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   layer=(--device cpu --precision fp32 --batch-size 1 --heads 2 --grid 16 --warmup 1 --repeats 2)
   window=(--device cpu --precision fp32 --batch-size 2 --heads 2 --grid 14 --warmup 1 --repeats 2)
   cudnn=auto  # no cuDNN attention on a CPU
+  device=cpu
   common=(--model tiny --image-size 256 --device cpu --precision fp32)
   lat=(--warmup 1 --repeats 2)
   train=(--batch-size 2 --warmup 1 --steps 2)
@@ -52,6 +53,7 @@ else
   layer=(--device cuda --precision bf16)
   window=(--device cuda --precision bf16 --batch-size 200 --grid 14)
   cudnn=cudnn
+  device=cuda
   common=(--model vit_b --device cuda --precision bf16)
   lat=(--warmup 5 --repeats 30)
   train=(--batch-size 8 --warmup 3 --steps 8)
@@ -99,6 +101,8 @@ for r in report.get("results", []):
     print("   ", keep)
 if report.get("complete") is False:
     print("    (cut off: the configurations above are the ones it finished)")
+for entry in report.get("sizes", []):
+    print("   ", {k: v for k, v in entry.items() if k.endswith("_ms") or k in ("size", "max_level_difference")})
 if report.get("relpos_tiles"):
     print("    relpos_tiles:", report["relpos_tiles"])
 if "forward" in report:
@@ -124,6 +128,8 @@ if ((tests_rc != 0)); then
   echo "[suite] the Triton kernel failed its GPU tests: triton_relpos is left out of the steps" | tee -a "$log"
 fi
 
+# Host-side preprocessing of set_image (Pillow vs torchvision on the device): seconds
+step preprocess 40 benchmarks/preprocess_latency.py --device "$device"
 step attention_layer 75 benchmarks/attention_layer.py "${layer[@]}" --backends eager,sdpa_fold,${relpos:+$relpos,}sdpa_nobias
 # The windowed blocks (14x14 windows, 25 per image: 200 at batch 8): the fold, the dense-mask sdpa, and
 # the Triton kernel with 14 of 16 keys per tile.

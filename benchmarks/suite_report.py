@@ -278,6 +278,25 @@ def markdown(reports: dict[str, dict[str, Any]], *, gpu_tests: str | None = None
             f"{_num(forward.get('masks_per_s'))} masks/s",
             "",
         ]
+    if "preprocess" in reports:
+        report = reports["preprocess"]
+        lines += [f"**Predictor preprocessing** (ms on {report['device']}, `ZimPredictor.to_frame`):", ""]
+        rows = [
+            [
+                "x".join(map(str, entry["size"])),
+                "x".join(map(str, entry["frame"])),
+                _num(entry["segment_anything_ms"], 2),
+                _num(entry["pil_ms"], 2),
+                _num(entry["tensor_ms"], 2),
+                f"{100 * entry['pixels_differing']:.3f}%",
+                str(entry["max_level_difference"]),
+            ]
+            for entry in report["sizes"]
+        ]
+        lines += _table(
+            ["image", "frame", "segment-anything", "pil", "tensor", "pixels differing", "max levels"], rows
+        )
+        lines.append("")
     lines += ["**Issue 8 targets**:", ""]
     rows = [
         [
