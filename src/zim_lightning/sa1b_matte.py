@@ -1227,6 +1227,7 @@ def _converter(model: str | None, checkpoint: str | None) -> tuple[torch.nn.Modu
     """The converter to build with, and its registry name: ``model`` from the registry, or, without it,
     the network a ``zim-lightning fit`` checkpoint carries (its class_path when it is no registry entry)."""
     from zim_lightning.models.build import network_from_checkpoint
+    from zim_lightning.models.checkpoint import weights_loaded_later
     from zim_lightning.models.converter import MattingConverter, converter_model_registry
 
     carried = None
@@ -1246,7 +1247,8 @@ def _converter(model: str | None, checkpoint: str | None) -> tuple[torch.nn.Modu
         )
         # random weights drawn from a fixed seed, so reruns of a smoke build stay byte-identical
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
-    return converter_model_registry[model](checkpoint=checkpoint), model
+    with weights_loaded_later():  # the checkpoint's, or random as warned above
+        return converter_model_registry[model](checkpoint=checkpoint), model
 
 
 def summarize(out: Path, shards: Sequence[Path]) -> dict[str, Any]:

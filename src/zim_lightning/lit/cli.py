@@ -19,6 +19,7 @@ The scheduler takes the run's length from ``trainer.max_steps`` (see
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from lightning.pytorch.cli import LightningCLI
@@ -81,6 +82,10 @@ def cli_main(args: list[str] | None = None, *, run: bool = True) -> LightningCLI
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``zim-lightning fit | validate | test``; returns 0 (parse errors exit with 2)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    # Our INFO lines (what a SAM or backbone checkpoint loaded, what stayed random) and warnings are
+    # shown; other libraries keep their own levels.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("zim_lightning").setLevel(logging.INFO)
     # LightningCLI warns when given arguments beside a command line; from the dispatcher they are the
     # command line itself, so let it read sys.argv.
     cli_main(None if args == sys.argv[1:] else args)

@@ -34,6 +34,8 @@ from zim_lightning.models.checkpoint import (
     net_spec_of,
     read_state_dict,
     state_dict_of,
+    warn_random_start,
+    weights_loaded_later,
 )
 from zim_lightning.models.pixel_decoder import DECODER_STRIDES
 from zim_lightning.models.zim import Zim
@@ -216,6 +218,12 @@ def build_zim(
     )
     if sam_checkpoint is not None:
         load_sam_weights(model, sam_checkpoint)
+    elif checkpoint is None and variant != "tiny":
+        warn_random_start(
+            f"ZIM {variant} (no checkpoint or sam_checkpoint)",
+            f"the paper fine-tunes from SAM: sam_checkpoint=.../sam_{variant}_<id>.pth (or checkpoint= for "
+            "ZIM weights)",
+        )
     if checkpoint is not None:
         load_exactly(
             model,
@@ -276,7 +284,8 @@ def network_from_spec(
             f"({' '.join(str(err).split())})"
         ) from err
     try:
-        return parser.instantiate(parsed).net
+        with weights_loaded_later():
+            return parser.instantiate(parsed).net
     except (TypeError, ValueError) as err:
         raise RunConfigError(
             f"{source}: its network {spec.get('class_path')!r} could not be built: {err}"
@@ -503,9 +512,10 @@ def zim_from_arguments(args: argparse.Namespace) -> Zim:
         return zim_from_checkpoint(args.checkpoint)
     # Switches not given keep the builder's defaults (ZIM's hierarchical pixel decoder).
     switches = {} if args.pixel_decoder is None else {"pixel_decoder": args.pixel_decoder}
-    return zim_model_registry[args.model](
-        checkpoint=args.checkpoint, masked_attention=not args.no_masked_attention, **switches
-    )
+    with weights_loaded_later():  # without --checkpoint, check_checkpoint_argument has warned
+        return zim_model_registry[args.model](
+            checkpoint=args.checkpoint, masked_attention=not args.no_masked_attention, **switches
+        )
 
 
 def zim_for_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Zim:

@@ -8,11 +8,37 @@ must not run code.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+import contextvars
+import logging
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
+
+_WEIGHTS_LOADED_LATER = contextvars.ContextVar("zim_lightning_weights_loaded_later", default=False)
+
+
+@contextlib.contextmanager
+def weights_loaded_later() -> Iterator[None]:
+    """Networks built inside start from weights their caller loads next (a run's checkpoint), or whose
+    randomness the caller reports itself: the builders' random-start warnings are not given."""
+    token = _WEIGHTS_LOADED_LATER.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_LOADED_LATER.reset(token)
+
+
+def warn_random_start(network: str, remedy: str) -> None:
+    """Warn that ``network`` starts from random weights (a paper-scale one should not), unless inside
+    :func:`weights_loaded_later`."""
+    if not _WEIGHTS_LOADED_LATER.get():
+        log.warning("%s starts from RANDOM weights; %s", network, remedy)
+
 
 #: Attribute names under which our LightningModules keep their network.
 LIGHTNING_PREFIXES: tuple[str, ...] = ("net.",)

@@ -18,7 +18,6 @@ on a Hiera-base-plus backbone. This module implements it:
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -27,10 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zim_lightning.models.checkpoint import load_exactly, read_state_dict
+from zim_lightning.models.checkpoint import load_exactly, read_state_dict, warn_random_start
 from zim_lightning.models.hiera_backbone import HieraBackbone
-
-log = logging.getLogger(__name__)
 
 #: SAM's normalisation of 0-255 RGB pixels (the backbone was pretrained with SAM 2, which uses it).
 PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -302,10 +299,9 @@ def _build(
     name: str, checkpoint: str | Path | None, backbone_checkpoint: str | Path | None, **kwargs: object
 ) -> MattingConverter:
     if name != "converter_tiny" and checkpoint is None and backbone_checkpoint is None:
-        log.warning(
-            "%s without checkpoint or backbone_checkpoint: the Hiera backbone starts from RANDOM weights "
-            "(the paper starts from SAM 2's; pass backbone_checkpoint=.../sam2_hiera_base_plus.pt)",
-            name,
+        warn_random_start(
+            f"{name} (no checkpoint or backbone_checkpoint)",
+            "the paper starts its Hiera backbone from SAM 2's: backbone_checkpoint=.../sam2_hiera_base_plus.pt",
         )
     model = MattingConverter(
         backbone_checkpoint=None if backbone_checkpoint is None else str(backbone_checkpoint),
