@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -10,7 +11,9 @@ from segment_anything.build_sam import sam_model_registry
 from segment_anything.modeling import Sam
 
 from zim_lightning.models import CheckpointError, Zim, load_sam_weights, zim_model_registry
-from zim_lightning.models.build import ZIM_VARIANTS
+from zim_lightning.models.build import ZIM_VARIANTS, build_zim, network_from_spec
+from zim_lightning.models.checkpoint import weights_loaded_later
+from zim_lightning.models.converter import converter_model_registry
 from zim_lightning.models.transformer import KeyMask, MaskableAttention
 from zim_lightning.speed import build_stock_sam
 
@@ -135,6 +138,10 @@ def test_decode_rejects_bad_prompt_shapes(tiny_encoded):
         model.decode(emb, feats, torch.zeros(1, 3, 2), torch.zeros(1, 2))
     with pytest.raises(ValueError, match="attn_mask"):
         model.decode(emb, feats, BOX_COORDS, BOX_LABELS, attn_mask=torch.ones(1, 32, 32))
+    with pytest.raises(ValueError, match="at least one prompt point"):
+        model.decode(emb, feats, torch.zeros(1, 0, 2), torch.zeros(1, 0))
+    with pytest.raises(ValueError, match=r"Bx3x1024x1024 normalised, padded images \(see preprocess"):
+        model.encode_preprocessed(torch.zeros(1, 3, 1024, 768))  # resized but not padded
 
 
 # --- prompt-aware masked attention ------------------------------------------------------------------
@@ -229,6 +236,26 @@ def test_key_mask_is_detached():
     attn_map = torch.rand(2, 8, 8, requires_grad=True)
     mask = KeyMask.from_attention_map(attn_map, torch.tensor([True, False]))
     assert not mask.scale.requires_grad and not mask.bias.requires_grad
+
+
+def test_every_token_to_image_attention_is_masked(tiny_encoded):
+    """With a box, the tokens can read the image only through masked token-to-image attention (in each
+    two-way block and the final one): the IoU scores ignore the image outside the box entirely."""
+    model, emb, feats = tiny_encoded
+    coords = torch.tensor([[[200.0, 300.0], [500.0, 640.0]]])  # cells x 12..31, y 18..40
+    labels = torch.tensor([[2.0, 3.0]])
+    outside = torch.ones(64, 64, dtype=torch.bool)
+    outside[18:41, 12:32] = False
+    noisy = emb + torch.randn(emb.shape, generator=torch.Generator().manual_seed(5)) * 3 * outside
+    with torch.no_grad():
+        _, iou = model.decode(emb, feats, coords, labels, multimask_output=True)
+        _, noisy_iou = model.decode(noisy, feats, coords, labels, multimask_output=True)
+        _, plain_iou = tiny(masked_attention=False).decode(
+            noisy, feats, coords, labels, multimask_output=True
+        )
+    torch.testing.assert_close(noisy_iou, iou, atol=0, rtol=0)
+    _, unmasked_iou = tiny(masked_attention=False).decode(emb, feats, coords, labels, multimask_output=True)
+    assert (plain_iou - unmasked_iou).abs().max() > 1e-3  # without the mask the noise is seen
 
 
 def test_box_off_grid_gives_finite_logits_equal_to_unmasked(tiny_encoded):
@@ -415,6 +442,25 @@ def test_sam_checkpoint_of_another_size_is_rejected(tmp_path):
         load_sam_weights(
             small, {**tiny_sam().state_dict(), "image_encoder.pos_embed": torch.zeros(1, 64, 64, 32)}
         )
+
+
+def test_paper_scale_networks_without_starting_weights_warn(caplog):
+    random_start = "starts from RANDOM weights"
+    with torch.device("meta"), caplog.at_level(logging.WARNING, logger="zim_lightning"):
+        build_zim(variant="vit_b")
+        assert "ZIM vit_b (no checkpoint or sam_checkpoint) " + random_start in caplog.text
+        caplog.clear()
+        converter_model_registry["converter_hiera_b_plus"]()
+        assert "converter_hiera_b_plus (no checkpoint or backbone_checkpoint) " + random_start in caplog.text
+        caplog.clear()
+        build_zim(variant="tiny")  # tests and CPU demos start tiny networks from random weights
+        converter_model_registry["converter_tiny"]()
+        with weights_loaded_later():  # a caller that loads the weights next
+            build_zim(variant="vit_b")
+        # a run's network rebuilt from its config: the run's checkpoint brings the weights
+        spec = {"class_path": "zim_lightning.models.build.build_zim", "init_args": {"variant": "vit_b"}}
+        network_from_spec(spec, source="a test")
+    assert random_start not in caplog.text
 
 
 # --- our checkpoints --------------------------------------------------------------------------------

@@ -168,6 +168,11 @@ class Zim(nn.Module):
             (2, 4, 8). With the ``sam`` pixel decoder the features are unused and returned with zero
             channels (Bx0x(S/2)x(S/2), ...), which keeps the decoder's seven-input signature.
         """
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.image_size, self.image_size):
+            raise ValueError(
+                f"encode_preprocessed takes Bx3x{self.image_size}x{self.image_size} normalised, padded "
+                f"images (see preprocess, or call encode_image), got shape {tuple(x.shape)}"
+            )
         embedding = self.image_encoder(x)
         if self.feature_pyramid is not None:
             feats = self.feature_pyramid(x)
@@ -221,6 +226,10 @@ class Zim(nn.Module):
         if tuple(point_labels.shape) != tuple(point_coords.shape[:2]):
             raise ValueError(
                 f"point_labels must be BxN = {tuple(point_coords.shape[:2])}, got {tuple(point_labels.shape)}"
+            )
+        if point_coords.shape[1] == 0:
+            raise ValueError(
+                "decode needs at least one prompt point (N >= 1): a box's two corners, or points"
             )
         batch = point_coords.shape[0]
         if image_embeddings.shape[0] not in (1, batch):
