@@ -43,6 +43,7 @@ from zim_lightning.sa1b_matte import (
     mask_box,
     matte_box,
     project_matte,
+    resample_square,
 )
 
 # Small enough that a full build takes seconds on two cores; 4 shards so a kill lands mid-run.
@@ -219,6 +220,17 @@ def test_the_converter_gets_binary_masks_as_in_its_training(synthetic: Path) -> 
     config = CropConfig(crop_size=256, min_crop=16)
     masks = torch.cat([batch["mask"] for batch in _shard_batches(shard, config, batch_size=4)])
     assert len(masks) > 0 and set(masks.unique().tolist()) == {0, 255}
+
+
+def test_a_mask_thinner_than_half_an_output_pixel_does_not_vanish() -> None:
+    mask = np.zeros((1500, 2250), np.uint8)
+    mask[:, 1001:1003] = 1  # a 2-pixel pole, shrunk 2.2x with the whole image: under half coverage
+    view = converter_mask(mask, 0, -375, 2250, 1024)
+    assert set(np.unique(view)) == {0, 255} and view.any()
+    wide = np.zeros_like(mask)
+    wide[:, 900:1100] = 1
+    ramp = resample_square(wide, 0, -375, 2250, 1024, gain=255)
+    np.testing.assert_array_equal(converter_mask(wide, 0, -375, 2250, 1024) > 0, ramp > 127)  # half cut
 
 
 @pytest.mark.parametrize("context, margin, min_crop", [(0.1, 0.1, 1), (0.25, 0.25, 1), (0.5, 0.1, 128)])
@@ -461,6 +473,14 @@ def test_resuming_into_shards_built_differently_is_refused(
     with pytest.raises(ValueError, match=f"{first.name}: input of .* the input has changed"):
         _build(inputs, out, checkpoint)
     assert _files(out) == _files(clean_build)  # nothing was touched
+    older = tmp_path / "older"  # a build from before the converter got binary masks (not recorded then)
+    shutil.copytree(clean_build, older)
+    manifest = sorted((older / MANIFEST_DIR).glob("*.json"))[0]
+    document = json.loads(manifest.read_text())
+    del document["build"]["converter_input"]
+    manifest.write_text(json.dumps(document))
+    with pytest.raises(ValueError, match=r"converter_input 'coverage' \(now 'binary'\)"):
+        _build(synthetic / "sa1b", older, checkpoint)
 
 
 def test_zim_stage_loads_a_batch_from_the_built_shards(clean_build: Path) -> None:

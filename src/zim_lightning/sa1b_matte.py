@@ -124,6 +124,11 @@ WRITER_THREADS = 4
 # Side of the coarse grid the clamp band is measured on (see mask_band).
 BAND_GRID = 256
 RANDOM_WEIGHTS_SEED = 0
+#: What the converter's input masks are (recorded in every manifest): "binary", :func:`converter_mask`.
+CONVERTER_INPUT = "binary"
+#: Run-info values of builds whose manifests did not record the key yet (compared on resume): before
+#: CONVERTER_INPUT was recorded, the converter got the resampled coverage.
+RUN_INFO_BEFORE_RECORDED: dict[str, Any] = {"converter_input": "coverage"}
 DEFAULT_CONVERTER = "converter_hiera_b_plus"
 
 
@@ -271,10 +276,14 @@ def converter_mask(mask: np.ndarray, x0: int, y0: int, side: int, size: int) -> 
     The square is resampled as coverage (:func:`resample_square`) and cut at half coverage, because the
     converter trains on binary masks only (coarsened from mattes, or segmentation masks): the ramps
     that bilinear enlarging puts on every edge (8 pixels wide for a 128-pixel square at 1024) would be
-    input it never saw.
+    input it never saw. A mask thinner than half a pixel of the output everywhere (a pole shrunk with
+    the whole image) keeps every pixel it covers at all instead of vanishing.
     """
     coverage = resample_square(mask, x0, y0, side, size, gain=255)
-    return np.where(coverage > 127, np.uint8(255), np.uint8(0))
+    binary = coverage > 127
+    if not binary.any():
+        binary = coverage > 0
+    return np.where(binary, np.uint8(255), np.uint8(0))
 
 
 def project_matte(
@@ -831,6 +840,7 @@ def _run_info(config: CropConfig, model: str, checkpoint: str | None) -> dict[st
         "min_crop": config.min_crop,
         "margin": config.margin,
         "clamp": config.clamp,
+        "converter_input": CONVERTER_INPUT,
     }
 
 
@@ -862,10 +872,12 @@ def check_resumable(out: Path, shards: Sequence[Path], run_info: dict[str, Any])
         ignored = (
             {"checkpoint"} if built.get("checkpoint_sha256") and run_info["checkpoint_sha256"] else set()
         )
+        # a key that manifests lacked had its earlier value then; other missing keys are not compared
+        recorded = {**RUN_INFO_BEFORE_RECORDED, **built}
         differ = [
-            f"{key} {built[key]!r} (now {value!r})"
+            f"{key} {recorded[key]!r} (now {value!r})"
             for key, value in run_info.items()
-            if key in built and key not in ignored and built[key] != value
+            if key in recorded and key not in ignored and recorded[key] != value
         ]
         size = shard.stat().st_size
         if manifest.get("input_bytes", size) != size:
