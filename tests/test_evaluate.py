@@ -223,6 +223,13 @@ def test_dim_protocol_refuses_trimaps_for_only_some_instances(synthetic, tmp_pat
         main([*argv, str(tmp_path / "o"), "--protocol", "dim"])
     assert f"1 of 2 instances have no trimap (e.g. {missing.stem})" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # every trimap again, one without an unknown region: refused before anything runs
+    shutil.copy(synthetic.aim500 / "trimap" / missing.name, missing)
+    Image.fromarray(np.full((64, 80), 255, np.uint8)).save(missing)
+    with pytest.raises(SystemExit):
+        main([*argv, str(tmp_path / "o"), "--protocol", "dim"])
+    assert f"--protocol dim: aim500 instance '{missing.stem}': trimap" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zim_lightning.data.micromat import EvalDataError, build_eval_dataset
+from zim_lightning.data.micromat import EvalDataError, build_eval_dataset, check_trimaps
 
 
 def _save(path: Path, array: np.ndarray) -> None:
@@ -134,9 +134,10 @@ def test_a_trimap_without_a_128_unknown_region_names_the_file(tmp_path: Path, va
     trimap = np.asarray(Image.open(tmp_path / "trimap/s_1.png"))
     _save(tmp_path / "trimap/s_1.png", np.where(trimap == 128, value, trimap).astype(np.uint8))
     dataset = build_eval_dataset(tmp_path, format="aim500", prompt="box")
-    assert dataset[0]["trimap"] is not None
+    assert dataset[1]["trimap"] is not None  # read as it is (the paper protocol ignores trimaps)
     with pytest.raises(EvalDataError, match=r"'s_1'.*trimap s_1.png must hold 0 .*128 .*255"):
-        dataset[1]
+        check_trimaps(dataset.records)
+    check_trimaps(dataset.records[:1])
 
 
 def test_missing_file_names_the_instance(tmp_path: Path) -> None:

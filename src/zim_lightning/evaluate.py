@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     from lightning.pytorch.callbacks import RichProgressBar
 
     from zim_lightning.data.datamodule import ZimDataModule
-    from zim_lightning.data.micromat import build_eval_dataset
+    from zim_lightning.data.micromat import EvalDataError, build_eval_dataset, check_trimaps
     from zim_lightning.lit.eval_module import EvalModule
     from zim_lightning.models.build import check_checkpoint_argument, describe_model, zim_for_command
 
@@ -389,12 +389,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     without = [record.key for record in dataset.records if record.trimap is None]
-    if args.protocol == "dim" and 0 < len(without) < len(dataset.records):
-        # One mean over some instances scored in the unknown region and others over the whole image
-        parser.error(
-            f"--protocol dim: {len(without)} of {len(dataset.records)} instances have no trimap "
-            f"(e.g. {', '.join(without[:5])}); give one per instance, or none to score whole images"
-        )
+    if args.protocol == "dim":
+        if 0 < len(without) < len(dataset.records):
+            # One mean over some instances scored in the unknown region and others over the whole image
+            parser.error(
+                f"--protocol dim: {len(without)} of {len(dataset.records)} instances have no trimap "
+                f"(e.g. {', '.join(without[:5])}); give one per instance, or none to score whole images"
+            )
+        try:
+            check_trimaps(dataset.records)  # before any prediction, not mid-run in a worker
+        except EvalDataError as err:
+            parser.error(f"--protocol dim: {err}")
 
     module = EvalModule(
         net=net,
@@ -455,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.save_predictions:
             # The grids predict their instances again: on the accelerator the test loop used (its
             # teardown moved the network to the CPU) and in its precision, as the scored predictions.
-            module.to(trainer.strategy.root_device)
+            module.net.to(trainer.strategy.root_device)  # the network only: metric states stay put
         with trainer.precision_plugin.test_step_context():
             grids = write_grids(args.out, module, dataset, count=args.grid_count, saved=args.save_predictions)
     report = report_markdown(doc, grids=grids, out=args.out)

@@ -162,12 +162,6 @@ class EvalDataset(Dataset):
                     f"{record.where}: trimap {record.trimap.name} is {trimap.shape[1]}x{trimap.shape[0]} "
                     f"(WxH) but matte {record.matte_relpath} is {alpha.shape[1]}x{alpha.shape[0]}"
                 )
-            values = np.unique(trimap)
-            if not np.isin(values, TRIMAP_VALUES).all() or TRIMAP_VALUES[1] not in values:
-                raise EvalDataError(
-                    f"{record.where}: trimap {record.trimap.name} must hold 0 (background), 128 (unknown) "
-                    f"and 255 (foreground), with at least one 128, got values {values.tolist()[:8]}"
-                )
         full = record.prompt if record.prompt is not None else self._derived_prompt(record, alpha)
         wanted = {"point": ("points",), "box": ("box",), "both": ("points", "box")}[self.prompt]
         return {
@@ -396,6 +390,25 @@ def _folder_records(folder: Path, format: str) -> list[EvalRecord]:
             )
         )
     return records
+
+
+def check_trimaps(records: Sequence[EvalRecord]) -> None:
+    """Check that every trimap holds only 0, 128 and 255, with some 128 (the dim protocol scores the
+    unknown region only: a trimap without one, or an interpolated one, would score 0 or mix regions).
+
+    Raises:
+        EvalDataError: naming the first trimap that does not.
+    """
+    for record in records:
+        if record.trimap is None:
+            continue
+        with Image.open(record.trimap) as img:
+            values = np.unique(np.asarray(img.convert("L")))
+        if not np.isin(values, TRIMAP_VALUES).all() or TRIMAP_VALUES[1] not in values:
+            raise EvalDataError(
+                f"{record.where}: trimap {record.trimap.name} must hold 0 (background), 128 (unknown) "
+                f"and 255 (foreground), with at least one 128, got values {values.tolist()[:8]}"
+            )
 
 
 def _find(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None:
