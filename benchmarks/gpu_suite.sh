@@ -5,21 +5,25 @@
 #
 #   OUT=results/ BUDGET_S=520 bash benchmarks/gpu_suite.sh
 #
-# First the GPU tests of the Triton kernel (gpu_tests.txt), then the steps, most informative first (each JSON file is the script's own report, its stdout; log.txt has
-# their stderr). The run of 2026-11-26 (docs/benchmarks.md, run A) used this script as of commit 7c24d85;
-# the steps below are the next ones to measure:
+# First the GPU tests of the Triton kernel (gpu_tests.txt), then the steps: those that decide issue 8's
+# targets first, each with stock segment-anything measured in the same process, then the diagnostics
+# (each JSON file is the script's own report, its stdout; log.txt has their stderr). The run of
+# 2026-11-26 (docs/benchmarks.md, run A) used this script as of commit 7c24d85; the steps now are:
+#   preprocess.json          set_image's host-side preprocessing: Pillow vs torchvision on the GPU
+#   train_compile.json       training, batch 8 bf16, compiled: stock, sdpa_fold and triton_relpos (with
+#                            channels-last and fused AdamW), profiled
+#   latency_compile.json     predictor: stock SAM fp32 + bf16, ZIM plain fp32, ZIM sdpa_fold and
+#                            triton_relpos in bf16, channels-last, submodules compiled
+#   train_eager.json         training, eager: stock, sdpa_fold, triton_relpos, each also checkpointed
+#   latency_graphs.json      predictor: stock, ZIM sdpa_fold with encode_image and decode each compiled
+#                            whole under CUDA graphs (reduce-overhead, --compile-scope calls), profiled
 #   attention_layer.json     one global attention layer (batch 8, bf16): eager, sdpa_fold, triton_relpos
 #                            (autotuned; its chosen tiles), and bias-free flash attention as the ceiling
 #   attention_windows.json   the same for a batch of 14x14 windows (the windowed blocks), with sdpa too
 #   attention_cudnn.json     the global layer again with cuDNN attention forced for sdpa and sdpa_fold
-#   train_eager.json         training, batch 8 bf16: stock, sdpa_fold, triton_relpos (+ checkpointing)
-#   train_relpos_compile.json    training: triton_relpos + channels-last + fused AdamW + compile, profiled
-#   latency_relpos.json      predictor: stock SAM fp32 + bf16, ZIM plain fp32, ZIM triton_relpos compiled
-#   latency_graphs.json      predictor: ZIM sdpa_fold, encode_image and decode each compiled whole with
-#                            CUDA graphs (reduce-overhead, --compile-scope calls), profiled
-#   train_fold_compile.json  training: sdpa_fold + channels-last + fused AdamW + compile, profiled
 #   build_forward.json       SA1B-Matte build: the Hiera-B+ converter's forward, bf16, crop 1024,
 #                            channels-last and compiled
+# A failed Triton test leaves triton_relpos out of every step.
 #   report.md                all of the above as Markdown tables, and issue 8's targets checked
 #                            (benchmarks/suite_report.py)
 #
@@ -128,8 +132,22 @@ if ((tests_rc != 0)); then
   echo "[suite] the Triton kernel failed its GPU tests: triton_relpos is left out of the steps" | tee -a "$log"
 fi
 
+# The steps that decide issue 8's targets come first, each with stock segment-anything measured in the
+# same process (the issue's condition); the attention-layer diagnostics after them.
 # Host-side preprocessing of set_image (Pillow vs torchvision on the device): seconds
 step preprocess 40 benchmarks/preprocess_latency.py --device "$device"
+# Fine-tuning, compiled: stock, the best measured path (sdpa_fold) and the Triton kernel
+step train_compile 240 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
+  --configs "stock,sdpa_fold+cl+fused$compile_switch${relpos:+,triton_relpos+cl+fused$compile_switch}" --profile 3
+# Interactive latency, submodules compiled: stock (fp32 and bf16), the best measured path, the Triton kernel
+step latency_compile 150 benchmarks/predictor_latency.py "${common[@]}" "${lat[@]}" \
+  --attention "sdpa_fold${relpos:+,$relpos}" --compile "$latency_compile"
+# Activation checkpointing (the 16 GiB target) and the eager paths
+step train_eager 120 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
+  --configs "stock,sdpa_fold+cl+fused,sdpa_fold+cl+fused+ckpt${relpos:+,triton_relpos+cl+fused,triton_relpos+cl+fused+ckpt}"
+# CUDA graphs: encode_image and decode compiled whole (speed.compile_inference), one replay per call
+step latency_graphs 120 benchmarks/predictor_latency.py "${common[@]}" "${lat[@]}" \
+  --attention sdpa_fold --compile "$latency_graphs" --compile-scope calls --profile 3
 step attention_layer 75 benchmarks/attention_layer.py "${layer[@]}" --backends eager,sdpa_fold,${relpos:+$relpos,}sdpa_nobias
 # The windowed blocks (14x14 windows, 25 per image: 200 at batch 8): the fold, the dense-mask sdpa, and
 # the Triton kernel with 14 of 16 keys per tile.
@@ -138,22 +156,6 @@ step attention_windows 50 benchmarks/attention_layer.py "${window[@]}" --backend
 # unequal widths of the fold): a faster kernel for the existing paths, if cuDNN takes them.
 step attention_cudnn 45 benchmarks/attention_layer.py "${layer[@]}" --backends eager,sdpa,sdpa_fold,sdpa_nobias \
   --sdpa-kernel "$cudnn"
-if [[ -n $relpos ]]; then
-  step train_eager 120 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
-    --configs stock,sdpa_fold+cl+fused,triton_relpos+cl+fused,triton_relpos+cl+fused+ckpt
-  step train_relpos_compile 150 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
-    --configs "triton_relpos+cl+fused$compile_switch" --profile 3
-  step latency_relpos 130 benchmarks/predictor_latency.py "${common[@]}" "${lat[@]}" \
-    --attention triton_relpos --compile "$latency_compile"
-else
-  step train_eager 120 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
-    --configs stock,sdpa_fold+cl+fused,sdpa_fold+cl+fused+ckpt
-fi
-# CUDA graphs: encode_image and decode compiled whole (speed.compile_inference), one replay per call
-step latency_graphs 120 benchmarks/predictor_latency.py "${common[@]}" "${lat[@]}" --skip-stock \
-  --attention sdpa_fold --compile "$latency_graphs" --compile-scope calls --profile 3
-step train_fold_compile 150 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
-  --configs "sdpa_fold+cl+fused$compile_switch" --profile 3
 step build_forward 90 benchmarks/build_throughput.py "${build[@]}" --skip cpu end_to_end
 echo "[suite] done in $(($(date +%s) - start))s" | tee -a "$log"
 # every figure as Markdown tables and issue 8's targets checked (nothing measured here)

@@ -46,6 +46,8 @@ from zim_lightning.models.vit_attention import ATTENTION_BACKENDS
 from zim_lightning.models.zim import Zim
 
 BATCHED_BOXES = 16
+#: Standard deviation of the plain path's one-box logits under the benchmark's weights (see build_zim).
+LOGIT_STD = 6.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -220,10 +222,30 @@ def run_config(
     return result
 
 
-def build_zim(args: argparse.Namespace, device: torch.device, attention: str) -> torch.nn.Module:
+def build_zim(
+    args: argparse.Namespace, device: torch.device, attention: str, *, logit_scale: float = 1.0
+) -> torch.nn.Module:
+    """The same ZIM for every configuration, with weights under which the alpha agreement means something.
+
+    Random weights alone would make it meaningless: SAM initialises the relative-position tables to
+    zero, so the attention backends' handling of the bias (what sdpa, sdpa_fold, flex and triton_relpos
+    do differently) would not count at all; and a random decoder's logits stay within about +-0.5, so
+    every alpha is near 0.5 and even a broken encoder passes. So the tables are drawn from N(0, 0.5),
+    and the mask hypernetworks' last layers (the logits are linear in them) are scaled by
+    ``logit_scale``, which :func:`main` picks so that the plain path's logits spread to alphas near 0
+    and 1.
+    """
     torch.manual_seed(args.seed)
-    zim = Zim(**ZIM_VARIANTS[args.model], image_size=args.image_size).to(device).eval()
-    return speed.set_attention(zim, attention)
+    zim = Zim(**ZIM_VARIANTS[args.model], image_size=args.image_size).eval()
+    generator = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        for name, parameter in zim.named_parameters():
+            if "rel_pos" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+        for mlp in zim.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(logit_scale)
+            mlp.layers[-1].bias.mul_(logit_scale)
+    return speed.set_attention(zim.to(device), attention)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,16 +278,33 @@ def main(argv: list[str] | None = None) -> int:
             del sam
             speed.release_memory(device)
 
-    plain = build_zim(args, device, "eager")
+    # the logit scale that spreads the plain path's one-box logits to a standard deviation of LOGIT_STD
+    probe = build_zim(args, device, "eager")
+    with torch.no_grad():
+        embedding, feats = probe.encode_image(image)
+        coords, labels = box_prompts(boxes[:1])
+        logits, _ = probe.decode(embedding, feats, coords, labels)
+    logit_scale = LOGIT_STD / max(float(logits.float().std()), 1e-6)
+    report["logit_scale"] = logit_scale
+    del probe, embedding, feats, logits
+    speed.release_memory(device)
+
+    plain = build_zim(args, device, "eager", logit_scale=logit_scale)
     plain_calls = ours_calls(plain, image, boxes, "fp32")
     add(run_config("zim/eager/fp32", plain_calls, device, args))
     plain_calls["set_image"]()
     plain_alpha = torch.from_numpy(plain_calls["one_box"]())
+    # the agreement is judged against the alpha's own spread: MSE 1e-4 means little if alpha barely varies
+    report["plain_alpha"] = {
+        "variance": plain_alpha.var().item(),
+        "fraction_below_0.1": (plain_alpha < 0.1).float().mean().item(),
+        "fraction_above_0.9": (plain_alpha > 0.9).float().mean().item(),
+    }
     del plain, plain_calls
     speed.release_memory(device)
 
     for attention in args.attention:
-        zim = build_zim(args, device, attention)
+        zim = build_zim(args, device, attention, logit_scale=logit_scale)
         switches = [attention, args.precision]
         if not args.no_channels_last:
             speed.to_channels_last(zim)

@@ -236,6 +236,13 @@ def build(
         model = speed.build_stock_sam(args.model, image_size=args.image_size)
     else:
         model = Zim(**ZIM_VARIANTS[args.model], image_size=args.image_size)
+        # SAM starts the relative-position tables at zero: drawn here, so that the final losses, which
+        # agree across ZIM configurations, also check each attention backend's bias and its gradients
+        generator = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "rel_pos" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
         speed.set_attention(model, "eager" if plain else config.base)
         speed.set_activation_checkpointing(model, config.checkpointing and not plain)
     model = model.to(device).train()
