@@ -127,32 +127,21 @@ def check_targets(reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
             (value(row), step, row) for step, row in candidates if not failure(row) and value(row) is not None
         ]
         pick = max if better in ("higher", "worst") else min
+
+        def outcome(status: str, got: float, step: str, row: dict[str, Any]) -> dict[str, Any]:
+            gpu = reports[step]["environment"]["gpu"]
+            return {"status": status, "value": got, "target": target, "config": row["config"], "step": step,
+                    "gpu": gpu, "failed": failed}  # fmt: skip
+
         if not scored:
             outside = [(value(row), step, row) for step, row, _ in excluded if value(row) is not None]
             if not outside:
                 return {"status": "not measured", "value": None, "target": target, "failed": failed}
-            got, step, row = pick(outside, key=lambda item: item[0])
-            return {
-                "status": "missed",
-                "value": got,
-                "target": target,
-                "config": row["config"],
-                "step": step,
-                "gpu": reports[step]["environment"]["gpu"],
-                "failed": failed,
-            }
+            return outcome("missed", *pick(outside, key=lambda item: item[0]))
         broken = [item for item in scored if not math.isfinite(item[0])]
         got, step, row = broken[0] if broken else pick(scored, key=lambda item: item[0])
         met = math.isfinite(got) and (got >= target if better == "higher" else got <= target)
-        return {
-            "status": "met" if met else "missed",
-            "value": got,
-            "target": target,
-            "config": row["config"],
-            "step": step,
-            "gpu": reports[step]["environment"]["gpu"],
-            "failed": failed,
-        }
+        return outcome("met" if met else "missed", got, step, row)
 
     def mse(row: dict[str, Any]) -> float | None:
         return row.get("alpha_mse_vs_plain_fp32")
