@@ -191,9 +191,14 @@ def test_decode_image_reduces_large_jpegs_and_rejects_corrupt_ones():
     assert decode_image(data, key="a").shape == (300, 520, 3)
     reduced = decode_image(data, key="a", max_side=128)  # 520 >= 4 * 128: DCT scale 1/4
     assert reduced.shape == (75, 130, 3)
-    check_decoded_size(reduced, (300, 520), key="a")
+    check_decoded_size(reduced, (300, 520), key="a", max_side=128)
     with pytest.raises(CorruptSample):
-        check_decoded_size(reduced, (310, 520), key="a")
+        check_decoded_size(reduced, (310, 520), key="a", max_side=128)
+    # a smaller image is a bad pair wherever no reduced decode was asked for, or not this one
+    with pytest.raises(CorruptSample, match="image is 130x75, its labels say 520x300"):
+        check_decoded_size(reduced, (300, 520), key="a")
+    with pytest.raises(CorruptSample):
+        check_decoded_size(reduced, (300, 520), key="a", max_side=64)  # would be 1/8
     assert decode_image(data, key="a", max_side=300).shape == (300, 520, 3)  # under 2x: full decode
     with pytest.raises(CorruptSample, match="broken") as caught:
         decode_image(data[: len(data) // 2], key="broken")

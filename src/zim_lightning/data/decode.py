@@ -13,7 +13,14 @@ from PIL import Image
 
 from zim_lightning.data.skips import CorruptSample
 
-__all__ = ["GRAY_16_BIT_MODES", "check_decoded_size", "decode_gray", "decode_image", "scale_16_bit"]
+__all__ = [
+    "GRAY_16_BIT_MODES",
+    "check_decoded_size",
+    "decode_gray",
+    "decode_image",
+    "jpeg_reduction",
+    "scale_16_bit",
+]
 
 #: Pillow modes of 16-bit grayscale PNGs (values 0..65535).
 GRAY_16_BIT_MODES: tuple[str, ...] = ("I;16", "I;16B", "I;16L", "I")
@@ -40,10 +47,7 @@ def decode_image(data: bytes, *, key: str, max_side: int | None = None) -> np.nd
         with Image.open(io.BytesIO(data)) as image:
             if max_side is not None and image.format == "JPEG":
                 width, height = image.size
-                scale = max(width, height) / max_side
-                reduction = 1
-                while reduction < 8 and scale >= 2 * reduction:
-                    reduction *= 2
+                reduction = jpeg_reduction((height, width), max_side)
                 if reduction > 1:
                     # draft() picks the largest DCT scale whose output is still >= the requested size.
                     image.draft("RGB", (-(-width // reduction), -(-height // reduction)))
@@ -96,14 +100,28 @@ def decode_gray(data: bytes, *, key: str) -> np.ndarray:
     return gray
 
 
-def check_decoded_size(image: np.ndarray, original_size: tuple[int, int], *, key: str) -> None:
-    """Check that a (possibly reduced) decode matches an original (H, W) at scale 1, 1/2, 1/4 or 1/8.
+def jpeg_reduction(size: tuple[int, int], max_side: int) -> int:
+    """The DCT scale divisor (1, 2, 4 or 8) :func:`decode_image` uses for a JPEG of (H, W) = ``size``: the
+    largest that keeps the longest side at least ``max_side``."""
+    scale = max(size) / max_side
+    reduction = 1
+    while reduction < 8 and scale >= 2 * reduction:
+        reduction *= 2
+    return reduction
+
+
+def check_decoded_size(
+    image: np.ndarray, original_size: tuple[int, int], *, key: str, max_side: int | None = None
+) -> None:
+    """Check that a decode matches an original (H, W): exactly, or, for a :func:`decode_image` with
+    ``max_side``, at the one reduced JPEG scale it would have picked.
 
     Raises:
-        CorruptSample: if the image is not the original size at any of those scales.
+        CorruptSample: if the image is not the original size (at that scale).
     """
     height, width = original_size
-    for reduction in (1, 2, 4, 8):
+    allowed = {1} if max_side is None else {1, jpeg_reduction(original_size, max_side)}
+    for reduction in sorted(allowed):
         if image.shape[:2] == (-(-height // reduction), -(-width // reduction)):
             return
     raise CorruptSample(

@@ -64,7 +64,7 @@ def decode_matting(sample: dict, *, max_side: int | None = None) -> tuple[np.nda
     if not alpha.any():
         raise CorruptSample("empty alpha", key=key, reason="empty_mask")
     image = decode_image(_image(sample), key=key, max_side=max_side)
-    check_decoded_size(image, alpha.shape, key=key)
+    check_decoded_size(image, alpha.shape, key=key, max_side=max_side)
     return image, alpha
 
 

@@ -209,7 +209,7 @@ class ZimSampleProcessor:
             alphas = [decode_matte(sample, a, key=key, image_size=originals) for a in picked]
             keys = [f"{key}.{a['id']}" for a in picked]
             image = decode_image(sample["jpg"], key=key, max_side=self.image_size)
-            check_decoded_size(image, originals, key=key)
+            check_decoded_size(image, originals, key=key, max_side=self.image_size)
         else:
             raise CorruptSample(
                 f"expected {key}.alpha.png, or {key}.jpg with an SA1B-Matte {key}.json, found {sorted(sample)}",
