@@ -342,6 +342,24 @@ def test_training_stops_with_an_error_when_no_batch_can_come(shards, tmp_path, m
     assert data.skip_counts()["truncated_tar"] == 1000
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_epochs_continue_the_stream_to_the_end_of_each_shard(tmp_path, num_workers):
+    # One shard of 24 samples, 2 per batch, 3 batches per epoch: were every epoch to start a new stream,
+    # it would redraw the shard and read it from its first sample, never reaching the end.
+    rng = np.random.default_rng(5)
+    members = []
+    for i in range(24):
+        image, alpha = scene(rng, 40, 40)
+        members += matting_members(f"m{i:02d}", image, alpha)
+    shard = write_tar(tmp_path / "matting-000000.tar", members)
+    data = module(stage="converter", train_shards=[str(shard)], stl=False, num_workers=num_workers)
+    loader = data.train_dataloader()
+    seen = [key for _ in range(8) for batch in loader for key in batch["key"]]
+    assert len(seen) == 48
+    positions = sorted({int(key[1:]) for key in seen})
+    assert positions[-1] >= 20 and len(positions) >= 20, positions
+
+
 class KeyRecorder(L.LightningModule):
     """Records the sample keys of every training batch, per epoch."""
 

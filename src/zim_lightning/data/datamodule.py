@@ -23,7 +23,7 @@ Corrupt samples are skipped with one warning and counted in :attr:`ZimDataModule
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 
 import lightning as L
@@ -60,11 +60,12 @@ MAX_CONSECUTIVE_SKIPS = 1000
 class EpochSeeds:
     """The seeds of one training pipeline stage, one independent stream per epoch.
 
-    A stream is keyed by (run seed, rank, DataLoader worker, epoch, stage), so a run is reproducible and
-    every epoch draws anew. Each stage object is iterated once per epoch (in its worker), and counts
-    epochs itself. A resumed run starts counting at the restored epoch and adds the restored global step
-    to the key, so it neither replays epoch 0's stream nor, after a mid-epoch restart, the interrupted
-    epoch's first batches.
+    A stream is keyed by (run seed, rank, DataLoader worker, epoch, stage), so a run is reproducible.
+    Each stage object counts the iterations of its pipeline itself. A training loader iterates its
+    pipeline once per process (:class:`ContinuingStream`: epochs continue one stream); a pipeline
+    iterated again (e.g. ``train_dataset()`` read twice) draws anew. A resumed run starts counting at
+    the restored epoch and adds the restored global step to the key, so it neither replays the first
+    run's stream nor, after a mid-epoch restart, the interrupted epoch's first batches.
 
     Args:
         seed: run seed.
@@ -83,6 +84,28 @@ class EpochSeeds:
         worker, _ = worker_info()
         entropy = [self.seed, self.rank, worker, self.epoch, stream]
         return np.random.SeedSequence(entropy + [self.resume_step] if self.resume_step else entropy)
+
+
+class ContinuingStream(torch.utils.data.IterableDataset):
+    """A training pipeline iterated once per process for the whole run, however many epochs cut it.
+
+    ``with_epoch`` starts a new DataLoader iteration at every epoch, and each worker (persistent) or the
+    main process (no workers) then asks its dataset for a new iterator. A fresh pipeline iterator would
+    draw new shards and read them from their first sample, so every epoch would see only the first
+    batches of a few shards and most of each shard never. This dataset hands out the same running
+    iterator instead: every epoch continues where the last stopped (the batches a worker had prefetched
+    when the epoch ended are dropped by the DataLoader).
+    """
+
+    def __init__(self, pipeline: Iterable[dict]) -> None:
+        super().__init__()
+        self.pipeline = pipeline
+        self._stream: Iterator[dict] | None = None
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._stream is None:
+            self._stream = iter(self.pipeline)
+        return self._stream
 
 
 class ResampleShards:
@@ -414,11 +437,16 @@ class ZimDataModule(L.LightningDataModule):
         workers = max(1, self.num_workers)
         split = len(urls) >= world_size * workers
         if not split:
-            log.info(
-                "%d shards for %d ranks x %d workers: every worker resamples from all shards with its own seed",
+            # Workers that draw the same shard at the same time read the same samples in the same order
+            # (each shard is read from its first sample): only the shuffle buffer separates them.
+            log.warning(
+                "%d shards for %d ranks x %d workers: every worker resamples from all shards with its own "
+                "seed, and workers that draw the same shard together send the same samples in the same "
+                "steps; write at least %d shards (smaller ones) to give each worker its own",
                 len(urls),
                 world_size,
                 workers,
+                world_size * workers,
             )
         stages = [wds.SimpleShardList(urls)]  # {"url"} for every shard, in order
         if split:
@@ -468,13 +496,14 @@ class ZimDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> wds.WebLoader:
-        """Endless resampled stream cut into epochs of ``batches_per_epoch`` batches (``with_epoch``)."""
+        """Endless resampled stream cut into epochs of ``batches_per_epoch`` batches (``with_epoch``); each
+        epoch continues the stream of the last (:class:`ContinuingStream`)."""
         loader = wds.WebLoader(
-            self.train_dataset(),
+            ContinuingStream(self.train_dataset()),
             batch_size=None,  # batching happens in the workers
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,  # workers keep their epoch counters (new draws)
+            persistent_workers=self.num_workers > 0,  # workers keep their streams across epochs
         )
         return loader.with_epoch(self.batches_per_epoch).with_length(self.batches_per_epoch, silent=True)
 
