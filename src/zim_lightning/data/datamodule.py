@@ -114,7 +114,8 @@ class ResampleShards:
     This is webdataset's ``resampled=True`` placed after the explicit rank and worker split, so each
     worker draws from its own disjoint subset of shards (or from all shards when there are fewer shards
     than workers, see :meth:`ZimDataModule.train_dataloader`). Draws are seeded per (seed, rank, worker,
-    epoch), so a run is reproducible and every epoch draws a new order.
+    iteration; see :class:`EpochSeeds`), so a run is reproducible; a training loader iterates it once
+    and its epochs continue the draws (:class:`ContinuingStream`).
 
     Args:
         seeds: this stage's per-epoch seeds.
