@@ -137,7 +137,10 @@ class MattingModule(LightningModule):
         for name, value in values.items():
             metric = metrics[name]
             if not train:
-                metric.update(value.detach().float())
+                # A scalar is pooled over its batch: weighted by the batch's size, so that the epoch's value
+                # does not depend on how the partial batches fell (per-sample vectors weigh 1 per sample)
+                value = value.detach().float()
+                metric.update(value, weight=batch_size if value.ndim == 0 else 1.0)
                 continue
             # forward, not update: Lightning logs the batch value on steps and the running mean on epochs
             metric(value.detach().float())
