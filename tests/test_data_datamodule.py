@@ -360,6 +360,29 @@ def test_epochs_continue_the_stream_to_the_end_of_each_shard(tmp_path, num_worke
     assert positions[-1] >= 20 and len(positions) >= 20, positions
 
 
+def test_zim_samples_keep_image_and_alpha_aligned_through_the_reduced_decode(tmp_path):
+    # A large checkerboard: its JPEG is decoded at 1/8 scale (DCT) for the 256 frame, its alpha resized
+    # from full size; the two must land on the same pixels (a shift or a one-sided flip would show).
+    height, width = 2100, 2800
+    yy, xx = np.mgrid[:height, :width]
+    board = (((yy // 140) + (xx // 140)) % 2 * 255).astype(np.uint8)
+    members = matting_members("board", np.repeat(board[..., None], 3, axis=2), board)
+    shard = write_tar(tmp_path / "matting-000000.tar", members)
+    data = module(stage="zim", train_shards=[str(shard)], val_shards=[str(shard)], image_size=256)
+    batch = next(iter(data.val_dataloader()))
+    h, w = batch["input_size"][0].tolist()
+    assert (h, w) == (192, 256)
+    image = batch["image"][0, 0, :h, :w].float() / 255
+    alpha = batch["alpha"][0, 0, :h, :w]
+
+    def error(dy: int, dx: int) -> float:
+        shifted = torch.roll(image, shifts=(dy, dx), dims=(0, 1))
+        return (shifted - alpha)[2:-2, 2:-2].abs().mean().item()
+
+    assert error(0, 0) < 0.02
+    assert min(error(dy, dx) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1))) > 2 * error(0, 0)
+
+
 class KeyRecorder(L.LightningModule):
     """Records the sample keys of every training batch, per epoch."""
 

@@ -114,14 +114,15 @@ def check_decoded_size(
     image: np.ndarray, original_size: tuple[int, int], *, key: str, max_side: int | None = None
 ) -> None:
     """Check that a decode matches an original (H, W): exactly, or, for a :func:`decode_image` with
-    ``max_side``, at the one reduced JPEG scale it would have picked.
+    ``max_side``, at a reduced JPEG scale up to the one it asks for (Pillow's ``draft`` may pick a
+    smaller reduction when the requested size rounds up).
 
     Raises:
-        CorruptSample: if the image is not the original size (at that scale).
+        CorruptSample: if the image is not the original size (at such a scale).
     """
     height, width = original_size
-    allowed = {1} if max_side is None else {1, jpeg_reduction(original_size, max_side)}
-    for reduction in sorted(allowed):
+    largest = 1 if max_side is None else jpeg_reduction(original_size, max_side)
+    for reduction in (r for r in (1, 2, 4, 8) if r <= largest):
         if image.shape[:2] == (-(-height // reduction), -(-width // reduction)):
             return
     raise CorruptSample(
