@@ -148,6 +148,20 @@ def test_small_regions_are_removed_and_holes_filled(model: torch.nn.Module) -> N
     assert boxes[0].tolist() == [5.0, 5.0, 29.0, 29.0]
 
 
+def test_a_removed_island_goes_with_its_soft_edge(model: torch.nn.Module) -> None:
+    generator = ZimAutomaticMatteGenerator(model, points_per_side=1, min_mask_region_area=50, **NO_FILTER)
+    yy, xx = np.mgrid[:60, :60]
+
+    def soft_disc(cy: float, cx: float, radius: float) -> np.ndarray:
+        return np.clip(radius + 0.5 - np.hypot(yy - cy, xx - cx), 0, 1) * 255 * 0.98
+
+    object_, island = soft_disc(20, 20, 12), soft_disc(48, 48, 3)
+    alpha = torch.from_numpy(np.maximum(object_, island).round().astype(np.uint8))
+    (cleaned,), _, _ = generator._clean_regions([alpha], torch.tensor([[8.0, 8.0, 51.0, 51.0]]))
+    assert (cleaned[40:, 40:] == 0).all()  # the island's soft edge too, not only its pixels above 0.5
+    assert torch.equal(cleaned[:36, :36], alpha[:36, :36])  # the object keeps its own soft edge
+
+
 def test_presets_and_bad_settings(model: torch.nn.Module) -> None:
     fast = ZimAutomaticMatteGenerator.from_preset(model, "fast", points_per_batch=8)
     assert len(fast.point_grids[0]) == PRESETS["fast"].points_per_side ** 2 and fast.points_per_batch == 8
@@ -157,6 +171,11 @@ def test_presets_and_bad_settings(model: torch.nn.Module) -> None:
         ZimAutomaticMatteGenerator.from_preset(model, "best")
     with pytest.raises(ValueError, match="points_per_side"):
         ZimAutomaticMatteGenerator(model, points_per_side=0)
+    for name, value in (("box_nms_thresh", -0.1), ("pred_iou_thresh", 1.5), ("mask_dedupe_iou_thresh", 2.0)):
+        with pytest.raises(ValueError, match=rf"{name}: expected in \[0, 1\], got {value}"):
+            ZimAutomaticMatteGenerator(model, **{name: value})
+    with pytest.raises(ValueError, match="min_mask_region_area: expected 0 or more"):
+        ZimAutomaticMatteGenerator(model, min_mask_region_area=-1)
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         fast.generate(np.zeros((8, 8), np.uint8))
 
@@ -178,7 +197,7 @@ def test_patches_are_placed_in_the_full_frame(model: torch.nn.Module) -> None:
 DISC_RADIUS = 60.0  # pixels of the 1024 frame
 
 
-def _disc_decoder(net: torch.nn.Module) -> torch.nn.Module:
+def _disc_decoder(net: torch.nn.Module, radius: float = DISC_RADIUS) -> torch.nn.Module:
     """The tiny network with a decoder that mattes a disc around each prompt's first point.
 
     Random weights give mattes that fill the frame, which the crop-edge filter drops, so no crop layer's
@@ -190,7 +209,7 @@ def _disc_decoder(net: torch.nn.Module) -> torch.nn.Module:
         centres = (torch.arange(side, dtype=torch.float32) + 0.5) * net.output_stride
         dy = centres[None, :, None] - point_coords[:, 0, 1, None, None]
         dx = centres[None, None, :] - point_coords[:, 0, 0, None, None]
-        logits = (DISC_RADIUS - (dx.square() + dy.square()).sqrt()).clamp(-10, 10)[:, None]
+        logits = (radius - (dx.square() + dy.square()).sqrt()).clamp(-10, 10)[:, None]
         count = 4 if multimask_output else 1
         return logits.expand(-1, count, -1, -1), torch.ones(len(logits), count)
 
@@ -222,6 +241,47 @@ def test_every_layers_mattes_land_on_their_prompt_in_the_full_image() -> None:
         assert abs(xs.mean() - px) < 1.5 and abs(ys.mean() - py) < 1.5, (record["crop_box"], px, py)
         radius = DISC_RADIUS * max(w, h) / 1024
         assert len(xs) == pytest.approx(np.pi * radius**2, rel=0.1)
+
+
+def test_crop_mattes_cut_by_an_inner_crop_edge_are_dropped() -> None:
+    torch.manual_seed(0)
+    photo = np.ascontiguousarray(data.coffee())
+    height, width = photo.shape[:2]
+    # discs of radius 800 in a crop's 1024 frame reach past the crop's inner edges from every grid point
+    generator = ZimAutomaticMatteGenerator(
+        _disc_decoder(zim_model_registry["tiny"]().eval(), radius=800.0),
+        points_per_side=2,
+        crop_n_layers=1,
+        multimask_output=False,
+        box_nms_thresh=1.0,
+        crop_nms_thresh=1.0,
+        **NO_FILTER,
+    )
+    records = generator.generate(photo)
+    assert records and {tuple(r["crop_box"]) for r in records} == {(0, 0, width, height)}
+
+
+def test_stability_score_is_the_alphas_and_cleanup_and_dedupe_run_in_generate() -> None:
+    torch.manual_seed(0)
+    photo = np.ascontiguousarray(data.coffee()[::2, ::2])
+    generator = ZimAutomaticMatteGenerator(
+        _disc_decoder(zim_model_registry["tiny"]().eval()),
+        points_per_side=3,
+        multimask_output=True,  # four identical discs per point: the dedupe keeps one
+        box_nms_thresh=1.0,
+        stability_score_offset=0.3,
+        min_mask_region_area=20,
+        mask_dedupe_iou_thresh=0.9,
+        **NO_FILTER,
+    )
+    records = generator.generate(photo)
+    assert len(records) == 9  # one per grid point
+    for record in records:
+        alpha = record["alpha"]
+        expected = (alpha > 0.8).sum() / (alpha > 0.2).sum()  # SAM's score at 0.5 +- the offset
+        assert record["stability_score"] == pytest.approx(expected, abs=0.02)
+        ys, xs = np.nonzero(alpha > 0.5)
+        assert record["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]
 
 
 def test_cli_writes_mattes_and_a_matching_index(tmp_path: Path, photo: np.ndarray) -> None:
@@ -279,6 +339,33 @@ def test_write_results_leaves_no_mattes_of_an_earlier_run(tmp_path: Path, photo:
     write_results(tmp_path, photo, [record, record, record], {"image": "a.png"})
     index = write_results(tmp_path, photo, [record], {"image": "b.png"})
     assert sorted(p.name for p in tmp_path.glob("matte_*.png")) == [o["file"] for o in index["objects"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "matte_000.png", "overlay.png"]
+
+
+def test_an_interrupted_rerun_leaves_the_earlier_results_whole(
+    tmp_path: Path, photo: np.ndarray, monkeypatch
+) -> None:
+    def record(x: int) -> dict:
+        alpha = np.zeros(photo.shape[:2], np.float32)
+        alpha[10:20, x : x + 10] = 1.0
+        return {"alpha": alpha, "bbox": [x, 10, 9, 9], "area": 100, "predicted_iou": 1.0,
+                "stability_score": 1.0, "point_coords": [[x, 10]], "crop_box": [0, 0, 1, 1]}  # fmt: skip
+
+    write_results(tmp_path, photo, [record(0), record(30), record(60)], {"image": "a.png"})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_save = Image.Image.save
+    calls = []
+
+    def failing_save(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        write_results(tmp_path, photo, [record(100), record(120)], {"image": "b.png"})
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no staging folder left either
 
 
 def test_cli_rejects_bad_settings_with_a_usage_error(tmp_path: Path, photo: np.ndarray, capsys) -> None:

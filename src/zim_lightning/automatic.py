@@ -16,12 +16,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
+from PIL import Image
 from segment_anything.utils.amg import (
     batch_iterator,
     batched_mask_to_box,
@@ -57,7 +61,9 @@ class Preset:
 
 #: ``fast``: a 16x16 grid and no crops, for CPU and the tiny model; ``quality``: SAM's 32x32 grid,
 #: larger decoder batches and one crop layer, for a GPU and a real checkpoint. A decoder batch holds
-#: points_per_batch x 4 float32 mattes at the image's size (32 x 4 x 12 MP x 4 bytes, about 6 GB), hence 32, not 64.
+#: points_per_batch x 4 float32 mattes at the image's size (32 x 4 x 12 MP x 4 bytes, about 6 GB, and
+#: about twice that at the peak, while the kept ones are copied), hence 32, not 64. Each returned object
+#: is a float32 matte at the image's size (48 MB at 12 MP).
 PRESETS: dict[str, Preset] = {
     "fast": Preset(
         points_per_side=16,
@@ -151,6 +157,18 @@ class ZimAutomaticMatteGenerator:
             raise ValueError(f"crop_n_layers: expected 0 or more, got {crop_n_layers}")
         if not 0.0 < stability_score_offset < BINARIZE_THRESHOLD:
             raise ValueError(f"stability_score_offset: expected in (0, 0.5), got {stability_score_offset}")
+        fractions = {
+            "pred_iou_thresh": pred_iou_thresh,
+            "stability_score_thresh": stability_score_thresh,
+            "box_nms_thresh": box_nms_thresh,
+            "crop_nms_thresh": crop_nms_thresh,
+            "mask_dedupe_iou_thresh": 0.0 if mask_dedupe_iou_thresh is None else mask_dedupe_iou_thresh,
+        }
+        for name, value in fractions.items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}: expected in [0, 1], got {value}")
+        if min_mask_region_area < 0:
+            raise ValueError(f"min_mask_region_area: expected 0 or more, got {min_mask_region_area}")
         self.predictor = ZimPredictor(model)
         # Normalised [0, 1] (X, Y) grids, one per crop layer.
         self.point_grids = build_all_layer_point_grids(
@@ -246,7 +264,8 @@ class ZimAutomaticMatteGenerator:
             )
 
         records = []
-        for index, alpha in enumerate(full):
+        for index in range(len(full)):
+            alpha, full[index] = full[index], None  # each uint8 matte is released once converted
             x1, y1, x2, y2 = boxes_t[index].tolist()
             cx1, cy1, cx2, cy2 = crops_t[index].int().tolist()
             records.append(
@@ -366,7 +385,13 @@ class ZimAutomaticMatteGenerator:
             result, changed_islands = remove_small_regions(filled, self.min_mask_region_area, mode="islands")
             alpha = alpha.clone()
             alpha[torch.from_numpy(result & ~binary)] = 255  # filled holes become foreground
-            alpha[torch.from_numpy(binary & ~result)] = 0  # removed islands become background
+            removed = binary & ~result
+            if removed.any():
+                # a removed island goes with its soft edge (alpha up to 0.5): every part of the matte's
+                # support that held removed pixels and no kept one
+                _, parts = cv2.connectedComponents((alpha > 0).numpy().astype(np.uint8), connectivity=8)
+                ghost = np.isin(parts, np.setdiff1d(np.unique(parts[removed]), np.unique(parts[result])))
+                alpha[torch.from_numpy(ghost | removed)] = 0
             cleaned.append(alpha)
             scores.append(0.0 if (changed_holes or changed_islands) else 1.0)
             new_boxes.append(batched_mask_to_box(torch.from_numpy(result)[None])[0])
@@ -434,17 +459,31 @@ def write_results(
 ) -> dict[str, Any]:
     """Write one 8-bit alpha PNG per object, ``index.json`` and ``overlay.png`` into ``out_dir``.
 
-    The ``matte_*.png`` files of an earlier run in ``out_dir`` are removed first, so the folder holds
-    exactly the objects its ``index.json`` lists.
+    Everything is written to a staging folder inside ``out_dir`` first. Then the earlier run's
+    ``index.json`` and ``matte_*.png`` are removed, the new files moved in, and ``index.json`` last: the
+    folder holds exactly the objects its ``index.json`` lists, and a folder without ``index.json`` is
+    an interrupted run's.
 
     Returns:
         The index written to ``index.json``.
     """
-    from PIL import Image
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("matte_*.png"):
-        stale.unlink()
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".matte-all-"))
+    try:
+        index = _write_files(staging, image, records, meta)
+        (out_dir / "index.json").unlink(missing_ok=True)
+        for stale in out_dir.glob("matte_*.png"):
+            stale.unlink()
+        for produced in sorted(staging.iterdir(), key=lambda p: p.name == "index.json"):
+            produced.replace(out_dir / produced.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return index
+
+
+def _write_files(
+    out_dir: Path, image: np.ndarray, records: list[dict[str, Any]], meta: dict[str, Any]
+) -> dict[str, Any]:
     width = max(3, len(str(max(len(records) - 1, 0))))
     objects = []
     for index, record in enumerate(records):
