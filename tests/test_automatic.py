@@ -217,12 +217,13 @@ def _disc_decoder(net: torch.nn.Module, radius: float = DISC_RADIUS) -> torch.nn
     return net
 
 
-def test_every_layers_mattes_land_on_their_prompt_in_the_full_image() -> None:
+def _crop_layer_records(radius: float = DISC_RADIUS) -> tuple[list[dict], int, int]:
+    """matte-all over the full-size coffee photo (400x600: crops big enough for the edge filter) and one
+    crop layer, with the disc decoder: every candidate, nothing suppressed but by the crop-edge filter."""
     torch.manual_seed(0)
-    photo = np.ascontiguousarray(data.coffee())  # 400x600: crops big enough for the edge filter
-    height, width = photo.shape[:2]
+    photo = np.ascontiguousarray(data.coffee())
     generator = ZimAutomaticMatteGenerator(
-        _disc_decoder(zim_model_registry["tiny"]().eval()),
+        _disc_decoder(zim_model_registry["tiny"]().eval(), radius),
         points_per_side=2,
         crop_n_layers=1,
         multimask_output=False,
@@ -230,7 +231,11 @@ def test_every_layers_mattes_land_on_their_prompt_in_the_full_image() -> None:
         crop_nms_thresh=1.0,
         **NO_FILTER,
     )
-    records = generator.generate(photo)
+    return generator.generate(photo), photo.shape[0], photo.shape[1]
+
+
+def test_every_layers_mattes_land_on_their_prompt_in_the_full_image() -> None:
+    records, height, width = _crop_layer_records()
     crop_boxes = {tuple(r["crop_box"]) for r in records}
     assert (0, 0, width, height) in crop_boxes and len(crop_boxes) == 5  # the image and its 4 crops
     for record in records:
@@ -244,20 +249,8 @@ def test_every_layers_mattes_land_on_their_prompt_in_the_full_image() -> None:
 
 
 def test_crop_mattes_cut_by_an_inner_crop_edge_are_dropped() -> None:
-    torch.manual_seed(0)
-    photo = np.ascontiguousarray(data.coffee())
-    height, width = photo.shape[:2]
     # discs of radius 800 in a crop's 1024 frame reach past the crop's inner edges from every grid point
-    generator = ZimAutomaticMatteGenerator(
-        _disc_decoder(zim_model_registry["tiny"]().eval(), radius=800.0),
-        points_per_side=2,
-        crop_n_layers=1,
-        multimask_output=False,
-        box_nms_thresh=1.0,
-        crop_nms_thresh=1.0,
-        **NO_FILTER,
-    )
-    records = generator.generate(photo)
+    records, height, width = _crop_layer_records(radius=800.0)
     assert records and {tuple(r["crop_box"]) for r in records} == {(0, 0, width, height)}
 
 
