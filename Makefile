@@ -60,11 +60,11 @@ format: $(STAMP) ## Format with ruff
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
-train-converter: $(STAMP) ## Train the label converter (CONFIG=configs/converter/paper.yaml, TRAINER=cpu|gpu|ddp|v100, DATA=, ARGS=overrides)
+train-converter: $(STAMP) ## Train the label converter: tiny on the synthetic DATA=, or CONFIG=configs/converter/paper.yaml with its shards set by ARGS=--data.init_args.train_shards=...; TRAINER=cpu|gpu|ddp|v100
 	$(if $(CONFIG),,test -d $(DATA)/matting || $(BIN)/zim-lightning synth --out $(DATA) --seed 0)
 	$(BIN)/zim-lightning fit -c configs/trainer/$(TRAINER).yaml -c $(or $(CONFIG),configs/converter/tiny.yaml) $(if $(CONFIG),,$(SYNTH_CONVERTER)) $(ARGS)
 
-train-zim: $(STAMP) ## Train ZIM (CONFIG=configs/zim/vit_b.yaml, TRAINER=cpu|gpu|ddp|v100, DATA=, ARGS=overrides)
+train-zim: $(STAMP) ## Train ZIM: tiny on the synthetic DATA=, or CONFIG=configs/zim/vit_b.yaml with its shards (SA1B-Matte) set by ARGS=--data.init_args.train_shards=...; TRAINER=cpu|gpu|ddp|v100
 	$(if $(CONFIG),,test -d $(DATA)/matting || $(BIN)/zim-lightning synth --out $(DATA) --seed 0)
 	$(BIN)/zim-lightning fit -c configs/trainer/$(TRAINER).yaml -c $(or $(CONFIG),configs/zim/tiny.yaml) $(if $(CONFIG),,$(SYNTH_ZIM)) $(ARGS)
 

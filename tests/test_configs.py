@@ -6,6 +6,7 @@ without building anything, so the paper-scale networks are never instantiated he
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -113,14 +114,24 @@ def test_the_tiny_zim_config_builds_the_chosen_variant():
     assert cli.datamodule.seed == 0
 
 
-@pytest.mark.parametrize("value, data_seed", [("7", 7), ("true", 0), ("false", 0)])
-def test_any_seed_everything_value_parses_and_seeds_the_data(value, data_seed):
-    # LightningCLI's true (a random seed) and false used to fail on the link to the data seed
+@pytest.mark.parametrize("value", ["7", "true", "false"])
+def test_any_seed_everything_value_parses_and_seeds_the_data(value, monkeypatch):
+    # true draws a random run seed, false sets none (the data streams then take 0)
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     cli = cli_main(
         ["-c", str(CONFIGS / "zim" / "tiny.yaml"), f"--seed_everything={value}", "--trainer.logger=false"],
         run=False,
     )
-    assert cli.datamodule.seed == data_seed
+    expected = int(os.environ["PL_GLOBAL_SEED"]) if value == "true" else {"7": 7, "false": 0}[value]
+    assert cli.datamodule.seed == expected
+
+
+def test_an_explicit_data_seed_wins_over_the_run_seed():
+    cli = cli_main(
+        ["-c", str(CONFIGS / "zim" / "tiny.yaml"), "--data.init_args.seed=5", "--trainer.logger=false"],
+        run=False,
+    )
+    assert cli.datamodule.seed == 5  # was silently replaced by seed_everything's 0
 
 
 def test_unknown_options_are_refused(capsys: pytest.CaptureFixture):

@@ -31,6 +31,15 @@ def test_warmup_then_cosine_to_the_floor():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
 
 
+def test_a_warmup_as_long_as_the_run_is_cut_to_a_tenth_with_a_warning(caplog):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with caplog.at_level("WARNING", logger="zim_lightning"):
+        sched = WarmupCosineLR(opt, total_steps=20, warmup_steps=20, warmup_start_ratio=0.0)
+    assert sched.warmup_steps == 2 and "warming up for 2 steps instead" in caplog.text
+    lrs = _lrs(sched, 20)
+    assert lrs[2] == pytest.approx(1.0) and lrs[19] < 0.05  # a peak, then the cosine down to the floor
+
+
 def test_bad_schedule_arguments_are_named():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="total_steps"):

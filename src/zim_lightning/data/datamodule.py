@@ -23,6 +23,7 @@ Corrupt samples are skipped with one warning and counted in :attr:`ZimDataModule
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 
@@ -281,7 +282,9 @@ class ZimDataModule(L.LightningDataModule):
         batch_size: training batch size per rank.
         val_batch_size: validation / evaluation batch size; None: ``batch_size``.
         num_workers: DataLoader workers per rank.
-        seed: run seed; with the same seed, rank and worker count, training streams repeat exactly.
+        seed: the data streams' seed; with the same seed, rank and worker count, training streams repeat
+            exactly. None: the run's seed when the module is built (Lightning's ``seed_everything``,
+            which LightningCLI calls first: ``PL_GLOBAL_SEED``), else 0.
         batches_per_epoch: training batches per epoch per rank (the streams are endless).
         shuffle_buffer: samples in each worker's shuffle buffer (1 disables shuffling).
         shuffle_initial: samples gathered before the first one leaves the buffer.
@@ -319,7 +322,7 @@ class ZimDataModule(L.LightningDataModule):
         batch_size: int = 4,
         val_batch_size: int | None = None,
         num_workers: int = 4,
-        seed: int = 0,
+        seed: int | None = None,
         batches_per_epoch: int = 1000,
         shuffle_buffer: int = 1000,
         shuffle_initial: int = 100,
@@ -366,7 +369,7 @@ class ZimDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
-        self.seed = seed
+        self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
         self.batches_per_epoch = batches_per_epoch
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.stl, self.stl_ratio = stl, stl_ratio

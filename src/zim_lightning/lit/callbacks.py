@@ -1,4 +1,5 @@
-"""Training callbacks: picture grids of prompts and mattes, and counts of skipped corrupt samples.
+"""Training callbacks: picture grids of prompts and mattes, counts of skipped corrupt samples, and the
+checkpoints of a run (every N steps and its last step).
 
 Grids show, per sample, the input image (with the ZIM prompt drawn on it: box in yellow, positive points
 in green, negative points in red), the converter's coarse input mask when the batch has one, the
@@ -15,15 +16,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, make_grid
 
+from zim_lightning.prompt_labels import (
+    LABEL_BOX_BOTTOM_RIGHT,
+    LABEL_BOX_TOP_LEFT,
+    LABEL_NEGATIVE,
+    LABEL_POSITIVE,
+)
+
 log = logging.getLogger(__name__)
 
-#: Prompt label values of SAM's ONNX convention (see docs/architecture.md).
-_NEGATIVE, _POSITIVE, _BOX_TOP_LEFT, _BOX_BOTTOM_RIGHT = 0, 1, 2, 3
 _BOX_COLOUR, _POSITIVE_COLOUR, _NEGATIVE_COLOUR = "yellow", "lime", "red"
 
 
@@ -41,12 +48,12 @@ def _draw_prompts(tile: Tensor, coords: Tensor, labels: Tensor, scale: float) ->
     coords = coords.detach().float().cpu() * scale
     labels = labels.detach().cpu().round().long()
     radius = max(2, tile.shape[-1] // 64)
-    corners = [coords[labels == lab] for lab in (_BOX_TOP_LEFT, _BOX_BOTTOM_RIGHT)]
+    corners = [coords[labels == lab] for lab in (LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT)]
     if all(len(c) for c in corners):
         box = torch.cat([corners[0][0], corners[1][0]])[None]  # 1x4 (x1, y1, x2, y2)
         box = torch.cat([box[:, :2].minimum(box[:, 2:]), box[:, :2].maximum(box[:, 2:])], dim=1)
         tile = draw_bounding_boxes(tile, box, colors=_BOX_COLOUR, width=max(1, radius // 2))
-    for lab, colour in ((_POSITIVE, _POSITIVE_COLOUR), (_NEGATIVE, _NEGATIVE_COLOUR)):
+    for lab, colour in ((LABEL_POSITIVE, _POSITIVE_COLOUR), (LABEL_NEGATIVE, _NEGATIVE_COLOUR)):
         points = coords[labels == lab]
         if len(points):
             tile = draw_keypoints(tile, points[None], colors=colour, radius=radius)
@@ -189,3 +196,21 @@ class SkipCountLogger(Callback):
     ) -> None:
         if _step_ends(trainer, batch_idx) and trainer.global_step % self.every_n_steps == 0:
             self._log(trainer, pl_module)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that also saves the run's final step.
+
+    Lightning saves every ``every_n_train_steps`` steps, and at the end of training writes ``last.ckpt``
+    only when nothing was saved before: a run whose ``max_steps`` is not a multiple of the interval
+    ended with its last steps unsaved (a 25000-step run of an every-10000 config left step 20000 as
+    ``last.ckpt``). At the end of training this saves the final step like an interval step, and
+    ``last.ckpt`` with it. Takes ``ModelCheckpoint``'s arguments.
+    """
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # not already saved at this step
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)

@@ -13,8 +13,8 @@ merge in order, and any value can be overridden on the command line::
 
 The scheduler takes the run's length from ``trainer.max_steps`` (see
 :class:`~zim_lightning.lit.optimization.WarmupCosineLR`), so the cosine always ends with the run, and
-``seed_everything`` is linked to the datamodule's ``seed``. The resolved configuration is saved as
-``config.yaml`` in each run's log directory.
+the data streams take the run's ``seed_everything`` unless the datamodule's ``seed`` is given. The
+resolved configuration is saved as ``config.yaml`` in each run's log directory.
 """
 
 from __future__ import annotations
@@ -28,12 +28,6 @@ from lightning.pytorch.cli import LightningCLI
 MULTI_COMMAND = True
 
 
-def _data_seed(seed_everything: object) -> int:
-    return (
-        seed_everything if isinstance(seed_everything, int) and not isinstance(seed_everything, bool) else 0
-    )
-
-
 class ZimLightningCLI(LightningCLI):
     """LightningCLI with the links between values that several parts share."""
 
@@ -45,12 +39,6 @@ class ZimLightningCLI(LightningCLI):
         net = config.get("model.init_args.net")
         if net is not None and hasattr(net, "as_dict") and hasattr(self.model, "net_spec"):
             self.model.net_spec = net.as_dict()
-
-    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 - LightningArgumentParser
-        # The run seed also seeds the data streams (per rank and worker), so one number repeats a run.
-        # LightningCLI's non-integer values (true: a random seed, false / null: none) leave the data
-        # streams at seed 0 rather than failing to parse.
-        parser.link_arguments("seed_everything", "data.init_args.seed", compute_fn=_data_seed)
 
 
 def cli_main(args: list[str] | None = None, *, run: bool = True) -> LightningCLI:

@@ -12,12 +12,15 @@ The LightningModules receive the optimiser and the scheduler as callables (Light
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 
 import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+log = logging.getLogger(__name__)
 
 #: Attributes that define the schedule's shape (as opposed to its progress).
 _SCHEDULE_FIELDS = ("total_steps", "warmup_steps", "warmup_start_ratio", "min_lr_ratio", "base_lrs")
@@ -66,14 +69,25 @@ class WarmupCosineLR(LambdaLR):
         super().__init__(optimizer, self.factor, last_epoch=last_epoch)
 
     def set_total_steps(self, total_steps: int) -> None:
-        """Fix the run's length (optimiser steps); a warm-up longer than the run is cut to it."""
+        """Fix the run's length (optimiser steps). A warm-up as long as the run or longer (a short run of
+        a paper config) would leave no cosine and end at the peak rate: it is cut to a tenth of the run,
+        with a warning."""
         if not 1 <= total_steps < math.inf:
             raise ValueError(
                 f"total_steps must be a finite number >= 1 of optimiser steps, got {total_steps}; "
                 "set trainer.max_steps (streaming data has no natural end) or the scheduler's total_steps"
             )
         self.total_steps = int(total_steps)
-        self.warmup_steps = min(self.warmup_steps, self.total_steps)
+        if self.warmup_steps >= self.total_steps:
+            cut = self.total_steps // 10
+            log.warning(
+                "warmup_steps %d is not shorter than the run's %d steps, which would leave no cosine decay: "
+                "warming up for %d steps instead (set the scheduler's warmup_steps to choose)",
+                self.warmup_steps,
+                self.total_steps,
+                cut,
+            )
+            self.warmup_steps = cut
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the progress (step, learning rates) but keep this run's schedule.

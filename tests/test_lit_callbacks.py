@@ -1,0 +1,59 @@
+"""RunCheckpoint: the interval checkpoints of ModelCheckpoint, and the run's final step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from zim_lightning.lit.callbacks import RunCheckpoint
+
+
+def _fit(checkpoint: ModelCheckpoint, max_steps: int) -> None:
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        callbacks=[checkpoint],
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(BoringModel())
+
+
+def _checkpoint(cls: type[ModelCheckpoint], folder: Path) -> ModelCheckpoint:
+    return cls(
+        dirpath=folder,
+        filename="step{step:03d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=3,
+        save_last=True,
+        save_top_k=-1,
+    )
+
+
+def _step(path: Path) -> int:
+    return torch.load(path, weights_only=True)["global_step"]
+
+
+def test_the_final_step_is_saved_when_it_is_not_an_interval_step(tmp_path: Path) -> None:
+    _fit(_checkpoint(RunCheckpoint, tmp_path / "ours"), max_steps=5)
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [
+        "last.ckpt",
+        "step003.ckpt",
+        "step005.ckpt",
+    ]
+    assert _step(tmp_path / "ours" / "last.ckpt") == 5
+    # Lightning's own callback leaves the last two steps unsaved
+    _fit(_checkpoint(ModelCheckpoint, tmp_path / "plain"), max_steps=5)
+    assert _step(tmp_path / "plain" / "last.ckpt") == 3
+
+
+def test_a_final_interval_step_is_saved_once(tmp_path: Path) -> None:
+    _fit(_checkpoint(RunCheckpoint, tmp_path), max_steps=6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step003.ckpt", "step006.ckpt"]
+    assert _step(tmp_path / "last.ckpt") == 6
