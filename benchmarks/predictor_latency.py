@@ -82,6 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-channels-last", action="store_true", help="keep NCHW conv weights in the fast path"
     )
+    parser.add_argument(
+        "--bf16-heads",
+        action="store_true",
+        help="with --precision bf16, also run the feature pyramid and decoder in bf16 (the predictor keeps "
+        "them in float32: speed.set_float32_heads)",
+    )
     parser.add_argument("--skip-stock", action="store_true", help="do not measure stock segment-anything")
     parser.add_argument(
         "--warmup", type=int, default=10, help="untimed calls first (compilation happens here)"
@@ -309,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_channels_last:
             speed.to_channels_last(zim)
             switches.append("channels_last")
+        if args.precision == "bf16" and not args.bf16_heads:  # as ZimPredictor(precision="bf16")
+            speed.set_float32_heads(zim, True)
+            switches.append("fp32_heads")
         if args.compile != "none" and args.compile_scope == "calls":
             speed.compile_inference(zim, mode=args.compile)
             switches.append(f"compile_calls={args.compile}")

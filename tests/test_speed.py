@@ -160,13 +160,18 @@ def test_switches_reject_unknown_values_and_models_without_targets():
 SIDE = 256
 
 
-def small_zim(**kwargs) -> Zim:
+def small_zim(*, logit_scale: float = 1.0, **kwargs) -> Zim:
+    """The tiny Zim at SIDE with random rel-pos tables (SAM starts them at zero, which would hide the
+    backends' bias handling), the mask hypernetworks' last layers scaled by ``logit_scale``."""
     torch.manual_seed(0)
     model = Zim(**ZIM_VARIANTS["tiny"], image_size=SIDE, **kwargs).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "rel_pos" in name:
                 p.normal_(0.0, 0.5)
+        for mlp in model.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(logit_scale)
+            mlp.layers[-1].bias.mul_(logit_scale)
     return model
 
 
@@ -210,26 +215,48 @@ def alpha(zim: Zim, images: torch.Tensor, precision: str) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def images_and_plain_alpha():
+    """Images, the logit scale that spreads the plain path's logits to a standard deviation of 6 (alphas
+    near 0 and 1, as a matte's; random logits stay near 0, where every alpha is about 0.5 and any
+    error hides), and the plain fp32 alpha."""
     images = torch.randint(
         0, 256, (2, 3, SIDE, SIDE), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
     )
-    return images, alpha(speed.set_attention(small_zim(), "eager"), images, "fp32")
+    with torch.no_grad():
+        logits = speed.set_attention(small_zim(), "eager")(images, *prompts())["logits"]
+    scale = 6.0 / logits.std().item()
+    plain = alpha(speed.set_attention(small_zim(logit_scale=scale), "eager"), images, "fp32")
+    assert plain.var() > 0.1  # spread
+    return images, scale, plain
 
 
 @pytest.mark.parametrize(
     ("attention", "precision"),
-    [("sdpa", "fp32"), ("sdpa_fold", "fp32"), ("flex", "fp32"), ("sdpa_fold", "bf16")],
+    [("sdpa", "fp32"), ("sdpa_fold", "fp32"), ("flex", "fp32"), ("sdpa_fold", "bf16"), ("sdpa", "bf16")],
 )
 def test_fast_alpha_agrees_with_plain_fp32(images_and_plain_alpha, attention, precision):
-    images, plain = images_and_plain_alpha
-    fast = speed.to_channels_last(speed.set_attention(small_zim(), attention))
+    images, scale, plain = images_and_plain_alpha
+    fast = speed.to_channels_last(speed.set_attention(small_zim(logit_scale=scale), attention))
+    speed.set_float32_heads(fast, True)  # as ZimPredictor(precision="bf16") does
     assert fast.feature_pyramid.levels[0][0][0].weight.is_contiguous(memory_format=torch.channels_last)
     got = alpha(fast, images, precision)
     assert got.shape == plain.shape
     mse = torch.mean((got - plain) ** 2).item()
-    assert mse < 1e-4, f"{attention}/{precision}: alpha MSE {mse:.2e} against the plain fp32 path"
+    assert mse < 1e-5, f"{attention}/{precision}: alpha MSE {mse:.2e} against the plain fp32 path"
     if precision == "fp32":
         assert mse < 1e-10  # same function: only float32 round-off
+
+
+def test_float32_heads_keep_bf16_from_moving_the_alpha(images_and_plain_alpha):
+    images, scale, plain = images_and_plain_alpha
+    fast = speed.set_attention(small_zim(logit_scale=scale), "sdpa_fold")
+    everything = torch.mean((alpha(fast, images, "bf16") - plain) ** 2).item()  # pyramid, decoder in bf16
+    heads = torch.mean((alpha(speed.set_float32_heads(fast, True), images, "bf16") - plain) ** 2).item()
+    assert heads < everything / 10, (heads, everything)
+    assert torch.equal(
+        alpha(fast, images, "fp32"), alpha(speed.set_float32_heads(fast, False), images, "fp32")
+    )
+    with pytest.raises(ValueError, match="no float32_heads switch"):
+        speed.set_float32_heads(torch.nn.Linear(2, 2), True)
 
 
 def test_compile_model_wires_the_parts_in_place_and_keeps_keys():

@@ -49,9 +49,11 @@ class ZimPredictor:
             no dropout or batch statistics, so both modes compute the same function). Speed switches
             (``zim_lightning.speed``: attention backend, ``compile_model``, ``to_channels_last``) are
             applied to the model before it is handed over.
-        precision: ``"fp32"``, or ``"bf16"`` for bf16 autocast of the encoder and decoder (GPUs with
-            bf16; the fastest measured path on an H100 is compiled ``sdpa_fold`` in bf16, see
-            docs/benchmarks.md). Outputs are float32 either way.
+        precision: ``"fp32"``, or ``"bf16"`` for bf16 autocast of the ViT encoder (GPUs with bf16; the
+            fastest measured path on an H100 is compiled ``sdpa_fold`` in bf16, see docs/benchmarks.md).
+            With bf16 the predictor turns on the model's ``float32_heads``
+            (:func:`zim_lightning.speed.set_float32_heads`): the feature pyramid and the decoder stay
+            float32, whose bf16 rounding moved the alpha the most. Outputs are float32 either way.
         resize: how ``set_image`` brings the image to the model's frame. ``"pil"``: segment-anything's
             ``ResizeLongestSide`` (Pillow's antialiased bilinear on the host), exactly the official
             predictor's. ``"tensor"``: torchvision's antialiased bilinear resize of the uint8 image on
@@ -68,6 +70,8 @@ class ZimPredictor:
         self.model = model
         self.precision = precision
         self.resize = resize
+        if precision == "bf16":
+            speed.set_float32_heads(model, True)
         self.transform = ResizeLongestSide(model.image_size)
         self.reset_image()
 

@@ -103,6 +103,29 @@ def set_activation_checkpointing(model: nn.Module, enabled: bool) -> nn.Module:
     return model
 
 
+def set_float32_heads(model: nn.Module, enabled: bool) -> nn.Module:
+    """Under autocast, keep ZIM's feature pyramid and decoder in float32, only the ViT in bf16.
+
+    The ViT encoder holds nearly all of ``set_image``'s work and its bf16 rounding barely moves the alpha;
+    the pyramid's and the decoder's (with the logits spread to 0 and 1) move it by about 1e-4 in MSE, the
+    issue's limit (docs/benchmarks.md). Without autocast this changes nothing.
+
+    Args:
+        model: a :class:`~zim_lightning.models.zim.Zim`.
+        enabled: float32 heads on or off.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: a model that is not a Zim.
+    """
+    if not hasattr(model, "float32_heads"):
+        raise ValueError(f"{type(model).__name__} has no float32_heads switch (a Zim has)")
+    model.float32_heads = enabled
+    return model
+
+
 def to_channels_last(model: nn.Module) -> nn.Module:
     """Store every 2-D convolution weight of ``model`` channels-last (NHWC).
 

@@ -13,6 +13,8 @@ takes them with ``attn_mask``, ``point_coords`` and ``point_labels``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,6 +60,10 @@ class Zim(nn.Module):
         pixel_decoder: ``"hierarchical"`` (ZIM, stride 2) or ``"sam"`` (stride 4; paper ablation).
         attention_sigma: Gaussian sigma of point attention maps, in cells (21).
         attention_stride: pixels per attention-map cell (16).
+        float32_heads: under autocast (bf16), run the feature pyramid and the decoder in float32 and only
+            the ViT encoder in the autocast dtype (see :func:`zim_lightning.speed.set_float32_heads`).
+            The ViT holds nearly all the work; the bf16 rounding of the other two is what moves the
+            alpha (docs/benchmarks.md).
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class Zim(nn.Module):
         pixel_decoder: str = "hierarchical",
         attention_sigma: int = 21,
         attention_stride: int = 16,
+        float32_heads: bool = False,
     ) -> None:
         super().__init__()
         if pixel_decoder not in DECODER_STRIDES:
@@ -94,6 +101,7 @@ class Zim(nn.Module):
         self.pixel_decoder = pixel_decoder
         self.attention_sigma = attention_sigma
         self.attention_stride = attention_stride
+        self.float32_heads = float32_heads
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), persistent=False)
 
@@ -175,11 +183,22 @@ class Zim(nn.Module):
             )
         embedding = self.image_encoder(x)
         if self.feature_pyramid is not None:
-            feats = self.feature_pyramid(x)
+            with self._heads_precision(x):
+                feats = self.feature_pyramid(x)
         else:
             side = x.shape[-1]
             feats = tuple(x.new_zeros(x.shape[0], 0, side // s, side // s) for s in PYRAMID_STRIDES)
         return embedding, feats
+
+    def _heads_in_float32(self, reference: torch.Tensor) -> bool:
+        """Whether the feature pyramid and the decoder leave the autocast now (``float32_heads``)."""
+        return self.float32_heads and torch.is_autocast_enabled(reference.device.type)
+
+    def _heads_precision(self, reference: torch.Tensor) -> contextlib.AbstractContextManager:
+        """Autocast off for the feature pyramid and the decoder when ``float32_heads`` asks for it."""
+        if self._heads_in_float32(reference):
+            return torch.autocast(device_type=reference.device.type, enabled=False)
+        return contextlib.nullcontext()
 
     def encode_image(
         self, images: torch.Tensor
@@ -236,6 +255,26 @@ class Zim(nn.Module):
             raise ValueError(
                 f"image_embeddings must have batch 1 or {batch} (the prompt sets), got {image_embeddings.shape[0]}"
             )
+        if not self._heads_in_float32(image_embeddings):
+            return self._decode(
+                image_embeddings, feats, point_coords, point_labels, attn_mask, multimask_output
+            )
+        with self._heads_precision(image_embeddings):  # a bf16 encoder's outputs, decoded in float32
+            feats = tuple(f.float() for f in feats)
+            return self._decode(
+                image_embeddings.float(), feats, point_coords, point_labels, attn_mask, multimask_output
+            )
+
+    def _decode(
+        self,
+        image_embeddings: torch.Tensor,
+        feats: tuple[torch.Tensor, ...],
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        multimask_output: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = point_coords.shape[0]
         key_mask = None
         if self.masked_attention:
             side = image_embeddings.shape[-1]
