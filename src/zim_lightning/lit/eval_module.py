@@ -34,6 +34,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from zim_lightning import speed
 from zim_lightning.metrics import PROTOCOLS, MattingErrors, scoring_device
 from zim_lightning.predictor import ZimPredictor
 
@@ -155,7 +156,9 @@ class EvalModule(LightningModule):
             raise ValueError(f"quantize_bits must be 0, 8 or 16, got {quantize_bits}")
         if closed_form_radius < 1:
             raise ValueError(f"closed_form_radius must be >= 1, got {closed_form_radius}")
-        self.net = net
+        # Under a bf16 trainer, only the ViT runs in bf16: its pyramid and decoder would move the alpha
+        # (speed.set_float32_heads; nothing changes without autocast)
+        self.net = speed.set_float32_heads(net, True) if hasattr(net, "float32_heads") else net
         self.prompts = prompts
         self.protocol = protocol
         self.subsets = subsets
