@@ -5,7 +5,7 @@ worker) on SA-1B-sized synthetic shards (about 1500x2250 images, written by ``da
 prints one JSON object per stage::
 
     python benchmarks/data_throughput.py                      # generates shards in a temporary folder
-    python benchmarks/data_throughput.py --data DIR --keep    # reuse / keep the generated shards
+    python benchmarks/data_throughput.py --data DIR           # reuse (or write and keep) the shards in DIR
 
 - converter: matting shard -> random resized crop (``--crop``), colour jitter, coarse mask, SGA; STL mix.
 - zim: SA1B-Matte shard (built here from the synthetic SA-1B and its exact alphas) -> reduced JPEG
@@ -64,7 +64,7 @@ def write_sa1b_matte(sa1b_shard: Path, alpha_root: Path, out: Path) -> Path:
             extra.append((f"{key}.{member}", _png(alpha[y : y + h, x : x + w])))
         members += [(f"{key}.jpg", sample["jpg"]), (f"{key}.json", json.dumps(record).encode()), *extra]
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(out, "w:gz") as archive:
+    with tarfile.open(out, "w") as archive:  # a plain tar, as the SA1B-Matte builder writes
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -163,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         prog="python benchmarks/data_throughput.py", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--data", type=Path, default=None, help="shard folder (generated if missing)")
-    parser.add_argument("--keep", action="store_true", help="keep the generated shards (with --data)")
     parser.add_argument("--images", type=int, default=8, help="images per generated shard")
     parser.add_argument("--size", type=int, nargs=2, default=(1500, 2250), metavar=("H", "W"))
     parser.add_argument("--samples", type=int, default=48, help="samples timed per stage")

@@ -69,9 +69,9 @@ else
 fi
 
 # step NAME LIMIT_S ARGS...: run one benchmark under min(LIMIT_S, what is left of the budget); skipped
-# when less than half its limit is left (a compiling step that starts late measures nothing). The script
-# rewrites its JSON after every configuration, so a step cut off by its limit keeps what it measured
-# ("complete": false).
+# when less than half its limit is left (a compiling step that starts late measures nothing). The latency,
+# training and attention scripts rewrite their JSON after every configuration, so a step cut off by its
+# limit keeps what it measured ("complete": false); preprocess and build_forward write theirs at the end.
 step() {
   local name=$1 limit=$2
   shift 2
