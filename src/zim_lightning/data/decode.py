@@ -49,8 +49,10 @@ def decode_image(data: bytes, *, key: str, max_side: int | None = None) -> np.nd
                 width, height = image.size
                 reduction = jpeg_reduction((height, width), max_side)
                 if reduction > 1:
-                    # draft() picks the largest DCT scale whose output is still >= the requested size.
-                    image.draft("RGB", (-(-width // reduction), -(-height // reduction)))
+                    # draft() picks the largest DCT scale s with s <= min(W // w, H // h) for a requested
+                    # (w, h): asking for the rounded-down size gives exactly 1 / reduction (the rounded-up
+                    # one falls back a scale whenever a side is not a multiple of it: 2100 / 263 < 8)
+                    image.draft("RGB", (width // reduction, height // reduction))
             rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise CorruptSample(f"cannot decode image ({error})", key=key, reason="corrupt_image") from error
