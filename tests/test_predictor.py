@@ -227,3 +227,30 @@ def test_bf16_precision_gives_the_fp32_matte_in_float32(predictor, image):
     assert 0 < mse < 1e-4  # bf16 really ran (not bit-equal), within the fast-path agreement bound
     with pytest.raises(ValueError, match="precision must be one of"):
         ZimPredictor(predictor.model, precision="fp8")
+
+
+def test_a_bf16_predictor_keeps_the_heads_in_float32_in_its_own_calls_only(predictor, image):
+    from zim_lightning import speed
+
+    net = predictor.model
+    fast = ZimPredictor(net, precision="bf16")
+    fast.set_image(image)
+    box = np.array([100, 60, 350, 240])
+    masks, _, _ = fast.predict(box=box, multimask_output=False)
+    assert net.float32_heads is False  # the model is left as it was (it may also train)
+    coords = torch.as_tensor(fast.transform.apply_boxes(box[None], fast.original_size), dtype=torch.float32)
+    labels = torch.tensor([[2.0, 3.0]])
+
+    def by_hand(heads: bool) -> np.ndarray:
+        with torch.no_grad(), speed.autocast("cpu", "bf16"):
+            net.float32_heads = heads
+            try:
+                embedding, feats = net.encode_image(fast.to_frame(image))
+                logits, _ = net.decode(embedding, feats, coords.view(1, 2, 2), labels)
+            finally:
+                net.float32_heads = False
+        full = net.postprocess_masks(logits.float(), fast.input_size, fast.original_size)
+        return full.sigmoid()[0, 0].numpy()
+
+    np.testing.assert_array_equal(masks[0], by_hand(True))
+    assert not np.array_equal(masks[0], by_hand(False))

@@ -51,9 +51,10 @@ class ZimPredictor:
             applied to the model before it is handed over.
         precision: ``"fp32"``, or ``"bf16"`` for bf16 autocast of the ViT encoder (GPUs with bf16; the
             fastest measured path on an H100 is compiled ``sdpa_fold`` in bf16, see docs/benchmarks.md).
-            With bf16 the predictor turns on the model's ``float32_heads``
-            (:func:`zim_lightning.speed.set_float32_heads`): the feature pyramid and the decoder stay
-            float32, whose bf16 rounding moved the alpha the most. Outputs are float32 either way.
+            With bf16 the predictor's calls run with the model's ``float32_heads`` on
+            (:func:`zim_lightning.speed.float32_heads`; the model is left as it was): the feature pyramid
+            and the decoder stay float32, whose bf16 rounding moved the alpha the most. Outputs are
+            float32 either way.
         resize: how ``set_image`` brings the image to the model's frame. ``"pil"``: segment-anything's
             ``ResizeLongestSide`` (Pillow's antialiased bilinear on the host), exactly the official
             predictor's. ``"tensor"``: torchvision's antialiased bilinear resize of the uint8 image on
@@ -70,8 +71,6 @@ class ZimPredictor:
         self.model = model
         self.precision = precision
         self.resize = resize
-        if precision == "bf16":
-            speed.set_float32_heads(model, True)
         self.transform = ResizeLongestSide(model.image_size)
         self.reset_image()
 
@@ -121,7 +120,7 @@ class ZimPredictor:
             image = image[..., ::-1]
         tensor = self.to_frame(image)  # 1x3xhxw uint8, longest side 1024
         self.reset_image()
-        with speed.autocast(self.device, self.precision):
+        with speed.autocast(self.device, self.precision), speed.float32_heads(self.model):
             self.features, self.interm_feats = self.model.encode_image(tensor)
         self.original_size = (int(image.shape[0]), int(image.shape[1]))
         self.input_size = frame
@@ -233,7 +232,7 @@ class ZimPredictor:
         self._require_image()
         assert self.features is not None and self.interm_feats is not None
         coords, labels = self._decoder_prompts(point_coords, point_labels, boxes)
-        with speed.autocast(self.device, self.precision):
+        with speed.autocast(self.device, self.precision), speed.float32_heads(self.model):
             logits, iou = self.model.decode(
                 self.features, self.interm_feats, coords, labels, multimask_output=multimask_output
             )

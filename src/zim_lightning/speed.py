@@ -126,6 +126,21 @@ def set_float32_heads(model: nn.Module, enabled: bool) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def float32_heads(model: nn.Module) -> Iterator[nn.Module]:
+    """:func:`set_float32_heads` on for the calls inside, then back to what it was (the model may also
+    train, where it stays off). A model without the switch is left alone."""
+    if not hasattr(model, "float32_heads"):
+        yield model
+        return
+    before = model.float32_heads
+    model.float32_heads = True
+    try:
+        yield model
+    finally:
+        model.float32_heads = before
+
+
 def to_channels_last(model: nn.Module) -> nn.Module:
     """Store every 2-D convolution weight of ``model`` channels-last (NHWC).
 

@@ -156,9 +156,7 @@ class EvalModule(LightningModule):
             raise ValueError(f"quantize_bits must be 0, 8 or 16, got {quantize_bits}")
         if closed_form_radius < 1:
             raise ValueError(f"closed_form_radius must be >= 1, got {closed_form_radius}")
-        # Under a bf16 trainer, only the ViT runs in bf16: its pyramid and decoder would move the alpha
-        # (speed.set_float32_heads; nothing changes without autocast)
-        self.net = speed.set_float32_heads(net, True) if hasattr(net, "float32_heads") else net
+        self.net = net
         self.prompts = prompts
         self.protocol = protocol
         self.subsets = subsets
@@ -208,6 +206,14 @@ class EvalModule(LightningModule):
         methods = self.methods if methods is None else methods
         if any(m not in self.methods for m in methods):
             raise ValueError(f"methods must be among this module's {self.methods}, got {methods}")
+        # Under a bf16 trainer only the ViT runs in bf16: the pyramid's and the decoder's bf16 rounding
+        # would move the alpha (speed.float32_heads; nothing changes without autocast)
+        with speed.float32_heads(self.net):
+            return self._predict_instance(item, methods)
+
+    def _predict_instance(
+        self, item: dict[str, Any], methods: list[str]
+    ) -> dict[str, dict[str, torch.Tensor]]:
         predictor = self.predictor
         predictor.set_image(np.asarray(item["image"]))
         out: dict[str, dict[str, torch.Tensor]] = {m: {} for m in methods}
