@@ -161,6 +161,16 @@ def test_a_removed_island_goes_with_its_soft_edge(model: torch.nn.Module) -> Non
     assert (cleaned[40:, 40:] == 0).all()  # the island's soft edge too, not only its pixels above 0.5
     assert torch.equal(cleaned[:36, :36], alpha[:36, :36])  # the object keeps its own soft edge
 
+    # an island whose soft edge runs into the object's: split by the nearest foreground pixel
+    def ramp(cy: float, cx: float, radius: float) -> np.ndarray:
+        return np.clip((radius - np.hypot(yy - cy, xx - cx)) / 6 + 0.5, 0, 1) * 250
+
+    alpha = torch.from_numpy(np.maximum(ramp(20, 20, 12), ramp(20, 39, 2)).round().astype(np.uint8))
+    assert (alpha[20, 30:40] > 0).all()  # one soft support from the object to the island
+    (cleaned,), _, _ = generator._clean_regions([alpha], torch.tensor([[5.0, 5.0, 45.0, 35.0]]))
+    assert (cleaned[:, 37:] == 0).all()  # the island and the soft pixels nearest to it
+    assert torch.equal(cleaned[:, :33], alpha[:, :33])  # the object and its edge on its side
+
 
 def test_presets_and_bad_settings(model: torch.nn.Module) -> None:
     fast = ZimAutomaticMatteGenerator.from_preset(model, "fast", points_per_batch=8)
@@ -330,6 +340,7 @@ def test_write_results_leaves_no_mattes_of_an_earlier_run(tmp_path: Path, photo:
         "crop_box": [0, 0, 1, 1],
     }
     write_results(tmp_path, photo, [record, record, record], {"image": "a.png"})
+    (tmp_path / ".matte-all-killed").mkdir()  # a killed run's staging folder
     index = write_results(tmp_path, photo, [record], {"image": "b.png"})
     assert sorted(p.name for p in tmp_path.glob("matte_*.png")) == [o["file"] for o in index["objects"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "matte_000.png", "overlay.png"]

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 from segment_anything.utils.amg import (
     batch_iterator,
     batched_mask_to_box,
@@ -387,11 +388,7 @@ class ZimAutomaticMatteGenerator:
             alpha[torch.from_numpy(result & ~binary)] = 255  # filled holes become foreground
             removed = binary & ~result
             if removed.any():
-                # a removed island goes with its soft edge (alpha up to 0.5): every part of the matte's
-                # support that held removed pixels and no kept one
-                _, parts = cv2.connectedComponents((alpha > 0).numpy().astype(np.uint8), connectivity=8)
-                ghost = np.isin(parts, np.setdiff1d(np.unique(parts[removed]), np.unique(parts[result])))
-                alpha[torch.from_numpy(ghost | removed)] = 0
+                alpha[torch.from_numpy(removed | _soft_edge_of(removed, result, (alpha > 0).numpy()))] = 0
             cleaned.append(alpha)
             scores.append(0.0 if (changed_holes or changed_islands) else 1.0)
             new_boxes.append(batched_mask_to_box(torch.from_numpy(result)[None])[0])
@@ -427,9 +424,26 @@ class ZimAutomaticMatteGenerator:
         return sorted(kept)
 
 
+def _soft_edge_of(removed: np.ndarray, kept: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """The soft pixels (in ``support``, not in ``kept``) whose nearest foreground pixel is a ``removed``
+    one: a removed island's soft edge, also where it touches the kept object's (HxW bool each)."""
+    _, parts = cv2.connectedComponents(support.astype(np.uint8), connectivity=8)
+    region = np.isin(parts, np.unique(parts[removed]))  # the support around the removed pixels
+    rows, columns = np.nonzero(region)
+    y0, y1, x0, x1 = rows.min(), rows.max() + 1, columns.min(), columns.max() + 1
+    cores = (kept | removed)[y0:y1, x0:x1]
+    _, (ny, nx) = ndimage.distance_transform_edt(~cores, return_indices=True)
+    nearest_removed = removed[y0:y1, x0:x1][ny, nx]
+    edge = np.zeros_like(removed)
+    edge[y0:y1, x0:x1] = region[y0:y1, x0:x1] & nearest_removed & ~kept[y0:y1, x0:x1]
+    return edge
+
+
 # ----------------------------------------------------------------------------------------------------
 # `zim-lightning matte-all`
 
+#: Folders that write_results stages its files in, inside the output folder.
+STAGING_PREFIX = ".matte-all-"
 #: Opacity of each object's colour in the overlay picture.
 OVERLAY_OPACITY = 0.55
 
@@ -468,7 +482,9 @@ def write_results(
         The index written to ``index.json``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".matte-all-"))
+    for stale in out_dir.glob(f"{STAGING_PREFIX}*"):  # a killed run's (SIGKILL skips the clean-up below)
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=STAGING_PREFIX))
     try:
         index = _write_files(staging, image, records, meta)
         (out_dir / "index.json").unlink(missing_ok=True)
