@@ -219,6 +219,23 @@ def test_validation_means_weigh_pooled_losses_by_batch_size_and_vectors_by_sampl
     assert metrics["sad"].compute().item() == pytest.approx(1.75)
 
 
+def test_validation_loss_does_not_depend_on_how_images_batch():
+    from zim_lightning.models.build import ZIM_VARIANTS
+    from zim_lightning.models.zim import Zim
+
+    torch.manual_seed(0)
+    module = ZimModule(net=Zim(**ZIM_VARIANTS["tiny"], image_size=FRAME).eval())
+    batch = _batch([[1.0, -1.0, -2.0], [2.0, 3.0, -2.0]])  # different valid areas (3/4 and all)
+    with torch.no_grad():
+        module._evaluate(batch, module.val_metrics)
+        together = {name: m.compute().item() for name, m in module.val_metrics.items()}
+        module.val_metrics.reset()
+        for i in range(2):
+            module._evaluate({k: v[i : i + 1] for k, v in batch.items()}, module.val_metrics)
+        apart = {name: m.compute().item() for name, m in module.val_metrics.items()}
+    assert together == pytest.approx(apart, rel=1e-5)
+
+
 def _grads(module: ZimModule, batch: dict) -> dict[str, float]:
     module.zero_grad()
     _, terms = module._step(batch)

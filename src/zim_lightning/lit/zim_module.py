@@ -160,14 +160,17 @@ class ZimModule(MattingModule):
         logits = F.interpolate(logits.float(), size=images.shape[-2:], mode="bilinear", align_corners=False)
         return logits, iou
 
-    def _step(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+    def _step(self, batch: dict, *, per_sample: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """Alpha and loss terms; ``per_sample`` (evaluation, paper loss only): B-vectors of each image's
+        own terms, so that epoch means do not depend on how images of different valid areas batch."""
         if self.hparams.multimask or self.hparams.iou_weight > 0:
             return self._multimask_step(batch)
         logits = self.frame_logits(
             batch["image"], batch["point_coords"].float(), batch["point_labels"].float(), batch.get("valid")
         )
         alpha = torch.sigmoid(logits)
-        return alpha, self.loss(alpha, batch["alpha"].float(), batch.get("valid"), logits=logits)
+        target, valid = batch["alpha"].float(), batch.get("valid")
+        return alpha, self.loss(alpha, target, valid, logits=logits, per_sample=per_sample)
 
     def _multimask_step(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         """All four outputs: SAM's ambiguity-aware mask loss and the IoU head's loss (see the switches)."""
@@ -213,10 +216,10 @@ class ZimModule(MattingModule):
         return {"loss": terms["loss"], "alpha": alpha.detach()}
 
     def _evaluate(self, batch: dict, metrics: MetricCollection) -> dict[str, Tensor]:
-        alpha, terms = self._step(batch)
+        alpha, terms = self._step(batch, per_sample=True)
         values = {**terms, **frame_errors(alpha, batch["alpha"].float(), batch.get("valid"))}
         self._log_values(metrics, values, batch_size=batch["image"].shape[0], train=False)
-        return {"loss": terms["loss"], "alpha": alpha.detach()}
+        return {"loss": terms["loss"].mean(), "alpha": alpha.detach()}
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         return self._evaluate(batch, self.val_metrics)
