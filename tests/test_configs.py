@@ -126,6 +126,21 @@ def test_any_seed_everything_value_parses_and_seeds_the_data(value, monkeypatch)
     assert cli.datamodule.seed == expected
 
 
+def test_ranks_take_rank_zeros_run_seed_unless_the_data_seed_is_given(monkeypatch):
+    from types import SimpleNamespace
+
+    from zim_lightning.data.datamodule import ZimDataModule
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1234")  # this rank's own draw of seed_everything: true
+    rank_zero = SimpleNamespace(world_size=2, strategy=SimpleNamespace(broadcast=lambda value, src: 99))
+    drawn, given = ZimDataModule(stage="zim"), ZimDataModule(stage="zim", seed=5)
+    assert drawn.seed == 1234
+    for data in (drawn, given):
+        data.trainer = rank_zero
+        data.setup("fit")
+    assert (drawn.seed, given.seed) == (99, 5)
+
+
 def test_an_explicit_data_seed_wins_over_the_run_seed():
     cli = cli_main(
         ["-c", str(CONFIGS / "zim" / "tiny.yaml"), "--data.init_args.seed=5", "--trainer.logger=false"],

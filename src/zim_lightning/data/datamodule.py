@@ -370,6 +370,7 @@ class ZimDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
+        self._seed_from_run = seed is None
         self.batches_per_epoch = batches_per_epoch
         self.shuffle_buffer, self.shuffle_initial = shuffle_buffer, shuffle_initial
         self.stl, self.stl_ratio = stl, stl_ratio
@@ -397,6 +398,14 @@ class ZimDataModule(L.LightningDataModule):
         self.skips = SkipCounter(max_workers=num_workers, lanes=2)  # lane 0 training, lane 1 the others
 
     # ------------------------------------------------------------------ helpers
+
+    def setup(self, stage: str) -> None:
+        """Take rank 0's run seed on every rank: ranks launched separately (torchrun, SLURM) with
+        ``seed_everything: true`` draw different ones, and validation's per-sample crops and prompts
+        would then depend on the rank that reads a sample."""
+        trainer = self.trainer
+        if self._seed_from_run and trainer is not None and trainer.world_size > 1:
+            self.seed = int(trainer.strategy.broadcast(self.seed, src=0))
 
     def skip_counts(self) -> dict[str, int]:
         """Corrupt samples skipped so far by this rank (main process and workers), per reason."""
