@@ -17,7 +17,14 @@ from segment_anything.utils.amg import generate_crop_boxes
 from skimage import data
 from torchvision.ops import batched_nms, box_iou
 
-from zim_lightning.automatic import PRESETS, ZimAutomaticMatteGenerator, default_preset, main, write_results
+from zim_lightning.automatic import (
+    PRESETS,
+    ZimAutomaticMatteGenerator,
+    _soft_edge_of,
+    default_preset,
+    main,
+    write_results,
+)
 from zim_lightning.models.build import zim_model_registry
 
 NO_FILTER = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
@@ -170,6 +177,14 @@ def test_a_removed_island_goes_with_its_soft_edge(model: torch.nn.Module) -> Non
     (cleaned,), _, _ = generator._clean_regions([alpha], torch.tensor([[5.0, 5.0, 45.0, 35.0]]))
     assert (cleaned[:, 37:] == 0).all()  # the island and the soft pixels nearest to it
     assert torch.equal(cleaned[:, :33], alpha[:, :33])  # the object and its edge on its side
+    # an island's soft tail that passes near the object without touching it goes whole
+    support, removed, kept = (np.zeros((40, 40), bool) for _ in range(3))
+    kept[20:30, 20:30], support[18:32, 18:32] = True, True  # the object and its soft edge
+    removed[2:4, 2:4], support[1:5, 1:5] = True, True  # the island and its soft edge
+    support[2, 2:37], support[2:38, 36] = True, True  # the tail: along row 2, then down past the object
+    object_part = np.zeros_like(support)
+    object_part[18:32, 18:32] = True
+    assert np.array_equal(_soft_edge_of(removed, kept, support), support & ~object_part)
 
 
 def test_presets_and_bad_settings(model: torch.nn.Module) -> None:

@@ -201,6 +201,11 @@ def test_decode_image_reduces_large_jpegs_and_rejects_corrupt_ones():
     with pytest.raises(CorruptSample):
         check_decoded_size(reduced, (300, 520), key="a", max_side=200)  # at most 1/2 asked
     assert decode_image(data, key="a", max_side=300).shape == (300, 520, 3)  # under 2x: full decode
+    # a side shorter than the reduction (a 4096x3 strip for the 1024 frame) still decodes
+    strip = decode_image(jpeg(np.zeros((3, 4096, 3), np.uint8)), key="strip", max_side=1024)
+    check_decoded_size(strip, (3, 4096), key="strip", max_side=1024)
+    odd = decode_image(jpeg(np.zeros((1501, 2251, 3), np.uint8)), key="odd", max_side=1024)
+    assert odd.shape == (751, 1126, 3)  # exactly the 1/2 scale asked for, odd sides too
     with pytest.raises(CorruptSample, match="broken") as caught:
         decode_image(data[: len(data) // 2], key="broken")
     assert caught.value.reason == "corrupt_image"

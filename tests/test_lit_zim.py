@@ -219,12 +219,13 @@ def test_validation_means_weigh_pooled_losses_by_batch_size_and_vectors_by_sampl
     assert metrics["sad"].compute().item() == pytest.approx(1.75)
 
 
-def test_validation_loss_does_not_depend_on_how_images_batch():
+@pytest.mark.parametrize("switches", [{}, {"multimask": True}, {"iou_weight": 1.0}])
+def test_validation_loss_does_not_depend_on_how_images_batch(switches):
     from zim_lightning.models.build import ZIM_VARIANTS
     from zim_lightning.models.zim import Zim
 
     torch.manual_seed(0)
-    module = ZimModule(net=Zim(**ZIM_VARIANTS["tiny"], image_size=FRAME).eval())
+    module = ZimModule(net=Zim(**ZIM_VARIANTS["tiny"], image_size=FRAME).eval(), **switches)
     batch = _batch([[1.0, -1.0, -2.0], [2.0, 3.0, -2.0]])  # different valid areas (3/4 and all)
     with torch.no_grad():
         module._evaluate(batch, module.val_metrics)

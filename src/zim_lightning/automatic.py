@@ -425,17 +425,23 @@ class ZimAutomaticMatteGenerator:
 
 
 def _soft_edge_of(removed: np.ndarray, kept: np.ndarray, support: np.ndarray) -> np.ndarray:
-    """The soft pixels (in ``support``, not in ``kept``) whose nearest foreground pixel is a ``removed``
-    one: a removed island's soft edge, also where it touches the kept object's (HxW bool each)."""
+    """A removed island's soft edge (HxW bool each): the soft pixels of ``support`` that go with the
+    ``removed`` foreground. A part of the support that holds removed foreground and no ``kept`` goes
+    whole; in a part that holds both (the island's soft edge runs into the object's), each soft pixel
+    goes with its nearest foreground pixel of that part."""
     _, parts = cv2.connectedComponents(support.astype(np.uint8), connectivity=8)
-    region = np.isin(parts, np.unique(parts[removed]))  # the support around the removed pixels
-    rows, columns = np.nonzero(region)
-    y0, y1, x0, x1 = rows.min(), rows.max() + 1, columns.min(), columns.max() + 1
-    cores = (kept | removed)[y0:y1, x0:x1]
-    _, (ny, nx) = ndimage.distance_transform_edt(~cores, return_indices=True)
-    nearest_removed = removed[y0:y1, x0:x1][ny, nx]
     edge = np.zeros_like(removed)
-    edge[y0:y1, x0:x1] = region[y0:y1, x0:x1] & nearest_removed & ~kept[y0:y1, x0:x1]
+    for label in np.unique(parts[removed]):
+        part = parts == label
+        if not (kept & part).any():
+            edge |= part
+            continue
+        rows, columns = np.nonzero(part)
+        window = np.s_[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
+        inside = part[window]
+        gone, stays = removed[window] & inside, kept[window] & inside
+        _, (ny, nx) = ndimage.distance_transform_edt(~(gone | stays), return_indices=True)
+        edge[window] |= inside & gone[ny, nx] & ~stays
     return edge
 
 
@@ -476,7 +482,8 @@ def write_results(
     Everything is written to a staging folder inside ``out_dir`` first. Then the earlier run's
     ``index.json`` and ``matte_*.png`` are removed, the new files moved in, and ``index.json`` last: the
     folder holds exactly the objects its ``index.json`` lists, and a folder without ``index.json`` is
-    an interrupted run's.
+    an interrupted run's. (One run per output folder at a time: a run removes the staging folders it
+    finds, a killed run's.)
 
     Returns:
         The index written to ``index.json``.

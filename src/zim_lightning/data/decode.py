@@ -52,7 +52,7 @@ def decode_image(data: bytes, *, key: str, max_side: int | None = None) -> np.nd
                     # draft() picks the largest DCT scale s with s <= min(W // w, H // h) for a requested
                     # (w, h): asking for the rounded-down size gives exactly 1 / reduction (the rounded-up
                     # one falls back a scale whenever a side is not a multiple of it: 2100 / 263 < 8)
-                    image.draft("RGB", (width // reduction, height // reduction))
+                    image.draft("RGB", (max(1, width // reduction), max(1, height // reduction)))
             rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise CorruptSample(f"cannot decode image ({error})", key=key, reason="corrupt_image") from error
@@ -116,8 +116,8 @@ def check_decoded_size(
     image: np.ndarray, original_size: tuple[int, int], *, key: str, max_side: int | None = None
 ) -> None:
     """Check that a decode matches an original (H, W): exactly, or, for a :func:`decode_image` with
-    ``max_side``, at a reduced JPEG scale up to the one it asks for (Pillow's ``draft`` may pick a
-    smaller reduction when the requested size rounds up).
+    ``max_side``, at a reduced JPEG scale up to the one it asks for (a side shorter than the reduction
+    makes Pillow's ``draft`` pick a smaller one).
 
     Raises:
         CorruptSample: if the image is not the original size (at such a scale).

@@ -161,10 +161,10 @@ class ZimModule(MattingModule):
         return logits, iou
 
     def _step(self, batch: dict, *, per_sample: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """Alpha and loss terms; ``per_sample`` (evaluation, paper loss only): B-vectors of each image's
-        own terms, so that epoch means do not depend on how images of different valid areas batch."""
+        """Alpha and loss terms; ``per_sample`` (evaluation): B-vectors of each image's own terms, so that
+        epoch means do not depend on how images of different valid areas batch."""
         if self.hparams.multimask or self.hparams.iou_weight > 0:
-            return self._multimask_step(batch)
+            return self._multimask_step(batch, per_sample=per_sample)
         logits = self.frame_logits(
             batch["image"], batch["point_coords"].float(), batch["point_labels"].float(), batch.get("valid")
         )
@@ -172,8 +172,9 @@ class ZimModule(MattingModule):
         target, valid = batch["alpha"].float(), batch.get("valid")
         return alpha, self.loss(alpha, target, valid, logits=logits, per_sample=per_sample)
 
-    def _multimask_step(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        """All four outputs: SAM's ambiguity-aware mask loss and the IoU head's loss (see the switches)."""
+    def _multimask_step(self, batch: dict, *, per_sample: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """All four outputs: SAM's ambiguity-aware mask loss and the IoU head's loss (see the switches);
+        ``per_sample`` as :meth:`_step`."""
         labels = batch["point_labels"].float()
         logits, iou = self._frame_outputs(
             batch["image"], batch["point_coords"].float(), labels, batch.get("valid"), multimask=True
@@ -181,7 +182,11 @@ class ZimModule(MattingModule):
         alphas = torch.sigmoid(logits)  # BxKxSxS, K = 4
         target, valid = batch["alpha"].float(), batch.get("valid")
         # token 0: the paper's loss exactly as without the switches (pooled over the batch's valid pixels)
-        values = self.loss(alphas[:, :1], target, valid, logits=logits[:, :1])
+        values = self.loss(alphas[:, :1], target, valid, logits=logits[:, :1], per_sample=per_sample)
+
+        def batch_term(each: Tensor) -> Tensor:  # one value per sample -> the batch's term
+            return each if per_sample else each.mean()
+
         if self.hparams.multimask:
             clicks = ((labels == 0) | (labels == 1)).sum(dim=1)
             ambiguous = (clicks == 1) & ~((labels == 2) | (labels == 3)).any(dim=1)
@@ -195,7 +200,7 @@ class ZimModule(MattingModule):
                 dim=1,
             )  # Bx3, each sample's own loss
             best = alternatives.amin(dim=1)  # the closest of the three alternatives
-            values["loss"] = values["loss"] + (best * ambiguous).mean()
+            values["loss"] = values["loss"] + batch_term(best * ambiguous)
         if self.hparams.iou_weight > 0:
             with torch.no_grad():
                 predicted, truth = alphas > 0.5, (target > 0.5).expand_as(alphas)
@@ -206,7 +211,7 @@ class ZimModule(MattingModule):
                 intersection = both.flatten(2).sum(-1).float()
                 union = either.flatten(2).sum(-1).float()
                 actual = torch.where(union > 0, intersection / union.clamp_min(1.0), torch.ones_like(union))
-            iou_loss = F.mse_loss(iou.float(), actual)
+            iou_loss = batch_term(F.mse_loss(iou.float(), actual, reduction="none").mean(dim=1))
             values["loss"] = values["loss"] + self.hparams.iou_weight * iou_loss
         return alphas[:, :1], values
 
