@@ -261,6 +261,15 @@ def test_iter_tar_stops_at_truncation_and_counts_it(tmp_path, compress):
             }
 
 
+def test_a_sample_skipped_again_is_counted_again_and_logged_once(caplog):
+    counter = SkipCounter()
+    with caplog.at_level("WARNING", logger="zim_lightning.data.skips"):
+        for key in ("sa_1", "sa_2", "sa_1", "sa_1"):  # resampled shards bring sa_1 back
+            counter.skip("empty_mask", key, "the matte vanishes at the training resolution")
+    assert counter.counts()["empty_mask"] == 4
+    assert [r.getMessage().split(" ")[1] for r in caplog.records] == ["sa_1", "sa_2"]
+
+
 def test_iter_tar_counts_a_corrupt_header_mid_shard(tmp_path):
     members = small_sa1b_members(5)
     data = bytearray(write_tar(tmp_path / "full.tar", members).read_bytes())

@@ -60,6 +60,8 @@ class SkipCounter:
             lanes, max_workers + 1, len(SKIP_REASONS), dtype=torch.int64
         ).share_memory_()
         self.table = self.tables[0]
+        #: Keys this process has logged (each process, DataLoader workers too, has its own set).
+        self._logged: set[str] = set()
 
     def lane(self, index: int) -> SkipCounter:
         """A counter writing to lane ``index`` of the same shared tensor (its totals are this counter's)."""
@@ -78,7 +80,8 @@ class SkipCounter:
         return row
 
     def skip(self, reason: str, key: str, error: BaseException | str) -> None:
-        """Count one skipped sample and log one warning line.
+        """Count one skipped sample, and log one warning line the first time this process skips it
+        (training resamples shards, so the same bad sample comes back: counted every time, logged once).
 
         Args:
             reason: one of :data:`SKIP_REASONS`.
@@ -87,7 +90,9 @@ class SkipCounter:
         """
         column = SKIP_REASONS.index(reason if reason in SKIP_REASONS else "other")
         self.table[self._row(), column] += 1
-        log.warning("skipped %s (%s): %s", key, reason, error)
+        if key not in self._logged:
+            self._logged.add(key)
+            log.warning("skipped %s (%s): %s", key, reason, error)
 
     def counts(self) -> dict[str, int]:
         """Totals over the main process and all workers, one entry per reason."""
