@@ -42,6 +42,16 @@ def test_identical_mattes_give_zero_and_shapes_are_checked():
         l1_loss(a, a[:, :, :4])
 
 
+def test_a_one_pixel_wide_matte_has_a_finite_gradient_loss():
+    # no horizontal pixel pairs: that term is 0 (not the NaN of an empty mean), with or without weights
+    pred = torch.tensor([0.0, 1.0, 1.0, 0.5]).reshape(1, 1, 4, 1)
+    target = torch.zeros(1, 1, 4, 1)
+    # dy of diff = [1, 0, -0.5] -> mean 0.5
+    assert gradient_loss(pred, target).item() == pytest.approx(0.5)
+    assert gradient_loss(pred, target, torch.ones_like(pred)).item() == pytest.approx(0.5)
+    assert gradient_loss(pred.mT, target.mT, per_sample=True).tolist() == pytest.approx([0.5])
+
+
 def test_converter_loss_weights_outputs():
     target = torch.zeros(1, 1, 4, 4)
     outs = {

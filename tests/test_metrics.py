@@ -263,6 +263,9 @@ def test_clear_errors_for_bad_inputs() -> None:
         matting_errors(gt, gt, "dim", trimap=torch.full((4, 4), 127, dtype=torch.uint8))
     with pytest.raises(ValueError, match="HxW"):
         matting_errors(gt[None], gt[None])
+    for protocol in ("paper", "dim"):  # not NaN (paper) or a TypeError from the trimap message (dim)
+        with pytest.raises(ValueError, match="empty"):
+            matting_errors(torch.zeros(0, 5), torch.zeros(0, 5), protocol)
 
 
 # ---------------------------------------------------------------- buckets and the torchmetrics form

@@ -24,6 +24,8 @@ the network settles on an empty matte. Cross-entropy on the logits keeps its gra
 
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -49,7 +51,9 @@ def _weighted_mean(values: Tensor, weight: Tensor | None, per_sample: bool = Fal
     # per_sample: one mean per batch element (B), else over everything (a scalar)
     dims = tuple(range(1, values.dim())) if per_sample else tuple(range(values.dim()))
     if weight is None:
-        return values.mean(dim=dims)
+        # a 1-pixel-wide matte has no horizontal differences: their mean counts as 0, not NaN
+        count = max(1, math.prod(values.shape[d] for d in dims))
+        return values.sum(dim=dims) / count
     # An all-zero weight (an image that is all padding cannot happen, but a crop could) gives 0, not NaN.
     return (values * weight).sum(dim=dims) / weight.sum(dim=dims).clamp_min(1.0)
 

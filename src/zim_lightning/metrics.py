@@ -293,6 +293,8 @@ def matting_errors(
         raise ValueError(
             f"pred and gt must have the same shape, got {tuple(pred.shape)} and {tuple(gt.shape)}"
         )
+    if pred.numel() == 0:
+        raise ValueError(f"pred and gt are empty (shape {tuple(pred.shape)}): there is nothing to score")
     p = pred.detach().to(torch.float64)
     g = gt.detach().to(device=p.device, dtype=torch.float64)
     diff = p - g
