@@ -185,7 +185,10 @@ def test_multimask_store_keeps_the_best_output_of_a_lone_click(model: torch.nn.M
     )
     best = int(np.argmax(iou))
     assert prediction.iou == pytest.approx(float(iou[best]))
-    np.testing.assert_allclose(prediction.alpha, np.clip(masks[best], 0, 1), atol=1e-6)
+    np.testing.assert_array_equal(
+        prediction.alpha, np.round(np.clip(masks[best], 0, 1) * 255).astype(np.uint8)
+    )
+    assert prediction.alpha_mean == pytest.approx(float(np.clip(masks[best], 0, 1).mean()), abs=1e-6)
 
 
 def test_page_and_examples_are_served(address: str) -> None:
@@ -245,6 +248,87 @@ def test_rejects_bad_prompts_then_still_serves(
     assert status == 400 and words in payload["error"], payload
     status, payload, _ = predict(address, uploaded["image_id"], {"points": [[5, 5, 1]]})
     assert status == 200 and "alpha" in payload
+
+
+def test_a_refused_request_never_leaves_its_body_to_be_read_as_the_next_request(address: str) -> None:
+    # The unknown image is refused before its body is read; a body that is itself a request must not
+    # be answered (request smuggling), and the client's next request must not be garbled.
+    host, port = address.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        inner = f"GET /api/info HTTP/1.1\r\nHost: {address}\r\n\r\n".encode()
+        connection.request("POST", "/api/images/0123456789abcdef/predict", body=inner)
+        response = connection.getresponse()
+        assert response.status == 404 and response.getheader("Connection") == "close"
+        response.read()
+        assert connection.sock is None  # closed after the refusal: nothing more is read from it
+    finally:
+        connection.close()
+    # a refusal after the body was read keeps the connection
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        connection.request("POST", "/api/images", body=b"not an image")
+        response = connection.getresponse()
+        assert response.status == 400 and response.getheader("Connection") != "close"
+        response.read()
+        connection.request("GET", "/api/info")
+        response = connection.getresponse()
+        assert response.status == 200 and json.loads(response.read())["model"] == "tiny"
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "words"),
+    [
+        ("GET", {"Host": "evil.example:7860"}, "Host 'evil.example:7860'"),  # DNS rebinding
+        ("POST", {"Origin": "http://evil.example"}, "other sites"),  # a cross-site form or fetch
+        ("POST", {"Origin": "null"}, "other sites"),  # a sandboxed page or a local file
+    ],
+)
+def test_refuses_requests_from_other_web_pages(address: str, method: str, headers: dict, words: str) -> None:
+    path = "/api/info" if method == "GET" else "/api/examples/nope"
+    status, payload, _ = call(address, method, path, None, headers)
+    assert status == 403 and words in payload["error"], payload
+    # the page's own requests name this server
+    status, _, _ = call(
+        address,
+        method,
+        "/api/info" if method == "GET" else "/api/examples/nope",
+        None,
+        {"Origin": f"http://{address}"},
+    )
+    assert status == (200 if method == "GET" else 404)
+    status, _, _ = call(address, "GET", "/api/info", None, {"Host": f"localhost:{address.split(':')[1]}"})
+    assert status == 200
+
+
+def test_phone_jpegs_with_a_multi_picture_block_are_accepted() -> None:
+    from zim_lightning.serve.store import decode_image
+
+    picture = Image.fromarray(np.full((12, 16, 3), 120, np.uint8))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="MPO", save_all=True, append_images=[picture])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    image = decode_image(buffer.getvalue(), max_side=64)
+    assert image.shape == (12, 16, 3) and abs(int(image[6, 8, 0]) - 120) <= 2
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--port", "99999", "0 to 65535"),
+        ("--max-images", "0", "at least 1"),
+        ("--max-upload-mb", "-1", "positive"),
+        ("--max-side", "0", "at least 1"),
+    ],
+)
+def test_main_refuses_bad_options(flag: str, value: str, words: str, capsys) -> None:
+    from zim_lightning.serve.server import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "tiny", flag, value])
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err
 
 
 def test_bad_download_requests(address: str, uploaded: dict) -> None:

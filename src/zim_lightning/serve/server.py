@@ -25,9 +25,11 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import ipaddress
 import json
 import logging
 import re
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -66,6 +68,8 @@ MAX_JSON_BYTES = 1 << 20
 MAX_DISCARD_BYTES = 256 << 20
 THUMBNAIL_SIDE = 160
 CONNECTION_TIMEOUT_S = 120
+#: Host names a server bound to a loopback address answers to (any other is a DNS-rebinding page's).
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def load_example(name: str) -> np.ndarray:
@@ -90,11 +94,6 @@ def png_bytes(array: np.ndarray) -> bytes:
     # compress_level 1: the matte goes back on every click; speed matters more than bytes on loopback.
     Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
-
-
-def alpha_to_uint8(alpha: np.ndarray) -> np.ndarray:
-    """HxW float alpha in [0, 1] -> HxW uint8 in [0, 255]."""
-    return np.round(np.clip(alpha, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 class MattingApp:
@@ -137,13 +136,12 @@ class MattingApp:
 
     def predict(self, entry: ImageEntry, payload: Any) -> tuple[Prediction, dict[str, Any]]:
         prediction = self.store.predict(entry, self.store.parse(entry, payload))
-        alpha = alpha_to_uint8(prediction.alpha)
         body = {
             "image_id": entry.image_id,
-            "alpha": "data:image/png;base64," + base64.b64encode(png_bytes(alpha)).decode("ascii"),
+            "alpha": "data:image/png;base64," + base64.b64encode(png_bytes(prediction.alpha)).decode("ascii"),
             "iou": round(prediction.iou, 4),
             "decode_ms": round(prediction.decode_ms, 1),
-            "alpha_mean": round(float(prediction.alpha.mean()), 6),
+            "alpha_mean": round(prediction.alpha_mean, 6),
             "width": entry.width,
             "height": entry.height,
         }
@@ -157,8 +155,7 @@ class MattingApp:
             payload = json.loads(prompt_text)
         except json.JSONDecodeError as error:
             raise RequestError(400, f"prompt: not valid JSON ({error.msg})") from None
-        prediction = self.store.predict(entry, self.store.parse(entry, payload))
-        alpha = alpha_to_uint8(prediction.alpha)
+        alpha = self.store.predict(entry, self.store.parse(entry, payload)).alpha
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", PurePath(entry.name).stem) or "image"
         if kind == "alpha":
             return png_bytes(alpha), f"{stem}_alpha.png"
@@ -176,13 +173,21 @@ def make_handler(app: MattingApp) -> type[BaseHTTPRequestHandler]:
         protocol_version = "HTTP/1.1"
         # Seconds a connection may stay silent (idle keep-alive, or a stalled upload) before it is closed.
         timeout = CONNECTION_TIMEOUT_S
+        _body_read = False  # whether this request's body has been read (set per request)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
             logger.debug("%s %s", self.address_string(), format % args)
 
         # --- responses -------------------------------------------------------------------------
         def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None):
+            # A body left unread (a request refused before its body was needed, or a GET with a body)
+            # would be read as the next request on this connection: close it instead, and say so.
+            declared = self.headers.get("Content-Length", "0").strip() not in ("", "0")
+            if not self._body_read and (declared or self.headers.get("Transfer-Encoding")):
+                self.close_connection = True
             self.send_response(status)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
@@ -215,6 +220,7 @@ def make_handler(app: MattingApp) -> type[BaseHTTPRequestHandler]:
             if length > limit:
                 self._discard(length)
                 raise RequestError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
+            self._body_read = True
             return self.rfile.read(length)
 
         def _discard(self, length: int) -> None:
@@ -237,8 +243,27 @@ def make_handler(app: MattingApp) -> type[BaseHTTPRequestHandler]:
                 raise RequestError(400, f"request body: not valid JSON ({error})") from None
 
         # --- dispatch --------------------------------------------------------------------------
+        def _check_origin(self) -> None:
+            # A web page the person visits can send requests here too: one that renamed itself to a
+            # loopback address (DNS rebinding) still sends its own Host, and a cross-site POST carries
+            # the page's Origin. Refuse both; the app's own page sends neither.
+            host = self.headers.get("Host", "")
+            if _is_loopback(self.server.server_address[0]):
+                name = urlsplit(f"//{host}").hostname or ""
+                if name not in LOOPBACK_HOSTS:
+                    self.close_connection = True
+                    raise RequestError(
+                        403, f"Host {host!r}: this server answers only at localhost or 127.0.0.1"
+                    )
+            origin = self.headers.get("Origin")
+            if self.command == "POST" and origin is not None and urlsplit(origin).netloc != host:
+                self.close_connection = True
+                raise RequestError(403, f"Origin {origin!r}: requests from other sites are refused")
+
         def _dispatch(self, handler: Callable[[], None]) -> None:
+            self._body_read = False
             try:
+                self._check_origin()
                 handler()
             except RequestError as error:
                 self._error(error.status, error.message)
@@ -343,9 +368,24 @@ class MattingHTTPServer(ThreadingHTTPServer):
             logger.exception("error on the connection from %s", client_address)
 
 
+class MattingHTTPServer6(MattingHTTPServer):
+    """:class:`MattingHTTPServer` on an IPv6 address."""
+
+    address_family = socket.AF_INET6
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def create_server(app: MattingApp, *, host: str = "127.0.0.1", port: int = 7860) -> MattingHTTPServer:
-    """A threading HTTP server for ``app``, bound but not yet serving (port 0 picks a free port)."""
-    return MattingHTTPServer((host, port), make_handler(app))
+    """A threading HTTP server for ``app``, bound but not yet serving (port 0 picks a free port; an
+    IPv6 ``host`` such as ``::1`` binds an IPv6 socket)."""
+    server_class = MattingHTTPServer6 if ":" in host else MattingHTTPServer
+    return server_class((host, port), make_handler(app))
 
 
 def build_app(
@@ -405,6 +445,14 @@ def main(argv: list[str] | None = None) -> int:
         "trains the first matte alone)",
     )
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port: expected 0 to 65535, got {args.port}")
+    if args.max_images < 1:
+        parser.error(f"--max-images: expected at least 1, got {args.max_images}")
+    if not args.max_upload_mb > 0:
+        parser.error(f"--max-upload-mb: expected a positive size, got {args.max_upload_mb}")
+    if args.max_side < 1:
+        parser.error(f"--max-side: expected at least 1 pixel, got {args.max_side}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(
         zim_for_command(parser, args),
@@ -418,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = create_server(app, host=args.host, port=args.port)
     host, port = server.server_address[:2]
-    print(f"zim-lightning serve: model {describe_model(args)} at http://{host}:{port}/ (Ctrl+C to stop)")
+    shown = f"[{host}]" if ":" in host else host
+    print(f"zim-lightning serve: model {describe_model(args)} at http://{shown}:{port}/ (Ctrl+C to stop)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -33,7 +33,8 @@ from zim_lightning.images import pil_to_rgb
 logger = logging.getLogger(__name__)
 
 #: Pillow formats the server accepts from uploads (the ones browsers show).
-ACCEPTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+# MPO: the JPEG of many phones and cameras (a JPEG with a multi-picture block; its first frame is read).
+ACCEPTED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "GIF", "TIFF")
 
 
 class RequestError(Exception):
@@ -69,9 +70,11 @@ class Prompt:
 
 @dataclass
 class Prediction:
-    """A matte for one prompt: alpha HxW float32 in [0, 1] at the image's size, and its scores."""
+    """A matte for one prompt: alpha HxW uint8 (0..255, what is served) at the image's size, its mean
+    in [0, 1] before rounding, and its scores. Kept as 8 bits: the cache holds one per image."""
 
     alpha: np.ndarray
+    alpha_mean: float
     iou: float
     decode_ms: float
 
@@ -247,6 +250,8 @@ class ImageStore:
         self.max_points = max_points
         self.multimask = multimask
         self.model_lock = threading.Lock()
+        # Decoding runs outside the model lock; two at a time bound the memory many uploads can take.
+        self._decode_slots = threading.BoundedSemaphore(2)
         self._entries: OrderedDict[str, ImageEntry] = OrderedDict()
         self._entries_lock = threading.Lock()
 
@@ -265,7 +270,8 @@ class ImageStore:
             if image_id in self._entries:
                 self._entries.move_to_end(image_id)
                 return self._entries[image_id]
-        image = decode_image(data, max_side=self.max_side, source=name)
+        with self._decode_slots:
+            image = decode_image(data, max_side=self.max_side, source=name)
         return self.add_array(image, name=name, image_id=image_id)
 
     def add_array(self, image: np.ndarray, *, name: str, image_id: str | None = None) -> ImageEntry:
@@ -346,8 +352,12 @@ class ImageStore:
         masks = np.asarray(masks, dtype=np.float32)
         iou = np.asarray(iou, dtype=np.float32).reshape(-1)
         best = int(np.argmax(iou))
+        alpha = np.clip(masks[best], 0.0, 1.0)
         prediction = Prediction(
-            alpha=np.clip(masks[best], 0.0, 1.0), iou=float(iou[best]), decode_ms=decode_ms
+            alpha=np.round(alpha * 255.0).astype(np.uint8),
+            alpha_mean=float(alpha.mean()),
+            iou=float(iou[best]),
+            decode_ms=decode_ms,
         )
         entry.last = (key, prediction)
         return prediction

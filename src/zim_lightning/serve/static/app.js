@@ -56,6 +56,7 @@ async function loadEntry(entry) {
   // (a person, or a test polling window.zim) also sees its status, never a later overwrite of it.
   image.src = `/api/images/${entry.image_id}/image`;
   await image.decode();
+  state.completed = ++state.seq; // a matte still on its way belongs to the previous image: drop it
   state.imageId = entry.image_id;
   state.name = entry.name;
   state.width = entry.width;
