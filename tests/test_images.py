@@ -49,3 +49,16 @@ def test_a_decompression_bomb_upload_is_a_400(tmp_path) -> None:
             read_rgb(tmp_path / "bomb.png")
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+
+
+def test_save_png_replaces_whole_files_and_a_failed_write_keeps_the_old_one(tmp_path) -> None:
+    from zim_lightning.images import save_png
+
+    path = tmp_path / "a_alpha.png"
+    save_png(np.full((4, 6), 7, np.uint8), path)
+    save_png(np.full((4, 6), 9, np.uint8), path)
+    assert np.asarray(Image.open(path)).tolist() == np.full((4, 6), 9).tolist()
+    with pytest.raises(TypeError):  # PIL cannot write a float64 RGB array: nothing may be lost
+        save_png(np.zeros((4, 6, 3)), path)
+    assert np.asarray(Image.open(path)).tolist() == np.full((4, 6), 9).tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_alpha.png"]

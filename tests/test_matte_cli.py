@@ -104,6 +104,7 @@ def test_point_prompts_with_labels(photo, tmp_path) -> None:
         (["--box", "1,2,3,4", "--point", "5,5"], "not allowed with"),
         (["--point", "500,10"], "outside the 320x240 image"),
         (["--box=-10,0,50,50"], "outside the 320x240 image"),
+        (["--box", "1,2,30,40", "--box", "5,5,50,50"], "--box: given twice"),
     ],
 )
 def test_prompt_errors(photo, tmp_path, capsys, extra: list[str], message: str) -> None:

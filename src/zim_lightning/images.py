@@ -1,4 +1,4 @@
-"""Reading the images users give the commands (``matte``, ``matte-all``, ``serve``).
+"""Reading the images users give the commands (``matte``, ``matte-all``, ``serve``), and writing theirs.
 
 One decoder for all of them, so an image gives the same pixels, and a prompt the same place, whichever
 command reads it: EXIF orientation applied (as image viewers show the file), 16-bit images scaled to 8
@@ -7,6 +7,7 @@ bits (Pillow's ``convert("RGB")`` clips them at 255, turning most of an image wh
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,3 +48,16 @@ def read_rgb(path: str | Path) -> np.ndarray:
             return pil_to_rgb(picture)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"image {str(path)!r} could not be read as an image: {err}") from err
+
+
+def save_png(array: np.ndarray, path: str | Path) -> None:
+    """Write a uint8 HxW (grey) or HxWx3/4 array as a PNG, through a temporary file in the same folder
+    and an atomic rename: an interrupted write leaves the old file or none, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from zim_lightning.images import read_rgb
+from zim_lightning.images import read_rgb, save_png
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +83,18 @@ def write_outputs(image: np.ndarray, alpha: np.ndarray, out_dir: Path, stem: str
     alpha8 = np.round(np.clip(alpha, 0.0, 1.0) * 255.0).astype(np.uint8)
     alpha_path = out_dir / f"{stem}_alpha.png"
     cutout_path = out_dir / f"{stem}_cutout.png"
-    Image.fromarray(alpha8).save(alpha_path)
-    Image.fromarray(np.dstack([image, alpha8])).save(cutout_path)
+    save_png(alpha8, alpha_path)
+    save_png(np.dstack([image, alpha8]), cutout_path)
     return alpha_path, cutout_path
+
+
+class _StoreOnce(argparse.Action):
+    """Store an option's value, refusing a second one (the command mattes one box)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string}: given twice; this command mattes one box per run")
+        setattr(namespace, self.dest, values)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("image", type=Path, help="input image (any format PIL reads)")
     prompt = parser.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--box", type=parse_box, metavar="X1,Y1,X2,Y2", help="box prompt")
+    prompt.add_argument("--box", type=parse_box, action=_StoreOnce, metavar="X1,Y1,X2,Y2", help="box prompt")
     prompt.add_argument(
         "--point",
         type=parse_point,
