@@ -5,7 +5,8 @@ matte at once: the image is encoded once (on upload) and each prompt runs only Z
 Sec. 3). The page is plain HTML and JavaScript (``static/``) served by the standard library's
 ``ThreadingHTTPServer``, so the server needs no web framework.
 
-API (JSON unless stated; errors are ``{"error": message}`` with status 400, 404, 405, 411, 413 or 500):
+API (JSON unless stated; errors are ``{"error": message}`` with status 400, 403, 404, 405, 411, 413 or 500;
+403 for a request naming another host on a loopback server, or a POST from another site's page):
 
 - ``GET /api/info``: model name, bundled example names, limits.
 - ``POST /api/images``: body = the raw bytes of an image file (``X-Filename`` header optional); answers
