@@ -136,9 +136,10 @@ fi
 # same process (the issue's condition); the attention-layer diagnostics after them.
 # Host-side preprocessing of set_image (Pillow vs torchvision on the device): seconds
 step preprocess 40 benchmarks/preprocess_latency.py --device "$device"
-# Fine-tuning, compiled: stock, the best measured path (sdpa_fold) and the Triton kernel
+# Fine-tuning, compiled: stock, the best measured path (sdpa_fold) and the Triton kernel, after the eager
+# sdpa_fold (a few seconds), whose final loss the compiled and Triton paths' must agree with (suite_report)
 step train_compile 240 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
-  --configs "stock,sdpa_fold+cl+fused$compile_switch${relpos:+,triton_relpos+cl+fused$compile_switch}" --profile 3
+  --configs "stock,sdpa_fold+cl+fused,sdpa_fold+cl+fused$compile_switch${relpos:+,triton_relpos+cl+fused$compile_switch}" --profile 3
 # Interactive latency, submodules compiled: stock (fp32 and bf16), the best measured path, the Triton kernel
 step latency_compile 150 benchmarks/predictor_latency.py "${common[@]}" "${lat[@]}" \
   --attention "sdpa_fold${relpos:+,$relpos}" --compile "$latency_compile"

@@ -205,10 +205,26 @@ def stock_calls(
     return {"set_image": set_image, "one_box": one_box, "set_image_plus_one_box": both, "boxes16": boxes16}
 
 
+def _cudagraph_skips() -> int | None:
+    """How many times inductor has given up CUDA graphs in this process (None where torch keeps no count)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return None
+    return int(counters["inductor"]["cudagraph_skips"])
+
+
 def run_config(
-    name: str, calls: dict[str, Callable[[], object]], device: torch.device, args: argparse.Namespace
+    name: str,
+    calls: dict[str, Callable[[], object]],
+    device: torch.device,
+    args: argparse.Namespace,
+    check: Callable[[], dict[str, object]] | None = None,
 ) -> dict[str, object]:
+    """Time ``calls``; then ``check()``'s fields (the alpha agreement) and the profile, each of which
+    failing leaves the timings standing (``alpha_error``, ``profile_error``)."""
     result: dict[str, object] = {"config": name}
+    skips_before = _cudagraph_skips()
     try:
         calls["set_image"]()  # the one-box calls need an encoded image
         if device.type == "cuda":
@@ -219,12 +235,26 @@ def run_config(
             )
         if device.type == "cuda":
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if args.profile:
+    except Exception as error:  # one failing configuration (OOM, a compile error) must not hide the others
+        result["error"] = speed.describe_error(error)
+        return result
+    skips = _cudagraph_skips()
+    if skips is not None and skips_before is not None and args.compile == "reduce-overhead":
+        # inductor falls back to plain compiled code, with only a warning, where it cannot use CUDA
+        # graphs: the row's name would still say reduce-overhead
+        result["cudagraph_skips"] = skips - skips_before
+    if check is not None:  # the alpha agreement, before profiling can get in its way
+        try:
+            result.update(check())
+        except Exception as error:  # noqa: BLE001 (the timings stand; the report says why no alpha)
+            result["alpha_error"] = speed.describe_error(error)
+    if args.profile:  # a profiler failure (CUPTI, say) costs the profile, not the timings
+        try:
             result["profile"] = speed.profile_top_ops(
                 calls["set_image_plus_one_box"], device=device, steps=args.profile
             )
-    except Exception as error:  # one failing configuration (OOM, a compile error) must not hide the others
-        result["error"] = speed.describe_error(error)
+        except Exception as error:  # noqa: BLE001
+            result["profile_error"] = speed.describe_error(error)
     return result
 
 
@@ -325,12 +355,13 @@ def main(argv: list[str] | None = None) -> int:
             speed.compile_model(zim, mode=args.compile)
             switches.append(f"compile={args.compile}")
         calls = ours_calls(zim, image, boxes, args.precision)
-        result = run_config("zim/" + "/".join(switches), calls, device, args)
-        if "error" not in result:
+
+        def alpha_check(calls: dict[str, Callable[[], object]] = calls) -> dict[str, object]:
             calls["set_image"]()
             alpha = torch.from_numpy(calls["one_box"]())
-            result["alpha_mse_vs_plain_fp32"] = torch.mean((alpha - plain_alpha) ** 2).item()
-        add(result)
+            return {"alpha_mse_vs_plain_fp32": torch.mean((alpha - plain_alpha) ** 2).item()}
+
+        add(run_config("zim/" + "/".join(switches), calls, device, args, check=alpha_check))
         del zim, calls
         torch.compiler.reset()  # drop compiled graphs (and what they hold) before the next configuration
         speed.release_memory(device)

@@ -157,7 +157,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error("--compile and --checkpointing need --attention (or write them into --configs)")
         texts = DEFAULT_CONFIGS if args.configs is None else [t for t in args.configs.split(",") if t.strip()]
     try:
-        args.configs = [Config.parse(t) for t in texts]
+        # a configuration named twice runs once (the suite's lists repeat one when compiling is off)
+        args.configs = list(dict.fromkeys(Config.parse(t) for t in texts))
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -312,7 +313,10 @@ def measure(
         if device.type == "cuda":
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if args.profile:
-            result["profile"] = speed.profile_top_ops(step, device=device, steps=args.profile)
+            try:  # a profiler failure (CUPTI, say) costs the profile, not the timings
+                result["profile"] = speed.profile_top_ops(step, device=device, steps=args.profile)
+            except Exception as error:  # noqa: BLE001
+                result["profile_error"] = speed.describe_error(error)
     except Exception as error:  # one failing configuration (OOM, a compile error) must not hide the others
         result["error"] = speed.describe_error(error)
     finally:

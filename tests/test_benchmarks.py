@@ -63,15 +63,25 @@ def test_train_throughput_runs_stock_and_zim_and_profiles(tmp_path: Path):
     assert report["model_gflops_per_image"]["zim"] > report["model_gflops_per_image"]["stock"] > 0
 
 
-def test_predictor_latency_reports_every_call_and_the_alpha_agreement(tmp_path: Path):
+def test_predictor_latency_reports_every_call_and_the_alpha_agreement(tmp_path: Path, monkeypatch):
     script = _script("predictor_latency")
     out = tmp_path / "latency.json"
+
+    def broken_profiler(*args, **kwargs):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
+
+    # a profiler that fails (CUPTI on a lent GPU, say) costs the profile, never the timings or the alpha
+    monkeypatch.setattr(speed, "profile_top_ops", broken_profiler)
     args = "--model tiny --image-size 128 --device cpu --precision fp32 --compile none --warmup 0 --repeats 1"
-    assert script.main([*args.split(), "--attention", "sdpa_fold", "--json-out", str(out)]) == 0
+    assert (
+        script.main([*args.split(), "--attention", "sdpa_fold", "--profile", "1", "--json-out", str(out)])
+        == 0
+    )
     results = {r["config"]: r for r in json.loads(out.read_text())["results"]}
     assert set(results) == {"stock_sam/fp32", "zim/eager/fp32", "zim/sdpa_fold/fp32/channels_last"}
     for result in results.values():
         assert "error" not in result, result.get("error")
+        assert "CUPTI_ERROR_NOT_INITIALIZED" in result["profile_error"]
         for call in ("set_image", "one_box", "set_image_plus_one_box", "boxes16"):
             assert result[f"{call}_ms"]["median"] > 0
     assert results["zim/sdpa_fold/fp32/channels_last"]["alpha_mse_vs_plain_fp32"] < 1e-10
@@ -285,3 +295,51 @@ def test_suite_report_checks_the_targets_on_gpu_reports_only(tmp_path):
     assert (nan_check["status"], nan_check["config"]) == ("missed", "zim/nan")
     assert "`latency_graphs` (cut off)" in text and "| lean+ckpt | 8 |" in text
     assert report.main([str(tmp_path / "absent")]) == 2
+
+
+def test_suite_report_counts_only_configurations_whose_loss_and_alpha_agree(tmp_path):
+    report = _script("suite_report")
+    h100 = {"device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"}
+    row = {"peak_memory_gib": 18.0, "finite": True}
+    train = {
+        "model": "vit_b",
+        "image_size": 1024,
+        "batch_size": 8,
+        "environment": h100,
+        "results": [
+            {"config": "stock", "images_per_s": 15.0, **row, "final_loss": 0.9},  # its own model: no check
+            {"config": "sdpa_fold+cl+fused", "images_per_s": 40.0, **row, "final_loss": 0.426},  # reference
+            {"config": "sdpa_fold+cl+fused+compile", "images_per_s": 60.0, **row, "final_loss": 0.427},
+            # fastest, but its gradients are wrong: its loss went elsewhere from the same start
+            {"config": "triton_relpos+cl+fused+compile", "images_per_s": 95.0, **row, "final_loss": 0.52},
+            {"config": "triton_relpos+cl+fused+ckpt", "images_per_s": 30.0, **row, "final_loss": 0.6},
+        ],
+    }
+    latency = {
+        "model": "vit_b",
+        "image_size": 1024,
+        "environment": h100,
+        "results": [
+            {"config": "zim/fast", "set_image_plus_one_box_ms": _timing(6.0), "alpha_error": "OOM"},
+            {"config": "zim/ok", "set_image_plus_one_box_ms": _timing(9.0), "alpha_mse_vs_plain_fp32": 1e-6},
+        ],
+    }
+    (tmp_path / "train_compile.json").write_text(json.dumps(train))
+    (tmp_path / "latency_compile.json").write_text(json.dumps(latency))
+    checks = report.check_targets(report.read_reports(tmp_path))
+    train_check = checks["train_images_per_s"]
+    assert (train_check["status"], train_check["config"], train_check["value"]) == (
+        "missed",
+        "sdpa_fold+cl+fused+compile",
+        60.0,
+    )
+    assert train_check["failed"] == [
+        "triton_relpos+cl+fused+compile: final loss 0.5200 vs 0.4260 of sdpa_fold+cl+fused (over 2% apart)"
+    ]
+    assert checks["checkpointed_peak_gib"]["status"] == "missed"  # only a disagreeing ckpt row was measured
+    latency_check = checks["predictor_set_image_plus_one_box_ms"]
+    assert (latency_check["config"], latency_check["value"]) == ("zim/ok", 9.0)
+    assert latency_check["failed"] == ["zim/fast: no alpha agreement (OOM)"]
+    assert checks["alpha_mse_vs_plain_fp32"]["failed"] == ["zim/fast: no alpha agreement (OOM)"]
+    text = report.markdown(report.read_reports(tmp_path))
+    assert "| 0.5200 | final loss 0.5200 vs 0.4260" in text and "no alpha: OOM" in text

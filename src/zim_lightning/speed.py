@@ -32,6 +32,7 @@ import gc
 import inspect
 import json
 import logging
+import os
 import platform
 import statistics
 import subprocess
@@ -438,7 +439,8 @@ def describe_environment(device: torch.device | str) -> dict[str, object]:
         device: the device the benchmark ran on.
 
     Returns:
-        JSON-ready dictionary (``gpu`` and ``cuda`` only on CUDA; ``commit`` None outside a git checkout).
+        JSON-ready dictionary (``gpu`` and ``cuda`` only on CUDA; ``commit`` from git, else from the
+        ``ZIM_COMMIT`` environment variable, for a copy of the tree without ``.git``; else None).
     """
     device = torch.device(device)
     try:
@@ -447,6 +449,7 @@ def describe_environment(device: torch.device | str) -> dict[str, object]:
         ).stdout.strip()
     except OSError:
         commit = ""
+    commit = commit or os.environ.get("ZIM_COMMIT", "")
     info: dict[str, object] = {
         "torch": torch.__version__,
         "python": platform.python_version(),
