@@ -255,6 +255,52 @@ def test_off_cuda_the_backend_is_the_sdpa_fold_path_and_says_so():
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(relpos_flash.triton is None, reason="needs Triton's error types")
+def test_a_kernel_that_does_not_fit_the_gpu_says_so_and_the_module_takes_the_fold(monkeypatch, caplog):
+    # A GPU with less shared memory than an H100 (an RTX card with float32 ViT-H, say) refuses the launch.
+    # That cannot happen on this CPU, so the launch and the GPU are stood in for, and nothing else is.
+    from triton.runtime.errors import OutOfResources
+
+    class RefusingKernel:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise OutOfResources(232448, 101376, "shared memory")
+
+            return launch
+
+    monkeypatch.setitem(relpos_flash._KERNELS, "fwd", (RefusingKernel(), RefusingKernel()))
+    with pytest.raises(relpos_flash.KernelResourcesError, match="fwd kernel does not fit.*sdpa_fold"):
+        relpos_flash._launch("fwd", None, (), block_m=0, head_dim=80, dtype=torch.float32, width=64)
+
+    calls = []
+
+    def refusing_attention(*args, **kwargs):
+        calls.append(1)
+        raise relpos_flash.KernelResourcesError("relpos_flash: the fwd kernel does not fit this GPU")
+
+    monkeypatch.setattr(relpos_flash, "INTERPRETED", True)  # kernel_available: True on this CPU
+    monkeypatch.setattr(relpos_flash, "relpos_attention", refusing_attention)
+    monkeypatch.setattr(relpos_flash, "_UNFIT", set())
+    torch.manual_seed(6)
+    fold = ViTAttention(**GLOBAL_BLOCK, backend="sdpa_fold")
+    fused = ViTAttention(**GLOBAL_BLOCK, backend="triton_relpos")
+    fused.load_state_dict(fold.state_dict())
+    x = torch.randn(1, 16, 16, GLOBAL_BLOCK["dim"])
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        torch.testing.assert_close(fused(x), fold(x), atol=0, rtol=0)
+        torch.testing.assert_close(fused(x), fold(x), atol=0, rtol=0)
+    assert len(calls) == 1  # remembered: the second call goes straight to the fold
+    assert "does not fit" in caplog.text and "sdpa_fold path" in caplog.text
+
+
+def test_kernel_is_not_offered_for_float64_or_more_sequences_than_a_launch_takes(monkeypatch):
+    monkeypatch.setattr(relpos_flash, "INTERPRETED", True)
+    available = relpos_flash.triton is not None
+    assert kernel_available(torch.device("cpu"), 16, dtype=torch.bfloat16) == available
+    assert not kernel_available(torch.device("cpu"), 16, dtype=torch.float64)
+    assert not kernel_available(torch.device("cpu"), 16, sequences=relpos_flash.MAX_SEQUENCES + 1)
+
+
 def test_kernel_takes_grid_widths_8_to_128_in_power_of_two_tiles():
     widths = (4, 7, 8, 14, 16, 24, 32, 64, 128, 129, 256)
     assert [w for w in widths if key_block_supported(w)] == [8, 14, 16, 24, 32, 64, 128]

@@ -70,6 +70,9 @@ MIN_WIDTH = 8
 MAX_WIDTH = 128
 #: The smallest key tile (``tl.dot``'s minimum).
 MIN_KEY_BLOCK = 16
+#: The most B*heads sequences one launch takes: they run on the grid's second axis, which CUDA caps at
+#: 65535 (in the windowed blocks B counts windows: 25 per ViT-B image at 1024, so 218 images).
+MAX_SEQUENCES = 65535
 
 
 @dataclass(frozen=True)
@@ -143,15 +146,45 @@ def key_block(width: int) -> int:
     return max(MIN_KEY_BLOCK, 1 << (width - 1).bit_length())
 
 
-def kernel_available(device: torch.device, width: int) -> bool:
+class KernelResourcesError(RuntimeError):
+    """No launch setting of a kernel fits the GPU (shared memory, registers) for these inputs."""
+
+
+#: (device, dtype, head_dim, width) where a launch found no setting that fits: the kernel is not tried
+#: again there (see :func:`mark_unfit`).
+_UNFIT: set[tuple[str, torch.dtype, int, int]] = set()
+
+
+def kernel_available(
+    device: torch.device,
+    width: int,
+    *,
+    dtype: torch.dtype | None = None,
+    head_dim: int | None = None,
+    sequences: int = 1,
+) -> bool:
     """Whether the Triton kernel can run on ``device`` for a grid ``width`` tokens wide.
 
     True on CUDA (Triton installed), or on any device under Triton's interpreter, and only for widths of
-    :func:`key_block_supported`. Callers fall back to another path where this is False.
+    :func:`key_block_supported`, inputs in float32, bfloat16 or float16 (``dtype``, when given), at most
+    :data:`MAX_SEQUENCES` B*heads ``sequences``. Callers fall back to another path where this is False
+    (and, outside compiled code, where :func:`marked_unfit` says so).
     """
-    if triton is None or not key_block_supported(width):
+    if triton is None or not key_block_supported(width) or sequences > MAX_SEQUENCES:
+        return False
+    if dtype is not None and dtype not in _DTYPES:
         return False
     return device.type == "cuda" or INTERPRETED
+
+
+def marked_unfit(device: torch.device, *, dtype: torch.dtype, head_dim: int, width: int) -> bool:
+    """Whether a launch on ``device`` found no setting that fits these inputs (:func:`mark_unfit`)."""
+    return (str(device), dtype, head_dim, width) in _UNFIT
+
+
+def mark_unfit(device: torch.device, *, dtype: torch.dtype, head_dim: int, width: int) -> None:
+    """Remember that the kernel does not fit ``device`` for these inputs (for :func:`marked_unfit`)."""
+    _UNFIT.add((str(device), dtype, head_dim, width))
 
 
 if triton is not None:
@@ -373,17 +406,26 @@ def _launch(
     tiles (``block_m`` queries, else the default tile's)."""
     fixed, tuned = _KERNELS[name]
     constexprs = kernel_constexprs(width=width, head_dim=head_dim, dtype=dtype)
-    if block_m == 0 and AUTOTUNE and not INTERPRETED:
-        tuned[grid](*args, **constexprs)
-        return
-    tile = FWD_TILE if name == "fwd" else BWD_TILE
-    fixed[grid](
-        *args,
-        BLOCK_M=block_m or tile.block_m,
-        num_warps=tile.num_warps,
-        num_stages=tile.num_stages,
-        **constexprs,
-    )
+    try:
+        if block_m == 0 and AUTOTUNE and not INTERPRETED:
+            tuned[grid](*args, **constexprs)
+            return
+        tile = FWD_TILE if name == "fwd" else BWD_TILE
+        fixed[grid](
+            *args,
+            BLOCK_M=block_m or tile.block_m,
+            num_warps=tile.num_warps,
+            num_stages=tile.num_stages,
+            **constexprs,
+        )
+    except triton.runtime.errors.OutOfResources as error:
+        # The settings are tuned for an H100 (sm_90, 227 KiB of shared memory per program) in bf16/fp16;
+        # GPUs with less shared memory, float32 inputs and wide grids can need more than a GPU has.
+        raise KernelResourcesError(
+            f"relpos_flash: the {name} kernel does not fit this GPU for {dtype} inputs, head width "
+            f"{head_dim}, grid width {width} ({error}); use the 'sdpa_fold' attention backend here "
+            "(benchmarks/kernel_resources.py shows each setting's shared memory)"
+        ) from error
 
 
 def autotuned_choices() -> list[dict[str, object]]:

@@ -38,6 +38,7 @@ All five agree to float32 round-off; ``tests/test_speed.py`` checks outputs and 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +48,8 @@ from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from torch import Tensor
 
 from zim_lightning.models import relpos_flash
+
+logger = logging.getLogger(__name__)
 
 #: Backends of :class:`ViTAttention`, in the order the benchmarks report them.
 ATTENTION_BACKENDS: tuple[str, ...] = ("eager", "sdpa", "sdpa_fold", "flex", "triton_relpos")
@@ -256,7 +259,20 @@ class ViTAttention(Attention):
         The fallback computes the same function: it covers blocks without relative positions, grids the
         kernel does not take, and devices other than CUDA unless ``TRITON_INTERPRET=1``.
         """
-        if rel is None or not relpos_flash.kernel_available(q.device, size[1]):
+        fits = dict(dtype=q.dtype, head_dim=q.shape[-1], width=size[1])
+        sequences = q.shape[0] * q.shape[1]
+        if rel is None or not relpos_flash.kernel_available(q.device, sequences=sequences, **fits):
             return self._sdpa_fold(q, k, v, rel, size)
         rel_h, rel_w = rel
-        return relpos_flash.relpos_attention(q, k, v, rel_h, rel_w, scale=self.scale)
+        if torch.compiler.is_compiling():  # a compiled graph cannot take the fallback at run time
+            return relpos_flash.relpos_attention(q, k, v, rel_h, rel_w, scale=self.scale)
+        if relpos_flash.marked_unfit(q.device, **fits):
+            return self._sdpa_fold(q, k, v, rel, size)
+        try:
+            return relpos_flash.relpos_attention(q, k, v, rel_h, rel_w, scale=self.scale)
+        except relpos_flash.KernelResourcesError as error:
+            # Only the forward can fall back (a backward that does not fit raises): from here on this
+            # device takes the fold for these inputs.
+            logger.warning("%s; taking the sdpa_fold path for these inputs from now on", error)
+            relpos_flash.mark_unfit(q.device, **fits)
+            return self._sdpa_fold(q, k, v, rel, size)
