@@ -121,3 +121,14 @@ def test_points_never_fall_in_the_padding():
     for _ in range(50):
         coords, labels = sampler(alpha, rng, image_size=(96, 128))
         assert (coords[labels == 0, 1] <= 95).all()
+
+
+def test_the_training_box_is_the_min_max_of_the_whole_matte_faint_strands_included():
+    alpha = matte()  # a faint strand (0.02) runs below the object, outside the 0.05 support
+    sampler = PromptSampler(box_ratio=1.0, box_jitter=0.0)
+    coords, labels = sampler(alpha, np.random.default_rng(0), image_size=alpha.shape)
+    ys, xs = np.nonzero(alpha > 0)
+    assert coords[:2].tolist() == [[xs.min(), ys.min()], [xs.max(), ys.max()]]
+    assert coords[1, 1] == 61 > support_box(alpha, support_threshold=0.05)[3]  # the strand's rows count
+    with pytest.raises(ValueError, match="box_threshold"):
+        PromptSampler(box_threshold=0.1, support_threshold=0.05)

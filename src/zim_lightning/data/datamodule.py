@@ -301,7 +301,9 @@ class ZimDataModule(L.LightningDataModule):
         max_positive: ZIM point samples get 1..max_positive positive points.
         max_negative: ZIM point samples get 0..max_negative negative points.
         positive_threshold: alpha at or above which a pixel may be a positive point.
-        support_threshold: alpha above which a pixel belongs to the object (box, negatives).
+        support_threshold: alpha above which a pixel belongs to the object for the negative points.
+        box_threshold: the training box spans the pixels with alpha above this (0: the paper's min-max
+            of the matte; at most ``support_threshold``).
         near_negative_p: probability that a sample's negative points are drawn near the object.
         mattes_per_image: SA1B-Matte annotations used per decoded image in training.
         pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
@@ -340,6 +342,7 @@ class ZimDataModule(L.LightningDataModule):
         max_negative: int = 2,
         positive_threshold: float = 0.9,
         support_threshold: float = 0.05,
+        box_threshold: float = 0.0,
         near_negative_p: float = 0.5,
         mattes_per_image: int = 1,
         pin_memory: bool = True,
@@ -389,6 +392,7 @@ class ZimDataModule(L.LightningDataModule):
             max_negative=max_negative,
             positive_threshold=positive_threshold,
             support_threshold=support_threshold,
+            box_threshold=box_threshold,
             near_negative_p=near_negative_p,
         )
         self.zim_processor = ZimSampleProcessor(

@@ -53,6 +53,9 @@ def jitter_box(
 ) -> np.ndarray:
     """Move each side of a box by up to ``jitter`` times the box's width (x) or height (y), then clip.
 
+    Each coordinate moves on its own (as SAM's box noise does), so the paper's "up to 10% of its size"
+    is read per side: the width and height change by up to twice ``jitter``.
+
     Args:
         box: ``[x1, y1, x2, y2]`` (X, Y) pixels.
         rng: random generator.
@@ -177,7 +180,11 @@ class PromptSampler:
         max_positive: points samples get 1..max_positive positive points.
         max_negative: points samples get 0..max_negative negative points.
         positive_threshold: alpha at or above which a pixel can be a positive point.
-        support_threshold: alpha above which a pixel belongs to the object (box extent, negatives).
+        support_threshold: alpha above which a pixel belongs to the object for the negative points (drawn
+            where alpha is at most this) and their "near" region.
+        box_threshold: the box spans the pixels with alpha above this: 0, the paper's min-max of the
+            matte, so faint strands stay inside the box (the box prompt's masked attention hides what lies
+            outside it). At most ``support_threshold``.
         near_negative_p: probability that negatives are drawn near the object.
         near_margin: how far around the object "near" reaches, as a fraction of the box size.
     """
@@ -191,9 +198,14 @@ class PromptSampler:
         max_negative: int = 2,
         positive_threshold: float = 0.9,
         support_threshold: float = 0.05,
+        box_threshold: float = 0.0,
         near_negative_p: float = 0.5,
         near_margin: float = 0.25,
     ) -> None:
+        if not 0.0 <= box_threshold <= support_threshold:
+            raise ValueError(
+                f"box_threshold must be in [0, support_threshold = {support_threshold}], got {box_threshold}"
+            )
         if not 0.0 <= box_ratio <= 1.0:
             raise ValueError(f"box_ratio must be in [0, 1], got {box_ratio}")
         if max_positive < 1 or max_negative < 0:
@@ -206,6 +218,7 @@ class PromptSampler:
         self.max_negative = max_negative
         self.positive_threshold = positive_threshold
         self.support_threshold = support_threshold
+        self.box_threshold = box_threshold
         self.near_negative_p = near_negative_p
         self.near_margin = near_margin
 
@@ -229,7 +242,7 @@ class PromptSampler:
             (point_coords Nx2 float32 (X, Y), point_labels N float32), laid out by :func:`pad_prompt`.
         """
         if rng.random() < self.box_ratio:
-            box = support_box(alpha, support_threshold=self.support_threshold)
+            box = support_box(alpha, support_threshold=self.box_threshold)
             box = jitter_box(box, rng, jitter=self.box_jitter, image_size=image_size)
             coords = box.reshape(2, 2)
             labels = np.array([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], dtype=np.float32)
