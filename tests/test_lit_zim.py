@@ -52,6 +52,28 @@ def test_fast_dev_run(synthetic: Path, tmp_path: Path):
         assert torch.isfinite(logged[key]), key
 
 
+def test_require_pretrained_refuses_a_network_built_from_random_weights_unless_resuming(tmp_path: Path):
+    # the paper configs set it: a run without sam_checkpoint stops before its first step
+    from lightning.pytorch import Trainer
+
+    from zim_lightning.models.build import build_zim
+
+    def module(**net_args) -> ZimModule:
+        result = ZimModule(net=build_zim(variant="tiny", **net_args), require_pretrained=True)
+        result.trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        return result
+
+    random = module()
+    with pytest.raises(ValueError, match=r"random weights.*sam_checkpoint=.*require_pretrained=false"):
+        random.on_fit_start()
+    random.trainer.ckpt_path = str(tmp_path / "last.ckpt")  # resuming: the weights come from there
+    random.on_fit_start()
+    weights = tmp_path / "zim_tiny.pt"
+    torch.save(random.net.state_dict(), weights)
+    module(checkpoint=str(weights)).on_fit_start()  # given weights: no complaint
+    ZimModule(net=build_zim(variant="tiny")).on_fit_start()  # the default: random starts allowed
+
+
 def test_compiled_training_through_lightning_matches_eager(synthetic: Path, tmp_path: Path):
     """The vit_b config's speed path (compile + channels-last) through Lightning's loop: Dynamo captures the
     encoder, prompt encoder and decoder without a graph break, and the step computes the eager loss. The

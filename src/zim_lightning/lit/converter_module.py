@@ -40,6 +40,8 @@ class ConverterModule(MattingModule):
         weight_os8: loss weight of the stride-8 output.
         decay_exempt: no weight decay on biases, norms, position embeddings and embeddings
             (:func:`~zim_lightning.lit.optimization.parameter_groups`); False: one group, all decayed.
+        require_pretrained: refuse to fit a converter built from random weights (no ``checkpoint`` or
+            ``backbone_checkpoint``) unless resuming (:class:`~zim_lightning.lit.matting_module.MattingModule`).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class ConverterModule(MattingModule):
         weight_os4: float = 1.0,
         weight_os8: float = 1.0,
         decay_exempt: bool = True,
+        require_pretrained: bool = False,
     ) -> None:
         super().__init__(
             net=net,
@@ -60,6 +63,7 @@ class ConverterModule(MattingModule):
             scheduler=scheduler,
             extra_val_metrics=("sad_input",),
             decay_exempt=decay_exempt,
+            require_pretrained=require_pretrained,
         )
         # Only plain values go into the checkpoint's hyper-parameters: the network and the factories are
         # described by the saved config, and a checkpoint must stay loadable with weights_only=True.

@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric, MetricCollection
 
 from zim_lightning.lit.optimization import configure_optimization, parameter_groups
-from zim_lightning.models.checkpoint import NET_SPEC_KEY
+from zim_lightning.models.checkpoint import NET_SPEC_KEY, random_start_of
 
 #: Loss terms logged for every stage (``<stage>/<name>``).
 LOSS_TERMS: tuple[str, ...] = ("loss", "l1", "grad")
@@ -71,6 +71,9 @@ class MattingModule(LightningModule):
         decay_exempt: no weight decay on biases, norms, position embeddings and tables, and embeddings
             (:func:`~zim_lightning.lit.optimization.parameter_groups`); False decays every parameter
             (one parameter group, as runs before this switch saved their optimiser state).
+        require_pretrained: refuse to fit a network its builder started from random weights (the paper
+            configs set it: their recipes start from SAM or SAM 2 weights, and a 500k-step run from
+            random weights would be wasted), unless the fit resumes a checkpoint (``--ckpt_path``).
     """
 
     def __init__(
@@ -81,9 +84,11 @@ class MattingModule(LightningModule):
         scheduler: Callable[[Optimizer], LRScheduler] | None,
         extra_val_metrics: tuple[str, ...] = (),
         decay_exempt: bool = True,
+        require_pretrained: bool = False,
     ) -> None:
         super().__init__()
         self.decay_exempt = decay_exempt
+        self.require_pretrained = require_pretrained
         #: The network's config (class_path, init_args), set by ``zim-lightning fit`` and stored in every
         #: checkpoint, weights-only ones included, so the checkpoint alone rebuilds the network.
         self.net_spec: dict | None = None
@@ -98,6 +103,15 @@ class MattingModule(LightningModule):
         eval_names = LOSS_TERMS + FRAME_ERRORS + tuple(extra_val_metrics)
         self.val_metrics = _means(eval_names, "val/")
         self.test_metrics = _means(eval_names, "test/")
+
+    def on_fit_start(self) -> None:
+        remedy = random_start_of(self.net)
+        if self.require_pretrained and remedy and not self.trainer.ckpt_path:
+            raise ValueError(
+                f"{type(self.net).__name__} starts from random weights, and this config "
+                f"(require_pretrained: true) trains from pretrained ones: {remedy}. "
+                "To train from random weights anyway, set --model.init_args.require_pretrained=false"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.net_spec is not None:

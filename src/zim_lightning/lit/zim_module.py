@@ -54,6 +54,8 @@ class ZimModule(MattingModule):
         iou_weight: weight of the IoU head's loss (not in the paper; SAM: 1): the mean squared error of
             the four predicted IoUs against each output's actual IoU with the matte (both thresholded at
             0.5, in the valid region). ``matte-all`` ranks and filters its mattes by these predictions.
+        require_pretrained: refuse to fit a ZIM built from random weights (no ``sam_checkpoint`` or
+            ``checkpoint``) unless resuming (:class:`~zim_lightning.lit.matting_module.MattingModule`).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class ZimModule(MattingModule):
         decay_exempt: bool = True,
         multimask: bool = False,
         iou_weight: float = 0.0,
+        require_pretrained: bool = False,
     ) -> None:
         """See the class docstring; speed switches (zim_lightning.speed, equivalent outputs):
 
@@ -81,7 +84,13 @@ class ZimModule(MattingModule):
                 compiles without generating code).
             channels_last: store the convolution weights NHWC (faster convolutions on GPUs).
         """
-        super().__init__(net=net, optimizer=optimizer, scheduler=scheduler, decay_exempt=decay_exempt)
+        super().__init__(
+            net=net,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            decay_exempt=decay_exempt,
+            require_pretrained=require_pretrained,
+        )
         # Plain values only: the checkpoint must stay loadable with weights_only=True.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         if iou_weight < 0:

@@ -31,6 +31,7 @@ from zim_lightning.models.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_exactly,
+    mark_random_start,
     net_spec_of,
     read_state_dict,
     state_dict_of,
@@ -218,12 +219,14 @@ def build_zim(
     )
     if sam_checkpoint is not None:
         load_sam_weights(model, sam_checkpoint)
-    elif checkpoint is None and variant != "tiny":
-        warn_random_start(
-            f"ZIM {variant} (no checkpoint or sam_checkpoint)",
+    elif checkpoint is None:
+        remedy = (
             f"the paper fine-tunes from SAM: sam_checkpoint=.../sam_{variant}_<id>.pth (or checkpoint= for "
-            "ZIM weights)",
+            "ZIM weights)"
         )
+        mark_random_start(model, remedy)
+        if variant != "tiny":
+            warn_random_start(f"ZIM {variant} (no checkpoint or sam_checkpoint)", remedy)
     if checkpoint is not None:
         load_exactly(
             model,

@@ -33,11 +33,27 @@ def weights_loaded_later() -> Iterator[None]:
         _WEIGHTS_LOADED_LATER.reset(token)
 
 
+#: Attribute a builder sets on a network that starts from random weights: what to give instead.
+RANDOM_START_ATTR = "zim_lightning_random_start"
+
+
 def warn_random_start(network: str, remedy: str) -> None:
     """Warn that ``network`` starts from random weights (a paper-scale one should not), unless inside
     :func:`weights_loaded_later`."""
     if not _WEIGHTS_LOADED_LATER.get():
         log.warning("%s starts from RANDOM weights; %s", network, remedy)
+
+
+def mark_random_start(model: torch.nn.Module, remedy: str) -> None:
+    """Record on ``model`` that it starts from random weights and what would give it pretrained ones (for
+    :func:`random_start_of`), unless inside :func:`weights_loaded_later`."""
+    if not _WEIGHTS_LOADED_LATER.get():
+        setattr(model, RANDOM_START_ATTR, remedy)
+
+
+def random_start_of(model: torch.nn.Module) -> str | None:
+    """The remedy :func:`mark_random_start` recorded on ``model``, or None (pretrained or loaded weights)."""
+    return getattr(model, RANDOM_START_ATTR, None)
 
 
 #: Attribute names under which our LightningModules keep their network.

@@ -26,7 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zim_lightning.models.checkpoint import load_exactly, read_state_dict, warn_random_start
+from zim_lightning.models.checkpoint import (
+    load_exactly,
+    mark_random_start,
+    read_state_dict,
+    warn_random_start,
+)
 from zim_lightning.models.hiera_backbone import HieraBackbone
 
 #: SAM's normalisation of 0-255 RGB pixels (the backbone was pretrained with SAM 2, which uses it).
@@ -298,15 +303,17 @@ class MattingConverter(nn.Module):
 def _build(
     name: str, checkpoint: str | Path | None, backbone_checkpoint: str | Path | None, **kwargs: object
 ) -> MattingConverter:
+    remedy = (
+        "the paper starts its Hiera backbone from SAM 2's: backbone_checkpoint=.../sam2_hiera_base_plus.pt"
+    )
     if name != "converter_tiny" and checkpoint is None and backbone_checkpoint is None:
-        warn_random_start(
-            f"{name} (no checkpoint or backbone_checkpoint)",
-            "the paper starts its Hiera backbone from SAM 2's: backbone_checkpoint=.../sam2_hiera_base_plus.pt",
-        )
+        warn_random_start(f"{name} (no checkpoint or backbone_checkpoint)", remedy)
     model = MattingConverter(
         backbone_checkpoint=None if backbone_checkpoint is None else str(backbone_checkpoint),
         **kwargs,  # type: ignore[arg-type]
     )
+    if checkpoint is None and backbone_checkpoint is None:
+        mark_random_start(model, remedy)
     if checkpoint is not None:
         load_exactly(model, read_state_dict(checkpoint), source=f"{checkpoint} (as {name})")
     return model
