@@ -43,8 +43,10 @@ def _args(data: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_fast_dev_run(synthetic: Path, tmp_path: Path):
-    cli = cli_main(["fit", *_args(synthetic, tmp_path, "--trainer.fast_dev_run=true")])
+def test_fast_dev_run(synthetic: Path, tmp_path: Path, caplog):
+    with caplog.at_level("INFO", logger="zim_lightning"):
+        cli = cli_main(["fit", *_args(synthetic, tmp_path, "--trainer.fast_dev_run=true")])
+    assert "batch per optimiser step: 2 (2 per device x 1 devices x 1 accumulated)" in caplog.text
     assert isinstance(cli.model, ZimModule)
     assert cli.trainer.global_step == 1
     logged = cli.trainer.callback_metrics
@@ -58,20 +60,25 @@ def test_require_pretrained_refuses_a_network_built_from_random_weights_unless_r
 
     from zim_lightning.models.build import build_zim
 
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+
     def module(**net_args) -> ZimModule:
         result = ZimModule(net=build_zim(variant="tiny", **net_args), require_pretrained=True)
-        result.trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        result.trainer = trainer  # a module holds its trainer weakly
         return result
 
     random = module()
     with pytest.raises(ValueError, match=r"random weights.*sam_checkpoint=.*require_pretrained=false"):
         random.on_fit_start()
-    random.trainer.ckpt_path = str(tmp_path / "last.ckpt")  # resuming: the weights come from there
+    trainer.ckpt_path = str(tmp_path / "last.ckpt")  # resuming: the weights come from there
     random.on_fit_start()
+    trainer.ckpt_path = None
     weights = tmp_path / "zim_tiny.pt"
     torch.save(random.net.state_dict(), weights)
     module(checkpoint=str(weights)).on_fit_start()  # given weights: no complaint
-    ZimModule(net=build_zim(variant="tiny")).on_fit_start()  # the default: random starts allowed
+    allowed = ZimModule(net=build_zim(variant="tiny"))  # the default: random starts allowed
+    allowed.trainer = trainer
+    allowed.on_fit_start()
 
 
 def test_compiled_training_through_lightning_matches_eager(synthetic: Path, tmp_path: Path):

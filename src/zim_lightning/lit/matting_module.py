@@ -9,6 +9,7 @@ averaged. They track training; the paper's protocol (original resolution, MicroM
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterable
 
@@ -21,6 +22,8 @@ from torchmetrics import MeanMetric, MetricCollection
 
 from zim_lightning.lit.optimization import configure_optimization, parameter_groups
 from zim_lightning.models.checkpoint import NET_SPEC_KEY, random_start_of
+
+log = logging.getLogger(__name__)
 
 #: Loss terms logged for every stage (``<stage>/<name>``).
 LOSS_TERMS: tuple[str, ...] = ("loss", "l1", "grad")
@@ -111,6 +114,18 @@ class MattingModule(LightningModule):
                 f"{type(self.net).__name__} starts from random weights, and this config "
                 f"(require_pretrained: true) trains from pretrained ones: {remedy}. "
                 "To train from random weights anyway, set --model.init_args.require_pretrained=false"
+            )
+        per_device = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
+        if isinstance(per_device, int):
+            # The configs' batch size is per device: the paper's 16 is the total on one GPU only.
+            trainer = self.trainer
+            total = per_device * trainer.world_size * trainer.accumulate_grad_batches
+            log.info(
+                "batch per optimiser step: %d (%d per device x %d devices x %d accumulated)",
+                total,
+                per_device,
+                trainer.world_size,
+                trainer.accumulate_grad_batches,
             )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
