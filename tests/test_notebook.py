@@ -13,7 +13,23 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb
 
 @pytest.mark.slow
 def test_quickstart_notebook_executes(tmp_path: Path):
+    # CHECKPOINT set to what `zim-lightning fit` writes for configs/zim/tiny.yaml (a 256 frame, which the
+    # registry's 1024-frame "tiny" cannot take): the notebook must build the network the checkpoint names
+    import torch
+    import yaml
+
+    from zim_lightning.models.checkpoint import NET_SPEC_KEY
+    from zim_lightning.models.zim import Zim
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "zim" / "tiny.yaml"
+    spec = yaml.safe_load(config.read_text())["model"]["init_args"]["net"]
+    net = Zim(**spec["init_args"])
+    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"state_dict": state, NET_SPEC_KEY: spec}, tmp_path / "last.ckpt")
     nb = nbformat.read(NOTEBOOK, as_version=4)
+    setup = nb.cells[1]
+    assert "CHECKPOINT = None" in setup.source
+    setup.source = setup.source.replace("CHECKPOINT = None", 'CHECKPOINT = "last.ckpt"')
     # run where nothing of the checkout lies around: the notebook must need no local files
     NotebookClient(
         nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
@@ -22,5 +38,6 @@ def test_quickstart_notebook_executes(tmp_path: Path):
     assert not [o for o in outputs if o.output_type == "error"]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "box: mean alpha" in text and "points: mean alpha" in text
+    assert f"frame {spec['init_args']['image_size']}, weights: last.ckpt" in text
     # the figure of prompts and mattes was drawn
     assert any("image/png" in o.get("data", {}) for o in outputs if o.output_type == "display_data")
