@@ -56,7 +56,12 @@ def main() -> None:
                 ],
             )
             doc = evaluate_network(
-                cli.model.net, data / "micromat", run_dir / "eval", seed=seed, num_workers=0
+                cli.model.net,
+                data / "micromat",
+                run_dir / "eval",
+                seed=seed,
+                num_workers=0,
+                model_name=f"tiny ZIM (configs/zim/tiny.yaml, {variant} variant)",
             )
             runs.append(
                 {

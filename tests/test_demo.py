@@ -12,7 +12,7 @@ from zim_lightning.demo import main
 
 @pytest.mark.slow
 def test_demo_end_to_end_small(tmp_path: Path):
-    out = tmp_path / "demo"
+    out = tmp_path / "demo, run: 1"  # a comma and ": " in the path (shard lists are passed as JSON)
     argv = ["--out", str(out), "--small-data", "--converter-steps", "2", "--zim-steps", "2"]
     assert main([*argv, "--frame", "64", "--crop-size", "64", "--num-workers", "0"]) == 0
 
@@ -40,9 +40,22 @@ def test_demo_end_to_end_small(tmp_path: Path):
     assert grids and all(g.stat().st_size > 0 for g in grids)
 
 
-def test_bad_arguments_are_refused(tmp_path: Path):
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--frame", "100"], "multiple of 16"),
+        (["--frame", "0"], "positive multiple of 16"),
+        (["--crop-size", "0"], "positive multiple of 32"),
+        (["--seed", "-1"], "expected an integer >= 0"),
+    ],
+)
+def test_bad_arguments_are_refused(tmp_path: Path, capsys, flags: list[str], words: str):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--out", str(tmp_path), "--frame", "100"])
-    assert exit_info.value.code == 2
+        main(["--out", str(tmp_path), *flags])
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_a_folder_that_is_not_the_configs_is_refused(tmp_path: Path):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--configs", str(tmp_path)])

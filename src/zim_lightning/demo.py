@@ -47,13 +47,20 @@ SMALL_DATA: dict[str, Any] = {
 }
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m zim_lightning.demo",
         description="Synthetic data -> converter -> SA1B-Matte -> ZIM -> MicroMat-3K evaluation, on CPU.",
     )
     p.add_argument("--out", type=Path, default=Path("reports/demo"), help="output folder (reports/demo)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data and of training (0)")
+    p.add_argument("--seed", type=_non_negative, default=0, help="seed of the data and of training (0)")
     p.add_argument("--configs", type=Path, default=DEFAULT_CONFIGS, help="the repository's configs/ folder")
     p.add_argument(
         "--zim-data",
@@ -72,18 +79,39 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fit(configs: Path, stage_config: str, run_dir: Path, overrides: list[str]) -> Any:
-    """``zim-lightning fit -c configs/trainer/cpu.yaml -c STAGE_CONFIG OVERRIDES`` in-process."""
+def _fit(configs: Path, stage_config: str, run_dir: Path, overrides: list[str], paths: dict[str, Any]) -> Any:
+    """``zim-lightning fit -c configs/trainer/cpu.yaml -c STAGE_CONFIG -c PATHS OVERRIDES`` in-process.
+
+    ``paths`` (dotted keys -> paths or lists of them) go in through a YAML file in ``run_dir``: the CLI
+    parses command-line values as YAML, so a path holding a comma or ": " would become a list or a
+    mapping there, and quoting it keeps the quotes in a ``str`` argument.
+    """
+    import yaml
+
     from zim_lightning.lit.cli import cli_main
 
+    run_dir.mkdir(parents=True, exist_ok=True)
+    nested: dict[str, Any] = {}
+    for key, value in {
+        "trainer.default_root_dir": run_dir,
+        "trainer.logger.init_args.save_dir": run_dir,
+        **paths,
+    }.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = [str(v) for v in value] if isinstance(value, list) else str(value)
+    paths_config = run_dir / "demo_paths.yaml"
+    paths_config.write_text(yaml.safe_dump(nested))
     args = [
         "fit",
         "-c",
         str(configs / "trainer" / "cpu.yaml"),
         "-c",
         str(configs / stage_config),
-        f"--trainer.default_root_dir={run_dir}",
-        f"--trainer.logger.init_args.save_dir={run_dir}",
+        "-c",
+        str(paths_config),
         *overrides,
     ]
     return cli_main(args)
@@ -97,7 +125,14 @@ def _last_checkpoint(cli: Any) -> Path:
 
 
 def evaluate_network(
-    net: Any, data: Path, out: Path, *, seed: int, num_workers: int, checkpoint: str | None = None
+    net: Any,
+    data: Path,
+    out: Path,
+    *,
+    seed: int,
+    num_workers: int,
+    checkpoint: str | None = None,
+    model_name: str = "tiny ZIM (configs/zim/tiny.yaml)",
 ) -> dict[str, Any]:
     """Score a built ZIM on a MicroMat-3K folder as ``zim-lightning eval`` does; write its outputs.
 
@@ -107,13 +142,14 @@ def evaluate_network(
     Args:
         net: a built ZIM holding its weights (any frame size).
         data: the MicroMat-3K folder.
-        out: where ``metrics.json``, ``instances.csv``, ``report.md`` and ``grids/`` go.
+        out: where ``instances.csv``, ``eval_report.md`` and ``grids/`` go.
         seed: seed of the derived point prompts.
         num_workers: DataLoader workers.
         checkpoint: where the network's weights are saved, for the report.
+        model_name: what the report calls the network.
 
     Returns:
-        The metrics document (the content of ``metrics.json``).
+        The metrics document (the caller writes it, e.g. as ``metrics.json``).
     """
     import lightning as L
 
@@ -156,7 +192,7 @@ def evaluate_network(
     trainer.test(module, datamodule=datamodule, verbose=False)
     out.mkdir(parents=True, exist_ok=True)
     info = {
-        "model": "tiny ZIM (configs/zim/tiny.yaml)",
+        "model": model_name,
         "checkpoint": checkpoint,
         "format": "micromat",
         "data": str(data),
@@ -224,14 +260,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runs / "converter",
         [
             f"--seed_everything={args.seed}",
-            f"--data.init_args.train_shards={data}/matting/train/matting-{{000000..{len(layout.matting_train) - 1:06d}}}.tar",
-            f"--data.init_args.val_shards={layout.matting_val[0]}",
-            f"--data.init_args.seg_shards={layout.seg[0]}",
             f"--data.init_args.crop_size={args.crop_size}",
             f"--data.init_args.num_workers={args.num_workers}",
             f"--trainer.max_steps={args.converter_steps}",
             f"--trainer.val_check_interval={args.converter_steps}",
         ],
+        {
+            "data.init_args.train_shards": [str(p) for p in layout.matting_train],
+            "data.init_args.val_shards": layout.matting_val[0],
+            "data.init_args.seg_shards": layout.seg[0],
+        },
     )
     converter_ckpt = _last_checkpoint(converter)
     conv_val = _val_metrics(converter)
@@ -289,14 +327,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runs / "zim",
         [
             f"--seed_everything={args.seed}",
-            f"--data.init_args.train_shards=[{', '.join(zim_train)}]",
-            f"--data.init_args.val_shards={layout.matting_val[0]}",
             f"--data.init_args.image_size={args.frame}",
             f"--model.init_args.net.init_args.image_size={args.frame}",
             f"--data.init_args.num_workers={args.num_workers}",
             f"--trainer.max_steps={args.zim_steps}",
             f"--trainer.val_check_interval={args.zim_steps}",
         ],
+        {"data.init_args.train_shards": zim_train, "data.init_args.val_shards": layout.matting_val[0]},
     )
     zim_val = _val_metrics(zim)
     stages.append(
@@ -367,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("converter_steps", "zim_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.frame % 16 or args.crop_size % 32:
-        parser.error("--frame must be a multiple of 16 and --crop-size a multiple of 32")
+    if args.frame < 16 or args.frame % 16 or args.crop_size < 32 or args.crop_size % 32:
+        parser.error("--frame must be a positive multiple of 16 and --crop-size a positive multiple of 32")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     run(args)
     return 0
