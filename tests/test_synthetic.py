@@ -211,6 +211,8 @@ def test_micromat_parses_through_data_list(layout: SyntheticLayout) -> None:
         for x, y, label in p["point"]:
             assert 0 <= x < w and 0 <= y < h and label in (0, 1)
             assert (alpha[y, x] > 127) == (label == 1)
+            if label == 0:  # "not this": never on the object's translucent parts
+                assert alpha[y, x] == 0
     assert subsets == {"fine", "coarse"}
 
 
@@ -290,5 +292,12 @@ def test_unwritable_or_foreign_out_returns_an_error_naming_it(
     assert main(["--out", str(foreign)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert [p.name for p in foreign.iterdir()] == ["holiday.jpg"]
+    # a file that is merely named like the marker does not make a folder of real data deletable
+    (foreign / "synthetic.json").write_text("{}")
+    (foreign / "sa1b").mkdir()
+    (foreign / "sa1b" / "sa_000000.tar").write_bytes(b"real data")
+    assert main(["--out", str(foreign)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (foreign / "sa1b" / "sa_000000.tar").read_bytes() == b"real data"
     with pytest.raises(ValueError, match="matting_train"):
         generate(tmp_path / "y", matting_train=0)

@@ -590,13 +590,17 @@ def _write_seg(out: Path, *, seed: int, count: int, shard_size: int, size: tuple
 
 
 def _prompt(rng: np.random.Generator, alpha: np.ndarray, *, positives: int = 3, negatives: int = 2) -> dict:
-    """MicroMat-3K prompt from a matte: bbox = the matte's support, points on / off alpha > 0.5 (X, Y)."""
+    """MicroMat-3K prompt from a matte: bbox = the matte's support, points on alpha > 0.5 and off the
+    matte (alpha 0) (X, Y)."""
     ys, xs = np.nonzero(alpha > 0)
     box = [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())]
     on = np.argwhere(alpha > 0.5)
     if len(on) == 0:
         on = np.argwhere(alpha >= alpha.max())
-    off = np.argwhere(alpha <= 0.5)
+    # negatives off the object: not on its translucent parts (hair, glass), unless it covers everything
+    off = np.argwhere(alpha == 0)
+    if len(off) == 0:
+        off = np.argwhere(alpha <= 0.5)
     points = []
     for pool, label, k in ((on, 1, positives), (off, 0, negatives)):
         for j in rng.choice(len(pool), size=min(k, len(pool)), replace=False):
@@ -692,6 +696,16 @@ def _check_size(name: str, value: int, *, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _is_marker(path: Path) -> bool:
+    """Whether ``path`` is the marker this module writes (its settings as JSON), not any file of that name:
+    the folders it marks get deleted."""
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(settings, dict) and {"seed", "num_shards", "num_images"} <= settings.keys()
+
+
 def _prepare_out(out: Path, settings: dict) -> None:
     """Create OUT (or clear an earlier synthetic dataset in it) and prove it is writable.
 
@@ -699,13 +713,13 @@ def _prepare_out(out: Path, settings: dict) -> None:
     files from another seed or size never linger. A non-empty OUT without the marker is refused.
     """
     marker = out / MARKER
-    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+    if out.is_dir() and any(out.iterdir()) and not _is_marker(marker):
         raise FileExistsError(
-            f"--out {str(out)!r} is not empty and holds no earlier synthetic dataset ({MARKER}); "
-            "choose an empty or new directory"
+            f"--out {str(out)!r} is not empty and holds no earlier synthetic dataset ({MARKER} written "
+            "by this command); choose an empty or new directory"
         )
     try:
-        for part in _PARTS if marker.is_file() else ():
+        for part in _PARTS if _is_marker(marker) else ():
             target = out / part
             if target.is_dir():
                 shutil.rmtree(target)
