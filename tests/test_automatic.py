@@ -219,6 +219,15 @@ def test_patches_are_placed_in_the_full_frame(model: torch.nn.Module) -> None:
     assert generator._place(whole, (0, 0), 60, 90) is whole
 
 
+def test_crop_layers_on_a_one_pixel_tall_image_skip_the_empty_crops(model: torch.nn.Module) -> None:
+    # segment-anything's crop boxes of a 1-pixel-tall image include some with no rows
+    crops, _ = generate_crop_boxes((1, 50), 1, 512 / 1500)
+    assert any(y1 <= y0 for _, y0, _, y1 in crops)
+    generator = ZimAutomaticMatteGenerator(model, points_per_side=2, crop_n_layers=1)
+    records = generator.generate(np.full((1, 50, 3), 128, np.uint8))
+    assert isinstance(records, list)
+
+
 DISC_RADIUS = 60.0  # pixels of the 1024 frame
 
 
@@ -354,11 +363,25 @@ def test_write_results_leaves_no_mattes_of_an_earlier_run(tmp_path: Path, photo:
         "point_coords": [[0, 0]],
         "crop_box": [0, 0, 1, 1],
     }
+    # the user's own files in the folder, one of them perhaps the input image: never touched
+    for name in ("matte_photo.png", "matte_01.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"the user's")
     write_results(tmp_path, photo, [record, record, record], {"image": "a.png"})
     (tmp_path / ".matte-all-killed").mkdir()  # a killed run's staging folder
     index = write_results(tmp_path, photo, [record], {"image": "b.png"})
-    assert sorted(p.name for p in tmp_path.glob("matte_*.png")) == [o["file"] for o in index["objects"]]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "matte_000.png", "overlay.png"]
+    assert [o["file"] for o in index["objects"]] == ["matte_000.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "index.json", "matte_000.png", "matte_01.png", "matte_photo.png", "notes.txt", "overlay.png"
+    ]  # fmt: skip
+    assert all((tmp_path / n).read_bytes() == b"the user's" for n in ("matte_photo.png", "matte_01.png"))
+
+
+def test_an_input_that_an_output_would_replace_is_refused(tmp_path: Path, capsys) -> None:
+    image = tmp_path / "overlay.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(image), "--model", "tiny", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "replaced by an output" in capsys.readouterr().err
 
 
 def test_an_interrupted_rerun_leaves_the_earlier_results_whole(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -286,12 +287,14 @@ class ZimAutomaticMatteGenerator:
     # ------------------------------------------------------------------------------------------------
     def _process_crop(self, image: np.ndarray, crop_box: list[int], layer: int) -> _Candidates:
         x0, y0, x1, y1 = crop_box
+        found = _Candidates([], [], [], [], [], [])
+        if x1 <= x0 or y1 <= y0:  # segment-anything's crops of a 1-pixel-wide image have no pixels
+            return found
         crop = np.ascontiguousarray(image[y0:y1, x0:x1])
         crop_h, crop_w = crop.shape[:2]
         self.predictor.set_image(crop)
         # Grid points, (X, Y) pixels in the crop frame.
         grid = self.point_grids[layer] * np.array([[crop_w, crop_h]], dtype=np.float64)
-        found = _Candidates([], [], [], [], [], [])
         full_image = [0, 0, image.shape[1], image.shape[0]]
         for (batch,) in batch_iterator(self.points_per_batch, grid):
             self._process_batch(batch, crop_box, full_image, found)
@@ -474,16 +477,27 @@ def overlay_picture(image: np.ndarray, records: list[dict[str, Any]], *, seed: i
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+#: The names of the mattes :func:`write_results` writes (and removes when it writes again).
+OUTPUT_MATTE = re.compile(r"matte_\d{3,}\.png")
+#: The other files it writes.
+OUTPUT_FILES = ("index.json", "overlay.png")
+
+
+def _is_output_name(name: str) -> bool:
+    return name in OUTPUT_FILES or OUTPUT_MATTE.fullmatch(name) is not None
+
+
 def write_results(
     out_dir: Path, image: np.ndarray, records: list[dict[str, Any]], meta: dict[str, Any]
 ) -> dict[str, Any]:
     """Write one 8-bit alpha PNG per object, ``index.json`` and ``overlay.png`` into ``out_dir``.
 
     Everything is written to a staging folder inside ``out_dir`` first. Then the earlier run's
-    ``index.json`` and ``matte_*.png`` are removed, the new files moved in, and ``index.json`` last: the
-    folder holds exactly the objects its ``index.json`` lists, and a folder without ``index.json`` is
-    an interrupted run's. (One run per output folder at a time: a run removes the staging folders it
-    finds, a killed run's.)
+    ``index.json`` and mattes (``matte_<3 or more digits>.png``, the names this writes: other files,
+    such as a ``matte_photo.png`` of the user's, stay) are removed, the new files moved in, and
+    ``index.json`` last: the folder holds exactly the objects its ``index.json`` lists, and a folder
+    without ``index.json`` is an interrupted run's. (One run per output folder at a time: a run removes
+    the staging folders it finds, a killed run's.)
 
     Returns:
         The index written to ``index.json``.
@@ -496,7 +510,8 @@ def write_results(
         index = _write_files(staging, image, records, meta)
         (out_dir / "index.json").unlink(missing_ok=True)
         for stale in out_dir.glob("matte_*.png"):
-            stale.unlink()
+            if OUTPUT_MATTE.fullmatch(stale.name):
+                stale.unlink()
         for produced in sorted(staging.iterdir(), key=lambda p: p.name == "index.json"):
             produced.replace(out_dir / produced.name)
     finally:
@@ -564,6 +579,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {str(args.out)!r} is a file; expected a folder (created if missing)")
+    if args.image.parent.resolve() == args.out.resolve() and _is_output_name(args.image.name):
+        parser.error(
+            f"{args.image}: the input would be replaced by an output of the same name in --out; "
+            "choose another --out"
+        )
     try:
         image = read_rgb(args.image)
     except (FileNotFoundError, ValueError) as error:
