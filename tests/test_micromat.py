@@ -193,3 +193,57 @@ def test_bad_lines_and_arguments(tmp_path: Path) -> None:
         build_eval_dataset(tmp_path, format="micromat", prompt="box", subset="all")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_eval_dataset(tmp_path / "nowhere", format="micromat", prompt="box")
+
+
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ({"point": [[40, 5, 1]], "bbox": [2, 3, 20, 20]}, r"point \(40, 5\) lies outside the 32x24"),
+        (
+            {"point": [[4, 5, 1]], "bbox": [200, 200, 300, 300]},
+            r"bbox \[200.0, 200.0, 300.0, 300.0\] lies outside",
+        ),
+    ],
+)
+def test_prompts_outside_the_image_are_refused_before_any_prediction(
+    tmp_path: Path, prompt: dict, message: str
+) -> None:
+    write_micromat(tmp_path)
+    (tmp_path / "prompt/coarse/0001_2.json").write_text(json.dumps(prompt))
+    with pytest.raises(EvalDataError, match=rf"line 2: prompt {message}"):
+        build_eval_dataset(tmp_path, format="micromat", prompt="both")
+    edge = {"point": [[32, 24, 1]], "bbox": [0, 0, 32, 24]}  # on the border: still the image's
+    (tmp_path / "prompt/coarse/0001_2.json").write_text(json.dumps(edge))
+    build_eval_dataset(tmp_path, format="micromat", prompt="both")
+
+
+def test_a_subset_with_no_instance_is_a_clear_error(tmp_path: Path) -> None:
+    lines = write_micromat(tmp_path)
+    (tmp_path / "data_list.txt").write_text(lines[1] + "\n")  # the coarse instance only
+    with pytest.raises(EvalDataError, match="no instance of subset 'fine'"):
+        build_eval_dataset(tmp_path, format="micromat", prompt="box", subset="fine")
+
+
+def test_sixteen_bit_images_and_trimaps_are_scaled_not_clipped(tmp_path: Path) -> None:
+    write_matting_folder(tmp_path, count=1)
+    gray = np.linspace(0, 65535, 20 * 28).reshape(20, 28).astype(np.uint16)
+    (tmp_path / "original/s_0.jpg").unlink()
+    Image.fromarray(gray).save(tmp_path / "original/s_0.png")  # a 16-bit grayscale PNG
+    trimap = np.asarray(Image.open(tmp_path / "trimap/s_0.png")).astype(np.uint16) * 257
+    Image.fromarray(trimap).save(tmp_path / "trimap/s_0.png")
+    dataset = build_eval_dataset(tmp_path, format="aim500", prompt="box")
+    item = dataset[0]
+    assert item["image"].dtype == np.uint8 and item["image"].shape == (20, 28, 3)
+    assert item["image"][0, 0, 0] == 0 and item["image"][-1, -1, 0] == 255  # not all 255 (clipped)
+    assert set(np.unique(item["trimap"])) == {0, 128, 255}
+    check_trimaps(dataset.records)  # 128 * 257 reads as 128
+
+
+def test_trimaps_are_left_out_where_the_protocol_does_not_score_them(tmp_path: Path) -> None:
+    write_matting_folder(tmp_path)
+    _save(tmp_path / "trimap/s_1.png", np.zeros((10, 10), np.uint8))  # the wrong size
+    with pytest.raises(EvalDataError, match=r"'s_1'.*trimap s_1.png is 10x10 \(WxH\) but matte"):
+        check_trimaps(build_eval_dataset(tmp_path, format="aim500", prompt="box").records)
+    paper = build_eval_dataset(tmp_path, format="aim500", prompt="box", trimaps=False)
+    assert all(record.trimap is None for record in paper.records)
+    assert paper[1]["trimap"] is None  # read without the trimap: a paper run is not stopped by it

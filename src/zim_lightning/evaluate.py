@@ -384,7 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     net = zim_for_command(parser, args).eval()
     try:
         dataset = build_eval_dataset(
-            args.data, format=args.format, prompt=args.prompt, subset=args.subset, seed=args.seed
+            args.data,
+            format=args.format,
+            prompt=args.prompt,
+            subset=args.subset,
+            seed=args.seed,
+            trimaps=args.protocol == "dim",  # the paper protocol scores whole images
         )
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
@@ -416,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_format=args.format,
         eval_prompt=args.prompt,
         eval_subset=args.subset,
+        eval_trimaps=args.protocol == "dim",
         batch_size=1,
         num_workers=args.num_workers,
         seed=args.seed,

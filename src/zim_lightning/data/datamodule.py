@@ -279,6 +279,7 @@ class ZimDataModule(L.LightningDataModule):
         eval_format: ``format`` of ``build_eval_dataset`` (e.g. "micromat", "am2k", "aim500").
         eval_prompt: ``prompt`` of ``build_eval_dataset`` ("box" or "point").
         eval_subset: ``subset`` of ``build_eval_dataset`` (e.g. "fine", "coarse"; None: all).
+        eval_trimaps: ``trimaps`` of ``build_eval_dataset``: read the trimaps (the dim protocol's).
         batch_size: training batch size per rank.
         val_batch_size: validation / evaluation batch size; None: ``batch_size``.
         num_workers: DataLoader workers per rank.
@@ -321,6 +322,7 @@ class ZimDataModule(L.LightningDataModule):
         eval_format: str = "micromat",
         eval_prompt: str = "box",
         eval_subset: str | None = None,
+        eval_trimaps: bool = True,
         batch_size: int = 4,
         val_batch_size: int | None = None,
         num_workers: int = 4,
@@ -369,6 +371,7 @@ class ZimDataModule(L.LightningDataModule):
             eval_prompt,
             eval_subset,
         )
+        self.eval_trimaps = eval_trimaps
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -626,6 +629,7 @@ class ZimDataModule(L.LightningDataModule):
             prompt=self.eval_prompt,
             subset=self.eval_subset,
             seed=self.seed,
+            trimaps=self.eval_trimaps,
         )
 
     def eval_dataloader(self, *, rank: int | None = None, world_size: int | None = None) -> DataLoader:

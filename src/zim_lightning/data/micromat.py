@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from zim_lightning.data.decode import GRAY_16_BIT_MODES
+from zim_lightning.data.decode import GRAY_16_BIT_MODES, scale_16_bit
 from zim_lightning.data.prompts import sample_points, support_box
 
 FORMATS: tuple[str, ...] = ("micromat", "am2k", "aim500")
@@ -155,8 +155,7 @@ class EvalDataset(Dataset):
             )
         trimap = None
         if record.trimap is not None:
-            with Image.open(record.trimap) as img:
-                trimap = np.array(img.convert("L"))
+            trimap = read_trimap(record.trimap)
             if trimap.shape != alpha.shape:
                 raise EvalDataError(
                     f"{record.where}: trimap {record.trimap.name} is {trimap.shape[1]}x{trimap.shape[0]} "
@@ -198,9 +197,21 @@ class EvalDataset(Dataset):
 
 
 def read_image(path: Path) -> np.ndarray:
-    """Read an image as uint8 HxWx3 RGB."""
+    """Read an image as uint8 HxWx3 RGB, 16-bit grayscale scaled to 8 bits (``convert("RGB")`` clips it
+    at 255: a white image). EXIF orientation is not applied: the mattes match the stored pixels."""
     with Image.open(path) as img:
+        if img.mode in GRAY_16_BIT_MODES:
+            gray = scale_16_bit(np.asarray(img))
+            return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
         return np.array(img.convert("RGB"))
+
+
+def read_trimap(path: Path) -> np.ndarray:
+    """Read a trimap as uint8 HxW (0 / 128 / 255), a 16-bit one scaled to 8 bits."""
+    with Image.open(path) as img:
+        if img.mode in GRAY_16_BIT_MODES:
+            return scale_16_bit(np.asarray(img))
+        return np.array(img.convert("L"))
 
 
 def read_alpha(path: Path) -> np.ndarray:
@@ -234,6 +245,7 @@ def build_eval_dataset(
     seed: int = 0,
     positive_points: int = 3,
     negative_points: int = 2,
+    trimaps: bool = True,
 ) -> EvalDataset:
     """Read an evaluation set's index and check its files.
 
@@ -245,6 +257,8 @@ def build_eval_dataset(
         seed: seed of the derived point prompts (AM-2K, AIM-500).
         positive_points: positives of a derived point prompt.
         negative_points: negatives of a derived point prompt.
+        trimaps: read the trimaps (AM-2K, AIM-500), which only the dim protocol scores; False leaves them
+            out, so that a trimap the run does not use cannot stop it.
 
     Returns:
         The dataset, instances in data-list (MicroMat-3K) or sorted-stem order.
@@ -268,11 +282,17 @@ def build_eval_dataset(
         records = _micromat_records(root, prompt)
         if subset is not None:
             records = [r for r in records if r.subset == subset]
+            if not records:
+                raise EvalDataError(
+                    f"{str(root)!r}: its data_list.txt lists no instance of subset {subset!r}"
+                )
     else:
         if subset not in (None, ALL_SUBSET):
             raise ValueError(f"{format} has the single subset {ALL_SUBSET!r}; got subset={subset!r}")
         folder = root / "validation" if format == "am2k" and (root / "validation").is_dir() else root
         records = _folder_records(folder, format)
+        if not trimaps:
+            records = [replace(r, trimap=None) for r in records]
     for record in records:
         _check_sizes(record)
     return EvalDataset(
@@ -393,8 +413,9 @@ def _folder_records(folder: Path, format: str) -> list[EvalRecord]:
 
 
 def check_trimaps(records: Sequence[EvalRecord]) -> None:
-    """Check that every trimap holds only 0, 128 and 255, with some 128 (the dim protocol scores the
-    unknown region only: a trimap without one, or an interpolated one, would score 0 or mix regions).
+    """Check that every trimap has its matte's size and holds only 0, 128 and 255, with some 128 (the dim
+    protocol scores the unknown region only: a trimap without one, or an interpolated one, would score 0
+    or mix regions).
 
     Raises:
         EvalDataError: naming the first trimap that does not.
@@ -402,8 +423,14 @@ def check_trimaps(records: Sequence[EvalRecord]) -> None:
     for record in records:
         if record.trimap is None:
             continue
-        with Image.open(record.trimap) as img:
-            values = np.unique(np.asarray(img.convert("L")))
+        trimap = read_trimap(record.trimap)
+        with Image.open(record.matte) as matte:
+            if trimap.shape != (matte.height, matte.width):
+                raise EvalDataError(
+                    f"{record.where}: trimap {record.trimap.name} is {trimap.shape[1]}x{trimap.shape[0]} "
+                    f"(WxH) but matte {record.matte_relpath} is {matte.width}x{matte.height}"
+                )
+        values = np.unique(trimap)
         if not np.isin(values, TRIMAP_VALUES).all() or TRIMAP_VALUES[1] not in values:
             raise EvalDataError(
                 f"{record.where}: trimap {record.trimap.name} must hold 0 (background), 128 (unknown) "
@@ -434,4 +461,19 @@ def _check_sizes(record: EvalRecord) -> None:
         raise EvalDataError(
             f"{record.where}: image {record.image.name} is {image_size[0]}x{image_size[1]} (WxH) but matte "
             f"{record.matte_relpath} is {matte_size[0]}x{matte_size[1]}"
+        )
+    width, height = image_size
+    prompt = record.prompt or {}
+    points = prompt.get("points")
+    if points is not None:
+        outside = (points[:, 0] < 0) | (points[:, 0] > width) | (points[:, 1] < 0) | (points[:, 1] > height)
+        if outside.any():
+            x, y = points[outside][0, :2]
+            raise EvalDataError(
+                f"{record.where}: prompt point ({x:g}, {y:g}) lies outside the {width}x{height} (WxH) image"
+            )
+    box = prompt.get("box")
+    if box is not None and (box[0] > width or box[1] > height or box[2] < 0 or box[3] < 0):
+        raise EvalDataError(
+            f"{record.where}: prompt bbox {box.tolist()} lies outside the {width}x{height} (WxH) image"
         )

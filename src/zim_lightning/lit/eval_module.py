@@ -215,7 +215,10 @@ class EvalModule(LightningModule):
         self, item: dict[str, Any], methods: list[str]
     ) -> dict[str, dict[str, torch.Tensor]]:
         predictor = self.predictor
-        predictor.set_image(np.asarray(item["image"]))
+        try:
+            predictor.set_image(np.asarray(item["image"]))
+        except ValueError as error:  # an image the network cannot take (too elongated for the frame)
+            raise ValueError(f"instance {item['key']!r}: {error}") from error
         out: dict[str, dict[str, torch.Tensor]] = {m: {} for m in methods}
         for prompt in self.prompts:
             given = item["prompt"].get(PROMPT_KEYS[prompt])
