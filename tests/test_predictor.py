@@ -51,6 +51,10 @@ def test_points_and_box_together(predictor):
     box_only, _, _ = predictor.predict(box=box)
     assert both.shape == (4, HEIGHT, WIDTH)
     assert not np.allclose(both, box_only)  # the point is a token of the decoder too
+    # segment-anything's 4th positional argument is mask_input: here the rest are keyword-only, so a
+    # call written for SamPredictor fails instead of taking its mask input for multimask_output
+    with pytest.raises(TypeError):
+        predictor.predict(points, labels, None, None, True)
 
 
 @pytest.mark.slow

@@ -153,10 +153,15 @@ class ZimPredictor:
         point_coords: np.ndarray | None = None,
         point_labels: np.ndarray | None = None,
         box: np.ndarray | None = None,
+        *,
         multimask_output: bool = True,
         return_logits: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Predict mattes for one prompt, in the original image's pixels.
+
+        The arguments after ``box`` are keyword-only: segment-anything's ``SamPredictor.predict`` takes
+        ``mask_input`` there, which ZIM has no use for, so a positional call written for SAM fails
+        instead of reading its mask input as ``multimask_output``.
 
         Args:
             point_coords: Nx2 ``(X, Y)`` pixels of the original image, or None.
@@ -205,6 +210,7 @@ class ZimPredictor:
         point_coords: torch.Tensor | None,
         point_labels: torch.Tensor | None,
         boxes: torch.Tensor | None = None,
+        *,
         multimask_output: bool = True,
         return_logits: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
