@@ -129,6 +129,36 @@ def test_filters_and_nms(model: torch.nn.Module, photo: np.ndarray, unsuppressed
     assert {candidate_key(r) for r in kept} == {candidate_key(passing[i]) for i in expected.tolist()}
 
 
+@pytest.mark.parametrize("which", ["iou", "stability"])
+def test_each_threshold_alone_keeps_exactly_the_candidates_above_it(
+    model: torch.nn.Module, photo: np.ndarray, unsuppressed: list[dict], which: str
+) -> None:
+    # without NMS (1.0), so that neither filter's work can be hidden by NMS removing the same mattes
+    ious = sorted(r["predicted_iou"] for r in unsuppressed)
+    cut = (
+        ious[len(ious) // 2]
+        if which == "iou"
+        else float(np.median([r["stability_score"] for r in unsuppressed]))
+    )
+    thresholds = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    thresholds["pred_iou_thresh" if which == "iou" else "stability_score_thresh"] = cut
+    generator = ZimAutomaticMatteGenerator(
+        model,
+        points_per_side=2,
+        points_per_batch=4,
+        box_nms_thresh=1.0,
+        stability_score_offset=STABILITY_OFFSET,
+        **thresholds,
+    )
+    kept = {candidate_key(r) for r in generator.generate(photo)}
+    expected = {
+        candidate_key(r)
+        for r in unsuppressed
+        if (r["predicted_iou"] > cut if which == "iou" else r["stability_score"] >= cut)
+    }
+    assert 0 < len(expected) < len(unsuppressed) and kept == expected
+
+
 def test_mask_iou_dedupe(model: torch.nn.Module, unsuppressed: list[dict]) -> None:
     generator = ZimAutomaticMatteGenerator(model, points_per_side=1, mask_dedupe_iou_thresh=0.5, **NO_FILTER)
     alphas = [torch.from_numpy(np.round(r["alpha"] * 255).astype(np.uint8)) for r in unsuppressed]
@@ -251,7 +281,9 @@ def _disc_decoder(net: torch.nn.Module, radius: float = DISC_RADIUS) -> torch.nn
     return net
 
 
-def _crop_layer_records(radius: float = DISC_RADIUS) -> tuple[list[dict], int, int]:
+def _crop_layer_records(
+    radius: float = DISC_RADIUS, crop_nms_thresh: float = 1.0
+) -> tuple[list[dict], int, int]:
     """matte-all over the full-size coffee photo (400x600: crops big enough for the edge filter) and one
     crop layer, with the disc decoder: every candidate, nothing suppressed but by the crop-edge filter."""
     torch.manual_seed(0)
@@ -262,10 +294,30 @@ def _crop_layer_records(radius: float = DISC_RADIUS) -> tuple[list[dict], int, i
         crop_n_layers=1,
         multimask_output=False,
         box_nms_thresh=1.0,
-        crop_nms_thresh=1.0,
+        crop_nms_thresh=crop_nms_thresh,
         **NO_FILTER,
     )
     return generator.generate(photo), photo.shape[0], photo.shape[1]
+
+
+def test_across_crops_nms_keeps_the_matte_of_the_smaller_crop() -> None:
+    # SAM's rule: where mattes of different crops overlap, the one from the smaller crop (finer detail)
+    # wins. Discs of radius 300 (frame pixels) overlap across the layers.
+    everything, _, _ = _crop_layer_records(300.0)
+    kept, _, _ = _crop_layer_records(300.0, crop_nms_thresh=0.3)
+    assert 0 < len(kept) < len(everything)
+
+    def area(record: dict) -> float:
+        return record["crop_box"][2] * record["crop_box"][3]
+
+    overlap = box_iou(xyxy(kept), xyxy(everything))
+    beaten = [
+        (i, j)
+        for i in range(len(kept))
+        for j in range(len(everything))
+        if overlap[i, j] > 0.3 and area(everything[j]) < area(kept[i])
+    ]
+    assert not beaten, "a kept matte overlaps a candidate of a smaller crop, which should have won"
 
 
 def test_every_layers_mattes_land_on_their_prompt_in_the_full_image() -> None:

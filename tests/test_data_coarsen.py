@@ -56,6 +56,19 @@ def test_blur_then_threshold_smooths_the_boundary():
     assert boundary_length(smooth) < boundary_length(noisy) / 2
 
 
+def test_a_wide_blur_runs_at_reduced_resolution_and_matches_the_full_one():
+    # sigmas of 5-30 px at 1024 (random_coarsen) blur a downscaled copy with sigma / factor; the result
+    # must be the full-resolution blur's, to the odd boundary pixel
+    import cv2
+
+    yy, xx = np.mgrid[:256, :256]
+    disc = (np.hypot(yy - 128, xx - 128) < 80).astype(np.float32)
+    disc[120:136, 200:256] = 1.0  # a bar that the blur rounds off
+    got = coarsen.gaussian_blur(disc, sigma=16.0)
+    want = coarsen.threshold(cv2.GaussianBlur(disc, (0, 0), 16.0))
+    assert (got == want).mean() > 0.999
+
+
 def test_downscale_upscale_loses_detail_but_keeps_the_shape():
     alpha = soft_matte()
     alpha[3, 5:75] = 1.0  # a one-pixel strand away from the body: lost at 1/8 resolution

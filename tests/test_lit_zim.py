@@ -305,8 +305,42 @@ def test_multimask_and_iou_switches_train_every_output_token():
     grads = _grads(both, _batch([box, box]))  # no ambiguous prompt: tokens 1-3 get no mask loss
     assert trained(grads, "output_hypernetworks_mlps.0") and trained(grads, "iou_prediction_head")
     assert not any(trained(grads, f"output_hypernetworks_mlps.{k}") for k in (1, 2, 3))
+    two_clicks = [1.0, 0.0, -1.0]  # a positive and a negative click: not ambiguous either
+    grads = _grads(both, _batch([two_clicks, box]))
+    assert not any(trained(grads, f"output_hypernetworks_mlps.{k}") for k in (1, 2, 3))
     with pytest.raises(ValueError, match="iou_weight"):
         ZimModule(net=net, iou_weight=-1.0)
+
+
+def test_what_the_network_predicts_in_the_padding_changes_no_loss_term():
+    # every term, the IoU head's target included, is computed in the valid region of the frame only
+    from zim_lightning.models.build import ZIM_VARIANTS
+    from zim_lightning.models.zim import Zim
+
+    torch.manual_seed(0)
+    net = Zim(**ZIM_VARIANTS["tiny"], image_size=FRAME).eval()
+    module = ZimModule(net=net, multimask=True, iou_weight=1.0)
+    decode = net.decode
+
+    def padding_filled(*args, **kwargs):
+        logits, iou = decode(*args, **kwargs)
+        logits = logits.clone()
+        # sample 0's padding starts at frame row 3/4 (see _batch); the logits' row there still reaches
+        # the last valid frame row through the bilinear upsampling, the rows after it do not
+        rows = logits.shape[-2] * 3 // 4 + 1
+        logits[0, :, rows:] = 20.0
+        return logits, iou
+
+    batch = _batch([[1.0, -1.0, -2.0], [2.0, 3.0, -2.0]])
+    with torch.no_grad():
+        base = module._step(batch)[1]
+        net.decode = padding_filled
+        try:
+            filled = module._step(batch)[1]
+        finally:
+            net.decode = decode
+    for name, value in base.items():
+        torch.testing.assert_close(filled[name], value, msg=name)
 
 
 def test_checkpoints_carry_the_network_and_old_optimiser_states_resume(synthetic: Path, tmp_path: Path):

@@ -164,6 +164,15 @@ def test_conn_ignores_small_components_and_the_015_cutoff() -> None:
     assert e["sad"] == pytest.approx(0.88 / 1000)
 
 
+def test_conn_counts_a_difference_of_exactly_015() -> None:
+    # the last pixel is in the common component up to level 0.1 (gt 0.15 < 0.2), so l = 0.1:
+    # d_g = 0.05 < 0.15 gives phi_g = 1; d_p = 0.25 - 0.1 = 0.15 exactly, which counts (d >= 0.15):
+    # phi_p = 0.85, and Conn = |0.85 - 1| = 0.15 (x 1/1000)
+    gt = torch.tensor([[1.0, 1.0, 0.15]], dtype=torch.float64)
+    pred = torch.tensor([[1.0, 1.0, 0.25]], dtype=torch.float64)
+    assert matting_errors(pred, gt)["conn"] == pytest.approx(0.15 / 1000)
+
+
 def test_conn_with_no_overlap_counts_the_whole_prediction() -> None:
     # No pixel is >= 0.1 in both, so every level is 0: phi_p = 1 - 0.5, phi_g = 1, four pixels.
     pred = torch.full((2, 2), 0.5, dtype=torch.float64)

@@ -173,6 +173,8 @@ def test_predict_before_set_image():
         ({"box": np.array([100, 240, 350, 60])}, "x2 >= x1 and y2 >= y1"),
         ({"box": np.array([500, 10, 600, 50])}, "outside"),
         ({"box": np.array([-50, -40, -10, -5])}, "outside"),
+        ({"box": np.array([10, 400, 50, 500])}, "outside"),  # below the image, x inside
+        ({"box": np.array([10, -50, 50, -5])}, "outside"),  # above it
         ({"box": np.array([1, 2, 3])}, "box must be a length-4"),
         (
             {"point_coords": np.array([1.0, 2.0]), "point_labels": np.array([1])},
