@@ -233,8 +233,10 @@ def test_progressive_refine_keeps_coarse_alpha_outside_the_band() -> None:
     refined, band = progressive_refine(coarse, finer, 2)
 
     expected_band = torch.zeros_like(band)
-    expected_band[0, 0, 2:7, 2:7] = True
-    expected_band[0, 0, 10:15, 6:11] = True
+    disk = torch.ones(5, 5, dtype=torch.bool)  # radius 2: the 5x5 square without its corners
+    disk[0, 0] = disk[0, -1] = disk[-1, 0] = disk[-1, -1] = False
+    expected_band[0, 0, 2:7, 2:7] = disk
+    expected_band[0, 0, 10:15, 6:11] = disk
     assert torch.equal(band, expected_band)
     assert torch.equal(refined[band], finer[band])
     assert torch.equal(refined[~band], coarse[~band])
@@ -260,14 +262,22 @@ def test_model_refinement_follows_os8_outside_band_and_ablation_switch() -> None
 
 
 def test_refinement_widths_random_in_training_fixed_in_eval() -> None:
+    # MGMatting's widths (30, 15) are kernel sizes: a kernel width // 2 across in evaluation (radius 7
+    # and 3), one of 1..width-1 in training
     model = converter_model_registry["converter_tiny"]()
+    assert (model.refine_width_os4, model.refine_width_os1) == (30, 15)
     model.train()
     torch.manual_seed(0)
-    draws = {model._widths() for _ in range(50)}
-    assert all(1 <= w4 <= model.refine_width_os4 and 1 <= w1 <= model.refine_width_os1 for w4, w1 in draws)
-    assert len(draws) > 1
+    draws = {model._widths() for _ in range(200)}
+    assert {r4 for r4, _ in draws} == set(range(15)) and {r1 for _, r1 in draws} == set(range(8))
     model.eval()
-    assert model._widths() == (model.refine_width_os4, model.refine_width_os1)
+    assert model._widths() == (7, 3)
+    # one uncertain pixel's band at the evaluation radius: a disk 15 pixels across, not a 61x61 square
+    alpha = torch.zeros(1, 1, 41, 41)
+    alpha[0, 0, 20, 20] = 0.5
+    band = uncertain_band(alpha, 7)[0, 0]
+    assert band[20, 13] and band[20, 27] and not band[20, 12] and not band[13, 13]
+    assert 150 < int(band.sum()) < 180
 
 
 def test_compile_model_compiles_the_whole_converter_in_place_and_keeps_keys():

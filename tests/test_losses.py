@@ -66,6 +66,28 @@ def test_converter_loss_weights_outputs():
         ConverterLoss()({"alpha_os1": target, "alpha_os4": target}, target)
 
 
+def test_band_weighted_converter_loss_counts_the_refined_outputs_in_their_bands_only():
+    target = torch.zeros(1, 1, 4, 4)
+    os4 = torch.full((1, 1, 4, 4), 0.4)
+    os4[..., :, 2:] = 0.9  # wrong outside its band: must not count
+    band_os4 = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
+    band_os4[..., :, :2] = True
+    outs = {
+        "alpha_os1": torch.full((1, 1, 4, 4), 0.1),
+        "alpha_os4": os4,
+        "alpha_os8": torch.full((1, 1, 4, 4), 0.8),
+        "band_os4": band_os4,
+        "band_os1": torch.zeros(1, 1, 4, 4, dtype=torch.bool),  # empty (an STL sample): adds nothing
+    }
+    terms = ConverterLoss(band_weighted=True, grad_weight=0.0)(outs, target)
+    assert terms["loss"].item() == pytest.approx((2 * 0.0 + 0.4 + 0.8) / 4)
+    everywhere = ConverterLoss(grad_weight=0.0)(outs, target)["loss"].item()
+    assert everywhere == pytest.approx((2 * 0.1 + (0.4 + 0.9) / 2 + 0.8) / 4)
+    del outs["band_os1"]
+    with pytest.raises(KeyError, match="band_os1"):
+        ConverterLoss(band_weighted=True)(outs, target)
+
+
 def test_bce_term_is_cross_entropy_on_the_logits_and_keeps_a_gradient_when_saturated():
     target = _m([[1.0, 0.0], [0.0, 0.0]])
     valid = _m([[1.0, 1.0], [1.0, 0.0]])  # the last pixel is padding

@@ -12,8 +12,9 @@ The converter adds MGMatting's progressive-refinement supervision (Yu et al., "M
 Progressive Refinement Network", CVPR 2021): the same loss on each of its outputs at output strides 8, 4
 and 1, combined with fixed weights (2 on the stride-1 output, 1 on the others, as MGMatting weights its
 refinement losses). MGMatting restricts the stride-4 and stride-1 terms to the uncertain band around the
-coarser prediction; we supervise every pixel instead, which is simpler and keeps the loss defined where
-the band is empty (the STL samples, whose target is the coarse mask itself).
+coarser prediction; by default we supervise every pixel instead, which is simpler and keeps those heads
+learning where the band is empty (the STL samples, whose target is the coarse mask itself).
+``ConverterLoss(band_weighted=True)`` is MGMatting's form.
 
 Not in the paper: an optional binary cross-entropy term on the logits (``bce_weight``, default 0). ZIM
 fine-tunes from SAM, whose logits already separate object from background. From random weights (the
@@ -159,18 +160,24 @@ class MattingLoss(nn.Module):
         return {"loss": loss, "l1": l1, "grad": grad}
 
 
+#: The band each refined output is supervised in, with ``ConverterLoss(band_weighted=True)``.
+_BANDS = {"alpha_os4": "band_os4", "alpha_os1": "band_os1"}
+
+
 class ConverterLoss(nn.Module):
     """MGMatting-style supervision of the label converter's three outputs.
 
     Each of ``alpha_os8``, ``alpha_os4`` and ``alpha_os1`` gets :class:`MattingLoss` against the same
-    target; the total is their weighted mean. Every pixel counts (no uncertainty band; see the module
-    docstring).
+    target; the total is their weighted mean. Every pixel counts, unless ``band_weighted``.
 
     Args:
         grad_weight: lambda of each :class:`MattingLoss` (paper: 10).
         weight_os1: weight of the stride-1 (finest) output's loss.
         weight_os4: weight of the stride-4 output's loss.
         weight_os8: weight of the stride-8 (coarsest) output's loss.
+        band_weighted: MGMatting's supervision: the stride-4 and stride-1 terms count only inside the
+            bands where refinement took those outputs (the converter's ``band_os4`` and ``band_os1``);
+            a sample with an empty band adds nothing to them.
     """
 
     def __init__(
@@ -180,9 +187,11 @@ class ConverterLoss(nn.Module):
         weight_os1: float = 2.0,
         weight_os4: float = 1.0,
         weight_os8: float = 1.0,
+        band_weighted: bool = False,
     ) -> None:
         super().__init__()
         self.weights = {"alpha_os1": weight_os1, "alpha_os4": weight_os4, "alpha_os8": weight_os8}
+        self.band_weighted = band_weighted
         if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
             raise ValueError(f"output weights must be >= 0 with a positive sum, got {self.weights}")
         self.matting = MattingLoss(grad_weight=grad_weight)
@@ -192,19 +201,21 @@ class ConverterLoss(nn.Module):
 
         Args:
             outputs: the converter's output dict with ``alpha_os1``, ``alpha_os4``, ``alpha_os8``, each
-                Bx1xHxW in [0, 1].
+                Bx1xHxW in [0, 1] (and the bool ``band_os4``, ``band_os1`` with ``band_weighted``).
             target: ground-truth alpha, Bx1xHxW in [0, 1].
 
         Returns:
             dict with ``loss`` (to minimise), and the weighted means ``l1`` and ``grad`` of the terms.
         """
-        missing = [k for k in self.weights if k not in outputs]
+        needed = [*self.weights, *(_BANDS.values() if self.band_weighted else ())]
+        missing = [k for k in needed if k not in outputs]
         if missing:
             raise KeyError(f"converter outputs lack {missing}; got keys {sorted(outputs)}")
         total = sum(self.weights.values())
         result: dict[str, Tensor] = {}
         for key, weight in self.weights.items():
-            terms = self.matting(outputs[key], target)
+            band = outputs[_BANDS[key]] if self.band_weighted and key in _BANDS else None
+            terms = self.matting(outputs[key], target, None if band is None else band.to(target.dtype))
             for name, value in terms.items():
                 result[name] = result.get(name, 0.0) + value * (weight / total)
         return result

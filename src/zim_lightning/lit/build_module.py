@@ -19,8 +19,8 @@ class MatteBuildModule(L.LightningModule):
     """Predict-only wrapper of a label converter.
 
     Batches are dicts with ``image`` uint8 Bx3xSxS RGB in [0, 255], ``mask`` uint8 Bx1xSxS in [0, 255]
-    (the coarse segmentation resampled to the converter's frame; area-resampled coverage, so values
-    between 0 and 255 occur at edges) and any other entries (bookkeeping of the data side), which stay on
+    (the coarse segmentation resampled to the converter's frame, binary 0 / 255 as in training: see
+    ``sa1b_matte.converter_mask``) and any other entries (bookkeeping of the data side), which stay on
     the host. Masks travel as uint8 rather than float [0, 1] for the same reason images do: four times
     less host-to-device traffic; they are scaled to [0, 1] here.
 

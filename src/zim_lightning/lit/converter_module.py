@@ -38,6 +38,8 @@ class ConverterModule(MattingModule):
         weight_os1: loss weight of the stride-1 output.
         weight_os4: loss weight of the stride-4 output.
         weight_os8: loss weight of the stride-8 output.
+        band_weighted_loss: MGMatting's supervision, the stride-4 and stride-1 losses inside their
+            refinement bands only (:class:`~zim_lightning.losses.ConverterLoss`); False: every pixel.
         decay_exempt: no weight decay on biases, norms, position embeddings and embeddings
             (:func:`~zim_lightning.lit.optimization.parameter_groups`); False: one group, all decayed.
         require_pretrained: refuse to fit a converter built from random weights (no ``checkpoint`` or
@@ -54,6 +56,7 @@ class ConverterModule(MattingModule):
         weight_os1: float = 2.0,
         weight_os4: float = 1.0,
         weight_os8: float = 1.0,
+        band_weighted_loss: bool = False,
         decay_exempt: bool = True,
         require_pretrained: bool = False,
     ) -> None:
@@ -69,7 +72,11 @@ class ConverterModule(MattingModule):
         # described by the saved config, and a checkpoint must stay loadable with weights_only=True.
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
         self.loss = ConverterLoss(
-            grad_weight=grad_weight, weight_os1=weight_os1, weight_os4=weight_os4, weight_os8=weight_os8
+            grad_weight=grad_weight,
+            weight_os1=weight_os1,
+            weight_os4=weight_os4,
+            weight_os8=weight_os8,
+            band_weighted=band_weighted_loss,
         )
 
     def forward(self, images: Tensor, masks: Tensor) -> dict[str, Tensor]:

@@ -49,29 +49,35 @@ _NORM_GROUPS = 8
 _MIN_DECODER_DIM = 8
 
 
-def uncertain_band(alpha: torch.Tensor, width: int, *, eps: float = 1.0 / 255.0) -> torch.Tensor:
-    """Pixels within ``width`` of an uncertain alpha value.
+def uncertain_band(alpha: torch.Tensor, radius: int, *, eps: float = 1.0 / 255.0) -> torch.Tensor:
+    """Pixels within ``radius`` (Euclidean) of an uncertain alpha value.
 
     A pixel is uncertain when ``eps < alpha < 1 - eps``, i.e. strictly between 0 and 1 at 8-bit
     precision (a sigmoid never reaches exactly 0 or 1, so an exact test would mark everything). The band
-    is that set dilated by a (2*width+1) square, computed as two separable max-pools.
+    is that set dilated by a disk of diameter ``2 * radius + 1`` (MGMatting dilates with an ellipse).
 
     Args:
         alpha: Bx1xHxW alpha in [0, 1].
-        width: dilation radius in pixels (>= 0).
+        radius: dilation radius in pixels (>= 0).
         eps: tolerance of "certainly 0" and "certainly 1".
 
     Returns:
         Bx1xHxW bool, True inside the band.
     """
-    if width < 0:
-        raise ValueError(f"band width must be >= 0, got {width}")
-    unsure = ((alpha > eps) & (alpha < 1.0 - eps)).to(alpha.dtype)
-    if width > 0:
-        size = 2 * width + 1
-        unsure = F.max_pool2d(unsure, kernel_size=(1, size), stride=1, padding=(0, width))
-        unsure = F.max_pool2d(unsure, kernel_size=(size, 1), stride=1, padding=(width, 0))
-    return unsure > 0
+    if radius < 0:
+        raise ValueError(f"band radius must be >= 0, got {radius}")
+    unsure = ((alpha > eps) & (alpha < 1.0 - eps)).to(torch.float32)
+    if radius > 0:
+        offsets = torch.arange(-radius, radius + 1, device=alpha.device, dtype=torch.float32)
+        disk = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2 + radius).to(torch.float32)
+        unsure = F.conv2d(unsure, disk[None, None], padding=radius)
+    return unsure > 0.5
+
+
+def band_radius(width: int) -> int:
+    """The dilation radius of an MGMatting refinement width: a kernel ``width // 2`` pixels across (its
+    evaluation setting; training draws the diameter from 1..width-1), so a radius of ``width // 4``."""
+    return (width // 2) // 2
 
 
 def progressive_refine(
@@ -137,11 +143,13 @@ class MattingConverter(nn.Module):
         decoder_dim: decoder width at strides 32 and 16; it halves at each finer stride (floor 8).
         progressive_refinement: MGMatting's progressive refinement. False: ``alpha`` is the stride-1
             prediction alone (ablation).
-        refine_width_os4: radius (pixels, full resolution) of the band where the stride-4 alpha replaces
-            the stride-8 alpha.
-        refine_width_os1: radius of the band where the stride-1 alpha replaces the previous alpha.
-        random_refine_width: in training mode draw each radius uniformly from 1..its maximum per batch
-            (MGMatting's training-time perturbation); evaluation always uses the maxima.
+        refine_width_os4: MGMatting's refinement width (``self_refine_width1``, 30) of the band where the
+            stride-4 alpha replaces the stride-8 alpha: the uncertain pixels dilated by a disk ``width // 2``
+            pixels across in evaluation (radius 7 at 30), one 1..width-1 across in training.
+        refine_width_os1: the same for the band where the stride-1 alpha replaces the previous alpha
+            (MGMatting's ``self_refine_width2``, 15: radius 3 in evaluation).
+        random_refine_width: in training mode draw each kernel's diameter uniformly from 1..width-1 per
+            batch (MGMatting's training-time perturbation); evaluation always uses ``width // 2``.
         uncertainty_eps: alpha values within this of 0 or 1 count as certain.
     """
 
@@ -235,12 +243,13 @@ class MattingConverter(nn.Module):
                 raise ValueError(f"masks must be in [0, 1], got values in [{float(low)}, {float(high)}]")
 
     def _widths(self) -> tuple[int, int]:
-        """Band radii (os4, os1): random in 1..max per batch while training, the maxima otherwise."""
+        """Band radii (os4, os1): a disk ``width // 2`` across in evaluation; in training one whose
+        diameter is drawn from 1..width-1 per batch (MGMatting's kernels of those sizes)."""
         if not (self.training and self.random_refine_width):
-            return self.refine_width_os4, self.refine_width_os1
+            return band_radius(self.refine_width_os4), band_radius(self.refine_width_os1)
 
-        def draw(maximum: int) -> int:
-            return int(torch.randint(1, maximum + 1, ()).item()) if maximum > 0 else 0
+        def draw(width: int) -> int:
+            return int(torch.randint(1, width, ()).item()) // 2 if width > 1 else 0
 
         return draw(self.refine_width_os4), draw(self.refine_width_os1)
 
@@ -255,7 +264,7 @@ class MattingConverter(nn.Module):
             dict of Bx1xHxW tensors in [0, 1] at full resolution: ``alpha`` (after progressive
             refinement), ``alpha_os1``, ``alpha_os4``, ``alpha_os8`` (each head alone, for the losses), and
             Bx1xHxW bool ``band_os4`` / ``band_os1``: where refinement took the stride-4 / stride-1 alpha
-            (MGMatting weights its finer losses by these).
+            (MGMatting weights its finer losses by these; ``ConverterLoss(band_weighted=True)`` does).
         """
         self._check_inputs(images, masks)
         size = images.shape[-2:]
