@@ -60,7 +60,7 @@ format: $(STAMP) ## Format with ruff
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
-train-converter: $(STAMP) ## Train the label converter: tiny on the synthetic DATA=, or CONFIG=configs/converter/paper.yaml with its shards set by ARGS=--data.init_args.train_shards=...; TRAINER=cpu|gpu|ddp|v100
+train-converter: $(STAMP) ## Train the label converter: tiny on the synthetic DATA=, or CONFIG=configs/converter/paper.yaml with its shards set by ARGS="--data.init_args.train_shards=... --data.init_args.val_shards=... --data.init_args.seg_shards=..."; TRAINER=cpu|gpu|ddp|v100
 	$(if $(CONFIG),,test -d $(DATA)/matting || $(BIN)/zim-lightning synth --out $(DATA) --seed 0)
 	$(BIN)/zim-lightning fit -c configs/trainer/$(TRAINER).yaml -c $(or $(CONFIG),configs/converter/tiny.yaml) $(if $(CONFIG),,$(SYNTH_CONVERTER)) $(ARGS)
 
@@ -68,12 +68,12 @@ train-zim: $(STAMP) ## Train ZIM: tiny on the synthetic DATA=, or CONFIG=configs
 	$(if $(CONFIG),,test -d $(DATA)/matting || $(BIN)/zim-lightning synth --out $(DATA) --seed 0)
 	$(BIN)/zim-lightning fit -c configs/trainer/$(TRAINER).yaml -c $(or $(CONFIG),configs/zim/tiny.yaml) $(if $(CONFIG),,$(SYNTH_ZIM)) $(ARGS)
 
-results: $(STAMP) ## Reproduce docs/results.md (CPU, about 40 min on an idle 2-core box)
+results: $(STAMP) ## Rerun docs/results.md's experiments (CPU, about 40 min on an idle 2-core box; see results.md for the commits its figures come from)
 	$(BIN)/python scripts/results_converter.py --work runs/results --steps 1500 --json docs/results/converter.json
 	$(BIN)/python scripts/results_zim.py --work runs/results --steps 1500 --json docs/results/zim.json
 	$(BIN)/python scripts/results_plot.py docs/results/converter.json docs/results/zim.json --out docs/images/loss_curves.png
 
-build-sa1b-matte: $(STAMP) ## Convert SA-1B masks to SA1B-Matte shards (SA1B=, SA1B_MATTE=, CONVERTER=ckpt, CONVERTER_MODEL=, ARGS=; resumable)
+build-sa1b-matte: $(STAMP) ## Convert SA-1B masks to SA1B-Matte shards (SA1B=, SA1B_MATTE=, CONVERTER=ckpt, CONVERTER_MODEL=, ARGS=; resumable; without CONVERTER= a random-weight converter_tiny at crop 256: a pipeline test only)
 	$(BIN)/zim-lightning build-sa1b-matte --sa1b $(SA1B) --out $(SA1B_MATTE) \
 		$(if $(CONVERTER),--converter $(CONVERTER) $(if $(CONVERTER_MODEL),--model $(CONVERTER_MODEL)),--model converter_tiny --crop-size 256) $(ARGS)
 
@@ -86,7 +86,7 @@ eval: $(STAMP) ## Evaluate CHECKPOINT= (a fit checkpoint; MODEL= for plain weigh
 		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
 		--data $(EVAL_DATA) --format $(EVAL_FORMAT) --prompt both --out $(OUT)/eval --save-predictions
 
-serve: $(STAMP) ## Interactive matting page on 127.0.0.1:7860 (CHECKPOINT=; MODEL=tiny|vit_b for plain weights, or RUN_CONFIG=)
+serve: $(STAMP) ## Interactive matting page on 127.0.0.1:7860 (CHECKPOINT=; MODEL=tiny|vit_b|vit_l|vit_h for plain weights, or RUN_CONFIG=)
 	$(BIN)/zim-lightning serve $(NET_ARGS) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 
 clean: ## Remove generated data and reports (keeps .venv)
