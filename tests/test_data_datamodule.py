@@ -222,6 +222,42 @@ def test_validation_is_deterministic_and_covers_ranks_and_workers_exactly_once(s
             assert torch.equal(by_key[k], m)
 
 
+class _ShardsOfWorkers(torch.utils.data.IterableDataset):
+    """(worker id, shard) for the shards that webdataset's splitters give each real DataLoader worker."""
+
+    def __init__(self, urls: list[str], rank: int, world_size: int) -> None:
+        self.urls, self.rank, self.world_size = urls, rank, world_size
+
+    def __iter__(self):
+        from zim_lightning.data.shards import split_by_dataloader_worker, split_by_rank
+
+        worker = torch.utils.data.get_worker_info().id
+        dicts = ({"url": u} for u in self.urls)
+        for d in split_by_dataloader_worker(split_by_rank(dicts, rank=self.rank, world_size=self.world_size)):
+            yield worker, d["url"]
+
+
+def test_a_simulated_worker_reads_the_shards_a_real_one_does():
+    from torch.utils.data import DataLoader
+
+    from zim_lightning.data.shards import assign_shards
+
+    urls = [f"val_{i:06d}.tar" for i in range(7)]
+    world_size, num_workers = 2, 2
+    for rank in range(world_size):
+        real: dict[int, list[str]] = {w: [] for w in range(num_workers)}
+        loader = DataLoader(
+            _ShardsOfWorkers(urls, rank, world_size), batch_size=None, num_workers=num_workers
+        )
+        for worker, url in loader:
+            real[int(worker)].append(url)
+        for worker in range(num_workers):
+            simulated = assign_shards(
+                urls, rank=rank, world_size=world_size, worker=worker, num_workers=num_workers
+            )
+            assert simulated == real[worker], (rank, worker)
+
+
 def test_build_stage_assigns_every_shard_once_in_order(shards):
     data = module(stage="build", build_shards=shards["sa1b"])
     parts = [
@@ -251,6 +287,8 @@ def test_corrupt_samples_are_skipped_counted_and_the_others_unchanged(shards, tm
             bad += [("x_jpeg.alpha.png", png(alpha)), ("x_jpeg.jpg", jpeg(image)[:200])]
             bad += [("x_empty.alpha.png", png(np.zeros_like(alpha))), ("x_empty.jpg", jpeg(image))]
             bad += [("x_missing.jpg", jpeg(image))]
+            thin = np.full((1, 40 * FRAME), 255, np.uint8)  # its short side rounds to 0 in the frame
+            bad += [("x_thin.alpha.png", png(thin)), ("x_thin.jpg", jpeg(np.dstack([thin] * 3)))]
     clean = write_tar(tmp_path / "clean.tar", good)
     dirty = write_tar(tmp_path / "dirty.tar", bad)
     truncated = tmp_path / "truncated.tar"
@@ -316,6 +354,41 @@ def test_training_streams_are_reproducible_per_seed_and_differ_across_ranks(shar
     # 5 shards >= 2 ranks x 1 worker: each rank resamples its own disjoint shards (0, 2, 4 and 1, 3)
     assert {k.split("_")[0] for k in rank0} <= {"m0", "m2", "m4"}
     assert {k.split("_")[0] for k in rank1} <= {"m1", "m3"}
+
+
+def test_a_validation_between_training_batches_changes_no_augmentation(shards):
+    # with num_workers=0 the training and validation pipelines share the sample processor: validation
+    # must not restart the training stream's augmentation draws
+    def batches(validate: bool) -> list[torch.Tensor]:
+        data = module(
+            stage="converter",
+            train_shards=shards["pattern"],
+            val_shards=shards["matting"][0],
+            seg_shards=shards["seg"],
+            seed=3,
+        )
+        train = iter(data.train_dataloader())
+        first = next(train)["image"]
+        if validate:
+            for _ in data.val_dataloader():
+                pass
+        return [first, next(train)["image"], next(train)["image"]]
+
+    for plain, validated in zip(batches(False), batches(True), strict=True):
+        assert torch.equal(plain, validated)
+
+
+def test_stl_segmentation_shards_are_drawn_independently_of_the_matting_shards():
+    from itertools import islice
+
+    from zim_lightning.data.datamodule import EpochSeeds, ResampleShards
+
+    def draws(source: int) -> list[str]:
+        stage = ResampleShards(seeds=EpochSeeds(seed=0, rank=0, source=source))
+        return [d["url"][-1] for d in islice(stage({"url": f"shard{i}"} for i in range(3)), 40)]
+
+    assert draws(0) == draws(0)  # reproducible
+    assert draws(1) != draws(0)  # the matting and segmentation streams: not the same shard sequence
 
 
 def test_missing_shards_are_named_before_anything_runs(shards):

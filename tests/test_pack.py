@@ -47,6 +47,10 @@ def folders(tmp_path: Path) -> tuple[Path, Path, dict[str, tuple[np.ndarray, np.
     Image.fromarray(alpha).save(alphas / "e.png")  # no image
     Image.fromarray(image).save(images / "f.jpg")
     Image.fromarray(alpha[:20]).save(alphas / "f.png")  # another size: skipped
+    Image.fromarray(image).save(images / "g.jpg", quality=95)
+    jpeg = (images / "g.jpg").read_bytes()
+    (images / "g.jpg").write_bytes(jpeg[: len(jpeg) * 2 // 3])  # a truncated download: skipped
+    Image.fromarray(alpha).save(alphas / "g.png")
     return images, alphas, truth
 
 
@@ -54,8 +58,9 @@ def test_pairs_are_packed_into_shards_the_readers_decode(folders, tmp_path) -> N
     images, alphas, truth = folders
     summary = pack(images=images, labels=alphas, out=tmp_path / "out", shard_size=2)
     assert [p.name for p in summary.shards] == ["matting-000000.tar", "matting-000001.tar"]
-    assert summary.samples == 3 and [s.split()[0] for s in summary.skipped] == ["f.jpg"]
+    assert summary.samples == 3 and [s.split()[0] for s in summary.skipped] == ["f.jpg", "g.jpg"]
     assert "f.png is 56x20, its image 56x40" in summary.skipped[0]
+    assert "cannot decode image g.jpg" in summary.skipped[1]  # verify() alone would have packed it
     assert summary.unmatched_images == ["d.jpg"] and summary.unmatched_labels == ["e.png"]
     decoded = {}
     for shard in summary.shards:
@@ -125,6 +130,6 @@ def test_nothing_is_written_when_no_pair_can_be_packed(folders, tmp_path) -> Non
     images, alphas, _ = folders
     for path in alphas.iterdir():
         Image.fromarray(np.zeros_like(np.asarray(Image.open(path)))).save(path)
-    with pytest.raises(ValueError, match="none of the 4 pairs could be packed: .*empty"):
+    with pytest.raises(ValueError, match="none of the 5 pairs could be packed: .*empty"):
         pack(images=images, labels=alphas, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -73,10 +73,14 @@ class EpochSeeds:
         rank: this process's rank.
         first_epoch: the epoch the first iteration belongs to (the trainer's, when resuming).
         resume_step: the global step the run resumed at (0: a fresh run).
+        source: which of a rank's shard streams (0: the main one; 1: STL's segmentation shards, which
+            would otherwise draw their shards in the very order of the matting shards).
     """
 
-    def __init__(self, *, seed: int, rank: int, first_epoch: int = 0, resume_step: int = 0) -> None:
-        self.seed, self.rank, self.resume_step = seed, rank, resume_step
+    def __init__(
+        self, *, seed: int, rank: int, first_epoch: int = 0, resume_step: int = 0, source: int = 0
+    ) -> None:
+        self.seed, self.rank, self.resume_step, self.source = seed, rank, resume_step, source
         self.epoch = first_epoch - 1
 
     def next_epoch(self, stream: int) -> np.random.SeedSequence:
@@ -84,7 +88,11 @@ class EpochSeeds:
         self.epoch += 1
         worker, _ = worker_info()
         entropy = [self.seed, self.rank, worker, self.epoch, stream]
-        return np.random.SeedSequence(entropy + [self.resume_step] if self.resume_step else entropy)
+        if self.resume_step or self.source:  # keys of the main stream of a fresh run are unchanged
+            entropy += [self.resume_step]
+        if self.source:
+            entropy += [self.source]
+        return np.random.SeedSequence(entropy)
 
 
 class ContinuingStream(torch.utils.data.IterableDataset):
@@ -175,7 +183,11 @@ class ProcessSamples:
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         rng = np.random.default_rng(self.seeds.next_epoch(2))
-        self.processor.seed(rng)
+        if self.train:
+            # Validation draws no augmentation (its samples are key-seeded); reseeding here would also
+            # restart training's augmentation, which shares the processor when loading runs in the main
+            # process (num_workers=0), after every validation.
+            self.processor.seed(rng)
         handler = self.counter.handler()
         skipped = 0
         for sample in src:
@@ -443,17 +455,23 @@ class ZimDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ training
 
-    def _epoch_seeds(self, rank: int) -> EpochSeeds:
+    def _epoch_seeds(self, rank: int, source: int = 0) -> EpochSeeds:
         # Where training resumes: the restored epoch and global step (Lightning restores the loops
         # before it asks for the training loader), or the start of a fresh run.
         trainer = self.trainer
         if trainer is None:
-            return EpochSeeds(seed=self.seed, rank=rank)
+            return EpochSeeds(seed=self.seed, rank=rank, source=source)
         return EpochSeeds(
-            seed=self.seed, rank=rank, first_epoch=trainer.current_epoch, resume_step=trainer.global_step
+            seed=self.seed,
+            rank=rank,
+            first_epoch=trainer.current_epoch,
+            resume_step=trainer.global_step,
+            source=source,
         )
 
-    def _train_stream(self, urls: list[str], *, rank: int, world_size: int) -> wds.DataPipeline:
+    def _train_stream(
+        self, urls: list[str], *, rank: int, world_size: int, source: int = 0
+    ) -> wds.DataPipeline:
         workers = max(1, self.num_workers)
         split = len(urls) >= world_size * workers
         if not split:
@@ -475,11 +493,13 @@ class ZimDataModule(L.LightningDataModule):
                 split_by_dataloader_worker,  # workersplitter: this worker's share of them
             ]
         stages += [
-            ResampleShards(seeds=self._epoch_seeds(rank)),  # endless {"url"} draws with replacement
+            ResampleShards(seeds=self._epoch_seeds(rank, source)),  # endless {"url"} draws with replacement
             # raw samples {"__key__", "jpg": bytes, ...}; an error if every shard drawn is unreadable
             partial(tar_samples, counter=self.skips, max_empty_shards=max(1000, 10 * len(urls))),
             ShuffleSamples(
-                bufsize=self.shuffle_buffer, initial=self.shuffle_initial, seeds=self._epoch_seeds(rank)
+                bufsize=self.shuffle_buffer,
+                initial=self.shuffle_initial,
+                seeds=self._epoch_seeds(rank, source),
             ),
         ]
         return wds.DataPipeline(*stages)
@@ -500,7 +520,10 @@ class ZimDataModule(L.LightningDataModule):
         )
         if self.stage == "converter" and self.stl:
             seg = self._train_stream(
-                self._shards(self.seg_shards, "seg_shards (stl=True)"), rank=rank, world_size=world_size
+                self._shards(self.seg_shards, "seg_shards (stl=True)"),
+                rank=rank,
+                world_size=world_size,
+                source=1,
             )
             source = MixSTL(
                 raw, seg, ratio=self.stl_ratio, seeds=self._epoch_seeds(rank)

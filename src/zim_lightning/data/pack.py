@@ -89,9 +89,9 @@ def _sample(
     """The members of one sample. Raises CorruptSample for a pair the shard reader would skip."""
     image_bytes = image_path.read_bytes()
     try:
+        # decoded whole: verify() reads no JPEG scan data, so a truncated JPEG would pass it
         with Image.open(io.BytesIO(image_bytes)) as image:
-            image.verify()  # a truncated or corrupt file
-        with Image.open(io.BytesIO(image_bytes)) as image:
+            image.load()
             width, height = image.size
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise CorruptSample(

@@ -217,6 +217,13 @@ class ZimSampleProcessor:
                 reason="missing_member",
             )
         input_size = get_preprocess_shape(*originals, self.image_size)
+        if min(input_size) < 1:
+            raise CorruptSample(
+                f"the {originals[1]}x{originals[0]} (WxH) image is too elongated for the "
+                f"{self.image_size} frame: its short side would round to 0 pixels",
+                key=key,
+                reason="corrupt_image",
+            )
         image = resize(image, input_size)
         out = []
         for alpha_u8, sample_key in zip(alphas, keys, strict=True):

@@ -76,8 +76,9 @@ def assign_shards(
 ) -> list[str]:
     """The shards one (rank, worker) reads in a deterministic pass.
 
-    Shards are dealt round-robin over the ``world_size * num_workers`` global workers, so the slices are
-    disjoint and together cover ``urls`` exactly once.
+    Shards are dealt round-robin to the ranks, then each rank's round-robin to its workers: what
+    :func:`split_by_rank` and :func:`split_by_dataloader_worker` give a real DataLoader worker. The slices
+    are disjoint and together cover ``urls`` exactly once.
 
     Args:
         urls: all shards, in a fixed order.
@@ -91,8 +92,7 @@ def assign_shards(
             f"expected 0 <= rank < world_size and 0 <= worker < num_workers, got rank={rank}, "
             f"world_size={world_size}, worker={worker}, num_workers={num_workers}"
         )
-    index = rank * num_workers + worker
-    return list(urls[index :: world_size * num_workers])
+    return list(urls[rank::world_size][worker::num_workers])
 
 
 def split_by_rank(
