@@ -346,6 +346,11 @@ def test_unknown_pixel_decoder_is_rejected():
         zim_model_registry["tiny"](pixel_decoder="unet")
 
 
+def test_a_patch_size_the_decoders_cannot_take_is_refused_when_built():
+    with pytest.raises(ValueError, match="patch_size must be 16"):
+        Zim(**ZIM_VARIANTS["tiny"], image_size=256, patch_size=8)
+
+
 # --- SAM weights ------------------------------------------------------------------------------------
 
 

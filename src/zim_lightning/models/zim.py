@@ -37,7 +37,8 @@ class Zim(nn.Module):
 
     Args:
         image_size: side of the square padded input in pixels (1024).
-        patch_size: ViT patch size (16); the embedding grid is ``image_size / patch_size`` (64).
+        patch_size: ViT patch size: 16, the only one the decoders take; the embedding grid is
+            ``image_size / patch_size`` (64).
         encoder_embed_dim: ViT width.
         encoder_depth: ViT blocks.
         encoder_num_heads: ViT attention heads.
@@ -93,6 +94,9 @@ class Zim(nn.Module):
         super().__init__()
         if pixel_decoder not in DECODER_STRIDES:
             raise ValueError(f"pixel_decoder must be one of {sorted(DECODER_STRIDES)}, got {pixel_decoder!r}")
+        if patch_size != 16:
+            # the pixel decoders (three x2 steps, or SAM's two) and the attention maps' stride assume it
+            raise ValueError(f"patch_size must be 16 (SAM's ViT; the decoders assume it), got {patch_size}")
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
         self.image_size = image_size
