@@ -12,7 +12,9 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from zim_lightning.lit.callbacks import RunCheckpoint
 
 
-def _fit(checkpoint: ModelCheckpoint, max_steps: int) -> None:
+def _fit(
+    checkpoint: ModelCheckpoint, max_steps: int, *, accumulate: int = 1, ckpt_path: Path | None = None
+) -> None:
     trainer = L.Trainer(
         max_steps=max_steps,
         callbacks=[checkpoint],
@@ -21,8 +23,9 @@ def _fit(checkpoint: ModelCheckpoint, max_steps: int) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
+        accumulate_grad_batches=accumulate,
     )
-    trainer.fit(BoringModel())
+    trainer.fit(BoringModel(), ckpt_path=ckpt_path)
 
 
 def _checkpoint(cls: type[ModelCheckpoint], folder: Path) -> ModelCheckpoint:
@@ -57,3 +60,14 @@ def test_a_final_interval_step_is_saved_once(tmp_path: Path) -> None:
     _fit(_checkpoint(RunCheckpoint, tmp_path), max_steps=6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step003.ckpt", "step006.ckpt"]
     assert _step(tmp_path / "last.ckpt") == 6
+
+
+def test_a_resumed_run_does_not_save_its_starting_step_again(tmp_path: Path) -> None:
+    # with accumulation, Lightning would save the starting step after the first micro-batch, over the
+    # checkpoint the run resumed from (with a micro-batch's progress in it)
+    _fit(_checkpoint(RunCheckpoint, tmp_path), max_steps=3, accumulate=2)
+    started = tmp_path / "step003.ckpt"
+    before = torch.load(started, weights_only=True)["loops"]
+    _fit(_checkpoint(RunCheckpoint, tmp_path), max_steps=5, accumulate=2, ckpt_path=started)
+    assert torch.load(started, weights_only=True)["loops"] == before
+    assert _step(tmp_path / "step005.ckpt") == 5

@@ -40,6 +40,17 @@ def test_a_warmup_as_long_as_the_run_is_cut_to_a_tenth_with_a_warning(caplog):
     assert lrs[2] == pytest.approx(1.0) and lrs[19] < 0.05  # a peak, then the cosine down to the floor
 
 
+def test_a_warmup_cut_by_the_trainers_run_length_starts_at_the_cut_schedules_rate():
+    # the length comes after construction (from the trainer); the first step must run at the rate of
+    # the schedule as cut (no warm-up left: the peak), not at the warm-up's start rate
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupCosineLR(opt, warmup_steps=10, warmup_start_ratio=0.01)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01)
+    sched.set_total_steps(5)
+    assert sched.warmup_steps == 0
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0) and sched.get_last_lr() == pytest.approx([1.0])
+
+
 def test_bad_schedule_arguments_are_named():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="total_steps"):

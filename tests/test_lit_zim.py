@@ -81,6 +81,79 @@ def test_require_pretrained_refuses_a_network_built_from_random_weights_unless_r
     allowed.on_fit_start()
 
 
+@pytest.mark.parametrize("poisoned_calls", [{2}, set(range(100))])
+def test_a_non_finite_loss_skips_its_step_and_a_run_of_them_stops_training(
+    synthetic: Path, tmp_path: Path, monkeypatch, caplog, poisoned_calls: set[int]
+):
+    step, calls = ZimModule._step, []
+
+    def poisoned(self, batch, **kwargs):
+        alpha, terms = step(self, batch, **kwargs)
+        if self.training:
+            calls.append(1)
+            if len(calls) in poisoned_calls:  # a bf16 overflow, say
+                terms = {**terms, "loss": terms["loss"] * float("nan")}
+        return alpha, terms
+
+    monkeypatch.setattr(ZimModule, "_step", poisoned)
+    quiet = ("--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0")
+    steps = 3 if len(poisoned_calls) == 1 else 12  # a skipped step still counts as one of the run's
+    args = ["fit", *_args(synthetic, tmp_path, f"--trainer.max_steps={steps}", *quiet)]
+    if len(poisoned_calls) > 1:  # every step: the run stops, with a clear error, before the weights go
+        with pytest.raises(FloatingPointError, match="not finite for 10 steps in a row"):
+            cli_main(args)
+        return
+    with caplog.at_level("WARNING", logger="zim_lightning"):
+        cli = cli_main(args)
+    assert "the training loss is not finite; skipping this batch" in caplog.text
+    assert all(torch.isfinite(p).all() for p in cli.model.net.parameters())
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])
+
+
+@pytest.mark.slow  # a fit in a subprocess, stopped by a signal
+def test_a_run_stopped_by_sigterm_exits_with_143_and_keeps_its_steps(synthetic: Path, tmp_path: Path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = _args(synthetic, tmp_path, "--trainer.max_steps=100000", "--trainer.limit_val_batches=0")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "zim_lightning", "fit", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.rglob("config.yaml")):  # written when the fit starts
+            assert process.poll() is None and time.monotonic() < deadline, "the fit did not start"
+            time.sleep(0.5)
+        time.sleep(5)  # a few training steps
+        process.send_signal(signal.SIGTERM)  # a preemption
+        code = process.wait(timeout=240)
+    finally:
+        process.kill()
+    # not 0: `fit && eval` must not go on with a half-trained model, and torchrun restarts
+    assert code == 128 + signal.SIGTERM
+    assert list(tmp_path.rglob("last.ckpt"))  # save_on_exception kept the steps done
+
+
+def test_clipping_a_fused_optimiser_under_mixed_precision_is_refused_before_training(
+    synthetic: Path, tmp_path: Path
+):
+    extra = (
+        "--trainer.precision=bf16-mixed",
+        "--trainer.gradient_clip_val=1.0",
+        "--model.init_args.optimizer.init_args.fused=true",
+        "--trainer.fast_dev_run=true",
+    )
+    with pytest.raises(ValueError, match="fused optimiser under bf16-mixed.*fused=false"):
+        cli_main(["fit", *_args(synthetic, tmp_path, *extra)])
+
+
 def test_compiled_training_through_lightning_matches_eager(synthetic: Path, tmp_path: Path):
     """The vit_b config's speed path (compile + channels-last) through Lightning's loop: Dynamo captures the
     encoder, prompt encoder and decoder without a graph break, and the step computes the eager loss. The

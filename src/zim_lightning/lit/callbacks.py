@@ -206,7 +206,16 @@ class RunCheckpoint(ModelCheckpoint):
     ended with its last steps unsaved (a 25000-step run of an every-10000 config left step 20000 as
     ``last.ckpt``). At the end of training this saves the final step like an interval step, and
     ``last.ckpt`` with it. Takes ``ModelCheckpoint``'s arguments.
+
+    A resumed run counts its starting step as saved (Lightning does not restore that): with gradient
+    accumulation, the first micro-batch after resuming would otherwise save the starting step again,
+    over the checkpoint the run resumed from, with a micro-batch's progress in it.
     """
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.global_step > 0:
+            self._last_global_step_saved = trainer.global_step
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):  # not already saved at this step

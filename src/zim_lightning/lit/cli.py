@@ -20,9 +20,11 @@ resolved configuration is saved as ``config.yaml`` in each run's log directory.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 #: The dispatcher passes the subcommand (fit, validate, test) as the first argument.
 MULTI_COMMAND = True
@@ -76,5 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("zim_lightning").setLevel(logging.INFO)
     # LightningCLI warns when given arguments beside a command line; from the dispatcher they are the
     # command line itself, so let it read sys.argv.
-    cli_main(None if args == sys.argv[1:] else args)
+    try:
+        cli_main(None if args == sys.argv[1:] else args)
+    except SIGTERMException:
+        # Lightning stops a SIGTERM'd run (a preemption) with SystemExit(None), an exit status of 0:
+        # a preempted run must not look finished to `fit && eval` or to torchrun's restarts
+        logging.getLogger("zim_lightning").warning(
+            "stopped by SIGTERM; resume with --ckpt_path=.../last.ckpt"
+        )
+        return 128 + signal.SIGTERM
     return 0

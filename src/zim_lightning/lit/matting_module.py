@@ -25,6 +25,9 @@ from zim_lightning.models.checkpoint import NET_SPEC_KEY, random_start_of
 
 log = logging.getLogger(__name__)
 
+#: Training steps in a row whose loss is not finite that are skipped before the run stops.
+MAX_NONFINITE_STEPS = 10
+
 #: Loss terms logged for every stage (``<stage>/<name>``).
 LOSS_TERMS: tuple[str, ...] = ("loss", "l1", "grad")
 #: Frame errors logged in validation and test.
@@ -92,6 +95,7 @@ class MattingModule(LightningModule):
         super().__init__()
         self.decay_exempt = decay_exempt
         self.require_pretrained = require_pretrained
+        self._nonfinite_in_a_row = 0
         #: The network's config (class_path, init_args), set by ``zim-lightning fit`` and stored in every
         #: checkpoint, weights-only ones included, so the checkpoint alone rebuilds the network.
         self.net_spec: dict | None = None
@@ -107,7 +111,45 @@ class MattingModule(LightningModule):
         self.val_metrics = _means(eval_names, "val/")
         self.test_metrics = _means(eval_names, "test/")
 
+    def loss_is_finite(self, loss: Tensor) -> bool:
+        """Whether to take this training step: False when the loss is not finite on some rank (every rank
+        decides alike, so they skip together and DDP does not hang). A NaN step would otherwise turn every
+        weight and the optimiser state into NaN, and the checkpoints after it. A skipped step updates no
+        weight but still counts as one of the run's steps (``max_steps``, the learning-rate schedule).
+
+        Raises:
+            FloatingPointError: after :data:`MAX_NONFINITE_STEPS` such steps in a row.
+        """
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            self._nonfinite_in_a_row = 0
+            return True
+        self._nonfinite_in_a_row += 1
+        if self._nonfinite_in_a_row >= MAX_NONFINITE_STEPS:
+            raise FloatingPointError(
+                f"the training loss was not finite for {self._nonfinite_in_a_row} steps in a row (at global "
+                f"step {self.trainer.global_step}); the checkpoints before it are intact. Lower the "
+                "learning rate, or train in float32 (--trainer.precision=32-true) to find the cause"
+            )
+        log.warning(
+            "global step %d: the training loss is not finite; skipping this batch (%d in a row)",
+            self.trainer.global_step,
+            self._nonfinite_in_a_row,
+        )
+        return False
+
     def on_fit_start(self) -> None:
+        trainer = self.trainer
+        clip = trainer.gradient_clip_val
+        fused = any(o.defaults.get("fused") for o in trainer.optimizers)
+        if clip and fused and str(trainer.precision) in ("16-mixed", "bf16-mixed"):
+            # Lightning's mixed-precision plugin refuses to clip a fused optimiser, but only at the first
+            # optimiser step, after compiling
+            raise ValueError(
+                f"gradient_clip_val={clip} with a fused optimiser under {trainer.precision} precision: "
+                "Lightning cannot clip it. Set --model.init_args.optimizer.init_args.fused=false, or drop "
+                "gradient_clip_val"
+            )
         remedy = random_start_of(self.net)
         if self.require_pretrained and remedy and not self.trainer.ckpt_path:
             raise ValueError(

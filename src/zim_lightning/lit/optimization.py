@@ -88,6 +88,16 @@ class WarmupCosineLR(LambdaLR):
                 cut,
             )
             self.warmup_steps = cut
+        if hasattr(self, "base_lrs"):  # set after construction (the trainer's run length)
+            self._apply_rates()
+
+    def _apply_rates(self) -> None:
+        # The optimiser holds the rate the constructor (or a restored state) set, from the schedule as it
+        # was then; give it this schedule's rate at the current step.
+        factor = self.factor(self.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the progress (step, learning rates) but keep this run's schedule.
@@ -100,10 +110,7 @@ class WarmupCosineLR(LambdaLR):
         self.__dict__.update(schedule)
         # The optimiser was restored first with the learning rates of the saved schedule; give it this
         # schedule's rates at the restored step, or the first resumed step would run at the old rate.
-        factor = self.factor(self.last_epoch)
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base * factor
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self._apply_rates()
 
     def factor(self, step: int) -> float:
         """Multiplier of the base learning rate at optimiser step ``step`` (0-based)."""
