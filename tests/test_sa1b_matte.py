@@ -298,6 +298,8 @@ def test_ranks_claim_shards_first_come_first_served(synthetic: Path, tmp_path: P
     out = tmp_path / "out"
     (out / shards[3].name).parent.mkdir(parents=True)
     (out / shards[3].name).write_bytes(b"finished by an earlier run")
+    (out / MANIFEST_DIR).mkdir()
+    (out / MANIFEST_DIR / f"{shards[3].stem}.json").write_text("{}")  # with its manifest
     killed = ShardClaims(out=out, run_id="killed-run")
     killed.begin()
     assert killed.claim(shards[0])  # a run killed while building shard 0
@@ -483,6 +485,25 @@ def test_resuming_into_shards_built_differently_is_refused(
     manifest.write_text(json.dumps(document))
     with pytest.raises(ValueError, match=r"converter_input 'coverage' \(now 'binary'\)"):
         _build(synthetic / "sa1b", older, checkpoint)
+    # bf16 and float32 mattes differ by a few levels: another precision does not resume either
+    with pytest.raises(ValueError, match=r"precision '32-true' \(now 'bf16-mixed'\)"):
+        _build(synthetic / "sa1b", out, checkpoint, precision="bf16-mixed")
+    assert _files(out) == _files(clean_build)
+
+
+def test_a_shard_without_its_manifest_is_built_again_and_a_bad_manifest_is_named(
+    synthetic: Path, checkpoint: Path, clean_build: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(clean_build, out)
+    manifests = sorted((out / MANIFEST_DIR).glob("sa_*.json"))
+    manifests[0].unlink()  # a shard copied in alone: no recorded settings to check a resume against
+    summary = _build(synthetic / "sa1b", out, checkpoint)
+    assert summary["built"] == 1 and summary["done"] == NUM_SHARDS and not summary["missing"]
+    assert _files(out) == _files(clean_build)  # rebuilt as it was
+    manifests[1].write_text("")  # truncated
+    with pytest.raises(ValueError, match=rf"manifest .*{manifests[1].name} cannot be read"):
+        _build(synthetic / "sa1b", out, checkpoint)
 
 
 def test_zim_stage_loads_a_batch_from_the_built_shards(clean_build: Path) -> None:

@@ -396,8 +396,10 @@ def failure_path(out: Path, shard: Path) -> Path:
 
 
 def is_done(out: Path, shard: Path) -> bool:
-    """A shard is done when its output exists under the final name (the rename comes last)."""
-    return output_path(out, shard).is_file()
+    """A shard is done when its output exists under the final name (the rename comes last, after the
+    manifest's) and so does its manifest: a shard without one (deleted, or copied in alone) has no
+    recorded settings to check a resume against, and is built again."""
+    return output_path(out, shard).is_file() and manifest_path(out, shard).is_file()
 
 
 def remove_stale(out: Path, shard: Path) -> list[Path]:
@@ -827,10 +829,11 @@ class _OpenShard:
     masks: int = 0
 
 
-def _run_info(config: CropConfig, model: str, checkpoint: str | None) -> dict[str, Any]:
+def _run_info(config: CropConfig, model: str, checkpoint: str | None, precision: str) -> dict[str, Any]:
     """What a build's mattes depend on besides its input: recorded in every manifest, compared on resume."""
     return {
         "model": model,
+        "precision": str(precision),  # bf16 and float32 mattes differ by a few levels
         "checkpoint": None if checkpoint is None else Path(checkpoint).name,
         # the name alone cannot tell two runs' last.ckpt apart
         "checkpoint_sha256": None if checkpoint is None else _sha256(Path(checkpoint)),
@@ -852,6 +855,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"manifest {path} cannot be read ({error}); delete it and its shard to build that shard again"
+        ) from error
+    if not isinstance(manifest, dict):
+        raise ValueError(f"manifest {path} is not a JSON object; delete it and its shard to build it again")
+    return manifest
+
+
 def check_resumable(out: Path, shards: Sequence[Path], run_info: dict[str, Any]) -> None:
     """Refuse to resume into ``out`` when its finished shards were built differently.
 
@@ -866,7 +881,7 @@ def check_resumable(out: Path, shards: Sequence[Path], run_info: dict[str, Any])
         path = manifest_path(out, shard)
         if not (is_done(out, shard) and path.is_file()):
             continue
-        manifest = json.loads(path.read_text())
+        manifest = _read_manifest(path)
         built = manifest.get("build", {})
         # the same weights under another name or path resume (the hash decides, when both have one)
         ignored = (
@@ -1038,7 +1053,14 @@ class SA1BMatteWriter(BasePredictionWriter):
 
 
 def _data_module(
-    *, shards: Sequence[Path], out: Path, config: CropConfig, batch_size: int, num_workers: int, pin: bool
+    *,
+    shards: Sequence[Path],
+    out: Path,
+    config: CropConfig,
+    batch_size: int,
+    num_workers: int,
+    pin: bool,
+    run_info: dict[str, Any],
 ) -> Any:
     import lightning as L
 
@@ -1057,7 +1079,12 @@ def _data_module(
                 problem = self.lock.acquire()
                 if problem is None:
                     try:
+                        # again, now that no other build can finish shards here: one that held the lock
+                        # at the first check may have finished some with other settings since
+                        check_resumable(out, shards, run_info)
                         self.claims.begin()
+                    except ValueError as error:
+                        problem = str(error)
                     except OSError as error:
                         problem = f"cannot start the run's claims in {out} ({error})"
             problem = strategy.broadcast(problem, src=0)  # every rank raises it, none waits at a barrier
@@ -1166,8 +1193,8 @@ def build(
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     precision = precision or ("bf16-mixed" if gpu else "32-true")
     several = _several_processes(devices, num_nodes=num_nodes, gpu=gpu)
-    run_info = _run_info(config, model, checkpoint)
-    check_resumable(out, shards, run_info)
+    run_info = _run_info(config, model, checkpoint, precision)
+    check_resumable(out, shards, run_info)  # here, to fail fast; again under the output lock
     writer = SA1BMatteWriter(
         out=out,
         inputs={s.name: s for s in shards},
@@ -1189,7 +1216,13 @@ def build(
         callbacks=[writer],
     )
     data = _data_module(
-        shards=shards, out=out, config=config, batch_size=batch_size, num_workers=num_workers, pin=gpu
+        shards=shards,
+        out=out,
+        config=config,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin=gpu,
+        run_info=run_info,
     )
     start = time.perf_counter()
     try:
@@ -1282,7 +1315,7 @@ def summarize(out: Path, shards: Sequence[Path]) -> dict[str, Any]:
             if failure_path(out, shard).is_file():
                 totals["failed"][shard.name] = json.loads(failure_path(out, shard).read_text())["reason"]
             continue
-        manifest = json.loads(path.read_text())
+        manifest = _read_manifest(path)
         totals["done"] += 1
         totals["per_shard"].append(manifest)
         for name in ("samples", "images", "annotations", "masks", "skipped_total"):
@@ -1409,8 +1442,17 @@ def main(argv: list[str] | None = None) -> int:
             compile=args.compile,
             accept_truncated=args.accept_truncated,
         )
-    except (ValueError, OSError) as error:
+    except ValueError as error:
         print(f"zim-lightning build-sa1b-matte: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk, a permission: what was finished stays finished
+        name = getattr(error, "filename", None)
+        where = f" ({name})" if name and str(name) not in str(error) else ""
+        print(
+            f"zim-lightning build-sa1b-matte: error: {error}{where}; finished shards are kept, and a rerun "
+            "resumes with the others",
+            file=sys.stderr,
+        )
         return 2
     if summary["rank"] == 0:
         print_summary(summary, args.out)
