@@ -256,6 +256,51 @@ def _build_in_child(sa1b: Path, out: Path, checkpoint: Path) -> None:
     _build(sa1b, out, checkpoint)
 
 
+def _main_in_child(sa1b: Path, out: Path, checkpoint: Path) -> None:
+    from zim_lightning.sa1b_matte import main
+
+    torch.set_num_threads(1)
+    args = [
+        "--sa1b",
+        str(sa1b),
+        "--out",
+        str(out),
+        "--model",
+        "converter_tiny",
+        "--converter",
+        str(checkpoint),
+    ]
+    args += ["--crop-size", "64", "--batch-size", str(BATCH_SIZE), "--num-workers", "0"]
+    sys.exit(main([*args, "--accelerator", "cpu", "--devices", "1"]))
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_stops_with_143_and_a_rerun_finishes_the_clean_result(
+    synthetic: Path, checkpoint: Path, clean_build: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "sa1b_matte"
+    child = multiprocessing.get_context("fork").Process(
+        target=_main_in_child, args=(synthetic / "sa1b", out, checkpoint)
+    )
+    child.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any(out.glob("sa_*.tar")):
+            assert child.is_alive(), f"the build exited ({child.exitcode}) before writing a shard"
+            assert time.monotonic() < deadline, "no output shard appeared in time"
+            time.sleep(0.005)
+        os.kill(child.pid, signal.SIGTERM)  # a preemption: Lightning's predict loop never stopped for it
+        child.join(timeout=60)
+    finally:
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGKILL)
+            child.join(timeout=60)
+    assert child.exitcode == 128 + signal.SIGTERM
+    assert len(list(out.glob("sa_*.tar"))) < NUM_SHARDS  # it stopped, not ran to the end
+    summary = _build(synthetic / "sa1b", out, checkpoint)
+    assert summary["done"] == NUM_SHARDS and _files(out) == _files(clean_build)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_gives_the_clean_result(
     synthetic: Path, checkpoint: Path, clean_build: Path, tmp_path: Path

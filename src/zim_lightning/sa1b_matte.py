@@ -72,6 +72,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import sys
 import tarfile
@@ -90,6 +91,7 @@ import numpy as np
 import torch
 import torch.utils.data
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from pycocotools import mask as mask_utils
 
 from zim_lightning.data.sa1b import CorruptSample, decode_mask, iter_tar, sa1b_record
@@ -960,6 +962,8 @@ class SA1BMatteWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if trainer.received_sigterm:  # Lightning's predict loop never stops for it (a preemption)
+            raise SIGTERMException
         alphas = prediction[:, 0].cpu().numpy()  # BxSxS uint8
         state = self.open.get(batch["shard"]) or self._open(batch["shard"])
         for item in batch["items"]:
@@ -1231,7 +1235,12 @@ def build(
             # transfer_batch_to_device is the one meant to run), and the writer needs no batch indices
             warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
             warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
-            trainer.predict(MatteBuildModule(net=net), datamodule=data, return_predictions=False)
+            try:
+                trainer.predict(MatteBuildModule(net=net), datamodule=data, return_predictions=False)
+            except RuntimeError:
+                if trainer.received_sigterm:  # the signal reached the DataLoader workers first
+                    raise SIGTERMException from None
+                raise
         seconds = time.perf_counter() - start
         log.info(
             "rank %d: %d shards, %d mattes in %.1f s (%.1f masks/s)",
@@ -1445,6 +1454,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"zim-lightning build-sa1b-matte: error: {error}", file=sys.stderr)
         return 2
+    except SIGTERMException:
+        print("zim-lightning build-sa1b-matte: stopped by SIGTERM; a rerun resumes", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except OSError as error:  # a full disk, a permission: what was finished stays finished
         name = getattr(error, "filename", None)
         where = f" ({name})" if name and str(name) not in str(error) else ""
