@@ -274,14 +274,10 @@ def _main_in_child(sa1b: Path, out: Path, checkpoint: Path) -> None:
     sys.exit(main([*args, "--accelerator", "cpu", "--devices", "1"]))
 
 
-@pytest.mark.slow
-def test_sigterm_mid_run_stops_with_143_and_a_rerun_finishes_the_clean_result(
-    synthetic: Path, checkpoint: Path, clean_build: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "sa1b_matte"
-    child = multiprocessing.get_context("fork").Process(
-        target=_main_in_child, args=(synthetic / "sa1b", out, checkpoint)
-    )
+def _signal_after_the_first_shard(target, args: tuple, out: Path, signum: int) -> int:
+    """Run ``target(*args)`` in a forked child (everything imported: it starts within a second), send it
+    ``signum`` once its first output shard appears, and return its exit code."""
+    child = multiprocessing.get_context("fork").Process(target=target, args=args)
     child.start()
     try:
         deadline = time.monotonic() + 60
@@ -289,13 +285,25 @@ def test_sigterm_mid_run_stops_with_143_and_a_rerun_finishes_the_clean_result(
             assert child.is_alive(), f"the build exited ({child.exitcode}) before writing a shard"
             assert time.monotonic() < deadline, "no output shard appeared in time"
             time.sleep(0.005)
-        os.kill(child.pid, signal.SIGTERM)  # a preemption: Lightning's predict loop never stopped for it
+        os.kill(child.pid, signum)
         child.join(timeout=60)
     finally:
-        if child.is_alive():
+        if child.is_alive():  # an assertion above failed: the child must not outlive the test
             os.kill(child.pid, signal.SIGKILL)
             child.join(timeout=60)
-    assert child.exitcode == 128 + signal.SIGTERM
+    return child.exitcode
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_stops_with_143_and_a_rerun_finishes_the_clean_result(
+    synthetic: Path, checkpoint: Path, clean_build: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "sa1b_matte"
+    # a preemption: Lightning's predict loop never stopped for it
+    code = _signal_after_the_first_shard(
+        _main_in_child, (synthetic / "sa1b", out, checkpoint), out, signal.SIGTERM
+    )
+    assert code == 128 + signal.SIGTERM
     assert len(list(out.glob("sa_*.tar"))) < NUM_SHARDS  # it stopped, not ran to the end
     summary = _build(synthetic / "sa1b", out, checkpoint)
     assert summary["done"] == NUM_SHARDS and _files(out) == _files(clean_build)
@@ -306,23 +314,10 @@ def test_sigkill_mid_run_then_rerun_gives_the_clean_result(
     synthetic: Path, checkpoint: Path, clean_build: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "sa1b_matte"
-    # a forked child starts with everything imported, so the kill lands within a second of starting
-    child = multiprocessing.get_context("fork").Process(
-        target=_build_in_child, args=(synthetic / "sa1b", out, checkpoint)
+    code = _signal_after_the_first_shard(
+        _build_in_child, (synthetic / "sa1b", out, checkpoint), out, signal.SIGKILL
     )
-    child.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not any(out.glob("sa_*.tar")):
-            assert child.is_alive(), f"the build exited ({child.exitcode}) before writing a shard"
-            assert time.monotonic() < deadline, "no output shard appeared in time"
-            time.sleep(0.005)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        if child.is_alive():  # an assertion above failed: the child must not outlive the test
-            os.kill(child.pid, signal.SIGKILL)
-        child.join(timeout=60)
-    assert child.exitcode == -signal.SIGKILL
+    assert code == -signal.SIGKILL
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("sa_*.tar")}
     assert 1 <= len(finished) < NUM_SHARDS, "the kill should land between the first and the last shard"
     # a run killed inside the rest also leaves temporary files; plant one for a shard not yet written
