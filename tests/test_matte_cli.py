@@ -60,6 +60,25 @@ def test_box_prompt_writes_alpha_and_cutout(photo, tmp_path) -> None:
     np.testing.assert_array_equal(alpha, _predicted(image, box=np.array([120, 50, 240, 170])))
 
 
+def test_an_input_with_transparency_keeps_it_in_the_cutout(photo, tmp_path) -> None:
+    # the cut-out's opacity is the matte's times the input's: what the input hid stays hidden
+    path, image = photo
+    hidden = np.full((HEIGHT, WIDTH), 255, np.uint8)
+    hidden[:, : WIDTH // 2] = 0
+    rgba = tmp_path / "disc.png"
+    Image.fromarray(np.dstack([image, hidden])).save(rgba)
+    torch.manual_seed(0)
+    assert (
+        main([str(rgba), "--box", "120,50,240,170", "--model", "tiny", "--out", str(tmp_path / "out")]) == 0
+    )
+    alpha = np.asarray(Image.open(tmp_path / "out" / "disc_alpha.png"))
+    cutout = np.asarray(Image.open(tmp_path / "out" / "disc_cutout.png"))
+    np.testing.assert_array_equal(alpha, _predicted(image, box=np.array([120, 50, 240, 170])))  # the matte
+    assert alpha[:, : WIDTH // 2].any()  # the matte reaches the hidden half...
+    assert not cutout[:, : WIDTH // 2, 3].any()  # ...which the cut-out keeps hidden
+    np.testing.assert_array_equal(cutout[:, WIDTH // 2 :, 3], alpha[:, WIDTH // 2 :])
+
+
 def test_bf16_precision_writes_the_fp32_matte_within_rounding(photo, tmp_path) -> None:
     path, image = photo
     alphas = []

@@ -50,6 +50,21 @@ def read_rgb(path: str | Path) -> np.ndarray:
         raise ValueError(f"image {str(path)!r} could not be read as an image: {err}") from err
 
 
+def read_transparency(path: str | Path) -> np.ndarray | None:
+    """The image file's own alpha channel as HxW uint8, oriented as :func:`read_rgb` orients the pixels,
+    or None when it has none (or it cannot be read: :func:`read_rgb` reports that)."""
+    try:
+        with Image.open(path) as picture:
+            picture = ImageOps.exif_transpose(picture)
+            if picture.mode == "P" and "transparency" in picture.info:
+                picture = picture.convert("RGBA")
+            if "A" not in picture.getbands():
+                return None
+            return np.asarray(picture.getchannel("A"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def save_png(array: np.ndarray, path: str | Path) -> None:
     """Write a uint8 HxW (grey) or HxWx3/4 array as a PNG, through a temporary file in the same folder
     and an atomic rename: an interrupted write leaves the old file or none, never a truncated one."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zim_lightning.images import read_rgb, save_png
+from zim_lightning.images import read_rgb, read_transparency, save_png
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,13 @@ def _check_inside(name: str, coords: list[tuple[float, float]], width: int, heig
     return None
 
 
-def write_outputs(image: np.ndarray, alpha: np.ndarray, out_dir: Path, stem: str) -> tuple[Path, Path]:
+def write_outputs(
+    image: np.ndarray,
+    alpha: np.ndarray,
+    out_dir: Path,
+    stem: str,
+    transparency: np.ndarray | None = None,
+) -> tuple[Path, Path]:
     """Write the alpha matte and the RGBA cutout.
 
     Args:
@@ -75,6 +81,8 @@ def write_outputs(image: np.ndarray, alpha: np.ndarray, out_dir: Path, stem: str
         alpha: HxW float alpha in [0, 1].
         out_dir: folder, created if needed.
         stem: file name stem of the input image.
+        transparency: the input's own HxW uint8 alpha channel, or None: the cut-out keeps what the input
+            hid (its opacity is the matte's times the input's); the alpha PNG is the matte alone.
 
     Returns:
         ``(alpha_path, cutout_path)``.
@@ -84,7 +92,12 @@ def write_outputs(image: np.ndarray, alpha: np.ndarray, out_dir: Path, stem: str
     alpha_path = out_dir / f"{stem}_alpha.png"
     cutout_path = out_dir / f"{stem}_cutout.png"
     save_png(alpha8, alpha_path)
-    save_png(np.dstack([image, alpha8]), cutout_path)
+    opacity = alpha8
+    if transparency is not None:
+        opacity = np.round(alpha8.astype(np.float32) * transparency.astype(np.float32) / 255.0).astype(
+            np.uint8
+        )
+    save_png(np.dstack([image, opacity]), cutout_path)
     return alpha_path, cutout_path
 
 
@@ -168,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         points = np.array([(x, y) for x, y, _ in args.point], dtype=np.float32)
         labels = np.array([label for _, _, label in args.point], dtype=np.float32)
         masks, _, _ = predictor.predict(point_coords=points, point_labels=labels, multimask_output=False)
-    alpha_path, cutout_path = write_outputs(image, masks[0], args.out, args.image.stem)
+    alpha_path, cutout_path = write_outputs(
+        image, masks[0], args.out, args.image.stem, transparency=read_transparency(args.image)
+    )
     print(f"wrote {alpha_path}")
     print(f"wrote {cutout_path}")
     return 0
