@@ -161,12 +161,31 @@ def test_grids_without_saved_predictions_predict_the_scored_alphas_again(
     synthetic, micromat_run, tmp_path: Path
 ) -> None:
     out = tmp_path / "unsaved"
+    shutil.copytree(micromat_run, out)  # into the folder of a run that saved its predictions
     argv = ["--model", "tiny", "--data", str(synthetic.micromat), "--format", "micromat", "--out", str(out)]
     argv += ["--baselines", "binary,closed_form", "--grid-count", "2", "--accelerator", "cpu"]
     assert main([*argv, "--num-workers", "0"]) == 0
-    assert not (out / "predictions").exists()
+    # the earlier run's predictions are gone: they would not be this run's, which metrics.json states
+    assert not (out / "predictions").exists() and not (out / "baselines").exists()
     for grid in sorted((micromat_run / "grids").iterdir()):  # the run that read its saved predictions
         assert np.array_equal(np.asarray(Image.open(out / "grids" / grid.name)), np.asarray(Image.open(grid)))
+
+
+@pytest.mark.parametrize("devices", ["abc", "0", "-2"])
+def test_bad_devices_are_a_usage_error(synthetic, tmp_path: Path, capsys, devices: str) -> None:
+    argv = [
+        "--model",
+        "tiny",
+        "--data",
+        str(synthetic.micromat),
+        "--format",
+        "micromat",
+        "--out",
+        str(tmp_path),
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--devices", devices])
+    assert exit_info.value.code == 2 and "--devices: expected a positive number" in capsys.readouterr().err
 
 
 def test_write_grids_with_count_zero_writes_nothing_and_rejects_unknown_metrics(tmp_path: Path) -> None:

@@ -247,3 +247,23 @@ def test_trimaps_are_left_out_where_the_protocol_does_not_score_them(tmp_path: P
     paper = build_eval_dataset(tmp_path, format="aim500", prompt="box", trimaps=False)
     assert all(record.trimap is None for record in paper.records)
     assert paper[1]["trimap"] is None  # read without the trimap: a paper run is not stopped by it
+
+
+@pytest.mark.parametrize(
+    ("matte", "words"),
+    [
+        ("matte/fine/../../../elsewhere/0001_1.png", "without '..'"),
+        ("/abs/matte/fine/0001_1.png", "without '..'"),
+        ("matte/fine/0001_1.jpg", "again"),  # 0001_1.png is listed too: one prediction file for both
+    ],
+)
+def test_matte_paths_that_would_put_predictions_elsewhere_are_refused(
+    tmp_path: Path, matte: str, words: str
+) -> None:
+    lines = write_micromat(tmp_path)
+    img, _, prompt, seg = lines[0].split()
+    if matte.endswith(".jpg"):
+        Image.open(tmp_path / "matte/fine/0001_1.png").save(tmp_path / matte)
+    (tmp_path / "data_list.txt").write_text("\n".join([*lines, f"{img} {matte} {prompt} {seg}"]) + "\n")
+    with pytest.raises(EvalDataError, match=rf"line 4: .*{words}"):
+        build_eval_dataset(tmp_path, format="micromat", prompt="box")

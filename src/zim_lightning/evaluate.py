@@ -37,6 +37,8 @@ import csv
 import json
 import logging
 import math
+import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,14 @@ POSITIVE_COLOUR, NEGATIVE_COLOUR, BOX_COLOUR = (0, 220, 0), (230, 0, 0), (255, 2
 
 
 # ---------------------------------------------------------------------------------------------- saving
+
+
+def _launch_rank() -> int:
+    """This process's global rank as the launcher set it (torchrun, SLURM), 0 without one."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def prediction_path(out: Path, method: str, prompt: str, matte_relpath: str) -> Path:
@@ -378,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     check_checkpoint_argument(parser, args)
     if args.grid_count < 0 or args.closed_form_max_side < 0:
         parser.error("--grid-count and --closed-form-max-side must be >= 0")
-    devices: int | str = int(args.devices) if args.devices.isdigit() else args.devices
+    if not (args.devices in ("auto", "-1") or (args.devices.isdigit() and int(args.devices) > 0)):
+        parser.error(f"--devices: expected a positive number, 'auto' or -1, got {args.devices!r}")
+    devices: int | str = int(args.devices) if args.devices.lstrip("-").isdigit() else args.devices
     # Same seed on every rank: random weights (smoke tests) must be the same network everywhere.
     L.seed_everything(args.seed, verbose=False)
     net = zim_for_command(parser, args).eval()
@@ -426,6 +438,12 @@ def main(argv: list[str] | None = None) -> int:
         num_workers=args.num_workers,
         seed=args.seed,
     )
+    if _launch_rank() == 0:
+        # What an earlier run into this --out wrote (other instances, prompts, baselines) would lie beside
+        # this run's metrics, which the saved predictions must reproduce. Every process gets here before
+        # any joins the process group, so none is writing yet.
+        for stale in (args.out / "predictions", args.out / "baselines", args.out / "grids"):
+            shutil.rmtree(stale, ignore_errors=True)
     callbacks: list[Any] = [RichProgressBar()]
     if args.save_predictions:
         callbacks.append(_prediction_writer(args.out))

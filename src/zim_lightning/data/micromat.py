@@ -316,6 +316,10 @@ def _micromat_records(root: Path, prompt: str) -> list[EvalRecord]:
                 f"got {len(fields)} fields: {line!r}"
             )
         image_rel, matte_rel, prompt_rel, _seg = fields
+        for rel in (image_rel, matte_rel, prompt_rel):
+            # saved predictions follow the matte's path: it must stay inside the folders it names
+            if Path(rel).is_absolute() or ".." in Path(rel).parts:
+                raise EvalDataError(f"{where}: path {rel!r} must be relative to the dataset, without '..'")
         parts = Path(matte_rel).parts
         if len(parts) < 3 or parts[0] != "matte" or parts[1] not in MICROMAT_SUBSETS:
             raise EvalDataError(
@@ -338,6 +342,15 @@ def _micromat_records(root: Path, prompt: str) -> list[EvalRecord]:
         )
     if not records:
         raise EvalDataError(f"{str(data_list)!r} lists no instance")
+    seen: dict[str, str] = {}
+    for record in records:  # each instance's prediction is saved under its matte path, as .png
+        target = Path(record.matte_relpath).with_suffix(".png").as_posix()
+        if target in seen:
+            raise EvalDataError(
+                f"{record.where}: matte {record.matte_relpath} is the instance of {seen[target]} again "
+                "(the same path, or one differing in suffix only)"
+            )
+        seen[target] = record.where
     return records
 
 
