@@ -59,18 +59,22 @@ def max_pairwise_iou(boxes: torch.Tensor) -> float:
     return float(iou.max())
 
 
-@pytest.fixture(scope="module")
-def unsuppressed(model: torch.nn.Module, photo: np.ndarray) -> list[dict]:
-    """Every candidate of a 2x2 grid (4 mask tokens each): no filter, and NMS at 1.0 suppresses nothing."""
-    generator = ZimAutomaticMatteGenerator(
+def _grid_without_nms(model: torch.nn.Module, **thresholds: float) -> ZimAutomaticMatteGenerator:
+    """A 2x2 grid (4 mask tokens each) whose NMS at 1.0 suppresses nothing."""
+    return ZimAutomaticMatteGenerator(
         model,
         points_per_side=2,
         points_per_batch=4,
         box_nms_thresh=1.0,
         stability_score_offset=STABILITY_OFFSET,
-        **NO_FILTER,
+        **thresholds,
     )
-    return generator.generate(photo)
+
+
+@pytest.fixture(scope="module")
+def unsuppressed(model: torch.nn.Module, photo: np.ndarray) -> list[dict]:
+    """Every candidate of a 2x2 grid: no filter, and NMS at 1.0 suppresses nothing."""
+    return _grid_without_nms(model, **NO_FILTER).generate(photo)
 
 
 def candidate_key(record: dict) -> tuple:
@@ -142,15 +146,7 @@ def test_each_threshold_alone_keeps_exactly_the_candidates_above_it(
     )
     thresholds = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
     thresholds["pred_iou_thresh" if which == "iou" else "stability_score_thresh"] = cut
-    generator = ZimAutomaticMatteGenerator(
-        model,
-        points_per_side=2,
-        points_per_batch=4,
-        box_nms_thresh=1.0,
-        stability_score_offset=STABILITY_OFFSET,
-        **thresholds,
-    )
-    kept = {candidate_key(r) for r in generator.generate(photo)}
+    kept = {candidate_key(r) for r in _grid_without_nms(model, **thresholds).generate(photo)}
     expected = {
         candidate_key(r)
         for r in unsuppressed

@@ -41,6 +41,8 @@ from segment_anything.utils.amg import (
 )
 from torchvision.ops import batched_nms, box_area
 
+from zim_lightning.images import alpha_to_uint8
+
 logger = logging.getLogger(__name__)
 
 #: Alpha above which a pixel counts as foreground for boxes, areas and NMS.
@@ -526,7 +528,7 @@ def _write_files(
     objects = []
     for index, record in enumerate(records):
         name = f"matte_{index:0{width}d}.png"
-        alpha = np.round(np.clip(record["alpha"], 0.0, 1.0) * 255.0).astype(np.uint8)
+        alpha = alpha_to_uint8(record["alpha"])
         Image.fromarray(alpha, mode="L").save(out_dir / name)
         objects.append(
             {

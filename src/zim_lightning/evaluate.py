@@ -37,7 +37,6 @@ import csv
 import json
 import logging
 import math
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -63,14 +62,6 @@ POSITIVE_COLOUR, NEGATIVE_COLOUR, BOX_COLOUR = (0, 220, 0), (230, 0, 0), (255, 2
 
 
 # ---------------------------------------------------------------------------------------------- saving
-
-
-def _launch_rank() -> int:
-    """This process's global rank as the launcher set it (torchrun, SLURM), 0 without one."""
-    for name in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
 
 
 def prediction_path(out: Path, method: str, prompt: str, matte_relpath: str) -> Path:
@@ -438,12 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         num_workers=args.num_workers,
         seed=args.seed,
     )
-    if _launch_rank() == 0:
-        # What an earlier run into this --out wrote (other instances, prompts, baselines) would lie beside
-        # this run's metrics, which the saved predictions must reproduce. Every process gets here before
-        # any joins the process group, so none is writing yet.
-        for stale in (args.out / "predictions", args.out / "baselines", args.out / "grids"):
-            shutil.rmtree(stale, ignore_errors=True)
+    # What an earlier run into this --out wrote (other instances, prompts, baselines) would lie beside
+    # this run's metrics, which the saved predictions must reproduce. Every process of a run removes it
+    # here, before any joins the process group, so none is writing yet.
+    for stale in (args.out / "predictions", args.out / "baselines", args.out / "grids"):
+        shutil.rmtree(stale, ignore_errors=True)
     callbacks: list[Any] = [RichProgressBar()]
     if args.save_predictions:
         callbacks.append(_prediction_writer(args.out))

@@ -7,13 +7,13 @@ bits (Pillow's ``convert("RGB")`` clips them at 255, turning most of an image wh
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from zim_lightning.data.decode import GRAY_16_BIT_MODES, scale_16_bit
+from zim_lightning.data.tar_writer import encode_png, write_atomic
 
 
 def pil_to_rgb(picture: Image.Image) -> np.ndarray:
@@ -65,14 +65,13 @@ def read_transparency(path: str | Path) -> np.ndarray | None:
         return None
 
 
+def alpha_to_uint8(alpha: np.ndarray) -> np.ndarray:
+    """HxW float alpha in [0, 1] (clipped) -> HxW uint8 in [0, 255], rounded: the 8-bit matte the
+    commands write and serve."""
+    return np.round(np.clip(alpha, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def save_png(array: np.ndarray, path: str | Path) -> None:
-    """Write a uint8 HxW (grey) or HxWx3/4 array as a PNG, through a temporary file in the same folder
-    and an atomic rename: an interrupted write leaves the old file or none, never a truncated one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write a uint8 HxW (grey) or HxWx3/4 array as a PNG, atomically (:func:`write_atomic`): an
+    interrupted write leaves the old file or none, never a truncated one."""
+    write_atomic(Path(path), encode_png(array))

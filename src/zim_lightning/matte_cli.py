@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zim_lightning.images import read_rgb, read_transparency, save_png
+from zim_lightning.images import alpha_to_uint8, read_rgb, read_transparency, save_png
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def write_outputs(
         ``(alpha_path, cutout_path)``.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    alpha8 = np.round(np.clip(alpha, 0.0, 1.0) * 255.0).astype(np.uint8)
+    alpha8 = alpha_to_uint8(alpha)
     alpha_path = out_dir / f"{stem}_alpha.png"
     cutout_path = out_dir / f"{stem}_cutout.png"
     save_png(alpha8, alpha_path)

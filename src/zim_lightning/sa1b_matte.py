@@ -97,14 +97,12 @@ from pycocotools import mask as mask_utils
 from zim_lightning.data.sa1b import CorruptSample, decode_mask, iter_tar, sa1b_record
 from zim_lightning.data.shards import expand_shards
 from zim_lightning.data.skips import SKIP_REASONS
-from zim_lightning.data.tar_writer import member_info
+from zim_lightning.data.tar_writer import PARTIAL_SUFFIX, fsync_dir, member_info, write_atomic
 
 # by name: the module also runs as __main__ (torchrun -m) and in spawned workers as __mp_main__
 log = logging.getLogger("zim_lightning.sa1b_matte")
 
 MODES = ("crop", "whole")
-#: Suffix of a shard (or manifest) being written; never a complete file.
-PARTIAL_SUFFIX = ".partial"
 MANIFEST_DIR = "manifest"
 #: Where the processes of a run claim the shards they build (see :class:`ShardClaims`).
 CLAIMS_DIR = "claims"
@@ -587,30 +585,6 @@ class OutputLock:
             self.fd = None
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 # ----------------------------------------------------------------------------- reading side (workers)
 
 
@@ -1041,7 +1015,7 @@ class SA1BMatteWriter(BasePredictionWriter):
         write_atomic(manifest_path(self.out, final), (json.dumps(manifest, indent=1) + "\n").encode())
         os.replace(state.tmp, final)
         failure_path(self.out, final).unlink(missing_ok=True)  # an earlier run's note on this shard
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
         del self.open[state.shard]
         self.completed.append(state.shard)
         log.info(

@@ -1,5 +1,6 @@
 """The atomic, reproducible tar writer every shard producer uses (``synth``, ``pack-shards``; the
-SA1B-Matte builder streams its own tar but shares the member headers), and their PNG member encoder.
+SA1B-Matte builder streams its own tar but shares the member headers), their PNG member encoder, and
+the atomic write of one file that the builder's manifests and the commands' pictures go through.
 
 Kept free of torch so that writing data stays a light import.
 """
@@ -18,6 +19,38 @@ from PIL import Image
 
 #: Permissions recorded for every member of the tars we write.
 TAR_MEMBER_MODE = 0o644
+#: Suffix of a file being written, renamed to its final name when complete.
+PARTIAL_SUFFIX = ".partial"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (where the platform can open a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on some platforms; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``: an interrupted write
+    leaves the old file or none, never a truncated one (a failed one removes its temporary file)."""
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def member_info(name: str, size: int) -> tarfile.TarInfo:

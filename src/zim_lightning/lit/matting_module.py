@@ -151,16 +151,15 @@ class MattingModule(LightningModule):
                 "gradient_clip_val"
             )
         remedy = random_start_of(self.net)
-        if self.require_pretrained and remedy and not self.trainer.ckpt_path:
+        if self.require_pretrained and remedy and not trainer.ckpt_path:
             raise ValueError(
                 f"{type(self.net).__name__} starts from random weights, and this config "
                 f"(require_pretrained: true) trains from pretrained ones: {remedy}. "
                 "To train from random weights anyway, set --model.init_args.require_pretrained=false"
             )
-        per_device = getattr(getattr(self.trainer, "datamodule", None), "batch_size", None)
+        per_device = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
         if isinstance(per_device, int):
             # The configs' batch size is per device: the paper's 16 is the total on one GPU only.
-            trainer = self.trainer
             total = per_device * trainer.world_size * trainer.accumulate_grad_batches
             log.info(
                 "batch per optimiser step: %d (%d per device x %d devices x %d accumulated)",

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from zim_lightning.images import pil_to_rgb
+from zim_lightning.images import alpha_to_uint8, pil_to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -352,10 +352,9 @@ class ImageStore:
         masks = np.asarray(masks, dtype=np.float32)
         iou = np.asarray(iou, dtype=np.float32).reshape(-1)
         best = int(np.argmax(iou))
-        alpha = np.clip(masks[best], 0.0, 1.0)
         prediction = Prediction(
-            alpha=np.round(alpha * 255.0).astype(np.uint8),
-            alpha_mean=float(alpha.mean()),
+            alpha=alpha_to_uint8(masks[best]),
+            alpha_mean=float(np.clip(masks[best], 0.0, 1.0).mean()),
             iou=float(iou[best]),
             decode_ms=decode_ms,
         )
