@@ -14,6 +14,7 @@ from zim_lightning.models import CheckpointError, Zim, load_sam_weights, zim_mod
 from zim_lightning.models.build import ZIM_VARIANTS, build_zim, network_from_spec
 from zim_lightning.models.checkpoint import weights_loaded_later
 from zim_lightning.models.converter import converter_model_registry
+from zim_lightning.models.pixel_decoder import PYRAMID_STRIDES, HierarchicalPixelDecoder, sam_output_upscaling
 from zim_lightning.models.transformer import KeyMask, MaskableAttention
 from zim_lightning.speed import build_stock_sam
 
@@ -324,6 +325,36 @@ def test_pixel_decoder_switch_changes_the_architecture():
         n.startswith(("feature_pyramid.", "mask_decoder.pixel_decoder.")) for n in only_hier
     )
     assert only_sam and all(n.startswith("mask_decoder.output_upscaling.") for n in only_sam)
+
+
+def _period_two_ratio(out: torch.Tensor, margin: int) -> float:
+    """How much the horizontal steps of ``out`` alternate from one pixel to the next (0: smooth)."""
+    steps = out[..., margin:-margin, margin:-margin].diff(dim=-1)
+    even, odd = steps[..., 0::2], steps[..., 1::2]
+    n = min(even.shape[-1], odd.shape[-1])
+    return ((even[..., :n] - odd[..., :n]).abs().mean() / steps.abs().mean()).item()
+
+
+def test_hierarchical_decoder_upsamples_smoothly_where_sams_transposed_convolutions_alternate():
+    # The paper's reason for the hierarchical decoder: SAM's transposed convolutions (kernel = stride)
+    # leave a period-2 pattern (checkerboard). Fed an embedding that ramps linearly across the image
+    # (and no image features), the hierarchical decoder's bilinear steps give a smooth output; the
+    # SAM decoder's steps alternate. Nearest-neighbour upsampling would alternate too.
+    hier_ratios, sam_ratios = [], []
+    for seed in range(4):
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        hier = HierarchicalPixelDecoder(embed_dim=32, feature_channels=(8, 8, 8), stage_channels=(16, 8, 4))
+        sam = sam_output_upscaling(32)
+        slopes, offsets = torch.randn(2, 32, 1, 1, generator=generator)
+        embedding = (slopes * torch.linspace(-1, 1, 8) + offsets).expand(32, 8, 8)[None].contiguous()
+        feats = tuple(torch.zeros(1, 8, 128 // s, 128 // s) for s in PYRAMID_STRIDES)  # a 128 input
+        with torch.no_grad():
+            out = hier(embedding, feats)
+            assert out.shape == (1, 4, 64, 64)
+            hier_ratios.append(_period_two_ratio(out, margin=12))
+            sam_ratios.append(_period_two_ratio(sam(embedding), margin=6))
+    assert sum(hier_ratios) / 4 < 0.5 < 1.2 < sum(sam_ratios) / 4, (hier_ratios, sam_ratios)
 
 
 def test_masked_attention_switch_changes_the_output(tiny_encoded):
