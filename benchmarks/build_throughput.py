@@ -195,9 +195,17 @@ def forward_speed(
     return {"ms_per_batch": seconds * 1e3, "masks_per_s": batch / seconds}
 
 
-def quality(out: Path, shards: list[Path], alpha_dir: Path, margin_frac: float) -> dict:
-    """Mean SAD / MSE (paper protocol) of the built mattes and of the input masks vs the exact alpha."""
-    rows = {"matte": [], "mask": [], "mass_outside_box": [], "mass_outside_band": []}
+#: Upper edges of the zoom buckets of ``quality``: the converter's crop side over the image square's.
+ZOOM_BUCKETS = (1.0, 2.0, 4.0, float("inf"))
+
+
+def quality(out: Path, shards: list[Path], alpha_dir: Path, config: CropConfig) -> dict:
+    """Mean SAD / MSE (paper protocol) of the built mattes and of the input masks vs the exact alpha.
+
+    Also per zoom (``crop_size`` over the side of the image square the converter saw, > 1 where a small
+    mask is enlarged): the matte's SAD per bucket of :data:`ZOOM_BUCKETS`.
+    """
+    rows = {"matte": [], "mask": [], "mass_outside_box": [], "mass_outside_band": [], "zoom": []}
     for shard in shards:
         with tarfile.open(out / shard.name) as tar:
             data = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
@@ -224,9 +232,11 @@ def quality(out: Path, shards: list[Path], alpha_dir: Path, margin_frac: float) 
                 total = max(truth.sum(), 1e-9)
                 rows["mass_outside_box"].append(1 - truth[y : y + h, x : x + w].sum() / total)
                 # what the clamp would cut from a perfect matte: true alpha beyond the margin band
-                _, _, _, _, margin = matte_box(rle_box(annotation), (height, width), margin_frac)
+                box = rle_box(annotation)
+                _, _, _, _, margin = matte_box(box, (height, width), config.margin)
                 band = mask_band(mask[y : y + h, x : x + w].astype(np.uint8), margin)
                 rows["mass_outside_band"].append(1 - (truth[y : y + h, x : x + w] * band).sum() / total)
+                rows["zoom"].append(config.crop_size / crop_square(box, (height, width), config)[2])
     summary = {
         kind: {
             "sad": float(np.mean([r[0] for r in rows[kind]])),
@@ -237,6 +247,17 @@ def quality(out: Path, shards: list[Path], alpha_dir: Path, margin_frac: float) 
     summary["instances"] = len(rows["matte"])
     summary["truth_mass_outside_matte_box"] = float(np.mean(rows["mass_outside_box"]))
     summary["truth_mass_outside_clamp_band"] = float(np.mean(rows["mass_outside_band"]))
+    zoom, sad = np.array(rows["zoom"]), np.array([r[0] for r in rows["matte"]])
+    summary["matte_sad_by_zoom"] = {}
+    low = 0.0
+    for high in ZOOM_BUCKETS:
+        inside = (zoom > low) & (zoom <= high)
+        if inside.any():
+            summary["matte_sad_by_zoom"][f"({low:g}, {high:g}]"] = {
+                "instances": int(inside.sum()),
+                "sad": float(sad[inside].mean()),
+            }
+        low = high
     return summary
 
 
@@ -258,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crop-size", type=int, default=1024)
     p.add_argument("--mode", choices=("crop", "whole"), default="crop")
     p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--context", type=float, default=CropConfig.context, help="crop mode: context per side")
+    p.add_argument(
+        "--min-crop", type=int, default=CropConfig.min_crop, help="crop mode: smallest square side (px)"
+    )
     p.add_argument("--channels-last", action="store_true", help="NHWC convolution weights")
     p.add_argument(
         "--compile", default=None, choices=speed.COMPILE_MODES, help="torch.compile mode (default: eager)"
@@ -279,7 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     precision = args.precision or ("bf16" if args.device.startswith("cuda") else "32")
-    config = CropConfig(crop_size=args.crop_size, mode=args.mode, clamp=args.clamp)
+    config = CropConfig(
+        crop_size=args.crop_size,
+        mode=args.mode,
+        clamp=args.clamp,
+        context=args.context,
+        min_crop=args.min_crop,
+    )
     report: dict = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
@@ -288,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         "crop_size": args.crop_size,
         "mode": args.mode,
         "clamp": args.clamp,
+        "context": args.context,
+        "min_crop": args.min_crop,
         "batch_size": args.batch_size,
         "channels_last": args.channels_last,
         "compile": args.compile,
@@ -356,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
                 "num_workers": args.num_workers,
             }
             if args.quality and alpha_dir is not None:
-                report["quality"] = quality(out, shards, alpha_dir, config.margin)
+                report["quality"] = quality(out, shards, alpha_dir, config)
     speed.emit_report(report, args.json_out)
     return 0
 

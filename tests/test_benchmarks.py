@@ -63,6 +63,28 @@ def test_train_throughput_runs_stock_and_zim_and_profiles(tmp_path: Path):
     assert report["model_gflops_per_image"]["zim"] > report["model_gflops_per_image"]["stock"] > 0
 
 
+def test_build_throughput_scores_the_mattes_and_splits_them_by_zoom(tmp_path: Path):
+    # The mask passed through the build (identity model) must score about as the mask itself; every
+    # instance falls in one zoom bucket; a smaller --min-crop enlarges small masks more.
+    script = _script("build_throughput")
+    args = "--model identity --quality --crop-size 256 --images 2 --shards 1 --image-size 192x256"
+    buckets = {}
+    for min_crop in (16, 256):
+        out = tmp_path / f"build_{min_crop}.json"
+        argv = [*args.split(), "--skip", "cpu", "forward", "--num-workers", "0", "--min-crop", str(min_crop)]
+        assert script.main([*argv, "--json-out", str(out)]) == 0
+        report = json.loads(out.read_text())
+        assert report["min_crop"] == min_crop
+        quality = report["quality"]
+        assert quality["instances"] > 0
+        assert quality["matte"]["sad"] == pytest.approx(quality["mask"]["sad"], rel=0.25)
+        by_zoom = quality["matte_sad_by_zoom"]
+        assert sum(b["instances"] for b in by_zoom.values()) == quality["instances"]
+        buckets[min_crop] = set(by_zoom)
+    assert buckets[256] == {"(0, 1]"}  # a square of at least the crop size is never enlarged
+    assert buckets[16] - {"(0, 1]"}, buckets  # small masks enlarged past 1x
+
+
 def test_predictor_latency_reports_every_call_and_the_alpha_agreement(tmp_path: Path, monkeypatch):
     script = _script("predictor_latency")
     out = tmp_path / "latency.json"
