@@ -76,6 +76,27 @@ def test_geometric_augmentation_moves_image_and_alpha_together():
         assert ((out["alpha"] > 0.5) == bright).mean() > 0.98
 
 
+def test_crop_scale_sets_how_much_of_the_image_a_training_crop_enlarges():
+    # alpha ramps 0 -> 1 across the image, so the span of a crop's alpha is the share of the width it saw
+    image = np.full((128, 128, 3), 128, np.uint8)
+    alpha = np.tile(np.linspace(0.0, 1.0, 128, dtype=np.float32), (128, 1))
+
+    def mean_span(crop_scale: tuple[float, float]) -> float:
+        data = ZimDataModule(stage="converter", crop_size=32, crop_scale=crop_scale, num_workers=0)
+        geometric = data.converter_processor.geometric
+        geometric.set_random_seed(0)
+        spans = []
+        for _ in range(20):
+            out = geometric(image=image, alpha=alpha)["alpha"]
+            spans.append(out.max() - out.min())
+        return float(np.mean(spans))
+
+    assert mean_span((0.9, 1.0)) > 0.8  # about the whole width (shrunk 4x to the 32 crop)
+    assert 0.1 < mean_span((0.04, 0.06)) < 0.5  # about a fifth to a third of it (enlarged to the crop)
+    with pytest.raises(ValueError, match="crop_scale"):
+        ConverterSampleProcessor(crop_size=32, crop_scale=(0.5, 0.2))
+
+
 @pytest.fixture
 def stl_shards(tmp_path):
     rng = np.random.default_rng(2)

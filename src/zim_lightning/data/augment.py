@@ -83,10 +83,17 @@ def mix_stl(
         yield sample
 
 
+#: Area of the converter's random training crop as a fraction of the image's. With 1024 crops of matting
+#: images 800 to 2000 pixels across, the crop enlarges the image about 0.5x to 2.5x, whereas the
+#: SA1B-Matte builder enlarges small masks up to ``crop_size / min_crop`` (8x by default; see
+#: docs/architecture.md, "Converter zoom").
+CROP_SCALE: tuple[float, float] = (0.25, 1.0)
+
+
 def converter_geometric(
     *,
     crop_size: int,
-    scale_range: tuple[float, float] = (0.25, 1.0),
+    scale_range: tuple[float, float] = CROP_SCALE,
     hflip_p: float = 0.5,
     affine_p: float = 0.3,
     rotate: float = 15.0,

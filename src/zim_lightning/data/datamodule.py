@@ -33,7 +33,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from zim_lightning.data.augment import mix_stl
+from zim_lightning.data.augment import CROP_SCALE, mix_stl
 from zim_lightning.data.coarsen import COARSEN_OPS
 from zim_lightning.data.prompts import PromptSampler
 from zim_lightning.data.sa1b import iter_sa1b, tar_samples
@@ -302,6 +302,8 @@ class ZimDataModule(L.LightningDataModule):
         shuffle_buffer: samples in each worker's shuffle buffer (1 disables shuffling).
         shuffle_initial: samples gathered before the first one leaves the buffer.
         crop_size: converter crop side S.
+        crop_scale: converter training crops: (low, high) area as a fraction of the image's, before the
+            resize to S (smaller fractions enlarge more; :data:`~zim_lightning.data.augment.CROP_SCALE`).
         image_size: ZIM frame side (1024, SAM's).
         coarsen_ops: coarsening ops the converter's coarse masks are drawn from; None: all.
         sga: Spatial Generalization Augmentation (paper ablation switch).
@@ -343,6 +345,7 @@ class ZimDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         shuffle_initial: int = 100,
         crop_size: int = 1024,
+        crop_scale: tuple[float, float] = CROP_SCALE,
         image_size: int = 1024,
         coarsen_ops: list[str] | None = None,
         sga: bool = True,
@@ -399,6 +402,7 @@ class ZimDataModule(L.LightningDataModule):
             sga=sga,
             sga_p=sga_p,
             augment=augment,
+            crop_scale=tuple(crop_scale),
         )
         self.prompts = PromptSampler(
             box_ratio=box_ratio,

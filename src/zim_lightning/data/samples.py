@@ -17,6 +17,7 @@ import torch
 
 from zim_lightning.data import coarsen
 from zim_lightning.data.augment import (
+    CROP_SCALE,
     centre_square,
     converter_geometric,
     object_centre,
@@ -64,6 +65,8 @@ class ConverterSampleProcessor:
         sga: apply Spatial Generalization Augmentation (paper ablation switch).
         sga_p: probability of the SGA cut.
         augment: geometric and photometric augmentation in training.
+        crop_scale: range of the training crop's area as a fraction of the image's (before it is resized
+            to ``crop_size``): smaller fractions enlarge more.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class ConverterSampleProcessor:
         sga: bool = True,
         sga_p: float = 0.5,
         augment: bool = True,
+        crop_scale: tuple[float, float] = CROP_SCALE,
     ) -> None:
         unknown = sorted(set(coarsen_ops) - set(coarsen.COARSEN_OPS))
         if unknown or not coarsen_ops:
@@ -85,7 +89,9 @@ class ConverterSampleProcessor:
         self.sga = sga
         self.sga_p = sga_p
         self.augment = augment
-        self.geometric = converter_geometric(crop_size=crop_size) if augment else None
+        if not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+            raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {crop_scale}")
+        self.geometric = converter_geometric(crop_size=crop_size, scale_range=crop_scale) if augment else None
         self.colour = photometric() if augment else None
 
     def seed(self, rng: np.random.Generator) -> None:
