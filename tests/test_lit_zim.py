@@ -85,12 +85,15 @@ def test_require_pretrained_refuses_a_network_built_from_random_weights_unless_r
 def test_a_non_finite_loss_skips_its_step_and_a_run_of_them_stops_training(
     synthetic: Path, tmp_path: Path, monkeypatch, caplog, poisoned_calls: set[int]
 ):
-    step, calls = ZimModule._step, []
+    step, calls, weights = ZimModule._step, [], []
 
     def poisoned(self, batch, **kwargs):
         alpha, terms = step(self, batch, **kwargs)
         if self.training:
             calls.append(1)
+            # the weights before the poisoned step, then before the step after it (so after the skip)
+            if len(calls) - 1 in poisoned_calls or len(calls) in poisoned_calls:
+                weights.append([p.detach().clone() for p in self.net.parameters()])
             if len(calls) in poisoned_calls:  # a bf16 overflow, say
                 terms = {**terms, "loss": terms["loss"] * float("nan")}
         return alpha, terms
@@ -107,7 +110,65 @@ def test_a_non_finite_loss_skips_its_step_and_a_run_of_them_stops_training(
         cli = cli_main(args)
     assert "the training loss is not finite; skipping this batch" in caplog.text
     assert all(torch.isfinite(p).all() for p in cli.model.net.parameters())
+    # the skipped step moved no weight: no gradient step, and no AdamW weight decay or momentum either
+    before, after = weights
+    assert all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])
+
+
+_NAN_ON_RANK_ONE = """
+from zim_lightning.lit.zim_module import ZimModule
+
+
+class NanOnRankOne(ZimModule):
+    def _step(self, batch, **kwargs):
+        alpha, terms = super()._step(batch, **kwargs)
+        if self.training and self.trainer.global_rank == 1 and self.trainer.global_step == 2:
+            terms = {**terms, "loss": terms["loss"] * float("nan")}
+        return alpha, terms
+"""
+
+
+@pytest.mark.slow  # two DDP processes on the CPU (gloo)
+def test_two_ranks_skip_a_non_finite_step_together_and_validate_with_one_validation_shard(
+    synthetic: Path, tmp_path: Path
+):
+    # A NaN loss on one rank: both skip the step (Lightning refuses a step returning None under DDP).
+    # One validation shard for two ranks: rank 1 has no validation batch, which hung a DDP strategy that
+    # broadcasts buffers (Lightning's default), as here.
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "nan_module.py").write_text(_NAN_ON_RANK_ONE)
+    args = _args(
+        synthetic,
+        tmp_path,
+        "--model.class_path=nan_module.NanOnRankOne",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp_find_unused_parameters_true",
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=2",
+        "--trainer.num_sanity_val_steps=0",
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "zim_lightning", "fit", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"the two-rank fit hung: {str(error.stderr)[-2000:]}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("the training loss is not finite; skipping this batch") == 2  # once per rank
+    last = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=True)
+    assert last["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
 @pytest.mark.slow  # a fit in a subprocess, stopped by a signal

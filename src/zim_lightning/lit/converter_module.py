@@ -87,10 +87,10 @@ class ConverterModule(MattingModule):
         outputs = self(batch["image"], batch["mask"].float())
         return outputs, self.loss(outputs, batch["alpha"].float())
 
-    def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor] | None:
+    def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         outputs, terms = self._step(batch)
         if not self.loss_is_finite(terms["loss"]):
-            return None  # no backward, no optimiser step (see MattingModule.loss_is_finite)
+            return self.skipped_step()  # no update (see MattingModule.loss_is_finite)
         size = batch["image"].shape[0]
         self._log_values(self.train_metrics, terms, batch_size=size, train=True)
         if "is_stl" in batch:

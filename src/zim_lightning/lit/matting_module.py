@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -96,6 +97,7 @@ class MattingModule(LightningModule):
         self.decay_exempt = decay_exempt
         self.require_pretrained = require_pretrained
         self._nonfinite_in_a_row = 0
+        self._skip_optimizer_step = False
         #: The network's config (class_path, init_args), set by ``zim-lightning fit`` and stored in every
         #: checkpoint, weights-only ones included, so the checkpoint alone rebuilds the network.
         self.net_spec: dict | None = None
@@ -113,15 +115,17 @@ class MattingModule(LightningModule):
 
     def loss_is_finite(self, loss: Tensor) -> bool:
         """Whether to take this training step: False when the loss is not finite on some rank (every rank
-        decides alike, so they skip together and DDP does not hang). A NaN step would otherwise turn every
-        weight and the optimiser state into NaN, and the checkpoints after it. A skipped step updates no
-        weight but still counts as one of the run's steps (``max_steps``, the learning-rate schedule).
+        decides alike). A NaN step would otherwise turn every weight and the optimiser state into NaN, and
+        the checkpoints after it. A skipped step returns :meth:`skipped_step` and updates no weight and no
+        optimiser state, but still counts as one of the run's steps (``max_steps``, the learning-rate
+        schedule).
 
         Raises:
             FloatingPointError: after :data:`MAX_NONFINITE_STEPS` such steps in a row.
         """
         finite = bool(torch.isfinite(loss.detach()).all())
-        if self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+        self._skip_optimizer_step = not self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not self._skip_optimizer_step:
             self._nonfinite_in_a_row = 0
             return True
         self._nonfinite_in_a_row += 1
@@ -137,6 +141,38 @@ class MattingModule(LightningModule):
             self._nonfinite_in_a_row,
         )
         return False
+
+    def skipped_step(self) -> dict[str, Tensor]:
+        """The output of a training step that :meth:`loss_is_finite` skips: a zero loss that reaches every
+        trainable parameter. Under DDP every rank must run a backward that reaches every parameter (and
+        Lightning refuses a step that returns None); :meth:`optimizer_step` then drops the zero gradients,
+        so neither the weights nor the optimiser's moments and step counts move (AdamW would otherwise
+        still decay the weights and apply its momentum)."""
+        trainable = [p.sum() for p in self.parameters() if p.requires_grad]
+        return {"loss": torch.stack(trainable).sum() * 0.0}
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        if optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+        def closure():
+            result = optimizer_closure()  # the training step and its backward
+            if self._skip_optimizer_step:
+                optimizer.zero_grad(set_to_none=True)  # optimisers pass over parameters without gradients
+                return None  # and Lightning's precision plugins then skip the step (and the loss scaler)
+            return result
+
+        return super().optimizer_step(epoch, batch_idx, optimizer, closure)
+
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        batch_norms = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
+        if isinstance(strategy, DDPStrategy) and not batch_norms:
+            # DDP broadcasts rank 0's buffers at every forward. Ours are constants (pixel mean and std;
+            # LayerNorm and GroupNorm, no BatchNorm), and the broadcast hangs validation when a rank has
+            # no validation batch (fewer validation shards than ranks): rank 0 waits in the broadcast
+            # while the other waits in the metrics' sync. configs/trainer/ddp.yaml sets this already.
+            strategy._ddp_kwargs["broadcast_buffers"] = False  # read when the model is wrapped, after setup
 
     def on_fit_start(self) -> None:
         trainer = self.trainer

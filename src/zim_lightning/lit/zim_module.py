@@ -224,10 +224,10 @@ class ZimModule(MattingModule):
             values["loss"] = values["loss"] + self.hparams.iou_weight * iou_loss
         return alphas[:, :1], values
 
-    def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor] | None:
+    def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         alpha, terms = self._step(batch)
         if not self.loss_is_finite(terms["loss"]):
-            return None  # no backward, no optimiser step (see MattingModule.loss_is_finite)
+            return self.skipped_step()  # no update (see MattingModule.loss_is_finite)
         self._log_values(self.train_metrics, terms, batch_size=batch["image"].shape[0], train=True)
         return {"loss": terms["loss"], "alpha": alpha.detach()}
 
