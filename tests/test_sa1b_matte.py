@@ -40,6 +40,7 @@ from zim_lightning.sa1b_matte import (
     build,
     converter_mask,
     crop_square,
+    launched_layout,
     mask_box,
     matte_box,
     project_matte,
@@ -616,3 +617,35 @@ def test_a_fit_checkpoint_names_its_converter(
     assert summary["per_shard"][0]["build"]["model"] == "converter_tiny"
     for name in (p.name for p in sorted((synthetic / "sa1b").glob("*.tar"))):  # the same mattes
         assert (out / name).read_bytes() == (clean_build / name).read_bytes()
+
+
+class _ConstantConverter(torch.nn.Module):
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"alpha": torch.full_like(masks, self.value)}
+
+
+def test_the_build_rounds_alpha_to_the_nearest_8_bit_level() -> None:
+    from zim_lightning.lit.build_module import MatteBuildModule
+
+    batch = {
+        "image": torch.zeros(1, 3, 4, 4, dtype=torch.uint8),
+        "mask": torch.zeros(1, 1, 4, 4, dtype=torch.uint8),
+    }
+    for value, level in ((0.999, 255), (0.5, 128), (0.001, 0)):  # truncation would give 254, 127
+        out = MatteBuildModule(net=_ConstantConverter(value)).predict_step(batch, 0)
+        assert out.dtype == torch.uint8 and out.unique().tolist() == [level]
+
+
+def test_torchrun_sets_the_devices_and_nodes_a_default_command_line_leaves_open(monkeypatch) -> None:
+    # On the CPU, Lightning's "auto" is one device: each torchrun process would build alone.
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert launched_layout("auto", 1) == ("auto", 1)  # not under torchrun
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert launched_layout("auto", 1) == (4, 2)
+    assert launched_layout(2, 3) == (2, 3)  # what the user gave stands

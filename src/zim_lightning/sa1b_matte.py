@@ -1395,11 +1395,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def launched_layout(devices: str | int, num_nodes: int) -> tuple[str | int, int]:
+    """``(devices, num_nodes)`` for the Trainer: under torchrun (``LOCAL_WORLD_SIZE``, ``WORLD_SIZE``),
+    ``--devices auto`` means one device per process it launched and ``--num-nodes 1`` the nodes it spans.
+    Lightning's own ``auto`` counts visible GPUs, one CPU, so CPU processes would each build alone."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    world = os.environ.get("WORLD_SIZE", "")
+    if not (local.isdigit() and world.isdigit()) or int(local) < 1:
+        return devices, num_nodes
+    if devices == "auto":
+        devices = int(local)
+    if num_nodes == 1 and int(world) > int(local):
+        num_nodes = int(world) // int(local)
+    return devices, num_nodes
+
+
 def main(argv: list[str] | None = None) -> int:
     """`zim-lightning build-sa1b-matte`; returns 0 when every shard is complete, 1 if not, 2 on bad input."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     devices: str | int = int(args.devices) if str(args.devices).isdigit() else args.devices
+    devices, num_nodes = launched_layout(devices, args.num_nodes)
     try:
         config = CropConfig(
             crop_size=args.crop_size,
@@ -1419,7 +1435,7 @@ def main(argv: list[str] | None = None) -> int:
             num_workers=args.num_workers,
             accelerator=args.accelerator,
             devices=devices,
-            num_nodes=args.num_nodes,
+            num_nodes=num_nodes,
             precision=args.precision,
             channels_last=args.channels_last,
             compile=args.compile,
