@@ -500,6 +500,38 @@ def test_a_resumed_run_draws_new_samples_instead_of_replaying_epoch_0(shards, tm
     assert again.keys == resumed.keys
 
 
+def test_a_run_resumed_in_the_middle_of_an_epoch_does_not_replay_its_start(shards, tmp_path):
+    # At the default 1000 batches per epoch, every checkpoint of a short run is inside epoch 0: the
+    # restored epoch alone cannot tell the resumed stream from the first one, the restored step must.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(ckpt_path=None) -> KeyRecorder:
+        model = KeyRecorder()
+        every_two = ModelCheckpoint(
+            dirpath=tmp_path / "checkpoints", every_n_train_steps=2, save_top_k=-1, filename="{step}"
+        )
+        trainer = L.Trainer(
+            max_steps=6,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[every_two],
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(
+            model,
+            datamodule=module(stage="zim", train_shards=shards["pattern"], batches_per_epoch=10),
+            ckpt_path=ckpt_path,
+        )
+        return model
+
+    first = fit()
+    resumed = fit(ckpt_path=tmp_path / "checkpoints" / "step=2.ckpt")  # epoch 0, step 2
+    assert list(resumed.keys) == [0] and len(resumed.keys[0]) == 2 * len(first.keys[0]) // 3
+    assert resumed.keys[0] != first.keys[0][: len(resumed.keys[0])]  # not the first run's batches again
+
+
 class TinyModule(L.LightningModule):
     """One parameter fitted to the mean alpha: enough for Lightning to drive the loaders."""
 

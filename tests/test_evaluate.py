@@ -198,6 +198,34 @@ def test_write_grids_with_count_zero_writes_nothing_and_rejects_unknown_metrics(
         write_grids(tmp_path, None, None, count=1, saved=False, rank_by="psnr")
 
 
+def test_the_worst_grid_shows_the_instances_with_the_largest_error(tmp_path: Path) -> None:
+    import torch
+
+    predicted = {0: 0.1, 1: 0.9}  # instance 1 has the larger SAD, and a bright matte
+
+    class Module:
+        # per instance: index, then sad, mse, mae, grad, conn
+        instance_rows = {"zim": {"box": {"all": torch.tensor([[0, 1.0, 0, 0, 0, 0], [1, 9.0, 0, 0, 0, 0]])}}}
+
+        def predict_instance(self, item, methods):
+            return {"zim": {"box": torch.full((8, 8), predicted[item["index"]], dtype=torch.float64)}}
+
+    dataset = [
+        {
+            "index": i,
+            "key": f"k{i}",
+            "matte_relpath": f"matte/k{i}.png",
+            "image": np.zeros((8, 8, 3), np.uint8),
+            "alpha": np.zeros((8, 8)),
+            "prompt": {"box": np.array([1, 1, 6, 6], np.float32)},
+        }
+        for i in (0, 1)
+    ]
+    paths = write_grids(tmp_path, Module(), dataset, count=1, saved=False)
+    brightness = {p.stem: np.asarray(Image.open(p)).mean() for p in paths}
+    assert brightness["zim_box_worst"] > brightness["zim_box_best"] + 20
+
+
 @pytest.mark.slow
 def test_eval_dim_protocol_on_aim500_uses_the_trimap(synthetic, tmp_path: Path) -> None:
     out = tmp_path / "dim"

@@ -71,3 +71,13 @@ def test_a_resumed_run_does_not_save_its_starting_step_again(tmp_path: Path) -> 
     _fit(_checkpoint(RunCheckpoint, tmp_path), max_steps=5, accumulate=2, ckpt_path=started)
     assert torch.load(started, weights_only=True)["loops"] == before
     assert _step(tmp_path / "step005.ckpt") == 5
+
+
+def test_logging_callbacks_act_on_the_micro_batch_that_ends_an_optimiser_step() -> None:
+    from types import SimpleNamespace
+
+    from zim_lightning.lit.callbacks import _step_ends
+
+    accumulating = SimpleNamespace(accumulate_grad_batches=2)
+    assert [_step_ends(accumulating, i) for i in range(4)] == [False, True, False, True]
+    assert all(_step_ends(SimpleNamespace(accumulate_grad_batches=1), i) for i in range(3))

@@ -14,6 +14,7 @@ from lightning.pytorch import Callback
 from zim_lightning.lit.callbacks import MatteGridLogger, SkipCountLogger
 from zim_lightning.lit.cli import cli_main
 from zim_lightning.lit.converter_module import ConverterModule
+from zim_lightning.lit.matting_module import frame_errors
 from zim_lightning.models.checkpoint import load_exactly, read_state_dict
 from zim_lightning.models.converter import build_converter_tiny
 
@@ -151,3 +152,33 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(synthetic: Path):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+class _ConstantAlpha(torch.nn.Module):
+    """A converter stand-in predicting the same alpha everywhere."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        alpha = torch.full_like(masks.float(), self.value)
+        return {"alpha": alpha, "alpha_os1": alpha, "alpha_os4": alpha, "alpha_os8": alpha}
+
+
+def test_frame_errors_are_scaled_as_the_paper_scales_them():
+    errors = frame_errors(torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.5))
+    assert torch.allclose(errors["sad"], torch.tensor([0.002]))  # sum |a - t| / 1000
+    assert torch.allclose(errors["mse"], torch.tensor([250.0]))  # mean (a - t)^2 x 1000
+    assert torch.allclose(errors["mae"], torch.tensor([500.0]))  # mean |a - t| x 1000
+
+
+def test_validation_scores_the_coarse_input_mask_as_its_baseline():
+    module = ConverterModule(net=_ConstantAlpha(0.5))
+    ones = torch.ones(2, 1, 4, 4)
+    module.validation_step(
+        {"image": torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "mask": ones, "alpha": ones}, 0
+    )
+    assert float(module.val_metrics["sad_input"].compute()) == 0.0  # the mask equals the target
+    assert float(module.val_metrics["sad"].compute()) == pytest.approx(0.008)  # 16 pixels off by 0.5

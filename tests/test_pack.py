@@ -3,6 +3,7 @@ converter stage reads."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,11 @@ import pytest
 from PIL import Image
 
 from zim_lightning.data.datamodule import ZimDataModule
+from zim_lightning.data.decode import scale_16_bit
 from zim_lightning.data.matting import decode_matting, decode_segmentation
 from zim_lightning.data.pack import main, pack
 from zim_lightning.data.sa1b import iter_tar
+from zim_lightning.data.tar_writer import encode_png
 
 
 def _scene(seed: int, height: int = 40, width: int = 56) -> tuple[np.ndarray, np.ndarray]:
@@ -133,3 +136,17 @@ def test_nothing_is_written_when_no_pair_can_be_packed(folders, tmp_path) -> Non
     with pytest.raises(ValueError, match="none of the 5 pairs could be packed: .*empty"):
         pack(images=images, labels=alphas, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_16_bit_alphas_round_to_the_nearest_8_bit_level():
+    # exact multiples of 257 hide truncation: these do not
+    np.testing.assert_array_equal(scale_16_bit(np.array([128, 129, 65534, 65535])), [0, 1, 255, 255])
+
+
+def test_segmentation_masks_are_split_at_the_midpoint():
+    # a lossily encoded mask has values between 0 and 255 along its edges: only those above half count
+    image = io.BytesIO()
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(image, format="PNG")
+    mask = np.array([[0, 100], [200, 255]], np.uint8)
+    _, decoded = decode_segmentation({"__key__": "k", "png": image.getvalue(), "mask.png": encode_png(mask)})
+    np.testing.assert_array_equal(decoded, [[0, 0], [1, 1]])
