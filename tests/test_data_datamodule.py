@@ -4,6 +4,7 @@ skipped and counted, reproducible training streams, Lightning integration."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -472,21 +473,29 @@ class KeyRecorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def _record_keys(
+    shards, root: Path, *, batches_per_epoch: int, ckpt_path=None, callbacks=(), **limits
+) -> tuple[KeyRecorder, L.Trainer]:
+    """Fit a :class:`KeyRecorder` on the zim stage's stream (``limits``: max_epochs or max_steps)."""
+    model = KeyRecorder()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        default_root_dir=root,
+        **limits,
+    )
+    data = module(stage="zim", train_shards=shards["pattern"], batches_per_epoch=batches_per_epoch)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return model, trainer
+
+
 def test_a_resumed_run_draws_new_samples_instead_of_replaying_epoch_0(shards, tmp_path):
     def fit(epochs: int, ckpt_path=None) -> KeyRecorder:
-        model = KeyRecorder()
-        trainer = L.Trainer(
-            max_epochs=epochs,
-            accelerator="cpu",
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=tmp_path,
-        )
-        trainer.fit(
-            model,
-            datamodule=module(stage="zim", train_shards=shards["pattern"], batches_per_epoch=3),
-            ckpt_path=ckpt_path,
+        model, trainer = _record_keys(
+            shards, tmp_path, batches_per_epoch=3, ckpt_path=ckpt_path, max_epochs=epochs
         )
         trainer.save_checkpoint(tmp_path / f"epochs{epochs}.ckpt")
         return model
@@ -506,23 +515,11 @@ def test_a_run_resumed_in_the_middle_of_an_epoch_does_not_replay_its_start(shard
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def fit(ckpt_path=None) -> KeyRecorder:
-        model = KeyRecorder()
         every_two = ModelCheckpoint(
             dirpath=tmp_path / "checkpoints", every_n_train_steps=2, save_top_k=-1, filename="{step}"
         )
-        trainer = L.Trainer(
-            max_steps=6,
-            accelerator="cpu",
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[every_two],
-            default_root_dir=tmp_path,
-        )
-        trainer.fit(
-            model,
-            datamodule=module(stage="zim", train_shards=shards["pattern"], batches_per_epoch=10),
-            ckpt_path=ckpt_path,
+        model, _ = _record_keys(
+            shards, tmp_path, batches_per_epoch=10, ckpt_path=ckpt_path, callbacks=[every_two], max_steps=6
         )
         return model
 
