@@ -182,3 +182,44 @@ def test_validation_scores_the_coarse_input_mask_as_its_baseline():
     )
     assert float(module.val_metrics["sad_input"].compute()) == 0.0  # the mask equals the target
     assert float(module.val_metrics["sad"].compute()) == pytest.approx(0.008)  # 16 pixels off by 0.5
+
+
+class _BandsOnTheMask(torch.nn.Module):
+    """A converter stand-in whose refinement bands are its input masks, so they differ in size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        alpha = images[:, :1].float() / 255.0
+        band = masks > 0.5
+        return {
+            "alpha": alpha,
+            "alpha_os1": alpha,
+            "alpha_os4": alpha,
+            "alpha_os8": alpha,
+            "band_os1": band,
+            "band_os4": band,
+        }
+
+
+def test_band_weighted_validation_loss_does_not_depend_on_how_samples_batch():
+    # The bands differ in size from sample to sample: pooled over a batch, their means would weigh the
+    # samples by band size, so the epoch's val/loss would change with the batch size (and rank count).
+    module = ConverterModule(net=_BandsOnTheMask(), band_weighted_loss=True)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 32, 32), generator=generator).to(torch.uint8)
+    masks = torch.zeros(3, 1, 32, 32)
+    for i, side in enumerate((4, 12, 28)):
+        masks[i, :, :side, :side] = 1.0
+    alphas = torch.rand(masks.shape, generator=generator) * (1 + torch.arange(3.0)).view(3, 1, 1, 1) / 3
+
+    def val_loss(batch_size: int) -> float:
+        module.val_metrics.reset()
+        for start in range(0, 3, batch_size):
+            part = slice(start, start + batch_size)
+            module.validation_step({"image": images[part], "mask": masks[part], "alpha": alphas[part]}, 0)
+        return float(module.val_metrics["loss"].compute())
+
+    assert val_loss(3) == pytest.approx(val_loss(1), rel=1e-5)

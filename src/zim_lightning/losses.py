@@ -196,13 +196,17 @@ class ConverterLoss(nn.Module):
             raise ValueError(f"output weights must be >= 0 with a positive sum, got {self.weights}")
         self.matting = MattingLoss(grad_weight=grad_weight)
 
-    def forward(self, outputs: dict[str, Tensor], target: Tensor) -> dict[str, Tensor]:
+    def forward(
+        self, outputs: dict[str, Tensor], target: Tensor, *, per_sample: bool = False
+    ) -> dict[str, Tensor]:
         """Compute the loss and its terms.
 
         Args:
             outputs: the converter's output dict with ``alpha_os1``, ``alpha_os4``, ``alpha_os8``, each
                 Bx1xHxW in [0, 1] (and the bool ``band_os4``, ``band_os1`` with ``band_weighted``).
             target: ground-truth alpha, Bx1xHxW in [0, 1].
+            per_sample: B-vectors of each sample's own terms (evaluation: with ``band_weighted``, the
+                batch's pooled band means would depend on how samples batch).
 
         Returns:
             dict with ``loss`` (to minimise), and the weighted means ``l1`` and ``grad`` of the terms.
@@ -215,7 +219,8 @@ class ConverterLoss(nn.Module):
         result: dict[str, Tensor] = {}
         for key, weight in self.weights.items():
             band = outputs[_BANDS[key]] if self.band_weighted and key in _BANDS else None
-            terms = self.matting(outputs[key], target, None if band is None else band.to(target.dtype))
+            valid = None if band is None else band.to(target.dtype)
+            terms = self.matting(outputs[key], target, valid, per_sample=per_sample)
             for name, value in terms.items():
                 result[name] = result.get(name, 0.0) + value * (weight / total)
         return result

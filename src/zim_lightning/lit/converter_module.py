@@ -83,9 +83,11 @@ class ConverterModule(MattingModule):
         """Run the converter: images Bx3xSxS [0, 255], masks Bx1xSxS [0, 1] -> dict of Bx1xSxS alphas."""
         return self.net(images, masks)
 
-    def _step(self, batch: dict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def _step(self, batch: dict, *, per_sample: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Outputs and loss terms; ``per_sample`` (evaluation): B-vectors of each sample's own terms, so
+        that epoch means do not depend on how samples batch (they would with ``band_weighted_loss``)."""
         outputs = self(batch["image"], batch["mask"].float())
-        return outputs, self.loss(outputs, batch["alpha"].float())
+        return outputs, self.loss(outputs, batch["alpha"].float(), per_sample=per_sample)
 
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         outputs, terms = self._step(batch)
@@ -99,12 +101,12 @@ class ConverterModule(MattingModule):
         return {"loss": terms["loss"], "alpha": outputs["alpha"].detach()}
 
     def _evaluate(self, batch: dict, metrics: MetricCollection) -> dict[str, Tensor]:
-        outputs, terms = self._step(batch)
+        outputs, terms = self._step(batch, per_sample=True)
         target = batch["alpha"].float()
         values = {**terms, **frame_errors(outputs["alpha"], target)}
         values["sad_input"] = frame_errors(batch["mask"].float(), target)["sad"]
         self._log_values(metrics, values, batch_size=batch["image"].shape[0], train=False)
-        return {"loss": terms["loss"], "alpha": outputs["alpha"].detach()}
+        return {"loss": terms["loss"].mean(), "alpha": outputs["alpha"].detach()}
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         return self._evaluate(batch, self.val_metrics)
