@@ -479,3 +479,67 @@ def test_the_default_preset_follows_the_network_also_from_a_run_config() -> None
 def test_cli_rejects_a_missing_image(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nope.png"), "--model", "tiny", "--out", str(tmp_path / "out")])
+
+
+STUB_SIDE = 64
+
+
+def _stub_disc(cx: float, cy: float, r: float) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(STUB_SIDE), torch.arange(STUB_SIDE), indexing="ij")
+    return ((xx - cx) ** 2 + (yy - cy) ** 2 <= r * r).float()
+
+
+def _generate_from(
+    model: torch.nn.Module, alphas: list[torch.Tensor], ious: list[float], **settings
+) -> list[dict]:
+    """matte-all on a 64x64 image, one batch of 4 grid points whose decoder outputs are ``alphas``."""
+    from zim_lightning.automatic import ZimAutomaticMatteGenerator
+
+    settings = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, **settings}
+    generator = ZimAutomaticMatteGenerator(
+        model, points_per_side=2, points_per_batch=4, multimask_output=False, **settings
+    )
+    generator._decode_points = lambda points: (torch.stack(alphas)[:, None], torch.tensor(ious)[:, None])
+    return generator.generate(np.zeros((STUB_SIDE, STUB_SIDE, 3), np.uint8))
+
+
+def test_a_matte_whose_binarised_mask_is_empty_is_dropped(model: torch.nn.Module) -> None:
+    zero = torch.zeros(STUB_SIDE, STUB_SIDE)
+    records = _generate_from(
+        model, [_stub_disc(32, 32, 10), torch.full((STUB_SIDE, STUB_SIDE), 0.45), zero, zero], [1.0] * 4
+    )
+    assert len(records) == 1 and all(r["area"] > 0 for r in records)
+
+
+def test_a_matte_keeps_its_soft_edge_beyond_the_binarised_box(model: torch.nn.Module) -> None:
+    zero = torch.zeros(STUB_SIDE, STUB_SIDE)
+    soft = torch.maximum(_stub_disc(32, 32, 6), 0.3 * _stub_disc(32, 32, 12))
+    records = _generate_from(model, [soft, zero, zero, zero], [1.0] * 4)
+    assert len(records) == 1
+    assert int((records[0]["alpha"] > 0).sum()) == int((soft > 0).sum())
+
+
+def _repaired_and_clean(model: torch.nn.Module, crop_nms_thresh: float) -> list[dict]:
+    # A: a disc of radius 11 and a 9-pixel island (removed by the cleanup, which then shrinks its box
+    # onto B's); B: a disc of radius 10, nothing to repair. Before the cleanup their boxes barely overlap.
+    repaired = _stub_disc(32, 32, 11)
+    repaired[2:5, 2:5] = 1.0
+    zero = torch.zeros(STUB_SIDE, STUB_SIDE)
+    return _generate_from(
+        model,
+        [repaired, _stub_disc(32, 32, 10), zero, zero],
+        [0.9, 0.8, 1.0, 1.0],
+        min_mask_region_area=20,
+        box_nms_thresh=0.7,
+        crop_nms_thresh=crop_nms_thresh,
+    )
+
+
+def test_after_the_cleanup_a_matte_that_needed_no_repair_wins(model: torch.nn.Module) -> None:
+    records = _repaired_and_clean(model, crop_nms_thresh=0.7)
+    assert len(records) == 1 and records[0]["predicted_iou"] == pytest.approx(0.8)
+
+
+def test_the_cleanup_nms_uses_the_larger_of_the_two_thresholds(model: torch.nn.Module) -> None:
+    # box IoU of the cleaned pair is about 0.83: kept both at max(0.7, 0.9) = 0.9, as SAM does
+    assert len(_repaired_and_clean(model, crop_nms_thresh=0.9)) == 2

@@ -311,3 +311,14 @@ def test_eval_names_the_instance_of_a_missing_file(synthetic, tmp_path: Path, ca
     with pytest.raises(SystemExit):
         main(["--model", "tiny", "--data", str(root), "--format", "micromat", "--out", str(tmp_path / "o")])
     assert "data_list.txt line 1: img/0001.png does not exist" in capsys.readouterr().err
+
+
+def test_closed_form_baseline_keeps_the_masks_foreground_as_foreground() -> None:
+    from zim_lightning.lit.eval_module import closed_form_alpha
+
+    image = np.zeros((24, 24, 3), np.uint8)
+    image[:, :12] = 255
+    mask = np.zeros((24, 24), bool)
+    mask[:, :12] = True
+    alpha = closed_form_alpha(image, mask, radius=2, max_side=None)
+    assert alpha[:, :8].mean() > 0.95 and alpha[:, 16:].mean() < 0.05

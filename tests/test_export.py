@@ -221,3 +221,16 @@ def test_official_runner_matches_our_predictor(exported) -> None:
         alphas.append(mine)
     # the comparison is not vacuous: the two prompts give different mattes
     assert np.abs(alphas[0] - alphas[1]).max() > 1e-2
+
+
+def test_export_leaves_an_eval_model_in_eval_mode(tmp_path: Path) -> None:
+    from zim_lightning.export import export_onnx
+    from zim_lightning.models.build import zim_model_registry
+
+    torch.manual_seed(0)
+    model = zim_model_registry["tiny"]().eval()
+    export_onnx(model, tmp_path)
+    assert not model.training and not any(m.training for m in model.modules())
+
+
+# ---------------------------------------------------------------- speed / lit

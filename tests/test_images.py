@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,3 +63,31 @@ def test_save_png_replaces_whole_files_and_a_failed_write_keeps_the_old_one(tmp_
         save_png(np.zeros((4, 6, 3)), path)
     assert np.asarray(Image.open(path)).tolist() == np.full((4, 6), 9).tolist()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_alpha.png"]
+
+
+def test_palette_transparency_is_read(tmp_path: Path) -> None:
+    from zim_lightning.images import read_transparency
+
+    picture = Image.new("P", (4, 3), 0)
+    picture.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    picture.paste(1, (0, 0, 2, 3))
+    path = tmp_path / "p.png"
+    picture.save(path, transparency=0)
+    alpha = read_transparency(path)
+    assert alpha is not None and alpha[:, :2].min() == 255 and alpha[:, 2:].max() == 0
+
+
+def test_transparency_is_oriented_like_the_pixels(tmp_path: Path) -> None:
+    from zim_lightning.images import read_rgb, read_transparency
+
+    rgba = np.zeros((2, 4, 4), np.uint8)
+    rgba[..., 3] = np.arange(8, dtype=np.uint8).reshape(2, 4) * 30
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.png"
+    Image.fromarray(rgba, "RGBA").save(path, exif=exif)
+    alpha = read_transparency(path)
+    assert alpha is not None and alpha.shape == read_rgb(path).shape[:2] == (4, 2)
+
+
+# ---------------------------------------------------------------- serve

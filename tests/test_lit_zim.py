@@ -504,3 +504,27 @@ def test_checkpoints_carry_the_network_and_old_optimiser_states_resume(synthetic
             ]
         )
     assert resumed.trainer.global_step == 2 and resumed.model.decay_exempt is False
+
+
+def test_a_finite_step_resets_the_run_of_non_finite_ones() -> None:
+    import logging
+    from types import SimpleNamespace
+
+    from zim_lightning.lit.matting_module import MAX_NONFINITE_STEPS, MattingModule
+
+    module = MattingModule(net=torch.nn.Linear(2, 2), optimizer=torch.optim.SGD, scheduler=None)
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision)
+    module._trainer = SimpleNamespace(strategy=strategy, global_step=0)
+    nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
+    logging.disable(logging.WARNING)
+    try:
+        for _ in range(MAX_NONFINITE_STEPS - 1):
+            assert not module.loss_is_finite(nan)
+        assert module.loss_is_finite(one)
+        for _ in range(MAX_NONFINITE_STEPS - 1):  # sporadic NaN steps never stop a run
+            assert not module.loss_is_finite(nan)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+# ---------------------------------------------------------------- eval / metrics

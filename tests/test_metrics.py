@@ -360,3 +360,14 @@ def test_metric_syncs_across_two_gloo_ranks(tmp_path) -> None:
     for rank in range(2):
         assert out[rank][:3] == pytest.approx(expected[:3]) and out[rank][3] == expected[3]
         assert out[rank][4] == 1
+
+
+def test_conn_level_falls_back_when_a_higher_threshold_set_is_empty() -> None:
+    from zim_lightning.metrics import connectivity_error
+
+    # Both reach 0.7 but never 0.8 together: the level is 0.7, so phi(0.95) = 0.75 and phi(0.75) = 1.
+    error = connectivity_error(torch.tensor([[0.95]]), torch.tensor([[0.75]]))
+    assert error == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------- images

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -519,3 +520,43 @@ def test_checkpoint_round_trip_and_wrong_variant(tmp_path):
         zim_model_registry["tiny"](checkpoint=str(plain_path), pixel_decoder="sam")
     with pytest.raises(ValueError, match="not both"):
         zim_model_registry["tiny"](checkpoint=str(plain_path), sam_checkpoint=str(plain_path))
+
+
+def test_layer_norm_2d_equals_segment_anythings_on_low_variance_channels() -> None:
+    from segment_anything.modeling.common import LayerNorm2d as SamLayerNorm2d
+
+    from zim_lightning.models.common import LayerNorm2d
+
+    x = 1e-3 * torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(LayerNorm2d(8)(x), SamLayerNorm2d(8)(x), atol=1e-5, rtol=1e-5)
+
+
+class _TouchOnUnpickle:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_checkpoint_that_runs_code_when_unpickled_is_refused(tmp_path: Path) -> None:
+    from zim_lightning.models.checkpoint import CheckpointError, load_checkpoint
+
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"weight": torch.zeros(1), "payload": _TouchOnUnpickle(marker)}, evil)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(evil)
+    assert not marker.exists()
+
+
+def test_a_run_config_naming_backbone_weights_that_are_gone_still_rebuilds(tmp_path: Path) -> None:
+    from zim_lightning.models.build import network_from_spec
+    from zim_lightning.models.converter import MattingConverter
+
+    spec = {
+        "class_path": "zim_lightning.models.converter.build_converter_tiny",
+        "init_args": {"checkpoint": None, "backbone_checkpoint": str(tmp_path / "moved" / "sam2.pt")},
+    }
+    net = network_from_spec(spec, source="test", expected=MattingConverter)
+    assert isinstance(net, MattingConverter)

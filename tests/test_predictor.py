@@ -260,3 +260,8 @@ def test_a_bf16_predictor_keeps_the_heads_in_float32_in_its_own_calls_only(predi
 
     np.testing.assert_array_equal(masks[0], by_hand(True))
     assert not np.array_equal(masks[0], by_hand(False))
+
+
+def test_negative_integer_images_are_refused(predictor: ZimPredictor) -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        predictor.set_image(np.full((8, 8, 3), -1, np.int16))

@@ -370,3 +370,51 @@ def test_main_refuses_a_missing_checkpoint_before_building(tmp_path, capsys):
         main(["--model", "tiny", "--checkpoint", str(tmp_path / "missing.ckpt"), "--port", "0"])
     assert exit_info.value.code == 2
     assert "missing.ckpt" in capsys.readouterr().err
+
+
+def test_a_point_below_the_image_is_refused() -> None:
+    from zim_lightning.serve.store import parse_prompt
+
+    with pytest.raises(RequestError) as error:
+        parse_prompt({"points": [[5, 60, 1]]}, width=100, height=50, max_points=8)
+    assert error.value.status == 400
+
+
+def test_an_image_used_recently_is_not_the_one_dropped() -> None:
+    from types import SimpleNamespace
+
+    store = ImageStore(predictor_factory=lambda: SimpleNamespace(set_image=lambda image: None), max_images=2)
+    first, second = (store.add_array(np.full((4, 4, 3), v, np.uint8), name=str(v)) for v in (1, 2))
+    store.get(first.image_id)  # the person clicks on the first image again
+    store.add_array(np.full((4, 4, 3), 3, np.uint8), name="3")
+    assert store.get(first.image_id) is first
+    with pytest.raises(RequestError):
+        store.get(second.image_id)
+
+
+def test_an_upload_with_only_its_long_side_too_large_is_refused() -> None:
+    from zim_lightning.serve.store import decode_image
+
+    with pytest.raises(RequestError) as error:
+        decode_image(png(np.zeros((5, 20, 3), np.uint8)), max_side=10)
+    assert error.value.status == 400
+
+
+def test_download_file_names_are_safe_header_values() -> None:
+    import re
+    from types import SimpleNamespace
+
+    store = SimpleNamespace(
+        parse=lambda entry, payload: payload,
+        predict=lambda entry, prompt: SimpleNamespace(alpha=np.zeros((2, 2), np.uint8)),
+        max_side=64,
+        max_points=8,
+    )
+    app = MattingApp(store=store, model_name="stub")
+    entry = SimpleNamespace(name='a"b\r\nSet-Cookie: x=1 €.png', image=np.zeros((2, 2, 3), np.uint8))
+    for kind in ("alpha", "cutout"):
+        _, filename = app.download(entry, kind, '{"box": [0, 0, 1, 1]}')
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+", filename), filename
+
+
+# ---------------------------------------------------------------- predictor / automatic

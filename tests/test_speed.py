@@ -338,3 +338,12 @@ def test_registry_builders_take_the_speed_switches():
     assert zim.image_encoder.activation_checkpointing
     with pytest.raises(ValueError, match="attention must be one of"):
         zim_model_registry["tiny"](attention="fastest")
+
+
+def test_compile_model_passes_the_mode_to_inductor(monkeypatch) -> None:
+    from zim_lightning.speed import compile_model
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
+    compile_model(torch.nn.Linear(2, 2), mode="max-autotune", parts=None, backend="inductor")
+    assert calls and calls[0].get("mode") == "max-autotune"
