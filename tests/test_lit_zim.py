@@ -116,6 +116,44 @@ def test_a_non_finite_loss_skips_its_step_and_a_run_of_them_stops_training(
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])
 
 
+def test_a_non_finite_step_is_skipped_under_the_fp16_loss_scaler_too() -> None:
+    # 16-mixed (the V100 preset) steps through a GradScaler: the skipped step must pass it by as well
+    import lightning as L
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from zim_lightning.lit.matting_module import MattingModule
+
+    class Linear(MattingModule):
+        def __init__(self) -> None:
+            super().__init__(net=torch.nn.Linear(4, 1), optimizer=None, scheduler=None)
+            self.weights: list[list[torch.Tensor]] = []
+
+        def training_step(self, batch, batch_idx):
+            self.weights.append([p.detach().clone() for p in self.net.parameters()])
+            loss = self.net(batch).square().mean() * (float("nan") if self.global_step == 2 else 1.0)
+            return {"loss": loss} if self.loss_is_finite(loss) else self.skipped_step()
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.1, weight_decay=0.1)
+
+    torch.manual_seed(0)
+    module, scaler = Linear(), torch.amp.GradScaler("cpu")
+    trainer = L.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+    )
+    trainer.fit(module, torch.utils.data.DataLoader(torch.randn(16, 4), batch_size=4))
+    assert trainer.global_step == 4
+    assert all(torch.equal(a, b) for a, b in zip(module.weights[2], module.weights[3], strict=True))
+    # ... while the steps before it trained (the scaler may skip one that overflows fp16)
+    assert not all(torch.equal(a, b) for a, b in zip(module.weights[0], module.weights[2], strict=True))
+
+
 _NAN_ON_RANK_ONE = """
 from zim_lightning.lit.zim_module import ZimModule
 
