@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import platform
@@ -47,8 +48,10 @@ from zim_lightning.sa1b_matte import (
     PNG_PARAMS,
     WRITER_THREADS,
     CropConfig,
+    add_crop_arguments,
     build,
     converter_mask,
+    crop_config,
     crop_square,
     mask_band,
     matte_box,
@@ -276,13 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--converter", default=None, help="converter weights (default: random)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("32", "bf16"), default=None, help="default bf16 on cuda, else 32")
-    p.add_argument("--crop-size", type=int, default=1024)
-    p.add_argument("--mode", choices=("crop", "whole"), default="crop")
-    p.add_argument("--clamp", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--context", type=float, default=CropConfig.context, help="crop mode: context per side")
-    p.add_argument(
-        "--min-crop", type=int, default=CropConfig.min_crop, help="crop mode: smallest square side (px)"
-    )
+    add_crop_arguments(p)  # the builder's own crop options
     p.add_argument("--channels-last", action="store_true", help="NHWC convolution weights")
     p.add_argument(
         "--compile", default=None, choices=speed.COMPILE_MODES, help="torch.compile mode (default: eager)"
@@ -304,23 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json-out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     precision = args.precision or ("bf16" if args.device.startswith("cuda") else "32")
-    config = CropConfig(
-        crop_size=args.crop_size,
-        mode=args.mode,
-        clamp=args.clamp,
-        context=args.context,
-        min_crop=args.min_crop,
-    )
+    config = crop_config(args)
     report: dict = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "model": args.model,
         "precision": precision,
-        "crop_size": args.crop_size,
-        "mode": args.mode,
-        "clamp": args.clamp,
-        "context": args.context,
-        "min_crop": args.min_crop,
+        **dataclasses.asdict(config),
         "batch_size": args.batch_size,
         "channels_last": args.channels_last,
         "compile": args.compile,

@@ -1343,6 +1343,50 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     console.print(f"skipped samples and masks: {summary['skipped_total']}")
 
 
+def add_crop_arguments(p: argparse.ArgumentParser) -> None:
+    """The command-line options of :class:`CropConfig` (the builder's, and its benchmark's)."""
+    defaults = CropConfig()
+    p.add_argument(
+        "--mode", choices=MODES, default=defaults.mode, help="per-mask crop or whole image (default crop)"
+    )
+    p.add_argument(
+        "--crop-size",
+        type=int,
+        default=defaults.crop_size,
+        help="converter input side, multiple of 32 (1024)",
+    )
+    p.add_argument(
+        "--context", type=float, default=defaults.context, help="crop mode: context around the box (0.5)"
+    )
+    p.add_argument(
+        "--min-crop",
+        type=int,
+        default=defaults.min_crop,
+        help="crop mode: smallest crop side in pixels (128)",
+    )
+    p.add_argument(
+        "--margin", type=float, default=defaults.margin, help="matte box margin, fraction of the box (0.1)"
+    )
+    p.add_argument(
+        "--clamp",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.clamp,
+        help="zero the matte beyond the margin from the mask (default on)",
+    )
+
+
+def crop_config(args: argparse.Namespace) -> CropConfig:
+    """The :class:`CropConfig` of options parsed with :func:`add_crop_arguments`."""
+    return CropConfig(
+        crop_size=args.crop_size,
+        mode=args.mode,
+        context=args.context,
+        min_crop=args.min_crop,
+        margin=args.margin,
+        clamp=args.clamp,
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zim-lightning build-sa1b-matte",
@@ -1359,19 +1403,7 @@ def _parser() -> argparse.ArgumentParser:
         help="converter architecture (default: the one a `zim-lightning fit` checkpoint carries, else "
         "converter_hiera_b_plus); without --converter: random weights",
     )
-    p.add_argument(
-        "--mode", choices=MODES, default="crop", help="per-mask crop or whole image (default crop)"
-    )
-    p.add_argument("--crop-size", type=int, default=1024, help="converter input side, multiple of 32 (1024)")
-    p.add_argument("--context", type=float, default=0.5, help="crop mode: context around the box (0.5)")
-    p.add_argument("--min-crop", type=int, default=128, help="crop mode: smallest crop side in pixels (128)")
-    p.add_argument("--margin", type=float, default=0.1, help="matte box margin, fraction of the box (0.1)")
-    p.add_argument(
-        "--clamp",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="zero the matte beyond the margin from the mask (default on)",
-    )
+    add_crop_arguments(p)
     p.add_argument("--batch-size", type=int, default=16, help="masks per converter forward (16)")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per rank (4)")
     p.add_argument("--accelerator", default="auto", help="Lightning accelerator (auto, gpu, cpu)")
@@ -1417,14 +1449,7 @@ def main(argv: list[str] | None = None) -> int:
     devices: str | int = int(args.devices) if str(args.devices).isdigit() else args.devices
     devices, num_nodes = launched_layout(devices, args.num_nodes)
     try:
-        config = CropConfig(
-            crop_size=args.crop_size,
-            mode=args.mode,
-            context=args.context,
-            min_crop=args.min_crop,
-            margin=args.margin,
-            clamp=args.clamp,
-        )
+        config = crop_config(args)
         summary = build(
             sa1b=args.sa1b,
             out=args.out,
