@@ -7,16 +7,13 @@ Stages (``stage=``):
 - ``"zim"``: SA1B-Matte shards, or plain matting shards (so ZIM trains on synthetic mattes before
   SA1B-Matte exists; both can be mixed in one shard list), resized and padded to SAM's 1024 frame with a
   box or point prompt; batches as the contract's ZIM stage.
-- ``"build"``: SA-1B read deterministically for the SA1B-Matte builder: this rank's shards
-  (:meth:`ZimDataModule.build_shard_urls`), a per-shard sample iterator
-  (:meth:`ZimDataModule.iter_build_samples`) and a predict loader over decoded images.
 - ``"eval"``: MicroMat-3K / AM-2K / AIM-500 through ``data.micromat.build_eval_dataset``, an unpadded
   rank slice so that every instance is evaluated exactly once over all ranks.
 
 Training streams are webdataset pipelines over resampled shards (infinite draws with replacement, seeded
 per seed/rank/worker/epoch), split explicitly by rank and by DataLoader worker, with a sample shuffle
-buffer, batching in the workers and a fixed number of batches per epoch (``with_epoch``). Validation,
-build and evaluation read each sample exactly once across all ranks and workers, in a fixed order.
+buffer, batching in the workers and a fixed number of batches per epoch (``with_epoch``). Validation
+and evaluation read each sample exactly once across all ranks and workers, in a fixed order.
 Corrupt samples are skipped with one warning and counted in :attr:`ZimDataModule.skips`.
 """
 
@@ -36,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from zim_lightning.data.augment import CROP_SCALE, mix_stl
 from zim_lightning.data.coarsen import COARSEN_OPS
 from zim_lightning.data.prompts import PromptSampler
-from zim_lightning.data.sa1b import iter_sa1b, tar_samples
+from zim_lightning.data.sa1b import tar_samples
 from zim_lightning.data.samples import ConverterSampleProcessor, ZimSampleProcessor, collate, key_rng
 from zim_lightning.data.shards import (
     assign_shards,
@@ -50,7 +47,7 @@ from zim_lightning.data.skips import SkipCounter
 
 log = logging.getLogger(__name__)
 
-STAGES = ("converter", "zim", "build", "eval")
+STAGES = ("converter", "zim", "eval")
 
 
 #: Training stops with an error after this many samples in a row were skipped as corrupt (the shards are
@@ -223,17 +220,6 @@ class MixSTL(torch.utils.data.IterableDataset):
         return mix_stl(iter(self.matting), iter(self.segmentation), rng, ratio=self.ratio)
 
 
-class BuildSamples:
-    """Pipeline stage: SA-1B shard urls -> decoded samples in file order (see ``sa1b.iter_sa1b``)."""
-
-    def __init__(self, *, counter: SkipCounter) -> None:
-        self.counter = counter
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        for shard in src:
-            yield from iter_sa1b(shard["url"], counter=self.counter)
-
-
 class UnpaddedDistributedSampler(DistributedSampler):
     """Every ``world_size``-th index from ``rank``, in order, without the padding DistributedSampler adds.
 
@@ -270,23 +256,18 @@ def _shard_dicts(urls: list[str]) -> Iterator[dict]:
         yield {"url": url}
 
 
-def _unbatched(sample: dict) -> dict:
-    # Build samples differ in size and carry json; they pass through the loader as they are.
-    return sample
-
-
 class ZimDataModule(L.LightningDataModule):
-    """Data for the converter, ZIM, SA1B-Matte build and evaluation stages.
+    """Data for the converter, ZIM and evaluation stages.
 
     Shard arguments take a local path, a brace pattern (``"sa_{000000..000009}.tar"``), a ``pipe:`` url,
     several joined by ``::``, or a list of these.
 
     Args:
-        stage: "converter", "zim", "build" or "eval".
+        stage: "converter", "zim" or "eval". (The SA1B-Matte builder reads SA-1B itself:
+            ``sa1b_matte.ShardDataset``.)
         train_shards: training shards (converter: matting; zim: SA1B-Matte and/or matting).
         val_shards: validation shards, read once per validation in a fixed order; None: no validation.
         seg_shards: segmentation shards for STL (converter stage).
-        build_shards: SA-1B shards (build stage).
         eval_root: dataset folder for the eval stage.
         eval_format: ``format`` of ``build_eval_dataset`` (e.g. "micromat", "am2k", "aim500").
         eval_prompt: ``prompt`` of ``build_eval_dataset`` ("box" or "point").
@@ -331,7 +312,6 @@ class ZimDataModule(L.LightningDataModule):
         train_shards: str | list[str] | None = None,
         val_shards: str | list[str] | None = None,
         seg_shards: str | list[str] | None = None,
-        build_shards: str | list[str] | None = None,
         eval_root: str | None = None,
         eval_format: str = "micromat",
         eval_prompt: str = "box",
@@ -379,7 +359,6 @@ class ZimDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.stage = stage
         self.train_shards, self.val_shards, self.seg_shards = train_shards, val_shards, seg_shards
-        self.build_shards = build_shards
         self.eval_root, self.eval_format, self.eval_prompt, self.eval_subset = (
             eval_root,
             eval_format,
@@ -616,32 +595,6 @@ class ZimDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
         )
 
-    # ------------------------------------------------------------------ build (SA-1B -> SA1B-Matte)
-
-    def build_shard_urls(
-        self, *, rank: int | None = None, world_size: int | None = None, worker: int = 0, num_workers: int = 1
-    ) -> list[str]:
-        """The SA-1B shards one (rank, worker) builds: disjoint, together every shard once."""
-        if rank is None or world_size is None:
-            rank, world_size = self._rank()
-        urls = self._shards(self.build_shards, "build_shards")
-        return assign_shards(urls, rank=rank, world_size=world_size, worker=worker, num_workers=num_workers)
-
-    def iter_build_samples(self, url: str) -> Iterator[dict]:
-        """Decoded SA-1B samples of one shard in file order (see ``sa1b.iter_sa1b``); skips are counted."""
-        return iter_sa1b(url, counter=self.skips)
-
-    def build_dataset(self, *, rank: int | None = None, world_size: int | None = None) -> wds.DataPipeline:
-        """This rank's SA-1B samples, each exactly once, shards split over the DataLoader workers."""
-        if rank is None or world_size is None:
-            rank, world_size = self._rank()
-        return wds.DataPipeline(
-            wds.SimpleShardList(self._shards(self.build_shards, "build_shards")),  # every shard, in order
-            partial(split_by_rank, rank=rank, world_size=world_size),  # this rank's shards
-            split_by_dataloader_worker,  # this worker's shards
-            BuildSamples(counter=self.skips),  # {"key", "url", "image", "record", "sample"} per image
-        )
-
     # ------------------------------------------------------------------ evaluation
 
     def eval_dataset(self) -> Dataset:
@@ -678,16 +631,7 @@ class ZimDataModule(L.LightningDataModule):
         return self.eval_dataloader() if self.stage == "eval" else self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        """Build stage: this rank's SA-1B samples one at a time; eval stage: the evaluation loader."""
-        if self.stage == "eval":
-            return self.eval_dataloader()
-        if self.stage != "build":
-            raise ValueError(f"stage {self.stage!r} has no predict data; use 'build' or 'eval'")
-        rank, world_size = self._rank()
-        shards = len(self._shards(self.build_shards, "build_shards"))
-        return DataLoader(
-            self.build_dataset(rank=rank, world_size=world_size),
-            batch_size=None,
-            collate_fn=_unbatched,
-            num_workers=self._loader_workers(shards, world_size),
-        )
+        """Evaluation stage: the evaluation loader, as :meth:`test_dataloader`."""
+        if self.stage != "eval":
+            raise ValueError(f"stage {self.stage!r} has no predict data; use 'eval'")
+        return self.eval_dataloader()

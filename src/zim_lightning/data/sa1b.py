@@ -41,7 +41,6 @@ __all__ = [
     "decode_mask",
     "decode_matte",
     "iter_sa1b",
-    "iter_shards",
     "iter_tar",
     "parse_annotations",
     "rle_counts",
@@ -326,12 +325,6 @@ def iter_tar(url: str, *, counter: SkipCounter | None = None) -> Iterator[dict]:
         yield current
 
 
-def iter_shards(urls: Iterable[str], *, counter: SkipCounter | None = None) -> Iterator[dict]:
-    """Yield the samples of several tars, one after another (see :func:`iter_tar`)."""
-    for url in urls:
-        yield from iter_tar(url, counter=counter)
-
-
 def tar_samples(
     src: Iterable[dict], *, counter: SkipCounter | None = None, max_empty_shards: int | None = None
 ) -> Iterator[dict]:
@@ -395,8 +388,8 @@ def _report(counter: SkipCounter | None, reason: str, key: str, error: str) -> N
 def iter_sa1b(url: str, *, counter: SkipCounter | None = None, max_side: int | None = None) -> Iterator[dict]:
     """Yield the decoded samples of one SA-1B tar in file order, skipping (and counting) corrupt ones.
 
-    This is the deterministic per-shard iterator the SA1B-Matte builder walks. Masks stay RLE: decode the
-    ones you need with :func:`decode_mask`.
+    Masks stay RLE: decode the ones you need with :func:`decode_mask`. (The SA1B-Matte builder reads
+    shards with :func:`iter_tar` and :func:`sa1b_record` too, batching the masks as it goes.)
 
     Yields:
         ``{"key": str, "url": str, "image": HxWx3 uint8 RGB, "record": parsed json, "sample": raw
