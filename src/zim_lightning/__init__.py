@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "zim_model_registry": "zim_lightning.models.build",
-    "converter_model_registry": "zim_lightning.models.build",
+    "converter_model_registry": "zim_lightning.models.converter",
     "build_zim": "zim_lightning.models.build",
     "load_sam_weights": "zim_lightning.models.build",
     "Zim": "zim_lightning.models.zim",
@@ -42,12 +42,8 @@ __all__ = [
 if TYPE_CHECKING:
     from zim_lightning.automatic import ZimAutomaticMatteGenerator
     from zim_lightning.metrics import matting_errors
-    from zim_lightning.models.build import (
-        build_zim,
-        converter_model_registry,
-        load_sam_weights,
-        zim_model_registry,
-    )
+    from zim_lightning.models.build import build_zim, load_sam_weights, zim_model_registry
+    from zim_lightning.models.converter import converter_model_registry
     from zim_lightning.models.zim import Zim
     from zim_lightning.predictor import ZimPredictor
 

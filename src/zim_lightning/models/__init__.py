@@ -9,11 +9,11 @@ from zim_lightning.models.build import (
     ZIM_VARIANTS,
     LoadReport,
     build_zim,
-    converter_model_registry,
     load_sam_weights,
     zim_model_registry,
 )
 from zim_lightning.models.checkpoint import CheckpointError, load_exactly, read_state_dict
+from zim_lightning.models.converter import converter_model_registry
 from zim_lightning.models.zim import Zim
 
 __all__ = [

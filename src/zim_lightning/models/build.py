@@ -21,6 +21,7 @@ import argparse
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -391,35 +392,12 @@ def zim_from_run_config(config: str | Path, checkpoint: str | Path | None = None
     return network
 
 
-def _registered(variant: str) -> Callable[..., Zim]:
-    def builder(
-        *,
-        checkpoint: str | None = None,
-        sam_checkpoint: str | None = None,
-        masked_attention: bool = True,
-        pixel_decoder: str = "hierarchical",
-        attention: str | None = None,
-        activation_checkpointing: bool = False,
-    ) -> Zim:
-        return build_zim(
-            variant=variant,
-            checkpoint=checkpoint,
-            sam_checkpoint=sam_checkpoint,
-            masked_attention=masked_attention,
-            pixel_decoder=pixel_decoder,
-            attention=attention,
-            activation_checkpointing=activation_checkpointing,
-        )
-
-    builder.__name__ = f"build_zim_{variant}"
-    builder.__qualname__ = builder.__name__
-    builder.__doc__ = f"Build ZIM {variant}; see :func:`build_zim` for the arguments."
-    return builder
-
-
-#: name -> builder ``(*, checkpoint, sam_checkpoint, masked_attention, pixel_decoder, attention,
-#: activation_checkpointing) -> Zim``.
-zim_model_registry: dict[str, Callable[..., Zim]] = {name: _registered(name) for name in ZIM_VARIANTS}
+#: name -> ``build_zim`` with that variant: ``(*, checkpoint, sam_checkpoint, masked_attention,
+#: pixel_decoder, attention, activation_checkpointing) -> Zim``. (In a LightningCLI config, name
+#: ``zim_lightning.models.build.build_zim`` with ``variant``.)
+zim_model_registry: dict[str, Callable[..., Zim]] = {
+    name: partial(build_zim, variant=name) for name in ZIM_VARIANTS
+}
 
 
 def add_zim_arguments(parser: argparse.ArgumentParser, *, run_config: bool = True) -> None:
@@ -548,9 +526,3 @@ def describe_model(args: argparse.Namespace) -> str:
     if args.model is None:
         return f"the network of checkpoint {Path(args.checkpoint).name}"
     return str(args.model)
-
-
-try:  # The label converter lives beside ZIM; re-exported so one module holds every registry.
-    from zim_lightning.models.converter import converter_model_registry  # noqa: F401
-except ImportError:  # pragma: no cover - only while the converter module is absent
-    converter_model_registry = {}
