@@ -550,7 +550,8 @@ def _write_files(
 def main(argv: list[str] | None = None) -> int:
     """Run ``zim-lightning matte-all``."""
     from zim_lightning.images import read_rgb
-    from zim_lightning.models.build import add_zim_arguments, describe_model, variant_of, zim_for_command
+    from zim_lightning.model_options import add_zim_arguments, describe_model, zim_for_command
+    from zim_lightning.models.build import variant_of
 
     parser = argparse.ArgumentParser(
         prog="zim-lightning matte-all",

@@ -328,7 +328,7 @@ def _baselines(text: str) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from zim_lightning.models.build import add_zim_arguments
+    from zim_lightning.model_options import add_zim_arguments
 
     p = argparse.ArgumentParser(
         prog="zim-lightning eval",
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     from zim_lightning.data.datamodule import ZimDataModule
     from zim_lightning.data.micromat import EvalDataError, build_eval_dataset, check_trimaps
     from zim_lightning.lit.eval_module import EvalModule
-    from zim_lightning.models.build import check_checkpoint_argument, describe_model, zim_for_command
+    from zim_lightning.model_options import check_checkpoint_argument, describe_model, zim_for_command
 
     parser = _parser()
     args = parser.parse_args(argv)

@@ -256,7 +256,7 @@ def _export(
 
 def main(argv: list[str] | None = None) -> int:
     """``zim-lightning export-onnx``: write encoder.onnx + decoder.onnx for the official runner."""
-    from zim_lightning.models.build import add_zim_arguments, zim_for_command
+    from zim_lightning.model_options import add_zim_arguments, zim_for_command
 
     parser = argparse.ArgumentParser(
         prog="zim-lightning export-onnx",

@@ -112,7 +112,7 @@ class _StoreOnce(argparse.Action):
 
 def _parser() -> argparse.ArgumentParser:
     from zim_lightning import speed
-    from zim_lightning.models.build import add_zim_arguments
+    from zim_lightning.model_options import add_zim_arguments
 
     parser = argparse.ArgumentParser(
         prog="zim-lightning matte",
@@ -147,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``zim-lightning matte``."""
-    from zim_lightning.models.build import zim_for_command
+    from zim_lightning.model_options import zim_for_command
 
     parser = _parser()
     args = parser.parse_args(argv)

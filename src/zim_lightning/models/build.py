@@ -39,7 +39,6 @@ from zim_lightning.models.checkpoint import (
     warn_random_start,
     weights_loaded_later,
 )
-from zim_lightning.models.pixel_decoder import DECODER_STRIDES
 from zim_lightning.models.zim import Zim
 
 log = logging.getLogger(__name__)
@@ -400,115 +399,6 @@ zim_model_registry: dict[str, Callable[..., Zim]] = {
 }
 
 
-def add_zim_arguments(parser: argparse.ArgumentParser, *, run_config: bool = True) -> None:
-    """Add the options that choose a registered ZIM and its weights to a command's parser.
-
-    ``--model`` (a key of :data:`zim_model_registry`), ``--checkpoint``, ``--pixel-decoder`` and
-    ``--no-masked-attention`` (the two architecture switches a checkpoint was trained with). Shared by
-    ``matte``, ``matte-all``, ``export-onnx``, ``serve`` and ``eval``; read back with
-    :func:`zim_for_command` (or :func:`check_checkpoint_argument` and :func:`zim_from_arguments`).
-
-    Args:
-        parser: the command's parser.
-        run_config: also offer ``--run-config`` (a training run's saved ``config.yaml``, see
-            :func:`zim_from_run_config`) in place of ``--model``, and neither with a ``--checkpoint`` of
-            ``zim-lightning fit``, which carries its network (:func:`zim_from_checkpoint`).
-    """
-    model_help = (
-        "ZIM architecture (not needed with a --checkpoint of `zim-lightning fit`: it carries its own)"
-    )
-    if run_config:
-        which = parser.add_mutually_exclusive_group()
-        which.add_argument("--model", choices=sorted(zim_model_registry), help=model_help)
-        which.add_argument(
-            "--run-config",
-            default=None,
-            help="config.yaml that `zim-lightning fit` saved in a ZIM run's log directory: builds the "
-            "network exactly as that run did (sizes, frame, switches); give the run's .ckpt as --checkpoint",
-        )
-    else:
-        parser.add_argument("--model", required=True, choices=sorted(zim_model_registry), help=model_help)
-    parser.add_argument(
-        "--checkpoint",
-        default=None,
-        help="state dict or Lightning checkpoint of that architecture; without it the model has RANDOM "
-        "weights (useful only to test the pipeline)",
-    )
-    parser.add_argument(
-        "--pixel-decoder",
-        choices=tuple(DECODER_STRIDES),
-        default=None,
-        help="pixel decoder the checkpoint was trained with (default hierarchical; not with --run-config)",
-    )
-    parser.add_argument(
-        "--no-masked-attention",
-        action="store_true",
-        help="the checkpoint was trained without prompt-aware masked attention (not with --run-config)",
-    )
-
-
-def check_checkpoint_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Exit through ``parser.error`` when ``--checkpoint`` or ``--run-config`` is not a file, or when
-    architecture switches come with ``--run-config`` (its config fixes them); warn when no checkpoint is
-    given."""
-    run_config = getattr(args, "run_config", None)
-    if args.model is None and run_config is None:
-        if args.checkpoint is None:
-            parser.error(
-                "name the network: --model, --run-config, or a --checkpoint saved by `zim-lightning fit` "
-                "(it carries its network's config)"
-            )
-        if args.pixel_decoder is not None or args.no_masked_attention:
-            parser.error("--pixel-decoder and --no-masked-attention describe a --model")
-    if run_config is not None:
-        if not Path(run_config).is_file():
-            parser.error(
-                f"--run-config {run_config!r} does not exist or is not a file; expected the config.yaml "
-                "that `zim-lightning fit` saved in a ZIM training run's log directory"
-            )
-        if args.pixel_decoder is not None or args.no_masked_attention:
-            parser.error(
-                "--pixel-decoder and --no-masked-attention describe a --model; with --run-config the "
-                "run's config fixes the architecture"
-            )
-    if args.checkpoint is None:
-        log.warning(
-            "no --checkpoint given: %s has RANDOM weights (useful only to test the pipeline)",
-            args.model or run_config,
-        )
-    elif not Path(args.checkpoint).is_file():
-        parser.error(f"--checkpoint {args.checkpoint!r} does not exist or is not a file")
-
-
-def zim_from_arguments(args: argparse.Namespace) -> Zim:
-    """Build the ZIM that :func:`add_zim_arguments`' options name (train mode, as ``build_zim`` leaves it).
-
-    Raises:
-        RunConfigError: ``--run-config`` is not the config of a ZIM training run.
-        CheckpointError: ``--checkpoint`` holds weights of another network.
-    """
-    if getattr(args, "run_config", None) is not None:
-        return zim_from_run_config(args.run_config, args.checkpoint)
-    if args.model is None:  # a checkpoint of `zim-lightning fit`, which names its network itself
-        return zim_from_checkpoint(args.checkpoint)
-    # Switches not given keep the builder's defaults (ZIM's hierarchical pixel decoder).
-    switches = {} if args.pixel_decoder is None else {"pixel_decoder": args.pixel_decoder}
-    with weights_loaded_later():  # without --checkpoint, check_checkpoint_argument has warned
-        return zim_model_registry[args.model](
-            checkpoint=args.checkpoint, masked_attention=not args.no_masked_attention, **switches
-        )
-
-
-def zim_for_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Zim:
-    """:func:`check_checkpoint_argument`, then :func:`zim_from_arguments`; a run config or checkpoint
-    that does not fit ends the command through ``parser.error`` (a usage message, not a traceback)."""
-    check_checkpoint_argument(parser, args)
-    try:
-        return zim_from_arguments(args)
-    except (RunConfigError, CheckpointError) as err:
-        parser.error(str(err))
-
-
 def variant_of(model: Zim) -> str | None:
     """The registered size (``vit_b``, ..., ``tiny``) whose image encoder ``model`` has, or None."""
     width = model.image_encoder.patch_embed.proj.out_channels
@@ -517,12 +407,3 @@ def variant_of(model: Zim) -> str | None:
         if (sizes["encoder_embed_dim"], sizes["encoder_depth"]) == (width, depth):
             return name
     return None
-
-
-def describe_model(args: argparse.Namespace) -> str:
-    """The model the options name, for messages and reports: ``vit_b``, or ``run config config.yaml``."""
-    if getattr(args, "run_config", None) is not None:
-        return f"run config {Path(args.run_config).name}"
-    if args.model is None:
-        return f"the network of checkpoint {Path(args.checkpoint).name}"
-    return str(args.model)

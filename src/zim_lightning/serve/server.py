@@ -420,7 +420,7 @@ def build_app(
 
 def main(argv: list[str] | None = None) -> int:
     from zim_lightning import speed
-    from zim_lightning.models.build import add_zim_arguments, describe_model, zim_for_command
+    from zim_lightning.model_options import add_zim_arguments, describe_model, zim_for_command
 
     parser = argparse.ArgumentParser(
         prog="zim-lightning serve", description="Interactive matting in the browser (local web page)."
