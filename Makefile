@@ -75,7 +75,7 @@ results: $(STAMP) ## Rerun docs/results.md's experiments (CPU, about 40 min on a
 
 build-sa1b-matte: $(STAMP) ## Convert SA-1B masks to SA1B-Matte shards (SA1B=, SA1B_MATTE=, CONVERTER=ckpt, CONVERTER_MODEL=, ARGS=; resumable; without CONVERTER= a random-weight converter_tiny at crop 256: a pipeline test only)
 	$(BIN)/zim-lightning build-sa1b-matte --sa1b $(SA1B) --out $(SA1B_MATTE) \
-		$(if $(CONVERTER),--converter $(CONVERTER) $(if $(CONVERTER_MODEL),--model $(CONVERTER_MODEL)),--model converter_tiny --crop-size 256) $(ARGS)
+		$(if $(CONVERTER),--checkpoint $(CONVERTER) $(if $(CONVERTER_MODEL),--model $(CONVERTER_MODEL)),--model converter_tiny --crop-size 256) $(ARGS)
 
 # The network: RUN_CONFIG (a fit run's config.yaml), else MODEL, else the one a fit checkpoint carries,
 # else (no CHECKPOINT: random weights) the tiny model.

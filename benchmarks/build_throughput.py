@@ -276,7 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--model", default="converter_tiny", help="converter_tiny, converter_hiera_b_plus or identity"
     )
-    p.add_argument("--converter", default=None, help="converter weights (default: random)")
+    p.add_argument(
+        "--checkpoint",
+        "--converter",
+        dest="converter",
+        default=None,
+        help="converter weights (default: random)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("32", "bf16"), default=None, help="default bf16 on cuda, else 32")
     add_crop_arguments(p)  # the builder's own crop options

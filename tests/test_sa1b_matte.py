@@ -35,6 +35,7 @@ from zim_lightning.sa1b_matte import (
     OutputLock,
     ShardClaims,
     ShardDataset,
+    _parser,
     _several_processes,
     _shard_batches,
     build,
@@ -268,7 +269,7 @@ def _main_in_child(sa1b: Path, out: Path, checkpoint: Path) -> None:
         str(out),
         "--model",
         "converter_tiny",
-        "--converter",
+        "--checkpoint",
         str(checkpoint),
     ]
     args += ["--crop-size", "64", "--batch-size", str(BATCH_SIZE), "--num-workers", "0"]
@@ -649,3 +650,9 @@ def test_torchrun_sets_the_devices_and_nodes_a_default_command_line_leaves_open(
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert launched_layout("auto", 1) == (4, 2)
     assert launched_layout(2, 3) == (2, 3)  # what the user gave stands
+
+
+def test_the_converter_checkpoint_option_has_the_other_commands_name_and_keeps_its_old_one() -> None:
+    required = ["--sa1b", "in", "--out", "out"]
+    assert _parser().parse_args([*required, "--checkpoint", "a.ckpt"]).converter == "a.ckpt"
+    assert _parser().parse_args([*required, "--converter", "b.ckpt"]).converter == "b.ckpt"

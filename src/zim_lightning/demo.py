@@ -294,7 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 str(data / "sa1b"),
                 "--out",
                 str(matte_dir),
-                "--converter",
+                "--checkpoint",
                 str(converter_ckpt),
                 "--model",
                 "converter_tiny",

@@ -3,7 +3,7 @@
 ZIM trains on SA1B-Matte, SA-1B whose masks the label converter (Sec. 3.1) has turned into alpha mattes,
 one converter prediction per mask. ``zim-lightning build-sa1b-matte`` writes it:
 
-    zim-lightning build-sa1b-matte --sa1b data/sa1b --converter converter.ckpt --out data/sa1b_matte
+    zim-lightning build-sa1b-matte --sa1b data/sa1b --checkpoint converter.ckpt --out data/sa1b_matte
 
 Input: SA-1B shards (``sa_NNNNNN.tar``, gzip or plain) given as a directory, a brace pattern
 (``sa_{000000..000009}.tar``) or a list. Each input shard gives one output shard of the same name in
@@ -57,7 +57,7 @@ Bytes repeat for the same weights, options, software and hardware; another devic
 few alpha values by a level.
 
     torchrun --nnodes 2 --nproc-per-node 8 -m zim_lightning.sa1b_matte --sa1b ... --out ... \
-        --converter converter.ckpt --devices 8 --num-nodes 2
+        --checkpoint converter.ckpt --devices 8 --num-nodes 2
     srun --nodes 2 --ntasks-per-node 8 zim-lightning build-sa1b-matte ... --devices 8 --num-nodes 2
 """
 
@@ -1270,9 +1270,7 @@ def _converter(model: str | None, checkpoint: str | None) -> tuple[torch.nn.Modu
     if model not in converter_model_registry:
         raise ValueError(f"unknown converter {model!r}; expected one of {sorted(converter_model_registry)}")
     if checkpoint is None:
-        log.warning(
-            "no --converter checkpoint: %s runs with random weights (tests and smoke runs only)", model
-        )
+        log.warning("no --checkpoint: %s runs with random weights (tests and smoke runs only)", model)
         # random weights drawn from a fixed seed, so reruns of a smoke build stay byte-identical
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
     with weights_loaded_later():  # the checkpoint's, or random as warned above
@@ -1396,12 +1394,18 @@ def _parser() -> argparse.ArgumentParser:
         "--sa1b", nargs="+", required=True, help="SA-1B shards: directories, brace patterns or paths"
     )
     p.add_argument("--out", required=True, type=Path, help="output directory for SA1B-Matte shards")
-    p.add_argument("--converter", default=None, help="converter checkpoint (state dict or Lightning .ckpt)")
+    p.add_argument(
+        "--checkpoint",
+        "--converter",
+        dest="converter",
+        default=None,
+        help="converter checkpoint (state dict or Lightning .ckpt); --converter is the older name",
+    )
     p.add_argument(
         "--model",
         default=None,
         help="converter architecture (default: the one a `zim-lightning fit` checkpoint carries, else "
-        "converter_hiera_b_plus); without --converter: random weights",
+        "converter_hiera_b_plus); without --checkpoint: random weights",
     )
     add_crop_arguments(p)
     p.add_argument("--batch-size", type=int, default=16, help="masks per converter forward (16)")
