@@ -388,6 +388,18 @@ def test_a_second_build_into_the_same_out_is_refused(
     assert (out / ".build.lock").read_text() == ""  # released, no holder named
 
 
+def test_an_out_that_holds_the_input_shards_is_refused_before_anything_is_written(
+    synthetic: Path, checkpoint: Path, tmp_path: Path
+) -> None:
+    inputs = tmp_path / "sa1b"
+    shutil.copytree(synthetic / "sa1b", inputs)
+    before = {p.name: p.read_bytes() for p in inputs.iterdir()}
+    for out in (inputs, tmp_path / "." / "sa1b" / ".." / "sa1b"):
+        with pytest.raises(ValueError, match="is where the SA-1B input shards lie"):
+            _build(inputs, out, checkpoint)
+    assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before  # nothing written or replaced
+
+
 @pytest.mark.slow
 def test_two_processes_share_the_shards_and_write_the_bytes_of_one(
     synthetic: Path, checkpoint: Path, clean_build: Path, tmp_path: Path

@@ -1159,6 +1159,12 @@ def build(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     shards = resolve_shards(sa1b)
     out = Path(out)
+    inputs_in_out = [str(s) for s in shards if output_path(out, s).resolve() == s.resolve()]
+    if inputs_in_out:
+        raise ValueError(
+            f"--out {str(out)!r} is where the SA-1B input shards lie ({inputs_in_out[:3]}...): each output "
+            "shard takes its input's name and would replace it; give another --out"
+        )
     (out / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
     if net is None:
         net, model = _converter(model, checkpoint)
