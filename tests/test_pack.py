@@ -126,7 +126,34 @@ def test_keys_the_readers_keep_reruns_that_leave_no_stale_shards_and_masks_of_0_
         for sample in iter_tar(str(shard)):
             assert decode_segmentation(sample)[1].any()  # 0 / 1 masks are not emptied
     again = pack(images=images, labels=masks, out=out, masks=True, shard_size=5)
-    assert sorted(p.name for p in out.iterdir()) == ["seg-000000.tar"] == [p.name for p in again.shards]
+    assert [p.name for p in again.shards] == ["seg-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["seg-000000.tar", "seg.pack.json"]
+
+
+def test_shards_packed_from_other_folders_are_not_replaced_without_overwrite(
+    folders, tmp_path, capsys
+) -> None:
+    images, alphas, _ = folders
+    out = tmp_path / "out"
+    first = pack(images=images, labels=alphas, out=out, shard_size=1)
+    kept = {p: p.read_bytes() for p in first.shards}
+    other_images, other_alphas = tmp_path / "other_images", tmp_path / "other_alphas"
+    other_images.mkdir()
+    other_alphas.mkdir()
+    image, alpha = _scene(9)
+    Image.fromarray(image).save(other_images / "z.png")
+    Image.fromarray(alpha).save(other_alphas / "z.png")
+    argv = ["--images", str(other_images), "--alphas", str(other_alphas), "--out", str(out)]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert f"packed from {images.resolve()} and {alphas.resolve()}" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.glob("*.tar")} == kept  # nothing replaced or removed
+    (out / "matting.pack.json").unlink()  # shards of unknown origin are not replaced either
+    with pytest.raises(ValueError, match="with no matting.pack.json saying what they hold"):
+        pack(images=other_images, labels=other_alphas, out=out)
+    assert main([*argv, "--overwrite"]) == 0
+    assert [p.name for p in sorted(out.glob("*.tar"))] == ["matting-000000.tar"]
 
 
 def test_nothing_is_written_when_no_pair_can_be_packed(folders, tmp_path) -> None:

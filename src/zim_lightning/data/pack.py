@@ -13,7 +13,9 @@ AIM-500, ...) ship as two folders whose files share a stem, which is what this r
 Alphas are normalised as the shard reader expects them: 16-bit grayscale scaled to 8 bits, three equal
 channels taken as one; masks are thresholded at the midpoint. A pair whose image and alpha differ in
 size, or that cannot be decoded, is skipped and listed. Shards are written atomically and the same input
-gives byte-identical shards, so a rerun replaces them safely.
+gives byte-identical shards, so a rerun replaces them safely. ``<name>.pack.json`` beside them records
+the folders they came from: packing other folders under the same ``--out`` and ``--name`` is refused
+(it would replace those shards) unless ``--overwrite`` says so.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from PIL import Image
 
 from zim_lightning.data.decode import decode_gray
 from zim_lightning.data.skips import CorruptSample
-from zim_lightning.data.tar_writer import encode_png, write_tar
+from zim_lightning.data.tar_writer import encode_png, write_atomic, write_tar
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,7 @@ def pack(
     shard_size: int = 256,
     kind: str | None = None,
     source: str | None = None,
+    overwrite: bool = False,
 ) -> PackSummary:
     """Pack image / alpha (or mask) pairs that share a file stem into numbered shards.
 
@@ -139,12 +142,14 @@ def pack(
         shard_size: samples per shard.
         kind: ``"fine"`` or ``"solid"``, recorded per sample (default ``solid`` for masks, else ``fine``).
         source: recorded per sample as ``<source>/<image file name>`` (default: the images folder's name).
+        overwrite: replace shards of this name that other folders were packed into.
 
     Returns:
         The shards written and what was left out.
 
     Raises:
-        ValueError: a bad option, or no pair to pack.
+        ValueError: a bad option, no pair to pack, or ``out`` holds shards of this name packed from other
+            folders (without ``overwrite``).
         FileNotFoundError: a folder does not exist.
     """
     if shard_size < 1:
@@ -162,6 +167,9 @@ def pack(
             f"no image in {str(images)!r} has an {'mask' if masks else 'alpha'} of the same file stem in "
             f"{str(labels)!r} ({len(image_files)} images, {len(label_files)} label files)"
         )
+    inputs = {"images": str(images.resolve()), "labels": str(labels.resolve()), "masks": masks}
+    if not overwrite:
+        _check_out(out, name, inputs)
     taken: set[str] = set()
     keys = {stem: _key(stem, taken) for stem in stems}
     from rich.progress import track
@@ -175,6 +183,8 @@ def pack(
 
     def flush() -> None:
         out.mkdir(parents=True, exist_ok=True)
+        if not shards:  # before the first shard, so that an interrupted run is recognised as this one's
+            write_atomic(_inputs_path(out, name), json.dumps(inputs, indent=1).encode())
         path = out / f"{name}-{len(shards):06d}.tar"
         write_tar(path, pending, compress=False)
         shards.append(path)
@@ -202,8 +212,8 @@ def pack(
     if not shards:
         raise ValueError(f"none of the {len(stems)} pairs could be packed: {'; '.join(skipped[:3])}")
     # a rerun with fewer shards (another --shard-size) must not leave the earlier run's tail behind
-    for stale in out.glob(f"{name}-*.tar"):
-        if re.fullmatch(rf"{re.escape(name)}-\d{{6}}\.tar", stale.name) and stale not in shards:
+    for stale in _shards_named(out, name):
+        if stale not in shards:
             stale.unlink()
             log.info("removed %s, left by an earlier run", stale)
     return PackSummary(
@@ -212,6 +222,38 @@ def pack(
         skipped=skipped,
         unmatched_images=sorted(image_files[s].name for s in set(image_files) - set(label_files)),
         unmatched_labels=sorted(label_files[s].name for s in set(label_files) - set(image_files)),
+    )
+
+
+def _inputs_path(out: Path, name: str) -> Path:
+    return out / f"{name}.pack.json"
+
+
+def _shards_named(out: Path, name: str) -> list[Path]:
+    pattern = re.compile(rf"{re.escape(name)}-\d{{6}}\.tar")
+    return sorted(p for p in out.glob(f"{name}-*.tar") if pattern.fullmatch(p.name)) if out.is_dir() else []
+
+
+def _check_out(out: Path, name: str, inputs: dict) -> None:
+    """Refuse to replace shards of ``name`` in ``out`` that other folders (or an unknown run) were packed into."""
+    existing = _shards_named(out, name)
+    if not existing:
+        return
+    try:
+        earlier = json.loads(_inputs_path(out, name).read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if earlier == inputs:
+        return  # a rerun of the same folders: its shards replace theirs
+    packed_from = (
+        f"packed from {earlier['images']} and {earlier['labels']}"
+        if isinstance(earlier, dict) and {"images", "labels"} <= set(earlier)
+        else f"with no {_inputs_path(out, name).name} saying what they hold"
+    )
+    raise ValueError(
+        f"{str(out)!r} already holds {len(existing)} shards named {name}-*.tar, {packed_from}; this run "
+        f"would replace them with {inputs['images']} and {inputs['labels']}: give another --name or --out, "
+        "or --overwrite to replace them"
     )
 
 
@@ -232,6 +274,11 @@ def _parser() -> argparse.ArgumentParser:
         "--kind", choices=KINDS, default=None, help="sample kind (default fine, solid with --masks)"
     )
     p.add_argument("--source", default=None, help="dataset name recorded per sample (default: images folder)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace shards of this --name in --out that other folders were packed into",
+    )
     return p
 
 
@@ -250,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_size=args.shard_size,
             kind=args.kind,
             source=args.source,
+            overwrite=args.overwrite,
         )
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
