@@ -313,6 +313,24 @@ def test_eval_names_the_instance_of_a_missing_file(synthetic, tmp_path: Path, ca
     assert "data_list.txt line 1: img/0001.png does not exist" in capsys.readouterr().err
 
 
+def test_a_run_that_fails_midway_names_the_file_and_leaves_no_earlier_figures(
+    synthetic, tmp_path: Path
+) -> None:
+    from zim_lightning.data.micromat import EvalDataError
+
+    root = tmp_path / "micromat"
+    shutil.copytree(synthetic.micromat, root)
+    first_image = root / (root / "data_list.txt").read_text().split()[0]
+    first_image.write_bytes(first_image.read_bytes()[:-40])  # its header still reads
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")  # an earlier run's
+    argv = ["--model", "tiny", "--data", str(root), "--format", "micromat", "--out", str(out)]
+    with pytest.raises(EvalDataError, match=rf"line 1: cannot decode image {first_image.name}"):
+        main([*argv, "--prompt", "box", "--num-workers", "0", "--accelerator", "cpu"])
+    assert not (out / "metrics.json").exists()
+
+
 def test_closed_form_baseline_keeps_the_masks_foreground_as_foreground() -> None:
     from zim_lightning.lit.eval_module import closed_form_alpha
 

@@ -181,6 +181,16 @@ def test_size_mismatch_names_the_instance(tmp_path: Path) -> None:
         build_eval_dataset(tmp_path, format="micromat", prompt="box")
 
 
+def test_a_truncated_image_names_its_instance_when_it_is_decoded(tmp_path: Path) -> None:
+    write_micromat(tmp_path)
+    image = tmp_path / "img/0002.png"
+    image.write_bytes(image.read_bytes()[:-40])  # the header passes the indexing checks
+    dataset = build_eval_dataset(tmp_path, format="micromat", prompt="box")
+    broken = [i for i, r in enumerate(dataset.records) if r.image == image]
+    with pytest.raises(EvalDataError, match=r"line \d+: cannot decode image 0002.png or matte matte/"):
+        dataset[broken[0]]
+
+
 def test_bad_lines_and_arguments(tmp_path: Path) -> None:
     write_micromat(tmp_path)
     with (tmp_path / "data_list.txt").open("a") as f:

@@ -430,10 +430,13 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     # What an earlier run into this --out wrote (other instances, prompts, baselines) would lie beside
-    # this run's metrics, which the saved predictions must reproduce. Every process of a run removes it
-    # here, before any joins the process group, so none is writing yet.
+    # this run's metrics, which the saved predictions must reproduce; its metrics and report go too, so
+    # that a run that fails midway leaves no earlier figures beside its partial predictions. Every
+    # process of a run removes them here, before any joins the process group, so none is writing yet.
     for stale in (args.out / "predictions", args.out / "baselines", args.out / "grids"):
         shutil.rmtree(stale, ignore_errors=True)
+    for stale in ("metrics.json", "instances.csv", "report.md"):
+        (args.out / stale).unlink(missing_ok=True)
     callbacks: list[Any] = [RichProgressBar()]
     if args.save_predictions:
         callbacks.append(_prediction_writer(args.out))

@@ -146,8 +146,13 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        image = read_image(record.image)
-        alpha = read_alpha(record.matte)
+        try:
+            image = read_image(record.image)
+            alpha = read_alpha(record.matte)
+        except OSError as err:  # a truncated or corrupt file: the headers passed at indexing
+            raise EvalDataError(
+                f"{record.where}: cannot decode image {record.image.name} or matte {record.matte_relpath}: {err}"
+            ) from err
         if image.shape[:2] != alpha.shape:
             raise EvalDataError(
                 f"{record.where}: image {record.image.name} is {image.shape[1]}x{image.shape[0]} (WxH) but "
@@ -155,7 +160,12 @@ class EvalDataset(Dataset):
             )
         trimap = None
         if record.trimap is not None:
-            trimap = read_trimap(record.trimap)
+            try:
+                trimap = read_trimap(record.trimap)
+            except OSError as err:
+                raise EvalDataError(
+                    f"{record.where}: cannot decode trimap {record.trimap.name}: {err}"
+                ) from err
             if trimap.shape != alpha.shape:
                 raise EvalDataError(
                     f"{record.where}: trimap {record.trimap.name} is {trimap.shape[1]}x{trimap.shape[0]} "
