@@ -224,6 +224,14 @@ def test_decode_gray_rescales_16_bit_and_rejects_alpha_channels():
     with pytest.raises(CorruptSample, match="mode RGBA with an alpha channel") as caught:
         decode_gray(rgba.getvalue(), key="a")
     assert caught.value.reason == "corrupt_image"
+    narrow = io.BytesIO()  # 8-bit values widened to 16 bits without scaling: alpha 0.004 at most
+    Image.fromarray(np.arange(256, dtype=np.uint16)[None].repeat(2, axis=0)).save(narrow, format="PNG")
+    with pytest.raises(CorruptSample, match="8-bit values .* in a 16-bit file") as caught:
+        decode_gray(narrow.getvalue(), key="a")
+    assert caught.value.reason == "corrupt_image"
+    empty = io.BytesIO()  # an all-zero 16-bit label is not refused here (the readers skip empty ones)
+    Image.fromarray(np.zeros((2, 3), np.uint16)).save(empty, format="PNG")
+    assert not decode_gray(empty.getvalue(), key="a").any()
 
 
 def test_decode_matte_pastes_the_box(tmp_path):

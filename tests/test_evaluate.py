@@ -226,6 +226,26 @@ def test_the_worst_grid_shows_the_instances_with_the_largest_error(tmp_path: Pat
     assert brightness["zim_box_worst"] > brightness["zim_box_best"] + 20
 
 
+def test_grids_read_saved_predictions_however_faint(tmp_path: Path) -> None:
+    import cv2
+    import torch
+
+    from zim_lightning.evaluate import prediction_path
+
+    class Module:
+        instance_rows = {"zim": {"box": {"all": torch.tensor([[0, 1.0, 0, 0, 0, 0]])}}}
+
+    item = {"index": 0, "key": "k0", "matte_relpath": "matte/k0.png", "image": np.zeros((8, 8, 3), np.uint8)}
+    item |= {"alpha": np.zeros((8, 8)), "prompt": {"box": np.array([1, 1, 6, 6], np.float32)}}
+    path = prediction_path(tmp_path, "zim", "box", item["matte_relpath"])
+    path.parent.mkdir(parents=True)
+    cv2.imwrite(str(path), np.full((8, 8), 200, np.uint16))  # alpha 0.003 everywhere: a model's output
+    assert [p.stem for p in write_grids(tmp_path, Module(), [item], count=1, saved=True)] == [
+        "zim_box_best",
+        "zim_box_worst",
+    ]
+
+
 @pytest.mark.slow
 def test_eval_dim_protocol_on_aim500_uses_the_trimap(synthetic, tmp_path: Path) -> None:
     out = tmp_path / "dim"

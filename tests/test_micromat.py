@@ -84,6 +84,15 @@ def test_sixteen_bit_mattes_read_exactly(tmp_path: Path) -> None:
     np.testing.assert_array_equal(alpha, values / 65535.0)
 
 
+def test_a_16_bit_matte_holding_8_bit_values_is_refused_not_read_as_almost_empty(tmp_path: Path) -> None:
+    write_micromat(tmp_path)
+    matte = np.asarray(Image.open(tmp_path / "matte/fine/0001_1.png"))
+    Image.fromarray(matte.astype(np.uint16)).save(tmp_path / "matte/fine/0001_1.png")
+    dataset = build_eval_dataset(tmp_path, format="micromat", prompt="box")
+    with pytest.raises(EvalDataError, match=r"0001_1.png' is a 16-bit image whose values only reach 255"):
+        dataset[0]
+
+
 def test_a_matte_with_an_alpha_channel_is_refused_not_read_as_opaque(tmp_path: Path) -> None:
     write_micromat(tmp_path)
     matte = np.asarray(Image.open(tmp_path / "matte/fine/0001_1.png"))

@@ -278,7 +278,7 @@ def write_grids(
 
     def prediction(item: dict[str, Any], prompt: str) -> np.ndarray:
         if saved:
-            return read_alpha(prediction_path(out, method, prompt, item["matte_relpath"]))
+            return read_alpha(prediction_path(out, method, prompt, item["matte_relpath"]), truth=False)
         if item["index"] not in predicted:
             predicted[item["index"]] = module.predict_instance(item, methods=[method])
         return predicted[item["index"]][method][prompt].numpy()

@@ -15,6 +15,7 @@ from zim_lightning.data.skips import CorruptSample
 
 __all__ = [
     "GRAY_16_BIT_MODES",
+    "check_16_bit_label",
     "check_decoded_size",
     "decode_gray",
     "decode_image",
@@ -69,6 +70,22 @@ def scale_16_bit(values: np.ndarray) -> np.ndarray:
     return ((wide * 255 + 32767) // 65535).astype(np.uint8)
 
 
+def check_16_bit_label(values: np.ndarray) -> str | None:
+    """Why a 16-bit alpha, mask or trimap looks like 8-bit values in a 16-bit file, or None.
+
+    A label whose non-zero values all lie in 1..255 reads as almost nothing at 16 bits (255 / 65535 is
+    alpha 0.004): such files come from tools that widen 8-bit arrays without scaling them. Guessing would
+    let a wrong scale through silently, so readers refuse them with this reason.
+    """
+    top = int(values.max()) if values.size else 0
+    if 0 < top <= 255:
+        return (
+            f"a 16-bit image whose values only reach {top}: 8-bit values (0..255) in a 16-bit file, "
+            "expected 0..65535 (or save it as 8-bit)"
+        )
+    return None
+
+
 def decode_gray(data: bytes, *, key: str) -> np.ndarray:
     """Decode a grayscale PNG (alpha or mask) into HxW uint8 in [0, 255].
 
@@ -76,14 +93,17 @@ def decode_gray(data: bytes, *, key: str) -> np.ndarray:
     palette images are converted to luminance (alphas saved with three equal channels).
 
     Raises:
-        CorruptSample: if the bytes are not a decodable image, or carry an alpha channel (LA, RGBA:
-            which of the channels is the matte is ambiguous).
+        CorruptSample: if the bytes are not a decodable image, carry an alpha channel (LA, RGBA: which
+            of the channels is the matte is ambiguous), or are 16-bit with 8-bit values
+            (:func:`check_16_bit_label`).
     """
+    wide = None
     try:
         with Image.open(io.BytesIO(data)) as image:
             mode, has_alpha = image.mode, "A" in image.getbands()
             if mode in GRAY_16_BIT_MODES:
-                gray = scale_16_bit(np.asarray(image))
+                wide = np.asarray(image)
+                gray = scale_16_bit(wide)
             elif not has_alpha:
                 gray = np.asarray(image if mode == "L" else image.convert("L"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
@@ -99,6 +119,8 @@ def decode_gray(data: bytes, *, key: str) -> np.ndarray:
         )
     if gray.ndim != 2 or gray.size == 0:
         raise CorruptSample(f"expected an HxW image, got shape {gray.shape}", key=key, reason="corrupt_image")
+    if wide is not None and (problem := check_16_bit_label(wide)) is not None:
+        raise CorruptSample(problem, key=key, reason="corrupt_image")
     return gray
 
 

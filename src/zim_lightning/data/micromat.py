@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from zim_lightning.data.decode import GRAY_16_BIT_MODES, scale_16_bit
+from zim_lightning.data.decode import GRAY_16_BIT_MODES, check_16_bit_label, scale_16_bit
 from zim_lightning.data.prompts import sample_points, support_box
 
 FORMATS: tuple[str, ...] = ("micromat", "am2k", "aim500")
@@ -216,24 +216,37 @@ def read_image(path: Path) -> np.ndarray:
         return np.array(img.convert("RGB"))
 
 
+def _16_bit_label(img: Image.Image, path: Path, what: str) -> np.ndarray:
+    values = np.asarray(img)
+    if (problem := check_16_bit_label(values)) is not None:
+        raise EvalDataError(f"{what} {str(path)!r} is {problem}")
+    return values
+
+
 def read_trimap(path: Path) -> np.ndarray:
     """Read a trimap as uint8 HxW (0 / 128 / 255), a 16-bit one scaled to 8 bits."""
     with Image.open(path) as img:
         if img.mode in GRAY_16_BIT_MODES:
-            return scale_16_bit(np.asarray(img))
+            return scale_16_bit(_16_bit_label(img, path, "trimap"))
         return np.array(img.convert("L"))
 
 
-def read_alpha(path: Path) -> np.ndarray:
+def read_alpha(path: Path, *, truth: bool = True) -> np.ndarray:
     """Read an 8-bit or 16-bit grayscale PNG as float64 HxW alpha in [0, 1].
 
     float64 keeps ``k / 255`` and ``k / 65535`` as exactly as the metrics compute in, so numbers
     recomputed from the files by any float64 implementation agree to the last digits. An RGB matte
     (three equal channels) reads as its luminance.
 
+    Args:
+        path: the PNG.
+        truth: a ground-truth matte, refused when 16-bit with only 8-bit values; False for a saved
+            prediction, whose alpha may be that faint everywhere.
+
     Raises:
         EvalDataError: a matte with an alpha channel (LA, RGBA): which channel is the matte is ambiguous,
-            and reading the luminance would score against an all-opaque truth.
+            and reading the luminance would score against an all-opaque truth; a 16-bit matte holding
+            8-bit values (``decode.check_16_bit_label``), which would score against an almost empty truth.
     """
     with Image.open(path) as img:
         if "A" in img.getbands():
@@ -242,7 +255,8 @@ def read_alpha(path: Path) -> np.ndarray:
                 "grayscale PNG"
             )
         if img.mode in GRAY_16_BIT_MODES:
-            return (np.asarray(img).astype(np.float64) / 65535.0).clip(0, 1)
+            values = _16_bit_label(img, path, "matte") if truth else np.asarray(img)
+            return (values.astype(np.float64) / 65535.0).clip(0, 1)
         return np.asarray(img.convert("L")).astype(np.float64) / 255.0
 
 
