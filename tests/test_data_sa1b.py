@@ -172,7 +172,7 @@ def test_parse_annotations_validates_structure():
     record = parse_annotations(members["sa_1.json"], key="sa_1")
     assert record["image"]["width"] == 60 and len(record["annotations"]) == 1
     broken = json.loads(members["sa_1.json"])
-    broken["annotations"][0]["segmentation"]["size"] = [60, 40]
+    broken["annotations"].append("not an object")
     for bad in (
         b"{not json",
         b"[]",

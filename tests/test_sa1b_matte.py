@@ -449,7 +449,10 @@ def test_corrupt_samples_are_skipped_counted_and_a_rerun_changes_nothing(
         segmentation={"size": [height, width], "counts": empty["counts"].decode()},
     )
     repeated = json.loads(json.dumps(record["annotations"][-1]))  # the same id twice: the first counts
-    record["annotations"] += [bad_rle, empty_mask, repeated]
+    wrong_size = json.loads(json.dumps(record["annotations"][0]))
+    wrong_size["id"], wrong_size["segmentation"]["size"] = 900003, [height + 1, width]
+    no_id = {key: value for key, value in record["annotations"][0].items() if key != "id"}
+    record["annotations"] += [bad_rle, empty_mask, repeated, wrong_size, no_id]
     shards = tmp_path / "bad"
     shards.mkdir()
     members = [
@@ -472,17 +475,18 @@ def test_corrupt_samples_are_skipped_counted_and_a_rerun_changes_nothing(
     assert "sa_000101.tar" in summary["failed"] and "--accept-truncated" in summary["failed"]["sa_000101.tar"]
     assert not (out / "sa_000101.tar").exists() and not list(out.rglob("*.partial"))
     first = json.loads((out / MANIFEST_DIR / "sa_000100.json").read_text())
-    assert first["skipped"]["corrupt_image"] == 1 and first["skipped"]["bad_json"] == 2  # + the repeat
-    assert first["skipped"]["bad_rle"] == 1 and first["skipped"]["empty_mask"] == 1
+    assert first["skipped"]["corrupt_image"] == 1 and first["skipped"]["bad_json"] == 3  # + repeat, no id
+    assert first["skipped"]["bad_rle"] == 2 and first["skipped"]["empty_mask"] == 1
     assert first["images"] == 1 and first["masks"] == good  # the bad masks did not cost their image
     with tarfile.open(out / "sa_000100.tar") as tar:
         kept = json.loads(tar.extractfile(f"{k_rle}.json").read())
         names = tar.getnames()
     converted = [a["id"] for a in kept["annotations"] if "matte" in a]
-    assert len(converted) == good and 900001 not in converted and 900002 not in converted
+    assert len(converted) == good and not {900001, 900002, 900003} & set(converted)
+    assert len(kept["annotations"]) == good + 5  # the bad ones stay in the json, without a matte
     assert not any(n.startswith(k_jpeg) or n.startswith(k_json) for n in names)
     assert len(names) == len(set(names))  # one matte per annotation id
-    assert summary["skipped_total"] == 5
+    assert summary["skipped_total"] == 7
 
     def finished_mtimes() -> dict[str, int]:  # each run rewrites the failure note and takes the lock
         return {

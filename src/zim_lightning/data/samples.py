@@ -213,7 +213,7 @@ class ZimSampleProcessor:
             picked = [candidates[i] for i in chosen]
             # Mattes first: they are cheap and may be corrupt, the JPEG is the expensive part.
             alphas = [decode_matte(sample, a, key=key, image_size=originals) for a in picked]
-            keys = [f"{key}.{a['id']}" for a in picked]
+            keys = [f"{key}.{a.get('id', index)}" for index, a in zip(chosen, picked, strict=True)]
             image = decode_image(sample["jpg"], key=key, max_side=self.image_size)
             check_decoded_size(image, originals, key=key, max_side=self.image_size)
         else:
