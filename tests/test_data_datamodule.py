@@ -298,6 +298,22 @@ def test_corrupt_samples_are_skipped_counted_and_the_others_unchanged(shards, tm
     assert counts["truncated_tar"] == 1
 
 
+def test_a_skip_is_logged_with_its_shard_once_per_shard(tmp_path, caplog) -> None:
+    rng = np.random.default_rng(8)
+    image, alpha = scene(rng, 40, 56)
+    shards = []
+    for name in ("a.tar", "b.tar"):  # the same bad key in two shards: two different samples
+        members = matting_members("good", image, alpha) + [("bad.alpha.png", png(alpha))]  # no image
+        shards.append(str(write_tar(tmp_path / name, members)))
+    data = module(stage="zim", val_shards=shards, batch_size=1)
+    with caplog.at_level("WARNING", logger="zim_lightning.data.skips"):
+        for _ in range(2):  # read twice: counted every time, logged once per shard
+            assert len(list(data.val_dataset(rank=0, world_size=1))) == 2
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped bad")]
+    assert [line.split(" (")[0] for line in logged] == [f"skipped bad in {shard}" for shard in shards]
+    assert data.skip_counts()["missing_member"] == 4
+
+
 def test_skips_in_dataloader_workers_reach_the_main_process(shards, tmp_path):
     rng = np.random.default_rng(6)
     parts = []

@@ -43,7 +43,7 @@ from zim_lightning.data.shards import (
     split_by_rank,
     worker_info,
 )
-from zim_lightning.data.skips import SkipCounter
+from zim_lightning.data.skips import CorruptSample, SkipCounter
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,8 @@ class ProcessSamples:
                 sample_rng = rng if self.train else key_rng(self.seeds.seed, sample["__key__"])
                 processed = self.processor(sample, sample_rng, train=self.train)
             except Exception as exn:  # the handler re-raises whatever is not bad data
+                if isinstance(exn, CorruptSample) and "__url__" in sample:
+                    exn.key = f"{exn.key} in {sample['__url__']}"  # keys repeat across shards
                 if not handler(exn):
                     break
                 skipped += 1
