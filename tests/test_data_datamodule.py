@@ -298,6 +298,17 @@ def test_corrupt_samples_are_skipped_counted_and_the_others_unchanged(shards, tm
     assert counts["truncated_tar"] == 1
 
 
+@pytest.mark.parametrize("stl", [True, False])
+def test_matting_and_segmentation_shards_given_in_each_others_place_stop_training(shards, stl) -> None:
+    data = module(stage="converter", train_shards=shards["seg"], seg_shards=shards["matting"], stl=stl)
+    with pytest.raises(RuntimeError, match=r"(segmentation|matting) shards go in (seg|train)_shards"):
+        next(iter(data.train_dataset(rank=0, world_size=1)))
+    assert data.skip_counts()["other"] >= 1000
+    right = module(stage="converter", train_shards=shards["matting"], seg_shards=shards["seg"], stl=stl)
+    batch = next(iter(right.train_dataset(rank=0, world_size=1)))
+    assert right.skip_counts()["other"] == 0 and batch["image"].shape[0] == 2
+
+
 def test_a_skip_is_logged_with_its_shard_once_per_shard(tmp_path, caplog) -> None:
     rng = np.random.default_rng(8)
     image, alpha = scene(rng, 40, 56)

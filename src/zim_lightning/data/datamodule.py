@@ -34,7 +34,13 @@ from zim_lightning.data.augment import CROP_SCALE, mix_stl
 from zim_lightning.data.coarsen import COARSEN_OPS
 from zim_lightning.data.prompts import PromptSampler
 from zim_lightning.data.sa1b import tar_samples
-from zim_lightning.data.samples import ConverterSampleProcessor, ZimSampleProcessor, collate, key_rng
+from zim_lightning.data.samples import (
+    ConverterSampleProcessor,
+    ZimSampleProcessor,
+    collate,
+    expect_kind,
+    key_rng,
+)
 from zim_lightning.data.shards import (
     assign_shards,
     distributed_info,
@@ -455,7 +461,7 @@ class ZimDataModule(L.LightningDataModule):
         )
 
     def _train_stream(
-        self, urls: list[str], *, rank: int, world_size: int, source: int = 0
+        self, urls: list[str], *, rank: int, world_size: int, source: int = 0, kind: str | None = None
     ) -> wds.DataPipeline:
         workers = max(1, self.num_workers)
         split = len(urls) >= world_size * workers
@@ -487,6 +493,8 @@ class ZimDataModule(L.LightningDataModule):
                 seeds=self._epoch_seeds(rank, source),
             ),
         ]
+        if kind is not None:  # samples of the other kind are refused (shards given in each other's place)
+            stages.append(wds.map(partial(expect_kind, kind=kind)))
         return wds.DataPipeline(*stages)
 
     def train_dataset(self, *, rank: int | None = None, world_size: int | None = None) -> wds.DataPipeline:
@@ -501,7 +509,10 @@ class ZimDataModule(L.LightningDataModule):
         if rank is None or world_size is None:
             rank, world_size = self._rank()
         raw = self._train_stream(
-            self._shards(self.train_shards, "train_shards"), rank=rank, world_size=world_size
+            self._shards(self.train_shards, "train_shards"),
+            rank=rank,
+            world_size=world_size,
+            kind="matting" if self.stage == "converter" else None,
         )
         if self.stage == "converter" and self.stl:
             seg = self._train_stream(
@@ -509,6 +520,7 @@ class ZimDataModule(L.LightningDataModule):
                 rank=rank,
                 world_size=world_size,
                 source=1,
+                kind="segmentation",
             )
             source = MixSTL(
                 raw, seg, ratio=self.stl_ratio, seeds=self._epoch_seeds(rank)

@@ -37,6 +37,18 @@ from zim_lightning.data.sa1b import check_decoded_size, decode_image, decode_mat
 from zim_lightning.data.skips import CorruptSample
 from zim_lightning.data.transforms import get_preprocess_shape, resize
 
+#: Raw-sample field naming the kind a converter training stream holds ("matting" or "segmentation"),
+#: set by the datamodule, so that shards given in each other's place are refused, not trained on.
+EXPECTED_KIND = "__expected_kind__"
+_SHARD_OPTION = {"matting": "train_shards", "segmentation": "seg_shards"}
+
+
+def expect_kind(sample: dict, *, kind: str) -> dict:
+    """Mark a raw sample as read from a stream of ``kind`` samples (a pipeline map function)."""
+    sample[EXPECTED_KIND] = kind
+    return sample
+
+
 #: Random crops drawn before a training crop that misses the object falls back to one centred on it.
 CROP_TRIES = 4
 
@@ -108,20 +120,32 @@ class ConverterSampleProcessor:
         """
         key = sample.get("__key__", "?")
         if is_segmentation_sample(sample):
-            image, mask = decode_segmentation(sample)
-            image, mask = self._geometry(image, mask, "mask", train, key)
-            alpha, is_stl = mask, True
+            kind = "segmentation"
         elif is_matting_sample(sample):
-            image, alpha_u8 = decode_matting(sample)
-            image, alpha = self._geometry(image, alpha_u8.astype(np.float32) / 255.0, "alpha", train, key)
-            mask = coarsen.random_coarsen(alpha, rng, ops=self.coarsen_ops)
-            is_stl = False
+            kind = "matting"
         else:
             raise CorruptSample(
                 f"expected {key}.alpha.png or {key}.mask.png, found {sorted(sample)}",
                 key=key,
                 reason="missing_member",
             )
+        expected = sample.get(EXPECTED_KIND, kind)
+        if kind != expected:
+            raise CorruptSample(
+                f"a {kind} sample in the {expected} shards ({_SHARD_OPTION[expected]}); {kind} shards go in "
+                f"{_SHARD_OPTION[kind]}",
+                key=key,
+                reason="other",
+            )
+        if kind == "segmentation":
+            image, mask = decode_segmentation(sample)
+            image, mask = self._geometry(image, mask, "mask", train, key)
+            alpha, is_stl = mask, True
+        else:
+            image, alpha_u8 = decode_matting(sample)
+            image, alpha = self._geometry(image, alpha_u8.astype(np.float32) / 255.0, "alpha", train, key)
+            mask = coarsen.random_coarsen(alpha, rng, ops=self.coarsen_ops)
+            is_stl = False
         if train and self.sga:
             mask, alpha, _ = spatial_generalization_cutout(mask, alpha, rng, p=self.sga_p)
         return [
