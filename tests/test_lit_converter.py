@@ -88,6 +88,18 @@ def test_fast_dev_run_in_bf16_mixed_on_cpu(synthetic: Path, tmp_path: Path):
     assert torch.isfinite(logged["val/sad_input"])
 
 
+def test_a_validation_that_scores_no_sample_says_so(synthetic: Path, tmp_path: Path):
+    from zim_lightning.data.tar_writer import write_tar
+
+    empty = tmp_path / "empty.tar"
+    write_tar(empty, [], compress=False)  # a shard that holds nothing
+    args = _args(synthetic, tmp_path, "--trainer.fast_dev_run=true", f"--data.init_args.val_shards={empty}")
+    cli = cli_main(args, run=False)
+    with pytest.warns(UserWarning, match="val/loss is NaN: this val epoch scored no sample on any rank"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert torch.isnan(cli.trainer.callback_metrics["val/loss"])
+
+
 @pytest.mark.slow
 def test_run_logs_then_resumes_at_the_saved_step(synthetic: Path, tmp_path: Path):
     common = (

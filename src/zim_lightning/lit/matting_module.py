@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -269,6 +270,12 @@ class MattingModule(LightningModule):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*compute.*before the ..update.*")
                 value = metric.compute()
+            if name == "loss" and torch.isnan(value):
+                rank_zero_warn(
+                    f"{metrics.prefix}loss is NaN: this {metrics.prefix.rstrip('/')} epoch scored no sample on "
+                    "any rank (empty or unreadable shards, or every sample skipped: see the skip counts), "
+                    "or the network's outputs were NaN"
+                )
             self.log(f"{metrics.prefix}{name}", value, prog_bar=name == "loss", sync_dist=False)
             metric.reset()
 
