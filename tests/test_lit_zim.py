@@ -253,6 +253,35 @@ def test_clipping_a_fused_optimiser_under_mixed_precision_is_refused_before_trai
         cli_main(["fit", *_args(synthetic, tmp_path, *extra)])
 
 
+def test_a_checkpoint_of_another_model_or_no_checkpoint_cannot_resume_a_run(
+    synthetic: Path, tmp_path: Path, capsys
+):
+    from zim_lightning.models.checkpoint import NET_SPEC_KEY
+
+    converter = tmp_path / "converter.ckpt"
+    converter_net = {"class_path": "zim_lightning.models.converter.build_converter_tiny", "init_args": {}}
+    hparams = {"_class_path": "zim_lightning.lit.converter_module.ConverterModule"}
+    torch.save({"state_dict": {}, "hyper_parameters": hparams, NET_SPEC_KEY: converter_net}, converter)
+    other_net = tmp_path / "other_net.ckpt"
+    hparams = {"_class_path": "zim_lightning.lit.zim_module.ZimModule"}
+    torch.save({"state_dict": {}, "hyper_parameters": hparams, NET_SPEC_KEY: converter_net}, other_net)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weight": torch.zeros(2)}, plain)
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    for path, reason in (
+        (converter, "a checkpoint of zim_lightning.lit.converter_module.ConverterModule, and this run's"),
+        (other_net, "its network is zim_lightning.models.converter.build_converter_tiny, and this run's"),
+        (plain, "not a Lightning checkpoint"),
+        (text, "could not be read as a PyTorch state dict"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["fit", *_args(synthetic, tmp_path, f"--ckpt_path={path}")])
+        message = " ".join(capsys.readouterr().err.split())
+        assert exc.value.code == 2 and f"--ckpt_path '{path}' cannot resume this run" in message
+        assert reason in message
+
+
 def test_compiled_training_through_lightning_matches_eager(synthetic: Path, tmp_path: Path):
     """The vit_b config's speed path (compile + channels-last) through Lightning's loop: Dynamo captures the
     encoder, prompt encoder and decoder without a graph break, and the step computes the eager loss. The

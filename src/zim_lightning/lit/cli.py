@@ -22,6 +22,8 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -30,8 +32,49 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 MULTI_COMMAND = True
 
 
+def resume_mismatch(checkpoint: Any, config: Any) -> str | None:
+    """Why a checkpoint cannot resume the run ``config`` describes (another LightningModule or network
+    class), or None. ``config`` is the subcommand's parsed config; the checkpoint a loaded
+    ``zim-lightning fit`` checkpoint."""
+    from zim_lightning.models.checkpoint import net_spec_of
+
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        return "it is not a Lightning checkpoint (a plain state dict cannot resume a run)"
+    hparams = checkpoint.get("hyper_parameters")
+    saved = hparams.get("_class_path") if isinstance(hparams, dict) else None
+    wanted = config.get("model.class_path")
+    if saved and wanted and saved != wanted:
+        return f"it is a checkpoint of {saved}, and this run's model is {wanted}"
+    saved_net = (net_spec_of(checkpoint) or {}).get("class_path")
+    wanted_net = config.get("model.init_args.net.class_path")
+    if saved_net and wanted_net and saved_net != wanted_net:
+        return f"its network is {saved_net}, and this run's is {wanted_net}"
+    return None
+
+
 class ZimLightningCLI(LightningCLI):
     """LightningCLI with the links between values that several parts share."""
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning replaces the run's model config with the checkpoint's hyperparameters here; a
+        # checkpoint of another module or network then fails later on state-dict keys, naming no file,
+        # and a file that is no checkpoint with a bare unpickling error. Check it first, by name.
+        from zim_lightning.models.checkpoint import CheckpointError, load_checkpoint
+
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():  # "last", "best", a missing file: Lightning's checks
+            try:
+                problem = resume_mismatch(load_checkpoint(ckpt_path), self.config[subcommand])
+            except CheckpointError as err:
+                problem = str(err)
+            if problem is not None:
+                self.parser.error(
+                    f"--ckpt_path {ckpt_path!r} cannot resume this run: {problem}. Resume a run with a "
+                    "checkpoint it wrote, or start from a trained network's weights with "
+                    "--model.init_args.net.init_args.checkpoint"
+                )
+        super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
