@@ -479,6 +479,8 @@ def test_sam_checkpoint_of_another_size_is_rejected(tmp_path):
         load_sam_weights(
             small, {**tiny_sam().state_dict(), "image_encoder.pos_embed": torch.zeros(1, 64, 64, 32)}
         )
+    with pytest.raises(CheckpointError, match="is a ZIM checkpoint; give it as checkpoint="):
+        load_sam_weights(small, tiny().state_dict())  # ZIM's own weights given as SAM's
 
 
 def test_paper_scale_networks_without_starting_weights_warn(caplog):

@@ -131,6 +131,13 @@ def load_sam_weights(model: Zim, sam_checkpoint: str | Path | Mapping[str, torch
     if model.pixel_decoder != "sam":
         unused_prefixes = (*unused_prefixes, SAM_PIXEL_DECODER_PREFIX)
 
+    zim_parts = sorted(k for k in sam_state if k.startswith(ZIM_ONLY_PREFIXES))
+    if zim_parts:
+        raise CheckpointError(
+            f"SAM checkpoint {source!r} holds parts SAM does not have ({', '.join(zim_parts[:3])}, ...): it "
+            "is a ZIM checkpoint; give it as checkpoint= (--model.init_args.net.init_args.checkpoint), "
+            "sam_checkpoint takes segment-anything weights"
+        )
     unused = sorted(k for k in sam_state if k.startswith(unused_prefixes))
     candidates = {k: v for k, v in sam_state.items() if not k.startswith(unused_prefixes)}
     unexpected = sorted(set(candidates) - set(own))
