@@ -218,6 +218,10 @@ def test_presets_and_bad_settings(model: torch.nn.Module) -> None:
     assert len(fast.point_grids[0]) == PRESETS["fast"].points_per_side ** 2 and fast.points_per_batch == 8
     quality = ZimAutomaticMatteGenerator.from_preset(model, "quality")
     assert len(quality.point_grids) == PRESETS["quality"].crop_n_layers + 1
+    assert quality.predictor.precision == "fp32"
+    assert ZimAutomaticMatteGenerator.from_preset(model, "fast", precision="bf16").predictor.precision == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ZimAutomaticMatteGenerator(model, precision="fp16")
     with pytest.raises(ValueError, match="preset"):
         ZimAutomaticMatteGenerator.from_preset(model, "best")
     with pytest.raises(ValueError, match="points_per_side"):
@@ -374,10 +378,11 @@ def test_cli_writes_mattes_and_a_matching_index(tmp_path: Path, photo: np.ndarra
         "--points-per-batch",
         "4",
     ]
-    argv += ["--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+    argv += ["--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--precision", "bf16"]
     assert main(argv) == 0
 
     index = json.loads((out / "index.json").read_text())
+    assert index["precision"] == "bf16"
     height, width = photo.shape[:2]
     assert (index["width"], index["height"], index["model"], index["image"]) == (
         width,

@@ -131,6 +131,8 @@ class ZimAutomaticMatteGenerator:
         multimask_output: decode all 4 mask tokens per point (True, as SAM) or only the first.
         mask_dedupe_iou_thresh: if set, after NMS also drop a matte whose binarised mask has an IoU
             above this with a higher-scored kept one (catches duplicates with differing boxes).
+        precision: the predictor's (``"fp32"``, or ``"bf16"`` for the ViT encoder under autocast, see
+            :class:`~zim_lightning.predictor.ZimPredictor`).
     """
 
     def __init__(
@@ -150,6 +152,7 @@ class ZimAutomaticMatteGenerator:
         min_mask_region_area: int = 0,
         multimask_output: bool = True,
         mask_dedupe_iou_thresh: float | None = None,
+        precision: str = "fp32",
     ) -> None:
         from zim_lightning.predictor import ZimPredictor
 
@@ -173,7 +176,7 @@ class ZimAutomaticMatteGenerator:
                 raise ValueError(f"{name}: expected in [0, 1], got {value}")
         if min_mask_region_area < 0:
             raise ValueError(f"min_mask_region_area: expected 0 or more, got {min_mask_region_area}")
-        self.predictor = ZimPredictor(model)
+        self.predictor = ZimPredictor(model, precision=precision)
         # Normalised [0, 1] (X, Y) grids, one per crop layer.
         self.point_grids = build_all_layer_point_grids(
             points_per_side, crop_n_layers, crop_n_points_downscale_factor
@@ -550,7 +553,12 @@ def _write_files(
 def main(argv: list[str] | None = None) -> int:
     """Run ``zim-lightning matte-all``."""
     from zim_lightning.images import read_rgb
-    from zim_lightning.model_options import add_zim_arguments, describe_model, zim_for_command
+    from zim_lightning.model_options import (
+        add_precision_argument,
+        add_zim_arguments,
+        describe_model,
+        zim_for_command,
+    )
     from zim_lightning.models.build import variant_of
 
     parser = argparse.ArgumentParser(
@@ -575,6 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-mask-region-area", type=int, default=None)
     parser.add_argument("--mask-dedupe-iou-thresh", type=float, default=None)
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    add_precision_argument(parser)
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for random weights (no checkpoint) and colours"
     )
@@ -607,7 +616,9 @@ def main(argv: list[str] | None = None) -> int:
         "mask_dedupe_iou_thresh": args.mask_dedupe_iou_thresh,
     }
     try:
-        generator = ZimAutomaticMatteGenerator.from_preset(model, preset, **overrides)
+        generator = ZimAutomaticMatteGenerator.from_preset(
+            model, preset, precision=args.precision, **overrides
+        )
     except ValueError as error:
         parser.error(str(error))
     try:
@@ -619,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": describe_model(args),
         "checkpoint": Path(args.checkpoint).name if args.checkpoint else None,
         "preset": preset,
+        "precision": args.precision,
         "settings": {k: v for k, v in overrides.items() if v is not None},
     }
     write_results(args.out, image, records, meta)

@@ -111,8 +111,7 @@ class _StoreOnce(argparse.Action):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from zim_lightning import speed
-    from zim_lightning.model_options import add_zim_arguments
+    from zim_lightning.model_options import add_precision_argument, add_zim_arguments
 
     parser = argparse.ArgumentParser(
         prog="zim-lightning matte",
@@ -136,12 +135,7 @@ def _parser() -> argparse.ArgumentParser:
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="torch device (default: cuda if available)",
     )
-    parser.add_argument(
-        "--precision",
-        choices=tuple(speed.PRECISIONS),
-        default="fp32",
-        help="bf16: autocast the ViT encoder (GPUs with bf16); the pyramid and decoder stay float32",
-    )
+    add_precision_argument(parser)
     return parser
 
 

@@ -65,6 +65,18 @@ def add_zim_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` of the :class:`~zim_lightning.predictor.ZimPredictor` a command runs (fp32 or bf16)."""
+    from zim_lightning.speed import PRECISIONS
+
+    parser.add_argument(
+        "--precision",
+        choices=tuple(PRECISIONS),
+        default="fp32",
+        help="bf16: autocast the ViT encoder (GPUs with bf16); the pyramid and decoder stay float32",
+    )
+
+
 def check_checkpoint_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Exit through ``parser.error`` when ``--checkpoint`` or ``--run-config`` is not a file, or when
     architecture switches come with ``--run-config`` (its config fixes them); warn when no checkpoint is

@@ -419,8 +419,12 @@ def build_app(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from zim_lightning import speed
-    from zim_lightning.model_options import add_zim_arguments, describe_model, zim_for_command
+    from zim_lightning.model_options import (
+        add_precision_argument,
+        add_zim_arguments,
+        describe_model,
+        zim_for_command,
+    )
 
     parser = argparse.ArgumentParser(
         prog="zim-lightning serve", description="Interactive matting in the browser (local web page)."
@@ -432,12 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-images", type=int, default=8, help="encoded images kept in memory")
     parser.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted")
     parser.add_argument("--max-side", type=int, default=8192, help="largest image side accepted, pixels")
-    parser.add_argument(
-        "--precision",
-        choices=tuple(speed.PRECISIONS),
-        default="fp32",
-        help="bf16: autocast the network (GPUs)",
-    )
+    add_precision_argument(parser)
     parser.add_argument(
         "--multimask",
         action="store_true",
