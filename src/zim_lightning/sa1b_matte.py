@@ -90,6 +90,7 @@ import cv2
 import numpy as np
 import torch
 import torch.utils.data
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from pycocotools import mask as mask_utils
@@ -1030,81 +1031,92 @@ class SA1BMatteWriter(BasePredictionWriter):
 # ----------------------------------------------------------------------------- the job
 
 
-def _data_module(
-    *,
-    shards: Sequence[Path],
-    out: Path,
-    config: CropConfig,
-    batch_size: int,
-    num_workers: int,
-    pin: bool,
-    run_info: dict[str, Any],
-) -> Any:
-    import lightning as L
+class BuildData(LightningDataModule):
+    """The unfinished shards, claimed by the workers of every rank as they free up.
 
-    class BuildData(L.LightningDataModule):
-        """The unfinished shards, claimed by the workers of every rank as they free up (the run's claims
-        are named once the trainer has launched every rank: rank 0's name, broadcast)."""
+    The run's claims are named once the trainer has launched every rank (rank 0's name, broadcast);
+    rank 0 takes the output lock and checks again that the shards can resume, and every rank learns of
+    a problem together (one rank raising alone would leave the others waiting at a barrier).
+    """
 
-        claims: ShardClaims | None = None
-        lock = OutputLock(out)
+    def __init__(
+        self,
+        *,
+        shards: Sequence[Path],
+        out: Path,
+        config: CropConfig,
+        batch_size: int,
+        num_workers: int,
+        pin: bool,
+        run_info: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.shards, self.out, self.config, self.run_info = list(shards), out, config, run_info
+        self.batch_size, self.num_workers, self.pin = batch_size, num_workers, pin
+        self.lock = OutputLock(out)
+        self.claims: ShardClaims | None = None
 
-        def predict_dataloader(self) -> torch.utils.data.DataLoader:
-            strategy, rank, world = self.trainer.strategy, self.trainer.global_rank, self.trainer.world_size
-            self.claims = ShardClaims(out=out, run_id=strategy.broadcast(new_run_id(), src=0))
-            problem = None
-            if rank == 0:  # an error here must reach every rank, or the others wait in the broadcast
-                problem = self.lock.acquire()
-                if problem is None:
-                    try:
-                        # again, now that no other build can finish shards here: one that held the lock
-                        # at the first check may have finished some with other settings since
-                        check_resumable(out, shards, run_info)
-                        self.claims.begin()
-                    except ValueError as error:
-                        problem = str(error)
-                    except OSError as error:
-                        problem = f"cannot start the run's claims in {out} ({error})"
-            problem = strategy.broadcast(problem, src=0)  # every rank raises it, none waits at a barrier
-            if problem is not None:
-                raise ValueError(problem)
-            if rank != 0:
-                self.lock.join()
-            # every rank decides together: one rank raising alone would leave the others at a barrier
-            if not strategy.reduce_boolean_decision(self.claims.visible(), all=True):
-                raise ValueError(
-                    f"some ranks do not see {self.claims.directory}, which rank 0 made: --out {out} must be "
-                    f"one directory that every node shares (NFS, Lustre), or each node would build every "
-                    f"shard (this is rank {rank} on {socket.gethostname()})"
-                )
-            todo = [s for s in shards if not is_done(out, s)]
-            log.info(
-                "rank %d/%d: %d of %d shards unfinished, shared over the ranks",
-                rank,
-                world,
-                len(todo),
-                len(shards),
+    def _start_run(self) -> ShardClaims:
+        strategy, rank = self.trainer.strategy, self.trainer.global_rank
+        claims = ShardClaims(out=self.out, run_id=strategy.broadcast(new_run_id(), src=0))
+        problem = None
+        if rank == 0:  # an error here must reach every rank, or the others wait in the broadcast
+            problem = self.lock.acquire()
+            if problem is None:
+                try:
+                    # again, now that no other build can finish shards here: one that held the lock at
+                    # the first check may have finished some with other settings since
+                    check_resumable(self.out, self.shards, self.run_info)
+                    claims.begin()
+                except ValueError as error:
+                    problem = str(error)
+                except OSError as error:
+                    problem = f"cannot start the run's claims in {self.out} ({error})"
+        problem = strategy.broadcast(problem, src=0)  # every rank raises it, none waits at a barrier
+        if problem is not None:
+            raise ValueError(problem)
+        if rank != 0:
+            self.lock.join()
+        # every rank decides together: one rank raising alone would leave the others at a barrier
+        if not strategy.reduce_boolean_decision(claims.visible(), all=True):
+            raise ValueError(
+                f"some ranks do not see {claims.directory}, which rank 0 made: --out {self.out} must be one "
+                f"directory that every node shares (NFS, Lustre), or each node would build every shard "
+                f"(this is rank {rank} on {socket.gethostname()})"
             )
-            dataset = ShardDataset(shards=todo, config=config, batch_size=batch_size, claims=self.claims)
-            # every rank lists every unfinished shard, but builds about its share of them
-            workers = min(num_workers, math.ceil(len(todo) / world))
-            return torch.utils.data.DataLoader(
-                dataset,
-                batch_size=None,
-                num_workers=workers,
-                pin_memory=pin,
-                worker_init_fn=(
-                    functools.partial(_worker_init, log_level=logging.getLogger().getEffectiveLevel())
-                    if workers
-                    else None
-                ),
-                # spawn, not fork: a worker forked after OpenCV's or OpenMP's thread pools ran in this
-                # process (data generation, model init, a forward) can deadlock in its first cv2 call
-                multiprocessing_context="spawn" if workers else None,
-                prefetch_factor=2 if workers else None,  # a batch of 16 masks at 1024 is 64 MB
-            )
+        return claims
 
-    return BuildData()
+    def predict_dataloader(self) -> torch.utils.data.DataLoader:
+        self.claims = self._start_run()
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        todo = [s for s in self.shards if not is_done(self.out, s)]
+        log.info(
+            "rank %d/%d: %d of %d shards unfinished, shared over the ranks",
+            rank,
+            world,
+            len(todo),
+            len(self.shards),
+        )
+        dataset = ShardDataset(
+            shards=todo, config=self.config, batch_size=self.batch_size, claims=self.claims
+        )
+        # every rank lists every unfinished shard, but builds about its share of them
+        workers = min(self.num_workers, math.ceil(len(todo) / world))
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.pin,
+            worker_init_fn=(
+                functools.partial(_worker_init, log_level=logging.getLogger().getEffectiveLevel())
+                if workers
+                else None
+            ),
+            # spawn, not fork: a worker forked after OpenCV's or OpenMP's thread pools ran in this process
+            # (data generation, model init, a forward) can deadlock in its first cv2 call
+            multiprocessing_context="spawn" if workers else None,
+            prefetch_factor=2 if workers else None,  # a batch of 16 masks at 1024 is 64 MB
+        )
 
 
 def build(
@@ -1199,7 +1211,7 @@ def build(
         use_distributed_sampler=False,
         callbacks=[writer],
     )
-    data = _data_module(
+    data = BuildData(
         shards=shards,
         out=out,
         config=config,

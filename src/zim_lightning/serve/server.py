@@ -163,202 +163,203 @@ class MattingApp:
         return png_bytes(np.dstack([entry.image, alpha])), f"{stem}_cutout.png"
 
 
-def make_handler(app: MattingApp) -> type[BaseHTTPRequestHandler]:
-    """A request handler class bound to ``app``."""
+_IMAGE_ROUTE = re.compile(r"^/api/images/([A-Za-z0-9_-]{1,64})/(image|predict|download)$")
+_EXAMPLE_ROUTE = re.compile(r"^/api/examples/([a-z0-9_-]{1,32})(\.jpg)?$")
 
-    image_route = re.compile(r"^/api/images/([A-Za-z0-9_-]{1,64})/(image|predict|download)$")
-    example_route = re.compile(r"^/api/examples/([a-z0-9_-]{1,32})(\.jpg)?$")
 
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "zim-lightning"
-        protocol_version = "HTTP/1.1"
-        # Seconds a connection may stay silent (idle keep-alive, or a stalled upload) before it is closed.
-        timeout = CONNECTION_TIMEOUT_S
-        _body_read = False  # whether this request's body has been read (set per request)
+class MattingRequestHandler(BaseHTTPRequestHandler):
+    """The JSON API and the page of the :class:`MattingApp` its server carries (``server.app``)."""
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
-            logger.debug("%s %s", self.address_string(), format % args)
+    server_version = "zim-lightning"
+    protocol_version = "HTTP/1.1"
+    # Seconds a connection may stay silent (idle keep-alive, or a stalled upload) before it is closed.
+    timeout = CONNECTION_TIMEOUT_S
+    _body_read = False  # whether this request's body has been read (set per request)
 
-        # --- responses -------------------------------------------------------------------------
-        def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None):
-            # A body left unread (a request refused before its body was needed, or a GET with a body)
-            # would be read as the next request on this connection: close it instead, and say so.
-            declared = self.headers.get("Content-Length", "0").strip() not in ("", "0")
-            if not self._body_read and (declared or self.headers.get("Transfer-Encoding")):
-                self.close_connection = True
-            self.send_response(status)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            for key, value in (headers or {}).items():
-                self.send_header(key, value)
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+    @property
+    def app(self) -> MattingApp:
+        return self.server.app  # type: ignore[attr-defined]
 
-        def _json(self, status: int, payload: Any) -> None:
-            self._send(status, json.dumps(payload).encode("utf-8"), "application/json")
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        logger.debug("%s %s", self.address_string(), format % args)
 
-        def _error(self, status: int, message: str) -> None:
-            self._json(status, {"error": message})
-
-        # --- request bodies --------------------------------------------------------------------
-        def _body(self, limit: int) -> bytes:
-            length_text = self.headers.get("Content-Length")
-            if length_text is None:
-                if self.headers.get("Transfer-Encoding"):
-                    raise RequestError(411, "chunked uploads are not supported; send a Content-Length")
-                raise RequestError(411, "missing Content-Length header")
-            try:
-                length = int(length_text)
-            except ValueError:
-                raise RequestError(400, f"Content-Length: not an integer ({length_text!r})") from None
-            if length < 0:
-                raise RequestError(400, f"Content-Length: negative ({length})")
-            if length > limit:
-                self._discard(length)
-                raise RequestError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
-            self._body_read = True
-            return self.rfile.read(length)
-
-        def _discard(self, length: int) -> None:
-            # Reading a refused body lets the client, still sending, receive the error; bodies too big
-            # to read through are left unread and the connection is closed instead.
+    # --- responses -------------------------------------------------------------------------
+    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None):
+        # A body left unread (a request refused before its body was needed, or a GET with a body)
+        # would be read as the next request on this connection: close it instead, and say so.
+        declared = self.headers.get("Content-Length", "0").strip() not in ("", "0")
+        if not self._body_read and (declared or self.headers.get("Transfer-Encoding")):
             self.close_connection = True
-            if length > MAX_DISCARD_BYTES:
+        self.send_response(status)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, payload: Any) -> None:
+        self._send(status, json.dumps(payload).encode("utf-8"), "application/json")
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
+
+    # --- request bodies --------------------------------------------------------------------
+    def _body(self, limit: int) -> bytes:
+        length_text = self.headers.get("Content-Length")
+        if length_text is None:
+            if self.headers.get("Transfer-Encoding"):
+                raise RequestError(411, "chunked uploads are not supported; send a Content-Length")
+            raise RequestError(411, "missing Content-Length header")
+        try:
+            length = int(length_text)
+        except ValueError:
+            raise RequestError(400, f"Content-Length: not an integer ({length_text!r})") from None
+        if length < 0:
+            raise RequestError(400, f"Content-Length: negative ({length})")
+        if length > limit:
+            self._discard(length)
+            raise RequestError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
+        self._body_read = True
+        return self.rfile.read(length)
+
+    def _discard(self, length: int) -> None:
+        # Reading a refused body lets the client, still sending, receive the error; bodies too big
+        # to read through are left unread and the connection is closed instead.
+        self.close_connection = True
+        if length > MAX_DISCARD_BYTES:
+            return
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 16))
+            if not chunk:
                 return
-            while length > 0:
-                chunk = self.rfile.read(min(length, 1 << 16))
-                if not chunk:
-                    return
-                length -= len(chunk)
+            length -= len(chunk)
 
-        def _json_body(self) -> Any:
-            data = self._body(MAX_JSON_BYTES)
-            try:
-                return json.loads(data.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise RequestError(400, f"request body: not valid JSON ({error})") from None
+    def _json_body(self) -> Any:
+        data = self._body(MAX_JSON_BYTES)
+        try:
+            return json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RequestError(400, f"request body: not valid JSON ({error})") from None
 
-        # --- dispatch --------------------------------------------------------------------------
-        def _check_origin(self) -> None:
-            # A web page the person visits can send requests here too: one that renamed itself to a
-            # loopback address (DNS rebinding) still sends its own Host, and a cross-site POST carries
-            # the page's Origin. Refuse both; the app's own page sends neither.
-            host = self.headers.get("Host", "")
-            if _is_loopback(self.server.server_address[0]):
-                name = urlsplit(f"//{host}").hostname or ""
-                if name not in LOOPBACK_HOSTS:
-                    self.close_connection = True
-                    raise RequestError(
-                        403, f"Host {host!r}: this server answers only at localhost or 127.0.0.1"
-                    )
-            origin = self.headers.get("Origin")
-            if self.command == "POST" and origin is not None and urlsplit(origin).netloc != host:
+    # --- dispatch --------------------------------------------------------------------------
+    def _check_origin(self) -> None:
+        # A web page the person visits can send requests here too: one that renamed itself to a
+        # loopback address (DNS rebinding) still sends its own Host, and a cross-site POST carries
+        # the page's Origin. Refuse both; the app's own page sends neither.
+        host = self.headers.get("Host", "")
+        if _is_loopback(self.server.server_address[0]):
+            name = urlsplit(f"//{host}").hostname or ""
+            if name not in LOOPBACK_HOSTS:
                 self.close_connection = True
-                raise RequestError(403, f"Origin {origin!r}: requests from other sites are refused")
-
-        def _dispatch(self, handler: Callable[[], None]) -> None:
-            self._body_read = False
-            try:
-                self._check_origin()
-                handler()
-            except RequestError as error:
-                self._error(error.status, error.message)
-            except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True
-            except Exception as error:  # noqa: BLE001 (one bad request must never stop the server)
-                logger.exception("internal error on %s %s", self.command, self.path)
-                self.close_connection = True
-                try:
-                    self._error(500, f"internal error: {type(error).__name__}: {error}")
-                except OSError:
-                    logger.debug("could not send the error response to %s", self.address_string())
-
-        def do_GET(self) -> None:  # noqa: N802 (the base class's naming)
-            self._dispatch(self._get)
-
-        def do_HEAD(self) -> None:  # noqa: N802
-            self._dispatch(self._get)
-
-        def do_POST(self) -> None:  # noqa: N802
-            self._dispatch(self._post)
-
-        def do_PUT(self) -> None:  # noqa: N802
-            self._dispatch(self._not_allowed)
-
-        def do_DELETE(self) -> None:  # noqa: N802
-            self._dispatch(self._not_allowed)
-
-        def _not_allowed(self) -> None:
+                raise RequestError(403, f"Host {host!r}: this server answers only at localhost or 127.0.0.1")
+        origin = self.headers.get("Origin")
+        if self.command == "POST" and origin is not None and urlsplit(origin).netloc != host:
             self.close_connection = True
-            raise RequestError(405, f"method {self.command} not allowed")
+            raise RequestError(403, f"Origin {origin!r}: requests from other sites are refused")
 
-        def _get(self) -> None:
-            url = urlsplit(self.path)
-            path = url.path
-            if path in STATIC_FILES:
-                name, content_type = STATIC_FILES[path]
-                body = resources.files("zim_lightning.serve").joinpath("static", name).read_bytes()
-                self._send(200, body, content_type)
-                return
-            if path == "/api/info":
-                self._json(200, app.info())
-                return
-            match = example_route.match(path)
-            if match and match.group(2):
-                self._send(200, app.thumbnail(match.group(1)), "image/jpeg")
-                return
-            match = image_route.match(path)
-            if match and match.group(2) == "image":
-                self._send(200, app.store.get(match.group(1)).jpeg, "image/jpeg")
-                return
-            if match and match.group(2) == "download":
-                entry = app.store.get(match.group(1))
-                query = parse_qs(url.query)
-                kind = query.get("kind", ["alpha"])[0]
-                prompt = query.get("prompt", [""])[0]
-                body, filename = app.download(entry, kind, prompt)
-                self._send(
-                    200, body, "image/png", {"Content-Disposition": f'attachment; filename="{filename}"'}
-                )
-                return
-            raise RequestError(404, f"no such page: {path}")
-
-        def _post(self) -> None:
-            path = urlsplit(self.path).path
-            if path == "/api/images":
-                data = self._body(app.max_upload_bytes)
-                # The page sends the file name percent-encoded: header values must be Latin-1.
-                name = (
-                    PurePath(unquote(self.headers.get("X-Filename", "") or "upload")).name[:128] or "upload"
-                )
-                entry = app.store.add(data, name=name)
-                self._json(200, entry.describe())
-                return
-            match = example_route.match(path)
-            if match and not match.group(2):
-                self._json(200, app.add_example(match.group(1)).describe())
-                return
-            match = image_route.match(path)
-            if match and match.group(2) == "predict":
-                entry = app.store.get(match.group(1))
-                _, body = app.predict(entry, self._json_body())
-                self._json(200, body)
-                return
+    def _dispatch(self, handler: Callable[[], None]) -> None:
+        self._body_read = False
+        try:
+            self._check_origin()
+            handler()
+        except RequestError as error:
+            self._error(error.status, error.message)
+        except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-            raise RequestError(404, f"no such endpoint: POST {path}")
+        except Exception as error:  # noqa: BLE001 (one bad request must never stop the server)
+            logger.exception("internal error on %s %s", self.command, self.path)
+            self.close_connection = True
+            try:
+                self._error(500, f"internal error: {type(error).__name__}: {error}")
+            except OSError:
+                logger.debug("could not send the error response to %s", self.address_string())
 
-    return Handler
+    def do_GET(self) -> None:  # noqa: N802 (the base class's naming)
+        self._dispatch(self._get)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._dispatch(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch(self._post)
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._dispatch(self._not_allowed)
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._dispatch(self._not_allowed)
+
+    def _not_allowed(self) -> None:
+        self.close_connection = True
+        raise RequestError(405, f"method {self.command} not allowed")
+
+    def _get(self) -> None:
+        url = urlsplit(self.path)
+        path = url.path
+        if path in STATIC_FILES:
+            name, content_type = STATIC_FILES[path]
+            body = resources.files("zim_lightning.serve").joinpath("static", name).read_bytes()
+            self._send(200, body, content_type)
+            return
+        if path == "/api/info":
+            self._json(200, self.app.info())
+            return
+        match = _EXAMPLE_ROUTE.match(path)
+        if match and match.group(2):
+            self._send(200, self.app.thumbnail(match.group(1)), "image/jpeg")
+            return
+        match = _IMAGE_ROUTE.match(path)
+        if match and match.group(2) == "image":
+            self._send(200, self.app.store.get(match.group(1)).jpeg, "image/jpeg")
+            return
+        if match and match.group(2) == "download":
+            entry = self.app.store.get(match.group(1))
+            query = parse_qs(url.query)
+            kind = query.get("kind", ["alpha"])[0]
+            prompt = query.get("prompt", [""])[0]
+            body, filename = self.app.download(entry, kind, prompt)
+            self._send(200, body, "image/png", {"Content-Disposition": f'attachment; filename="{filename}"'})
+            return
+        raise RequestError(404, f"no such page: {path}")
+
+    def _post(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/api/images":
+            data = self._body(self.app.max_upload_bytes)
+            # The page sends the file name percent-encoded: header values must be Latin-1.
+            name = PurePath(unquote(self.headers.get("X-Filename", "") or "upload")).name[:128] or "upload"
+            entry = self.app.store.add(data, name=name)
+            self._json(200, entry.describe())
+            return
+        match = _EXAMPLE_ROUTE.match(path)
+        if match and not match.group(2):
+            self._json(200, self.app.add_example(match.group(1)).describe())
+            return
+        match = _IMAGE_ROUTE.match(path)
+        if match and match.group(2) == "predict":
+            entry = self.app.store.get(match.group(1))
+            _, body = self.app.predict(entry, self._json_body())
+            self._json(200, body)
+            return
+        self.close_connection = True
+        raise RequestError(404, f"no such endpoint: POST {path}")
 
 
 class MattingHTTPServer(ThreadingHTTPServer):
-    """One thread per connection; errors outside a request's handler are logged, never raised."""
+    """One thread per connection, serving ``app``; errors outside a request's handler are logged, never
+    raised."""
 
     daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], app: MattingApp) -> None:
+        self.app = app
+        super().__init__(address, MattingRequestHandler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         error = sys.exc_info()[1]
@@ -386,7 +387,7 @@ def create_server(app: MattingApp, *, host: str = "127.0.0.1", port: int = 7860)
     """A threading HTTP server for ``app``, bound but not yet serving (port 0 picks a free port; an
     IPv6 ``host`` such as ``::1`` binds an IPv6 socket)."""
     server_class = MattingHTTPServer6 if ":" in host else MattingHTTPServer
-    return server_class((host, port), make_handler(app))
+    return server_class((host, port), app)
 
 
 def build_app(
