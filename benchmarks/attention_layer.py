@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from zim_lightning import speed
+from zim_lightning import benchmarking, speed
 from zim_lightning.models import relpos_flash
 from zim_lightning.models.vit_attention import ATTENTION_BACKENDS, ViTAttention
 
@@ -136,10 +136,10 @@ def measure(args: argparse.Namespace, backend: str, device: torch.device, inputs
 
     timing = dict(device=device, warmup=args.warmup, repeats=args.repeats)
     result: dict[str, object] = {"backend": backend}
-    result["forward_ms"] = speed.measure_ms(forward, **timing)
+    result["forward_ms"] = benchmarking.measure_ms(forward, **timing)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result["train_ms"] = speed.measure_ms(train, **timing)
+    result["train_ms"] = benchmarking.measure_ms(train, **timing)
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     result["attention_tflops"] = 3.5 * attention_flops(args) / (result["train_ms"]["median"] * 1e-3) / 1e12
@@ -167,9 +167,9 @@ def run(args: argparse.Namespace, backend: str, device: torch.device, inputs: di
         with contextlib.nullcontext() if kernel is None else sdpa_kernel([kernel]):
             return measure(args, backend, device, inputs)
     except Exception as error:  # one failing backend must not lose the others' figures
-        return {"backend": backend, "error": speed.describe_error(error)}
+        return {"backend": backend, "error": benchmarking.describe_error(error)}
     finally:
-        speed.release_memory(device)
+        benchmarking.release_memory(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "head_dim": args.head_dim,
         "grid": args.grid,
         "attention_gflops_forward": attention_flops(args) / 1e9,
-        "environment": speed.describe_environment(device),
+        "environment": benchmarking.describe_environment(device),
         "results": results,
     }
     outputs: dict[str, dict[str, torch.Tensor]] = {}
@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             result["max_error"] = relative_errors(outputs[backend], outputs["eager"])
         print(f"[attention_layer] {result}", file=sys.stderr)
         results.append(result)
-        speed.emit_report(report, args.json_out, complete=False)
-    speed.emit_report(report, args.json_out)
+        benchmarking.emit_report(report, args.json_out, complete=False)
+    benchmarking.emit_report(report, args.json_out)
     return 0
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from zim_lightning import speed
+from zim_lightning import benchmarking, speed
 from zim_lightning.data.sa1b import decode_image, decode_mask, iter_tar, parse_annotations
 from zim_lightning.data.synthetic import generate
 from zim_lightning.sa1b_matte import (
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             if args.quality and alpha_dir is not None:
                 report["quality"] = quality(out, shards, alpha_dir, config)
-    speed.emit_report(report, args.json_out)
+    benchmarking.emit_report(report, args.json_out)
     return 0
 
 

@@ -38,7 +38,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from zim_lightning import speed
+from zim_lightning import benchmarking
 from zim_lightning.models import relpos_flash
 
 #: Per-SM limits of the architectures this script knows: registers, shared memory a program may use,
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                             file=sys.stderr,
                         )
     report = {"triton": triton.__version__, "width": args.width, "configs": args.configs, "results": results}
-    speed.emit_report(report, args.json_out)
+    benchmarking.emit_report(report, args.json_out)
     return 0
 
 

@@ -16,7 +16,7 @@ attention, fp32: the reference); then ZIM with each ``--attention`` backend at `
 channels-last, compiled when ``--compile`` names a mode. Every ZIM configuration also reports the
 mean squared difference of its one-box alpha from the plain fp32 path's (target: < 1e-4).
 ``--profile N`` adds, per configuration, the top operators and kernels of N ``set_image`` + one-box calls
-by self device time (``zim_lightning.speed.profile_top_ops``).
+by self device time (``zim_lightning.benchmarking.profile_top_ops``).
 
 Weights are random (latency does not depend on them). GPU run (an H100, ViT-B)::
 
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from segment_anything.predictor import SamPredictor
 
-from zim_lightning import speed
+from zim_lightning import benchmarking, speed
 from zim_lightning.models import relpos_flash
 from zim_lightning.models.build import ZIM_VARIANTS
 from zim_lightning.models.vit_attention import ATTENTION_BACKENDS
@@ -230,13 +230,13 @@ def run_config(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for key, fn in calls.items():
-            result[f"{key}_ms"] = speed.measure_ms(
+            result[f"{key}_ms"] = benchmarking.measure_ms(
                 fn, device=device, warmup=args.warmup, repeats=args.repeats
             )
         if device.type == "cuda":
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     except Exception as error:  # one failing configuration (OOM, a compile error) must not hide the others
-        result["error"] = speed.describe_error(error)
+        result["error"] = benchmarking.describe_error(error)
         return result
     skips = _cudagraph_skips()
     if skips is not None and skips_before is not None and args.compile == "reduce-overhead":
@@ -247,14 +247,14 @@ def run_config(
         try:
             result.update(check())
         except Exception as error:  # noqa: BLE001 (the timings stand; the report says why no alpha)
-            result["alpha_error"] = speed.describe_error(error)
+            result["alpha_error"] = benchmarking.describe_error(error)
     if args.profile:  # a profiler failure (CUPTI, say) costs the profile, not the timings
         try:
-            result["profile"] = speed.profile_top_ops(
+            result["profile"] = benchmarking.profile_top_ops(
                 calls["set_image_plus_one_box"], device=device, steps=args.profile
             )
         except Exception as error:  # noqa: BLE001
-            result["profile_error"] = speed.describe_error(error)
+            result["profile_error"] = benchmarking.describe_error(error)
     return result
 
 
@@ -297,22 +297,22 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "compile_scope": args.compile_scope,
-        "environment": speed.describe_environment(device),
+        "environment": benchmarking.describe_environment(device),
         "results": results,
     }
 
     def add(result: dict[str, object]) -> None:
         results.append(result)
         report["relpos_tiles"] = relpos_flash.autotuned_choices()  # triton_relpos: the autotuner's choices
-        speed.emit_report(report, args.json_out, complete=False)  # a killed run keeps what it measured
+        benchmarking.emit_report(report, args.json_out, complete=False)  # a killed run keeps what it measured
 
     if not args.skip_stock:
         for precision in dict.fromkeys(["fp32", args.precision]):
             torch.manual_seed(args.seed)
-            sam = speed.build_stock_sam(args.model, image_size=args.image_size).to(device).eval()
+            sam = benchmarking.build_stock_sam(args.model, image_size=args.image_size).to(device).eval()
             add(run_config(f"stock_sam/{precision}", stock_calls(sam, image, boxes, precision), device, args))
             del sam
-            speed.release_memory(device)
+            benchmarking.release_memory(device)
 
     # the logit scale that spreads the plain path's one-box logits to a standard deviation of LOGIT_STD
     probe = build_zim(args, device, "eager")
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     logit_scale = LOGIT_STD / max(float(logits.float().std()), 1e-6)
     report["logit_scale"] = logit_scale
     del probe, embedding, feats, logits
-    speed.release_memory(device)
+    benchmarking.release_memory(device)
 
     plain = build_zim(args, device, "eager", logit_scale=logit_scale)
     plain_calls = ours_calls(plain, image, boxes, "fp32")
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         "fraction_above_0.9": (plain_alpha > 0.9).float().mean().item(),
     }
     del plain, plain_calls
-    speed.release_memory(device)
+    benchmarking.release_memory(device)
 
     for attention in args.attention:
         zim = build_zim(args, device, attention, logit_scale=logit_scale)
@@ -364,9 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         add(run_config("zim/" + "/".join(switches), calls, device, args, check=alpha_check))
         del zim, calls
         torch.compiler.reset()  # drop compiled graphs (and what they hold) before the next configuration
-        speed.release_memory(device)
+        benchmarking.release_memory(device)
 
-    speed.emit_report(report, args.json_out)
+    benchmarking.emit_report(report, args.json_out)
     return 0
 
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from zim_lightning import speed
+from zim_lightning import benchmarking, speed
 from zim_lightning.losses import MattingLoss
 from zim_lightning.models import relpos_flash
 from zim_lightning.models.build import ZIM_VARIANTS
@@ -234,7 +234,7 @@ def build(
     """The network of ``config`` on ``device``, in train mode; ``plain``: without any speed switch."""
     torch.manual_seed(args.seed)
     if config.base == "stock":
-        model = speed.build_stock_sam(args.model, image_size=args.image_size)
+        model = benchmarking.build_stock_sam(args.model, image_size=args.image_size)
     else:
         model = Zim(**ZIM_VARIANTS[args.model], image_size=args.image_size)
         # SAM starts the relative-position tables at zero: drawn here, so that the final losses, which
@@ -297,10 +297,10 @@ def measure(
 
         for _ in range(args.warmup):
             step()
-        speed.synchronize(device)
+        benchmarking.synchronize(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        timing = speed.measure_ms(step, device=device, warmup=0, repeats=args.steps)
+        timing = benchmarking.measure_ms(step, device=device, warmup=0, repeats=args.steps)
         step_s = timing["median"] / 1e3
         result.update(
             step_ms=timing,
@@ -314,16 +314,16 @@ def measure(
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if args.profile:
             try:  # a profiler failure (CUPTI, say) costs the profile, not the timings
-                result["profile"] = speed.profile_top_ops(step, device=device, steps=args.profile)
+                result["profile"] = benchmarking.profile_top_ops(step, device=device, steps=args.profile)
             except Exception as error:  # noqa: BLE001
-                result["profile_error"] = speed.describe_error(error)
+                result["profile_error"] = benchmarking.describe_error(error)
     except Exception as error:  # one failing configuration (OOM, a compile error) must not hide the others
-        result["error"] = speed.describe_error(error)
+        result["error"] = benchmarking.describe_error(error)
     finally:
         model = optimizer = batch = loss = None
         if config.compiled:
             torch.compiler.reset()  # drop compiled graphs (and what they hold) before the next configuration
-        speed.release_memory(device)
+        benchmarking.release_memory(device)
     return result
 
 
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "warmup": args.warmup,
         "peak_tflops": args.peak_tflops,
-        "environment": speed.describe_environment(device),
+        "environment": benchmarking.describe_environment(device),
         "results": results,
     }
     for config in args.configs:
@@ -351,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append(measure(config, args, device, flops[family]))
         report["model_gflops_per_image"] = {k: v / 1e9 for k, v in flops.items()}
         report["relpos_tiles"] = relpos_flash.autotuned_choices()  # triton_relpos: the autotuner's choices
-        speed.emit_report(report, args.json_out, complete=False)  # a killed run keeps what it measured
-    speed.emit_report(report, args.json_out)
+        benchmarking.emit_report(report, args.json_out, complete=False)  # a killed run keeps what it measured
+    benchmarking.emit_report(report, args.json_out)
     return 0
 
 

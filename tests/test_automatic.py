@@ -219,7 +219,9 @@ def test_presets_and_bad_settings(model: torch.nn.Module) -> None:
     quality = ZimAutomaticMatteGenerator.from_preset(model, "quality")
     assert len(quality.point_grids) == PRESETS["quality"].crop_n_layers + 1
     assert quality.predictor.precision == "fp32"
-    assert ZimAutomaticMatteGenerator.from_preset(model, "fast", precision="bf16").predictor.precision == "bf16"
+    assert (
+        ZimAutomaticMatteGenerator.from_preset(model, "fast", precision="bf16").predictor.precision == "bf16"
+    )
     with pytest.raises(ValueError, match="precision must be one of"):
         ZimAutomaticMatteGenerator(model, precision="fp16")
     with pytest.raises(ValueError, match="preset"):

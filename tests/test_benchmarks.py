@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zim_lightning import speed
+from zim_lightning import benchmarking
 from zim_lightning.models import relpos_flash
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -34,14 +34,14 @@ def test_profile_top_ops_ranks_the_dominant_operator_first():
         return (a @ a @ a).relu() + 1.0
 
     step()  # warm-up, unprofiled
-    top = speed.profile_top_ops(step, device="cpu", steps=3, top=5)
+    top = benchmarking.profile_top_ops(step, device="cpu", steps=3, top=5)
     assert top[0]["name"] in {"aten::mm", "aten::matmul"}
     mm = next(e for e in top if e["name"] == "aten::mm")
     assert mm["calls_per_step"] == pytest.approx(2.0)  # two products per step
     assert all(0.0 <= e["share"] <= 1.0 for e in top)
     assert [e["ms_per_step"] for e in top] == sorted((e["ms_per_step"] for e in top), reverse=True)
     with pytest.raises(ValueError, match="steps must be >= 1"):
-        speed.profile_top_ops(step, device="cpu", steps=0)
+        benchmarking.profile_top_ops(step, device="cpu", steps=0)
 
 
 def test_train_throughput_runs_stock_and_zim_and_profiles(tmp_path: Path):
@@ -93,7 +93,7 @@ def test_predictor_latency_reports_every_call_and_the_alpha_agreement(tmp_path: 
         raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED")
 
     # a profiler that fails (CUPTI on a lent GPU, say) costs the profile, never the timings or the alpha
-    monkeypatch.setattr(speed, "profile_top_ops", broken_profiler)
+    monkeypatch.setattr(benchmarking, "profile_top_ops", broken_profiler)
     args = "--model tiny --image-size 128 --device cpu --precision fp32 --compile none --warmup 0 --repeats 1"
     assert (
         script.main([*args.split(), "--attention", "sdpa_fold", "--profile", "1", "--json-out", str(out)])

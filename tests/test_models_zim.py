@@ -11,13 +11,13 @@ import torch
 from segment_anything.build_sam import sam_model_registry
 from segment_anything.modeling import Sam
 
+from zim_lightning.benchmarking import build_stock_sam
 from zim_lightning.models import CheckpointError, Zim, load_sam_weights, zim_model_registry
 from zim_lightning.models.build import ZIM_VARIANTS, build_zim, network_from_spec
 from zim_lightning.models.checkpoint import weights_loaded_later
 from zim_lightning.models.converter import converter_model_registry
 from zim_lightning.models.pixel_decoder import PYRAMID_STRIDES, HierarchicalPixelDecoder, sam_output_upscaling
 from zim_lightning.models.transformer import KeyMask, MaskableAttention
-from zim_lightning.speed import build_stock_sam
 
 BOX_COORDS = torch.tensor([[[200.0, 150.0], [700.0, 600.0], [-0.5, -0.5]]])
 BOX_LABELS = torch.tensor([[2.0, 3.0, -1.0]])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from segment_anything.modeling import ImageEncoderViT, Sam
 
-from zim_lightning import speed
+from zim_lightning import benchmarking, speed
 from zim_lightning.models.build import ZIM_VARIANTS, load_sam_weights, zim_model_registry
 from zim_lightning.models.image_encoder import ImageEncoder
 from zim_lightning.models.vit_attention import ATTENTION_BACKENDS, ViTAttention
@@ -178,7 +178,7 @@ def small_zim(*, logit_scale: float = 1.0, **kwargs) -> Zim:
 def small_sam() -> Sam:
     """A segment-anything Sam at the small Zim's sizes, random weights."""
     torch.manual_seed(7)
-    sam = speed.build_stock_sam("tiny", image_size=SIDE).eval()
+    sam = benchmarking.build_stock_sam("tiny", image_size=SIDE).eval()
     with torch.no_grad():
         for name, p in sam.image_encoder.named_parameters():
             if "rel_pos" in name or name == "pos_embed":
@@ -312,15 +312,15 @@ def test_calls_under_cuda_graphs_start_a_step_and_return_copies():
 def test_reports_survive_a_cut_off_run_and_errors_without_a_message(tmp_path, capsys):
     path = tmp_path / "report.json"
     report = {"benchmark": "x", "results": [{"config": "a"}]}
-    speed.emit_report(report, path, complete=False)
+    benchmarking.emit_report(report, path, complete=False)
     assert json.loads(path.read_text()) == {**report, "complete": False}
     assert capsys.readouterr().out == ""  # only the final report goes to stdout
     report["results"].append({"config": "b"})
-    speed.emit_report(report, path)
+    benchmarking.emit_report(report, path)
     assert json.loads(capsys.readouterr().out)["complete"] is True
     assert json.loads(path.read_text())["results"] == [{"config": "a"}, {"config": "b"}]
-    assert speed.describe_error(AssertionError()) == "AssertionError"
-    assert speed.describe_error(RuntimeError("CUDA error\nmore")) == "RuntimeError: CUDA error"
+    assert benchmarking.describe_error(AssertionError()) == "AssertionError"
+    assert benchmarking.describe_error(RuntimeError("CUDA error\nmore")) == "RuntimeError: CUDA error"
 
 
 def test_set_attention_reaches_every_vit_block():
