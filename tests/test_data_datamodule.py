@@ -3,6 +3,7 @@ skipped and counted, reproducible training streams, Lightning integration."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -304,6 +305,11 @@ def test_matting_and_segmentation_shards_given_in_each_others_place_stop_trainin
     with pytest.raises(RuntimeError, match=r"(segmentation|matting) shards go in (seg|train)_shards"):
         next(iter(data.train_dataset(rank=0, world_size=1)))
     assert data.skip_counts()["other"] >= 1000
+    # shards of neither kind (SA-1B) as train_shards: the good STL samples mixed in do not hide them
+    wrong = module(stage="converter", train_shards=shards["sa1b"], seg_shards=shards["seg"], stl=stl)
+    with pytest.raises(RuntimeError, match="1000 training samples of the matting shards in a row"):
+        for _ in itertools.islice(wrong.train_dataset(rank=0, world_size=1), 1000):
+            pass  # with STL on, batches of segmentation samples alone come first
     right = module(stage="converter", train_shards=shards["matting"], seg_shards=shards["seg"], stl=stl)
     batch = next(iter(right.train_dataset(rank=0, world_size=1)))
     assert right.skip_counts()["other"] == 0 and batch["image"].shape[0] == 2

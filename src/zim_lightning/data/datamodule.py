@@ -35,6 +35,7 @@ from zim_lightning.data.coarsen import COARSEN_OPS
 from zim_lightning.data.prompts import PromptSampler
 from zim_lightning.data.sa1b import tar_samples
 from zim_lightning.data.samples import (
+    EXPECTED_KIND,
     ConverterSampleProcessor,
     ZimSampleProcessor,
     collate,
@@ -192,8 +193,11 @@ class ProcessSamples:
             # process (num_workers=0), after every validation.
             self.processor.seed(rng)
         handler = self.counter.handler()
-        skipped = 0
+        # Skips in a row, per stream: the STL stream's good samples (a tenth of the converter's) must not
+        # hide a matting stream whose every sample is skipped.
+        skipped: dict[str | None, int] = {}
         for sample in src:
+            stream = sample.get(EXPECTED_KIND)
             try:
                 sample_rng = rng if self.train else key_rng(self.seeds.seed, sample["__key__"])
                 processed = self.processor(sample, sample_rng, train=self.train)
@@ -202,15 +206,16 @@ class ProcessSamples:
                     exn.key = f"{exn.key} in {sample['__url__']}"  # keys repeat across shards
                 if not handler(exn):
                     break
-                skipped += 1
-                if self.train and skipped >= MAX_CONSECUTIVE_SKIPS:
+                skipped[stream] = skipped.get(stream, 0) + 1
+                if self.train and skipped[stream] >= MAX_CONSECUTIVE_SKIPS:
+                    of = f" of the {stream} shards" if stream else ""
                     raise RuntimeError(
-                        f"{skipped} training samples in a row were skipped as corrupt (the last: "
-                        f"{exn}); skips so far: {self.counter.counts()}. Check that the shards are "
+                        f"{skipped[stream]} training samples{of} in a row were skipped as corrupt (the "
+                        f"last: {exn}); skips so far: {self.counter.counts()}. Check that the shards are "
                         f"the kind this stage reads ({type(self.processor).__name__})"
                     ) from exn
                 continue
-            skipped = 0
+            skipped[stream] = 0
             yield from processed
 
 
