@@ -282,6 +282,22 @@ def test_a_checkpoint_of_another_model_or_no_checkpoint_cannot_resume_a_run(
         assert reason in message
 
 
+def test_the_tiny_config_fine_tunes_from_a_trained_networks_checkpoint(synthetic: Path, tmp_path: Path):
+    from zim_lightning.models.checkpoint import NET_SPEC_KEY
+
+    trained = cli_main(_args(synthetic, tmp_path), run=False)
+    for parameter in trained.model.net.parameters():
+        parameter.data.normal_()  # weights no fresh build has
+    state = {f"net.{k}": v for k, v in trained.model.net.state_dict().items()}
+    torch.save({"state_dict": state, NET_SPEC_KEY: trained.model.net_spec}, tmp_path / "last.ckpt")
+    tuned = cli_main(
+        _args(synthetic, tmp_path, f"--model.init_args.net.init_args.checkpoint={tmp_path / 'last.ckpt'}"),
+        run=False,
+    )
+    for name, value in tuned.model.net.state_dict().items():
+        assert torch.equal(value, trained.model.net.state_dict()[name]), name
+
+
 def test_compiled_training_through_lightning_matches_eager(synthetic: Path, tmp_path: Path):
     """The vit_b config's speed path (compile + channels-last) through Lightning's loop: Dynamo captures the
     encoder, prompt encoder and decoder without a graph break, and the step computes the eager loss. The

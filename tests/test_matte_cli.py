@@ -177,6 +177,23 @@ def test_a_checkpoint_of_another_network_or_an_out_file_is_a_usage_error(photo, 
             ]
         )
     assert exc.value.code == 2 and "wrong.pt" in capsys.readouterr().err
+    # a fit checkpoint of the 256-frame tiny config, given with --model tiny (1024): the error says to
+    # leave --model out (the checkpoint names its network)
+    from zim_lightning.models.build import build_zim
+    from zim_lightning.models.checkpoint import NET_SPEC_KEY
+
+    spec = {
+        "class_path": "zim_lightning.models.build.build_zim",
+        "init_args": {"variant": "tiny", "image_size": 256},
+    }
+    net = build_zim(variant="tiny", image_size=256)
+    fit = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, NET_SPEC_KEY: spec}, fit)
+    argv = [str(path), "--box", "1,2,30,40", "--checkpoint", str(fit), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--model", "tiny"])
+    assert exc.value.code == 2 and "leave out --model and its switches" in capsys.readouterr().err
+    assert main(argv) == 0
     taken = tmp_path / "taken"
     taken.write_text("a file")
     with pytest.raises(SystemExit) as exc:

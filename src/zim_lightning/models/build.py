@@ -1,7 +1,7 @@
 """Model registries and weight loading (ZIM paper, Sec. 4.1: ZIM is fine-tuned from a pretrained SAM).
 
 ``zim_model_registry[name](checkpoint=..., sam_checkpoint=..., masked_attention=..., pixel_decoder=...,
-attention=..., activation_checkpointing=...)``
+attention=..., activation_checkpointing=..., image_size=...)``
 builds a :class:`~zim_lightning.models.zim.Zim` of SAM's sizes (``vit_b``, ``vit_l``, ``vit_h``) or the
 ``tiny`` test size (same 1024 input and 64x64 embedding, narrow and shallow), then loads either
 
@@ -189,6 +189,7 @@ def build_zim(
     pixel_decoder: str = "hierarchical",
     attention: str | None = None,
     activation_checkpointing: bool = False,
+    image_size: int = 1024,
 ) -> Zim:
     """Build a ZIM of a registered size and load its weights.
 
@@ -201,6 +202,8 @@ def build_zim(
         attention: ViT attention backend (``"eager"``, ``"sdpa"``, ``"sdpa_fold"``, ``"flex"``,
             ``"triton_relpos"``; same weights and function), or None for :class:`Zim`'s default.
         activation_checkpointing: recompute the ViT blocks' activations in the backward pass.
+        image_size: the frame, the side of the square padded input (SAM's 1024; smaller frames make CPU
+            runs fast, e.g. 256 in ``configs/zim/tiny.yaml``; SAM weights do not fit them).
 
     Returns:
         The network, in train mode as ``nn.Module`` leaves it; random weights when no checkpoint is given.
@@ -222,6 +225,7 @@ def build_zim(
         **ZIM_VARIANTS[variant],
         masked_attention=masked_attention,
         pixel_decoder=pixel_decoder,
+        image_size=image_size,
         **speed_switches,
     )
     if sam_checkpoint is not None:
@@ -350,8 +354,8 @@ def zim_from_run_config(config: str | Path, checkpoint: str | Path | None = None
     """Build the ZIM of a training run from its saved LightningCLI config and load the run's weights.
 
     The network is ``model.init_args.net`` of the config (``class_path`` and ``init_args``: the
-    :class:`Zim` class itself, as ``configs/zim/tiny.yaml`` gives it, or a builder such as
-    :func:`build_zim`), instantiated by jsonargparse as LightningCLI did, so its sizes, frame
+    :class:`Zim` class itself, or a builder such as :func:`build_zim`, as the configs give it),
+    instantiated by jsonargparse as LightningCLI did, so its sizes, frame
     (``image_size``), architecture switches and attention backend are the run's. Starting weights named
     in the config (:data:`STARTING_WEIGHTS_ARGUMENTS`) are not loaded: the weights come from
     ``checkpoint``. The module's speed switches (``compile``, ``channels_last``) do not change parameter
@@ -399,7 +403,7 @@ def zim_from_run_config(config: str | Path, checkpoint: str | Path | None = None
 
 
 #: name -> ``build_zim`` with that variant: ``(*, checkpoint, sam_checkpoint, masked_attention,
-#: pixel_decoder, attention, activation_checkpointing) -> Zim``. (In a LightningCLI config, name
+#: pixel_decoder, attention, activation_checkpointing, image_size) -> Zim``. (In a LightningCLI config, name
 #: ``zim_lightning.models.build.build_zim`` with ``variant``.)
 zim_model_registry: dict[str, Callable[..., Zim]] = {
     name: partial(build_zim, variant=name) for name in ZIM_VARIANTS
