@@ -301,3 +301,11 @@ def test_unwritable_or_foreign_out_returns_an_error_naming_it(
     assert (foreign / "sa1b" / "sa_000000.tar").read_bytes() == b"real data"
     with pytest.raises(ValueError, match="matting_train"):
         generate(tmp_path / "y", matting_train=0)
+
+
+def test_the_full_size_sa1b_flag_and_its_older_name() -> None:
+    from zim_lightning.data.synthetic import _parser
+
+    assert _parser().parse_args(["--out", "x", "--sa1b-full-size"]).sa1b_full_size
+    assert _parser().parse_args(["--out", "x", "--sa1b-size"]).sa1b_full_size
+    assert not _parser().parse_args(["--out", "x"]).sa1b_full_size

@@ -53,7 +53,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 
 import cv2
@@ -540,53 +540,53 @@ def _matting_sample(rng: np.random.Generator, h: int, w: int, kind: str) -> tupl
     return scene, scene.objects[-1]
 
 
-def _write_matting(
-    out: Path, *, seed: int, part: int, split: str, count: int, shard_size: int, size: tuple[int, int]
+def _write_shards(
+    directory: Path,
+    name: str,
+    *,
+    count: int,
+    shard_size: int,
+    members: Callable[[int], list[tuple[str, bytes]]],
 ) -> list[Path]:
-    directory = out / "matting" / split
+    """``name-000000.tar``, ... in ``directory``: samples 0..count-1, ``shard_size`` a tar, each sample's
+    members from ``members(i)``."""
     directory.mkdir(parents=True, exist_ok=True)
     shards = []
     for s in range(math.ceil(count / shard_size)):
-        members = []
-        for i in range(s * shard_size, min(count, (s + 1) * shard_size)):
-            rng = _sample_rng(seed, part, i)
-            # Three fine samples for one solid one: micro detail is what the converter must learn.
-            kind = "solid" if i % 4 == 3 else "fine"
-            scene, target = _matting_sample(rng, *size, kind)
-            key = f"synth_{split}_{i:06d}"
-            meta = {"kind": kind, "source": f"synthetic/{target.shape}/{scene.source}"}
-            members += [
-                (f"{key}.jpg", _jpeg(scene.image)),
-                (f"{key}.alpha.png", encode_png(_alpha_u8(target.alpha))),
-                (f"{key}.json", json.dumps(meta).encode()),
-            ]
-        path = directory / f"matting-{s:06d}.tar"
-        write_tar(path, members, compress=False)
+        path = directory / f"{name}-{s:06d}.tar"
+        samples = range(s * shard_size, min(count, (s + 1) * shard_size))
+        write_tar(path, [member for i in samples for member in members(i)], compress=False)
         shards.append(path)
     return shards
 
 
-def _write_seg(out: Path, *, seed: int, count: int, shard_size: int, size: tuple[int, int]) -> list[Path]:
-    directory = out / "seg"
-    directory.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for s in range(math.ceil(count / shard_size)):
-        members = []
-        for i in range(s * shard_size, min(count, (s + 1) * shard_size)):
-            rng = _sample_rng(seed, _PART_SEG, i)
-            scene, target = _matting_sample(rng, *size, "solid")
-            key = f"synth_seg_{i:06d}"
-            mask = np.where(target.alpha > 0.5, 255, 0).astype(np.uint8)
-            meta = {"kind": "solid", "source": f"synthetic/solid/{scene.source}"}
-            members += [
-                (f"{key}.jpg", _jpeg(scene.image)),
-                (f"{key}.mask.png", encode_png(mask)),
-                (f"{key}.json", json.dumps(meta).encode()),
-            ]
-        path = directory / f"seg-{s:06d}.tar"
-        write_tar(path, members, compress=False)
-        shards.append(path)
-    return shards
+def _matting_members(
+    i: int, *, seed: int, part: int, split: str, size: tuple[int, int]
+) -> list[tuple[str, bytes]]:
+    rng = _sample_rng(seed, part, i)
+    # Three fine samples for one solid one: micro detail is what the converter must learn.
+    kind = "solid" if i % 4 == 3 else "fine"
+    scene, target = _matting_sample(rng, *size, kind)
+    key = f"synth_{split}_{i:06d}"
+    meta = {"kind": kind, "source": f"synthetic/{target.shape}/{scene.source}"}
+    return [
+        (f"{key}.jpg", _jpeg(scene.image)),
+        (f"{key}.alpha.png", encode_png(_alpha_u8(target.alpha))),
+        (f"{key}.json", json.dumps(meta).encode()),
+    ]
+
+
+def _seg_members(i: int, *, seed: int, size: tuple[int, int]) -> list[tuple[str, bytes]]:
+    rng = _sample_rng(seed, _PART_SEG, i)
+    scene, target = _matting_sample(rng, *size, "solid")
+    key = f"synth_seg_{i:06d}"
+    mask = np.where(target.alpha > 0.5, 255, 0).astype(np.uint8)
+    meta = {"kind": "solid", "source": f"synthetic/solid/{scene.source}"}
+    return [
+        (f"{key}.jpg", _jpeg(scene.image)),
+        (f"{key}.mask.png", encode_png(mask)),
+        (f"{key}.json", json.dumps(meta).encode()),
+    ]
 
 
 def _prompt(rng: np.random.Generator, alpha: np.ndarray, *, positives: int = 3, negatives: int = 2) -> dict:
@@ -809,12 +809,17 @@ def generate(
         out, seed=seed, num_shards=num_shards, per_shard=num_images, size=sa1b_size
     )
     layout.sa1b_alpha = out / "sa1b_alpha"
-    common = {"seed": seed, "shard_size": shard_size, "size": size}
-    layout.matting_train = _write_matting(
-        out, part=_PART_MATTING_TRAIN, split="train", count=matting_train, **common
-    )
-    layout.matting_val = _write_matting(out, part=_PART_MATTING_VAL, split="val", count=matting_val, **common)
-    layout.seg = _write_seg(out, count=seg, **common)
+
+    def matting(split: str, part: int, count: int) -> list[Path]:
+        members = partial(_matting_members, seed=seed, part=part, split=split, size=size)
+        return _write_shards(
+            out / "matting" / split, "matting", count=count, shard_size=shard_size, members=members
+        )
+
+    layout.matting_train = matting("train", _PART_MATTING_TRAIN, matting_train)
+    layout.matting_val = matting("val", _PART_MATTING_VAL, matting_val)
+    seg_members = partial(_seg_members, seed=seed, size=size)
+    layout.seg = _write_shards(out / "seg", "seg", count=seg, shard_size=shard_size, members=seg_members)
     layout.micromat = _write_micromat(out, seed=seed, instances=micromat, size=size)
     layout.am2k = _write_matting_folder(
         out / "am2k" / "validation", seed=seed, part=_PART_AM2K, prefix="m", count=eval_images, size=size
@@ -870,9 +875,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=_positive_int, default=8, help="images per SA-1B tar (default 8)")
     p.add_argument("--image-size", type=_image_size, default=DEFAULT_IMAGE_SIZE, help="HxW (default 384x512)")
     p.add_argument(
+        "--sa1b-full-size",
         "--sa1b-size",
+        dest="sa1b_full_size",
         action="store_true",
-        help=f"SA-1B images at the real size {SA1B_FULL_SIZE[0]}x{SA1B_FULL_SIZE[1]} (slower)",
+        help=f"SA-1B images at the real size {SA1B_FULL_SIZE[0]}x{SA1B_FULL_SIZE[1]} (slower; --sa1b-size: "
+        "the older name)",
     )
     p.add_argument("--matting-train", type=_positive_int, default=64, help="matting training samples")
     p.add_argument("--matting-val", type=_positive_int, default=16, help="matting validation samples")
@@ -921,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
             num_shards=args.num_shards,
             num_images=args.num_images,
             image_size=args.image_size,
-            sa1b_size=SA1B_FULL_SIZE if args.sa1b_size else None,
+            sa1b_size=SA1B_FULL_SIZE if args.sa1b_full_size else None,
             matting_train=args.matting_train,
             matting_val=args.matting_val,
             seg=args.seg,
