@@ -110,6 +110,65 @@ class _Candidates:
     points: list[torch.Tensor]  # each 2, (X, Y) in the crop frame
 
 
+@dataclass
+class _Mattes:
+    """An image's candidate mattes, one row each, in the full image's coordinates.
+
+    ``alphas`` are uint8 patches at ``offsets`` until :meth:`ZimAutomaticMatteGenerator._place` puts them
+    in the full frame; ``boxes`` (XYXY, inclusive max) and ``crops`` (XYXY) are Nx4 float tensors.
+    """
+
+    alphas: list[torch.Tensor | None]
+    offsets: list[tuple[int, int]]
+    points: list[torch.Tensor]
+    boxes: torch.Tensor
+    crops: torch.Tensor
+    iou: torch.Tensor
+    stability: torch.Tensor
+
+    @classmethod
+    def from_crop(cls, found: _Candidates, crop_box: list[int]) -> _Mattes:
+        """A crop's candidates moved from the crop's frame into the image's."""
+        count = len(found.alphas)
+        return cls(
+            alphas=list(found.alphas),
+            offsets=[(x + crop_box[0], y + crop_box[1]) for x, y in found.offsets],
+            points=[uncrop_points(p[None], crop_box)[0] for p in found.points],
+            boxes=uncrop_boxes_xyxy(torch.stack(found.boxes), crop_box).float()
+            if count
+            else torch.zeros(0, 4),
+            crops=torch.tensor([crop_box] * count, dtype=torch.float32).reshape(count, 4),
+            iou=torch.stack(found.iou).float() if count else torch.zeros(0),
+            stability=torch.stack(found.stability).float() if count else torch.zeros(0),
+        )
+
+    @classmethod
+    def concatenate(cls, parts: list[_Mattes]) -> _Mattes:
+        return cls(
+            alphas=[a for p in parts for a in p.alphas],
+            offsets=[o for p in parts for o in p.offsets],
+            points=[q for p in parts for q in p.points],
+            boxes=torch.cat([p.boxes for p in parts]),
+            crops=torch.cat([p.crops for p in parts]),
+            iou=torch.cat([p.iou for p in parts]),
+            stability=torch.cat([p.stability for p in parts]),
+        )
+
+    def take(self, keep: list[int] | torch.Tensor) -> _Mattes:
+        """The rows ``keep`` (indices), in that order."""
+        index = torch.as_tensor(keep, dtype=torch.long)
+        rows = index.tolist()
+        return _Mattes(
+            alphas=[self.alphas[i] for i in rows],
+            offsets=[self.offsets[i] for i in rows],
+            points=[self.points[i] for i in rows],
+            boxes=self.boxes[index],
+            crops=self.crops[index],
+            iou=self.iou[index],
+            stability=self.stability[index],
+        )
+
+
 class ZimAutomaticMatteGenerator:
     """Matte every object in an image with a grid of point prompts.
 
@@ -221,68 +280,41 @@ class ZimAutomaticMatteGenerator:
             (height, width), self.crop_n_layers, self.crop_overlap_ratio
         )
 
-        alphas, offsets, boxes, iou, stability, points, crops = [], [], [], [], [], [], []
+        pieces = []
         for crop_box, layer in zip(crop_boxes, layer_indices, strict=True):
-            found = self._process_crop(image, crop_box, layer)
-            alphas += found.alphas
-            offsets += [(x + crop_box[0], y + crop_box[1]) for x, y in found.offsets]
-            boxes += [uncrop_boxes_xyxy(b[None], crop_box)[0] for b in found.boxes]
-            points += [uncrop_points(p[None], crop_box)[0] for p in found.points]
-            iou += found.iou
-            stability += found.stability
-            crops += [torch.tensor(crop_box)] * len(found.alphas)
-        if not alphas:
+            pieces.append(_Mattes.from_crop(self._process_crop(image, crop_box, layer), crop_box))
+        found = _Mattes.concatenate(pieces)
+        if not found.alphas:
             return []
-        boxes_t, crops_t = torch.stack(boxes).float(), torch.stack(crops).float()
-        iou_t, stability_t = torch.stack(iou).float(), torch.stack(stability).float()
-
         if len(crop_boxes) > 1:
             # Across crops, prefer the matte from the smaller (more zoomed-in) crop.
-            keep = batched_nms(
-                boxes_t, 1.0 / box_area(crops_t), torch.zeros(len(alphas)), self.crop_nms_thresh
+            areas = box_area(found.crops)
+            found = found.take(
+                batched_nms(found.boxes, 1.0 / areas, torch.zeros(len(areas)), self.crop_nms_thresh)
             )
-            alphas, offsets, points = (
-                [alphas[i] for i in keep],
-                [offsets[i] for i in keep],
-                [points[i] for i in keep],
-            )
-            boxes_t, crops_t, iou_t, stability_t = (
-                boxes_t[keep],
-                crops_t[keep],
-                iou_t[keep],
-                stability_t[keep],
-            )
-
-        full = [
-            self._place(alpha, offset, height, width) for alpha, offset in zip(alphas, offsets, strict=True)
+        found.alphas = [
+            self._place(a, o, height, width) for a, o in zip(found.alphas, found.offsets, strict=True)
         ]
         if self.min_mask_region_area > 0:
-            full, boxes_t, keep = self._clean_regions(full, boxes_t)
-            points = [points[i] for i in keep]
-            crops_t, iou_t, stability_t = crops_t[keep], iou_t[keep], stability_t[keep]
+            cleaned, boxes, keep = self._clean_regions(found.alphas, found.boxes)
+            found = found.take(keep)
+            found.alphas, found.boxes = cleaned, boxes
         if self.mask_dedupe_iou_thresh is not None:
-            keep = self._dedupe_by_mask_iou(full, iou_t)
-            full, points = [full[i] for i in keep], [points[i] for i in keep]
-            boxes_t, crops_t, iou_t, stability_t = (
-                boxes_t[keep],
-                crops_t[keep],
-                iou_t[keep],
-                stability_t[keep],
-            )
+            found = found.take(self._dedupe_by_mask_iou(found.alphas, found.iou))
 
         records = []
-        for index in range(len(full)):
-            alpha, full[index] = full[index], None  # each uint8 matte is released once converted
-            x1, y1, x2, y2 = boxes_t[index].tolist()
-            cx1, cy1, cx2, cy2 = crops_t[index].int().tolist()
+        for index in range(len(found.alphas)):
+            alpha, found.alphas[index] = found.alphas[index], None  # each matte is released once converted
+            x1, y1, x2, y2 = found.boxes[index].tolist()
+            cx1, cy1, cx2, cy2 = found.crops[index].int().tolist()
             records.append(
                 {
                     "alpha": alpha.float().div_(255.0).numpy(),
                     "bbox": [x1, y1, x2 - x1, y2 - y1],
                     "area": int((alpha > _UINT8_THRESHOLD).sum()),
-                    "predicted_iou": float(iou_t[index]),
-                    "stability_score": float(stability_t[index]),
-                    "point_coords": [[float(v) for v in points[index].tolist()]],
+                    "predicted_iou": float(found.iou[index]),
+                    "stability_score": float(found.stability[index]),
+                    "point_coords": [[float(v) for v in found.points[index].tolist()]],
                     "crop_box": [cx1, cy1, cx2 - cx1, cy2 - cy1],
                 }
             )
