@@ -97,7 +97,7 @@ from pycocotools import mask as mask_utils
 
 from zim_lightning.data.sa1b import CorruptSample, decode_mask, iter_tar, sa1b_record
 from zim_lightning.data.shards import expand_shards
-from zim_lightning.data.skips import SKIP_REASONS
+from zim_lightning.data.skips import SKIP_REASONS, SkipTally
 from zim_lightning.data.tar_writer import PARTIAL_SUFFIX, fsync_dir, member_info, write_atomic
 
 # by name: the module also runs as __main__ (torchrun -m) and in spawned workers as __mp_main__
@@ -589,18 +589,6 @@ class OutputLock:
 # ----------------------------------------------------------------------------- reading side (workers)
 
 
-class ShardSkips:
-    """Skip counts of one shard, by kind (the duck-typed counter :func:`iter_tar` reports to)."""
-
-    def __init__(self) -> None:
-        self.counts = dict.fromkeys(SKIP_REASONS, 0)
-
-    def skip(self, reason: str, key: str, error: BaseException | str) -> None:
-        reason = reason if reason in self.counts else "other"
-        self.counts[reason] += 1
-        log.warning("skipped %s (%s): %s", key, reason, error)
-
-
 @dataclass
 class ImageItem:
     """An image that goes to the output: its key, original JPEG bytes and parsed json."""
@@ -650,7 +638,7 @@ def _shard_batches(shard: Path, config: CropConfig, batch_size: int) -> Iterator
     in the last batch, a :class:`ShardEnd`. A batch never holds two shards.
     """
     size = config.crop_size
-    skips = ShardSkips()
+    skips = SkipTally()
     samples = 0
     items: list[Any] = []
     images: list[np.ndarray] = []

@@ -30,7 +30,7 @@ from zim_lightning.data.decode import (
     decode_image,
     scale_16_bit,
 )
-from zim_lightning.data.skips import CorruptSample, SkipCounter
+from zim_lightning.data.skips import CorruptSample, SkipCounter, SkipSink
 
 __all__ = [
     "GRAY_16_BIT_MODES",
@@ -259,7 +259,7 @@ def decode_matte(sample: dict, annotation: dict, *, key: str, image_size: tuple[
     return alpha
 
 
-def iter_tar(url: str, *, counter: SkipCounter | None = None) -> Iterator[dict]:
+def iter_tar(url: str, *, counter: SkipSink | None = None) -> Iterator[dict]:
     """Yield the samples of one tar (plain or gzip) in file order, webdataset style.
 
     Each sample is ``{"__key__": key, "__url__": url, suffix: bytes, ...}``, grouping consecutive members
@@ -372,14 +372,14 @@ def sa1b_record(sample: dict, *, max_side: int | None = None) -> tuple[np.ndarra
     return image, record
 
 
-def _report(counter: SkipCounter | None, reason: str, key: str, error: str) -> None:
+def _report(counter: SkipSink | None, reason: str, key: str, error: str) -> None:
     if counter is None:
         log.warning("skipped %s (%s): %s", key, reason, error)
     else:
         counter.skip(reason, key, error)
 
 
-def iter_sa1b(url: str, *, counter: SkipCounter | None = None, max_side: int | None = None) -> Iterator[dict]:
+def iter_sa1b(url: str, *, counter: SkipSink | None = None, max_side: int | None = None) -> Iterator[dict]:
     """Yield the decoded samples of one SA-1B tar in file order, skipping (and counting) corrupt ones.
 
     Masks stay RLE: decode the ones you need with :func:`decode_mask`. (The SA1B-Matte builder reads

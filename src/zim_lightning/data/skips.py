@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.utils.data
@@ -39,6 +40,26 @@ class CorruptSample(ValueError):
         super().__init__(f"{key}: {message}")
         self.key = key
         self.reason = reason
+
+
+class SkipSink(Protocol):
+    """Where a reader reports a sample it skips: a :class:`SkipCounter` (a data module's, shared with its
+    DataLoader workers) or a :class:`SkipTally` (one reader's own counts)."""
+
+    def skip(self, reason: str, key: str, error: BaseException | str) -> None: ...
+
+
+class SkipTally:
+    """Skip counts of one reader in one process, by reason (the SA1B-Matte builder keeps one per shard
+    and writes it to the shard's manifest); each skip is logged."""
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(SKIP_REASONS, 0)
+
+    def skip(self, reason: str, key: str, error: BaseException | str) -> None:
+        reason = reason if reason in self.counts else "other"
+        self.counts[reason] += 1
+        log.warning("skipped %s (%s): %s", key, reason, error)
 
 
 class SkipCounter:
