@@ -18,12 +18,12 @@ def test_quickstart_notebook_executes(tmp_path: Path):
     import torch
     import yaml
 
+    from zim_lightning.models.build import network_from_spec
     from zim_lightning.models.checkpoint import NET_SPEC_KEY
-    from zim_lightning.models.zim import Zim
 
     config = Path(__file__).resolve().parents[1] / "configs" / "zim" / "tiny.yaml"
     spec = yaml.safe_load(config.read_text())["model"]["init_args"]["net"]
-    net = Zim(**spec["init_args"])
+    net = network_from_spec(spec, source="configs/zim/tiny.yaml")
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
     (tmp_path / "runs").mkdir()
     torch.save({"state_dict": state, NET_SPEC_KEY: spec}, tmp_path / "runs" / "last.ckpt")
