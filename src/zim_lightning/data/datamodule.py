@@ -316,6 +316,8 @@ class ZimDataModule(L.LightningDataModule):
         near_negative_p: probability that a sample's negative points are drawn near the object.
         mattes_per_image: SA1B-Matte annotations used per decoded image in training.
         pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
+        build_shards: no longer read (the SA1B-Matte builder reads SA-1B itself); accepted as None so
+            that run configs saved before it went (``build_shards: null``) still parse.
     """
 
     def __init__(
@@ -330,6 +332,7 @@ class ZimDataModule(L.LightningDataModule):
         eval_prompt: str = "box",
         eval_subset: str | None = None,
         eval_trimaps: bool = True,
+        build_shards: str | list[str] | None = None,
         batch_size: int = 4,
         val_batch_size: int | None = None,
         num_workers: int = 4,
@@ -360,6 +363,11 @@ class ZimDataModule(L.LightningDataModule):
         super().__init__()
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if build_shards is not None:
+            raise ValueError(
+                "build_shards is no longer a ZimDataModule stage: build SA1B-Matte with "
+                "`zim-lightning build-sa1b-matte --sa1b ...`"
+            )
         for name, value in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
