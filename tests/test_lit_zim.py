@@ -256,29 +256,36 @@ def test_clipping_a_fused_optimiser_under_mixed_precision_is_refused_before_trai
 def test_a_checkpoint_of_another_model_or_no_checkpoint_cannot_resume_a_run(
     synthetic: Path, tmp_path: Path, capsys
 ):
-    from zim_lightning.models.checkpoint import NET_SPEC_KEY
+    from zim_lightning.models.build import build_zim
+    from zim_lightning.models.converter import build_converter_tiny
 
-    converter = tmp_path / "converter.ckpt"
-    converter_net = {"class_path": "zim_lightning.models.converter.build_converter_tiny", "init_args": {}}
-    hparams = {"_class_path": "zim_lightning.lit.converter_module.ConverterModule"}
-    torch.save({"state_dict": {}, "hyper_parameters": hparams, NET_SPEC_KEY: converter_net}, converter)
-    other_net = tmp_path / "other_net.ckpt"
-    hparams = {"_class_path": "zim_lightning.lit.zim_module.ZimModule"}
-    torch.save({"state_dict": {}, "hyper_parameters": hparams, NET_SPEC_KEY: converter_net}, other_net)
+    def fit_checkpoint(name: str, module: str, net: torch.nn.Module) -> Path:
+        state = {f"net.{k}": v for k, v in net.state_dict().items()}
+        torch.save({"state_dict": state, "hyper_parameters": {"_class_path": module}}, tmp_path / name)
+        return tmp_path / name
+
+    zim_module, converter_module = (
+        "zim_lightning.lit.zim_module.ZimModule",
+        "zim_lightning.lit.converter_module.ConverterModule",
+    )
+    converter = fit_checkpoint("converter.ckpt", converter_module, build_converter_tiny())
+    other_net = fit_checkpoint("other_net.ckpt", zim_module, build_converter_tiny())
+    other_frame = fit_checkpoint("other_frame.ckpt", zim_module, build_zim(variant="tiny"))  # 1024, not 256
     plain = tmp_path / "plain.pt"
     torch.save({"weight": torch.zeros(2)}, plain)
     text = tmp_path / "notes.ckpt"
     text.write_text("not a checkpoint")
     for path, reason in (
-        (converter, "a checkpoint of zim_lightning.lit.converter_module.ConverterModule, and this run's"),
-        (other_net, "its network is zim_lightning.models.converter.build_converter_tiny, and this run's"),
+        (converter, f"a checkpoint of {converter_module}, and this run's model is {zim_module}"),
+        (other_net, "its network is not this run's ("),
+        (other_frame, "3 with another shape: image_encoder.blocks.1.attn.rel_pos_h (127, 32) vs"),
         (plain, "not a Lightning checkpoint"),
         (text, "could not be read as a PyTorch state dict"),
     ):
         with pytest.raises(SystemExit) as exc:
             cli_main(["fit", *_args(synthetic, tmp_path, f"--ckpt_path={path}")])
         message = " ".join(capsys.readouterr().err.split())
-        assert exc.value.code == 2 and f"--ckpt_path '{path}' cannot resume this run" in message
+        assert exc.value.code == 2 and f"--ckpt_path '{path}' does not fit this run" in message
         assert reason in message
 
 

@@ -25,55 +25,67 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from zim_lightning.models.checkpoint import CheckpointError, load_checkpoint, shape_mismatch, shapes_of
 
 #: The dispatcher passes the subcommand (fit, validate, test) as the first argument.
 MULTI_COMMAND = True
 
 
-def resume_mismatch(checkpoint: Any, config: Any) -> str | None:
-    """Why a checkpoint cannot resume the run ``config`` describes (another LightningModule or network
-    class), or None. ``config`` is the subcommand's parsed config; the checkpoint a loaded
-    ``zim-lightning fit`` checkpoint."""
-    from zim_lightning.models.checkpoint import net_spec_of
-
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+def _module_mismatch(checkpoint: Any, config: Any) -> str | None:
+    """Why a loaded checkpoint cannot be restored into the run ``config`` (the subcommand's parsed
+    config) describes: not a Lightning checkpoint, or one of another LightningModule; or None."""
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         return "it is not a Lightning checkpoint (a plain state dict cannot resume a run)"
     hparams = checkpoint.get("hyper_parameters")
     saved = hparams.get("_class_path") if isinstance(hparams, dict) else None
     wanted = config.get("model.class_path")
     if saved and wanted and saved != wanted:
         return f"it is a checkpoint of {saved}, and this run's model is {wanted}"
-    saved_net = (net_spec_of(checkpoint) or {}).get("class_path")
-    wanted_net = config.get("model.init_args.net.class_path")
-    if saved_net and wanted_net and saved_net != wanted_net:
-        return f"its network is {saved_net}, and this run's is {wanted_net}"
     return None
+
+
+def _net_shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k.removeprefix("net."): tuple(v.shape) for k, v in state.items() if k.startswith("net.")}
 
 
 class ZimLightningCLI(LightningCLI):
     """LightningCLI with the links between values that several parts share."""
 
-    def _parse_ckpt_path(self) -> None:
-        # Lightning replaces the run's model config with the checkpoint's hyperparameters here; a
-        # checkpoint of another module or network then fails later on state-dict keys, naming no file,
-        # and a file that is no checkpoint with a bare unpickling error. Check it first, by name.
-        from zim_lightning.models.checkpoint import CheckpointError, load_checkpoint
+    _ckpt_net_shapes: dict[str, tuple[int, ...]] | None = None
 
+    def _ckpt_error(self, ckpt_path: str, problem: str) -> None:
+        self.parser.error(
+            f"--ckpt_path {ckpt_path!r} does not fit this run: {problem}. Give a checkpoint that this "
+            "config wrote, or start from a trained network's weights with "
+            "--model.init_args.net.init_args.checkpoint"
+        )
+
+    def _ckpt_path(self) -> str | None:
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).is_file():  # "last", "best", a missing file: Lightning's checks
+        # "last", "best" or a missing file: Lightning's own handling
+        return ckpt_path if ckpt_path and Path(ckpt_path).is_file() else None
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning replaces the run's model config with the checkpoint's hyperparameters here; a
+        # checkpoint of another module then fails later on state-dict keys, naming no file, and a file
+        # that is no checkpoint with a bare unpickling error. Check it first, by name; the network's
+        # shapes are checked once it is built (instantiate_classes).
+        ckpt_path = self._ckpt_path()
+        if ckpt_path is not None:
             try:
-                problem = resume_mismatch(load_checkpoint(ckpt_path), self.config[subcommand])
+                checkpoint = load_checkpoint(ckpt_path)
+                problem = _module_mismatch(checkpoint, self.config[self.config.subcommand])
             except CheckpointError as err:
                 problem = str(err)
             if problem is not None:
-                self.parser.error(
-                    f"--ckpt_path {ckpt_path!r} cannot resume this run: {problem}. Resume a run with a "
-                    "checkpoint it wrote, or start from a trained network's weights with "
-                    "--model.init_args.net.init_args.checkpoint"
-                )
+                self._ckpt_error(ckpt_path, problem)
+            self._ckpt_net_shapes = _net_shapes(checkpoint["state_dict"])
+            del checkpoint
         super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:
@@ -84,6 +96,11 @@ class ZimLightningCLI(LightningCLI):
         net = config.get("model.init_args.net")
         if net is not None and hasattr(net, "as_dict") and hasattr(self.model, "net_spec"):
             self.model.net_spec = net.as_dict()
+        own = getattr(self.model, "net", None)
+        if self._ckpt_net_shapes is not None and isinstance(own, torch.nn.Module):
+            problem = shape_mismatch(shapes_of(own.state_dict()), self._ckpt_net_shapes)
+            if problem is not None:
+                self._ckpt_error(str(self._ckpt_path()), f"its network is not this run's ({problem})")
 
 
 def cli_main(args: list[str] | None = None, *, run: bool = True) -> LightningCLI:

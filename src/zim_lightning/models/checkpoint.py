@@ -165,6 +165,34 @@ def read_state_dict(
     return state_dict_of(load_checkpoint(path), source=path, prefixes=prefixes)
 
 
+def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Tensor names -> shapes."""
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def shape_mismatch(own: Mapping[str, tuple[int, ...]], saved: Mapping[str, tuple[int, ...]]) -> str | None:
+    """How saved tensors (names -> shapes) differ from a network's (:func:`shapes_of` its state dict):
+    what is missing, unexpected and of another shape, a few names each; None when they agree."""
+    missing = sorted(set(own) - set(saved))
+    unexpected = sorted(set(saved) - set(own))
+    mis_shaped = sorted(k for k in set(own) & set(saved) if own[k] != saved[k])
+
+    def show(keys: list[str]) -> str:
+        return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing: {show(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {show(unexpected)}")
+    if mis_shaped:
+        parts.append(
+            f"{len(mis_shaped)} with another shape: "
+            + show([f"{k} {saved[k]} vs {own[k]}" for k in mis_shaped])
+        )
+    return "; ".join(parts) or None
+
+
 def load_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str) -> None:
     """Load ``state`` into ``model``, requiring the same keys and shapes on both sides.
 
@@ -177,27 +205,10 @@ def load_exactly(model: nn.Module, state: Mapping[str, torch.Tensor], *, source:
         CheckpointError: naming the missing, unexpected and mis-shaped keys, when the checkpoint was
             written for another model or architecture variant.
     """
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mis_shaped = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or mis_shaped:
-
-        def show(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
-
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing: {show(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected: {show(unexpected)}")
-        if mis_shaped:
-            parts.append(
-                f"{len(mis_shaped)} with another shape: "
-                + show([f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mis_shaped])
-            )
+    problem = shape_mismatch(shapes_of(model.state_dict()), shapes_of(state))
+    if problem is not None:
         raise CheckpointError(
             f"checkpoint {source!r} does not match {type(model).__name__}; it was written for another "
-            f"model or architecture variant ({'; '.join(parts)})"
+            f"model or architecture variant ({problem})"
         )
     model.load_state_dict(state, strict=True)
