@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from zim_lightning.models.checkpoint import (
+    NET_SPEC_KEY,
     CheckpointError,
     load_checkpoint,
     load_exactly,
@@ -123,9 +124,18 @@ def load_sam_weights(model: Zim, sam_checkpoint: str | Path | Mapping[str, torch
         CheckpointError: when the checkpoint is not a SAM checkpoint of the model's size.
     """
     source = "<state dict>" if isinstance(sam_checkpoint, Mapping) else str(sam_checkpoint)
-    sam_state = (
-        dict(sam_checkpoint) if isinstance(sam_checkpoint, Mapping) else read_state_dict(sam_checkpoint)
-    )
+    if isinstance(sam_checkpoint, Mapping):
+        sam_state = dict(sam_checkpoint)
+    else:
+        loaded = load_checkpoint(sam_checkpoint)
+        if isinstance(loaded, Mapping) and ("state_dict" in loaded or NET_SPEC_KEY in loaded):
+            # segment-anything releases plain state dicts; a Lightning checkpoint is a trained network's
+            raise CheckpointError(
+                f"SAM checkpoint {source!r} is a Lightning checkpoint (of `zim-lightning fit`); give it as "
+                "checkpoint= (--model.init_args.net.init_args.checkpoint), sam_checkpoint takes "
+                "segment-anything weights"
+            )
+        sam_state = state_dict_of(loaded, source=sam_checkpoint)
     own = model.state_dict()
     unused_prefixes = SAM_UNUSED_PREFIXES
     if model.pixel_decoder != "sam":
