@@ -147,6 +147,10 @@ def test_a_trimap_without_a_128_unknown_region_names_the_file(tmp_path: Path, va
     with pytest.raises(EvalDataError, match=r"'s_1'.*trimap s_1.png must hold 0 .*128 .*255"):
         check_trimaps(dataset.records)
     check_trimaps(dataset.records[:1])
+    trimap = tmp_path / "trimap/s_1.png"
+    trimap.write_bytes(trimap.read_bytes()[:-40])  # truncated: its header still reads
+    with pytest.raises(EvalDataError, match=r"'s_1'.*cannot decode trimap s_1.png"):
+        check_trimaps(dataset.records)
 
 
 def test_missing_file_names_the_instance(tmp_path: Path) -> None:

@@ -482,7 +482,9 @@ def test_sam_checkpoint_of_another_size_is_rejected(tmp_path):
     with pytest.raises(CheckpointError, match="is a ZIM checkpoint; give it as checkpoint="):
         load_sam_weights(small, tiny().state_dict())  # ZIM's own weights given as SAM's
     fit = tmp_path / "last.ckpt"  # a trained ZIM without ZIM-only tensors (the SAM pixel decoder ablation)
-    torch.save({"state_dict": {f"net.{k}": v for k, v in tiny(pixel_decoder="sam").state_dict().items()}}, fit)
+    torch.save(
+        {"state_dict": {f"net.{k}": v for k, v in tiny(pixel_decoder="sam").state_dict().items()}}, fit
+    )
     with pytest.raises(CheckpointError, match="is a Lightning checkpoint .* give it as checkpoint="):
         load_sam_weights(tiny(pixel_decoder="sam"), str(fit))
 

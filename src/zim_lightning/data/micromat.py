@@ -160,12 +160,7 @@ class EvalDataset(Dataset):
             )
         trimap = None
         if record.trimap is not None:
-            try:
-                trimap = read_trimap(record.trimap)
-            except OSError as err:
-                raise EvalDataError(
-                    f"{record.where}: cannot decode trimap {record.trimap.name}: {err}"
-                ) from err
+            trimap = _trimap_of(record)
             if trimap.shape != alpha.shape:
                 raise EvalDataError(
                     f"{record.where}: trimap {record.trimap.name} is {trimap.shape[1]}x{trimap.shape[0]} "
@@ -449,6 +444,14 @@ def _folder_records(folder: Path, format: str) -> list[EvalRecord]:
     return records
 
 
+def _trimap_of(record: EvalRecord) -> np.ndarray:
+    """:func:`read_trimap` of an instance's trimap; a file that does not decode is named with its line."""
+    try:
+        return read_trimap(record.trimap)
+    except OSError as err:  # truncated or corrupt (the headers passed at indexing)
+        raise EvalDataError(f"{record.where}: cannot decode trimap {record.trimap.name}: {err}") from err
+
+
 def check_trimaps(records: Sequence[EvalRecord]) -> None:
     """Check that every trimap has its matte's size and holds only 0, 128 and 255, with some 128 (the dim
     protocol scores the unknown region only: a trimap without one, or an interpolated one, would score 0
@@ -460,7 +463,7 @@ def check_trimaps(records: Sequence[EvalRecord]) -> None:
     for record in records:
         if record.trimap is None:
             continue
-        trimap = read_trimap(record.trimap)
+        trimap = _trimap_of(record)
         with Image.open(record.matte) as matte:
             if trimap.shape != (matte.height, matte.width):
                 raise EvalDataError(
