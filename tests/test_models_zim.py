@@ -56,6 +56,8 @@ def test_sam_sizes_shapes_on_meta_device(variant):
     assert [tuple(f.shape[-3:]) for f in feats] == [(16, 512, 512), (32, 256, 256), (64, 128, 128)]
     assert logits.shape == (2, 4, 512, 512) and iou.shape == (2, 4)
     assert model.image_encoder.patch_embed.proj.out_channels == ZIM_VARIANTS[variant]["encoder_embed_dim"]
+    assert set(zim_model_registry) == set(ZIM_VARIANTS)  # every size has its builder
+    assert zim_model_registry[variant].__name__ == f"build_zim_{variant}"  # importable by that name
 
 
 @pytest.mark.parametrize("pixel_decoder, side", [("hierarchical", 512), ("sam", 256)])

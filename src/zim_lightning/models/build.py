@@ -21,7 +21,6 @@ import argparse
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -412,11 +411,34 @@ def zim_from_run_config(config: str | Path, checkpoint: str | Path | None = None
     return network
 
 
-#: name -> ``build_zim`` with that variant: ``(*, checkpoint, sam_checkpoint, masked_attention,
-#: pixel_decoder, attention, activation_checkpointing, image_size) -> Zim``. (In a LightningCLI config, name
-#: ``zim_lightning.models.build.build_zim`` with ``variant``.)
+def build_zim_vit_b(**options: Any) -> Zim:
+    """ZIM at SAM ViT-B's sizes; ``options`` as :func:`build_zim`'s (``checkpoint``, ``sam_checkpoint``, ...)."""
+    return build_zim(variant="vit_b", **options)
+
+
+def build_zim_vit_l(**options: Any) -> Zim:
+    """ZIM at SAM ViT-L's sizes; ``options`` as :func:`build_zim`'s."""
+    return build_zim(variant="vit_l", **options)
+
+
+def build_zim_vit_h(**options: Any) -> Zim:
+    """ZIM at SAM ViT-H's sizes; ``options`` as :func:`build_zim`'s."""
+    return build_zim(variant="vit_h", **options)
+
+
+def build_zim_tiny(**options: Any) -> Zim:
+    """The tiny test ZIM (SAM's interfaces and 1024 frame, narrow and shallow); ``options`` as
+    :func:`build_zim`'s."""
+    return build_zim(variant="tiny", **options)
+
+
+#: name -> builder (segment-anything's ``sam_model_registry`` style). In a LightningCLI config, name
+#: ``zim_lightning.models.build.build_zim`` with ``variant``: its arguments are typed for validation.
 zim_model_registry: dict[str, Callable[..., Zim]] = {
-    name: partial(build_zim, variant=name) for name in ZIM_VARIANTS
+    "vit_b": build_zim_vit_b,
+    "vit_l": build_zim_vit_l,
+    "vit_h": build_zim_vit_h,
+    "tiny": build_zim_tiny,
 }
 
 
