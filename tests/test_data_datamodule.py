@@ -313,6 +313,10 @@ def test_matting_and_segmentation_shards_given_in_each_others_place_stop_trainin
     right = module(stage="converter", train_shards=shards["matting"], seg_shards=shards["seg"], stl=stl)
     batch = next(iter(right.train_dataset(rank=0, world_size=1)))
     assert right.skip_counts()["other"] == 0 and batch["image"].shape[0] == 2
+    # validation: segmentation samples are refused as well, matting ones pass
+    mixed = module(stage="converter", val_shards=[shards["seg"], shards["matting"][0]], stl=stl)
+    validated = [k for b in mixed.val_dataset(rank=0, world_size=1) for k in b["key"]]
+    assert validated and all(k.startswith("m") for k in validated) and mixed.skip_counts()["other"] == 3
 
 
 def test_a_skip_is_logged_with_its_shard_once_per_shard(tmp_path, caplog) -> None:

@@ -595,9 +595,11 @@ class ZimDataModule(L.LightningDataModule):
                 split_by_dataloader_worker,  # this worker's shards
             ]
         counter = self.skips.lane(1)  # validation workers run while training's persistent ones prefetch
+        stages.append(partial(tar_samples, counter=counter))  # raw samples, in file order
+        if self.stage == "converter":  # the converter validates on mattes: segmentation samples are refused
+            stages.append(wds.map(partial(expect_kind, kind="matting")))
         return wds.DataPipeline(
             *stages,
-            partial(tar_samples, counter=counter),  # raw samples, in file order
             ProcessSamples(
                 self._processor(),
                 train=False,
