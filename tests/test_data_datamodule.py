@@ -300,14 +300,16 @@ def test_corrupt_samples_are_skipped_counted_and_the_others_unchanged(shards, tm
 
 
 @pytest.mark.parametrize("stl", [True, False])
-def test_matting_and_segmentation_shards_given_in_each_others_place_stop_training(shards, stl) -> None:
+def test_matting_and_segmentation_shards_given_in_each_others_place_stop_training(
+    shards, stl, caplog
+) -> None:
     data = module(stage="converter", train_shards=shards["seg"], seg_shards=shards["matting"], stl=stl)
     with pytest.raises(RuntimeError, match=r"(segmentation|matting) shards go in (seg|train)_shards"):
         next(iter(data.train_dataset(rank=0, world_size=1)))
     assert data.skip_counts()["other"] >= 1000
     # shards of neither kind (SA-1B) as train_shards: the good STL samples mixed in do not hide them
     wrong = module(stage="converter", train_shards=shards["sa1b"], seg_shards=shards["seg"], stl=stl)
-    with pytest.raises(RuntimeError, match="1000 training samples of the matting shards in a row"):
+    with pytest.raises(RuntimeError, match="1000 training samples from train_shards in a row"):
         for _ in itertools.islice(wrong.train_dataset(rank=0, world_size=1), 1000):
             pass  # with STL on, batches of segmentation samples alone come first
     right = module(stage="converter", train_shards=shards["matting"], seg_shards=shards["seg"], stl=stl)
@@ -315,8 +317,13 @@ def test_matting_and_segmentation_shards_given_in_each_others_place_stop_trainin
     assert right.skip_counts()["other"] == 0 and batch["image"].shape[0] == 2
     # validation: segmentation samples are refused as well, matting ones pass
     mixed = module(stage="converter", val_shards=[shards["seg"], shards["matting"][0]], stl=stl)
-    validated = [k for b in mixed.val_dataset(rank=0, world_size=1) for k in b["key"]]
+    with caplog.at_level("WARNING", logger="zim_lightning.data.skips"):
+        validated = [k for b in mixed.val_dataset(rank=0, world_size=1) for k in b["key"]]
     assert validated and all(k.startswith("m") for k in validated) and mixed.skip_counts()["other"] == 3
+    assert (
+        "a segmentation sample in val_shards, which takes matting shards; the converter validates on mattes"
+        in caplog.text
+    )
 
 
 def test_a_skip_is_logged_with_its_shard_once_per_shard(tmp_path, caplog) -> None:

@@ -287,6 +287,12 @@ def test_a_checkpoint_of_another_model_or_no_checkpoint_cannot_resume_a_run(
         message = " ".join(capsys.readouterr().err.split())
         assert exc.value.code == 2 and f"--ckpt_path '{path}' does not fit this run" in message
         assert reason in message
+    for path in (tmp_path / "missing.ckpt", tmp_path):  # a typo, a folder: before any log folder exists
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["fit", *_args(synthetic, tmp_path / "run", f"--ckpt_path={path}")])
+        message = " ".join(capsys.readouterr().err.split())
+        assert exc.value.code == 2 and f"--ckpt_path '{path}' does not exist or is not a file" in message
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_tiny_config_fine_tunes_from_a_trained_networks_checkpoint(synthetic: Path, tmp_path: Path):

@@ -195,7 +195,7 @@ class ProcessSamples:
         handler = self.counter.handler()
         # Skips in a row, per stream: the STL stream's good samples (a tenth of the converter's) must not
         # hide a matting stream whose every sample is skipped.
-        skipped: dict[str | None, int] = {}
+        skipped: dict[tuple[str, str] | None, int] = {}
         for sample in src:
             stream = sample.get(EXPECTED_KIND)
             try:
@@ -208,7 +208,7 @@ class ProcessSamples:
                     break
                 skipped[stream] = skipped.get(stream, 0) + 1
                 if self.train and skipped[stream] >= MAX_CONSECUTIVE_SKIPS:
-                    of = f" of the {stream} shards" if stream else ""
+                    of = f" from {stream[1]}" if stream else ""
                     raise RuntimeError(
                         f"{skipped[stream]} training samples{of} in a row were skipped as corrupt (the "
                         f"last: {exn}); skips so far: {self.counter.counts()}. Check that the shards are "
@@ -474,7 +474,14 @@ class ZimDataModule(L.LightningDataModule):
         )
 
     def _train_stream(
-        self, urls: list[str], *, rank: int, world_size: int, source: int = 0, kind: str | None = None
+        self,
+        urls: list[str],
+        *,
+        rank: int,
+        world_size: int,
+        source: int = 0,
+        kind: str | None = None,
+        option: str = "train_shards",
     ) -> wds.DataPipeline:
         workers = max(1, self.num_workers)
         split = len(urls) >= world_size * workers
@@ -507,7 +514,7 @@ class ZimDataModule(L.LightningDataModule):
             ),
         ]
         if kind is not None:  # samples of the other kind are refused (shards given in each other's place)
-            stages.append(wds.map(partial(expect_kind, kind=kind)))
+            stages.append(wds.map(partial(expect_kind, kind=kind, option=option)))
         return wds.DataPipeline(*stages)
 
     def train_dataset(self, *, rank: int | None = None, world_size: int | None = None) -> wds.DataPipeline:
@@ -526,6 +533,7 @@ class ZimDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world_size,
             kind="matting" if self.stage == "converter" else None,
+            option="train_shards",
         )
         if self.stage == "converter" and self.stl:
             seg = self._train_stream(
@@ -534,6 +542,7 @@ class ZimDataModule(L.LightningDataModule):
                 world_size=world_size,
                 source=1,
                 kind="segmentation",
+                option="seg_shards",
             )
             source = MixSTL(
                 raw, seg, ratio=self.stl_ratio, seeds=self._epoch_seeds(rank)
@@ -597,7 +606,7 @@ class ZimDataModule(L.LightningDataModule):
         counter = self.skips.lane(1)  # validation workers run while training's persistent ones prefetch
         stages.append(partial(tar_samples, counter=counter))  # raw samples, in file order
         if self.stage == "converter":  # the converter validates on mattes: segmentation samples are refused
-            stages.append(wds.map(partial(expect_kind, kind="matting")))
+            stages.append(wds.map(partial(expect_kind, kind="matting", option="val_shards")))
         return wds.DataPipeline(
             *stages,
             ProcessSamples(

@@ -37,15 +37,18 @@ from zim_lightning.data.sa1b import check_decoded_size, decode_image, decode_mat
 from zim_lightning.data.skips import CorruptSample
 from zim_lightning.data.transforms import get_preprocess_shape, resize
 
-#: Raw-sample field naming the kind a converter training stream holds ("matting" or "segmentation"),
-#: set by the datamodule, so that shards given in each other's place are refused, not trained on.
+#: Raw-sample field: ``(kind, option)``, the kind of sample a converter stream holds ("matting" or
+#: "segmentation") and the datamodule option that named its shards. Set by the datamodule, so that
+#: shards given in each other's place are refused, not trained or validated on.
 EXPECTED_KIND = "__expected_kind__"
-_SHARD_OPTION = {"matting": "train_shards", "segmentation": "seg_shards"}
+#: Where the converter's training takes each kind of shard.
+_TRAINING_OPTION = {"matting": "train_shards", "segmentation": "seg_shards"}
 
 
-def expect_kind(sample: dict, *, kind: str) -> dict:
-    """Mark a raw sample as read from a stream of ``kind`` samples (a pipeline map function)."""
-    sample[EXPECTED_KIND] = kind
+def expect_kind(sample: dict, *, kind: str, option: str) -> dict:
+    """Mark a raw sample as read from the ``option`` shards, which hold ``kind`` samples (a pipeline
+    map function)."""
+    sample[EXPECTED_KIND] = (kind, option)
     return sample
 
 
@@ -129,11 +132,15 @@ class ConverterSampleProcessor:
                 key=key,
                 reason="missing_member",
             )
-        expected = sample.get(EXPECTED_KIND, kind)
+        expected, option = sample.get(EXPECTED_KIND, (kind, None))
         if kind != expected:
+            remedy = (
+                "the converter validates on mattes only"
+                if option == "val_shards"
+                else f"{kind} shards go in {_TRAINING_OPTION[kind]}"
+            )
             raise CorruptSample(
-                f"a {kind} sample in the {expected} shards ({_SHARD_OPTION[expected]}); {kind} shards go in "
-                f"{_SHARD_OPTION[kind]}",
+                f"a {kind} sample in {option}, which takes {expected} shards; {remedy}",
                 key=key,
                 reason="other",
             )

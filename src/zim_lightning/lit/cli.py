@@ -39,13 +39,17 @@ def _module_mismatch(checkpoint: Any, config: Any) -> str | None:
     """Why a loaded checkpoint cannot be restored into the run ``config`` (the subcommand's parsed
     config) describes: not a Lightning checkpoint, or one of another LightningModule; or None."""
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        return "it is not a Lightning checkpoint (a plain state dict cannot resume a run)"
+        return "it is not a Lightning checkpoint (a plain state dict holds no module or trainer state)"
     hparams = checkpoint.get("hyper_parameters")
     saved = hparams.get("_class_path") if isinstance(hparams, dict) else None
     wanted = config.get("model.class_path")
     if saved and wanted and saved != wanted:
         return f"it is a checkpoint of {saved}, and this run's model is {wanted}"
     return None
+
+
+#: ``ckpt_path`` values Lightning resolves itself.
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
 
 
 def _net_shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -65,10 +69,18 @@ class ZimLightningCLI(LightningCLI):
         )
 
     def _ckpt_path(self) -> str | None:
+        """The local checkpoint file ``--ckpt_path`` names, or None: no ckpt_path, or one of Lightning's
+        own (``last``, ``best``, ``hpc``, ``registry...``, a ``scheme://`` url). A local path that is no
+        file is a usage error now, not a traceback after the run started its log folder."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        # "last", "best" or a missing file: Lightning's own handling
-        return ckpt_path if ckpt_path and Path(ckpt_path).is_file() else None
+        if not ckpt_path or ckpt_path in _LIGHTNING_CKPT_NAMES or ckpt_path.startswith("registry"):
+            return None
+        if "://" in ckpt_path:
+            return None
+        if not Path(ckpt_path).is_file():
+            self.parser.error(f"--ckpt_path {ckpt_path!r} does not exist or is not a file")
+        return ckpt_path
 
     def _parse_ckpt_path(self) -> None:
         # Lightning replaces the run's model config with the checkpoint's hyperparameters here; a
