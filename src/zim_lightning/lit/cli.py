@@ -57,7 +57,8 @@ def _net_shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
 
 class ZimLightningCLI(LightningCLI):
-    """LightningCLI with the links between values that several parts share."""
+    """LightningCLI that stores the network's config in the module (checkpoints carry it) and checks a
+    ``--ckpt_path`` against the run before Lightning reads it."""
 
     _ckpt_net_shapes: dict[str, tuple[int, ...]] | None = None
 
@@ -74,10 +75,10 @@ class ZimLightningCLI(LightningCLI):
         file is a usage error now, not a traceback after the run started its log folder."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or ckpt_path in _LIGHTNING_CKPT_NAMES or ckpt_path.startswith("registry"):
+        if not ckpt_path:
             return None
-        if "://" in ckpt_path:
-            return None
+        if ckpt_path in _LIGHTNING_CKPT_NAMES or ckpt_path.startswith("registry") or "://" in ckpt_path:
+            return None  # Lightning resolves these itself
         if not Path(ckpt_path).is_file():
             self.parser.error(f"--ckpt_path {ckpt_path!r} does not exist or is not a file")
         return ckpt_path
