@@ -91,7 +91,7 @@ class ZimLightningCLI(LightningCLI):
         ckpt_path = self._ckpt_path()
         if ckpt_path is not None:
             try:
-                checkpoint = load_checkpoint(ckpt_path)
+                checkpoint = load_checkpoint(ckpt_path, mmap=True)  # names and shapes: no data read
                 problem = _module_mismatch(checkpoint, self.config[self.config.subcommand])
             except CheckpointError as err:
                 problem = str(err)

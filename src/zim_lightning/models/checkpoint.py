@@ -70,17 +70,18 @@ class CheckpointError(ValueError):
 NET_SPEC_KEY = "zim_lightning_net"
 
 
-def load_checkpoint(path: str | Path) -> object:
+def load_checkpoint(path: str | Path, *, mmap: bool = False) -> object:
     """``torch.load`` with ``weights_only=True`` on the CPU; CheckpointError naming the file on failure.
 
     One read serves both :func:`net_spec_of` and :func:`state_dict_of` (a Lightning checkpoint with its
-    optimiser state can take gigabytes).
+    optimiser state can take gigabytes). ``mmap`` maps the tensors' storage instead of reading it: for
+    looking at names and shapes only (zip-format files, what ``torch.save`` has written since 1.6).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for foreign or corrupt files
         raise CheckpointError(
             f"checkpoint {str(path)!r} could not be read as a PyTorch state dict or Lightning checkpoint "
