@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 
 import lightning as L
@@ -426,6 +427,13 @@ def test_training_stops_with_an_error_when_no_batch_can_come(shards, tmp_path, m
     data = module(stage="zim", train_shards=shards["sa1b"])
     with pytest.raises(RuntimeError, match=r"20 training samples in a row were skipped .*missing_member"):
         next(iter(data.train_dataset(rank=0, world_size=1)))
+    # ...and beside SA1B-Matte shards: their good samples do not hide the SA-1B shard, named in the error
+    data = module(stage="zim", train_shards=[*shards["matte"], shards["sa1b"][0]])
+    with pytest.raises(
+        RuntimeError, match="20 training samples in a row from the shard " + re.escape(shards["sa1b"][0])
+    ):
+        for _ in itertools.islice(data.train_dataset(rank=0, world_size=1), 1000):
+            pass
     # Every shard unreadable (here: cut inside its first member): no sample at all.
     cut = tmp_path / "cut.tar"
     cut.write_bytes(open(shards["matting"][0], "rb").read()[:700])

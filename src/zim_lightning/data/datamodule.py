@@ -57,8 +57,9 @@ log = logging.getLogger(__name__)
 STAGES = ("converter", "zim", "eval")
 
 
-#: Training stops with an error after this many samples in a row were skipped as corrupt (the shards are
-#: not what the stage reads, e.g. SA-1B shards given to the "zim" stage, which needs SA1B-Matte ones).
+#: Training stops with an error after this many samples in a row were skipped as corrupt, in one stream or
+#: from one shard (the shards are not what the stage reads, e.g. SA-1B shards given to the "zim" stage,
+#: which needs SA1B-Matte ones, alone or in a list beside the right ones).
 MAX_CONSECUTIVE_SKIPS = 1000
 
 
@@ -193,30 +194,39 @@ class ProcessSamples:
             # process (num_workers=0), after every validation.
             self.processor.seed(rng)
         handler = self.counter.handler()
-        # Skips in a row, per stream: the STL stream's good samples (a tenth of the converter's) must not
-        # hide a matting stream whose every sample is skipped.
-        skipped: dict[tuple[str, str] | None, int] = {}
+        # Skips in a row, per stream and per shard: the STL stream's good samples (a tenth of the
+        # converter's) must not hide a matting stream whose every sample is skipped, nor the good shards of
+        # a list a shard of the wrong kind (raw SA-1B beside SA1B-Matte, say) whose every sample is.
+        in_stream: dict[tuple[str, str] | None, int] = {}
+        in_shard: dict[str | None, int] = {}
         for sample in src:
-            stream = sample.get(EXPECTED_KIND)
+            stream, url = sample.get(EXPECTED_KIND), sample.get("__url__")
             try:
                 sample_rng = rng if self.train else key_rng(self.seeds.seed, sample["__key__"])
                 processed = self.processor(sample, sample_rng, train=self.train)
             except Exception as exn:  # the handler re-raises whatever is not bad data
-                if isinstance(exn, CorruptSample) and "__url__" in sample:
-                    exn.key = f"{exn.key} in {sample['__url__']}"  # keys repeat across shards
+                if isinstance(exn, CorruptSample) and url is not None:
+                    exn.key = f"{exn.key} in {url}"  # keys repeat across shards
                 if not handler(exn):
                     break
-                skipped[stream] = skipped.get(stream, 0) + 1
-                if self.train and skipped[stream] >= MAX_CONSECUTIVE_SKIPS:
+                in_stream[stream] = in_stream.get(stream, 0) + 1
+                in_shard[url] = in_shard.get(url, 0) + 1
+                if not self.train:
+                    continue
+                if in_stream[stream] >= MAX_CONSECUTIVE_SKIPS:
                     of = f" from {stream[1]}" if stream else ""
-                    raise RuntimeError(
-                        f"{skipped[stream]} training samples{of} in a row were skipped as corrupt (the "
-                        f"last: {exn}); skips so far: {self.counter.counts()}. Check that the shards are "
-                        f"the kind this stage reads ({type(self.processor).__name__})"
-                    ) from exn
+                    self._stop(f"{in_stream[stream]} training samples{of} in a row", exn)
+                if url is not None and in_shard[url] >= MAX_CONSECUTIVE_SKIPS:
+                    self._stop(f"{in_shard[url]} training samples in a row from the shard {url}", exn)
                 continue
-            skipped[stream] = 0
+            in_stream[stream] = in_shard[url] = 0
             yield from processed
+
+    def _stop(self, what: str, exn: Exception) -> None:
+        raise RuntimeError(
+            f"{what} were skipped as corrupt (the last: {exn}); skips so far: {self.counter.counts()}. "
+            f"Check that the shards are the kind this stage reads ({type(self.processor).__name__})"
+        ) from exn
 
 
 class MixSTL(torch.utils.data.IterableDataset):
