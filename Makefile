@@ -7,6 +7,11 @@ STAMP := $(VENV)/.installed
 # torch and torchvision are pinned here, in the install step, not in pyproject: these releases lie on
 # the development machines' disk, and an unpinned torch pulls a multi-GB download.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# Every other package at the version the tests last passed with, so that a new release cannot break a
+# fresh install (`make constraints` rewrites the file from .venv); `make install CONSTRAINTS=` takes the
+# newest releases pyproject allows instead.
+CONSTRAINTS ?= constraints.txt
+PIP_CONSTRAINTS = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 DATA ?= data/synthetic
 OUT ?= reports
@@ -31,17 +36,22 @@ EVAL_FORMAT ?= micromat
 help: ## List the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
-	$(BIN)/pip install -q -e '.[dev]' $(TORCH_PINS)
+	$(BIN)/pip install -q -e '.[dev]' $(TORCH_PINS) $(PIP_CONSTRAINTS)
 	# The official ONNX runner, for the export round-trip tests; --no-deps because it asks for
 	# onnxruntime-gpu, while the CPU onnxruntime from the dev extras is all it needs here.
-	$(BIN)/pip install -q --no-deps zim-anything easydict
+	$(BIN)/pip install -q --no-deps zim-anything easydict $(PIP_CONSTRAINTS)
 	touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the package with dev extras
+install: $(STAMP) ## Create .venv and install the package with dev extras (versions from constraints.txt)
+
+constraints: $(STAMP) ## Rewrite constraints.txt from .venv (after `make install CONSTRAINTS=` and a passing `make test`)
+	{ echo "# Versions the tests passed with; written by \`make constraints\` (torch, torchvision and the CUDA"; \
+	  echo "# packages they bring are pinned in the Makefile)."; \
+	  $(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|torchvision|triton)==|^(nvidia|cuda)-'; } > constraints.txt
 
 synth: $(STAMP) ## Write the synthetic dataset to DATA (default data/synthetic)
 	$(BIN)/zim-lightning synth --out $(DATA) --seed 0
@@ -92,4 +102,4 @@ serve: $(STAMP) ## Interactive matting page on 127.0.0.1:7860 (CHECKPOINT=; MODE
 clean: ## Remove generated data and reports (keeps .venv)
 	rm -rf data/synthetic reports runs lightning_logs .pytest_cache
 
-.PHONY: help install synth demo test lint format clean serve eval build-sa1b-matte train-converter train-zim results
+.PHONY: help install constraints synth demo test lint format clean serve eval build-sa1b-matte train-converter train-zim results
