@@ -189,14 +189,14 @@ class ZimPredictor:
         if point_coords is not None or point_labels is not None:
             coords, labels = _check_points(point_coords, point_labels)
             coords = self.transform.apply_coords(coords, self.original_size)
-            coords_t = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[None]
-            labels_t = torch.as_tensor(labels, dtype=torch.float32, device=self.device)[None]
+            coords_t, labels_t = self._upload(coords[None]), self._upload(labels[None])
         if box is not None:
             box = _check_box(box, self.original_size)
-            box = self.transform.apply_boxes(box[None], self.original_size)
-            box_t = torch.as_tensor(box, dtype=torch.float32, device=self.device)
-        masks, iou, low_res = self.predict_torch(
-            coords_t, labels_t, box_t, multimask_output=multimask_output, return_logits=return_logits
+            box_t = self._upload(self.transform.apply_boxes(box[None], self.original_size))
+        # checked on the host above, so predict_torch reads no value back before decoding
+        coords_t, labels_t = self._decoder_prompts(coords_t, labels_t, box_t, check_labels=False)
+        masks, iou, low_res = self._decode(
+            coords_t, labels_t, multimask_output=multimask_output, return_logits=return_logits
         )
         return (
             masks[0].float().cpu().numpy(),
@@ -236,8 +236,14 @@ class ZimPredictor:
                 or no prompt at all.
         """
         self._require_image()
-        assert self.features is not None and self.interm_feats is not None
         coords, labels = self._decoder_prompts(point_coords, point_labels, boxes)
+        return self._decode(coords, labels, multimask_output=multimask_output, return_logits=return_logits)
+
+    @torch.no_grad()
+    def _decode(
+        self, coords: torch.Tensor, labels: torch.Tensor, *, multimask_output: bool, return_logits: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert self.features is not None and self.interm_feats is not None
         with speed.autocast(self.device, self.precision), speed.float32_heads(self.model):
             logits, iou = self.model.decode(
                 self.features, self.interm_feats, coords, labels, multimask_output=multimask_output
@@ -252,8 +258,14 @@ class ZimPredictor:
         point_coords: torch.Tensor | None,
         point_labels: torch.Tensor | None,
         boxes: torch.Tensor | None,
+        *,
+        check_labels: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Turn points and/or boxes into the decoder's labelled points (BxMx2, BxM)."""
+        """Turn points and/or boxes into the decoder's labelled points (BxMx2, BxM), on the model's device.
+
+        Nothing here waits for the GPU, so the decoder is queued while the encoder still runs, except
+        the label check (``check_labels``) of labels already on a GPU: one read-back.
+        """
         if point_coords is None and point_labels is None and boxes is None:
             raise ValueError("give at least one prompt: point_coords with point_labels, or boxes")
         parts_coords, parts_labels = [], []
@@ -268,15 +280,21 @@ class ZimPredictor:
                     f"point_labels must be BxN = {tuple(point_coords.shape[:2])} to match point_coords, "
                     f"got shape {tuple(point_labels.shape)}"
                 )
-            real = (point_labels == 0) | (point_labels == 1)
-            filler = (point_labels == LABEL_ABSENT) | (point_labels == LABEL_PAD)
-            if not bool((real | filler).all()):
-                raise ValueError(
-                    f"point_labels must be 1 (foreground), 0 (background), or {LABEL_ABSENT} / {LABEL_PAD} "
-                    "to batch point sets of different lengths"
-                )
-            if boxes is None and not bool(real.any(dim=1).all()):
-                raise ValueError("every point set needs at least one point labelled 0 or 1, not only padding")
+            if check_labels:
+                real = (point_labels == 0) | (point_labels == 1)
+                filler = (point_labels == LABEL_ABSENT) | (point_labels == LABEL_PAD)
+                all_known, each_has_a_point = (
+                    torch.stack([(real | filler).all(), real.any(dim=1).all()]).cpu().tolist()
+                )  # one read-back for both checks
+                if not all_known:
+                    raise ValueError(
+                        f"point_labels must be 1 (foreground), 0 (background), or {LABEL_ABSENT} / "
+                        f"{LABEL_PAD} to batch point sets of different lengths"
+                    )
+                if boxes is None and not each_has_a_point:
+                    raise ValueError(
+                        "every point set needs at least one point labelled 0 or 1, not only padding"
+                    )
             batch = point_coords.shape[0]
             parts_coords.append(point_coords.float())
             parts_labels.append(point_labels.float())
@@ -289,20 +307,36 @@ class ZimPredictor:
                 )
             batch = boxes.shape[0]
             parts_coords.append(boxes.float().reshape(batch, 2, 2))
-            corner_labels = torch.tensor([LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT], dtype=torch.float32)
-            parts_labels.append(corner_labels.to(boxes.device).expand(batch, 2))
+            parts_labels.append(_filled((batch,), (LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT), self.device))
         else:
             # Point-only prompts get SAM's padding point, as the official decoder appends.
             assert batch is not None
-            parts_coords.append(torch.tensor(PADDING_POINT, device=self.device).expand(batch, 1, 2))
+            parts_coords.append(_filled((batch, 1), PADDING_POINT, self.device))
             parts_labels.append(torch.full((batch, 1), float(LABEL_PAD), device=self.device))
-        coords = torch.cat([c.to(self.device) for c in parts_coords], dim=1)
-        labels = torch.cat([lab.to(self.device) for lab in parts_labels], dim=1)
+        coords = torch.cat([c.to(self.device, non_blocking=True) for c in parts_coords], dim=1)
+        labels = torch.cat([lab.to(self.device, non_blocking=True) for lab in parts_labels], dim=1)
         return coords, labels
+
+    def _upload(self, array: np.ndarray) -> torch.Tensor:
+        """A host array as a float32 tensor on the model's device, copied without waiting for the GPU
+        (from page-locked memory, which the copy may read after this returns)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        if self.device.type == "cuda" and torch.cuda.is_available():  # (not for fake CUDA tensors in tests)
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def _require_image(self) -> None:
         if not self.is_image_set:
             raise RuntimeError("no image is set: call set_image(image) before predicting")
+
+
+def _filled(shape: tuple[int, ...], values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """A ``shape + (len(values),)`` float32 tensor whose last dimension holds ``values``, made on
+    ``device`` by fill kernels (``torch.tensor(values, device=...)`` would be a blocking copy)."""
+    out = torch.empty(*shape, len(values), device=device)
+    for index, value in enumerate(values):
+        out[..., index] = value
+    return out
 
 
 def _check_points(

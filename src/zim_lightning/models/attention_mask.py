@@ -144,9 +144,9 @@ def attention_map_from_prompts(
     point_coords = point_coords.float()
     corner = (point_labels == LABEL_BOX_TOP_LEFT) | (point_labels == LABEL_BOX_BOTTOM_RIGHT)  # BxN
     box_sample = corner.any(dim=1)  # B
-    inf = torch.tensor(float("inf"), device=point_coords.device)
-    lo = torch.where(corner[..., None], point_coords, inf).amin(dim=1)  # Bx2, inf for point samples
-    hi = torch.where(corner[..., None], point_coords, -inf).amax(dim=1)
+    # Python scalars, not torch.tensor(inf, device=...): that would be a blocking host-to-device copy.
+    lo = torch.where(corner[..., None], point_coords, float("inf")).amin(dim=1)  # Bx2, inf for point samples
+    hi = torch.where(corner[..., None], point_coords, float("-inf")).amax(dim=1)
     # Point samples get a dummy box; their box map is discarded below.
     boxes = torch.where(box_sample[:, None], torch.cat([lo, hi], dim=1), torch.zeros((), device=lo.device))
     box_map = box_attention_map(boxes, size=size, stride=stride)

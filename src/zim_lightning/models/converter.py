@@ -198,6 +198,8 @@ class MattingConverter(nn.Module):
         self.uncertainty_eps = uncertainty_eps
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+        # Whether a batch's mask values passed the range check (see _check_inputs).
+        self._mask_values_checked = False
 
         # decoder width per output stride: full width at the coarse strides, halving towards full
         # resolution where maps are large and carry less semantics
@@ -236,11 +238,14 @@ class MattingConverter(nn.Module):
             raise ValueError(
                 f"masks must be float in [0, 1], got dtype {masks.dtype} (a 0/255 uint8 mask: divide by 255)"
             )
-        # One reduction per batch, skipped while compiling (a data-dependent branch would split the graph)
-        if not torch.compiler.is_compiling():
+        # The values are read back (the host waits for the device) until one batch passes: a mask in the
+        # wrong range (0/255) comes in every batch, so the first shows it, and later steps do not wait.
+        # Skipped while compiling (a data-dependent branch would split the graph).
+        if not self._mask_values_checked and not torch.compiler.is_compiling():
             low, high = torch.aminmax(masks)
             if low < 0 or high > 1:
                 raise ValueError(f"masks must be in [0, 1], got values in [{float(low)}, {float(high)}]")
+            self._mask_values_checked = True
 
     def _widths(self) -> tuple[int, int]:
         """Band radii (os4, os1): a disk ``width // 2`` across in evaluation; in training one whose

@@ -88,6 +88,22 @@ def _flex_attention(device: torch.device) -> Callable[..., Tensor]:
     return _compiled_flex
 
 
+def relative_embeddings(size: int, rel_pos: Tensor) -> Tensor:
+    """``segment_anything``'s ``get_rel_pos(size, size, rel_pos)``: the ``size x size x d`` table
+    ``[i, j] -> rel_pos[i - j + size - 1]``, with its index built on ``rel_pos``'s device. SAM's builds it
+    on the CPU, and indexing a GPU tensor with a CPU index is a blocking copy: two host-device syncs per
+    attention layer. A table sized for another grid is interpolated by SAM's function, as in SAM.
+
+    Args:
+        size: side of the (square in this dimension) query and key grid.
+        rel_pos: (2L-1)xd relative embeddings; L = ``size`` in every SAM block at its trained resolution.
+    """
+    if rel_pos.shape[0] != 2 * size - 1:
+        return get_rel_pos(size, size, rel_pos)
+    index = torch.arange(size, device=rel_pos.device)
+    return rel_pos[index[:, None] - index[None, :] + (size - 1)]
+
+
 def decomposed_rel_pos_terms(
     q: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, size: tuple[int, int]
 ) -> tuple[Tensor, Tensor]:
@@ -105,8 +121,8 @@ def decomposed_rel_pos_terms(
     """
     height, width = size
     batch, heads, length, dim = q.shape
-    r_h = get_rel_pos(height, height, rel_pos_h).to(q.dtype)  # HxHxd: [row(i), row(j)]
-    r_w = get_rel_pos(width, width, rel_pos_w).to(q.dtype)  # WxWxd
+    r_h = relative_embeddings(height, rel_pos_h).to(q.dtype)  # HxHxd: [row(i), row(j)]
+    r_w = relative_embeddings(width, rel_pos_w).to(q.dtype)  # WxWxd
     grid_q = q.reshape(batch, heads, height, width, dim)
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_q, r_h).reshape(batch, heads, length, height)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_q, r_w).reshape(batch, heads, length, width)

@@ -1,0 +1,103 @@
+"""Nothing in the hot paths makes the host wait for the GPU before it must: a training step's forward and
+the predictor queue all their work, so the GPU never idles while Python catches up. Checked on the CPU
+with fake CUDA tensors (``tests/host_waits.py``): what a CUDA run would copy or read back, without a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from tests.host_waits import HostWaits
+from zim_lightning import speed
+from zim_lightning.lit.converter_module import ConverterModule
+from zim_lightning.lit.zim_module import ZimModule
+from zim_lightning.models.build import build_zim_tiny
+from zim_lightning.models.converter import build_converter_tiny
+from zim_lightning.predictor import ZimPredictor
+
+FRAME = 256
+
+
+def fake_cuda() -> FakeTensorMode:
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+@pytest.mark.parametrize("attention", ["sdpa_fold", "sdpa"])
+def test_zim_training_step_reads_nothing_back(attention: str) -> None:
+    # (the autograd engine needs a real CUDA context, so the backward pass is not run here)
+    with fake_cuda(), torch.device("cuda"):
+        net = build_zim_tiny(image_size=FRAME)
+        speed.set_attention(net, attention)
+        module = ZimModule(net=net)
+        batch = {
+            "image": torch.randint(0, 256, (2, 3, FRAME, FRAME), dtype=torch.uint8),
+            "alpha": torch.rand(2, 1, FRAME, FRAME),
+            "valid": torch.ones(2, 1, FRAME, FRAME),
+            "point_coords": torch.rand(2, 3, 2) * FRAME,
+            "point_labels": torch.tensor([[2.0, 3.0, -2.0], [1.0, 0.0, -1.0]]),  # a box, two points
+        }
+    # outside torch.device("cuda"), which would also put what the code makes on the CPU on the GPU
+    with fake_cuda(), HostWaits() as spy:
+        _, terms = module._step(batch)
+    assert terms["loss"].device.type == "cuda" and len(spy.ops) > 1000
+    assert spy.waits == []
+
+
+def test_converter_reads_its_mask_values_back_only_until_a_batch_passes() -> None:
+    module = ConverterModule(net=build_converter_tiny())  # timm's Hiera reads values while it is built
+    with fake_cuda():
+        module = module.to("cuda")
+        with torch.device("cuda"):
+            batch = {
+                "image": torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8),
+                "alpha": torch.rand(2, 1, 128, 128),
+                "mask": (torch.rand(2, 1, 128, 128) > 0.5).float(),
+            }
+        with HostWaits() as first:
+            module._step(batch)
+        with HostWaits() as second:
+            module._step(batch)
+    assert [where for _, what, where in first.waits if "read-back" in what]  # the range check
+    assert second.waits == [] and len(second.ops) > 1000
+
+
+@pytest.fixture(scope="module")
+def predictor() -> ZimPredictor:
+    # the fake mode must outlive the fixture's tensors
+    mode = fake_cuda()
+    with mode, torch.device("cuda"):
+        net = build_zim_tiny(image_size=FRAME).eval()
+    predictor = ZimPredictor(net)
+    with mode:
+        predictor.set_image(np.zeros((200, 240, 3), np.uint8))
+    predictor.mode = mode  # type: ignore[attr-defined]
+    return predictor
+
+
+def test_predictor_queues_the_whole_decode_before_reading_the_alpha(predictor: ZimPredictor) -> None:
+    with predictor.mode, HostWaits() as spy:  # type: ignore[attr-defined]
+        # fake tensors have no values to hand to NumPy; the host waits just before, for the alpha
+        with pytest.raises(RuntimeError, match="numpy"):
+            predictor.predict(
+                point_coords=np.array([[50, 60]]),
+                point_labels=np.array([1]),
+                box=np.array([10, 20, 150, 180]),
+            )
+    (at, what, _), *_ = spy.waits
+    assert what == "blocking copy cuda -> cpu of (4, 200, 240)"
+    assert "sigmoid" in spy.ops[:at] and "convolution" in spy.ops[:at]
+
+
+def test_predict_torch_reads_back_only_to_check_labels_on_the_gpu(predictor: ZimPredictor) -> None:
+    with predictor.mode:  # type: ignore[attr-defined]
+        boxes = torch.rand(16, 4, device="cuda") * 100
+        with HostWaits() as boxes_only:
+            masks, _, _ = predictor.predict_torch(None, None, boxes, multimask_output=False)
+        coords, labels = torch.rand(2, 3, 2, device="cuda"), torch.ones(2, 3, device="cuda")
+        with HostWaits(read_back=1) as points:
+            predictor.predict_torch(coords, labels, multimask_output=False)
+    assert masks.shape == (16, 1, 200, 240) and boxes_only.waits == []
+    assert [what for _, what, _ in points.waits] == ["blocking copy cuda -> cpu of (2,)"]
