@@ -26,7 +26,7 @@ def fake_cuda() -> FakeTensorMode:
 
 
 @pytest.mark.parametrize("attention", ["sdpa_fold", "sdpa"])
-def test_zim_training_step_reads_nothing_back(attention: str) -> None:
+def test_zim_training_step_and_its_means_read_nothing_back(attention: str) -> None:
     # (the autograd engine needs a real CUDA context, so the backward pass is not run here)
     with fake_cuda(), torch.device("cuda"):
         net = build_zim_tiny(image_size=FRAME)
@@ -42,7 +42,10 @@ def test_zim_training_step_reads_nothing_back(attention: str) -> None:
     # outside torch.device("cuda"), which would also put what the code makes on the CPU on the GPU
     with fake_cuda(), HostWaits() as spy:
         _, terms = module._step(batch)
-    assert terms["loss"].device.type == "cuda" and len(spy.ops) > 1000
+        # the running means: a training step's (forward: the batch value too) and a validation batch's
+        means = module.train_metrics["train/loss"](terms["loss"].detach())
+        module._log_values(module.val_metrics, terms, batch_size=2, train=False)
+    assert terms["loss"].device.type == "cuda" and means.device.type == "cuda" and len(spy.ops) > 1000
     assert spy.waits == []
 
 

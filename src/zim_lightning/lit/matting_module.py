@@ -60,7 +60,9 @@ def frame_errors(alpha: Tensor, target: Tensor, valid: Tensor | None = None) -> 
 
 
 def _means(names: Iterable[str], prefix: str) -> MetricCollection:
-    return MetricCollection({name: MeanMetric() for name in names}, prefix=prefix)
+    # nan_strategy="disable": MeanMetric's default NaN check reads every update back to the host (the
+    # host then waits for the GPU, every step); a NaN here is kept, so the epoch's value shows it.
+    return MetricCollection({name: MeanMetric(nan_strategy="disable") for name in names}, prefix=prefix)
 
 
 class MattingModule(LightningModule):
@@ -244,10 +246,11 @@ class MattingModule(LightningModule):
         for name, value in values.items():
             metric = metrics[name]
             if not train:
-                # A scalar is pooled over its batch: weighted by the batch's size, so that the epoch's value
-                # does not depend on how the partial batches fell (per-sample vectors weigh 1 per sample)
+                # A scalar is pooled over its batch: it counts once per sample of the batch, so that the
+                # epoch's value does not depend on how the partial batches fell (per-sample vectors count
+                # each sample once). (Not MeanMetric's weight: with nan_strategy="disable" it ignores it.)
                 value = value.detach().float()
-                metric.update(value, weight=batch_size if value.ndim == 0 else 1.0)
+                metric.update(value.expand(batch_size) if value.ndim == 0 else value)
                 continue
             # forward, not update: Lightning logs the batch value on steps and the running mean on epochs
             metric(value.detach().float())
