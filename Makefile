@@ -8,8 +8,8 @@ STAMP := $(VENV)/.installed
 # the development machines' disk, and an unpinned torch pulls a multi-GB download.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # Every other package at the version the tests last passed with, so that a new release cannot break a
-# fresh install (`make constraints` rewrites the file from .venv); `make install CONSTRAINTS=` takes the
-# newest releases pyproject allows instead.
+# fresh install (`make constraints` rewrites the file from .venv); `rm -rf .venv && make install
+# CONSTRAINTS=` installs the newest releases pyproject allows instead.
 CONSTRAINTS ?= constraints.txt
 PIP_CONSTRAINTS = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
@@ -48,7 +48,7 @@ $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 
 install: $(STAMP) ## Create .venv and install the package with dev extras (versions from constraints.txt)
 
-constraints: $(STAMP) ## Rewrite constraints.txt from .venv (after `make install CONSTRAINTS=` and a passing `make test`)
+constraints: $(STAMP) ## Rewrite constraints.txt from .venv (after `rm -rf .venv && make install CONSTRAINTS=` and a passing `make test`)
 	{ echo "# Versions the tests passed with; written by \`make constraints\` (torch, torchvision and the CUDA"; \
 	  echo "# packages they bring are pinned in the Makefile)."; \
 	  $(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|torchvision|triton)==|^(nvidia|cuda)-'; } > constraints.txt
@@ -70,11 +70,11 @@ format: $(STAMP) ## Format with ruff
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
-train-converter: $(STAMP) ## Train the label converter: tiny on the synthetic DATA=, or CONFIG=configs/converter/paper.yaml with its shards set by ARGS="--data.init_args.train_shards=... --data.init_args.val_shards=... --data.init_args.seg_shards=..."; TRAINER=cpu|gpu|ddp|v100
+train-converter: $(STAMP) ## Train the label converter: tiny on the synthetic DATA=, or CONFIG=configs/converter/paper.yaml with its starting weights and shards set by ARGS="--model.init_args.net.init_args.backbone_checkpoint=... --data.init_args.train_shards=... --data.init_args.val_shards=... --data.init_args.seg_shards=..."; TRAINER=cpu|gpu|ddp|v100
 	$(if $(CONFIG),,test -d $(DATA)/matting || $(BIN)/zim-lightning synth --out $(DATA) --seed 0)
 	$(BIN)/zim-lightning fit -c configs/trainer/$(TRAINER).yaml -c $(or $(CONFIG),configs/converter/tiny.yaml) $(if $(CONFIG),,$(SYNTH_CONVERTER)) $(ARGS)
 
-train-zim: $(STAMP) ## Train ZIM: tiny on the synthetic DATA=, or CONFIG=configs/zim/vit_b.yaml with its shards (SA1B-Matte) set by ARGS=--data.init_args.train_shards=...; TRAINER=cpu|gpu|ddp|v100
+train-zim: $(STAMP) ## Train ZIM: tiny on the synthetic DATA=, or CONFIG=configs/zim/vit_b.yaml with its starting weights and shards (SA1B-Matte) set by ARGS="--model.init_args.net.init_args.sam_checkpoint=... --data.init_args.train_shards=..."; TRAINER=cpu|gpu|ddp|v100
 	$(if $(CONFIG),,test -d $(DATA)/matting || $(BIN)/zim-lightning synth --out $(DATA) --seed 0)
 	$(BIN)/zim-lightning fit -c configs/trainer/$(TRAINER).yaml -c $(or $(CONFIG),configs/zim/tiny.yaml) $(if $(CONFIG),,$(SYNTH_ZIM)) $(ARGS)
 

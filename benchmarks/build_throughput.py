@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "--checkpoint",
         "--converter",
         dest="converter",
+        metavar="CKPT",
         default=None,
         help="converter weights (default: random)",
     )

@@ -1,8 +1,8 @@
 """``zim-lightning eval``: zero-shot matting evaluation on MicroMat-3K, AM-2K or AIM-500 (ZIM paper, Sec. 5,
 Tables 1-3).
 
-``zim-lightning eval --model NAME [--checkpoint PATH] --data DIR --format micromat|am2k|aim500
---prompt point|box|both --out DIR [--save-predictions] [--protocol paper|dim]
+``zim-lightning eval [--model NAME | --run-config RUN/config.yaml] [--checkpoint PATH] --data DIR
+--format micromat|am2k|aim500 --prompt point|box|both --out DIR [--save-predictions] [--protocol paper|dim]
 [--baselines binary,closed_form] [--devices N --accelerator ...]`` runs
 :class:`~zim_lightning.lit.eval_module.EvalModule` in Lightning's test loop (each rank a disjoint slice,
 metrics gathered once) and writes, on rank 0, the files below.

@@ -16,8 +16,9 @@ ignores one (the ``sam`` pixel decoder ignores the features, ``masked_attention=
 ``attn_mask``). The TorchScript exporter drops unused inputs; they are declared again afterwards as
 graph inputs that no node reads, which ONNX allows.
 
-``zim-lightning export-onnx --model NAME [--checkpoint PATH] --out DIR``, or ``--run-config RUN/config.yaml
---checkpoint RUN/...ckpt`` for a training run's own network.
+``zim-lightning export-onnx [--model NAME] [--checkpoint PATH] --out DIR`` (a ``zim-lightning fit``
+checkpoint names its own network, so ``--model`` is for plain weights), or ``--run-config
+RUN/config.yaml --checkpoint RUN/...ckpt`` for a training run's own network.
 """
 
 from __future__ import annotations

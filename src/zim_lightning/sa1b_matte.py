@@ -1404,6 +1404,7 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint",
         "--converter",
         dest="converter",
+        metavar="CKPT",
         default=None,
         help="converter checkpoint (state dict or Lightning .ckpt); --converter is the older name",
     )
