@@ -443,6 +443,42 @@ def test_training_stops_with_an_error_when_no_batch_can_come(shards, tmp_path, m
     assert data.skip_counts()["truncated_tar"] == 1000
 
 
+def test_sa1b_matte_annotations_without_an_id_are_keyed_by_their_index():
+    from zim_lightning.data.prompts import PromptSampler
+    from zim_lightning.data.samples import ZimSampleProcessor
+
+    rng = np.random.default_rng(0)
+    image, alpha = scene(rng, 48, 64)
+    members = {name.split(".", 1)[1]: data for name, data in sa1b_matte_members("sa_9", image, [alpha])}
+    record = json.loads(members["json"])
+    del record["annotations"][0]["id"]  # SA-1B's always have one; ours keep working without
+    members["json"] = json.dumps(record).encode()
+    processor = ZimSampleProcessor(image_size=FRAME, prompts=PromptSampler(), augment=False)
+    (sample,) = processor({"__key__": "sa_9", **members}, rng, train=False)
+    assert sample["key"] == "sa_9.0"
+
+
+def test_skips_between_good_samples_never_stop_training(monkeypatch):
+    from zim_lightning.data.datamodule import EpochSeeds, ProcessSamples
+    from zim_lightning.data.skips import CorruptSample, SkipCounter
+
+    class EveryOtherCorrupt:  # a processor: odd samples are corrupt
+        def seed(self, rng) -> None:
+            pass
+
+        def __call__(self, sample: dict, rng, *, train: bool) -> list[dict]:
+            if sample["__key__"] % 2:
+                raise CorruptSample("bad", key=str(sample["__key__"]), reason="corrupt_image")
+            return [sample]
+
+    monkeypatch.setattr(datamodule_module, "MAX_CONSECUTIVE_SKIPS", 3)
+    counter = SkipCounter()
+    stage = ProcessSamples(EveryOtherCorrupt(), train=True, seeds=EpochSeeds(seed=0, rank=0), counter=counter)
+    samples = [{"__key__": i, "__url__": "shard.tar"} for i in range(40)]
+    assert [s["__key__"] for s in stage(iter(samples))] == list(range(0, 40, 2))
+    assert counter.counts()["corrupt_image"] == 20
+
+
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_epochs_continue_the_stream_to_the_end_of_each_shard(tmp_path, num_workers):
     # One shard of 24 samples, 2 per batch, 3 batches per epoch: were every epoch to start a new stream,

@@ -344,11 +344,13 @@ def test_a_run_that_fails_midway_names_the_file_and_leaves_no_earlier_figures(
     first_image.write_bytes(first_image.read_bytes()[:-40])  # its header still reads
     out = tmp_path / "out"
     out.mkdir()
-    (out / "metrics.json").write_text("{}")  # an earlier run's
+    earlier = ("metrics.json", "instances.csv", "report.md")  # an earlier run's figures
+    for name in earlier:
+        (out / name).write_text("earlier")
     argv = ["--model", "tiny", "--data", str(root), "--format", "micromat", "--out", str(out)]
     with pytest.raises(EvalDataError, match=rf"line 1: cannot decode image {first_image.name}"):
         main([*argv, "--prompt", "box", "--num-workers", "0", "--accelerator", "cpu"])
-    assert not (out / "metrics.json").exists()
+    assert not [name for name in earlier if (out / name).exists()]
 
 
 def test_closed_form_baseline_keeps_the_masks_foreground_as_foreground() -> None:

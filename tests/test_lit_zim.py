@@ -253,6 +253,19 @@ def test_clipping_a_fused_optimiser_under_mixed_precision_is_refused_before_trai
         cli_main(["fit", *_args(synthetic, tmp_path, *extra)])
 
 
+@pytest.mark.parametrize("name", ["last", "best", "hpc", "registry:run:latest", "s3://bucket/run/last.ckpt"])
+def test_lightnings_own_ckpt_path_names_pass_to_lightning(synthetic: Path, tmp_path: Path, name, monkeypatch):
+    from lightning.pytorch.cli import LightningCLI
+
+    resolved = []  # Lightning resolves these names itself (and fails there when none applies)
+    monkeypatch.setattr(
+        LightningCLI, "_parse_ckpt_path", lambda cli: resolved.append(cli.config.fit.ckpt_path)
+    )
+    monkeypatch.setattr(LightningCLI, "_run_subcommand", lambda cli, subcommand: None)
+    cli_main(["fit", *_args(synthetic, tmp_path), f"--ckpt_path={name}"])
+    assert resolved == [name]
+
+
 def test_a_checkpoint_of_another_model_or_no_checkpoint_cannot_resume_a_run(
     synthetic: Path, tmp_path: Path, capsys
 ):

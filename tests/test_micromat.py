@@ -91,6 +91,13 @@ def test_a_16_bit_matte_holding_8_bit_values_is_refused_not_read_as_almost_empty
     dataset = build_eval_dataset(tmp_path, format="micromat", prompt="box")
     with pytest.raises(EvalDataError, match=r"0001_1.png' is a 16-bit image whose values only reach 255"):
         dataset[0]
+    # a trimap too (it would read as 0 / 1, and then fail the trimap check with a misleading message)
+    write_matting_folder(tmp_path / "aim")
+    trimap = np.asarray(Image.open(tmp_path / "aim/trimap/s_0.png"))
+    Image.fromarray(trimap.astype(np.uint16)).save(tmp_path / "aim/trimap/s_0.png")
+    dataset = build_eval_dataset(tmp_path / "aim", format="aim500", prompt="box")
+    with pytest.raises(EvalDataError, match=r"s_0.png' is a 16-bit image whose values only reach 255"):
+        dataset[0]
 
 
 def test_a_matte_with_an_alpha_channel_is_refused_not_read_as_opaque(tmp_path: Path) -> None:

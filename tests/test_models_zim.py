@@ -467,6 +467,20 @@ def test_sam_architecture_reproduces_sam_logits(sam_and_path):
     assert ours.abs().mean() > 1e-2  # not trivially zero
 
 
+def test_shape_mismatch_names_what_is_missing_unexpected_and_of_another_shape():
+    from zim_lightning.models.checkpoint import load_exactly, shape_mismatch
+
+    own = {"a": (1,), "b": (2,), "c": (3,)}
+    assert shape_mismatch(own, dict(own)) is None
+    assert shape_mismatch(own, {"a": (1,), "c": (4,), "d": (5,)}) == (
+        "1 missing: b; 1 unexpected: d; 1 with another shape: c (4,) vs (3,)"  # saved vs the network's
+    )
+    many = {f"k{i}": (1,) for i in range(7)}
+    assert shape_mismatch(many, {}) == "7 missing: k0, k1, k2, k3, k4 (+2 more)"
+    with pytest.raises(CheckpointError, match=r"\(1 missing: bias\)"):
+        load_exactly(torch.nn.Linear(2, 2), {"weight": torch.zeros(2, 2)}, source="w.pt")
+
+
 def test_sam_checkpoint_of_another_size_is_rejected(tmp_path):
     with torch.device("meta"):
         vit_b_state = sam_model_registry["vit_b"]().state_dict()
@@ -483,6 +497,10 @@ def test_sam_checkpoint_of_another_size_is_rejected(tmp_path):
         )
     with pytest.raises(CheckpointError, match="is a ZIM checkpoint; give it as checkpoint="):
         load_sam_weights(small, tiny().state_dict())  # ZIM's own weights given as SAM's
+    saved = tmp_path / "zim.pt"  # ...and as a file
+    torch.save(tiny().state_dict(), saved)
+    with pytest.raises(CheckpointError, match="is a ZIM checkpoint; give it as checkpoint="):
+        load_sam_weights(small, str(saved))
     fit = tmp_path / "last.ckpt"  # a trained ZIM without ZIM-only tensors (the SAM pixel decoder ablation)
     torch.save(
         {"state_dict": {f"net.{k}": v for k, v in tiny(pixel_decoder="sam").state_dict().items()}}, fit

@@ -4,6 +4,7 @@ converter stage reads."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,20 @@ def test_shards_packed_from_other_folders_are_not_replaced_without_overwrite(
         pack(images=other_images, labels=other_alphas, out=out)
     assert main([*argv, "--overwrite"]) == 0
     assert [p.name for p in sorted(out.glob("*.tar"))] == ["matting-000000.tar"]
+
+
+def test_the_record_names_resolved_folders_and_the_kind_from_the_first_shard(
+    folders, tmp_path, monkeypatch
+) -> None:
+    images, alphas, _ = folders
+    out = tmp_path / "out"
+    pack(images=images, labels=alphas, out=out, shard_size=100)  # a single shard
+    record = json.loads((out / "matting.pack.json").read_text())
+    assert record["images"] == str(images.resolve()) and record["labels"] == str(alphas.resolve())
+    monkeypatch.chdir(tmp_path)  # the same folders by relative paths: a rerun, not another dataset
+    pack(images=images.relative_to(tmp_path), labels=alphas.relative_to(tmp_path), out=out, shard_size=100)
+    with pytest.raises(ValueError, match="already holds"):  # the same folders packed as masks: another
+        pack(images=images, labels=alphas, out=out, name="matting", masks=True)
 
 
 def test_nothing_is_written_when_no_pair_can_be_packed(folders, tmp_path) -> None:

@@ -389,14 +389,19 @@ def test_a_second_build_into_the_same_out_is_refused(
 
 
 def test_an_out_that_holds_the_input_shards_is_refused_before_anything_is_written(
-    synthetic: Path, checkpoint: Path, tmp_path: Path
+    synthetic: Path, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     inputs = tmp_path / "sa1b"
     shutil.copytree(synthetic / "sa1b", inputs)
     before = {p.name: p.read_bytes() for p in inputs.iterdir()}
-    for out in (inputs, tmp_path / "." / "sa1b" / ".." / "sa1b"):
+    monkeypatch.chdir(tmp_path)  # and as typed: --sa1b sa1b --out sa1b
+    for sa1b, out in [
+        (inputs, inputs),
+        (inputs, tmp_path / "." / "sa1b" / ".." / "sa1b"),
+        (Path("sa1b"),) * 2,
+    ]:
         with pytest.raises(ValueError, match="is where the SA-1B input shards lie"):
-            _build(inputs, out, checkpoint)
+            _build(sa1b, out, checkpoint)
     assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before  # nothing written or replaced
 
 
