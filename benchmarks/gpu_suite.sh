@@ -143,9 +143,10 @@ step train_compile 240 benchmarks/train_throughput.py "${common[@]}" "${train[@]
 # Interactive latency, submodules compiled: stock (fp32 and bf16), the best measured path, the Triton kernel
 step latency_compile 150 benchmarks/predictor_latency.py "${common[@]}" "${lat[@]}" \
   --attention "sdpa_fold${relpos:+,$relpos}" --compile "$latency_compile"
-# Activation checkpointing (the 16 GiB target) and the eager paths
+# Activation checkpointing (the 16 GiB target) and the eager paths; +lit: the same step as training runs
+# it (ZimModule in a Trainer: host copies, loss checks, metrics), against this script's own loop
 step train_eager 120 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
-  --configs "stock,sdpa_fold+cl+fused,sdpa_fold+cl+fused+ckpt${relpos:+,triton_relpos+cl+fused,triton_relpos+cl+fused+ckpt}"
+  --configs "stock,sdpa_fold+cl+fused,sdpa_fold+cl+fused+lit,sdpa_fold+cl+fused+ckpt${relpos:+,triton_relpos+cl+fused,triton_relpos+cl+fused+ckpt}"
 # CUDA graphs: encode_image and decode compiled whole (speed.compile_inference), one replay per call
 step latency_graphs 120 benchmarks/predictor_latency.py "${common[@]}" "${lat[@]}" \
   --attention sdpa_fold --compile "$latency_graphs" --compile-scope calls --profile 3
@@ -158,6 +159,9 @@ step attention_windows 50 benchmarks/attention_layer.py "${window[@]}" --backend
 step attention_cudnn 45 benchmarks/attention_layer.py "${layer[@]}" --backends eager,sdpa,sdpa_fold,sdpa_nobias \
   --sdpa-kernel "$cudnn"
 step build_forward 90 benchmarks/build_throughput.py "${build[@]}" --skip cpu end_to_end
+# The compiled training step as training runs it (last: compiling again costs a minute or so)
+step train_lit 150 benchmarks/train_throughput.py "${common[@]}" "${train[@]}" \
+  --configs "stock,sdpa_fold+cl+fused,sdpa_fold+cl+fused$compile_switch+lit"
 echo "[suite] done in $(($(date +%s) - start))s" | tee -a "$log"
 # every figure as Markdown tables and issue 8's targets checked (nothing measured here)
 python3 benchmarks/suite_report.py "$OUT" > "$OUT/report.md" 2>>"$log" && tail -n 8 "$OUT/report.md" \

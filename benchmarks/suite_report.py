@@ -60,7 +60,8 @@ def read_reports(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 def _median(value: Any) -> float | None:
-    return value.get("median") if isinstance(value, dict) else value
+    # a "lit" training row times its steps as one span: its mean
+    return value.get("median", value.get("mean")) if isinstance(value, dict) else value
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -124,6 +125,7 @@ def loss_reference(report: dict[str, Any]) -> dict[str, Any] | None:
         if (
             parts[0] in REFERENCE_BASES
             and "compile" not in parts
+            and "lit" not in parts
             and not failure(row)
             and isinstance(row.get("final_loss"), (int, float))
             and math.isfinite(row["final_loss"])

@@ -14,8 +14,15 @@ divided by the step time and ``--peak-tflops`` (989: H100 SXM dense bf16). Switc
 
 A configuration is ``BASE[+switch...]``: BASE is ``stock`` (segment-anything) or a ViT attention backend
 of ZIM (``eager``, ``sdpa``, ``sdpa_fold``, ``flex``); switches are ``cl`` (channels-last convolutions),
-``fused`` (fused AdamW), ``compile`` (torch.compile of encoder, feature pyramid, prompt encoder and decoder) and
-``ckpt`` (activation checkpointing of the ViT blocks). All run at ``--precision`` (bf16 autocast).
+``fused`` (fused AdamW), ``compile`` (torch.compile of encoder, feature pyramid, prompt encoder and decoder),
+``ckpt`` (activation checkpointing of the ViT blocks) and ``lit``. All run at ``--precision`` (bf16 autocast).
+
+The step above is this script's own loop, timed with a synchronisation around each step. ``lit`` times
+the training as it runs instead: :class:`~zim_lightning.lit.zim_module.ZimModule`'s training step in a
+Lightning ``Trainer`` (``bf16-mixed``), batches in the datamodule's layout (uint8 image, alpha, valid,
+box corners) copied from pinned host memory every step, the non-finite-loss check, the running means
+and their logging, with no synchronisation but at the two ends of the timed steps. (Validation,
+checkpoints and the progress bar are off; the loss still goes to the progress-bar metrics, as in a run.)
 
 GPU run (an H100, ViT-B, batch 8)::
 
@@ -34,16 +41,22 @@ CPU smoke run (tiny model, 256 input)::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from zim_lightning import benchmarking, speed
+from zim_lightning.lit.zim_module import ZimModule
 from zim_lightning.losses import MattingLoss
 from zim_lightning.models import relpos_flash
 from zim_lightning.models.build import ZIM_VARIANTS
@@ -63,7 +76,9 @@ DEFAULT_CONFIGS = (
     "flex+cl+fused+compile",
     "flex+cl+fused+compile+ckpt",
 )
-SWITCHES = ("cl", "fused", "compile", "ckpt")
+SWITCHES = ("cl", "fused", "compile", "ckpt", "lit")
+#: Lightning's precision for each of ``--precision``'s.
+LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed"}
 #: AdamW learning rate of the paper's ZIM fine-tuning (it does not change the step time).
 LEARNING_RATE = 1e-5
 
@@ -77,6 +92,7 @@ class Config:
     fused: bool
     compiled: bool
     checkpointing: bool
+    lightning: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Config:
@@ -90,16 +106,22 @@ class Config:
             raise ValueError(
                 f"configuration {text!r}: unknown switches {unknown}; expected some of {list(SWITCHES)}"
             )
-        if base == "stock" and {"ckpt"} & set(switches):
-            raise ValueError(f"configuration {text!r}: stock SAM has no activation-checkpointing switch")
-        return cls(base, "cl" in switches, "fused" in switches, "compile" in switches, "ckpt" in switches)
+        if base == "stock" and {"ckpt", "lit"} & set(switches):
+            raise ValueError(
+                f"configuration {text!r}: stock SAM has no activation-checkpointing switch and no "
+                "LightningModule"
+            )
+        on = [s in switches for s in SWITCHES]
+        return cls(base, *on)
 
     @property
     def name(self) -> str:
         flags = [
             s
             for s, on in zip(
-                SWITCHES, (self.channels_last, self.fused, self.compiled, self.checkpointing), strict=True
+                SWITCHES,
+                (self.channels_last, self.fused, self.compiled, self.checkpointing, self.lightning),
+                strict=True,
             )
             if on
         ]
@@ -277,42 +299,122 @@ def count_flops_per_image(config: Config, args: argparse.Namespace, device: torc
     return flops
 
 
+class _SameBatch(torch.utils.data.IterableDataset):
+    """One host batch, endlessly (the DataLoader copies it to pinned memory every step, as in training)."""
+
+    def __init__(self, batch: dict) -> None:
+        super().__init__()
+        self.batch = batch
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
+class _StepClock(L.Callback):
+    """Wall time of the steps after ``warmup`` ones, with the device synchronised only at both ends."""
+
+    def __init__(self, warmup: int, steps: int, device: torch.device) -> None:
+        self.warmup, self.steps, self.device = warmup, steps, device
+        self.seconds = self.loss = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            benchmarking.synchronize(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.warmup + self.steps - 1:
+            benchmarking.synchronize(self.device)
+            self.seconds = time.perf_counter() - self.start
+            self.loss = float(outputs["loss"])
+
+
+def lightning_step_s(
+    model: torch.nn.Module, config: Config, args: argparse.Namespace, device: torch.device
+) -> tuple[float, float]:
+    """Seconds per step of ZimModule's training in a Lightning Trainer, and the last step's loss."""
+    host = synthetic_batch(args.batch_size, args.image_size, args.seed, torch.device("cpu"))
+    side = args.image_size
+    batch = {  # the datamodule's layout (samples.collate): one box per image as its two corners
+        "image": host["images"],
+        "alpha": host["alpha"],
+        "valid": torch.ones(args.batch_size, 1, side, side),
+        "point_coords": host["boxes"].view(-1, 2, 2),
+        "point_labels": torch.tensor([[2.0, 3.0]]).expand(args.batch_size, 2).contiguous(),
+        "key": [f"k{i}" for i in range(args.batch_size)],
+    }
+    optimizer = partial(torch.optim.AdamW, lr=LEARNING_RATE, fused=config.fused or None)
+    module = ZimModule(net=model, optimizer=optimizer)
+    clock = _StepClock(args.warmup, args.steps, device)
+    with tempfile.TemporaryDirectory() as logs:
+        trainer = L.Trainer(
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            precision=LIGHTNING_PRECISION[args.precision],
+            max_steps=args.warmup + args.steps,
+            logger=L.pytorch.loggers.CSVLogger(logs),  # as the configs: every 50 steps
+            log_every_n_steps=50,
+            limit_val_batches=0,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[clock],
+        )
+        loader = torch.utils.data.DataLoader(
+            _SameBatch(batch), batch_size=None, pin_memory=device.type == "cuda"
+        )
+        trainer.fit(module, train_dataloaders=loader)
+    return clock.seconds / args.steps, clock.loss
+
+
 def measure(
     config: Config, args: argparse.Namespace, device: torch.device, flops_per_image: float
 ) -> dict[str, object]:
     result: dict[str, object] = {"config": config.name}
     try:
         model = build(config, args, device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, fused=config.fused or None)
-        batch = synthetic_batch(args.batch_size, args.image_size, args.seed, device)
-        loss = loss_fn(model, config, batch, args.precision)
-        losses: list[float] = []
+        optimizer = batch = loss = None
+        if config.lightning:  # the steps as one span (no per-step timings): its mean
+            step_s, final_loss = lightning_step_s(model, config, args, device)
+            result.update(
+                step_ms={"mean": step_s * 1e3}, final_loss=final_loss, finite=math.isfinite(final_loss)
+            )
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, fused=config.fused or None)
+            batch = synthetic_batch(args.batch_size, args.image_size, args.seed, device)
+            loss = loss_fn(model, config, batch, args.precision)
+            losses: list[float] = []
 
-        def step() -> None:
-            value = loss()
-            value.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(value.detach())
+            def step() -> None:
+                value = loss()
+                value.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(value.detach())
 
-        for _ in range(args.warmup):
-            step()
-        benchmarking.synchronize(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        timing = benchmarking.measure_ms(step, device=device, warmup=0, repeats=args.steps)
-        step_s = timing["median"] / 1e3
+            for _ in range(args.warmup):
+                step()
+            benchmarking.synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            timing = benchmarking.measure_ms(step, device=device, warmup=0, repeats=args.steps)
+            step_s = timing["median"] / 1e3
+            result.update(
+                step_ms=timing,
+                final_loss=float(losses[-1]),
+                finite=bool(all(torch.isfinite(v).item() for v in losses)),
+            )
         result.update(
-            step_ms=timing,
             images_per_s=args.batch_size / step_s,
             model_tflops_per_step=flops_per_image * args.batch_size / 1e12,
             mfu=flops_per_image * args.batch_size / step_s / (args.peak_tflops * 1e12),
-            final_loss=float(losses[-1]),
-            finite=bool(all(torch.isfinite(v).item() for v in losses)),
         )
         if device.type == "cuda":
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if args.profile:
+        if args.profile and not config.lightning:
             try:  # a profiler failure (CUPTI, say) costs the profile, not the timings
                 result["profile"] = benchmarking.profile_top_ops(step, device=device, steps=args.profile)
             except Exception as error:  # noqa: BLE001

@@ -61,6 +61,12 @@ def test_train_throughput_runs_stock_and_zim_and_profiles(tmp_path: Path):
         assert result["finite"] and result["images_per_s"] > 0 and result["mfu"] > 0
         assert result["profile"] and result["profile"][0]["ms_per_step"] > 0
     assert report["model_gflops_per_image"]["zim"] > report["model_gflops_per_image"]["stock"] > 0
+    # the training as it runs (ZimModule in a Trainer) takes the same steps on the same batch
+    assert script.main([*args.split(), "--configs", "sdpa_fold+fused+lit", "--json-out", str(out)]) == 0
+    (lit,) = json.loads(out.read_text())["results"]
+    assert "error" not in lit, lit.get("error")
+    assert lit["step_ms"]["mean"] > 0 and lit["images_per_s"] > 0
+    assert lit["final_loss"] == pytest.approx(report["results"][1]["final_loss"], rel=1e-4)
 
 
 def test_build_throughput_scores_the_mattes_and_splits_them_by_zoom(tmp_path: Path):
