@@ -35,9 +35,6 @@ from zim_lightning.sa1b_matte import (
     OutputLock,
     ShardClaims,
     ShardDataset,
-    _parser,
-    _several_processes,
-    _shard_batches,
     build,
     converter_mask,
     crop_square,
@@ -47,6 +44,9 @@ from zim_lightning.sa1b_matte import (
     project_matte,
     resample_square,
 )
+from zim_lightning.sa1b_matte.cli import _parser
+from zim_lightning.sa1b_matte.job import _several_processes
+from zim_lightning.sa1b_matte.reading import _shard_batches
 
 # Small enough that a full build takes seconds on two cores; 4 shards so a kill lands mid-run.
 NUM_SHARDS = 4
