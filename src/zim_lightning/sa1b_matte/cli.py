@@ -14,8 +14,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from zim_lightning.sa1b_matte.geometry import MODES, CropConfig
 from zim_lightning.sa1b_matte.job import build, print_summary
 
-log = logging.getLogger(__name__)
-
 
 def add_crop_arguments(p: argparse.ArgumentParser) -> None:
     """The command-line options of :class:`CropConfig` (the builder's, and its benchmark's)."""

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
-
-log = logging.getLogger(__name__)
 
 MODES = ("crop", "whole")
 # Bilinear resampling spreads an edge over about a pixel, so the matte box keeps at least this margin.

@@ -28,8 +28,6 @@ from zim_lightning.sa1b_matte.geometry import (
 )
 from zim_lightning.sa1b_matte.resume import ShardClaims
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class ImageItem:
