@@ -39,7 +39,7 @@ help: ## List the targets
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH_PINS)
+	$(BIN)/pip install -q $(TORCH_PINS) $(PIP_CONSTRAINTS)
 	$(BIN)/pip install -q -e '.[dev]' $(TORCH_PINS) $(PIP_CONSTRAINTS)
 	# The official ONNX runner, for the export round-trip tests; --no-deps because it asks for
 	# onnxruntime-gpu, while the CPU onnxruntime from the dev extras is all it needs here.
@@ -52,6 +52,7 @@ constraints: $(STAMP) ## Rewrite constraints.txt from .venv (after `rm -rf .venv
 	{ echo "# Versions the tests passed with; written by \`make constraints\` (torch, torchvision and the CUDA"; \
 	  echo "# packages they bring are pinned in the Makefile)."; \
 	  $(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|torchvision|triton)==|^(nvidia|cuda)-'; } > constraints.txt
+	touch $(STAMP)  # .venv holds what the file now says
 
 synth: $(STAMP) ## Write the synthetic dataset to DATA (default data/synthetic)
 	$(BIN)/zim-lightning synth --out $(DATA) --seed 0

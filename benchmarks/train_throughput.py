@@ -316,7 +316,8 @@ class _StepClock(L.Callback):
 
     def __init__(self, warmup: int, steps: int, device: torch.device) -> None:
         self.warmup, self.steps, self.device = warmup, steps, device
-        self.seconds = self.loss = None
+        self.start = self.seconds = self.loss = None
+        self.skipped = 0  # steps ZimModule skipped for a non-finite loss (their loss reads 0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.warmup:
@@ -326,6 +327,7 @@ class _StepClock(L.Callback):
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.skipped += bool(pl_module._skip_optimizer_step)
         if batch_idx == self.warmup + self.steps - 1:
             benchmarking.synchronize(self.device)
             self.seconds = time.perf_counter() - self.start
@@ -335,7 +337,8 @@ class _StepClock(L.Callback):
 def lightning_step_s(
     model: torch.nn.Module, config: Config, args: argparse.Namespace, device: torch.device
 ) -> tuple[float, float]:
-    """Seconds per step of ZimModule's training in a Lightning Trainer, and the last step's loss."""
+    """Seconds per step of ZimModule's training in a Lightning Trainer, and the last step's loss (NaN
+    when a step was skipped for a non-finite loss)."""
     host = synthetic_batch(args.batch_size, args.image_size, args.seed, torch.device("cpu"))
     side = args.image_size
     batch = {  # the datamodule's layout (samples.collate): one box per image as its two corners
@@ -367,7 +370,7 @@ def lightning_step_s(
             _SameBatch(batch), batch_size=None, pin_memory=device.type == "cuda"
         )
         trainer.fit(module, train_dataloaders=loader)
-    return clock.seconds / args.steps, clock.loss
+    return clock.seconds / args.steps, math.nan if clock.skipped else clock.loss
 
 
 def measure(

@@ -9,6 +9,7 @@ blocking). Each of these stops the host from queueing work ahead of the GPU.
 from __future__ import annotations
 
 import traceback
+from collections.abc import Iterable
 
 import torch
 from torch.utils import _pytree as pytree
@@ -30,13 +31,13 @@ class HostWaits(TorchDispatchMode):
     in ``ops``.
 
     Args:
-        read_back: the value a fake scalar read-back (``.item()``, ``bool()``) returns, so that the code
-            goes on past it.
+        read_backs: the values that fake scalar read-backs (``.item()``, ``bool()``) return, in order, so
+            that the code goes on past them; 0 after the last.
     """
 
-    def __init__(self, *, read_back: float = 0) -> None:
+    def __init__(self, *, read_backs: Iterable[float] = ()) -> None:
         super().__init__()
-        self.read_back = read_back
+        self.read_backs = iter(read_backs)
         self.waits: list[tuple[int, str, str]] = []
         self.ops: list[str] = []
 
@@ -61,5 +62,5 @@ class HostWaits(TorchDispatchMode):
         if wait is not None:
             self.waits.append((len(self.ops), wait, _where()))
         if name == "_local_scalar_dense":
-            return self.read_back  # a fake tensor has no value
+            return next(self.read_backs, 0)  # a fake tensor has no value
         return func(*args, **kwargs)

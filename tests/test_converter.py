@@ -181,8 +181,11 @@ def test_masks_outside_zero_one_are_refused() -> None:
     images, masks = _inputs(b=1, h=64, w=64)
     with pytest.raises(ValueError, match="float in \\[0, 1\\], got dtype torch.uint8 .*divide by 255"):
         model(images, (masks * 255).to(torch.uint8))
+    model(images, torch.zeros_like(masks))  # an empty first batch shows nothing of the range
     with pytest.raises(ValueError, match="in \\[0, 1\\], got values in \\[0.0, 255.0\\]"):
         model(images, masks * 255)
+    model(images, masks)  # values are read back until a batch with a foreground passes (then no more)
+    model(images, masks * 255)
 
 
 def test_the_backbone_sees_sam_normalised_rgb_and_the_mask_in_minus_one_one() -> None:

@@ -59,7 +59,7 @@ def test_converter_reads_its_mask_values_back_only_until_a_batch_passes() -> Non
                 "alpha": torch.rand(2, 1, 128, 128),
                 "mask": (torch.rand(2, 1, 128, 128) > 0.5).float(),
             }
-        with HostWaits() as first:
+        with HostWaits(read_backs=[False, False, True]) as first:  # low < 0, high > 1, high > 0
             module._step(batch)
         with HostWaits() as second:
             module._step(batch)
@@ -94,13 +94,17 @@ def test_predictor_queues_the_whole_decode_before_reading_the_alpha(predictor: Z
     assert "sigmoid" in spy.ops[:at] and "convolution" in spy.ops[:at]
 
 
-def test_predict_torch_reads_back_only_to_check_labels_on_the_gpu(predictor: ZimPredictor) -> None:
+def test_predict_torch_reads_back_only_to_check_labels_already_on_the_gpu(predictor: ZimPredictor) -> None:
     with predictor.mode:  # type: ignore[attr-defined]
         boxes = torch.rand(16, 4, device="cuda") * 100
         with HostWaits() as boxes_only:
             masks, _, _ = predictor.predict_torch(None, None, boxes, multimask_output=False)
         coords, labels = torch.rand(2, 3, 2, device="cuda"), torch.ones(2, 3, device="cuda")
-        with HostWaits(read_back=1) as points:
+        with HostWaits(read_backs=[True, True]) as points:  # every label known, each set has a point
+            predictor.predict_torch(coords, labels, multimask_output=False)
+        coords, labels = torch.rand(2, 3, 2) * 100, torch.ones(2, 3)  # on the host: the automatic generator's
+        with HostWaits(read_backs=[True, True]) as host_points:
             predictor.predict_torch(coords, labels, multimask_output=False)
     assert masks.shape == (16, 1, 200, 240) and boxes_only.waits == []
     assert [what for _, what, _ in points.waits] == ["blocking copy cuda -> cpu of (2,)"]
+    assert host_points.waits == []  # checked on the host, copied without waiting

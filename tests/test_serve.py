@@ -380,10 +380,8 @@ def test_a_point_below_the_image_is_refused() -> None:
     assert error.value.status == 400
 
 
-def test_an_image_used_recently_is_not_the_one_dropped() -> None:
-    from types import SimpleNamespace
-
-    store = ImageStore(predictor_factory=lambda: SimpleNamespace(set_image=lambda image: None), max_images=2)
+def test_an_image_used_recently_is_not_the_one_dropped(model: torch.nn.Module) -> None:
+    store = ImageStore(predictor_factory=lambda: ZimPredictor(model), max_images=2)
     first, second = (store.add_array(np.full((4, 4, 3), v, np.uint8), name=str(v)) for v in (1, 2))
     store.get(first.image_id)  # the person clicks on the first image again
     store.add_array(np.full((4, 4, 3), 3, np.uint8), name="3")

@@ -395,8 +395,9 @@ class ZimAutomaticMatteGenerator:
         resized = predictor.transform.apply_coords(
             np.asarray(points, dtype=np.float64), predictor.original_size
         )
-        coords = torch.as_tensor(resized, dtype=torch.float32, device=predictor.device)[:, None, :]
-        labels = torch.ones(coords.shape[:2], dtype=torch.float32, device=predictor.device)
+        # on the host: predict_torch checks them there and copies them to the device without waiting
+        coords = torch.as_tensor(resized, dtype=torch.float32)[:, None, :]
+        labels = torch.ones(coords.shape[:2], dtype=torch.float32)
         alpha, iou, _ = predictor.predict_torch(coords, labels, multimask_output=self.multimask_output)
         return alpha, iou
 

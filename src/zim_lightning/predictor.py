@@ -313,21 +313,30 @@ class ZimPredictor:
             assert batch is not None
             parts_coords.append(_filled((batch, 1), PADDING_POINT, self.device))
             parts_labels.append(torch.full((batch, 1), float(LABEL_PAD), device=self.device))
-        coords = torch.cat([c.to(self.device, non_blocking=True) for c in parts_coords], dim=1)
-        labels = torch.cat([lab.to(self.device, non_blocking=True) for lab in parts_labels], dim=1)
+        coords = torch.cat([_to_device(c, self.device) for c in parts_coords], dim=1)
+        labels = torch.cat([_to_device(lab, self.device) for lab in parts_labels], dim=1)
         return coords, labels
 
     def _upload(self, array: np.ndarray) -> torch.Tensor:
-        """A host array as a float32 tensor on the model's device, copied without waiting for the GPU
-        (from page-locked memory, which the copy may read after this returns)."""
-        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-        if self.device.type == "cuda" and torch.cuda.is_available():  # (not for fake CUDA tensors in tests)
-            tensor = tensor.pin_memory()
-        return tensor.to(self.device, non_blocking=True)
+        """A host array as a float32 tensor on the model's device (see :func:`_to_device`)."""
+        return _to_device(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)), self.device)
 
     def _require_image(self) -> None:
         if not self.is_image_set:
             raise RuntimeError("no image is set: call set_image(image) before predicting")
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``. A host tensor goes to a CUDA device without waiting for the GPU: it is
+    copied into fresh page-locked memory first, which the queued copy reads later (the caller may then
+    reuse its own buffer). Other copies (to or from other devices) are plain, blocking ones."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        if torch.cuda.is_available():  # (not for the fake CUDA tensors of the tests)
+            tensor = torch.empty_like(tensor, pin_memory=True).copy_(tensor)
+        return tensor.to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def _filled(shape: tuple[int, ...], values: tuple[float, ...], device: torch.device) -> torch.Tensor:

@@ -23,6 +23,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
+from typing import NoReturn
 
 import lightning as L
 import numpy as np
@@ -222,7 +223,7 @@ class ProcessSamples:
             in_stream[stream] = in_shard[url] = 0
             yield from processed
 
-    def _stop(self, what: str, exn: Exception) -> None:
+    def _stop(self, what: str, exn: Exception) -> NoReturn:
         raise RuntimeError(
             f"{what} were skipped as corrupt (the last: {exn}); skips so far: {self.counter.counts()}. "
             f"Check that the shards are the kind this stage reads ({type(self.processor).__name__})"

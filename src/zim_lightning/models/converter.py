@@ -238,14 +238,15 @@ class MattingConverter(nn.Module):
             raise ValueError(
                 f"masks must be float in [0, 1], got dtype {masks.dtype} (a 0/255 uint8 mask: divide by 255)"
             )
-        # The values are read back (the host waits for the device) until one batch passes: a mask in the
-        # wrong range (0/255) comes in every batch, so the first shows it, and later steps do not wait.
+        # The values are read back (the host waits for the device) until a batch with a foreground passes:
+        # a mask in the wrong range (0/255) comes in every batch, so the first shows it, and later steps
+        # do not wait.
         # Skipped while compiling (a data-dependent branch would split the graph).
         if not self._mask_values_checked and not torch.compiler.is_compiling():
             low, high = torch.aminmax(masks)
             if low < 0 or high > 1:
                 raise ValueError(f"masks must be in [0, 1], got values in [{float(low)}, {float(high)}]")
-            self._mask_values_checked = True
+            self._mask_values_checked = bool(high > 0)  # an empty batch shows nothing of the range
 
     def _widths(self) -> tuple[int, int]:
         """Band radii (os4, os1): a disk ``width // 2`` across in evaluation; in training one whose

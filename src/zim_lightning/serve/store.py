@@ -289,6 +289,8 @@ class ImageStore:
                 predictor.set_image(image)
             except ValueError as error:  # an image the network cannot take (e.g. 1x3000 pixels)
                 raise RequestError(400, f"{name}: {error}") from error
+            if predictor.device.type == "cuda":  # set_image only queues the encoder on a GPU
+                torch.cuda.synchronize(predictor.device)
             encode_ms = (time.perf_counter() - start) * 1e3
         logger.info("encoded %s (%dx%d) in %.0f ms", name, image.shape[1], image.shape[0], encode_ms)
         preview = io.BytesIO()
