@@ -19,10 +19,11 @@ of ZIM (``eager``, ``sdpa``, ``sdpa_fold``, ``flex``); switches are ``cl`` (chan
 
 The step above is this script's own loop, timed with a synchronisation around each step. ``lit`` times
 the training as it runs instead: :class:`~zim_lightning.lit.zim_module.ZimModule`'s training step in a
-Lightning ``Trainer`` (``bf16-mixed``), batches in the datamodule's layout (uint8 image, alpha, valid,
-box corners) copied from pinned host memory every step, the non-finite-loss check, the running means
-and their logging, with no synchronisation but at the two ends of the timed steps. (Validation,
-checkpoints and the progress bar are off; the loss still goes to the progress-bar metrics, as in a run.)
+Lightning ``Trainer`` (bf16-mixed for ``--precision bf16``), batches in the datamodule's layout (uint8
+image, alpha, valid, box corners) copied from pinned host memory every step, the non-finite-loss
+check, the running means and their logging, with no synchronisation but at the two ends of the timed
+steps. (Validation, checkpoints and the progress bar are off; the loss still goes to the progress-bar
+metrics, as in a run.)
 
 GPU run (an H100, ViT-B, batch 8)::
 
