@@ -2,8 +2,8 @@
 promptable matting with box and point prompts).
 
 ``zim-lightning matte IMAGE (--box x1,y1,x2,y2 | --point x,y[,label] ...) [--model NAME |
---run-config RUN/config.yaml] [--checkpoint PATH] --out DIR`` writes ``<stem>_alpha.png`` (8-bit grayscale alpha) and
-``<stem>_cutout.png`` (the image as RGBA with that alpha) into ``DIR``, using
+--run-config RUN/config.yaml] [--checkpoint PATH] --out DIR`` writes ``<stem>_alpha.png`` (8-bit
+grayscale alpha) and ``<stem>_cutout.png`` (the image as RGBA with that alpha) into ``DIR``, using
 :class:`~zim_lightning.predictor.ZimPredictor`. Coordinates are ``(X, Y)`` pixels of the original
 image; a point's label is 1 (foreground, the default) or 0 (background).
 """
