@@ -622,8 +622,8 @@ def test_a_finite_step_resets_the_run_of_non_finite_ones() -> None:
     from zim_lightning.lit.matting_module import MAX_NONFINITE_STEPS, MattingModule
 
     module = MattingModule(net=torch.nn.Linear(2, 2), optimizer=torch.optim.SGD, scheduler=None)
-    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision)
-    module._trainer = SimpleNamespace(strategy=strategy, global_step=0)
+    strategy = SimpleNamespace(reduce=lambda tensor, reduce_op: tensor)  # one device's
+    module._trainer = SimpleNamespace(strategy=strategy, global_step=0, world_size=1)
     nan, one = torch.tensor(float("nan")), torch.tensor(1.0)
     logging.disable(logging.WARNING)
     try:

@@ -126,8 +126,11 @@ class MattingModule(LightningModule):
         Raises:
             FloatingPointError: after :data:`MAX_NONFINITE_STEPS` such steps in a row.
         """
-        finite = bool(torch.isfinite(loss.detach()).all())
-        self._skip_optimizer_step = not self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        # Ranks whose loss is finite, summed on the device: the host reads one value back (Lightning's
+        # reduce_boolean_decision would read the flag, copy it back to the device and read the sum).
+        finite = torch.isfinite(loss.detach()).all().to(torch.int32)
+        ranks = self.trainer.strategy.reduce(finite, reduce_op="sum")
+        self._skip_optimizer_step = int(ranks) != self.trainer.world_size
         if not self._skip_optimizer_step:
             self._nonfinite_in_a_row = 0
             return True
