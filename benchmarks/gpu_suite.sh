@@ -131,6 +131,10 @@ if ((tests_rc != 0)); then
   relpos=""
   echo "[suite] the Triton kernel failed its GPU tests: triton_relpos is left out of the steps" | tee -a "$log"
 fi
+# The other GPU tests (the predictor's prompts copied to the GPU without waiting): seconds
+timeout -k 10 60 python3 -m pytest tests -m gpu --deselect tests/test_relpos_flash.py -p no:cacheprovider \
+  >>"$OUT/gpu_tests.txt" 2>&1
+echo "[suite] other gpu tests: rc=$? $(tail -n 1 "$OUT/gpu_tests.txt")" | tee -a "$log"
 
 # The steps that decide issue 8's targets come first, each with stock segment-anything measured in the
 # same process (the issue's condition); the attention-layer diagnostics after them.

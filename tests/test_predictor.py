@@ -265,3 +265,31 @@ def test_a_bf16_predictor_keeps_the_heads_in_float32_in_its_own_calls_only(predi
 def test_negative_integer_images_are_refused(predictor: ZimPredictor) -> None:
     with pytest.raises(ValueError, match="uint8"):
         predictor.set_image(np.full((8, 8, 3), -1, np.int16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prompts_from_the_host_reach_a_gpu_model_intact(predictor: ZimPredictor, image) -> None:
+    # On a GPU the prompts are copied through pinned memory without waiting (predictor._to_device): the
+    # decode must see them as the CPU model does, even when the caller refills its buffer at once.
+    import copy
+
+    gpu = ZimPredictor(copy.deepcopy(predictor.model).cuda())
+    gpu.set_image(image)
+    prompt = {"point_coords": np.array([[200, 150], [50, 40]]), "point_labels": np.array([1, 0])}
+    for kwargs in (
+        prompt,
+        {"box": np.array([120, 80, 330, 220])},
+        {**prompt, "box": np.array([0, 0, 449, 299])},
+    ):
+        expected, _, _ = predictor.predict(**kwargs, multimask_output=False)
+        got, _, _ = gpu.predict(**kwargs, multimask_output=False)
+        np.testing.assert_allclose(
+            got, expected, atol=2e-2
+        )  # TF32 convolutions on the GPU; a wrong prompt moves it by far more
+    coords = torch.tensor([[[300.0, 200.0]]]).pin_memory()
+    labels = torch.ones(1, 1).pin_memory()
+    reference = gpu.predict_torch(coords.clone(), labels.clone(), multimask_output=False)[0].cpu()
+    masks = gpu.predict_torch(coords, labels, multimask_output=False)[0]
+    coords.fill_(0.0)  # the caller reuses its buffer before the GPU has read it
+    torch.testing.assert_close(masks.cpu(), reference, atol=1e-5, rtol=0)
