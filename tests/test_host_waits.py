@@ -68,20 +68,25 @@ def test_converter_reads_its_mask_values_back_only_until_a_batch_passes() -> Non
 
 
 @pytest.fixture(scope="module")
-def predictor() -> ZimPredictor:
-    # the fake mode must outlive the fixture's tensors
-    mode = fake_cuda()
+def mode() -> FakeTensorMode:
+    """The fake mode of the predictor's tensors (they need the same one in every test)."""
+    return fake_cuda()
+
+
+@pytest.fixture(scope="module")
+def predictor(mode: FakeTensorMode) -> ZimPredictor:
     with mode, torch.device("cuda"):
         net = build_zim_tiny(image_size=FRAME).eval()
     predictor = ZimPredictor(net)
     with mode:
         predictor.set_image(np.zeros((200, 240, 3), np.uint8))
-    predictor.mode = mode  # type: ignore[attr-defined]
     return predictor
 
 
-def test_predictor_queues_the_whole_decode_before_reading_the_alpha(predictor: ZimPredictor) -> None:
-    with predictor.mode, HostWaits() as spy:  # type: ignore[attr-defined]
+def test_predictor_queues_the_whole_decode_before_reading_the_alpha(
+    mode: FakeTensorMode, predictor: ZimPredictor
+) -> None:
+    with mode, HostWaits() as spy:
         # fake tensors have no values to hand to NumPy; the host waits just before, for the alpha
         with pytest.raises(RuntimeError, match="numpy"):
             predictor.predict(
@@ -94,8 +99,10 @@ def test_predictor_queues_the_whole_decode_before_reading_the_alpha(predictor: Z
     assert "sigmoid" in spy.ops[:at] and "convolution" in spy.ops[:at]
 
 
-def test_predict_torch_reads_back_only_to_check_labels_already_on_the_gpu(predictor: ZimPredictor) -> None:
-    with predictor.mode:  # type: ignore[attr-defined]
+def test_predict_torch_reads_back_only_to_check_labels_already_on_the_gpu(
+    mode: FakeTensorMode, predictor: ZimPredictor
+) -> None:
+    with mode:
         boxes = torch.rand(16, 4, device="cuda") * 100
         with HostWaits() as boxes_only:
             masks, _, _ = predictor.predict_torch(None, None, boxes, multimask_output=False)
