@@ -99,20 +99,23 @@ def prepare(root: Path, *, images: int, size: tuple[int, int], seed: int) -> dic
     }
 
 
-def time_stream(batches, *, samples: int, warmup: int) -> tuple[int, float, float]:
+def time_stream(batches, *, samples: int, warmup: int) -> tuple[int, float, float, int]:
     """Pull batches until ``samples`` samples after ``warmup`` batches.
 
     Returns:
-        (samples, wall seconds, CPU seconds of this process).
+        (samples, wall seconds, CPU seconds of this process, bytes of the first batch's tensors: what
+        the pin-memory thread copies and what crosses to the GPU).
     """
     iterator = iter(batches)
-    for _ in range(warmup):
+    first = next(iterator)
+    batch_bytes = sum(v.nbytes for v in first.values() if isinstance(v, torch.Tensor))
+    for _ in range(warmup - 1):
         next(iterator)
     counted, start, cpu = 0, time.perf_counter(), time.process_time()
     while counted < samples:
         batch = next(iterator)
         counted += len(batch["key"])
-    return counted, time.perf_counter() - start, time.process_time() - cpu
+    return counted, time.perf_counter() - start, time.process_time() - cpu, batch_bytes
 
 
 def bench_train_stage(stage: str, shards: dict[str, str], args: argparse.Namespace) -> dict:
@@ -133,10 +136,16 @@ def bench_train_stage(stage: str, shards: dict[str, str], args: argparse.Namespa
         )
     else:
         data = ZimDataModule(stage="zim", train_shards=shards["sa1b_matte"], image_size=args.frame, **common)
-    counted, seconds, cpu = time_stream(
+    counted, seconds, cpu, batch_bytes = time_stream(
         data.train_dataset(rank=0, world_size=1), samples=args.samples, warmup=1
     )
-    return {"samples": counted, "seconds": seconds, "cpu_seconds": cpu, "skipped": data.skips.total()}
+    return {
+        "samples": counted,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "skipped": data.skips.total(),
+        "batch_bytes": batch_bytes,
+    }
 
 
 def bench_build(shards: dict[str, str], args: argparse.Namespace) -> dict:

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from zim_lightning import benchmarking, speed
+from zim_lightning.data.samples import unpack_zim_batch
 from zim_lightning.lit.zim_module import ZimModule
 from zim_lightning.losses import MattingLoss
 from zim_lightning.models import relpos_flash
@@ -189,7 +190,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def synthetic_batch(batch: int, side: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Random uint8 images Bx3xSxS, soft-disc alpha targets Bx1xSxS in [0, 1], and one box per image Bx4."""
+    """Random uint8 images Bx3xSxS, soft-disc alpha targets Bx1xSxS in [0, 1] (``alpha``; in 8-bit steps,
+    so that ``alpha_u8``, the datamodule's uint8 form, holds the same targets), and one box per image Bx4."""
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch, 3, side, side), dtype=torch.uint8, generator=generator)
     centres = torch.rand(batch, 2, generator=generator) * side * 0.5 + side * 0.25  # (x, y) pixels
@@ -201,8 +203,12 @@ def synthetic_batch(batch: int, side: int, seed: int, device: torch.device) -> d
         (xs[None] - centres[:, 0, None, None]) ** 2 + (ys[None] - centres[:, 1, None, None]) ** 2
     )
     alpha = torch.clamp((radii[:, None, None] - distance) / (0.05 * side) + 0.5, 0.0, 1.0)[:, None]
+    alpha_u8 = (alpha * 255).round().to(torch.uint8)
+    alpha = unpack_zim_batch({"alpha": alpha_u8})["alpha"]
     boxes = torch.cat([centres - radii[:, None], centres + radii[:, None]], dim=1).clamp(0, side - 1)  # Bx4
-    return {"images": images.to(device), "alpha": alpha.to(device), "boxes": boxes.to(device)}
+    return {
+        k: v.to(device) for k, v in dict(images=images, alpha=alpha, alpha_u8=alpha_u8, boxes=boxes).items()
+    }
 
 
 def zim_loss_fn(zim: Zim, batch: dict[str, torch.Tensor], precision: str) -> Callable[[], torch.Tensor]:
@@ -344,8 +350,8 @@ def lightning_step_s(
     side = args.image_size
     batch = {  # the datamodule's layout (samples.collate): one box per image as its two corners
         "image": host["images"],
-        "alpha": host["alpha"],
-        "valid": torch.ones(args.batch_size, 1, side, side),
+        "alpha": host["alpha_u8"],
+        "input_size": torch.tensor([[side, side]]).expand(args.batch_size, 2).contiguous(),
         "point_coords": host["boxes"].view(-1, 2, 2),
         "point_labels": torch.tensor([[2.0, 3.0]]).expand(args.batch_size, 2).contiguous(),
         "key": [f"k{i}" for i in range(args.batch_size)],

@@ -101,7 +101,6 @@ def check_zim_batch(batch: dict, size: int, num_points: int = 6) -> None:
     assert set(batch) == {
         "image",
         "alpha",
-        "valid",
         "point_coords",
         "point_labels",
         "original_size",
@@ -109,6 +108,8 @@ def check_zim_batch(batch: dict, size: int, num_points: int = 6) -> None:
         "key",
     }
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (size, 3, FRAME, FRAME)
+    assert batch["alpha"].dtype == torch.uint8 and batch["alpha"].shape == (size, 1, FRAME, FRAME)
+    batch = samples_module.unpack_zim_batch(batch)  # as ZimModule does after the transfer
     for name in ("alpha", "valid"):
         assert batch[name].dtype == torch.float32 and batch[name].shape == (size, 1, FRAME, FRAME)
     assert (
@@ -497,6 +498,36 @@ def test_epochs_continue_the_stream_to_the_end_of_each_shard(tmp_path, num_worke
     assert positions[-1] >= 20 and len(positions) >= 20, positions
 
 
+def test_zim_batches_carry_uint8_alpha_and_unpack_to_the_float_alpha_and_valid_map() -> None:
+    rng = np.random.default_rng(0)
+    sizes = [(64, 48), (40, 64), (64, 64)]
+    samples = [
+        {
+            "image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+            "alpha": rng.integers(0, 256, (h, w), dtype=np.uint8),
+            "point_labels": np.array([1.0], np.float32),
+            "input_size": np.array([h, w]),
+            "key": str(i),
+        }
+        for i, (h, w) in enumerate(sizes)
+    ]
+    batch = samples_module.collate(samples, frame_size=64)
+    assert batch["alpha"].dtype == torch.uint8 and "valid" not in batch  # 1 byte a pixel over the bus
+    unpacked = samples_module.unpack_zim_batch(batch)
+    assert unpacked["image"] is batch["image"] and batch["alpha"].dtype == torch.uint8  # input untouched
+    for i, (h, w) in enumerate(sizes):
+        expected = np.zeros((64, 64), np.float32)
+        expected[:h, :w] = samples[i]["alpha"] * np.float32(1 / 255)  # how float batches were scaled
+        np.testing.assert_array_equal(unpacked["alpha"][i, 0].numpy(), expected)
+        inside = np.zeros((64, 64), np.float32)
+        inside[:h, :w] = 1
+        np.testing.assert_array_equal(unpacked["valid"][i, 0].numpy(), inside)
+    assert unpacked["alpha"].dtype == unpacked["valid"].dtype == torch.float32
+    # a batch already unpacked, or built by hand with float alpha and valid, passes through
+    again = samples_module.unpack_zim_batch(unpacked)
+    assert again["alpha"] is unpacked["alpha"] and again["valid"] is unpacked["valid"]
+
+
 def test_zim_samples_keep_image_and_alpha_aligned_through_the_reduced_decode(tmp_path):
     # A large checkerboard: its JPEG is decoded at 1/8 scale (DCT) for the 256 frame, its alpha resized
     # from full size; the two must land on the same pixels (a shift or a one-sided flip would show).
@@ -506,7 +537,7 @@ def test_zim_samples_keep_image_and_alpha_aligned_through_the_reduced_decode(tmp
     members = matting_members("board", np.repeat(board[..., None], 3, axis=2), board)
     shard = write_tar(tmp_path / "matting-000000.tar", members)
     data = module(stage="zim", train_shards=[str(shard)], val_shards=[str(shard)], image_size=256)
-    batch = next(iter(data.val_dataloader()))
+    batch = samples_module.unpack_zim_batch(next(iter(data.val_dataloader())))
     h, w = batch["input_size"][0].tolist()
     assert (h, w) == (192, 256)
     image = batch["image"][0, 0, :h, :w].float() / 255
@@ -530,7 +561,7 @@ class KeyRecorder(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.keys.setdefault(self.current_epoch, []).extend(batch["key"])
-        return ((batch["alpha"].mean() - self.bias) ** 2).sum()
+        return ((batch["alpha"].float().mean() - self.bias) ** 2).sum()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -600,10 +631,12 @@ class TinyModule(L.LightningModule):
         self.bias = torch.nn.Parameter(torch.zeros(()))
 
     def training_step(self, batch, batch_idx):
-        return ((batch["alpha"].mean() - self.bias) ** 2).sum()
+        return ((batch["alpha"].float().mean() - self.bias) ** 2).sum()
 
     def validation_step(self, batch, batch_idx):
-        self.log("val/loss", ((batch["alpha"].mean() - self.bias) ** 2).sum(), batch_size=len(batch["key"]))
+        self.log(
+            "val/loss", ((batch["alpha"].float().mean() - self.bias) ** 2).sum(), batch_size=len(batch["key"])
+        )
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

@@ -32,19 +32,20 @@ def test_zim_training_step_and_its_means_read_nothing_back(attention: str) -> No
         net = build_zim_tiny(image_size=FRAME)
         speed.set_attention(net, attention)
         module = ZimModule(net=net)
-        batch = {
+        batch = {  # as the datamodule's batches arrive on the GPU (samples.collate)
             "image": torch.randint(0, 256, (2, 3, FRAME, FRAME), dtype=torch.uint8),
-            "alpha": torch.rand(2, 1, FRAME, FRAME),
-            "valid": torch.ones(2, 1, FRAME, FRAME),
+            "alpha": torch.randint(0, 256, (2, 1, FRAME, FRAME), dtype=torch.uint8),
+            "input_size": torch.tensor([[FRAME, 200], [180, FRAME]]),
             "point_coords": torch.rand(2, 3, 2) * FRAME,
             "point_labels": torch.tensor([[2.0, 3.0, -2.0], [1.0, 0.0, -1.0]]),  # a box, two points
         }
     # outside torch.device("cuda"), which would also put what the code makes on the CPU on the GPU
     with fake_cuda(), HostWaits() as spy:
-        _, terms = module._step(batch)
+        alpha, terms = module._step(batch)  # it makes the float alpha and the valid map there
         # the running means: a training step's (forward: the batch value too) and a validation batch's
         means = module.train_metrics["train/loss"](terms["loss"].detach())
         module._log_values(module.val_metrics, terms, batch_size=2, train=False)
+    assert alpha.device.type == "cuda"
     assert terms["loss"].device.type == "cuda" and means.device.type == "cuda" and len(spy.ops) > 1000
     assert spy.waits == []
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from zim_lightning.data.samples import unpack_zim_batch
 from zim_lightning.lit.callbacks import matte_grid
 from zim_lightning.lit.cli import cli_main
 from zim_lightning.lit.zim_module import ZimModule
@@ -355,7 +356,7 @@ def test_compiled_training_through_lightning_matches_eager(synthetic: Path, tmp_
 def test_fixed_batch_loss_drops_grid_draws_prompts_and_frozen_encoder_stays(synthetic: Path):
     cli = cli_main(_args(synthetic, synthetic / "unused"), run=False)
     batch = next(iter(cli.datamodule.train_dataloader()))
-    assert batch["image"].shape[-1] == FRAME and batch["valid"].shape == batch["alpha"].shape
+    assert batch["image"].shape[-1] == FRAME and batch["alpha"].dtype == torch.uint8  # as collated
 
     torch.manual_seed(0)
     module = ZimModule(net=cli.model.net, optimizer=functools.partial(torch.optim.AdamW, lr=3e-3))
@@ -374,6 +375,8 @@ def test_fixed_batch_loss_drops_grid_draws_prompts_and_frozen_encoder_stays(synt
     assert grid.dtype == torch.uint8 and grid.shape == (3, 2 * 64 + 3 * 2, 3 * 64 + 4 * 2)
     plain = matte_grid({k: v for k, v in batch.items() if not k.startswith("point")}, alpha, tile_size=64)
     assert not torch.equal(grid, plain[:, : grid.shape[1]])  # the prompts changed the image tiles
+    unpacked = matte_grid(unpack_zim_batch(batch), alpha.detach(), max_samples=2, tile_size=64)
+    assert (grid.int() - unpacked.int()).abs().max() <= 1  # the uint8 truth drawn as the float one
 
     frozen = ZimModule(
         net=cli.model.net, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), freeze_image_encoder=True
@@ -391,7 +394,7 @@ def test_fixed_batch_loss_drops_grid_draws_prompts_and_frozen_encoder_stays(synt
 
 def test_bce_weight_adds_cross_entropy_of_the_frame_logits(synthetic: Path):
     cli = cli_main(_args(synthetic, synthetic / "unused"), run=False)
-    batch = next(iter(cli.datamodule.train_dataloader()))
+    batch = unpack_zim_batch(next(iter(cli.datamodule.train_dataloader())))
     paper = ZimModule(net=cli.model.net)
     mixed = ZimModule(net=cli.model.net, bce_weight=0.5)
     with torch.no_grad():

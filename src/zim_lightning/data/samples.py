@@ -37,6 +37,10 @@ from zim_lightning.data.sa1b import check_decoded_size, decode_image, decode_mat
 from zim_lightning.data.skips import CorruptSample
 from zim_lightning.data.transforms import get_preprocess_shape, resize
 
+#: uint8 alpha to [0, 1]: float32(1 / 255), by which the samples' alphas were always scaled (a float32
+#: multiply, so the host's NumPy and the GPU give the same values).
+ALPHA_SCALE = float(np.float32(1 / 255))
+
 #: Raw-sample field: ``(kind, option)``, the kind of sample a converter stream holds ("matting" or
 #: "segmentation") and the datamodule option that named its shards. Set by the datamodule, so that
 #: shards given in each other's place are refused, not trained or validated on.
@@ -308,8 +312,10 @@ def collate(samples: list[dict], *, frame_size: int | None = None) -> dict:
     """Stack processed samples into a batch (docs/architecture.md, "Batches").
 
     Converter samples are stacked as they are. ZIM samples (they carry ``input_size``) arrive unpadded
-    and uint8; they are written into zero tensors of the frame: ``image`` uint8 Bx3xSxS, ``alpha``
-    float Bx1xSxS in [0, 1], ``valid`` float Bx1xSxS (1 on the resized image, 0 in the padding).
+    and uint8; they are written into zero tensors of the frame and stay uint8: ``image`` Bx3xSxS and
+    ``alpha`` Bx1xSxS (255 = opaque). :func:`unpack_zim_batch` makes the float ``alpha`` and the
+    ``valid`` map from them where the batch is used, on the GPU after the transfer, so a batch of 8 at
+    1024 moves 34 MB to pinned memory and over the bus instead of 92 MB.
 
     Args:
         samples: processed samples.
@@ -326,20 +332,18 @@ def collate(samples: list[dict], *, frame_size: int | None = None) -> dict:
             raise ValueError("collating ZIM samples needs frame_size, the side of the padded frame")
         size = len(samples)
         image = torch.empty(size, 3, frame_size, frame_size, dtype=torch.uint8)
-        alpha = torch.empty(size, 1, frame_size, frame_size, dtype=torch.float32)
-        valid = torch.empty(size, 1, frame_size, frame_size, dtype=torch.float32)
+        alpha = torch.empty(size, 1, frame_size, frame_size, dtype=torch.uint8)
         # Filled through NumPy views, each byte written once: torch's strided copies of HxWx3 -> 3xHxW
         # uint8 are an order of magnitude slower here.
-        image_np, alpha_np, valid_np = image.numpy(), alpha.numpy(), valid.numpy()
+        image_np, alpha_np = image.numpy(), alpha.numpy()
         for i, sample in enumerate(samples):
             height, width = (int(v) for v in sample["input_size"])
             image_np[i, :, :height, :width] = sample["image"].transpose(2, 0, 1)
-            np.multiply(sample["alpha"], np.float32(1 / 255), out=alpha_np[i, 0, :height, :width])
-            valid_np[i, 0, :height, :width] = 1.0
-            for array in (image_np, alpha_np, valid_np):
+            alpha_np[i, 0, :height, :width] = sample["alpha"]
+            for array in (image_np, alpha_np):
                 array[i, :, height:] = 0
                 array[i, :, :height, width:] = 0
-        batch.update(image=image, alpha=alpha, valid=valid)
+        batch.update(image=image, alpha=alpha)
     for name in samples[0]:
         if name in batch:
             continue
@@ -351,3 +355,25 @@ def collate(samples: list[dict], *, frame_size: int | None = None) -> dict:
         else:
             batch[name] = torch.from_numpy(np.stack(values))
     return batch
+
+
+def unpack_zim_batch(batch: dict) -> dict:
+    """The ZIM batch as the modules read it, made on the batch's device: ``alpha`` float32 Bx1xSxS in
+    [0, 1] from :func:`collate`'s uint8 (times :data:`ALPHA_SCALE` in float32), and ``valid`` float32
+    Bx1xSxS, 1 inside each resized image (``input_size``, H and W) and 0 in its padding.
+
+    A batch whose ``alpha`` is already floating point, or which has ``valid`` or no ``input_size``,
+    keeps those fields. Nothing is read back to the host. Returns a new dict; the others are shared.
+    """
+    out = dict(batch)
+    if out["alpha"].dtype == torch.uint8:
+        out["alpha"] = out["alpha"].to(torch.float32).mul_(ALPHA_SCALE)
+    if "valid" not in out and "input_size" in out:
+        image, sizes = out["image"], out["input_size"]
+        rows = torch.arange(image.shape[-2], device=image.device)
+        cols = torch.arange(image.shape[-1], device=image.device)
+        inside = (rows.view(1, -1, 1) < sizes[:, 0].view(-1, 1, 1)) & (
+            cols.view(1, 1, -1) < sizes[:, 1].view(-1, 1, 1)
+        )
+        out["valid"] = inside.unsqueeze(1).to(torch.float32)
+    return out

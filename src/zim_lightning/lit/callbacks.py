@@ -35,10 +35,9 @@ _BOX_COLOUR, _POSITIVE_COLOUR, _NEGATIVE_COLOUR = "yellow", "lime", "red"
 
 
 def _to_rgb_uint8(x: Tensor, size: int) -> Tensor:
-    """Bx{1,3}xHxW image in [0, 255] or matte in [0, 1] -> Bx3xsizexsize uint8."""
-    x = x.detach().float().cpu()
-    if x.shape[1] == 1:
-        x = x * 255.0
+    """Bx{1,3}xHxW image in [0, 255], or matte in [0, 1] (uint8: [0, 255]) -> Bx3xsizexsize uint8."""
+    scale = 255.0 if x.shape[1] == 1 and x.is_floating_point() else 1.0
+    x = x.detach().float().cpu() * scale
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return x.clamp(0, 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
 
@@ -69,7 +68,8 @@ def matte_grid(batch: dict[str, Any], alpha: Tensor, *, max_samples: int = 4, ti
     """One picture of a batch: a row per sample, columns image | [input mask] | prediction | truth.
 
     Args:
-        batch: a converter or ZIM batch (``image`` Bx3xSxS in [0, 255], ``alpha`` Bx1xSxS, optionally
+        batch: a converter or ZIM batch (``image`` Bx3xSxS in [0, 255], ``alpha`` Bx1xSxS (float in
+            [0, 1], or uint8 as the ZIM datamodule collates it), optionally
             ``mask`` Bx1xSxS and ``point_coords`` BxNx2 / ``point_labels`` BxN in the frame's pixels).
         alpha: predicted alpha Bx1xSxS in [0, 1].
         max_samples: rows drawn at most.
