@@ -459,6 +459,27 @@ def test_sa1b_matte_annotations_without_an_id_are_keyed_by_their_index():
     assert sample["key"] == "sa_9.0"
 
 
+def test_a_corrupt_or_vanishing_matte_is_skipped_alone_and_the_images_other_mattes_train():
+    from zim_lightning.data.datamodule import EpochSeeds, ProcessSamples
+    from zim_lightning.data.skips import SkipCounter
+
+    rng = np.random.default_rng(0)
+    image, alpha = scene(rng, 48, 64)
+    faint = np.where(alpha > 0, 10, 0).astype(np.uint8)  # below the prompts' support threshold
+    members = {
+        name.split(".", 1)[1]: data for name, data in sa1b_matte_members("sa_9", image, [alpha, alpha, faint])
+    }
+    good, corrupt, _ = json.loads(members["json"])["annotations"]
+    members[corrupt["matte"]["member"]] = b"junk"
+    processor = module(stage="zim", mattes_per_image=3).zim_processor
+    counter = SkipCounter()
+    stage = ProcessSamples(processor, train=True, seeds=EpochSeeds(seed=0, rank=0), counter=counter)
+    out = list(stage(iter([{"__key__": "sa_9", "__url__": "shard.tar", **members}])))
+    assert [sample["key"] for sample in out] == [f"sa_9.{good['id']}"]
+    counts = counter.counts()
+    assert counts["empty_mask"] == 1 and counts["corrupt_image"] == 1 and counter.total() == 2
+
+
 def test_skips_between_good_samples_never_stop_training(monkeypatch):
     from zim_lightning.data.datamodule import EpochSeeds, ProcessSamples
     from zim_lightning.data.skips import CorruptSample, SkipCounter

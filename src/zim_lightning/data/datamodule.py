@@ -166,6 +166,8 @@ class ProcessSamples:
 
     Uses webdataset's handler protocol: the counter's handler warns, counts and continues on
     :class:`~zim_lightning.data.skips.CorruptSample` and re-raises anything else (a bug, not bad data).
+    The ZIM processor returns the mattes of an image that failed alone beside the good ones; each is
+    counted, and the image's other mattes go on.
     In training, :data:`MAX_CONSECUTIVE_SKIPS` skips in a row raise instead: the endless stream would
     otherwise never produce a batch.
 
@@ -206,22 +208,28 @@ class ProcessSamples:
                 sample_rng = rng if self.train else key_rng(self.seeds.seed, sample["__key__"])
                 processed = self.processor(sample, sample_rng, train=self.train)
             except Exception as exn:  # the handler re-raises whatever is not bad data
+                processed = [exn]
+            # A ZIM image's mattes are skipped one by one: the processor returns those that failed alone.
+            good = [item for item in processed if not isinstance(item, Exception)]
+            failed = [item for item in processed if isinstance(item, Exception)]
+            for exn in failed:
                 if isinstance(exn, CorruptSample) and url is not None:
                     exn.key = f"{exn.key} in {url}"  # keys repeat across shards
                 if not handler(exn):
-                    break
-                in_stream[stream] = in_stream.get(stream, 0) + 1
-                in_shard[url] = in_shard.get(url, 0) + 1
-                if not self.train:
-                    continue
-                if in_stream[stream] >= MAX_CONSECUTIVE_SKIPS:
-                    of = f" from {stream[1]}" if stream else ""
-                    self._stop(f"{in_stream[stream]} training samples{of} in a row", exn)
-                if url is not None and in_shard[url] >= MAX_CONSECUTIVE_SKIPS:
-                    self._stop(f"{in_shard[url]} training samples in a row from the shard {url}", exn)
+                    return
+            if good or not failed:
+                in_stream[stream] = in_shard[url] = 0
+                yield from good
                 continue
-            in_stream[stream] = in_shard[url] = 0
-            yield from processed
+            in_stream[stream] = in_stream.get(stream, 0) + 1
+            in_shard[url] = in_shard.get(url, 0) + 1
+            if not self.train:
+                continue
+            if in_stream[stream] >= MAX_CONSECUTIVE_SKIPS:
+                of = f" from {stream[1]}" if stream else ""
+                self._stop(f"{in_stream[stream]} training samples{of} in a row", failed[-1])
+            if url is not None and in_shard[url] >= MAX_CONSECUTIVE_SKIPS:
+                self._stop(f"{in_shard[url]} training samples in a row from the shard {url}", failed[-1])
 
     def _stop(self, what: str, exn: Exception) -> NoReturn:
         raise RuntimeError(

@@ -221,13 +221,18 @@ class ZimSampleProcessor:
         """Seed the albumentations pipelines from a worker's generator."""
         seed_pipelines(rng, self.geometric, self.colour)
 
-    def __call__(self, sample: dict, rng: np.random.Generator, *, train: bool) -> list[dict]:
+    def __call__(self, sample: dict, rng: np.random.Generator, *, train: bool) -> list[dict | CorruptSample]:
         """Process one raw sample into one or more ZIM samples; raises CorruptSample on bad data.
 
         Args:
             sample: raw tar sample.
             rng: the worker's generator in training, a key-seeded one (:func:`key_rng`) in validation.
             train: training (augmentation, several mattes per image) or validation (one matte).
+
+        Returns:
+            One entry per chosen matte: its sample, or the :class:`CorruptSample` that it alone failed
+            with (a corrupt PNG, a matte that vanishes at the frame's resolution), for the caller to count,
+            so the image's other mattes are still used.
         """
         key = sample.get("__key__", "?")
         if is_matting_sample(sample):
@@ -247,7 +252,9 @@ class ZimSampleProcessor:
                 chosen = [int(rng.integers(len(candidates)))]
             picked = [candidates[i] for i in chosen]
             # Mattes first: they are cheap and may be corrupt, the JPEG is the expensive part.
-            alphas = [decode_matte(sample, a, key=key, image_size=originals) for a in picked]
+            alphas = [_or_skip(decode_matte, sample, a, key=key, image_size=originals) for a in picked]
+            if all(isinstance(a, CorruptSample) for a in alphas):
+                return alphas  # no JPEG to decode
             keys = [f"{key}.{a.get('id', index)}" for index, a in zip(chosen, picked, strict=True)]
             image = decode_image(sample["jpg"], key=key, max_side=self.image_size)
             check_decoded_size(image, originals, key=key, max_side=self.image_size)
@@ -266,14 +273,21 @@ class ZimSampleProcessor:
                 reason="corrupt_image",
             )
         image = resize(image, input_size)
-        out = []
-        for alpha_u8, sample_key in zip(alphas, keys, strict=True):
-            out.append(
-                self._frame(
-                    image, resize(alpha_u8, input_size), originals, input_size, rng, sample_key, train
-                )
+        return [
+            alpha_u8
+            if isinstance(alpha_u8, CorruptSample)
+            else _or_skip(
+                self._frame,
+                image,
+                resize(alpha_u8, input_size),
+                originals,
+                input_size,
+                rng,
+                sample_key,
+                train,
             )
-        return out
+            for alpha_u8, sample_key in zip(alphas, keys, strict=True)
+        ]
 
     def _frame(
         self,
@@ -306,6 +320,14 @@ class ZimSampleProcessor:
             "input_size": np.asarray(input_size, dtype=np.int64),
             "key": key,
         }
+
+
+def _or_skip(function, *args, **kwargs):
+    """``function(*args, **kwargs)``, or the :class:`CorruptSample` it raised."""
+    try:
+        return function(*args, **kwargs)
+    except CorruptSample as exn:
+        return exn
 
 
 def collate(samples: list[dict], *, frame_size: int | None = None) -> dict:
