@@ -126,13 +126,6 @@ def synthetic_inputs(seed: int, side: int, device: torch.device) -> tuple[torch.
     return image[None].to(device), boxes.to(device)
 
 
-def box_prompts(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Boxes Bx4 -> ZIM's point prompts: coords Bx2x2 (corners), labels Bx2 (2 top-left, 3 bottom-right)."""
-    coords = boxes.view(-1, 2, 2)
-    labels = torch.tensor([2.0, 3.0], device=boxes.device).expand(boxes.shape[0], -1)
-    return coords, labels
-
-
 def ours_calls(
     zim: torch.nn.Module, image: torch.Tensor, boxes: torch.Tensor, precision: str
 ) -> dict[str, Callable[[], object]]:
@@ -140,8 +133,8 @@ def ours_calls(
     device = image.device
     side = image.shape[-1]
     state: dict[str, object] = {}
-    one_coords, one_labels = box_prompts(boxes[:1])
-    many_coords, many_labels = box_prompts(boxes)
+    one_coords, one_labels = benchmarking.box_prompts(boxes[:1])
+    many_coords, many_labels = benchmarking.box_prompts(boxes)
     size = (side, side)
 
     @torch.no_grad()
@@ -318,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     probe = build_zim(args, device, "eager")
     with torch.no_grad():
         embedding, feats = probe.encode_image(image)
-        coords, labels = box_prompts(boxes[:1])
+        coords, labels = benchmarking.box_prompts(boxes[:1])
         logits, _ = probe.decode(embedding, feats, coords, labels)
     logit_scale = LOGIT_STD / max(float(logits.float().std()), 1e-6)
     report["logit_scale"] = logit_scale

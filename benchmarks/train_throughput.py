@@ -212,8 +212,7 @@ def synthetic_batch(batch: int, side: int, seed: int, device: torch.device) -> d
 
 
 def zim_loss_fn(zim: Zim, batch: dict[str, torch.Tensor], precision: str) -> Callable[[], torch.Tensor]:
-    coords = batch["boxes"].view(-1, 2, 2)
-    labels = torch.tensor([2.0, 3.0], device=coords.device).expand(coords.shape[0], -1)
+    coords, labels = benchmarking.box_prompts(batch["boxes"])
     side = batch["images"].shape[-1]
     criterion = MattingLoss()
 
@@ -348,12 +347,13 @@ def lightning_step_s(
     when a step was skipped for a non-finite loss)."""
     host = synthetic_batch(args.batch_size, args.image_size, args.seed, torch.device("cpu"))
     side = args.image_size
+    coords, labels = benchmarking.box_prompts(host["boxes"])
     batch = {  # the datamodule's layout (samples.collate): one box per image as its two corners
         "image": host["images"],
         "alpha": host["alpha_u8"],
         "input_size": torch.tensor([[side, side]]).expand(args.batch_size, 2).contiguous(),
-        "point_coords": host["boxes"].view(-1, 2, 2),
-        "point_labels": torch.tensor([[2.0, 3.0]]).expand(args.batch_size, 2).contiguous(),
+        "point_coords": coords,
+        "point_labels": labels.contiguous(),
         "key": [f"k{i}" for i in range(args.batch_size)],
     }
     optimizer = partial(torch.optim.AdamW, lr=LEARNING_RATE, fused=config.fused or None)

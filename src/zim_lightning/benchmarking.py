@@ -27,6 +27,7 @@ import torch
 from zim_lightning.models.build import ZIM_VARIANTS
 from zim_lightning.models.image_encoder import LAYER_NORM_EPS, MLP_RATIO, WINDOW_SIZE
 from zim_lightning.models.zim import Zim
+from zim_lightning.prompt_labels import LABEL_BOX_BOTTOM_RIGHT, LABEL_BOX_TOP_LEFT
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,13 @@ def profile_top_ops(
         }
         for event in events[:top]
     ]
+
+
+def box_prompts(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes Bx4 ``(x1, y1, x2, y2)`` -> ZIM's point prompts: coords Bx2x2 (the corners) and labels Bx2
+    (top-left, bottom-right), on the boxes' device."""
+    labels = torch.tensor([float(LABEL_BOX_TOP_LEFT), float(LABEL_BOX_BOTTOM_RIGHT)], device=boxes.device)
+    return boxes.view(-1, 2, 2), labels.expand(boxes.shape[0], -1)
 
 
 def build_stock_sam(variant: str, *, image_size: int = 1024):
