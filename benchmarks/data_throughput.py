@@ -100,7 +100,8 @@ def prepare(root: Path, *, images: int, size: tuple[int, int], seed: int) -> dic
 
 
 def time_stream(batches, *, samples: int, warmup: int) -> tuple[int, float, float, int]:
-    """Pull batches until ``samples`` samples after ``warmup`` batches.
+    """Pull batches until ``samples`` samples after ``warmup`` batches (at least one: the first batch,
+    whose size is reported).
 
     Returns:
         (samples, wall seconds, CPU seconds of this process, bytes of the first batch's tensors: what

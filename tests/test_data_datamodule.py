@@ -501,6 +501,33 @@ def test_skips_between_good_samples_never_stop_training(monkeypatch):
     assert counter.counts()["corrupt_image"] == 20
 
 
+@pytest.mark.parametrize("one_good", [True, False])
+def test_images_whose_every_matte_fails_count_in_a_row_and_one_good_matte_resets(monkeypatch, one_good):
+    from zim_lightning.data.datamodule import EpochSeeds, ProcessSamples
+    from zim_lightning.data.skips import CorruptSample, SkipCounter
+
+    class FailingMattes:  # a ZIM-like processor: two mattes per image fail alone, one may pass
+        def seed(self, rng) -> None:
+            pass
+
+        def __call__(self, sample: dict, rng, *, train: bool) -> list:
+            key = sample["__key__"]
+            failed = [CorruptSample("faint", key=f"{key}.{i}", reason="empty_mask") for i in range(2)]
+            return [*failed, {"key": key}] if one_good else failed
+
+    monkeypatch.setattr(datamodule_module, "MAX_CONSECUTIVE_SKIPS", 3)
+    counter = SkipCounter()
+    stage = ProcessSamples(FailingMattes(), train=True, seeds=EpochSeeds(seed=0, rank=0), counter=counter)
+    samples = [{"__key__": str(i), "__url__": "shard.tar"} for i in range(10)]
+    if one_good:
+        assert [s["key"] for s in stage(iter(samples))] == [str(i) for i in range(10)]
+        assert counter.counts()["empty_mask"] == 20
+    else:  # three images in a row gave nothing: an endless stream would otherwise never yield
+        with pytest.raises(RuntimeError, match="3 training samples in a row"):
+            list(stage(iter(samples)))
+        assert counter.counts()["empty_mask"] == 6
+
+
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_epochs_continue_the_stream_to_the_end_of_each_shard(tmp_path, num_workers):
     # One shard of 24 samples, 2 per batch, 3 batches per epoch: were every epoch to start a new stream,
