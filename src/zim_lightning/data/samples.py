@@ -10,7 +10,8 @@ worker layout.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +41,8 @@ from zim_lightning.data.transforms import get_preprocess_shape, resize
 #: uint8 alpha to [0, 1]: float32(1 / 255), by which the samples' alphas were always scaled (a float32
 #: multiply, so the host's NumPy and the GPU give the same values).
 ALPHA_SCALE = float(np.float32(1 / 255))
+
+T = TypeVar("T")
 
 #: Raw-sample field: ``(kind, option)``, the kind of sample a converter stream holds ("matting" or
 #: "segmentation") and the datamodule option that named its shards. Set by the datamodule, so that
@@ -273,21 +276,14 @@ class ZimSampleProcessor:
                 reason="corrupt_image",
             )
         image = resize(image, input_size)
-        return [
-            alpha_u8
-            if isinstance(alpha_u8, CorruptSample)
-            else _or_skip(
-                self._frame,
-                image,
-                resize(alpha_u8, input_size),
-                originals,
-                input_size,
-                rng,
-                sample_key,
-                train,
-            )
-            for alpha_u8, sample_key in zip(alphas, keys, strict=True)
-        ]
+        out: list[dict | CorruptSample] = []
+        for alpha_u8, sample_key in zip(alphas, keys, strict=True):
+            if isinstance(alpha_u8, CorruptSample):
+                out.append(alpha_u8)
+                continue
+            framed = resize(alpha_u8, input_size)
+            out.append(_or_skip(self._frame, image, framed, originals, input_size, rng, sample_key, train))
+        return out
 
     def _frame(
         self,
@@ -322,7 +318,7 @@ class ZimSampleProcessor:
         }
 
 
-def _or_skip(function, *args, **kwargs):
+def _or_skip(function: Callable[..., T], *args, **kwargs) -> T | CorruptSample:
     """``function(*args, **kwargs)``, or the :class:`CorruptSample` it raised."""
     try:
         return function(*args, **kwargs)
