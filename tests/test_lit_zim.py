@@ -360,6 +360,8 @@ def test_fixed_batch_loss_drops_grid_draws_prompts_and_frozen_encoder_stays(synt
 
     torch.manual_seed(0)
     module = ZimModule(net=cli.model.net, optimizer=functools.partial(torch.optim.AdamW, lr=3e-3))
+    on_device = module.on_after_batch_transfer(batch, 0)  # what the step and the callbacks then see
+    assert on_device["alpha"].dtype == torch.float32 and on_device["valid"].shape == on_device["alpha"].shape
     optimizer = module.configure_optimizers()["optimizer"]
     losses = []
     for _ in range(4):
