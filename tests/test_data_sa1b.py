@@ -229,6 +229,11 @@ def test_decode_gray_rescales_16_bit_and_rejects_alpha_channels():
     with pytest.raises(CorruptSample, match="8-bit values .* in a 16-bit file") as caught:
         decode_gray(narrow.getvalue(), key="a")
     assert caught.value.reason == "corrupt_image"
+    floating = io.BytesIO()  # a float TIFF in [0, 1]: Pillow's 8-bit conversion would truncate it to 0 / 1
+    Image.fromarray(np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)).save(floating, format="TIFF")
+    with pytest.raises(CorruptSample, match="floating-point image, whose value range is unknown") as caught:
+        decode_gray(floating.getvalue(), key="a")
+    assert caught.value.reason == "corrupt_image"
     empty = io.BytesIO()  # an all-zero 16-bit label is not refused here (the readers skip empty ones)
     Image.fromarray(np.zeros((2, 3), np.uint16)).save(empty, format="PNG")
     assert not decode_gray(empty.getvalue(), key="a").any()

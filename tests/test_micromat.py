@@ -100,6 +100,16 @@ def test_a_16_bit_matte_holding_8_bit_values_is_refused_not_read_as_almost_empty
         dataset[0]
 
 
+def test_a_floating_point_matte_is_refused_not_truncated_to_almost_nothing(tmp_path: Path) -> None:
+    write_micromat(tmp_path)
+    path = tmp_path / "matte/fine/0001_1.png"
+    matte = np.asarray(Image.open(path)).astype(np.float32) / 255  # in [0, 1]
+    Image.fromarray(matte).save(path, format="TIFF")  # Pillow reads the content, whatever the name
+    dataset = build_eval_dataset(tmp_path, format="micromat", prompt="box")
+    with pytest.raises(EvalDataError, match=r"0001_1.png' is a 32-bit floating-point image"):
+        dataset[0]
+
+
 def test_a_matte_with_an_alpha_channel_is_refused_not_read_as_opaque(tmp_path: Path) -> None:
     write_micromat(tmp_path)
     matte = np.asarray(Image.open(tmp_path / "matte/fine/0001_1.png"))

@@ -14,6 +14,7 @@ from PIL import Image
 from zim_lightning.data.skips import CorruptSample
 
 __all__ = [
+    "FLOAT_LABEL_PROBLEM",
     "GRAY_16_BIT_MODES",
     "check_16_bit_label",
     "check_decoded_size",
@@ -70,6 +71,14 @@ def scale_16_bit(values: np.ndarray) -> np.ndarray:
     return ((wide * 255 + 32767) // 65535).astype(np.uint8)
 
 
+#: Why a floating-point label (Pillow mode F, a float TIFF, say) is refused: its range is unknown, and
+#: Pillow's conversion to 8 bits truncates [0, 1] values to an almost empty matte.
+FLOAT_LABEL_PROBLEM = (
+    "a 32-bit floating-point image, whose value range is unknown; expected 8-bit (0..255) or 16-bit "
+    "(0..65535) grayscale: save it scaled to one of them"
+)
+
+
 def check_16_bit_label(values: np.ndarray) -> str | None:
     """Why a 16-bit alpha, mask or trimap looks like 8-bit values in a 16-bit file, or None.
 
@@ -94,8 +103,8 @@ def decode_gray(data: bytes, *, key: str) -> np.ndarray:
 
     Raises:
         CorruptSample: if the bytes are not a decodable image, carry an alpha channel (LA, RGBA: which
-            of the channels is the matte is ambiguous), or are 16-bit with 8-bit values
-            (:func:`check_16_bit_label`).
+            of the channels is the matte is ambiguous), are floating point (:data:`FLOAT_LABEL_PROBLEM`),
+            or are 16-bit with 8-bit values (:func:`check_16_bit_label`).
     """
     wide = None
     try:
@@ -104,12 +113,14 @@ def decode_gray(data: bytes, *, key: str) -> np.ndarray:
             if mode in GRAY_16_BIT_MODES:
                 wide = np.asarray(image)
                 gray = scale_16_bit(wide)
-            elif not has_alpha:
+            elif not has_alpha and mode != "F":
                 gray = np.asarray(image if mode == "L" else image.convert("L"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise CorruptSample(
             f"cannot decode grayscale image ({error})", key=key, reason="corrupt_image"
         ) from error
+    if mode == "F":
+        raise CorruptSample(FLOAT_LABEL_PROBLEM, key=key, reason="corrupt_image")
     if has_alpha:
         raise CorruptSample(
             f"expected a grayscale alpha or mask (mode L or I;16), got mode {mode} with an alpha "

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from zim_lightning.data.decode import GRAY_16_BIT_MODES, check_16_bit_label, scale_16_bit
+from zim_lightning.data.decode import FLOAT_LABEL_PROBLEM, GRAY_16_BIT_MODES, check_16_bit_label, scale_16_bit
 from zim_lightning.data.prompts import sample_points, support_box
 
 FORMATS: tuple[str, ...] = ("micromat", "am2k", "aim500")
@@ -211,6 +211,11 @@ def read_image(path: Path) -> np.ndarray:
         return np.array(img.convert("RGB"))
 
 
+def _refuse_float(img: Image.Image, path: Path, what: str) -> None:
+    if img.mode == "F":
+        raise EvalDataError(f"{what} {str(path)!r} is {FLOAT_LABEL_PROBLEM}")
+
+
 def _16_bit_label(img: Image.Image, path: Path, what: str) -> np.ndarray:
     values = np.asarray(img)
     if (problem := check_16_bit_label(values)) is not None:
@@ -221,6 +226,7 @@ def _16_bit_label(img: Image.Image, path: Path, what: str) -> np.ndarray:
 def read_trimap(path: Path) -> np.ndarray:
     """Read a trimap as uint8 HxW (0 / 128 / 255), a 16-bit one scaled to 8 bits."""
     with Image.open(path) as img:
+        _refuse_float(img, path, "trimap")
         if img.mode in GRAY_16_BIT_MODES:
             return scale_16_bit(_16_bit_label(img, path, "trimap"))
         return np.array(img.convert("L"))
@@ -241,7 +247,8 @@ def read_alpha(path: Path, *, truth: bool = True) -> np.ndarray:
     Raises:
         EvalDataError: a matte with an alpha channel (LA, RGBA): which channel is the matte is ambiguous,
             and reading the luminance would score against an all-opaque truth; a 16-bit matte holding
-            8-bit values (``decode.check_16_bit_label``), which would score against an almost empty truth.
+            8-bit values (``decode.check_16_bit_label``), which would score against an almost empty truth;
+            a floating-point matte (mode F), whose range is unknown.
     """
     with Image.open(path) as img:
         if "A" in img.getbands():
@@ -249,6 +256,7 @@ def read_alpha(path: Path, *, truth: bool = True) -> np.ndarray:
                 f"matte {str(path)!r} has an alpha channel (mode {img.mode}); expected a single-channel "
                 "grayscale PNG"
             )
+        _refuse_float(img, path, "matte")
         if img.mode in GRAY_16_BIT_MODES:
             values = _16_bit_label(img, path, "matte") if truth else np.asarray(img)
             return (values.astype(np.float64) / 65535.0).clip(0, 1)
