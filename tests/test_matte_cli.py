@@ -193,6 +193,13 @@ def test_a_checkpoint_of_another_network_or_an_out_file_is_a_usage_error(photo, 
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--model", "tiny"])
     assert exc.value.code == 2 and "leave out --model and its switches" in capsys.readouterr().err
+    from zim_lightning import zim_model_registry
+    from zim_lightning.models.checkpoint import CheckpointError
+
+    with pytest.raises(
+        CheckpointError, match=r"build it with zim_lightning.models.build.zim_from_checkpoint"
+    ):
+        zim_model_registry["tiny"](checkpoint=str(fit))  # the same mistake from Python
     assert main(argv) == 0
     taken = tmp_path / "taken"
     taken.write_text("a file")

@@ -17,7 +17,7 @@ from zim_lightning.models.build import (
     zim_from_run_config,
     zim_model_registry,
 )
-from zim_lightning.models.checkpoint import CheckpointError, read_net_spec, weights_loaded_later
+from zim_lightning.models.checkpoint import CheckpointError, weights_loaded_later
 from zim_lightning.models.pixel_decoder import DECODER_STRIDES
 from zim_lightning.models.zim import Zim
 
@@ -123,18 +123,11 @@ def zim_from_arguments(args: argparse.Namespace) -> Zim:
         return zim_from_checkpoint(args.checkpoint)
     # Switches not given keep the builder's defaults (ZIM's hierarchical pixel decoder).
     switches = {} if args.pixel_decoder is None else {"pixel_decoder": args.pixel_decoder}
-    try:
-        with weights_loaded_later():  # without --checkpoint, check_checkpoint_argument has warned
-            return zim_model_registry[args.model](
-                checkpoint=args.checkpoint, masked_attention=not args.no_masked_attention, **switches
-            )
-    except CheckpointError as err:
-        if args.checkpoint is not None and read_net_spec(args.checkpoint) is not None:
-            raise CheckpointError(
-                f"{err}; this checkpoint of `zim-lightning fit` carries the network it trained (its size "
-                "and frame): leave out --model and its switches"
-            ) from err
-        raise
+    # (a fit checkpoint given with --model and other sizes: build_zim's error says to leave out --model)
+    with weights_loaded_later():  # without --checkpoint, check_checkpoint_argument has warned
+        return zim_model_registry[args.model](
+            checkpoint=args.checkpoint, masked_attention=not args.no_masked_attention, **switches
+        )
 
 
 def zim_for_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Zim:

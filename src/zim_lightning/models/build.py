@@ -248,12 +248,22 @@ def build_zim(
         if variant != "tiny":
             warn_random_start(f"ZIM {variant} (no checkpoint or sam_checkpoint)", remedy)
     if checkpoint is not None:
-        load_exactly(
-            model,
-            read_state_dict(checkpoint),
-            source=f"{checkpoint} (as ZIM {variant}, masked_attention={masked_attention}, "
-            f"pixel_decoder={pixel_decoder!r})",
-        )
+        loaded = load_checkpoint(checkpoint)
+        try:
+            load_exactly(
+                model,
+                state_dict_of(loaded, source=checkpoint),
+                source=f"{checkpoint} (as ZIM {variant}, masked_attention={masked_attention}, "
+                f"pixel_decoder={pixel_decoder!r})",
+            )
+        except CheckpointError as err:
+            if net_spec_of(loaded) is None:
+                raise
+            raise CheckpointError(
+                f"{err}; this checkpoint of `zim-lightning fit` carries the network it trained (its size "
+                "and frame): build it with zim_lightning.models.build.zim_from_checkpoint(path), or on the "
+                "command line leave out --model and its switches"
+            ) from err
     return model
 
 
