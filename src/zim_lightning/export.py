@@ -175,7 +175,9 @@ def export_onnx(model: Zim, out_dir: str | Path, *, opset: int = 17) -> tuple[Pa
     if model.image_size != OFFICIAL_IMAGE_SIZE:
         raise ValueError(
             f"the official zim_anything runner feeds {OFFICIAL_IMAGE_SIZE}x{OFFICIAL_IMAGE_SIZE} images; this "
-            f"model's frame is {model.image_size} (image_size), so its ONNX files could not run there"
+            f"model's frame is {model.image_size} (image_size), so its ONNX files could not run there. Train "
+            "at 1024 to export: the vit_b config does; the tiny one takes --model.init_args.net.init_args."
+            "image_size=1024 --data.init_args.image_size=1024"
         )
     official = (ATTENTION_SIGMA, ATTENTION_STRIDE, ATTENTION_MAP_SIZE)
     own = (model.attention_sigma, model.attention_stride, model.embedding_size)
