@@ -218,13 +218,17 @@ def test_a_run_stopped_by_sigterm_exits_with_143_and_keeps_its_steps(synthetic: 
     import sys
     import time
 
-    args = _args(synthetic, tmp_path, "--trainer.max_steps=100000", "--trainer.limit_val_batches=0")
+    # a DataLoader worker, and the signal sent to the whole process group, as SLURM's preemption,
+    # `timeout` and `kill -- -PGID` do: a worker killed by it must not abort the save of the steps
+    extra = ("--trainer.max_steps=100000", "--trainer.limit_val_batches=0", "--data.init_args.num_workers=1")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "zim_lightning", "fit", *args],
+        [sys.executable, "-m", "zim_lightning", "fit", *_args(synthetic, tmp_path, *extra)],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 240
@@ -232,13 +236,34 @@ def test_a_run_stopped_by_sigterm_exits_with_143_and_keeps_its_steps(synthetic: 
             assert process.poll() is None and time.monotonic() < deadline, "the fit did not start"
             time.sleep(0.5)
         time.sleep(5)  # a few training steps
-        process.send_signal(signal.SIGTERM)  # a preemption
-        code = process.wait(timeout=240)
+        os.killpg(process.pid, signal.SIGTERM)  # a preemption
+        _, stderr = process.communicate(timeout=240)
     finally:
         process.kill()
     # not 0: `fit && eval` must not go on with a half-trained model, and torchrun restarts
-    assert code == 128 + signal.SIGTERM
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert list(tmp_path.rglob("last.ckpt"))  # save_on_exception kept the steps done
+
+
+def test_a_run_failing_on_workers_the_sigterm_killed_stops_as_sigterm_and_other_errors_raise(monkeypatch):
+    # A run waiting for a batch when the group's SIGTERM killed its DataLoader workers fails on them
+    # (PyTorch's RuntimeError) before Lightning's stop at the batch's end: still a preemption.
+    import signal
+    import threading
+
+    from zim_lightning.data import datamodule
+    from zim_lightning.lit import cli
+
+    def waiting_on_dead_workers(args):
+        raise RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly")
+
+    monkeypatch.setattr(cli, "cli_main", waiting_on_dead_workers)
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):  # no SIGTERM: a failure as it is
+        cli.main(["fit"])
+    received = threading.Event()
+    monkeypatch.setattr(datamodule, "_SIGTERM", received)
+    received.set()  # as the SIGTERM handler of a run with DataLoader workers does
+    assert cli.main(["fit"]) == 128 + signal.SIGTERM
 
 
 def test_clipping_a_fused_optimiser_under_mixed_precision_is_refused_before_training(

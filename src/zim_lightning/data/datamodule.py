@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import NoReturn
@@ -280,6 +282,39 @@ class UnpaddedDistributedSampler(DistributedSampler):
 def owner_rank(index: int, world_size: int) -> int:
     """The rank whose :class:`UnpaddedDistributedSampler` slice holds instance ``index`` first."""
     return index % world_size
+
+
+_SIGTERM = threading.Event()  # set by the handler below
+
+
+def stopped_by_sigterm() -> bool:
+    """Whether a SIGTERM reached a run whose loaders expect their workers to die of it (below); a run
+    waiting for a batch then fails on the dead workers instead of stopping as Lightning stops for SIGTERM."""
+    return _SIGTERM.is_set()
+
+
+def _expect_worker_deaths_after_sigterm() -> None:
+    """Make the SIGTERM handler in place (Lightning's, once a Trainer runs) also stop PyTorch's check for
+    dead DataLoader workers. A SIGTERM sent to the whole process group (SLURM's preemption, ``timeout``,
+    ``kill -- -PGID``) kills the workers too, and that check would raise in the main process wherever it
+    is, in the middle of saving the run's steps, say. Lightning then stops the run as it does for SIGTERM.
+    """
+    current = signal.getsignal(signal.SIGTERM)
+    if (
+        not hasattr(signal, "SIGCHLD")  # not on Windows
+        or threading.current_thread() is not threading.main_thread()
+        or not callable(current)  # the default action: no Trainer has taken SIGTERM over
+        or getattr(current, "expects_worker_deaths", False)
+    ):
+        return
+
+    def handler(signum: int, frame) -> None:
+        _SIGTERM.set()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        current(signum, frame)
+
+    handler.expects_worker_deaths = True
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _shard_dicts(urls: list[str]) -> Iterator[dict]:
@@ -579,6 +614,8 @@ class ZimDataModule(L.LightningDataModule):
     def train_dataloader(self) -> wds.WebLoader:
         """Endless resampled stream cut into epochs of ``batches_per_epoch`` batches (``with_epoch``); each
         epoch continues the stream of the last (:class:`ContinuingStream`)."""
+        if self.num_workers > 0:
+            _expect_worker_deaths_after_sigterm()
         loader = wds.WebLoader(
             ContinuingStream(self.train_dataset()),
             batch_size=None,  # batching happens in the workers
@@ -645,6 +682,8 @@ class ZimDataModule(L.LightningDataModule):
             return []
         rank, world_size = self._rank()
         shards = len(expand_shards(self.val_shards))
+        if self._loader_workers(shards, world_size) > 0:
+            _expect_worker_deaths_after_sigterm()
         return DataLoader(
             self.val_dataset(rank=rank, world_size=world_size),
             batch_size=None,
@@ -674,6 +713,8 @@ class ZimDataModule(L.LightningDataModule):
         if rank is None or world_size is None:
             rank, world_size = self._rank()
         dataset = self.eval_dataset()
+        if self.num_workers > 0:
+            _expect_worker_deaths_after_sigterm()
         return DataLoader(
             dataset,
             batch_size=self.val_batch_size,
