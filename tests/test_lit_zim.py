@@ -220,7 +220,14 @@ def test_a_run_stopped_by_sigterm_exits_with_143_and_keeps_its_steps(synthetic: 
 
     # a DataLoader worker, and the signal sent to the whole process group, as SLURM's preemption,
     # `timeout` and `kill -- -PGID` do: a worker killed by it must not abort the save of the steps
-    extra = ("--trainer.max_steps=100000", "--trainer.limit_val_batches=0", "--data.init_args.num_workers=1")
+    # Sized in epochs with no validation: Lightning builds the training loader before it takes SIGTERM over
+    # (the scheduler asks for the number of steps).
+    extra = (
+        "--trainer.max_steps=-1",
+        "--trainer.max_epochs=1000",
+        "--data.init_args.val_shards=null",
+        "--data.init_args.num_workers=1",
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "zim_lightning", "fit", *_args(synthetic, tmp_path, *extra)],
@@ -251,8 +258,7 @@ def test_a_run_failing_on_workers_the_sigterm_killed_stops_as_sigterm_and_other_
     import signal
     import threading
 
-    from zim_lightning.data import datamodule
-    from zim_lightning.lit import cli
+    from zim_lightning.lit import cli, preemption
 
     def waiting_on_dead_workers(args):
         raise RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly")
@@ -261,7 +267,7 @@ def test_a_run_failing_on_workers_the_sigterm_killed_stops_as_sigterm_and_other_
     with pytest.raises(RuntimeError, match="exited unexpectedly"):  # no SIGTERM: a failure as it is
         cli.main(["fit"])
     received = threading.Event()
-    monkeypatch.setattr(datamodule, "_SIGTERM", received)
+    monkeypatch.setattr(preemption, "_RECEIVED", received)
     received.set()  # as the SIGTERM handler of a run with DataLoader workers does
     assert cli.main(["fit"]) == 128 + signal.SIGTERM
 
@@ -385,7 +391,7 @@ def test_fixed_batch_loss_drops_grid_draws_prompts_and_frozen_encoder_stays(synt
 
     torch.manual_seed(0)
     module = ZimModule(net=cli.model.net, optimizer=functools.partial(torch.optim.AdamW, lr=3e-3))
-    on_device = module.on_after_batch_transfer(batch, 0)  # what the step and the callbacks then see
+    on_device = cli.datamodule.on_after_batch_transfer(batch, 0)  # what the step and callbacks then see
     assert on_device["alpha"].dtype == torch.float32 and on_device["valid"].shape == on_device["alpha"].shape
     optimizer = module.configure_optimizers()["optimizer"]
     losses = []

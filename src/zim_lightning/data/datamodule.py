@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import lightning as L
 import numpy as np
@@ -44,6 +42,7 @@ from zim_lightning.data.samples import (
     collate,
     expect_kind,
     key_rng,
+    unpack_zim_batch,
 )
 from zim_lightning.data.shards import (
     assign_shards,
@@ -284,39 +283,6 @@ def owner_rank(index: int, world_size: int) -> int:
     return index % world_size
 
 
-_SIGTERM = threading.Event()  # set by the handler below
-
-
-def stopped_by_sigterm() -> bool:
-    """Whether a SIGTERM reached a run whose loaders expect their workers to die of it (below); a run
-    waiting for a batch then fails on the dead workers instead of stopping as Lightning stops for SIGTERM."""
-    return _SIGTERM.is_set()
-
-
-def _expect_worker_deaths_after_sigterm() -> None:
-    """Make the SIGTERM handler in place (Lightning's, once a Trainer runs) also stop PyTorch's check for
-    dead DataLoader workers. A SIGTERM sent to the whole process group (SLURM's preemption, ``timeout``,
-    ``kill -- -PGID``) kills the workers too, and that check would raise in the main process wherever it
-    is, in the middle of saving the run's steps, say. Lightning then stops the run as it does for SIGTERM.
-    """
-    current = signal.getsignal(signal.SIGTERM)
-    if (
-        not hasattr(signal, "SIGCHLD")  # not on Windows
-        or threading.current_thread() is not threading.main_thread()
-        or not callable(current)  # the default action: no Trainer has taken SIGTERM over
-        or getattr(current, "expects_worker_deaths", False)
-    ):
-        return
-
-    def handler(signum: int, frame) -> None:
-        _SIGTERM.set()
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        current(signum, frame)
-
-    handler.expects_worker_deaths = True
-    signal.signal(signal.SIGTERM, handler)
-
-
 def _shard_dicts(urls: list[str]) -> Iterator[dict]:
     # A pipeline source over a fixed shard list, which may be empty (SimpleShardList refuses that).
     for url in urls:
@@ -494,6 +460,11 @@ class ZimDataModule(L.LightningDataModule):
             return trainer.global_rank, trainer.world_size
         return distributed_info()
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """ZIM batches travel as uint8 (:func:`~zim_lightning.data.samples.collate`); on the device they
+        become the batches of docs/architecture.md, float ``alpha`` and ``valid`` (``unpack_zim_batch``)."""
+        return unpack_zim_batch(batch) if self.stage == "zim" else batch
+
     def _collate(self) -> Callable[[list[dict]], dict]:
         # A partial of a module-level function pickles into DataLoader workers; a lambda would not.
         return partial(collate, frame_size=self.zim_processor.image_size)
@@ -614,8 +585,6 @@ class ZimDataModule(L.LightningDataModule):
     def train_dataloader(self) -> wds.WebLoader:
         """Endless resampled stream cut into epochs of ``batches_per_epoch`` batches (``with_epoch``); each
         epoch continues the stream of the last (:class:`ContinuingStream`)."""
-        if self.num_workers > 0:
-            _expect_worker_deaths_after_sigterm()
         loader = wds.WebLoader(
             ContinuingStream(self.train_dataset()),
             batch_size=None,  # batching happens in the workers
@@ -682,8 +651,6 @@ class ZimDataModule(L.LightningDataModule):
             return []
         rank, world_size = self._rank()
         shards = len(expand_shards(self.val_shards))
-        if self._loader_workers(shards, world_size) > 0:
-            _expect_worker_deaths_after_sigterm()
         return DataLoader(
             self.val_dataset(rank=rank, world_size=world_size),
             batch_size=None,
@@ -713,8 +680,6 @@ class ZimDataModule(L.LightningDataModule):
         if rank is None or world_size is None:
             rank, world_size = self._rank()
         dataset = self.eval_dataset()
-        if self.num_workers > 0:
-            _expect_worker_deaths_after_sigterm()
         return DataLoader(
             dataset,
             batch_size=self.val_batch_size,

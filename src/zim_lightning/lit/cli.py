@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from zim_lightning.data.datamodule import stopped_by_sigterm
+from zim_lightning.lit.preemption import stopped_by_sigterm
 from zim_lightning.models.checkpoint import CheckpointError, load_checkpoint, shape_mismatch, shapes_of
 
 #: The dispatcher passes the subcommand (fit, validate, test) as the first argument.

@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics import MeanMetric, MetricCollection
 
 from zim_lightning.lit.optimization import configure_optimization, parameter_groups
+from zim_lightning.lit.preemption import expect_worker_deaths_after_sigterm
 from zim_lightning.models.checkpoint import NET_SPEC_KEY, random_start_of
 
 log = logging.getLogger(__name__)
@@ -179,6 +180,17 @@ class MattingModule(LightningModule):
             # no validation batch (fewer validation shards than ranks): rank 0 waits in the broadcast
             # while the other waits in the metrics' sync. configs/trainer/ddp.yaml sets this already.
             strategy._ddp_kwargs["broadcast_buffers"] = False  # read when the model is wrapped, after setup
+
+    # Once Lightning has taken SIGTERM over (after on_fit_start), before the loop draws a batch: a SIGTERM
+    # sent to the whole process group, workers included, then stops the run as one to the main process.
+    def on_train_start(self) -> None:
+        expect_worker_deaths_after_sigterm()
+
+    def on_validation_start(self) -> None:
+        expect_worker_deaths_after_sigterm()
+
+    def on_test_start(self) -> None:
+        expect_worker_deaths_after_sigterm()
 
     def on_fit_start(self) -> None:
         trainer = self.trainer

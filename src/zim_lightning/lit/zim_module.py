@@ -30,8 +30,8 @@ class ZimModule(MattingModule):
     BxNx2 ``(X, Y)`` pixels in the 1024 frame, ``point_labels`` BxN (1 / 0 points, 2 / 3 box corners,
     -1 padding), ``original_size`` and ``input_size`` Bx2, ``key`` list[str]. The datamodule's batches
     carry ``alpha`` as uint8 and no ``valid``; both are made where the batch is, on the GPU
-    (:func:`~zim_lightning.data.samples.unpack_zim_batch`, in :meth:`on_after_batch_transfer`, so
-    callbacks see them too, and in the steps for batches given directly), so a third of the bytes cross
+    (:func:`~zim_lightning.data.samples.unpack_zim_batch`: the datamodule's ``on_after_batch_transfer``,
+    so callbacks see them too, and the steps, for batches given directly), so a third of the bytes cross
     the bus.
 
     Logs ``train/{loss,l1,grad}`` and ``val/{loss,l1,grad,sad,mse,mae}`` (errors inside the valid region
@@ -229,10 +229,6 @@ class ZimModule(MattingModule):
             iou_loss = batch_term(F.mse_loss(iou.float(), actual, reduction="none").mean(dim=1))
             values["loss"] = values["loss"] + self.hparams.iou_weight * iou_loss
         return alphas[:, :1], values
-
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        # On the device, before the step: callbacks then see the float alpha and the valid map too.
-        return unpack_zim_batch(batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         alpha, terms = self._step(batch)
