@@ -252,6 +252,31 @@ def test_a_run_stopped_by_sigterm_exits_with_143_and_keeps_its_steps(synthetic: 
     assert list(tmp_path.rglob("last.ckpt"))  # save_on_exception kept the steps done
 
 
+def test_the_sigterm_wrapper_goes_on_lightnings_handler_once_and_stops_the_worker_check():
+    import signal
+
+    from zim_lightning.lit import preemption
+
+    saved = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGCHLD)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        preemption.expect_worker_deaths_after_sigterm()  # no Trainer has taken SIGTERM over: left alone
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        calls = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))  # as Lightning's
+        preemption.expect_worker_deaths_after_sigterm()
+        wrapped = signal.getsignal(signal.SIGTERM)
+        preemption.expect_worker_deaths_after_sigterm()  # each loop's start: wrapped once
+        assert signal.getsignal(signal.SIGTERM) is wrapped and not preemption.stopped_by_sigterm()
+        wrapped(signal.SIGTERM, None)
+        assert calls == [signal.SIGTERM] and preemption.stopped_by_sigterm()
+        assert signal.getsignal(signal.SIGCHLD) is preemption._no_check  # PyTorch's check is off
+    finally:
+        signal.signal(signal.SIGTERM, saved[0])
+        signal.signal(signal.SIGCHLD, saved[1])
+        preemption._RECEIVED.clear()
+
+
 def test_a_run_failing_on_workers_the_sigterm_killed_stops_as_sigterm_and_other_errors_raise(monkeypatch):
     # A run waiting for a batch when the group's SIGTERM killed its DataLoader workers fails on them
     # (PyTorch's RuntimeError) before Lightning's stop at the batch's end: still a preemption.

@@ -44,4 +44,5 @@ def expect_worker_deaths_after_sigterm() -> None:
         current(signum, frame)
 
     handler.expects_worker_deaths = True
+    _RECEIVED.clear()  # a new run (an earlier one in this process may have been stopped)
     signal.signal(signal.SIGTERM, handler)
