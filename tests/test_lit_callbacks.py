@@ -81,3 +81,22 @@ def test_logging_callbacks_act_on_the_micro_batch_that_ends_an_optimiser_step() 
     accumulating = SimpleNamespace(accumulate_grad_batches=2)
     assert [_step_ends(accumulating, i) for i in range(4)] == [False, True, False, True]
     assert all(_step_ends(SimpleNamespace(accumulate_grad_batches=1), i) for i in range(3))
+
+
+def test_the_progress_bar_of_a_run_sized_in_steps_shows_its_epoch_alone():
+    import lightning as L
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from zim_lightning.lit.callbacks import ProgressBar
+
+    descriptions = {}
+    for max_epochs in (-1, 5):  # -1: what Lightning sets when a run gives max_steps only
+        for bar in (RichProgressBar(), ProgressBar()):
+            trainer = L.Trainer(
+                callbacks=[bar], max_steps=10, max_epochs=max_epochs, logger=False, enable_checkpointing=False
+            )
+            bar.setup(trainer, L.LightningModule(), stage="fit")
+            descriptions[max_epochs, type(bar).__name__] = bar._get_train_description(3).strip()
+    assert descriptions[-1, "RichProgressBar"] == "Epoch 3/-2"  # Lightning's, which this bar mends
+    assert descriptions[-1, "ProgressBar"] == "Epoch 3"
+    assert descriptions[5, "ProgressBar"] == descriptions[5, "RichProgressBar"] == "Epoch 3/4"

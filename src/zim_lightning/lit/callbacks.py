@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchvision.io import write_png
@@ -223,3 +223,14 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
         super().on_train_end(trainer, pl_module)
+
+
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar. A run sized in steps (``max_epochs: -1``) shows "Epoch 3", where
+    Lightning's shows "Epoch 3/-2"."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs != -1:
+            return super()._get_train_description(current_epoch)
+        # padded as Lightning pads it: the validation bar's longer label must not make the bars flicker
+        return f"{f'Epoch {current_epoch}':{len(self.validation_description)}}"
