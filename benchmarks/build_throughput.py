@@ -48,6 +48,7 @@ from zim_lightning.sa1b_matte import (
     PNG_PARAMS,
     WRITER_THREADS,
     CropConfig,
+    add_converter_checkpoint_argument,
     add_crop_arguments,
     build,
     converter_mask,
@@ -276,14 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--model", default="converter_tiny", help="converter_tiny, converter_hiera_b_plus or identity"
     )
-    p.add_argument(
-        "--checkpoint",
-        "--converter",
-        dest="converter",
-        metavar="CKPT",
-        default=None,
-        help="converter weights (default: random)",
-    )
+    add_converter_checkpoint_argument(p)  # the builder's own
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("32", "bf16"), default=None, help="default bf16 on cuda, else 32")
     add_crop_arguments(p)  # the builder's own crop options

@@ -76,7 +76,13 @@ The package, in the order a build runs:
   written with their manifests.
 """
 
-from zim_lightning.sa1b_matte.cli import add_crop_arguments, crop_config, launched_layout, main
+from zim_lightning.sa1b_matte.cli import (
+    add_converter_checkpoint_argument,
+    add_crop_arguments,
+    crop_config,
+    launched_layout,
+    main,
+)
 from zim_lightning.sa1b_matte.geometry import (
     MODES,
     CropConfig,
@@ -104,6 +110,7 @@ __all__ = [
     "OutputLock",
     "ShardClaims",
     "ShardDataset",
+    "add_converter_checkpoint_argument",
     "add_crop_arguments",
     "build",
     "converter_mask",

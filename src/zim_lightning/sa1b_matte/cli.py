@@ -15,6 +15,19 @@ from zim_lightning.sa1b_matte.geometry import MODES, CropConfig
 from zim_lightning.sa1b_matte.job import build, print_summary
 
 
+def add_converter_checkpoint_argument(p: argparse.ArgumentParser) -> None:
+    """``--checkpoint CKPT`` (``args.converter``), the converter's weights (the builder's, and its
+    benchmark's); without it the converter keeps random weights."""
+    p.add_argument(
+        "--checkpoint",
+        "--converter",
+        dest="converter",
+        metavar="CKPT",
+        default=None,
+        help="converter checkpoint (state dict or Lightning .ckpt); --converter is the older name",
+    )
+
+
 def add_crop_arguments(p: argparse.ArgumentParser) -> None:
     """The command-line options of :class:`CropConfig` (the builder's, and its benchmark's)."""
     defaults = CropConfig()
@@ -68,14 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         "--sa1b", nargs="+", required=True, help="SA-1B shards: directories, brace patterns or paths"
     )
     p.add_argument("--out", required=True, type=Path, help="output directory for SA1B-Matte shards")
-    p.add_argument(
-        "--checkpoint",
-        "--converter",
-        dest="converter",
-        metavar="CKPT",
-        default=None,
-        help="converter checkpoint (state dict or Lightning .ckpt); --converter is the older name",
-    )
+    add_converter_checkpoint_argument(p)
     p.add_argument(
         "--model",
         default=None,
