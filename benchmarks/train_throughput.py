@@ -20,10 +20,9 @@ of ZIM (``eager``, ``sdpa``, ``sdpa_fold``, ``flex``); switches are ``cl`` (chan
 The step above is this script's own loop, timed with a synchronisation around each step. ``lit`` times
 the training as it runs instead: :class:`~zim_lightning.lit.zim_module.ZimModule`'s training step in a
 Lightning ``Trainer`` (bf16-mixed for ``--precision bf16``), batches in the datamodule's layout (uint8
-image, alpha, valid, box corners) copied from pinned host memory every step, the non-finite-loss
-check, the running means and their logging, with no synchronisation but at the two ends of the timed
-steps. (Validation, checkpoints and the progress bar are off; the loss still goes to the progress-bar
-metrics, as in a run.)
+image and alpha, input sizes, box corners) copied from pinned host memory every step, the
+non-finite-loss check, the running means and their logging, and the configs' progress bar (on stderr),
+with no synchronisation but at the two ends of the timed steps. (Validation and checkpoints are off.)
 
 GPU run (an H100, ViT-B, batch 8)::
 
@@ -59,6 +58,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from zim_lightning import benchmarking, speed
 from zim_lightning.data.samples import unpack_zim_batch
+from zim_lightning.lit.callbacks import ProgressBar
 from zim_lightning.lit.zim_module import ZimModule
 from zim_lightning.losses import MattingLoss
 from zim_lightning.models import relpos_flash
@@ -369,9 +369,8 @@ def lightning_step_s(
             log_every_n_steps=50,
             limit_val_batches=0,
             enable_checkpointing=False,
-            enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[clock],
+            callbacks=[clock, ProgressBar(console_kwargs={"stderr": True})],  # as the configs
         )
         loader = torch.utils.data.DataLoader(
             _SameBatch(batch), batch_size=None, pin_memory=device.type == "cuda"

@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import functools
+import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from zim_lightning.data.samples import unpack_zim_batch
-from zim_lightning.lit.callbacks import matte_grid
+from zim_lightning.lit import callbacks
+from zim_lightning.lit.callbacks import ProgressBar, matte_grid
 from zim_lightning.lit.cli import cli_main
 from zim_lightning.lit.zim_module import ZimModule
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 #: Frame of these tests: smaller than the tiny config's 256 to keep each step well under a second.
 FRAME = 128
+#: No validation, and the logger writing every 50 steps (beyond these tests' steps).
+QUIET = (
+    "--trainer.limit_val_batches=0",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.log_every_n_steps=50",
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +62,44 @@ def test_fast_dev_run(synthetic: Path, tmp_path: Path, caplog):
     logged = cli.trainer.callback_metrics
     for key in ("train/loss", "train/l1", "train/grad", "val/loss", "val/sad", "val/mse", "val/mae"):
         assert torch.isfinite(logged[key]), key
+
+
+def test_lightning_and_the_progress_bar_read_the_logged_values_back_not_at_every_step(
+    synthetic: Path, tmp_path: Path, monkeypatch
+):
+    """Lightning turns every value logged with prog_bar=True into a Python number at every batch end, in
+    its logger connector and again in its bar; on a GPU each read waits for the whole step. The training
+    values are logged without it, and the configs' bar reads them once a second and at epoch ends."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LoggingReads(TorchDispatchMode):
+        """Counts the values read back (.item(), float()) by Lightning's logging and progress bars."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_local_scalar_dense":
+                where = " ".join(f.filename for f in traceback.extract_stack())
+                self.count += "logger_connector" in where or "progress" in where or "lit/callbacks" in where
+            return func(*args, **(kwargs or {}))
+
+    # the bar's clock stands still: its one-second interval never passes, however slow the steps
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(monotonic=lambda: 0.0))
+    reads, bars = {}, {}
+    for steps in (2, 5):
+        with LoggingReads() as spy:
+            cli = cli_main(
+                ["fit", *_args(synthetic, tmp_path / str(steps), f"--trainer.max_steps={steps}", *QUIET)]
+            )
+        reads[steps] = spy.count
+        (bars[steps],) = (c for c in cli.trainer.callbacks if isinstance(c, ProgressBar))
+    assert reads[5] == reads[2] > 0  # once at the first step and at the epoch's end, not per step
+    logged = cli.trainer.callback_metrics  # the epoch's end: what the bar read last
+    assert bars[5]._shown == {name: float(logged[name]) for name in ("train/loss_step", "train/loss_epoch")}
+    with pytest.raises(ValueError, match="read_every_s"):
+        ProgressBar(read_every_s=-1)
 
 
 def test_require_pretrained_refuses_a_network_built_from_random_weights_unless_resuming(tmp_path: Path):

@@ -10,6 +10,8 @@ files under the logger's run directory otherwise (CSV logger), so every run leav
 from __future__ import annotations
 
 import logging
+import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import RichProgressBarTheme
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torchvision.io import write_png
@@ -226,8 +229,58 @@ class RunCheckpoint(ModelCheckpoint):
 
 
 class ProgressBar(RichProgressBar):
-    """Lightning's rich progress bar. A run sized in steps (``max_epochs: -1``) shows "Epoch 3", where
-    Lightning's shows "Epoch 3/-2"."""
+    """Lightning's rich progress bar, with the training loss read from the GPU once a second.
+
+    Lightning's own bar turns every value logged with ``prog_bar=True`` into a Python number at every
+    batch end (and Lightning's logger connector does it once more). Each such read waits until the GPU has
+    run the whole step, backward and optimiser included, so the GPU then idles while the host fetches,
+    copies and launches the next batch. The training modules therefore log their step values without
+    ``prog_bar``, and this bar shows the ``show`` entries of ``trainer.callback_metrics`` (still on the
+    device) read at most once per ``read_every_s`` seconds of training, and always at the end of each
+    training epoch and each validation. Values logged with ``prog_bar=True`` (validation losses) show as
+    in Lightning's bar.
+
+    A run sized in steps (``max_epochs: -1``) shows "Epoch 3", where Lightning's shows "Epoch 3/-2".
+
+    Args:
+        show: names in ``trainer.callback_metrics`` to show (those not logged yet are left out).
+        read_every_s: least time between two reads while training; 0 reads at every batch.
+        refresh_rate, leave, theme, console_kwargs: Lightning's ``RichProgressBar``.
+    """
+
+    def __init__(
+        self,
+        *,
+        show: tuple[str, ...] = ("train/loss_step", "train/loss_epoch"),
+        read_every_s: float = 1.0,
+        refresh_rate: int = 100,
+        leave: bool = False,
+        theme: RichProgressBarTheme = RichProgressBarTheme(),
+        console_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if read_every_s < 0:
+            raise ValueError(f"read_every_s must be at least 0 seconds, got {read_every_s}")
+        super().__init__(refresh_rate=refresh_rate, leave=leave, theme=theme, console_kwargs=console_kwargs)
+        self.show = tuple(show)
+        self.read_every_s = read_every_s
+        self._shown: dict[str, float] = {}
+        self._next_read = -math.inf
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        now = time.monotonic()
+        if now >= self._next_read:
+            logged = trainer.callback_metrics
+            self._shown = {name: float(logged[name]) for name in self.show if name in logged}
+            self._next_read = now + self.read_every_s
+        return {**super().get_metrics(trainer, pl_module), **self._shown}
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._next_read = -math.inf  # the epoch's values, whenever the last read was
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._next_read = -math.inf
+        super().on_validation_end(trainer, pl_module)
 
     def _get_train_description(self, current_epoch: int) -> str:
         if self.trainer.max_epochs != -1:

@@ -274,7 +274,8 @@ class MattingModule(LightningModule):
                 metric,
                 on_step=True,
                 on_epoch=True,
-                prog_bar=name == "loss",
+                # not prog_bar: Lightning would read it back from the device at every step (the configs'
+                # lit.callbacks.ProgressBar shows it, read once a second)
                 batch_size=batch_size,
                 # metrics sync their own states across ranks
                 sync_dist=False,
