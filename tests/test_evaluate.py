@@ -324,6 +324,41 @@ def test_eval_on_more_ranks_than_instances_scores_and_saves_each_once(synthetic,
     assert [p.name for p in (out / "predictions/box/mask").iterdir()] == [f"{stem}.png"]
 
 
+@pytest.mark.slow  # an evaluation in a subprocess, stopped by a signal
+def test_an_eval_stopped_by_sigterm_to_its_process_group_exits_143_and_writes_no_metrics(
+    synthetic, tmp_path: Path
+) -> None:
+    # SLURM's preemption, `timeout` and `kill -- -PGID` signal the DataLoader workers too, and PyTorch's
+    # check for dead workers then fails the evaluation (exit 1). The signal is sent from the first test
+    # step, so it lands mid-evaluation every time.
+    out = tmp_path / "out"
+    argv = ["--model", "tiny", "--data", str(synthetic.micromat), "--format", "micromat", "--out", str(out)]
+    argv += ["--accelerator", "cpu", "--num-workers", "1", "--grid-count", "0"]
+    script = (
+        "import os, signal, sys\n"
+        "from zim_lightning.evaluate import main\n"
+        "from zim_lightning.lit.eval_module import EvalModule\n"
+        "step = EvalModule.test_step\n"
+        "def preempted(self, batch, batch_idx):\n"
+        "    if batch_idx == 0:\n"
+        "        os.killpg(os.getpgid(0), signal.SIGTERM)\n"
+        "    return step(self, batch, batch_idx)\n"
+        "EvalModule.test_step = preempted\n"
+        f"sys.exit(main({argv!r}))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        start_new_session=True,
+    )
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert "stopped by SIGTERM" in result.stderr and not (out / "metrics.json").exists()
+
+
 def test_eval_names_the_instance_of_a_missing_file(synthetic, tmp_path: Path, capsys) -> None:
     root = tmp_path / "micromat"
     root.mkdir()

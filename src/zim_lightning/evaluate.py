@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import shutil
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -367,10 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``zim-lightning eval``."""
     import lightning as L
     from lightning.pytorch.callbacks import RichProgressBar
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from zim_lightning.data.datamodule import ZimDataModule
     from zim_lightning.data.micromat import EvalDataError, build_eval_dataset, check_trimaps
     from zim_lightning.lit.eval_module import EvalModule
+    from zim_lightning.lit.preemption import is_preemption
     from zim_lightning.model_options import check_checkpoint_argument, describe_model, zim_for_command
 
     parser = _parser()
@@ -455,7 +458,14 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         # Instances are lists of dicts of different sizes; Lightning cannot infer a batch size from them.
         warnings.filterwarnings("ignore", message=".*Trying to infer the `batch_size`.*")
-        trainer.test(module, datamodule=data, verbose=False)
+        try:
+            trainer.test(module, datamodule=data, verbose=False)
+        except (SIGTERMException, RuntimeError) as error:
+            if not is_preemption(error):
+                raise
+            # not 0, and no figures: `eval && ...` must not go on as if the evaluation had finished
+            log.warning("stopped by SIGTERM before the last instance: no metrics written; run it again")
+            return 128 + signal.SIGTERM
     if not trainer.is_global_zero:
         return 0
 

@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from zim_lightning.lit.preemption import stopped_by_sigterm
+from zim_lightning.lit.preemption import is_preemption
 from zim_lightning.models.checkpoint import CheckpointError, load_checkpoint, shape_mismatch, shapes_of
 
 #: The dispatcher passes the subcommand (fit, validate, test) as the first argument.
@@ -155,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli_main(None if args == sys.argv[1:] else args)
     except (SIGTERMException, RuntimeError) as error:
-        if isinstance(error, RuntimeError) and not stopped_by_sigterm():
-            raise  # (a run waiting for a batch when the signal killed its DataLoader workers fails so)
+        if not is_preemption(error):
+            raise
         # Lightning stops a SIGTERM'd run (a preemption) with SystemExit(None), an exit status of 0:
         # a preempted run must not look finished to `fit && eval` or to torchrun's restarts
         logging.getLogger("zim_lightning").warning(

@@ -35,6 +35,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from zim_lightning import speed
+from zim_lightning.lit.preemption import expect_worker_deaths_after_sigterm
 from zim_lightning.metrics import PROTOCOLS, MattingErrors, scoring_device
 from zim_lightning.predictor import ZimPredictor
 
@@ -282,6 +283,9 @@ class EvalModule(LightningModule):
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
         """Predict a batch of instances without scoring them (same outputs as :meth:`test_step`)."""
         return [{**_identity(item), "alphas": self.predict_instance(item)} for item in batch]
+
+    def on_test_start(self) -> None:
+        expect_worker_deaths_after_sigterm()  # a SIGTERM to the process group stops it as a preemption
 
     def on_test_epoch_start(self) -> None:
         for metric in self.metrics.values():

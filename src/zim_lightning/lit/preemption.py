@@ -11,6 +11,8 @@ from __future__ import annotations
 import signal
 import threading
 
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
 _RECEIVED = threading.Event()
 
 
@@ -18,6 +20,12 @@ def stopped_by_sigterm() -> bool:
     """Whether a SIGTERM reached a run under :func:`expect_worker_deaths_after_sigterm`. A run waiting for
     a batch when the signal killed its workers fails on them (a RuntimeError) before Lightning stops it."""
     return _RECEIVED.is_set()
+
+
+def is_preemption(error: BaseException) -> bool:
+    """Whether ``error`` is how a Lightning run stops for a SIGTERM: Lightning's ``SIGTERMException``, or
+    the RuntimeError of a DataLoader whose workers the signal killed (see :func:`stopped_by_sigterm`)."""
+    return isinstance(error, SIGTERMException) or (isinstance(error, RuntimeError) and stopped_by_sigterm())
 
 
 def _no_check(signum: int, frame) -> None:
