@@ -100,3 +100,44 @@ def test_the_progress_bar_of_a_run_sized_in_steps_shows_its_epoch_alone():
     assert descriptions[-1, "RichProgressBar"] == "Epoch 3/-2"  # Lightning's, which this bar mends
     assert descriptions[-1, "ProgressBar"] == "Epoch 3"
     assert descriptions[5, "ProgressBar"] == descriptions[5, "RichProgressBar"] == "Epoch 3/4"
+
+
+def test_the_progress_bar_shows_the_first_steps_loss_after_the_sanity_check(monkeypatch):
+    from types import SimpleNamespace
+
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from zim_lightning.lit import callbacks
+    from zim_lightning.lit.callbacks import ProgressBar
+
+    class Logging(BoringModel):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            self.log("train/loss", out["loss"], on_step=True, on_epoch=True)  # no prog_bar, as ours
+            return out
+
+    class Shown(Callback):  # after the bar: what it shows at each step's end
+        def __init__(self) -> None:
+            self.shown, self.logged = [], []
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            self.shown.append(dict(bar._shown))
+            self.logged.append(float(trainer.callback_metrics["train/loss_step"]))
+
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(monotonic=lambda: 0.0))  # no second passes
+    bar, shown = ProgressBar(show="train/loss_step"), Shown()  # one name as a string
+    trainer = L.Trainer(
+        max_steps=3,
+        callbacks=[bar, shown],
+        num_sanity_val_steps=1,  # reads before training, when nothing is logged yet
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Logging())
+    assert bar.show == ("train/loss_step",)
+    # read at the first step, then not again while the (frozen) second lasts
+    assert shown.shown == [{"train/loss_step": shown.logged[0]}] * 3
+    assert shown.logged[0] != shown.logged[2]

@@ -314,34 +314,48 @@ def test_the_sigterm_wrapper_goes_on_lightnings_handler_once_and_stops_the_worke
         preemption.expect_worker_deaths_after_sigterm()
         wrapped = signal.getsignal(signal.SIGTERM)
         preemption.expect_worker_deaths_after_sigterm()  # each loop's start: wrapped once
-        assert signal.getsignal(signal.SIGTERM) is wrapped and not preemption.stopped_by_sigterm()
+        assert signal.getsignal(signal.SIGTERM) is wrapped
+        assert signal.getsignal(signal.SIGCHLD) is saved[1]  # PyTorch's check holds until the signal
         wrapped(signal.SIGTERM, None)
-        assert calls == [signal.SIGTERM] and preemption.stopped_by_sigterm()
+        assert calls == [signal.SIGTERM]
         assert signal.getsignal(signal.SIGCHLD) is preemption._no_check  # PyTorch's check is off
     finally:
         signal.signal(signal.SIGTERM, saved[0])
         signal.signal(signal.SIGCHLD, saved[1])
-        preemption._RECEIVED.clear()
 
 
-def test_a_run_failing_on_workers_the_sigterm_killed_stops_as_sigterm_and_other_errors_raise(monkeypatch):
+def test_a_run_failing_on_workers_the_sigterm_killed_stops_as_sigterm_and_other_errors_raise(
+    monkeypatch, caplog
+):
     # A run waiting for a batch when the group's SIGTERM killed its DataLoader workers fails on them
-    # (PyTorch's RuntimeError) before Lightning's stop at the batch's end: still a preemption.
+    # before Lightning's stop at the batch's end (PyTorch's RuntimeError for dead workers, or a
+    # ConnectionResetError while a worker was handing a batch over): still a preemption.
     import signal
-    import threading
 
-    from zim_lightning.lit import cli, preemption
+    from zim_lightning.lit import cli
 
-    def waiting_on_dead_workers(args):
-        raise RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly")
+    def run(received_sigterm: bool | None, error: Exception):
+        def failing_on_dead_workers(args):
+            if received_sigterm is not None:  # the run got as far as making its trainer
+                cli.ZimLightningCLI.last_trainer = SimpleNamespace(received_sigterm=received_sigterm)
+            raise error
 
-    monkeypatch.setattr(cli, "cli_main", waiting_on_dead_workers)
+        monkeypatch.setattr(cli, "cli_main", failing_on_dead_workers)
+        return cli.main(["fit"])
+
+    dead = RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly")
+    monkeypatch.setattr(cli.ZimLightningCLI, "last_trainer", None)
     with pytest.raises(RuntimeError, match="exited unexpectedly"):  # no SIGTERM: a failure as it is
-        cli.main(["fit"])
-    received = threading.Event()
-    monkeypatch.setattr(preemption, "_RECEIVED", received)
-    received.set()  # as the SIGTERM handler of a run with DataLoader workers does
-    assert cli.main(["fit"]) == 128 + signal.SIGTERM
+        run(False, dead)
+    assert run(True, dead) == 128 + signal.SIGTERM
+    assert run(True, ConnectionResetError(104, "Connection reset by peer")) == 128 + signal.SIGTERM
+    assert (
+        "stopped by SIGTERM (then ConnectionResetError: [Errno 104] Connection reset by peer)" in caplog.text
+    )
+    # the earlier run's trainer received it; this run failed before it had one: a failure as it is
+    assert cli.ZimLightningCLI.last_trainer.received_sigterm
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        run(None, dead)
 
 
 def test_clipping_a_fused_optimiser_under_mixed_precision_is_refused_before_training(

@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     from zim_lightning.data.datamodule import ZimDataModule
     from zim_lightning.data.micromat import EvalDataError, build_eval_dataset, check_trimaps
     from zim_lightning.lit.eval_module import EvalModule
-    from zim_lightning.lit.preemption import is_preemption
+    from zim_lightning.lit.preemption import is_preemption, stop_message
     from zim_lightning.model_options import check_checkpoint_argument, describe_model, zim_for_command
 
     parser = _parser()
@@ -460,11 +460,11 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=".*Trying to infer the `batch_size`.*")
         try:
             trainer.test(module, datamodule=data, verbose=False)
-        except (SIGTERMException, RuntimeError) as error:
-            if not is_preemption(error):
+        except (SIGTERMException, Exception) as error:
+            if not is_preemption(error, trainer):
                 raise
             # not 0, and no figures: `eval && ...` must not go on as if the evaluation had finished
-            log.warning("stopped by SIGTERM before the last instance: no metrics written; run it again")
+            log.warning("%s before the last instance: no metrics written; run it again", stop_message(error))
             return 128 + signal.SIGTERM
     if not trainer.is_global_zero:
         return 0

@@ -261,7 +261,7 @@ class ProgressBar(RichProgressBar):
         if read_every_s < 0:
             raise ValueError(f"read_every_s must be at least 0 seconds, got {read_every_s}")
         super().__init__(refresh_rate=refresh_rate, leave=leave, theme=theme, console_kwargs=console_kwargs)
-        self.show = tuple(show)
+        self.show = (show,) if isinstance(show, str) else tuple(show)
         self.read_every_s = read_every_s
         self._shown: dict[str, float] = {}
         self._next_read = -math.inf
@@ -273,6 +273,10 @@ class ProgressBar(RichProgressBar):
             self._shown = {name: float(logged[name]) for name in self.show if name in logged}
             self._next_read = now + self.read_every_s
         return {**super().get_metrics(trainer, pl_module), **self._shown}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._next_read = -math.inf  # the first step's values (the sanity check read none)
+        super().on_train_start(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._next_read = -math.inf  # the epoch's values, whenever the last read was

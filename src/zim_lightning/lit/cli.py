@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from zim_lightning.lit.preemption import is_preemption
+from zim_lightning.lit.preemption import is_preemption, stop_message
 from zim_lightning.models.checkpoint import CheckpointError, load_checkpoint, shape_mismatch, shapes_of
 
 #: The dispatcher passes the subcommand (fit, validate, test) as the first argument.
@@ -62,6 +63,14 @@ class ZimLightningCLI(LightningCLI):
     ``--ckpt_path`` against the run before Lightning reads it."""
 
     _ckpt_net_shapes: dict[str, tuple[int, ...]] | None = None
+    #: The trainer of the latest run, set once it exists: whether it received SIGTERM tells a preemption
+    #: from a failure (:func:`main`).
+    last_trainer: Trainer | None = None
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        ZimLightningCLI.last_trainer = trainer
+        return trainer
 
     def _ckpt_error(self, ckpt_path: str, problem: str) -> None:
         self.parser.error(
@@ -152,15 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("zim_lightning").setLevel(logging.INFO)
     # LightningCLI warns when given arguments beside a command line; from the dispatcher they are the
     # command line itself, so let it read sys.argv.
+    ZimLightningCLI.last_trainer = None  # an error before this run's trainer exists is no preemption
     try:
         cli_main(None if args == sys.argv[1:] else args)
-    except (SIGTERMException, RuntimeError) as error:
-        if not is_preemption(error):
+    except (SIGTERMException, Exception) as error:
+        if not is_preemption(error, ZimLightningCLI.last_trainer):
             raise
         # Lightning stops a SIGTERM'd run (a preemption) with SystemExit(None), an exit status of 0:
         # a preempted run must not look finished to `fit && eval` or to torchrun's restarts
         logging.getLogger("zim_lightning").warning(
-            "stopped by SIGTERM; resume with --ckpt_path=.../last.ckpt"
+            "%s; resume with --ckpt_path=.../last.ckpt", stop_message(error)
         )
         return 128 + signal.SIGTERM
     return 0

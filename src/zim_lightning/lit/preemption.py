@@ -11,21 +11,29 @@ from __future__ import annotations
 import signal
 import threading
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-_RECEIVED = threading.Event()
+
+def is_preemption(error: BaseException, trainer: Trainer | None) -> bool:
+    """Whether ``error`` is how a run of ``trainer`` (a Lightning ``Trainer``, or None when the run failed
+    before it had one) stops for a SIGTERM: Lightning's ``SIGTERMException``, or any error once
+    ``trainer`` has received the signal. When the signal reaches the DataLoader workers, the main process
+    can fail on them in several ways: a RuntimeError for dead workers while it waited for a batch, a
+    ConnectionResetError while a worker was handing a batch over; and a collective fails whose other
+    rank the signal stopped. (Lightning sets the trainer's flag from the time it takes SIGTERM over, and
+    a new trainer starts without it, so an error of a later run in the same process is not taken for a
+    preemption.)"""
+    if isinstance(error, SIGTERMException):
+        return True
+    return isinstance(error, Exception) and trainer is not None and trainer.received_sigterm
 
 
-def stopped_by_sigterm() -> bool:
-    """Whether a SIGTERM reached a run under :func:`expect_worker_deaths_after_sigterm`. A run waiting for
-    a batch when the signal killed its workers fails on them (a RuntimeError) before Lightning stops it."""
-    return _RECEIVED.is_set()
-
-
-def is_preemption(error: BaseException) -> bool:
-    """Whether ``error`` is how a Lightning run stops for a SIGTERM: Lightning's ``SIGTERMException``, or
-    the RuntimeError of a DataLoader whose workers the signal killed (see :func:`stopped_by_sigterm`)."""
-    return isinstance(error, SIGTERMException) or (isinstance(error, RuntimeError) and stopped_by_sigterm())
+def stop_message(error: BaseException) -> str:
+    """ "stopped by SIGTERM", naming the error it caused when it was not Lightning's own stop."""
+    if isinstance(error, SIGTERMException):
+        return "stopped by SIGTERM"
+    return f"stopped by SIGTERM (then {type(error).__name__}: {error})"
 
 
 def _no_check(signum: int, frame) -> None:
@@ -34,8 +42,8 @@ def _no_check(signum: int, frame) -> None:
 
 
 def expect_worker_deaths_after_sigterm() -> None:
-    """Add to the SIGTERM handler in place (Lightning's, once a Trainer runs its loop): note the signal
-    and stop PyTorch's check for dead workers. Does nothing off the main thread, on Windows, before
+    """Add to the SIGTERM handler in place (Lightning's, once a Trainer runs its loop): on the signal,
+    stop PyTorch's check for dead workers. Does nothing off the main thread, on Windows, before
     Lightning has taken SIGTERM over, or when already done for this handler."""
     current = signal.getsignal(signal.SIGTERM)
     if (
@@ -47,10 +55,8 @@ def expect_worker_deaths_after_sigterm() -> None:
         return
 
     def handler(signum: int, frame) -> None:
-        _RECEIVED.set()
         signal.signal(signal.SIGCHLD, _no_check)
         current(signum, frame)
 
     handler.expects_worker_deaths = True
-    _RECEIVED.clear()  # a new run (an earlier one in this process may have been stopped)
     signal.signal(signal.SIGTERM, handler)

@@ -21,6 +21,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from zim_lightning.data.skips import SKIP_REASONS
+from zim_lightning.lit.preemption import is_preemption
 from zim_lightning.sa1b_matte.geometry import CropConfig
 from zim_lightning.sa1b_matte.reading import ShardDataset, worker_init
 from zim_lightning.sa1b_matte.resume import (
@@ -242,8 +243,8 @@ def build(
             warnings.filterwarnings("ignore", message=".*Couldn't infer the batch indices.*")
             try:
                 trainer.predict(MatteBuildModule(net=net), datamodule=data, return_predictions=False)
-            except RuntimeError:
-                if trainer.received_sigterm:  # the signal reached the DataLoader workers first
+            except Exception as error:
+                if is_preemption(error, trainer):  # the signal reached the DataLoader workers first
                     raise SIGTERMException from None
                 raise
         seconds = time.perf_counter() - start
