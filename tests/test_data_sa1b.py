@@ -283,6 +283,27 @@ def test_a_sample_skipped_again_is_counted_again_and_logged_once(caplog):
     assert [r.getMessage().split(" ")[1] for r in caplog.records] == ["sa_1", "sa_2"]
 
 
+def test_skips_are_logged_up_to_a_limit_per_reason_and_counted_past_it(caplog):
+    from zim_lightning.data.skips import LOGGED_PER_REASON, SkipTally
+
+    many = LOGGED_PER_REASON + 5
+    for sink, counted_in in ((SkipCounter(), "data/skipped_empty_mask"), (SkipTally(), "manifest")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="zim_lightning.data.skips"):
+            for i in range(many):  # a run over SA-1B meets thousands of vanishing mattes
+                sink.skip("empty_mask", f"sa_{i}", "the matte vanishes at the training resolution")
+            sink.skip("bad_rle", "sa_0", "truncated counts")  # another reason still gets its line
+        counts = sink.counts() if isinstance(sink, SkipCounter) else sink.counts
+        assert counts["empty_mask"] == many and counts["bad_rle"] == 1
+        lines = [r.getMessage() for r in caplog.records]
+        assert [line.split(" ")[1] for line in lines[:LOGGED_PER_REASON]] == [
+            f"sa_{i}" for i in range(LOGGED_PER_REASON)
+        ]
+        assert len(lines) == LOGGED_PER_REASON + 2
+        assert "later ones are counted in" in lines[-2] and counted_in in lines[-2]
+        assert lines[-1].startswith("skipped sa_0 (bad_rle)")
+
+
 def test_iter_tar_counts_a_corrupt_header_mid_shard(tmp_path):
     members = small_sa1b_members(5)
     data = bytearray(write_tar(tmp_path / "full.tar", members).read_bytes())

@@ -2,6 +2,8 @@
 
 Bad data never stops a run: every reader that drops a sample reports it here
 with one warning line, and the datamodule exposes the totals so the LightningModule can log them.
+Each reason gets at most :data:`LOGGED_PER_REASON` lines per counter and process (a run over SA-1B meets
+the same kind of bad mask thousands of times); later skips are counted, not logged.
 """
 
 from __future__ import annotations
@@ -28,6 +30,47 @@ SKIP_REASONS: tuple[str, ...] = (
 )
 
 
+#: Warning lines per skip reason that one counter writes in one process; later skips of that reason are
+#: counted only, which one more line says.
+LOGGED_PER_REASON = 20
+
+
+class SkipLog:
+    """The warning lines of one counter: each key once, at most ``limit`` keys per reason, then one line
+    saying that further skips of that reason are counted in ``counted_in`` only. Holds at most ``limit``
+    keys per reason, however long the run.
+
+    Args:
+        counted_in: where the counts go, for that line (``{reason}`` is replaced).
+        limit: the most keys logged per reason.
+    """
+
+    def __init__(self, *, counted_in: str, limit: int = LOGGED_PER_REASON) -> None:
+        self.counted_in = counted_in
+        self.limit = limit
+        self._keys: dict[str, set[str]] = {}
+        self._quiet: set[str] = set()
+
+    def __call__(self, reason: str, key: str, error: BaseException | str) -> None:
+        if reason in self._quiet:
+            return
+        keys = self._keys.setdefault(reason, set())
+        if key in keys:
+            return
+        if len(keys) < self.limit:
+            keys.add(key)
+            log.warning("skipped %s (%s): %s", key, reason, error)
+            return
+        self._quiet.add(reason)
+        del self._keys[reason]
+        log.warning(
+            "skipped more than %d samples (%s); later ones are counted in %s, not logged",
+            self.limit,
+            reason,
+            self.counted_in.format(reason=reason),
+        )
+
+
 class CorruptSample(ValueError):
     """A sample that cannot be decoded; it is skipped and counted, never fatal.
 
@@ -51,15 +94,16 @@ class SkipSink(Protocol):
 
 class SkipTally:
     """Skip counts of one reader in one process, by reason (the SA1B-Matte builder keeps one per shard
-    and writes it to the shard's manifest); each skip is logged."""
+    and writes it to the shard's manifest); skips are logged as :class:`SkipLog` says."""
 
     def __init__(self) -> None:
         self.counts = dict.fromkeys(SKIP_REASONS, 0)
+        self._log = SkipLog(counted_in="this shard's manifest")
 
     def skip(self, reason: str, key: str, error: BaseException | str) -> None:
         reason = reason if reason in self.counts else "other"
         self.counts[reason] += 1
-        log.warning("skipped %s (%s): %s", key, reason, error)
+        self._log(reason, key, error)
 
 
 class SkipCounter:
@@ -81,8 +125,8 @@ class SkipCounter:
             lanes, max_workers + 1, len(SKIP_REASONS), dtype=torch.int64
         ).share_memory_()
         self.table = self.tables[0]
-        #: Keys this process has logged (each process, DataLoader workers too, has its own set).
-        self._logged: set[str] = set()
+        #: The warning lines of this process (each process, DataLoader workers too, has its own).
+        self._log = SkipLog(counted_in="data/skipped_{reason}")
 
     def lane(self, index: int) -> SkipCounter:
         """A counter writing to lane ``index`` of the same shared tensor (its totals are this counter's)."""
@@ -102,18 +146,17 @@ class SkipCounter:
 
     def skip(self, reason: str, key: str, error: BaseException | str) -> None:
         """Count one skipped sample, and log one warning line the first time this process skips it
-        (training resamples shards, so the same bad sample comes back: counted every time, logged once).
+        (training resamples shards, so the same bad sample comes back: counted every time, logged once;
+        and at most :data:`LOGGED_PER_REASON` samples per reason).
 
         Args:
             reason: one of :data:`SKIP_REASONS`.
             key: the sample key or shard url, for the log line.
             error: what went wrong.
         """
-        column = SKIP_REASONS.index(reason if reason in SKIP_REASONS else "other")
-        self.table[self._row(), column] += 1
-        if key not in self._logged:
-            self._logged.add(key)
-            log.warning("skipped %s (%s): %s", key, reason, error)
+        reason = reason if reason in SKIP_REASONS else "other"
+        self.table[self._row(), SKIP_REASONS.index(reason)] += 1
+        self._log(reason, key, error)
 
     def counts(self) -> dict[str, int]:
         """Totals over the main process and all workers, one entry per reason."""
