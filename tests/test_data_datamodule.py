@@ -570,6 +570,9 @@ def test_zim_batches_carry_uint8_alpha_and_unpack_to_the_float_alpha_and_valid_m
         inside = np.zeros((64, 64), np.float32)
         inside[:h, :w] = 1
         np.testing.assert_array_equal(unpacked["valid"][i, 0].numpy(), inside)
+        image = np.zeros((3, 64, 64), np.uint8)  # RGB channels in order, zero padding
+        image[:, :h, :w] = samples[i]["image"].transpose(2, 0, 1)
+        np.testing.assert_array_equal(batch["image"][i].numpy(), image)
     assert unpacked["alpha"].dtype == unpacked["valid"].dtype == torch.float32
     # a batch already unpacked, or built by hand with float alpha and valid, passes through
     again = samples_module.unpack_zim_batch(unpacked)

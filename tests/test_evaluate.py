@@ -341,6 +341,8 @@ def test_an_eval_stopped_by_sigterm_to_its_process_group_exits_143_and_writes_no
         "step = EvalModule.test_step\n"
         "def preempted(self, batch, batch_idx):\n"
         "    if batch_idx == 0:\n"
+        "        handler = signal.getsignal(signal.SIGTERM)\n"
+        "        print('wrapped:', getattr(handler, 'expects_worker_deaths', False), file=sys.stderr)\n"
         "        os.killpg(os.getpgid(0), signal.SIGTERM)\n"
         "    return step(self, batch, batch_idx)\n"
         "EvalModule.test_step = preempted\n"
@@ -357,6 +359,31 @@ def test_an_eval_stopped_by_sigterm_to_its_process_group_exits_143_and_writes_no
     )
     assert result.returncode == 143, result.stderr[-3000:]
     assert "stopped by SIGTERM" in result.stderr and not (out / "metrics.json").exists()
+    assert "wrapped: True" in result.stderr  # the dead-worker check stops on the signal (preemption.py)
+
+
+def test_an_eval_failing_after_a_sigterm_stops_as_preempted_and_other_failures_raise(
+    synthetic, tmp_path: Path, monkeypatch
+) -> None:
+    # After the signal, the evaluation can fail in other ways than Lightning's stop: on the DataLoader
+    # workers it killed (a RuntimeError, a ConnectionResetError), or on a rank it stopped.
+    import lightning as L
+
+    def failing(received_sigterm: bool):
+        def test(self, *args, **kwargs):
+            self._signal_connector.received_sigterm = received_sigterm
+            raise RuntimeError("DataLoader worker (pid(s) 123) exited unexpectedly")
+
+        return test
+
+    out = tmp_path / "out"
+    argv = ["--model", "tiny", "--data", str(synthetic.micromat), "--format", "micromat", "--out", str(out)]
+    argv += ["--accelerator", "cpu", "--num-workers", "0", "--grid-count", "0"]
+    monkeypatch.setattr(L.Trainer, "test", failing(received_sigterm=False))
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):  # no SIGTERM: a failure as it is
+        main(argv)
+    monkeypatch.setattr(L.Trainer, "test", failing(received_sigterm=True))
+    assert main(argv) == 143 and not (out / "metrics.json").exists()
 
 
 def test_eval_names_the_instance_of_a_missing_file(synthetic, tmp_path: Path, capsys) -> None:

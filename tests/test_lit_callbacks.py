@@ -96,7 +96,9 @@ def test_the_progress_bar_of_a_run_sized_in_steps_shows_its_epoch_alone():
                 callbacks=[bar], max_steps=10, max_epochs=max_epochs, logger=False, enable_checkpointing=False
             )
             bar.setup(trainer, L.LightningModule(), stage="fit")
-            descriptions[max_epochs, type(bar).__name__] = bar._get_train_description(3).strip()
+            description = bar._get_train_description(3)
+            assert len(description) == len(bar.validation_description)  # padded alike: no flicker
+            descriptions[max_epochs, type(bar).__name__] = description.strip()
     assert descriptions[-1, "RichProgressBar"] == "Epoch 3/-2"  # Lightning's, which this bar mends
     assert descriptions[-1, "ProgressBar"] == "Epoch 3"
     assert descriptions[5, "ProgressBar"] == descriptions[5, "RichProgressBar"] == "Epoch 3/4"
@@ -132,12 +134,14 @@ def test_the_progress_bar_shows_the_first_steps_loss_after_the_sanity_check(monk
         callbacks=[bar, shown],
         num_sanity_val_steps=1,  # reads before training, when nothing is logged yet
         limit_val_batches=1,
+        val_check_interval=2,  # a validation after the second step: read at its end
         logger=False,
         enable_checkpointing=False,
         enable_model_summary=False,
     )
     trainer.fit(Logging())
     assert bar.show == ("train/loss_step",)
-    # read at the first step, then not again while the (frozen) second lasts
-    assert shown.shown == [{"train/loss_step": shown.logged[0]}] * 3
-    assert shown.logged[0] != shown.logged[2]
+    # read at the first step, then not again while the (frozen) second lasts, but at the validation's end
+    first, second = ({"train/loss_step": shown.logged[i]} for i in (0, 1))
+    assert shown.shown == [first, first, second]
+    assert shown.logged[1] != shown.logged[0] != shown.logged[2]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zim_lightning.data.micromat import EvalDataError, build_eval_dataset, check_trimaps
+from zim_lightning.data.micromat import EvalDataError, build_eval_dataset, check_trimaps, read_trimap
 
 
 def _save(path: Path, array: np.ndarray) -> None:
@@ -108,6 +108,11 @@ def test_a_floating_point_matte_is_refused_not_truncated_to_almost_nothing(tmp_p
     dataset = build_eval_dataset(tmp_path, format="micromat", prompt="box")
     with pytest.raises(EvalDataError, match=r"0001_1.png' is a 32-bit floating-point image"):
         dataset[0]
+    # a trimap in [0, 1] likewise (8-bit conversion would leave only 0 and 1: no unknown region)
+    trimap = tmp_path / "trimap.tif"
+    Image.fromarray(np.array([[0.0, 0.5], [1.0, 0.5]], np.float32)).save(trimap)
+    with pytest.raises(EvalDataError, match=r"trimap '.*trimap.tif' is a 32-bit floating-point image"):
+        read_trimap(trimap)
 
 
 def test_a_matte_with_an_alpha_channel_is_refused_not_read_as_opaque(tmp_path: Path) -> None:
