@@ -678,3 +678,27 @@ def test_the_converter_checkpoint_option_has_the_other_commands_name_and_keeps_i
     required = ["--sa1b", "in", "--out", "out"]
     assert _parser().parse_args([*required, "--checkpoint", "a.ckpt"]).converter == "a.ckpt"
     assert _parser().parse_args([*required, "--converter", "b.ckpt"]).converter == "b.ckpt"
+
+
+def test_a_build_stopped_by_sigterm_says_which_error_the_signal_caused(tmp_path, monkeypatch, capsys):
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from zim_lightning.lit.preemption import stop_message
+    from zim_lightning.sa1b_matte import cli
+
+    args = ["--sa1b", str(tmp_path), "--out", str(tmp_path / "out"), "--model", "converter_tiny"]
+    args += ["--accelerator", "cpu", "--devices", "1"]
+    for stop, said in (
+        (SIGTERMException(), "stopped by SIGTERM; a rerun resumes"),  # Lightning's own stop
+        (  # an error after the signal (job.build raises it so): named, not hidden
+            SIGTERMException(stop_message(OSError(28, "No space left on device"))),
+            "stopped by SIGTERM (then OSError: [Errno 28] No space left on device); a rerun resumes",
+        ),
+    ):
+
+        def build(**kwargs):
+            raise stop  # noqa: B023 (called at once, in this iteration)
+
+        monkeypatch.setattr(cli, "build", build)
+        assert cli.main(args) == 128 + signal.SIGTERM
+        assert capsys.readouterr().err.strip() == f"zim-lightning build-sa1b-matte: {said}"

@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import shutil
-import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -373,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     from zim_lightning.data.datamodule import ZimDataModule
     from zim_lightning.data.micromat import EvalDataError, build_eval_dataset, check_trimaps
     from zim_lightning.lit.eval_module import EvalModule
-    from zim_lightning.lit.preemption import is_preemption, stop_message
+    from zim_lightning.lit.preemption import stop_or_raise
     from zim_lightning.model_options import check_checkpoint_argument, describe_model, zim_for_command
 
     parser = _parser()
@@ -461,11 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             trainer.test(module, datamodule=data, verbose=False)
         except (SIGTERMException, Exception) as error:
-            if not is_preemption(error, trainer):
-                raise
             # not 0, and no figures: `eval && ...` must not go on as if the evaluation had finished
-            log.warning("%s before the last instance: no metrics written; run it again", stop_message(error))
-            return 128 + signal.SIGTERM
+            return stop_or_raise(
+                error, trainer, "no metrics written (before the last instance); run it again"
+            )
     if not trainer.is_global_zero:
         return 0
 

@@ -243,7 +243,7 @@ class ProgressBar(RichProgressBar):
     A run sized in steps (``max_epochs: -1``) shows "Epoch 3", where Lightning's shows "Epoch 3/-2".
 
     Args:
-        show: names in ``trainer.callback_metrics`` to show (those not logged yet are left out).
+        show: names in ``trainer.callback_metrics`` to show (those not logged yet are left out), or one.
         read_every_s: least time between two reads while training; 0 reads at every batch.
         refresh_rate, leave, theme, console_kwargs: Lightning's ``RichProgressBar``.
     """
@@ -251,7 +251,7 @@ class ProgressBar(RichProgressBar):
     def __init__(
         self,
         *,
-        show: tuple[str, ...] = ("train/loss_step", "train/loss_epoch"),
+        show: str | tuple[str, ...] = ("train/loss_step", "train/loss_epoch"),
         read_every_s: float = 1.0,
         refresh_rate: int = 100,
         leave: bool = False,

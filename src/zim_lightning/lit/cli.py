@@ -20,7 +20,6 @@ resolved configuration is saved as ``config.yaml`` in each run's log directory.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from zim_lightning.lit.preemption import is_preemption, stop_message
+from zim_lightning.lit.preemption import stop_or_raise
 from zim_lightning.models.checkpoint import CheckpointError, load_checkpoint, shape_mismatch, shapes_of
 
 #: The dispatcher passes the subcommand (fit, validate, test) as the first argument.
@@ -153,7 +152,8 @@ def cli_main(args: list[str] | None = None, *, run: bool = True) -> LightningCLI
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``zim-lightning fit | validate | test``; returns 0 (parse errors exit with 2)."""
+    """Entry point of ``zim-lightning fit | validate | test``; returns 0, or 143 when stopped by SIGTERM
+    (a preemption; parse errors exit with 2)."""
     args = list(sys.argv[1:] if argv is None else argv)
     # Our INFO lines (what a SAM or backbone checkpoint loaded, what stayed random) and warnings are
     # shown; other libraries keep their own levels.
@@ -165,12 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli_main(None if args == sys.argv[1:] else args)
     except (SIGTERMException, Exception) as error:
-        if not is_preemption(error, ZimLightningCLI.last_trainer):
-            raise
         # Lightning stops a SIGTERM'd run (a preemption) with SystemExit(None), an exit status of 0:
         # a preempted run must not look finished to `fit && eval` or to torchrun's restarts
-        logging.getLogger("zim_lightning").warning(
-            "%s; resume with --ckpt_path=.../last.ckpt", stop_message(error)
-        )
-        return 128 + signal.SIGTERM
+        fit = bool(args) and args[0] == "fit"
+        advice = "resume with --ckpt_path=.../last.ckpt" if fit else "run it again"
+        return stop_or_raise(error, ZimLightningCLI.last_trainer, advice)
     return 0

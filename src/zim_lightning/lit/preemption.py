@@ -1,18 +1,24 @@
-"""Preemption with DataLoader workers: a SIGTERM sent to the whole process group.
+"""Preemption: a run stopped by SIGTERM, sent to the main process or to its whole process group.
 
 SLURM's preemption, ``timeout`` and ``kill -- -PGID`` signal every process of the group, the DataLoader
 workers too. Lightning stops the run at the end of the batch and saves its steps (``save_on_exception``),
 but the workers die at once, and PyTorch's SIGCHLD check for dead workers would raise in the main
-process wherever it is: in the middle of the step, or of the save.
+process wherever it is: in the middle of the step, or of the save
+(:func:`expect_worker_deaths_after_sigterm` stops that check). The commands then tell a stop for
+SIGTERM from a failure by the trainer's own flag (:func:`is_preemption`, :func:`stop_or_raise`) and
+exit with 143, so that a preempted run does not look finished.
 """
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
 
 
 def is_preemption(error: BaseException, trainer: Trainer | None) -> bool:
@@ -22,7 +28,7 @@ def is_preemption(error: BaseException, trainer: Trainer | None) -> bool:
     can fail on them in several ways: a RuntimeError for dead workers while it waited for a batch, a
     ConnectionResetError while a worker was handing a batch over; and a collective fails whose other
     rank the signal stopped. (Lightning sets the trainer's flag from the time it takes SIGTERM over, and
-    a new trainer starts without it, so an error of a later run in the same process is not taken for a
+    each run starts without it, so an error of a later run in the same process is not taken for a
     preemption.)"""
     if isinstance(error, SIGTERMException):
         return True
@@ -30,10 +36,23 @@ def is_preemption(error: BaseException, trainer: Trainer | None) -> bool:
 
 
 def stop_message(error: BaseException) -> str:
-    """ "stopped by SIGTERM", naming the error it caused when it was not Lightning's own stop."""
+    """The line that says how a run stopped for SIGTERM, naming the error it caused when it was not
+    Lightning's own stop."""
     if isinstance(error, SIGTERMException):
         return "stopped by SIGTERM"
     return f"stopped by SIGTERM (then {type(error).__name__}: {error})"
+
+
+def stop_or_raise(error: BaseException, trainer: Trainer | None, advice: str) -> int:
+    """For an error caught around a Lightning run of ``trainer``: when it is a preemption
+    (:func:`is_preemption`), log how the run stopped and ``advice``, and return the exit status 143
+    (128 + SIGTERM; the error's traceback is logged at DEBUG); otherwise raise it."""
+    if not is_preemption(error, trainer):
+        raise error
+    log.warning("%s; %s", stop_message(error), advice)
+    if not isinstance(error, SIGTERMException):
+        log.debug("the error after SIGTERM", exc_info=error)
+    return 128 + signal.SIGTERM
 
 
 def _no_check(signum: int, frame) -> None:

@@ -154,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"zim-lightning build-sa1b-matte: error: {error}", file=sys.stderr)
         return 2
-    except SIGTERMException:
-        print("zim-lightning build-sa1b-matte: stopped by SIGTERM; a rerun resumes", file=sys.stderr)
+    except SIGTERMException as stop:  # Lightning's own (no message), or the error the signal caused
+        print(
+            f"zim-lightning build-sa1b-matte: {str(stop) or 'stopped by SIGTERM'}; a rerun resumes",
+            file=sys.stderr,
+        )
         return 128 + signal.SIGTERM
     except OSError as error:  # a full disk, a permission: what was finished stays finished
         name = getattr(error, "filename", None)

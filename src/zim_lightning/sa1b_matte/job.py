@@ -21,7 +21,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from zim_lightning.data.skips import SKIP_REASONS
-from zim_lightning.lit.preemption import is_preemption
+from zim_lightning.lit.preemption import is_preemption, stop_message
 from zim_lightning.sa1b_matte.geometry import CropConfig
 from zim_lightning.sa1b_matte.reading import ShardDataset, worker_init
 from zim_lightning.sa1b_matte.resume import (
@@ -244,8 +244,8 @@ def build(
             try:
                 trainer.predict(MatteBuildModule(net=net), datamodule=data, return_predictions=False)
             except Exception as error:
-                if is_preemption(error, trainer):  # the signal reached the DataLoader workers first
-                    raise SIGTERMException from None
+                if is_preemption(error, trainer):  # any error once the trainer received SIGTERM
+                    raise SIGTERMException(stop_message(error)) from error
                 raise
         seconds = time.perf_counter() - start
         log.info(
