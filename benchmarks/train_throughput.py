@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from zim_lightning import benchmarking, speed
-from zim_lightning.data.samples import unpack_zim_batch
+from zim_lightning.data.samples import unpack_batch
 from zim_lightning.lit.callbacks import ProgressBar
 from zim_lightning.lit.zim_module import ZimModule
 from zim_lightning.losses import MattingLoss
@@ -204,7 +204,7 @@ def synthetic_batch(batch: int, side: int, seed: int, device: torch.device) -> d
     )
     alpha = torch.clamp((radii[:, None, None] - distance) / (0.05 * side) + 0.5, 0.0, 1.0)[:, None]
     alpha_u8 = (alpha * 255).round().to(torch.uint8)
-    alpha = unpack_zim_batch({"alpha": alpha_u8})["alpha"]
+    alpha = unpack_batch({"alpha": alpha_u8})["alpha"]
     boxes = torch.cat([centres - radii[:, None], centres + radii[:, None]], dim=1).clamp(0, side - 1)  # Bx4
     return {
         k: v.to(device) for k, v in dict(images=images, alpha=alpha, alpha_u8=alpha_u8, boxes=boxes).items()

@@ -133,7 +133,7 @@ def test_stl_samples_have_alpha_equal_to_mask(stl_shards):
     batches = _batches(stl_shards, stl=True, stl_ratio=1.0)
     for batch in batches:
         assert batch["is_stl"].all() and all(k.startswith("s") for k in batch["key"])
-        assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
+        assert set(batch["mask"].unique().tolist()) <= {0, 255}
         assert (batch["alpha"] == batch["mask"]).all()
     mixed = _batches(stl_shards, stl=True, stl_ratio=0.5)
     is_stl = np.concatenate([b["is_stl"].numpy() for b in mixed])

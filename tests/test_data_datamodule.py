@@ -89,10 +89,13 @@ def module(**kwargs) -> ZimDataModule:
 def check_converter_batch(batch: dict, size: int) -> None:
     assert set(batch) == {"image", "mask", "alpha", "is_stl", "key"}
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (size, 3, CROP, CROP)
-    for name in ("mask", "alpha"):
-        assert batch[name].dtype == torch.float32 and batch[name].shape == (size, 1, CROP, CROP)
-    assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
-    assert 0 <= batch["alpha"].min() and batch["alpha"].max() <= 1
+    for name in ("mask", "alpha"):  # uint8 labels (255 = 1), made float on the device
+        assert batch[name].dtype == torch.uint8 and batch[name].shape == (size, 1, CROP, CROP)
+    assert set(batch["mask"].unique().tolist()) <= {0, 255}
+    unpacked = samples_module.unpack_batch(batch)
+    assert set(unpacked["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert unpacked["alpha"].dtype == torch.float32 and 0 <= unpacked["alpha"].min() <= 1
+    assert torch.equal(unpacked["alpha"], batch["alpha"].float() * samples_module.ALPHA_SCALE)
     assert batch["is_stl"].dtype == torch.bool and batch["is_stl"].shape == (size,)
     assert isinstance(batch["key"], list) and len(batch["key"]) == size
 
@@ -109,7 +112,7 @@ def check_zim_batch(batch: dict, size: int, num_points: int = 6) -> None:
     }
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (size, 3, FRAME, FRAME)
     assert batch["alpha"].dtype == torch.uint8 and batch["alpha"].shape == (size, 1, FRAME, FRAME)
-    batch = samples_module.unpack_zim_batch(batch)  # as ZimModule does after the transfer
+    batch = samples_module.unpack_batch(batch)  # as ZimModule does after the transfer
     for name in ("alpha", "valid"):
         assert batch[name].dtype == torch.float32 and batch[name].shape == (size, 1, FRAME, FRAME)
     assert (
@@ -144,6 +147,9 @@ def test_converter_stage_batches_follow_the_contract(shards):
     assert sum(len(b["key"]) for b in val) == 6
     check_converter_batch(val[0], 2)
     assert not any(b["is_stl"].any() for b in val)
+    on_device = data.on_after_batch_transfer(val[0], 0)  # what the module and callbacks then see
+    for name in ("mask", "alpha"):
+        assert torch.equal(on_device[name], val[0][name].float() * samples_module.ALPHA_SCALE)
 
 
 def test_zim_stage_reads_sa1b_matte_and_matting_shards(shards):
@@ -561,7 +567,7 @@ def test_zim_batches_carry_uint8_alpha_and_unpack_to_the_float_alpha_and_valid_m
     ]
     batch = samples_module.collate(samples, frame_size=64)
     assert batch["alpha"].dtype == torch.uint8 and "valid" not in batch  # 1 byte a pixel over the bus
-    unpacked = samples_module.unpack_zim_batch(batch)
+    unpacked = samples_module.unpack_batch(batch)
     assert unpacked["image"] is batch["image"] and batch["alpha"].dtype == torch.uint8  # input untouched
     for i, (h, w) in enumerate(sizes):
         expected = np.zeros((64, 64), np.float32)
@@ -575,7 +581,7 @@ def test_zim_batches_carry_uint8_alpha_and_unpack_to_the_float_alpha_and_valid_m
         np.testing.assert_array_equal(batch["image"][i].numpy(), image)
     assert unpacked["alpha"].dtype == unpacked["valid"].dtype == torch.float32
     # a batch already unpacked, or built by hand with float alpha and valid, passes through
-    again = samples_module.unpack_zim_batch(unpacked)
+    again = samples_module.unpack_batch(unpacked)
     assert again["alpha"] is unpacked["alpha"] and again["valid"] is unpacked["valid"]
 
 
@@ -588,7 +594,7 @@ def test_zim_samples_keep_image_and_alpha_aligned_through_the_reduced_decode(tmp
     members = matting_members("board", np.repeat(board[..., None], 3, axis=2), board)
     shard = write_tar(tmp_path / "matting-000000.tar", members)
     data = module(stage="zim", train_shards=[str(shard)], val_shards=[str(shard)], image_size=256)
-    batch = samples_module.unpack_zim_batch(next(iter(data.val_dataloader())))
+    batch = samples_module.unpack_batch(next(iter(data.val_dataloader())))
     h, w = batch["input_size"][0].tolist()
     assert (h, w) == (192, 256)
     image = batch["image"][0, 0, :h, :w].float() / 255

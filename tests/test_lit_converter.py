@@ -200,6 +200,23 @@ def test_validation_scores_the_coarse_input_mask_as_its_baseline():
     assert float(module.val_metrics["sad"].compute()) == pytest.approx(0.008)  # 16 pixels off by 0.5
 
 
+def test_collated_uint8_labels_score_as_their_float_values():
+    # The datamodule collates mask and alpha as uint8 (255 = 1); the module scales them itself, so a
+    # collated batch gives the metrics of its float form, on whichever path it arrives.
+    alpha_u8 = torch.tensor([0, 51, 128, 255], dtype=torch.uint8).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
+    mask_u8 = torch.where(alpha_u8 > 127, 255, 0).to(torch.uint8)
+    image = torch.zeros(2, 3, 2, 2, dtype=torch.uint8)
+
+    def scores(mask: torch.Tensor, alpha: torch.Tensor) -> dict[str, float]:
+        module = ConverterModule(net=_ConstantAlpha(0.5))
+        module.validation_step({"image": image, "mask": mask, "alpha": alpha}, 0)
+        return {name: float(metric.compute()) for name, metric in module.val_metrics.items()}
+
+    collated = scores(mask_u8, alpha_u8)
+    assert collated == pytest.approx(scores(mask_u8.float() / 255, alpha_u8.float() / 255), rel=1e-6)
+    assert collated["val/sad_input"] == pytest.approx((0.2 + 0.498 + 0.0 + 0.0) / 1000, abs=1e-6)
+
+
 class _BandsOnTheMask(torch.nn.Module):
     """A converter stand-in whose refinement bands are its input masks, so they differ in size."""
 

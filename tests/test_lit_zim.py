@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from zim_lightning.data.samples import unpack_zim_batch
+from zim_lightning.data.samples import unpack_batch
 from zim_lightning.lit import callbacks
 from zim_lightning.lit.callbacks import ProgressBar, matte_grid
 from zim_lightning.lit.cli import ZimLightningCLI, cli_main
@@ -497,7 +497,7 @@ def test_fixed_batch_loss_drops_grid_draws_prompts_and_frozen_encoder_stays(synt
     assert grid.dtype == torch.uint8 and grid.shape == (3, 2 * 64 + 3 * 2, 3 * 64 + 4 * 2)
     plain = matte_grid({k: v for k, v in batch.items() if not k.startswith("point")}, alpha, tile_size=64)
     assert not torch.equal(grid, plain[:, : grid.shape[1]])  # the prompts changed the image tiles
-    unpacked = matte_grid(unpack_zim_batch(batch), alpha.detach(), max_samples=2, tile_size=64)
+    unpacked = matte_grid(unpack_batch(batch), alpha.detach(), max_samples=2, tile_size=64)
     assert (grid.int() - unpacked.int()).abs().max() <= 1  # the uint8 truth drawn as the float one
 
     frozen = ZimModule(
@@ -516,7 +516,7 @@ def test_fixed_batch_loss_drops_grid_draws_prompts_and_frozen_encoder_stays(synt
 
 def test_bce_weight_adds_cross_entropy_of_the_frame_logits(synthetic: Path):
     cli = cli_main(_args(synthetic, synthetic / "unused"), run=False)
-    batch = unpack_zim_batch(next(iter(cli.datamodule.train_dataloader())))
+    batch = unpack_batch(next(iter(cli.datamodule.train_dataloader())))
     paper = ZimModule(net=cli.model.net)
     mixed = ZimModule(net=cli.model.net, bce_weight=0.5)
     with torch.no_grad():

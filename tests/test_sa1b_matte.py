@@ -572,13 +572,13 @@ def test_a_shard_without_its_manifest_is_built_again_and_a_bad_manifest_is_named
 def test_zim_stage_loads_a_batch_from_the_built_shards(clean_build: Path) -> None:
     """ZIM's training data reads SA1B-Matte as built: alpha = the stored matte in the SAM frame."""
     from zim_lightning.data.datamodule import ZimDataModule
-    from zim_lightning.data.samples import unpack_zim_batch
+    from zim_lightning.data.samples import unpack_batch
 
     shards = [str(p) for p in sorted(clean_build.glob("sa_*.tar"))]
     data = ZimDataModule(
         stage="zim", val_shards=shards, batch_size=2, num_workers=0, image_size=128, pin_memory=False
     )
-    batch = unpack_zim_batch(next(iter(data.val_dataset(rank=0, world_size=1))))
+    batch = unpack_batch(next(iter(data.val_dataset(rank=0, world_size=1))))
     assert batch["image"].shape == (2, 3, 128, 128) and batch["alpha"].shape == (2, 1, 128, 128)
     assert data.skips.total() == 0
     for row, sample_key in enumerate(batch["key"]):

@@ -33,8 +33,8 @@ def spatial_generalization_cutout(
     centre drawn in the bounding box could miss). Inputs are not modified.
 
     Args:
-        mask: HxW float in {0, 1}, the coarse segmentation label.
-        alpha: HxW float in [0, 1], the matte label.
+        mask: HxW, the coarse segmentation label (non-zero on the object; any dtype).
+        alpha: HxW, the matte label (any dtype: the converter's samples carry both as uint8).
         rng: random generator.
         p: probability of cutting.
         size_range: (min, max) side of the rectangle as a fraction of the image side.
@@ -102,7 +102,7 @@ def converter_geometric(
     """Random resized square crop of side ``crop_size``, then flip and a small affine.
 
     Cropping first keeps the affine warp on the small crop instead of the full-size image. Call with
-    ``image`` (HxWx3 uint8) and ``alpha`` (HxW float, bilinear) and/or ``mask`` (HxW, nearest).
+    ``image`` (HxWx3 uint8) and ``alpha`` (HxW uint8 or float, bilinear) and/or ``mask`` (HxW, nearest).
     """
     return A.Compose(
         [

@@ -42,7 +42,7 @@ from zim_lightning.data.samples import (
     collate,
     expect_kind,
     key_rng,
-    unpack_zim_batch,
+    unpack_batch,
 )
 from zim_lightning.data.shards import (
     assign_shards,
@@ -461,9 +461,10 @@ class ZimDataModule(L.LightningDataModule):
         return distributed_info()
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """ZIM batches travel as uint8 (:func:`~zim_lightning.data.samples.collate`); on the device they
-        become the batches of docs/architecture.md, float ``alpha`` and ``valid`` (``unpack_zim_batch``)."""
-        return unpack_zim_batch(batch) if self.stage == "zim" else batch
+        """Converter and ZIM batches travel with uint8 labels (:func:`~zim_lightning.data.samples.collate`);
+        on the device they become the batches of docs/architecture.md, float ``alpha`` (the converter's
+        ``mask`` too) and ZIM's ``valid`` (``unpack_batch``)."""
+        return unpack_batch(batch) if self.stage in ("converter", "zim") else batch
 
     def _collate(self) -> Callable[[list[dict]], dict]:
         # A partial of a module-level function pickles into DataLoader workers; a lambda would not.

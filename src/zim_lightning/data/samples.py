@@ -68,6 +68,11 @@ def key_rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(key.encode("utf-8"))])
 
 
+def _binary_u8(mask: np.ndarray) -> np.ndarray:
+    # HxW float mask in {0, 1} -> uint8 in {0, 255}, the batches' label encoding (255 = 1)
+    return np.where(mask > 0.5, np.uint8(255), np.uint8(0))
+
+
 def _chw(image: np.ndarray) -> np.ndarray:
     # HxWx3 -> 3xHxW, contiguous so that collation is a plain stack.
     return np.ascontiguousarray(image.transpose(2, 0, 1))
@@ -154,22 +159,19 @@ class ConverterSampleProcessor:
         if kind == "segmentation":
             image, mask = decode_segmentation(sample)
             image, mask = self._geometry(image, mask, "mask", train, key)
+            mask = _binary_u8(mask)
             alpha, is_stl = mask, True
         else:
-            image, alpha_u8 = decode_matting(sample)
-            image, alpha = self._geometry(image, alpha_u8.astype(np.float32) / 255.0, "alpha", train, key)
-            mask = coarsen.random_coarsen(alpha, rng, ops=self.coarsen_ops)
-            is_stl = False
+            # The alpha stays uint8: the crop and warps resample a quarter of the bytes, and the batch
+            # carries it as it is (unpack_batch scales it on the device)
+            image, alpha = decode_matting(sample)
+            image, alpha = self._geometry(image, alpha, "alpha", train, key)
+            coarse = coarsen.random_coarsen(alpha.astype(np.float32) * ALPHA_SCALE, rng, ops=self.coarsen_ops)
+            mask, is_stl = _binary_u8(coarse), False
         if train and self.sga:
             mask, alpha, _ = spatial_generalization_cutout(mask, alpha, rng, p=self.sga_p)
         return [
-            {
-                "image": _chw(image),
-                "mask": mask[None].astype(np.float32),
-                "alpha": alpha[None].astype(np.float32),
-                "is_stl": is_stl,
-                "key": key,
-            }
+            {"image": _chw(image), "mask": mask[None], "alpha": alpha[None], "is_stl": is_stl, "key": key}
         ]
 
     def _geometry(
@@ -329,11 +331,12 @@ def _or_skip(function: Callable[..., T], *args, **kwargs) -> T | CorruptSample:
 def collate(samples: list[dict], *, frame_size: int | None = None) -> dict:
     """Stack processed samples into a batch (docs/architecture.md, "Batches").
 
-    Converter samples are stacked as they are. ZIM samples (they carry ``input_size``) arrive unpadded
-    and uint8; they are written into zero tensors of the frame and stay uint8: ``image`` Bx3xSxS and
-    ``alpha`` Bx1xSxS (255 = opaque). :func:`unpack_zim_batch` makes the float ``alpha`` and the
-    ``valid`` map from them where the batch is used, on the GPU after the transfer, so a batch of 8 at
-    1024 moves 34 MB to pinned memory and over the bus instead of 92 MB.
+    Converter samples are stacked as they are, uint8 (``image``, ``mask`` and ``alpha``). ZIM samples
+    (they carry ``input_size``) arrive unpadded and uint8; they are written into zero tensors of the
+    frame and stay uint8: ``image`` Bx3xSxS and ``alpha`` Bx1xSxS (255 = opaque). :func:`unpack_batch`
+    makes the float labels (and ZIM's ``valid`` map) where the batch is used, on the GPU after the
+    transfer: a ZIM batch of 8 at 1024 moves 34 MB to pinned memory and over the bus instead of 92 MB,
+    a converter batch 42 MB instead of 92.
 
     Args:
         samples: processed samples.
@@ -375,17 +378,19 @@ def collate(samples: list[dict], *, frame_size: int | None = None) -> dict:
     return batch
 
 
-def unpack_zim_batch(batch: dict) -> dict:
-    """The ZIM batch as the modules read it, made on the batch's device: ``alpha`` float32 Bx1xSxS in
-    [0, 1] from :func:`collate`'s uint8 (times :data:`ALPHA_SCALE` in float32), and ``valid`` float32
-    Bx1xSxS, 1 inside each resized image (``input_size``, H and W) and 0 in its padding.
+def unpack_batch(batch: dict) -> dict:
+    """The batch as the modules read it, made on the batch's device: the uint8 labels of
+    :func:`collate` (``alpha``, and the converter's ``mask``) as float32 Bx1xSxS in [0, 1] (times
+    :data:`ALPHA_SCALE` in float32), and for ZIM batches ``valid`` float32 Bx1xSxS, 1 inside each
+    resized image (``input_size``, H and W) and 0 in its padding.
 
-    A batch whose ``alpha`` is already floating point, or which has ``valid`` or no ``input_size``,
-    keeps those fields. Nothing is read back to the host. Returns a new dict; the others are shared.
+    Labels already floating point, and a ``valid`` already there (or no ``input_size``), are kept as
+    they are. Nothing is read back to the host. Returns a new dict; the others are shared.
     """
     out = dict(batch)
-    if out["alpha"].dtype == torch.uint8:
-        out["alpha"] = out["alpha"].to(torch.float32).mul_(ALPHA_SCALE)
+    for name in ("alpha", "mask"):
+        if name in out and out[name].dtype == torch.uint8:
+            out[name] = out[name].to(torch.float32).mul_(ALPHA_SCALE)
     if "valid" not in out and "input_size" in out:
         image, sizes = out["image"], out["input_size"]
         rows = torch.arange(image.shape[-2], device=image.device)

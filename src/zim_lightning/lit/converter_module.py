@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
+from zim_lightning.data.samples import unpack_batch
 from zim_lightning.lit.matting_module import MattingModule, frame_errors
 from zim_lightning.losses import PAPER_GRAD_WEIGHT, ConverterLoss
 
@@ -21,8 +22,10 @@ from zim_lightning.losses import PAPER_GRAD_WEIGHT, ConverterLoss
 class ConverterModule(MattingModule):
     """LightningModule of the label converter.
 
-    Batches (``stage="converter"``): ``image`` uint8 Bx3xSxS RGB, ``mask`` float Bx1xSxS in {0, 1} (the
-    coarse input), ``alpha`` float Bx1xSxS in [0, 1] (target), ``is_stl`` bool B, ``key`` list[str].
+    Batches (``stage="converter"``): ``image`` uint8 Bx3xSxS RGB, ``mask`` Bx1xSxS (the coarse input) and
+    ``alpha`` Bx1xSxS (the target), each uint8 in [0, 255] as collated or float in [0, 1] (uint8 labels
+    are scaled on the device, :func:`~zim_lightning.data.samples.unpack_batch`), ``is_stl`` bool B,
+    ``key`` list[str].
 
     Logs ``train/{loss,l1,grad}``, ``val/{loss,l1,grad,sad,mse,mae}`` of the refined alpha, and
     ``val/sad_input``: the SAD of the coarse input taken as the matte (the identity baseline the converter
@@ -86,8 +89,9 @@ class ConverterModule(MattingModule):
     def _step(self, batch: dict, *, per_sample: bool = False) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Outputs and loss terms; ``per_sample`` (evaluation): B-vectors of each sample's own terms, so
         that epoch means do not depend on how samples batch (they would with ``band_weighted_loss``)."""
-        outputs = self(batch["image"], batch["mask"].float())
-        return outputs, self.loss(outputs, batch["alpha"].float(), per_sample=per_sample)
+        batch = unpack_batch(batch)  # uint8 labels -> float in [0, 1] (on the device)
+        outputs = self(batch["image"], batch["mask"])
+        return outputs, self.loss(outputs, batch["alpha"], per_sample=per_sample)
 
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         outputs, terms = self._step(batch)
@@ -101,10 +105,10 @@ class ConverterModule(MattingModule):
         return {"loss": terms["loss"], "alpha": outputs["alpha"].detach()}
 
     def _evaluate(self, batch: dict, metrics: MetricCollection) -> dict[str, Tensor]:
+        batch = unpack_batch(batch)
         outputs, terms = self._step(batch, per_sample=True)
-        target = batch["alpha"].float()
-        values = {**terms, **frame_errors(outputs["alpha"], target)}
-        values["sad_input"] = frame_errors(batch["mask"].float(), target)["sad"]
+        values = {**terms, **frame_errors(outputs["alpha"], batch["alpha"])}
+        values["sad_input"] = frame_errors(batch["mask"], batch["alpha"])["sad"]
         self._log_values(metrics, values, batch_size=batch["image"].shape[0], train=False)
         return {"loss": terms["loss"].mean(), "alpha": outputs["alpha"].detach()}
 

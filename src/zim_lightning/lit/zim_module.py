@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from zim_lightning import speed
-from zim_lightning.data.samples import unpack_zim_batch
+from zim_lightning.data.samples import unpack_batch
 from zim_lightning.lit.matting_module import MattingModule, frame_errors
 from zim_lightning.losses import PAPER_GRAD_WEIGHT, MattingLoss
 
@@ -30,7 +30,7 @@ class ZimModule(MattingModule):
     BxNx2 ``(X, Y)`` pixels in the 1024 frame, ``point_labels`` BxN (1 / 0 points, 2 / 3 box corners,
     -1 padding), ``original_size`` and ``input_size`` Bx2, ``key`` list[str]. The datamodule's batches
     carry ``alpha`` as uint8 and no ``valid``; both are made where the batch is, on the GPU
-    (:func:`~zim_lightning.data.samples.unpack_zim_batch`: the datamodule's ``on_after_batch_transfer``,
+    (:func:`~zim_lightning.data.samples.unpack_batch`: the datamodule's ``on_after_batch_transfer``,
     so callbacks see them too, and the steps, for batches given directly), so a third of the bytes cross
     the bus.
 
@@ -177,7 +177,7 @@ class ZimModule(MattingModule):
     def _step(self, batch: dict, *, per_sample: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         """Alpha and loss terms; ``per_sample`` (evaluation): B-vectors of each image's own terms, so that
         epoch means do not depend on how images of different valid areas batch."""
-        batch = unpack_zim_batch(batch)  # uint8 alpha -> float, valid from input_size (on the device)
+        batch = unpack_batch(batch)  # uint8 alpha -> float, valid from input_size (on the device)
         if self.hparams.multimask or self.hparams.iou_weight > 0:
             return self._multimask_step(batch, per_sample=per_sample)
         logits = self.frame_logits(
@@ -238,7 +238,7 @@ class ZimModule(MattingModule):
         return {"loss": terms["loss"], "alpha": alpha.detach()}
 
     def _evaluate(self, batch: dict, metrics: MetricCollection) -> dict[str, Tensor]:
-        batch = unpack_zim_batch(batch)
+        batch = unpack_batch(batch)
         alpha, terms = self._step(batch, per_sample=True)
         values = {**terms, **frame_errors(alpha, batch["alpha"].float(), batch.get("valid"))}
         self._log_values(metrics, values, batch_size=batch["image"].shape[0], train=False)
