@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 
 from tests.test_data_sa1b import matting_members, scene, seg_members, write_tar
-from zim_lightning.data.augment import converter_geometric, spatial_generalization_cutout
+from zim_lightning.data.augment import (
+    centre_square,
+    converter_geometric,
+    object_centre,
+    spatial_generalization_cutout,
+)
 from zim_lightning.data.datamodule import ZimDataModule
-from zim_lightning.data.samples import ConverterSampleProcessor
+from zim_lightning.data.samples import ConverterSampleProcessor, key_rng
+from zim_lightning.data.skips import CorruptSample
 
 
 def raw_sample(members: list[tuple[str, bytes]]) -> dict:
@@ -141,3 +147,103 @@ def test_stl_samples_have_alpha_equal_to_mask(stl_shards):
     off = _batches(stl_shards, stl=False, stl_ratio=1.0)
     assert not any(b["is_stl"].any() for b in off)
     assert all(k.startswith("m") for b in off for k in b["key"])
+
+
+def _validation_sample(processor: ConverterSampleProcessor, members: list[tuple[str, bytes]]) -> dict:
+    sample = raw_sample(members)
+    return processor(sample, key_rng(0, sample["__key__"]), train=False)[0]
+
+
+def test_the_validation_square_holds_an_off_centre_object_in_image_and_labels_alike():
+    # 48x96 image, object at rows 10:30, columns 70:90: the 48-pixel square centred on it is columns
+    # 48:96, where the object sits at rows 10:30, columns 22:42 (a square centred on the image, a
+    # transposed CHW image or swapped x / y would all move it)
+    image = np.zeros((48, 96, 3), np.uint8)
+    alpha = np.zeros((48, 96), np.uint8)
+    image[10:30, 70:90] = 255
+    alpha[10:30, 70:90] = 255
+    sample = _validation_sample(
+        ConverterSampleProcessor(crop_size=48, augment=False), matting_members("m", image, alpha)
+    )
+    expected = np.zeros((48, 48), bool)
+    expected[10:30, 22:42] = True
+    for channel in sample["image"]:
+        np.testing.assert_array_equal(channel > 127, expected)
+    np.testing.assert_array_equal(sample["alpha"][0] > 127, expected)
+
+
+def test_validation_samples_get_no_sga_cut():
+    image, alpha = scene(np.random.default_rng(1), 48, 48)
+    members = matting_members("m0", image, alpha)
+    always = _validation_sample(ConverterSampleProcessor(crop_size=48, sga_p=1.0, augment=False), members)
+    never = _validation_sample(ConverterSampleProcessor(crop_size=48, sga=False, augment=False), members)
+    for name in ("mask", "alpha"):
+        np.testing.assert_array_equal(always[name], never[name])
+
+
+def test_the_coarse_mask_thresholds_the_matte_between_its_drawn_levels():
+    # A ramp from 0 to 255: the threshold op's level is drawn in [0.1, 0.9] of the matte's [0, 1] range,
+    # so the coarse mask is empty below 0.1 and full above 0.9 (the uint8 alpha is scaled for it)
+    image = np.full((32, 32, 3), 128, np.uint8)
+    alpha = np.tile(np.linspace(0, 255, 32).astype(np.uint8), (32, 1))
+    processor = ConverterSampleProcessor(crop_size=32, coarsen_ops=("threshold",), augment=False)
+    levels = set()
+    for i in range(8):
+        sample = _validation_sample(processor, matting_members(f"m{i}", image, alpha))
+        mask, target = sample["mask"][0], sample["alpha"][0]
+        assert set(np.unique(mask).tolist()) == {0, 255}
+        assert not mask[target < 0.1 * 255].any() and mask[target > 0.9 * 255].all()
+        levels.add(int((mask == 0).sum()))
+    assert len(levels) > 1  # the level is drawn per sample
+
+
+def test_a_training_crop_that_misses_the_object_is_not_used():
+    # An 8-pixel object in the corner of a 256-pixel image and crops of about 26 pixels: most random
+    # crops miss it; the sample must still hold it (another draw, or the square centred on it)
+    image = np.zeros((256, 256, 3), np.uint8)
+    alpha = np.zeros((256, 256), np.uint8)
+    image[:8, :8] = alpha[:8, :8] = 255
+    processor = ConverterSampleProcessor(crop_size=32, crop_scale=(0.01, 0.01), sga=False)
+    processor.seed(np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        assert processor(raw_sample(matting_members("m", image, alpha)), rng, train=True)[0]["alpha"].any()
+
+
+def test_an_stl_object_that_vanishes_in_the_square_is_skipped():
+    # A 2x2 mask in a 128 image shrunk to 16: 1/16 coverage, below half, so the binary target is empty
+    image = np.zeros((128, 128, 3), np.uint8)
+    mask = np.zeros((128, 128), np.uint8)
+    mask[60:62, 60:62] = 255
+    with pytest.raises(CorruptSample, match="no square crop holds the object"):
+        _validation_sample(
+            ConverterSampleProcessor(crop_size=16, augment=False), seg_members("s0", image, mask)
+        )
+
+
+def test_centre_square_takes_the_square_around_the_centre_and_averages_when_it_shrinks():
+    array = np.arange(32, dtype=np.float32).reshape(4, 8)
+    np.testing.assert_array_equal(centre_square(array, 4), array[:, 2:6])
+    np.testing.assert_array_equal(centre_square(array, 4, centre=(7.0, 1.0)), array[:, 4:8])  # clamped
+    np.testing.assert_array_equal(centre_square(array.T.copy(), 4, centre=(1.0, 7.0)), array.T[4:8])
+    stripes = np.tile(np.array([1.0, 0.0, 0.0, 0.0], np.float32), (64, 16))  # 64x64, a quarter on
+    np.testing.assert_allclose(centre_square(stripes, 16), 0.25, atol=0.01)  # area, not sampled
+
+
+def test_object_centre_is_the_centre_of_the_pixel_box():
+    label = np.zeros((10, 20))
+    label[5, 3] = 1
+    assert object_centre(label) == (3.5, 5.5)  # (x, y) of the pixel's centre
+    label[7, 9] = 1
+    assert object_centre(label) == (6.5, 6.5)
+    assert object_centre(np.zeros((10, 20))) == (10.0, 5.0)
+
+
+def test_sga_cut_sizes_follow_each_side_and_stop_at_the_edge():
+    mask = np.zeros((32, 128), np.float32)
+    mask[:, 120:] = 1  # the object on the right edge: every cut centre is there
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        _, _, (x, y, w, h) = spatial_generalization_cutout(mask, mask, rng, p=1.0, size_range=(0.5, 0.5))
+        assert x + w <= 128 and y + h <= 32  # the region reported is the one cut, inside the image
+        assert w <= 64 and h <= 16  # half of each side

@@ -23,6 +23,15 @@ def test_threshold_binarises():
     assert set(np.unique(mask)) == {0.0, 1.0}
     np.testing.assert_array_equal(mask, (alpha > 0.5).astype(np.float32))
     assert coarsen.threshold(alpha, level=0.2).sum() > coarsen.threshold(alpha, level=0.8).sum()
+    assert coarsen.threshold(np.array([[0.5]], np.float32), level=0.5).sum() == 0  # strictly above
+
+
+def test_a_wide_dilation_reaches_exactly_its_radius():
+    # radius 12 takes the distance-transform path; a pixel 12 away is inside, 13 away is not
+    alpha = np.zeros((41, 41), np.float32)
+    alpha[20, 20] = 1
+    grown = coarsen.dilate(alpha, radius=12)
+    assert grown[20, 32] == grown[8, 20] == 1 and grown[20, 33] == grown[7, 20] == 0
 
 
 def test_dilate_grows_and_erode_shrinks():

@@ -465,6 +465,62 @@ def test_sa1b_matte_annotations_without_an_id_are_keyed_by_their_index():
     assert sample["key"] == "sa_9.0"
 
 
+def _zim_processor(**kwargs):
+    from zim_lightning.data.prompts import PromptSampler
+    from zim_lightning.data.samples import ZimSampleProcessor
+
+    return ZimSampleProcessor(image_size=FRAME, prompts=PromptSampler(box_ratio=0.0), **kwargs)
+
+
+def test_zim_points_are_drawn_on_the_matte_in_its_0_1_scale():
+    image = np.zeros((64, 64, 3), np.uint8)
+    alpha = np.zeros((64, 64), np.uint8)
+    alpha[16:48, 16:48] = np.tile(np.linspace(0, 255, 32).astype(np.uint8), (32, 1))  # a ramp
+    raw = {"__key__": "z", **{n.split(".", 1)[1]: d for n, d in matting_members("z", image, alpha)}}
+    processor = _zim_processor(augment=False)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        (sample,) = processor(raw, rng, train=False)
+        values = {int(label): [] for label in (0, 1)}
+        for (x, y), label in zip(sample["point_coords"], sample["point_labels"], strict=True):
+            if label in (0, 1):
+                values[int(label)].append(int(sample["alpha"][int(y), int(x)]))
+        assert min(values[1]) >= 0.9 * 255  # positive_threshold
+        assert max(values[0], default=0) <= 0.05 * 255  # support_threshold
+
+
+def test_zim_validation_picks_differ_between_images():
+    rng = np.random.default_rng(0)
+    image, first = scene(rng, 48, 64)
+    alphas = [first, *(scene(rng, 48, 64)[1] for _ in range(2))]
+    processor = _zim_processor(augment=False)
+    picked = set()
+    for i in range(12):
+        members = {n.split(".", 1)[1]: d for n, d in sa1b_matte_members(f"sa_{i}", image, alphas)}
+        (sample,) = processor(
+            {"__key__": f"sa_{i}", **members}, samples_module.key_rng(0, f"sa_{i}"), train=False
+        )
+        picked.add(sample["key"].split(".", 1)[1])
+    assert len(picked) > 1  # drawn per image (key-seeded), not always the first annotation
+
+
+def test_a_zim_affine_that_pushes_the_matte_out_of_view_is_undone():
+    from zim_lightning.data.augment import zim_geometric
+
+    image = np.zeros((64, 64, 3), np.uint8)
+    alpha = np.zeros((64, 64), np.uint8)
+    alpha[:6, :6] = 255  # a small object in the corner
+    raw = {"__key__": "z", **{n.split(".", 1)[1]: d for n, d in matting_members("z", image, alpha)}}
+    processor = _zim_processor()
+    # shifts of up to 45% of the frame: many push the object out
+    processor.geometric = zim_geometric(hflip_p=0.0, affine_p=1.0, rotate=0.0, translate=0.45)
+    processor.seed(np.random.default_rng(0))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        (sample,) = processor(raw, rng, train=True)
+        assert isinstance(sample, dict) and sample["alpha"].any()
+
+
 def test_a_corrupt_or_vanishing_matte_is_skipped_alone_and_the_images_other_mattes_train():
     from zim_lightning.data.datamodule import EpochSeeds, ProcessSamples
     from zim_lightning.data.skips import SkipCounter

@@ -132,3 +132,14 @@ def test_the_training_box_is_the_min_max_of_the_whole_matte_faint_strands_includ
     assert coords[1, 1] == 61 > support_box(alpha, support_threshold=0.05)[3]  # the strand's rows count
     with pytest.raises(ValueError, match="box_threshold"):
         PromptSampler(box_threshold=0.1, support_threshold=0.05)
+
+
+def test_point_prompts_take_every_count_up_to_the_maxima():
+    sampler = PromptSampler(box_ratio=0.0, max_positive=3, max_negative=2)
+    rng = np.random.default_rng(0)
+    positives, negatives = set(), set()
+    for _ in range(200):
+        _, labels = sampler(matte(), rng, image_size=(96, 128))
+        positives.add(int((labels == 1).sum()))
+        negatives.add(int((labels == 0).sum()))
+    assert positives == {1, 2, 3} and negatives == {0, 1, 2}

@@ -217,6 +217,56 @@ def test_collated_uint8_labels_score_as_their_float_values():
     assert collated["val/sad_input"] == pytest.approx((0.2 + 0.498 + 0.0 + 0.0) / 1000, abs=1e-6)
 
 
+class _Outputs(Callback):
+    """Keeps what each training step returned."""
+
+    def __init__(self) -> None:
+        self.outputs: list[dict] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.outputs.append(outputs)
+
+
+class _StrideOutputs(torch.nn.Module):
+    """A converter stand-in whose outputs at each stride differ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        alpha = torch.full_like(masks, 0.25) + self.bias
+        return {"alpha": alpha, "alpha_os1": alpha, "alpha_os4": alpha * 2, "alpha_os8": alpha * 3}
+
+
+def test_a_training_step_logs_the_stl_share_and_returns_the_final_alpha(tmp_path: Path):
+    from lightning.pytorch import Trainer
+
+    batch = {
+        "image": torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+        "mask": torch.full((4, 1, 8, 8), 255, dtype=torch.uint8),
+        "alpha": torch.full((4, 1, 8, 8), 255, dtype=torch.uint8),
+        "is_stl": torch.tensor([True, False, False, False]),
+        "key": list("abcd"),
+    }
+    outputs = _Outputs()
+    trainer = Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[outputs],
+        default_root_dir=tmp_path,
+    )
+    loader = torch.utils.data.DataLoader([batch], batch_size=None)
+    trainer.fit(ConverterModule(net=_StrideOutputs()), train_dataloaders=loader)
+    assert float(trainer.callback_metrics["train/stl_fraction"]) == pytest.approx(0.25)  # 1 of 4
+    (step,) = outputs.outputs
+    assert torch.equal(step["alpha"], torch.full((4, 1, 8, 8), 0.25))  # the stride-1 output, not os4 / os8
+
+
 class _BandsOnTheMask(torch.nn.Module):
     """A converter stand-in whose refinement bands are its input masks, so they differ in size."""
 
