@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.test_metrics import _ref_conn
@@ -424,3 +425,63 @@ def test_closed_form_baseline_keeps_the_masks_foreground_as_foreground() -> None
     mask[:, :12] = True
     alpha = closed_form_alpha(image, mask, radius=2, max_side=None)
     assert alpha[:, :8].mean() > 0.95 and alpha[:, 16:].mean() < 0.05
+
+
+@pytest.fixture(scope="module")
+def instance_and_predictor():
+    """A MicroMat-style instance (an asymmetric point prompt with a negative point, and a box) and the
+    predictor of the tiny random network it is evaluated with."""
+    from zim_lightning.models import zim_model_registry
+    from zim_lightning.predictor import ZimPredictor
+
+    torch.manual_seed(0)
+    net = zim_model_registry["tiny"]().eval()
+    image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    image[8:30, 10:40] = (200, 40, 40)
+    alpha = np.zeros((40, 56), np.float64)
+    alpha[:, :28] = 1.0  # half the image: the instance's size bucket is by this, not the prediction
+    item = {
+        "image": image,
+        "alpha": alpha,
+        "trimap": None,
+        "prompt": {
+            "points": np.array([[30.0, 12.0, 1.0], [5.0, 35.0, 0.0]], np.float32),  # (X, Y, label)
+            "box": np.array([6.0, 9.0, 45.0, 33.0], np.float32),  # (x1, y1, x2, y2)
+        },
+        "subset": "all",
+        "key": "k0",
+        "matte_relpath": "m/k0.png",
+        "index": 7,
+    }
+    predictor = ZimPredictor(net)
+    predictor.set_image(image)
+    return net, predictor, item
+
+
+def test_eval_predicts_what_the_predictor_gives_for_the_instances_prompts(instance_and_predictor) -> None:
+    from zim_lightning.lit.eval_module import EvalModule
+
+    net, predictor, item = instance_and_predictor
+    out = EvalModule(net=net, baselines=["binary"], quantize_bits=0).predict_instance(item)
+    points = item["prompt"]["points"]
+    expected = {
+        "point": predictor.predict(points[:, :2], points[:, 2], multimask_output=False)[0][0],
+        "box": predictor.predict(box=item["prompt"]["box"], multimask_output=False)[0][0],
+    }
+    for prompt, alpha in expected.items():
+        np.testing.assert_allclose(out["zim"][prompt].numpy(), alpha, atol=1e-6)
+        # the binary baseline is SAM's mask: alpha > 0.5
+        np.testing.assert_array_equal(out["binary"][prompt].numpy(), (alpha > 0.5).astype(np.float64))
+
+
+def test_eval_sizes_instances_by_the_ground_truth(instance_and_predictor) -> None:
+    from zim_lightning.lit.eval_module import EvalModule
+    from zim_lightning.metrics import foreground_fraction
+
+    net, _, item = instance_and_predictor
+    module = EvalModule(net=net, baselines=[], quantize_bits=0)
+    module.on_test_epoch_start()
+    module.test_step([item], 0)
+    rows = module.metrics["zim__box__all"].instances()
+    assert rows[:, 0].tolist() == [7.0]  # the instance's index
+    assert rows[0, -1].item() == foreground_fraction(torch.from_numpy(item["alpha"])) == 0.5

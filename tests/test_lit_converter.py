@@ -188,6 +188,11 @@ def test_frame_errors_are_scaled_as_the_paper_scales_them():
     assert torch.allclose(errors["sad"], torch.tensor([0.002]))  # sum |a - t| / 1000
     assert torch.allclose(errors["mse"], torch.tensor([250.0]))  # mean (a - t)^2 x 1000
     assert torch.allclose(errors["mae"], torch.tensor([500.0]))  # mean |a - t| x 1000
+    # means over the valid pixels, weighted, also for weights that sum to less than 1
+    valid = torch.tensor([[0.25, 0.25], [0.0, 0.0]]).view(1, 1, 2, 2)
+    weighted = frame_errors(torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.5), valid)
+    assert torch.allclose(weighted["mae"], torch.tensor([500.0]))
+    assert torch.allclose(weighted["sad"], torch.tensor([0.00025]))  # the weighted sum
 
 
 def test_validation_scores_the_coarse_input_mask_as_its_baseline():

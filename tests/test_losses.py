@@ -111,3 +111,22 @@ def test_bce_term_is_cross_entropy_on_the_logits_and_keeps_a_gradient_when_satur
         MattingLoss(bce_weight=1.0)(torch.sigmoid(logits), target)
     with pytest.raises(ValueError, match="bce_weight must be >= 0"):
         MattingLoss(bce_weight=-1.0)
+
+
+def test_the_gradient_loss_drops_differences_that_touch_an_invalid_pixel_on_either_side():
+    # zero weight on the left column (then the top row): a difference counts only where both of its
+    # pixels are valid, whichever side the invalid one is on (the converter's bands are any shape)
+    target = torch.zeros(1, 1, 2, 2)
+    pred = torch.tensor([[0.9, 0.2], [0.9, 0.2]]).view(1, 1, 2, 2)
+    valid = torch.tensor([[0.0, 1.0], [0.0, 1.0]]).view(1, 1, 2, 2)
+    assert l1_loss(pred, target, valid).item() == pytest.approx(0.2)
+    assert gradient_loss(pred, target, valid).item() == 0.0
+    assert gradient_loss(pred.mT, target, valid.mT).item() == 0.0
+
+
+def test_fractional_weights_give_the_weighted_mean():
+    # sum(valid * |pred - target|) / sum(valid), also when the weights sum to less than 1
+    pred, target = torch.full((1, 1, 1, 2), 0.5), torch.zeros(1, 1, 1, 2)
+    valid = torch.tensor([0.25, 0.25]).view(1, 1, 1, 2)
+    assert l1_loss(pred, target, valid).item() == pytest.approx(0.5)
+    assert l1_loss(pred, target, torch.zeros_like(valid)).item() == 0.0  # nothing valid: 0, not NaN

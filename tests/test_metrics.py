@@ -171,6 +171,30 @@ def test_conn_counts_a_difference_of_exactly_015() -> None:
     gt = torch.tensor([[1.0, 1.0, 0.15]], dtype=torch.float64)
     pred = torch.tensor([[1.0, 1.0, 0.25]], dtype=torch.float64)
     assert matting_errors(pred, gt)["conn"] == pytest.approx(0.15 / 1000)
+    # the same rule on the ground truth's side: Conn is symmetric in pred and gt
+    assert matting_errors(gt, pred)["conn"] == pytest.approx(0.15 / 1000)
+
+
+def test_conn_gives_a_tie_of_largest_components_to_the_first_in_scan_order() -> None:
+    # The intersection's components {0, 1} and {3, 4} tie (2 pixels each) up to t = 0.3. Omega is the
+    # first, so pixels 3 and 4 get level 0 (left out at t = 0.1) and pixels 0 and 1 level 0.3:
+    # pixels 0, 1: d_p = 0.08 < 0.15 -> phi_p = 1; d_g = 0.7 -> phi_g = 0.3; |1 - 0.3| = 0.7 each;
+    # pixels 3, 4: d_p = 0.55 -> phi_p = 0.45; d_g = 1 -> phi_g = 0; 0.45 each. Total 2.3 (Omega = the
+    # second component would give 2.24)
+    pred = torch.tensor([[0.38, 0.38, 0.0, 0.55, 0.55]], dtype=torch.float64)
+    gt = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    assert connectivity_error(pred, gt) == pytest.approx(2.3, abs=1e-12)
+
+
+def test_dim_errors_see_only_the_unknown_region() -> None:
+    # the only error, at (1, 1), lies in the trimap's known region: every dim error is 0 there
+    pred, gt = _block_example()
+    trimap = torch.full((4, 4), 255, dtype=torch.uint8)
+    trimap[0, 0] = 128
+    inside = matting_errors(pred, gt, protocol="dim", trimap=trimap)
+    assert all(inside[name] == 0.0 for name in ("sad", "mse", "mae", "conn")), inside
+    whole = matting_errors(pred, gt, protocol="dim")
+    assert whole["sad"] > 0 and whole["conn"] > 0
 
 
 def test_conn_with_no_overlap_counts_the_whole_prediction() -> None:

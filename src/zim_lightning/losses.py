@@ -55,8 +55,9 @@ def _weighted_mean(values: Tensor, weight: Tensor | None, per_sample: bool = Fal
         # a 1-pixel-wide matte has no horizontal differences: their mean counts as 0, not NaN
         count = max(1, math.prod(values.shape[d] for d in dims))
         return values.sum(dim=dims) / count
-    # An all-zero weight (an image that is all padding cannot happen, but a crop could) gives 0, not NaN.
-    return (values * weight).sum(dim=dims) / weight.sum(dim=dims).clamp_min(1.0)
+    # An all-zero weight (an image that is all padding cannot happen, but a crop could) gives 0, not NaN:
+    # the floor matters only for a sum of about zero (weights summing to less than 1 still give their mean).
+    return (values * weight).sum(dim=dims) / weight.sum(dim=dims).clamp_min(1e-6)
 
 
 def l1_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None, *, per_sample: bool = False) -> Tensor:

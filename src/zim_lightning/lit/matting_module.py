@@ -51,7 +51,7 @@ def frame_errors(alpha: Tensor, target: Tensor, valid: Tensor | None = None) -> 
     """
     diff = (alpha.float() - target.float()).flatten(1)  # BxHW
     weight = torch.ones_like(diff) if valid is None else valid.float().flatten(1)
-    count = weight.sum(dim=1).clamp_min(1.0)
+    count = weight.sum(dim=1).clamp_min(1e-6)  # a weighted mean for fractional weights; 0 for none
     abs_sum = (diff.abs() * weight).sum(dim=1)
     return {
         "sad": abs_sum / 1000.0,
