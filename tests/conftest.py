@@ -56,3 +56,23 @@ def tiny_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], 
         return made[seed]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def builder_synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic datasets the SA1B-Matte builder's tests read: 4 SA-1B shards of 2 images (96x128)."""
+    root = tmp_path_factory.mktemp("builder_synthetic")
+    generate(
+        root,
+        seed=0,
+        num_shards=4,
+        num_images=2,
+        image_size=(96, 128),
+        matting_train=1,
+        matting_val=1,
+        seg=1,
+        shard_size=1,
+        micromat=1,
+        eval_images=1,
+    )
+    return root

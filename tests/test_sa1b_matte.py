@@ -26,7 +26,6 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from zim_lightning.data.synthetic import generate
 from zim_lightning.models.converter import converter_model_registry
 from zim_lightning.sa1b_matte import (
     CLAIMS_DIR,
@@ -49,7 +48,7 @@ from zim_lightning.sa1b_matte.job import _several_processes
 from zim_lightning.sa1b_matte.reading import _shard_batches
 
 # Small enough that a full build takes seconds on two cores; 4 shards so a kill lands mid-run.
-NUM_SHARDS = 4
+NUM_SHARDS = 4  # the SA-1B shards of the builder_synthetic fixture (conftest)
 BATCH_SIZE = 8
 
 
@@ -106,22 +105,8 @@ def _read_input(shard: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    generate(
-        root,
-        seed=0,
-        num_shards=NUM_SHARDS,
-        num_images=2,
-        image_size=(96, 128),
-        matting_train=1,
-        matting_val=1,
-        seg=1,
-        shard_size=1,
-        micromat=1,
-        eval_images=1,
-    )
-    return root
+def synthetic(builder_synthetic: Path) -> Path:
+    return builder_synthetic
 
 
 @pytest.fixture(scope="module")
