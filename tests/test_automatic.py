@@ -26,6 +26,7 @@ from zim_lightning.automatic import (
     write_results,
 )
 from zim_lightning.models.build import zim_model_registry
+from zim_lightning.predictor import ZimPredictor
 
 NO_FILTER = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
 # Random weights give alphas within about 0.1 of 0.5, so the default offset (0.1) would score every
@@ -550,3 +551,95 @@ def test_after_the_cleanup_a_matte_that_needed_no_repair_wins(model: torch.nn.Mo
 def test_the_cleanup_nms_uses_the_larger_of_the_two_thresholds(model: torch.nn.Module) -> None:
     # box IoU of the cleaned pair is about 0.83: kept both at max(0.7, 0.9) = 0.9, as SAM does
     assert len(_repaired_and_clean(model, crop_nms_thresh=0.9)) == 2
+
+
+def _square(x: int, y: int, side: int = 6) -> torch.Tensor:
+    alpha = torch.zeros(64, 64)
+    alpha[y : y + side, x : x + side] = 1.0
+    return alpha
+
+
+def test_stability_is_measured_around_half_and_alpha_is_rounded_to_uint8(model: torch.nn.Module) -> None:
+    alpha = torch.zeros(64, 64)
+    alpha[0:10] = 1.0
+    alpha[10:20] = 0.55
+    alpha[20:30] = 0.45  # 114.75 levels: rounds to 115 (truncation would give 114)
+    zero = torch.zeros(64, 64)
+    (record,) = _generate_from(model, [alpha, zero, zero, zero], [1.0] * 4, box_nms_thresh=1.0)
+    # offset 0.1: (alpha > 0.6) / (alpha > 0.4) = 10 rows / 30 rows (a centre of 0.4 would give 20 / 30)
+    assert record["stability_score"] == pytest.approx(1 / 3)
+    np.testing.assert_array_equal(record["alpha"], np.round(alpha.numpy() * 255) / np.float32(255))
+
+
+def test_a_pred_iou_thresh_of_zero_keeps_every_matte(model: torch.nn.Module) -> None:
+    squares = [_square(2, 2), _square(30, 2), _square(2, 30), _square(30, 30)]
+    records = _generate_from(model, squares, [0.0, -0.2, 0.5, 1.0], box_nms_thresh=1.0)
+    assert sorted(r["predicted_iou"] for r in records) == pytest.approx([-0.2, 0.0, 0.5, 1.0])
+
+
+def test_the_mask_dedupe_drops_only_overlaps_above_its_threshold(model: torch.nn.Module) -> None:
+    generator = ZimAutomaticMatteGenerator(model, points_per_side=1, mask_dedupe_iou_thresh=0.5)
+    big = torch.zeros(8, 8, dtype=torch.uint8)
+    big[0, :8] = 255
+    big[1, :2] = 255  # 10 pixels
+    half = torch.zeros(8, 8, dtype=torch.uint8)
+    half[0, :5] = 255  # 5 of them: IoU exactly 0.5, not above it
+    assert generator._dedupe_by_mask_iou([big, half], torch.tensor([0.9, 0.8])) == [0, 1]
+    generator.mask_dedupe_iou_thresh = 0.49
+    assert generator._dedupe_by_mask_iou([big, half], torch.tensor([0.9, 0.8])) == [0]
+
+
+def _disc_predict_torch(predictor: ZimPredictor, radius: float = 3.0):
+    """predict_torch's stand-in: K identical discs of ``radius`` pixels (of the set image) at each prompt."""
+    calls = []
+
+    def predict_torch(coords, labels, boxes=None, *, multimask_output=True, return_logits=False):
+        calls.append(multimask_output)
+        height, width = predictor.original_size
+        scale = max(height, width) / 1024  # approximately: the frame rounds the short side
+        yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        centres = coords[:, 0] * scale
+        dist = (
+            (xx[None] - centres[:, 0, None, None]) ** 2 + (yy[None] - centres[:, 1, None, None]) ** 2
+        ).sqrt()
+        alpha = (dist <= radius).float()[:, None]
+        count = 4 if multimask_output else 1
+        return alpha.expand(-1, count, -1, -1), torch.ones(len(coords), count), None
+
+    predictor.predict_torch = predict_torch
+    return calls
+
+
+def test_multimask_output_false_gives_one_matte_per_point(model: torch.nn.Module) -> None:
+    for multimask, expected in ((False, 1), (True, 4)):
+        generator = ZimAutomaticMatteGenerator(
+            model,
+            points_per_side=1,
+            multimask_output=multimask,
+            box_nms_thresh=1.0,
+            pred_iou_thresh=0.0,
+            stability_score_thresh=0.0,
+        )
+        calls = _disc_predict_torch(generator.predictor)
+        assert len(generator.generate(np.zeros((40, 50, 3), np.uint8))) == expected
+        assert calls == [multimask]
+
+
+def test_crop_layer_mattes_have_their_bbox_in_image_pixels(model: torch.nn.Module) -> None:
+    generator = ZimAutomaticMatteGenerator(
+        model,
+        points_per_side=2,
+        crop_n_layers=1,
+        box_nms_thresh=1.0,
+        crop_nms_thresh=1.0,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        multimask_output=False,
+    )
+    _disc_predict_torch(generator.predictor)
+    records = generator.generate(np.zeros((300, 400, 3), np.uint8))
+    inner = [r for r in records if r["crop_box"][:2] != [0, 0]]
+    assert inner, "crops away from the image's corner must give mattes"
+    for record in records:
+        ys, xs = np.nonzero(record["alpha"] > 0.5)
+        assert record["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]

@@ -1,11 +1,7 @@
 """Edges of the user-facing inference contracts (found unguarded by a mutation round): the predictor's
-prompt validation at its edges, mixed box / point batches and integer images; the automatic generator's
-stability centre, alpha rounding, "0 keeps all", the dedupe's strict threshold, multimask_output=False and
-crop-layer boxes; the ONNX export's literal output names, dynamic output batch, re-declared inputs and
-default opset.
-
-All fast: the tiny network encodes one small image; the generator tests replace its decoder with given
-mattes (as tests/test_automatic.py does), so that the filters see known values."""
+prompt validation at its edges, mixed box / point batches and integer images; the ONNX export's literal
+output names, dynamic output batch, re-declared inputs and default opset. (The automatic generator's are in
+tests/test_automatic.py.) All fast: the tiny network encodes one small image."""
 
 from __future__ import annotations
 
@@ -17,7 +13,6 @@ import pytest
 import torch
 
 import zim_lightning.export as export_module
-from zim_lightning.automatic import ZimAutomaticMatteGenerator
 from zim_lightning.models.build import zim_model_registry
 from zim_lightning.predictor import ZimPredictor
 
@@ -101,128 +96,6 @@ def test_an_integer_image_up_to_255_is_the_uint8_image(predictor: ZimPredictor, 
     other = ZimPredictor(predictor.model)
     other.set_image(image.astype(np.int16))
     assert torch.equal(other.get_image_embedding(), predictor.get_image_embedding())
-
-
-# ------------------------------------------------------------------------------------------ matte-all
-def _no_network(generator: ZimAutomaticMatteGenerator) -> ZimAutomaticMatteGenerator:
-    """set_image only records the sizes (no encoder run)."""
-    predictor = generator.predictor
-
-    def set_image(crop: np.ndarray) -> None:
-        predictor.original_size = crop.shape[:2]
-        predictor.input_size = predictor.transform.get_preprocess_shape(*crop.shape[:2], 1024)
-        predictor.is_image_set = True
-
-    predictor.set_image = set_image
-    return generator
-
-
-def _stubbed(net, alphas: list[torch.Tensor], ious: list[float], **settings) -> list[dict]:
-    """matte-all on a 64x64 image: one batch of 4 grid points whose decoder outputs are ``alphas``."""
-    settings = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0, **settings}
-    generator = _no_network(
-        ZimAutomaticMatteGenerator(
-            net, points_per_side=2, points_per_batch=4, multimask_output=False, **settings
-        )
-    )
-    generator._decode_points = lambda points: (torch.stack(alphas)[:, None], torch.tensor(ious)[:, None])
-    return generator.generate(np.zeros((64, 64, 3), np.uint8))
-
-
-def _square(x: int, y: int, side: int = 6) -> torch.Tensor:
-    alpha = torch.zeros(64, 64)
-    alpha[y : y + side, x : x + side] = 1.0
-    return alpha
-
-
-def test_stability_is_measured_around_half_and_alpha_is_rounded_to_uint8(net) -> None:
-    alpha = torch.zeros(64, 64)
-    alpha[0:10] = 1.0
-    alpha[10:20] = 0.55
-    alpha[20:30] = 0.45  # 114.75 levels: rounds to 115 (truncation would give 114)
-    zero = torch.zeros(64, 64)
-    (record,) = _stubbed(net, [alpha, zero, zero, zero], [1.0] * 4)
-    # offset 0.1: (alpha > 0.6) / (alpha > 0.4) = 10 rows / 30 rows (a centre of 0.4 would give 20 / 30)
-    assert record["stability_score"] == pytest.approx(1 / 3)
-    np.testing.assert_array_equal(record["alpha"], np.round(alpha.numpy() * 255) / np.float32(255))
-
-
-def test_a_pred_iou_thresh_of_zero_keeps_every_matte(net) -> None:
-    squares = [_square(2, 2), _square(30, 2), _square(2, 30), _square(30, 30)]
-    records = _stubbed(net, squares, [0.0, -0.2, 0.5, 1.0])
-    assert sorted(r["predicted_iou"] for r in records) == pytest.approx([-0.2, 0.0, 0.5, 1.0])
-
-
-def test_the_mask_dedupe_drops_only_overlaps_above_its_threshold(net) -> None:
-    generator = ZimAutomaticMatteGenerator(net, points_per_side=1, mask_dedupe_iou_thresh=0.5)
-    big = torch.zeros(8, 8, dtype=torch.uint8)
-    big[0, :8] = 255
-    big[1, :2] = 255  # 10 pixels
-    half = torch.zeros(8, 8, dtype=torch.uint8)
-    half[0, :5] = 255  # 5 of them: IoU exactly 0.5, not above it
-    assert generator._dedupe_by_mask_iou([big, half], torch.tensor([0.9, 0.8])) == [0, 1]
-    generator.mask_dedupe_iou_thresh = 0.49
-    assert generator._dedupe_by_mask_iou([big, half], torch.tensor([0.9, 0.8])) == [0]
-
-
-def _disc_predict_torch(predictor: ZimPredictor, radius: float = 3.0):
-    """predict_torch's stand-in: K identical discs of ``radius`` pixels (of the set image) at each prompt."""
-    calls = []
-
-    def predict_torch(coords, labels, boxes=None, *, multimask_output=True, return_logits=False):
-        calls.append(multimask_output)
-        height, width = predictor.original_size
-        scale = max(height, width) / 1024  # approximately: the frame rounds the short side
-        yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-        centres = coords[:, 0] * scale
-        dist = (
-            (xx[None] - centres[:, 0, None, None]) ** 2 + (yy[None] - centres[:, 1, None, None]) ** 2
-        ).sqrt()
-        alpha = (dist <= radius).float()[:, None]
-        count = 4 if multimask_output else 1
-        return alpha.expand(-1, count, -1, -1), torch.ones(len(coords), count), None
-
-    predictor.predict_torch = predict_torch
-    return calls
-
-
-def test_multimask_output_false_gives_one_matte_per_point(net) -> None:
-    for multimask, expected in ((False, 1), (True, 4)):
-        generator = _no_network(
-            ZimAutomaticMatteGenerator(
-                net,
-                points_per_side=1,
-                multimask_output=multimask,
-                box_nms_thresh=1.0,
-                pred_iou_thresh=0.0,
-                stability_score_thresh=0.0,
-            )  # fmt: skip
-        )
-        calls = _disc_predict_torch(generator.predictor)
-        assert len(generator.generate(np.zeros((40, 50, 3), np.uint8))) == expected
-        assert calls == [multimask]
-
-
-def test_crop_layer_mattes_have_their_bbox_in_image_pixels(net) -> None:
-    generator = _no_network(
-        ZimAutomaticMatteGenerator(
-            net,
-            points_per_side=2,
-            crop_n_layers=1,
-            box_nms_thresh=1.0,
-            crop_nms_thresh=1.0,
-            pred_iou_thresh=0.0,
-            stability_score_thresh=0.0,
-            multimask_output=False,
-        )  # fmt: skip
-    )
-    _disc_predict_torch(generator.predictor)
-    records = generator.generate(np.zeros((300, 400, 3), np.uint8))
-    inner = [r for r in records if r["crop_box"][:2] != [0, 0]]
-    assert inner, "crops away from the image's corner must give mattes"
-    for record in records:
-        ys, xs = np.nonzero(record["alpha"] > 0.5)
-        assert record["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]
 
 
 # ------------------------------------------------------------------------------------------ export
