@@ -211,6 +211,26 @@ def test_decode_image_reduces_large_jpegs_and_rejects_corrupt_ones():
     assert caught.value.reason == "corrupt_image"
 
 
+def test_decode_image_scales_16_bit_grayscale_and_refuses_floating_point():
+    # pack-shards stores a dataset's PNG images byte for byte; Pillow's convert("RGB") clips 16-bit
+    # values at 255, which made such an image white
+    ramp16 = np.linspace(0, 65535, 256).astype(np.uint16)[None].repeat(3, axis=0)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp16).save(buffer, format="PNG")  # mode I;16
+    image = decode_image(buffer.getvalue(), key="a")
+    assert image.shape == (3, 256, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(
+        image, np.arange(256, dtype=np.uint8)[None, :, None].repeat(3, 0).repeat(3, 2)
+    )
+    floating = io.BytesIO()
+    Image.fromarray(np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)).save(floating, format="TIFF")
+    with pytest.raises(CorruptSample, match="floating-point image, whose value range is unknown") as caught:
+        decode_image(floating.getvalue(), key="f")
+    assert caught.value.reason == "corrupt_image"
+    gray8 = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20  # 8-bit grayscale: each channel the gray
+    np.testing.assert_array_equal(decode_image(png(gray8), key="g"), gray8[..., None].repeat(3, 2))
+
+
 def test_decode_gray_rescales_16_bit_and_rejects_alpha_channels():
     ramp16 = np.linspace(0, 65535, 256).astype(np.uint16)[None].repeat(3, axis=0)
     buffer = io.BytesIO()

@@ -40,10 +40,10 @@ def decode_image(data: bytes, *, key: str, max_side: int | None = None) -> np.nd
             caller resizes to ``max_side`` anyway (SAM frame, longest side 1024).
 
     Returns:
-        HxWx3 uint8 RGB.
+        HxWx3 uint8 RGB; 16-bit grayscale (PNG) is scaled to 8 bits (65535 -> 255, rounded).
 
     Raises:
-        CorruptSample: if the bytes are not a decodable image.
+        CorruptSample: if the bytes are not a decodable image, or are floating point (range unknown).
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -55,9 +55,21 @@ def decode_image(data: bytes, *, key: str, max_side: int | None = None) -> np.nd
                     # (w, h): asking for the rounded-down size gives exactly 1 / reduction (the rounded-up
                     # one falls back a scale whenever a side is not a multiple of it: 2100 / 263 < 8)
                     image.draft("RGB", (max(1, width // reduction), max(1, height // reduction)))
-            rgb = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+            mode = image.mode
+            if mode in GRAY_16_BIT_MODES:
+                # convert("RGB") clips 16-bit values at 255 (a white image); scale them as the folder reader does
+                rgb = np.repeat(scale_16_bit(np.asarray(image))[..., None], 3, axis=2)
+            elif mode != "F":
+                rgb = np.asarray(image if mode == "RGB" else image.convert("RGB"))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise CorruptSample(f"cannot decode image ({error})", key=key, reason="corrupt_image") from error
+    if mode == "F":
+        raise CorruptSample(
+            "a 32-bit floating-point image, whose value range is unknown; expected 8-bit RGB or grayscale, "
+            "or 16-bit grayscale",
+            key=key,
+            reason="corrupt_image",
+        )
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
         raise CorruptSample(
             f"expected an HxWx3 image, got shape {rgb.shape}", key=key, reason="corrupt_image"
