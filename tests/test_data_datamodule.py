@@ -7,6 +7,7 @@ import itertools
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -24,10 +25,12 @@ from tests.test_data_sa1b import (
     seg_members,
     write_tar,
 )
+from tests.test_micromat import write_matting_folder, write_micromat
 from zim_lightning.data import datamodule as datamodule_module
 from zim_lightning.data import micromat
 from zim_lightning.data import samples as samples_module
 from zim_lightning.data.datamodule import UnpaddedDistributedSampler, ZimDataModule, owner_rank
+from zim_lightning.data.shards import assign_shards, expand_shards, is_local
 from zim_lightning.data.synthetic import generate
 
 FRAME = 64  # ZIM frame side in these tests (1024 in real runs)
@@ -855,3 +858,186 @@ def test_configured_from_yaml_with_validated_types(shards, tmp_path):
     for ops in ([], ["dilate", "melt"]):  # an empty list is not "all" (None is)
         with pytest.raises(ValueError, match="coarsen_ops must be a non-empty subset"):
             ZimDataModule(stage="converter", coarsen_ops=ops)
+
+
+# ----------------------------------------------------------------------------- mutation round 9b: splitting, seeds, validation
+
+
+def test_remote_urls_are_not_checked_for_existence():
+    # S3: "scheme://" urls (webdataset opens http(s), s3... through gopen) are not local paths
+    urls = ["https://host/sa_000000.tar", "s3://bucket/sa_{000001..000002}.tar", "pipe:cat x.tar"]
+    assert not any(is_local(u) for u in ("https://host/a.tar", "s3://b/a.tar", "pipe:cat a"))
+    assert expand_shards(urls) == [
+        "https://host/sa_000000.tar",
+        "s3://bucket/sa_000001.tar",
+        "s3://bucket/sa_000002.tar",
+        "pipe:cat x.tar",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rank", "world_size", "worker", "num_workers"), [(2, 2, 0, 1), (0, 1, 3, 3), (-1, 2, 0, 1)]
+)
+def test_assign_shards_refuses_a_rank_or_worker_out_of_range(rank, world_size, worker, num_workers):
+    # S7: rank == world_size (or worker == num_workers) would silently get no shard
+    with pytest.raises(ValueError, match="expected 0 <= rank < world_size"):
+        assign_shards(
+            ["a", "b", "c"], rank=rank, world_size=world_size, worker=worker, num_workers=num_workers
+        )
+
+
+def matting_shard(path, prefix: str, count: int, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    members = []
+    for i in range(count):
+        image, alpha = scene(rng, 40, 40)
+        members += matting_members(f"{prefix}{i}", image, alpha)
+    return str(write_tar(path, members))
+
+
+def as_worker(monkeypatch, worker: int, num_workers: int) -> None:
+    """Make the pipeline believe it runs in DataLoader worker ``worker`` (the splitters, seeds and counter read it)."""
+    info = SimpleNamespace(id=worker, num_workers=num_workers)
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: info)
+
+
+def train_keys(data: ZimDataModule, batches: int, **kwargs) -> list[str]:
+    it = iter(data.train_dataset(**kwargs))
+    return [k for _ in range(batches) for k in next(it)["key"]]
+
+
+def test_workers_sharing_one_shard_draw_their_own_streams(tmp_path, monkeypatch):
+    # D1 (worker left out of the stream seeds) / D6 (a fixed shuffle seed): with fewer shards than workers
+    # every worker resamples all shards "with its own seed"; the same seed would send identical batches.
+    shard = matting_shard(tmp_path / "m.tar", "k", 6)
+    streams = []
+    for worker in (0, 1):
+        as_worker(monkeypatch, worker, 2)
+        data = module(stage="converter", train_shards=[shard], stl=False, num_workers=2)
+        streams.append(train_keys(data, 6, rank=0, world_size=1))
+    assert streams[0] != streams[1]
+
+
+def test_a_pipeline_iterated_again_draws_anew(tmp_path):
+    # D2 (epoch left out of the stream seeds): EpochSeeds: "a pipeline iterated again draws anew"
+    shard = matting_shard(tmp_path / "m.tar", "k", 6)
+    data = module(stage="converter", train_shards=[shard], stl=False)
+    pipeline = data.train_dataset(rank=0, world_size=1)
+    first = [b["key"] for b in itertools.islice(iter(pipeline), 6)]
+    second = [b["key"] for b in itertools.islice(iter(pipeline), 6)]
+    assert first != second
+
+
+def test_the_shuffle_buffer_reorders_samples(tmp_path):
+    # D5: shuffle_buffer > 1 must shuffle; without it one shard comes back in file order, cycle after cycle
+    shard = matting_shard(tmp_path / "m.tar", "k", 6)
+    data = module(stage="converter", train_shards=[shard], stl=False, shuffle_buffer=6)
+    keys = train_keys(data, 6, rank=0, world_size=1)
+    in_order = [f"k{i % 6}" for i in range(12)]
+    assert sorted(set(keys)) == sorted(set(in_order)) and keys != in_order
+    plain = module(stage="converter", train_shards=[shard], stl=False, shuffle_buffer=1)
+    assert train_keys(plain, 6, rank=0, world_size=1) == in_order  # buffer 1: no shuffling
+
+
+def test_exactly_ranks_times_workers_shards_give_each_its_own(tmp_path, monkeypatch):
+    # D14 (split only with more shards than ranks x workers) / D15 (training not split by worker)
+    shards = [matting_shard(tmp_path / f"{p}.tar", p, 3, seed=i) for i, p in enumerate("ab")]
+    for rank in (0, 1):  # 2 shards, 2 ranks x 1 worker
+        keys = train_keys(
+            module(stage="converter", train_shards=shards, stl=False), 8, rank=rank, world_size=2
+        )
+        assert {k[0] for k in keys} == {"ab"[rank]}, (rank, keys)
+    for worker in (0, 1):  # 2 shards, 1 rank x 2 workers
+        as_worker(monkeypatch, worker, 2)
+        data = module(stage="converter", train_shards=shards, stl=False, num_workers=2)
+        keys = train_keys(data, 8, rank=0, world_size=1)
+        assert {k[0] for k in keys} == {"ab"[worker]}, (worker, keys)
+
+
+def test_stl_shards_are_not_drawn_in_the_matting_shards_order(tmp_path):
+    # D28: the segmentation stream must get its own seeds (source=1) in the datamodule's wiring
+    rng = np.random.default_rng(0)
+    matting, seg = [], []
+    for i in range(4):
+        image, alpha = scene(rng, 40, 40)
+        matting.append(str(write_tar(tmp_path / f"m{i}.tar", matting_members(f"m{i}", image, alpha))))
+        mask = np.where(alpha > 127, 255, 0).astype(np.uint8)
+        seg.append(str(write_tar(tmp_path / f"s{i}.tar", seg_members(f"s{i}", image, mask))))
+    data = module(stage="converter", train_shards=matting, seg_shards=seg, stl_ratio=0.5, shuffle_buffer=1)
+    keys = train_keys(data, 20, rank=0, world_size=1)
+    m = [k[1] for k in keys if k[0] == "m"]
+    s = [k[1] for k in keys if k[0] == "s"]
+    n = min(len(m), len(s))
+    assert n >= 8 and m[:n] != s[:n]
+
+
+def test_validation_skips_never_stop_it(tmp_path, monkeypatch):
+    # D10: MAX_CONSECUTIVE_SKIPS stops training only; a validation pass skips and counts every bad sample
+    monkeypatch.setattr(datamodule_module, "MAX_CONSECUTIVE_SKIPS", 2)
+    rng = np.random.default_rng(1)
+    image, alpha = scene(rng, 40, 40)
+    members = [(f"bad{i}.alpha.png", png(alpha)) for i in range(4)] + matting_members("good", image, alpha)
+    shard = write_tar(tmp_path / "v.tar", members)
+    data = module(stage="zim", val_shards=[str(shard)], batch_size=1)
+    keys = [k for b in data.val_dataset(rank=0, world_size=1) for k in b["key"]]
+    assert keys == ["good"] and data.skip_counts()["missing_member"] == 4
+
+
+def test_validation_loader_gets_one_worker_per_shard_of_the_fullest_rank(tmp_path, monkeypatch):
+    # D13: 3 shards on 2 ranks: rank 0 reads 2 of them, so 2 workers (not 3 // 2 = 1)
+    shards = [matting_shard(tmp_path / f"v{i}.tar", f"v{i}_", 1) for i in range(3)]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert module(stage="zim", val_shards=shards, num_workers=4).val_dataloader().num_workers == 2
+
+
+def test_val_batch_size_sets_the_validation_batches(tmp_path):
+    # D18 / D21
+    shard = matting_shard(tmp_path / "v.tar", "v", 5)
+    data = module(stage="zim", val_shards=[shard], batch_size=2, val_batch_size=3)
+    assert [len(b["key"]) for b in data.val_dataset(rank=0, world_size=1)] == [3, 2]
+    write_micromat(tmp_path / "mm")
+    ev = module(stage="eval", eval_root=str(tmp_path / "mm"), batch_size=2, val_batch_size=3)
+    assert ev.eval_dataloader(rank=0, world_size=1).batch_size == 3
+
+
+def test_validation_crops_follow_the_data_seed(tmp_path):
+    # D19: validation's key-seeded draws are keyed by the data seed too (setup() broadcasts it for that)
+    shard = matting_shard(tmp_path / "v.tar", "v", 4)
+
+    def masks(seed: int) -> torch.Tensor:
+        data = module(stage="converter", val_shards=[shard], seed=seed)
+        return torch.cat([b["mask"] for b in data.val_dataset(rank=0, world_size=1)])
+
+    assert torch.equal(masks(0), masks(0)) and not torch.equal(masks(0), masks(1))
+
+
+def test_eval_options_reach_the_evaluation_dataset(tmp_path):
+    # D22 (eval_trimaps) / D23 (seed of the derived points)
+    write_matting_folder(tmp_path)
+    common = dict(stage="eval", eval_root=str(tmp_path), eval_format="aim500")
+    assert all(r.trimap is not None for r in module(**common).eval_dataset().records)
+    assert all(r.trimap is None for r in module(**common, eval_trimaps=False).eval_dataset().records)
+
+    def points(**kwargs) -> np.ndarray:
+        return module(**common, eval_prompt="point", **kwargs).eval_dataset()[1]["prompt"]["points"]
+
+    assert not np.array_equal(points(seed=3), points(seed=4))
+
+
+def test_a_matting_sample_whose_image_and_alpha_differ_is_skipped_by_the_zim_stage(tmp_path):
+    # M2 end to end: the ZIM stage would otherwise resize the image to the alpha's frame, misaligned
+    rng = np.random.default_rng(5)
+    image, alpha = scene(rng, 40, 56)
+    members = [("bad.alpha.png", png(alpha[:, :50])), ("bad.jpg", jpeg(image))] + matting_members(
+        "good", image, alpha
+    )
+    data = ZimDataModule(
+        stage="zim",
+        val_shards=[str(write_tar(tmp_path / "v.tar", members))],
+        batch_size=1,
+        num_workers=0,
+        image_size=64,
+    )
+    assert [k for b in data.val_dataset(rank=0, world_size=1) for k in b["key"]] == ["good"]
+    assert data.skip_counts()["corrupt_image"] == 1

@@ -8,12 +8,16 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from zim_lightning.data.decode import jpeg_reduction, scale_16_bit
+from zim_lightning.data.matting import decode_matting, decode_segmentation
 from zim_lightning.data.sa1b import (
     CorruptSample,
     check_decoded_size,
@@ -25,8 +29,10 @@ from zim_lightning.data.sa1b import (
     iter_tar,
     parse_annotations,
     rle_counts,
+    sa1b_record,
+    tar_samples,
 )
-from zim_lightning.data.skips import SkipCounter
+from zim_lightning.data.skips import SkipCounter, SkipTally
 
 # ----------------------------------------------------------------------------- writers (real formats)
 
@@ -374,3 +380,226 @@ def test_iter_tar_reads_pipe_urls_and_iter_sa1b_skips_corrupt_samples(tmp_path):
     assert [s["key"] for s in decoded] == ["sa_0", "sa_3"]
     assert counter.counts()["corrupt_image"] == 1 and counter.counts()["bad_json"] == 1
     assert decoded[0]["image"].shape == (32, 48, 3)
+
+
+# ----------------------------------------------------------------------------- mutation round 9b: readers, skips
+
+
+def compressed(runs: list[int]) -> str:
+    """COCO compressed RLE of ``runs`` (pycocotools' rleToString), negative runs included."""
+    out = []
+    for i, x in enumerate(runs):
+        if i > 2:
+            x -= runs[i - 2]
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5
+            more = x != -1 if c & 0x10 else x != 0
+            out.append(chr((c | 0x20 if more else c) + 48))
+    return "".join(out)
+
+
+def test_rle_counts_refuses_negative_runs_long_numbers_and_foreign_characters():
+    mask = np.zeros((4, 5), np.uint8)
+    mask[1:3, 2:4] = 1
+    assert compressed(rle_counts(mask_utils.encode(np.asfortranarray(mask))["counts"]).tolist()) == (
+        mask_utils.encode(np.asfortranarray(mask))["counts"].decode()
+    )
+    with pytest.raises(ValueError, match="negative run"):  # A7: runs 10, -2, 12 still add up to 4 x 5
+        rle_counts(compressed([10, -2, 12]))
+    with pytest.raises(ValueError, match="60 bits"):  # A8: a 13-character (65-bit) number
+        rle_counts("P" * 12 + "1")
+    with pytest.raises(ValueError, match="outside the compressed alphabet"):  # A18: 'p' is 48 + 64
+        rle_counts("p")
+    with pytest.raises(CorruptSample) as caught:
+        decode_mask({"id": 1, "segmentation": {"size": [4, 5], "counts": compressed([10, -2, 12])}}, key="k")
+    assert caught.value.reason == "bad_rle"
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        {"width": True, "height": 4},
+        {"width": 5, "height": 0},
+        {"width": 0, "height": 4},
+        {"width": 5, "height": False},
+    ],
+)
+def test_parse_annotations_needs_positive_integer_sizes(image):
+    # A4 (a bool passes as an int) / A5 (a zero side)
+    with pytest.raises(CorruptSample, match="positive integer width and height") as caught:
+        parse_annotations(json.dumps({"image": image, "annotations": []}).encode(), key="sa_1")
+    assert caught.value.reason == "bad_json"
+
+
+def test_member_suffixes_are_lower_cased_and_keys_keep_their_folder(tmp_path):
+    # A2 (suffix case), A3 (folder dropped from the key), A15 ("__" keys are metadata, not samples), A16
+    rng = np.random.default_rng(0)
+    image, alpha = scene(rng, 24, 32)
+    members = [("__meta__.json", b"{}")]
+    members += [
+        (n.replace(".jpg", ".JPG").replace("alpha.png", "Alpha.PNG"), d)
+        for n, d in matting_members("up", image, alpha)
+    ]
+    members += [(f"a/{n}", d) for n, d in matting_members("x", image, alpha)]
+    members += [(f"b/{n}", d) for n, d in matting_members("x", image, alpha)]
+    matte = sa1b_matte_members("sa_5", image, [alpha])
+    record = json.loads(matte[1][1])
+    record["annotations"][0]["matte"]["member"] = "Matte_0.PNG"
+    members += [matte[0], ("sa_5.json", json.dumps(record).encode()), ("sa_5.Matte_0.PNG", matte[2][1])]
+    samples = list(iter_tar(str(write_tar(tmp_path / "s.tar", members))))
+    assert [s["__key__"] for s in samples] == ["up", "a/x", "b/x", "sa_5"]
+    assert {"jpg", "alpha.png", "json"} <= set(samples[0])
+    np.testing.assert_array_equal(decode_matting(samples[0])[1], alpha)
+    sa5 = samples[3]
+    got = decode_matte(
+        sa5, parse_annotations(sa5["json"], key="sa_5")["annotations"][0], key="sa_5", image_size=(24, 32)
+    )
+    np.testing.assert_array_equal(got, alpha)
+
+
+def _matte_sample(region: np.ndarray, box: list[int]) -> tuple[dict, dict]:
+    annotation = {"id": 1, "matte": {"member": "matte_1.png", "box": box}}
+    return {"__key__": "sa_1", "matte_1.png": png(region)}, annotation
+
+
+@pytest.mark.parametrize(
+    ("region", "box", "reason"),
+    [
+        (
+            np.full((4, 8), 200, np.uint8),
+            [10, 0, 8, 4],
+            "bad_json",
+        ),  # A9: runs past the right edge (x + w > W)
+        (np.full((4, 8), 200, np.uint8), [0, 9, 8, 4], "bad_json"),  # A9: runs past the bottom edge
+        (
+            np.full((6, 4), 200, np.uint8),
+            [0, 0, 6, 4],
+            "bad_json",
+        ),  # A11: a transposed PNG (6x4 for a 4x6 box)
+        (np.zeros((4, 6), np.uint8), [0, 0, 6, 4], "empty_mask"),  # A10: an all-zero matte
+    ],
+)
+def test_decode_matte_refuses_boxes_off_the_image_transposed_and_empty_mattes(region, box, reason):
+    sample, annotation = _matte_sample(region, box)
+    with pytest.raises(CorruptSample) as caught:
+        decode_matte(sample, annotation, key="sa_1", image_size=(12, 12))
+    assert caught.value.reason == reason
+
+
+def test_the_empty_shard_count_restarts_at_every_shard_with_samples(tmp_path):
+    # A12: max_empty_shards counts shards *in a row* without a sample, not all shards
+    rng = np.random.default_rng(1)
+    image, alpha = scene(rng, 24, 24)
+    shard = str(write_tar(tmp_path / "g.tar", matting_members("g", image, alpha)))
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(open(shard, "rb").read()[:300])
+    urls = [shard, str(cut), shard, str(cut), shard, shard, shard]
+    counter = SkipCounter()
+    keys = [
+        s["__key__"] for s in tar_samples(({"url": u} for u in urls), counter=counter, max_empty_shards=2)
+    ]
+    assert keys == ["g"] * 5 and counter.counts()["truncated_tar"] == 2
+
+
+def test_a_missing_image_member_is_a_counted_skip(tmp_path):
+    # A13: an SA-1B sample without its jpg (the damage hid it) is skipped as missing_member, not a KeyError
+    rng = np.random.default_rng(2)
+    members = []
+    for i in range(3):
+        image, alpha = scene(rng, 24, 32)
+        members += sa1b_members(f"sa_{i}", image, [alpha > 127])
+    del members[2]  # sa_1.jpg
+    counter = SkipCounter()
+    assert [s["key"] for s in iter_sa1b(str(write_tar(tmp_path / "s.tar", members)), counter=counter)] == [
+        "sa_0",
+        "sa_2",
+    ]
+    assert counter.counts()["missing_member"] == 1
+    with pytest.raises(CorruptSample, match="missing tar member sa_1.jpg"):
+        sa1b_record({"__key__": "sa_1", "json": members[2][1]})
+
+
+def test_jpeg_reduction_at_the_boundaries():
+    # C1: "at least twice max_side" is reduced; C2: up to 1/8
+    assert jpeg_reduction((1000, 2048), 1024) == 2
+    assert jpeg_reduction((1000, 2047), 1024) == 1
+    assert jpeg_reduction((100, 8192), 1024) == 8
+    assert jpeg_reduction((100, 8191), 1024) == 4
+    assert jpeg_reduction((100, 100000), 1024) == 8
+
+
+def test_scale_16_bit_clips_values_outside_16_bits():
+    # C4: wider integer images (mode I) must not wrap around
+    np.testing.assert_array_equal(scale_16_bit(np.array([70000, -5, 65535])), [255, 0, 255])
+
+
+def test_matting_and_segmentation_decoders_refuse_empty_labels_and_mismatched_sizes():
+    rng = np.random.default_rng(3)
+    image, alpha = scene(rng, 40, 56)
+    mask = np.where(alpha > 127, 255, 0).astype(np.uint8)
+    cases = [
+        (decode_matting, {"jpg": jpeg(image), "alpha.png": png(np.zeros_like(alpha))}, "empty_mask"),  # M1
+        (decode_matting, {"jpg": jpeg(image), "alpha.png": png(alpha[:, :50])}, "corrupt_image"),  # M2
+        (decode_segmentation, {"png": png(image), "mask.png": png(mask[:30])}, "corrupt_image"),  # M3
+        (decode_segmentation, {"png": png(image), "mask.png": png(np.zeros_like(mask))}, "empty_mask"),  # M4
+    ]
+    for decode, members, reason in cases:
+        with pytest.raises(CorruptSample) as caught:
+            decode({"__key__": "k", **members})
+        assert caught.value.reason == reason, (decode.__name__, reason)
+
+
+def test_decode_matting_decodes_large_jpegs_reduced_and_keeps_the_alpha_full_size():
+    # M6
+    rng = np.random.default_rng(4)
+    image, alpha = scene(rng, 300, 520)
+    got_image, got_alpha = decode_matting(
+        {"__key__": "k", "jpg": jpeg(image), "alpha.png": png(alpha)}, max_side=128
+    )
+    assert got_image.shape == (75, 130, 3) and got_alpha.shape == (300, 520)
+
+
+@pytest.mark.parametrize("sink", [SkipCounter, SkipTally])
+def test_an_unknown_reason_is_counted_as_other(sink):
+    # K1 / K2: a reason outside SKIP_REASONS must be counted, not crash the reader
+    s = sink()
+    s.skip("no_such_reason", "sa_1", "why")
+    counts = s.counts() if isinstance(s, SkipCounter) else s.counts
+    assert counts["other"] == 1 and sum(counts.values()) == 1
+
+
+def test_worker_i_counts_in_row_i_plus_1_and_an_unsized_worker_is_refused(monkeypatch):
+    # K3 / K6: row 0 is the main process's, row i + 1 worker i's; a worker past max_workers is an error
+    counter = SkipCounter(max_workers=2)
+    counter.skip("empty_mask", "main", "x")
+    for worker in (0, 1):
+        monkeypatch.setattr(
+            torch.utils.data, "get_worker_info", lambda w=worker: SimpleNamespace(id=w, num_workers=2)
+        )
+        counter.skip("empty_mask", f"w{worker}", "x")
+    assert counter.table[:, 3].tolist() == [1, 1, 1]
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: SimpleNamespace(id=2, num_workers=3))
+    with pytest.raises(RuntimeError, match="larger max_workers"):
+        counter.skip("empty_mask", "w2", "x")
+
+
+def test_reset_zeroes_every_lane():
+    # K4
+    counter = SkipCounter(lanes=2)
+    counter.skip("bad_json", "a", "x")
+    counter.lane(1).skip("bad_json", "b", "x")
+    assert counter.total() == 2
+    counter.reset()
+    assert counter.total() == 0 and sum(counter.counts().values()) == 0
+
+
+def test_the_handler_reraises_what_is_not_bad_data():
+    # K5: a bug (any exception but CorruptSample) must not be skipped as corrupt data
+    counter = SkipCounter()
+    handler = counter.handler()
+    assert handler(CorruptSample("bad", key="k", reason="bad_json")) is True
+    with pytest.raises(TypeError, match="a bug"):
+        handler(TypeError("a bug"))
+    assert counter.total() == 1

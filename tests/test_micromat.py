@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +313,90 @@ def test_matte_paths_that_would_put_predictions_elsewhere_are_refused(
     (tmp_path / "data_list.txt").write_text("\n".join([*lines, f"{img} {matte} {prompt} {seg}"]) + "\n")
     with pytest.raises(EvalDataError, match=rf"line 4: .*{words}"):
         build_eval_dataset(tmp_path, format="micromat", prompt="box")
+
+
+def test_a_data_list_line_with_more_than_four_paths_is_refused(tmp_path: Path) -> None:
+    # R1
+    lines = write_micromat(tmp_path)
+    (tmp_path / "data_list.txt").write_text("\n".join([lines[0] + " extra.png", *lines[1:]]) + "\n")
+    with pytest.raises(EvalDataError, match="line 1: expected 4 paths"):
+        build_eval_dataset(tmp_path, format="micromat", prompt="box")
+
+
+def test_a_matte_outside_the_fine_and_coarse_folders_is_refused(tmp_path: Path) -> None:
+    # R2
+    lines = write_micromat(tmp_path)
+    img, matte, prompt, seg = lines[0].split()
+    (tmp_path / "matte/medium").mkdir()
+    shutil.copy(tmp_path / matte, tmp_path / "matte/medium/0001_1.png")
+    (tmp_path / "data_list.txt").write_text(f"{img} matte/medium/0001_1.png {prompt} {seg}\n")
+    with pytest.raises(EvalDataError, match="is not matte/fine/... or matte/coarse/"):
+        build_eval_dataset(tmp_path, format="micromat", prompt="box")
+
+
+def test_blank_lines_in_the_data_list_are_ignored(tmp_path: Path) -> None:
+    # R15
+    lines = write_micromat(tmp_path)
+    (tmp_path / "data_list.txt").write_text("\n" + "\n\n".join(lines) + "\n\n  \n")
+    assert len(build_eval_dataset(tmp_path, format="micromat", prompt="box")) == 3
+
+
+def test_a_box_left_of_or_above_the_image_is_refused(tmp_path: Path) -> None:
+    # R10
+    write_micromat(tmp_path)
+    (tmp_path / "prompt/coarse/0001_2.json").write_text(
+        json.dumps({"point": [[4, 5, 1]], "bbox": [-9, 2, -3, 8]})
+    )
+    with pytest.raises(EvalDataError, match="line 2: prompt bbox .* lies outside"):
+        build_eval_dataset(tmp_path, format="micromat", prompt="box")
+    (tmp_path / "prompt/coarse/0001_2.json").write_text(
+        json.dumps({"point": [[4, 5, 1]], "bbox": [2, -9, 8, -3]})
+    )
+    with pytest.raises(EvalDataError, match="line 2: prompt bbox .* lies outside"):
+        build_eval_dataset(tmp_path, format="micromat", prompt="box")
+
+
+def test_derived_points_are_seeded_per_instance(tmp_path: Path) -> None:
+    # R7: (seed, crc32(stem)): two instances with the same matte get their own points
+    write_matting_folder(tmp_path, count=1, size=(40, 48))
+    for sub, suffix in (("original", ".jpg"), ("mask", ".png"), ("trimap", ".png")):
+        shutil.copy(tmp_path / sub / f"s_0{suffix}", tmp_path / sub / f"t_9{suffix}")
+    ds = build_eval_dataset(tmp_path, format="aim500", prompt="point")
+    assert not np.array_equal(ds[0]["prompt"]["points"], ds[1]["prompt"]["points"])
+
+
+def _one_instance(folder: Path, alpha: np.ndarray, stem: str) -> None:
+    for sub in ("original", "mask"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((*alpha.shape, 3), np.uint8)).save(folder / "original" / f"{stem}.png")
+    Image.fromarray(np.round(alpha * 255).astype(np.uint8)).save(folder / "mask" / f"{stem}.png")
+
+
+def test_derived_negatives_come_from_anywhere_in_the_background(tmp_path: Path) -> None:
+    # R12: near_negative_p=0: a small object's box holds a few background pixels, the image thousands
+    alpha = np.zeros((64, 64))
+    yy, xx = np.mgrid[:64, :64]
+    alpha[np.hypot(yy - 32, xx - 32) <= 4] = 1.0
+    for i in range(12):
+        _one_instance(tmp_path, alpha, f"s{i:02d}")
+    ds = build_eval_dataset(tmp_path, format="aim500", prompt="point")
+    for item in ds:
+        negatives = item["prompt"]["points"][item["prompt"]["points"][:, 2] == 0]
+        inside = (
+            (negatives[:, 0] >= 28)
+            & (negatives[:, 0] <= 36)
+            & (negatives[:, 1] >= 28)
+            & (negatives[:, 1] <= 36)
+        )
+        assert not inside.all(), item["key"]
+
+
+def test_derived_positives_are_drawn_at_alpha_0_5_and_above(tmp_path: Path) -> None:
+    # R13: DERIVED_POSITIVE_ALPHA = 0.5, not only the opaque core
+    alpha = np.zeros((40, 40))
+    alpha[5:35, 5:35] = 0.6
+    alpha[19:21, 19:21] = 1.0
+    _one_instance(tmp_path, alpha, "s")
+    points = build_eval_dataset(tmp_path, format="aim500", prompt="point")[0]["prompt"]["points"]
+    at = alpha[points[:, 1].astype(int), points[:, 0].astype(int)][points[:, 2] == 1]
+    assert (at >= 0.5).all() and (at < 1.0).any()
