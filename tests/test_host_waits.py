@@ -25,13 +25,20 @@ def fake_cuda() -> FakeTensorMode:
     return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-@pytest.mark.parametrize("attention", ["sdpa_fold", "sdpa"])
-def test_zim_training_step_and_its_means_read_nothing_back(attention: str) -> None:
+@pytest.mark.parametrize(
+    ("attention", "switches"),
+    [
+        ("sdpa_fold", {}),
+        ("sdpa", {}),
+        ("sdpa_fold", {"multimask": True, "iou_weight": 1.0}),
+    ],  # + the ablations' terms
+)
+def test_zim_training_step_and_its_means_read_nothing_back(attention: str, switches: dict) -> None:
     # (the autograd engine needs a real CUDA context, so the backward pass is not run here)
     with fake_cuda(), torch.device("cuda"):
         net = build_zim_tiny(image_size=FRAME)
         speed.set_attention(net, attention)
-        module = ZimModule(net=net)
+        module = ZimModule(net=net, **switches)
         batch = {  # as the datamodule's batches arrive on the GPU (samples.collate)
             "image": torch.randint(0, 256, (2, 3, FRAME, FRAME), dtype=torch.uint8),
             "alpha": torch.randint(0, 256, (2, 1, FRAME, FRAME), dtype=torch.uint8),

@@ -115,3 +115,60 @@ def test_no_weight_decay_on_biases_norms_positions_tables_and_embeddings():
     # one group, everything decayed: the layout of optimiser states saved before the switch
     single = parameter_groups(net, exempt=False)
     assert len(single) == 1 and len(single[0]["params"]) == len(list(net.parameters()))
+
+
+def _sgd() -> torch.optim.SGD:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+
+def test_every_bad_schedule_argument_is_refused():
+    # O01 (negative warm-up accepted), O02 (warmup_start_ratio unchecked), O08 (a run of 0 steps accepted)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        WarmupCosineLR(_sgd(), total_steps=5, warmup_steps=-1)
+    with pytest.raises(ValueError, match="warmup_start_ratio"):
+        WarmupCosineLR(_sgd(), total_steps=5, warmup_start_ratio=1.5)
+    with pytest.raises(ValueError, match="total_steps"):
+        WarmupCosineLR(_sgd(), total_steps=0)
+
+
+def test_stepping_before_the_run_length_is_known_is_an_error():
+    # O18: the schedule has no shape yet; a silent constant rate would hide a missing set_total_steps
+    sched = WarmupCosineLR(_sgd())
+    sched.optimizer.step()
+    with pytest.raises(RuntimeError, match="set_total_steps"):
+        sched.step()
+
+
+def test_a_resumed_schedule_takes_the_restored_steps_rate_of_the_new_length():
+    # O04 (rate of step 0 applied), O05 (the saved length kept), O06 (the old rate kept): extending a
+    # run from 4 to 8 steps resumes at step 2 of the 8-step cosine
+    first = WarmupCosineLR(_sgd(), total_steps=4)
+    for _ in range(2):
+        first.optimizer.step()
+        first.step()
+    state = first.state_dict()
+    opt = _sgd()
+    opt.param_groups[0]["lr"] = first.optimizer.param_groups[0]["lr"]  # as the optimiser state restores it
+    opt.param_groups[0]["initial_lr"] = 1.0
+    second = WarmupCosineLR(opt, total_steps=8, last_epoch=-1)
+    second.load_state_dict(state)
+    assert second.total_steps == 8 and second.last_epoch == 2
+    expected = 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 2 / 8))).item()
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected)
+    assert second.get_last_lr() == pytest.approx([expected])
+
+
+def test_the_trainers_run_length_does_not_override_a_configured_one_and_empty_groups_go():
+    # O14 (trainer's total_steps wins over the config's), O15 (frequency), O13 (empty groups kept)
+    net = torch.nn.Linear(2, 2)
+    config = configure_optimization(
+        net.parameters(),
+        functools.partial(torch.optim.SGD, lr=1.0),
+        functools.partial(WarmupCosineLR, total_steps=10),
+        total_steps=1000,
+    )
+    assert config["lr_scheduler"]["scheduler"].total_steps == 10
+    assert config["lr_scheduler"]["frequency"] == 1
+    net.weight.requires_grad_(False)  # leaves the decayed group empty
+    config = configure_optimization(parameter_groups(net), functools.partial(torch.optim.AdamW, lr=1.0), None)
+    assert [g["name"] for g in config["optimizer"].param_groups] == ["no_decay"]

@@ -14,7 +14,10 @@ from zim_lightning.data.samples import unpack_batch
 from zim_lightning.lit import callbacks
 from zim_lightning.lit.callbacks import ProgressBar, matte_grid
 from zim_lightning.lit.cli import ZimLightningCLI, cli_main
+from zim_lightning.lit.matting_module import frame_errors
 from zim_lightning.lit.zim_module import ZimModule
+from zim_lightning.models.build import ZIM_VARIANTS
+from zim_lightning.models.zim import Zim
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 #: Frame of these tests: smaller than the tiny config's 256 to keep each step well under a second.
@@ -762,3 +765,153 @@ def test_a_finite_step_resets_the_run_of_non_finite_ones() -> None:
 
 
 # ---------------------------------------------------------------- eval / metrics
+
+
+# ----------------------------------------------------------------------------- mutation round 9a
+
+
+def _net() -> Zim:
+    torch.manual_seed(0)
+    return Zim(**ZIM_VARIANTS["tiny"], image_size=FRAME).eval()
+
+
+CLICK, BOX = [1.0, -1.0, -2.0], [2.0, 3.0, -2.0]
+
+
+def _outputs(module: ZimModule, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    return module._frame_outputs(
+        batch["image"], batch["point_coords"], batch["point_labels"], batch["valid"], multimask=True
+    )
+
+
+def test_iou_weight_alone_adds_its_weighted_squared_error_against_each_outputs_actual_iou():
+    # Z08 (iou_weight ignored without multimask), Z14 (weight dropped), Z20 (L1), Z22 (target threshold)
+    net = _net()
+    batch = _batch([CLICK, BOX])
+    with torch.no_grad():
+        base = ZimModule(net=net)._step(batch)[1]["loss"]
+        logits, iou = _outputs(ZimModule(net=net), batch)
+        predicted, truth = logits.sigmoid() > 0.5, batch["alpha"] > 0.5
+        inside = batch["valid"] > 0
+        intersection = (predicted & truth & inside).flatten(2).sum(-1).float()
+        union = ((predicted | truth) & inside).flatten(2).sum(-1).float()
+        actual = torch.where(union > 0, intersection / union.clamp_min(1), torch.ones_like(union))
+        expected = (iou - actual).square().mean()
+        assert expected > 1e-4  # the random network's IoU head is off: the term is visible
+        for weight in (0.5, 2.0):
+            loss = ZimModule(net=net, iou_weight=weight)._step(batch)[1]["loss"]
+            assert loss.item() == pytest.approx((base + weight * expected).item(), rel=1e-5), weight
+
+
+def test_the_iou_target_of_an_empty_prediction_of_an_empty_matte_is_one():
+    # Z13: prediction and truth both empty in the valid region -> IoU 1 (not 0)
+    net = _net()
+    batch = _batch([CLICK, BOX])
+    batch["alpha"].zero_()
+    decode = net.decode
+
+    def empty(*args, **kwargs):
+        logits, iou = decode(*args, **kwargs)
+        return torch.full_like(logits, -20.0), torch.ones_like(iou)
+
+    net.decode = empty
+    with torch.no_grad():
+        base = ZimModule(net=net)._step(batch)[1]["loss"]
+        with_iou = ZimModule(net=net, iou_weight=1.0)._step(batch)[1]["loss"]
+    torch.testing.assert_close(with_iou, base)
+
+
+def test_multimask_adds_each_single_clicks_closest_alternative_and_nothing_else():
+    # Z09 (box + click counted as ambiguous), Z10 (amax), Z11 (token 0 among the alternatives),
+    # Z12 (negative clicks not counted), Z19 (the term scaled)
+    net = _net()
+    labels = [
+        CLICK,  # one positive click: ambiguous
+        [2.0, 3.0, 1.0],  # a box and a click: not ambiguous
+        [1.0, 0.0, -1.0],  # two clicks: not ambiguous
+        [0.0, -1.0, -2.0],  # one negative click: ambiguous
+    ]
+    batch = _batch(labels)
+    paper, multi = ZimModule(net=net), ZimModule(net=net, multimask=True)
+    with torch.no_grad():
+        base = paper._step(batch)[1]["loss"]
+        logits, _ = _outputs(paper, batch)
+        alphas = logits.sigmoid()
+        each = torch.stack(
+            [
+                paper.loss(alphas[:, k : k + 1], batch["alpha"], batch["valid"], per_sample=True)["loss"]
+                for k in range(4)
+            ],
+            dim=1,
+        )  # Bx4
+        ambiguous = torch.tensor([1.0, 0.0, 0.0, 1.0])
+        expected = base + (each[:, 1:].amin(dim=1) * ambiguous).mean()
+        loss = multi._step(batch)[1]["loss"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_multimask_steps_alpha_is_token_zeros():
+    # Z15: what the step returns (grids, frame errors) is output 0, as without the switches
+    net = _net()
+    batch = _batch([CLICK, BOX])
+    with torch.no_grad():
+        expected = ZimModule(net=net)._step(batch)[0]
+        for switches in ({"multimask": True}, {"iou_weight": 1.0}):
+            torch.testing.assert_close(ZimModule(net=net, **switches)._step(batch)[0], expected)
+
+
+def test_validation_frame_errors_count_the_valid_region_only():
+    # Z16: val/sad, val/mse, val/mae are taken inside each image, not over its padding
+    net = _net()
+    batch = _batch([CLICK, BOX])
+    module = ZimModule(net=net)
+    with torch.no_grad():
+        alpha = module(batch["image"], batch["point_coords"], batch["point_labels"], batch["valid"])
+        module._evaluate(batch, module.val_metrics)
+    expected = frame_errors(alpha, batch["alpha"], batch["valid"])
+    for name in ("sad", "mse", "mae"):
+        assert module.val_metrics[name].compute().item() == pytest.approx(
+            expected[name].mean().item(), rel=1e-5
+        )
+
+
+def test_test_steps_accumulate_in_the_test_metrics():
+    # Z17: trainer.test logs test/..., and leaves the validation means alone
+    module = ZimModule(net=_net())
+    with torch.no_grad():
+        module.test_step(_batch([CLICK, BOX]), 0)
+    assert module.test_metrics["loss"].update_count == 1
+    assert module.val_metrics["loss"].update_count == 0
+
+
+def test_forward_zeroes_the_padding_as_frame_logits_does():
+    # Z18: forward(valid=...) is the sigmoid of frame_logits with the same valid map
+    module = ZimModule(net=_net())
+    batch = _batch([CLICK, BOX])
+    args = batch["image"], batch["point_coords"], batch["point_labels"]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            module(*args, batch["valid"]), module.frame_logits(*args, batch["valid"]).sigmoid()
+        )
+        assert not torch.allclose(module(*args, batch["valid"]), module(*args))
+
+
+def test_the_speed_switches_pass_their_mode_and_backend_and_apply_once(monkeypatch):
+    # Z03 (applied at every stage), Z04 (mode dropped), Z05 (backend dropped)
+    from zim_lightning import speed
+
+    calls = []  # spies: the real switches still run
+    compile_model, to_channels_last = speed.compile_model, speed.to_channels_last
+    monkeypatch.setattr(
+        speed, "compile_model", lambda net, **kw: (calls.append(("compile", kw)), compile_model(net, **kw))[1]
+    )
+    monkeypatch.setattr(
+        speed, "to_channels_last", lambda net: (calls.append(("channels_last", {})), to_channels_last(net))[1]
+    )
+    module = ZimModule(net=_net(), compile="max-autotune", channels_last=True)  # inductor compiles lazily
+    module.configure_model()
+    module.configure_model()  # Lightning: at every fit / validate / test
+    assert calls == [("channels_last", {}), ("compile", {"mode": "max-autotune", "backend": "inductor"})]
+    calls.clear()
+    ZimModule(net=_net(), compile="default", compile_backend="aot_eager").configure_model()
+    assert calls == [("compile", {"mode": "default", "backend": "aot_eager"})]
