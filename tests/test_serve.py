@@ -5,7 +5,10 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import socket
+import struct
 import threading
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
@@ -19,6 +22,7 @@ from skimage import data
 from zim_lightning.models.build import zim_model_registry
 from zim_lightning.predictor import ZimPredictor
 from zim_lightning.serve import ImageStore, MattingApp, RequestError, create_server
+from zim_lightning.serve.store import decode_image, parse_prompt
 
 MAX_UPLOAD = 1 << 20
 
@@ -304,8 +308,6 @@ def test_refuses_requests_from_other_web_pages(address: str, method: str, header
 
 
 def test_phone_jpegs_with_a_multi_picture_block_are_accepted() -> None:
-    from zim_lightning.serve.store import decode_image
-
     picture = Image.fromarray(np.full((12, 16, 3), 120, np.uint8))
     buffer = io.BytesIO()
     picture.save(buffer, format="MPO", save_all=True, append_images=[picture])
@@ -373,8 +375,6 @@ def test_main_refuses_a_missing_checkpoint_before_building(tmp_path, capsys):
 
 
 def test_a_point_below_the_image_is_refused() -> None:
-    from zim_lightning.serve.store import parse_prompt
-
     with pytest.raises(RequestError) as error:
         parse_prompt({"points": [[5, 60, 1]]}, width=100, height=50, max_points=8)
     assert error.value.status == 400
@@ -391,8 +391,6 @@ def test_an_image_used_recently_is_not_the_one_dropped(model: torch.nn.Module) -
 
 
 def test_an_upload_with_only_its_long_side_too_large_is_refused() -> None:
-    from zim_lightning.serve.store import decode_image
-
     with pytest.raises(RequestError) as error:
         decode_image(png(np.zeros((5, 20, 3), np.uint8)), max_side=10)
     assert error.value.status == 400
@@ -416,3 +414,344 @@ def test_download_file_names_are_safe_header_values() -> None:
 
 
 # ---------------------------------------------------------------- predictor / automatic
+
+
+# ----------------------------------------------------------------------------- mutation round 10: edges
+
+
+def refused(payload: dict, *, width: int = 100, height: int = 50, max_points: int = 8) -> RequestError:
+    with pytest.raises(RequestError) as error:
+        parse_prompt(payload, width=width, height=height, max_points=max_points)
+    assert error.value.status == 400
+    return error.value
+
+
+# ---------------------------------------------------------------- prompt parsing (no model)
+@pytest.mark.parametrize("point", [[True, 5, 1], [5, False, 1], [5, 5, True]])
+def test_booleans_are_not_numbers(point: list) -> None:  # S05
+    assert "finite number" in refused({"points": [point]}).message
+
+
+def test_a_fractional_label_is_refused() -> None:  # S07
+    assert "label" in refused({"points": [[5, 5, 0.5]]}).message
+
+
+def test_points_on_the_far_edges_are_inside() -> None:  # S08: X in [0, width], Y in [0, height]
+    prompt = parse_prompt({"points": [[100, 50, 1], [0, 0, 0]]}, width=100, height=50, max_points=8)
+    np.testing.assert_array_equal(prompt.point_coords, [[100, 50], [0, 0]])
+    np.testing.assert_array_equal(prompt.point_labels, [1, 0])
+
+
+def test_exactly_max_points_are_accepted() -> None:  # S11
+    prompt = parse_prompt({"points": [[1, 1, 1]] * 8}, width=100, height=50, max_points=8)
+    assert prompt.point_coords.shape == (8, 2)
+    assert "at most 8" in refused({"points": [[1, 1, 1]] * 9}).message
+
+
+def test_null_points_with_a_box_is_a_box_prompt() -> None:  # S12: "either key may be missing or null"
+    prompt = parse_prompt({"points": None, "box": [1, 2, 30, 40]}, width=100, height=50, max_points=8)
+    assert prompt.point_coords is None and prompt.box.tolist() == [1, 2, 30, 40]
+
+
+@pytest.mark.parametrize("box", [[10, 10, 10, 20], [10, 10, 20, 10]])
+def test_an_empty_box_is_refused(box: list) -> None:  # S13
+    assert "x1 < x2" in refused({"box": box}).message
+
+
+def test_a_box_below_a_wide_image_is_refused() -> None:  # S14: y2 checked against the height
+    refused({"box": [0, 0, 10, 60]}, width=100, height=50)
+
+
+def test_a_point_with_extra_values_is_refused() -> None:  # S29
+    assert "expected [x, y, label]" in refused({"points": [[5, 5, 1, 9]]}).message
+
+
+# ---------------------------------------------------------------- upload decoding (no model)
+def test_formats_outside_the_list_are_refused() -> None:  # S02
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buffer, format="PPM")
+    with pytest.raises(RequestError) as error:
+        decode_image(buffer.getvalue(), max_side=64)
+    assert error.value.status == 400 and "PPM not accepted" in error.value.message
+
+
+def test_an_image_exactly_max_side_is_accepted() -> None:  # S04
+    assert decode_image(png(np.zeros((5, 10, 3), np.uint8)), max_side=10).shape == (5, 10, 3)
+
+
+def test_a_decompression_bomb_header_is_a_400() -> None:  # S30
+    data = bytearray(png(np.zeros((1, 1, 3), np.uint8)))
+    ihdr = struct.pack(">II", 30000, 30000) + bytes(data[24:29])  # 900 Mpx declared
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    with pytest.raises(RequestError) as error:
+        decode_image(bytes(data), max_side=64)
+    assert error.value.status == 400
+
+
+# ---------------------------------------------------------------- the store (tiny model)
+def test_max_images_zero_is_refused(model) -> None:  # S28
+    with pytest.raises(ValueError, match="max_images"):
+        ImageStore(predictor_factory=lambda: ZimPredictor(model), max_images=0)
+
+
+def test_uploading_the_same_bytes_again_keeps_that_image(model) -> None:  # S19
+    store = ImageStore(predictor_factory=lambda: ZimPredictor(model), max_images=2)
+    first, second = (store.add(png(np.full((8, 8, 3), v, np.uint8)), name=str(v)) for v in (1, 2))
+    assert store.add(png(np.full((8, 8, 3), 1, np.uint8)), name="again") is first
+    store.add(png(np.full((8, 8, 3), 3, np.uint8)), name="3")
+    assert store.get(first.image_id) is first
+    with pytest.raises(RequestError):
+        store.get(second.image_id)
+
+
+def test_files_differing_only_late_are_different_images(model) -> None:  # S23: the id hashes all bytes
+    def bmp(array: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="BMP")
+        return buffer.getvalue()
+
+    a = np.zeros((32, 32, 3), np.uint8)
+    b = a.copy()
+    b[0, 0] = 255  # BMP rows are stored bottom-up: the top row comes last in the file
+    store = ImageStore(predictor_factory=lambda: ZimPredictor(model))
+    first, second = store.add(bmp(a), name="a.bmp"), store.add(bmp(b), name="b.bmp")
+    assert first.image_id != second.image_id and second.image[0, 0].tolist() == [255, 255, 255]
+
+
+def test_the_cache_tells_labels_apart(model) -> None:  # S16
+    image = np.random.default_rng(0).integers(0, 255, (24, 32, 3), np.uint8)
+    store = ImageStore(predictor_factory=lambda: ZimPredictor(model))
+    entry = store.add_array(image, name="r")
+    positive = store.predict(entry, store.parse(entry, {"points": [[16, 12, 1]]})).alpha
+    negative = store.predict(entry, store.parse(entry, {"points": [[16, 12, 0]]})).alpha
+    predictor = ZimPredictor(model)
+    predictor.set_image(image)
+    masks, _, _ = predictor.predict(
+        point_coords=np.array([[16.0, 12.0]]), point_labels=np.array([0]), multimask_output=False
+    )
+    np.testing.assert_array_equal(negative, np.round(np.clip(masks[0], 0, 1) * 255).astype(np.uint8))
+    assert not np.array_equal(positive, negative)
+
+
+def test_a_repeated_prompt_reuses_the_last_prediction(model) -> None:  # S18 (performance only)
+    store = ImageStore(predictor_factory=lambda: ZimPredictor(model))
+    entry = store.add_array(np.full((16, 16, 3), 7, np.uint8), name="g")
+    prompt = store.parse(entry, {"box": [1, 1, 9, 9]})
+    assert store.predict(entry, prompt) is store.predict(entry, store.parse(entry, {"box": [1, 1, 9, 9]}))
+
+
+def test_prediction_waits_for_the_model_lock(model) -> None:  # S24
+    store = ImageStore(predictor_factory=lambda: ZimPredictor(model))
+    entry = store.add_array(np.full((16, 16, 3), 9, np.uint8), name="g")
+    prompt = store.parse(entry, {"points": [[4, 4, 1]]})
+    results = []
+    with store.model_lock:
+        worker = threading.Thread(target=lambda: results.append(store.predict(entry, prompt)))
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive() and not results  # blocked while another request holds the network
+    worker.join(30)
+    assert len(results) == 1
+
+
+def test_multimask_applies_only_to_a_lone_point(model) -> None:  # S25
+    image = np.random.default_rng(1).integers(0, 255, (24, 32, 3), np.uint8)
+    store = ImageStore(predictor_factory=lambda: ZimPredictor(model), multimask=True)
+    entry = store.add_array(image, name="r")
+    points = np.array([[8.0, 6.0], [24.0, 18.0]])
+    got = store.predict(entry, store.parse(entry, {"points": [[8, 6, 1], [24, 18, 1]]}))
+    predictor = ZimPredictor(model)
+    predictor.set_image(image)
+    masks, _, _ = predictor.predict(
+        point_coords=points, point_labels=np.array([1, 1]), multimask_output=False
+    )
+    np.testing.assert_array_equal(got.alpha, np.round(np.clip(masks[0], 0, 1) * 255).astype(np.uint8))
+
+
+# ---------------------------------------------------------------- HTTP
+def raw(address: str, method: str, path: str, headers: dict, body: bytes = b"", timeout: float = 10):
+    host, port = address.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        connection.putrequest(method, path)
+        for key, value in headers.items():
+            connection.putheader(key, value)
+        connection.endheaders(body or None)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_missing_or_negative_content_length(address: str) -> None:  # V02, V03
+    status, payload = raw(address, "POST", "/api/images", {})
+    assert status == 411 and "Content-Length" in payload["error"]
+    status, payload = raw(address, "POST", "/api/images", {"Content-Length": "-1"}, timeout=5)
+    assert status == 400 and "negative" in payload["error"]
+
+
+def test_an_upload_exactly_at_the_limit_is_read(model) -> None:  # V01
+    store = ImageStore(predictor_factory=lambda: ZimPredictor(model))
+    server, where = serve(MattingApp(store=store, model_name="tiny", max_upload_bytes=64))
+    try:
+        status, payload, _ = call(where, "POST", "/api/images", b"x" * 64)
+        assert status == 400 and "not an image" in payload["error"]
+        status, payload, _ = call(where, "POST", "/api/images", b"x" * 65)
+        assert status == 413
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_json_body_over_one_mebibyte_is_413(address: str, uploaded: dict) -> None:  # V15
+    body = b'{"points": [[1, 1, 1]], "pad": "' + b"x" * (1 << 20) + b'"}'
+    status, payload, _ = call(address, "POST", f"/api/images/{uploaded['image_id']}/predict", body)
+    assert status == 413 and "exceeds" in payload["error"]
+
+
+def test_head_answers_headers_only_and_keeps_the_connection(address: str) -> None:  # V06, V07, V21
+    _, info, get_headers = call(address, "GET", "/api/info")
+    host, port = address.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("HEAD", "/api/info")
+        response = connection.getresponse()
+        assert response.status == 200 and response.read() == b""
+        assert response.getheader("Content-Length") == get_headers["Content-Length"]
+        connection.request("GET", "/api/info")
+        response = connection.getresponse()
+        assert response.status == 200 and json.loads(response.read()) == info
+    finally:
+        connection.close()
+    # on the wire: the headers and nothing after them (http.client drops stray bytes, a proxy would not)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"HEAD /api/info HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200") and received.endswith(b"\r\n\r\n"), received[-80:]
+
+
+def test_put_is_not_allowed(address: str) -> None:  # V08
+    status, payload, _ = call(address, "PUT", "/api/images", png(np.zeros((8, 8, 3), np.uint8)))
+    assert status == 405 and "not allowed" in payload["error"]
+
+
+def test_a_post_from_another_port_is_another_site(address: str) -> None:  # V10
+    host, port = address.split(":")
+    other = f"http://{host}:{int(port) + 1 if int(port) < 65535 else 1}"
+    status, payload, _ = call(address, "POST", "/api/examples/nope", None, {"Origin": other})
+    assert status == 403 and "other sites" in payload["error"]
+
+
+def test_a_server_on_all_interfaces_answers_any_host_name(model) -> None:  # V11
+    store = ImageStore(predictor_factory=lambda: ZimPredictor(model))
+    server = create_server(MattingApp(store=store, model_name="tiny"), host="0.0.0.0", port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        status, _, _ = call(f"127.0.0.1:{port}", "GET", "/api/info", None, {"Host": f"myhost.lan:{port}"})
+        assert status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_ipv6_loopback_server_answers_at_its_address(model) -> None:  # V12
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6")
+    store = ImageStore(predictor_factory=lambda: ZimPredictor(model))
+    server = create_server(MattingApp(store=store, model_name="tiny"), host="::1", port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        connection = http.client.HTTPConnection("::1", port, timeout=10)
+        connection.request("GET", "/api/info")  # Host: [::1]:port
+        assert connection.getresponse().status == 200
+        connection.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_defaults_to_the_alpha(address: str, uploaded: dict) -> None:  # V13
+    prompt = quote(json.dumps({"box": [10, 10, 60, 60]}))
+    status, body, headers = call(
+        address, "GET", f"/api/images/{uploaded['image_id']}/download?prompt={prompt}"
+    )
+    assert status == 200 and Image.open(io.BytesIO(body)).mode == "L"
+    assert headers["Content-Disposition"].endswith('_alpha.png"')
+
+
+def test_an_uploaded_file_name_keeps_only_its_last_part(address: str) -> None:  # V16
+    status, body, _ = call(
+        address,
+        "POST",
+        "/api/images",
+        png(np.full((8, 8, 3), 5, np.uint8)),
+        {"X-Filename": "..%2Fdir%2Fevil.png"},
+    )
+    assert status == 200 and body["name"] == "evil.png"
+
+
+def test_responses_forbid_content_sniffing(address: str) -> None:  # V17
+    for path in ("/api/info", "/nope"):
+        _, _, headers = call(address, "GET", path)
+        assert headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_an_example_without_jpg_is_not_a_page(address: str) -> None:  # V22
+    status, payload, _ = call(address, "GET", "/api/examples/astronaut")
+    assert status == 404
+
+
+def test_an_oversized_upload_still_gets_its_413(address: str) -> None:  # V04: the refused body is read
+    status, payload, headers = call(address, "POST", "/api/images", b"x" * (8 * MAX_UPLOAD))
+    assert status == 413 and "exceeds" in payload["error"] and headers["Connection"] == "close"
+
+
+# the two defects round 10 found: a huge JSON integer (OverflowError, a 500) and a loose Content-Length
+
+
+@pytest.mark.parametrize("payload", [{"points": [[10**400, 5, 1]]}, {"box": [0, 0, 10**400, 5]}])
+def test_a_huge_integer_is_a_400_not_an_overflow(payload: dict) -> None:
+    with pytest.raises(RequestError) as error:
+        parse_prompt(payload, width=100, height=50, max_points=8)
+    assert error.value.status == 400
+
+
+def test_a_huge_integer_prompt_over_http_is_a_400(address: str, uploaded: dict) -> None:
+    body = b'{"points": [[' + b"9" * 400 + b", 5, 1]]}"
+    status, payload, _ = call(address, "POST", f"/api/images/{uploaded['image_id']}/predict", body)
+    assert status == 400, payload
+
+
+def test_content_length_must_be_digits(address: str) -> None:
+    host, port = address.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.putrequest("POST", "/api/images")
+        connection.putheader("Content-Length", "1_0")
+        connection.endheaders(b"0123456789")
+        response = connection.getresponse()
+        assert response.status == 400 and "Content-Length" in json.loads(response.read())["error"]
+    finally:
+        connection.close()
+
+
+def test_a_content_length_beside_transfer_encoding_is_refused(address: str) -> None:
+    # the two could disagree (request smuggling behind a proxy): only a Content-Length alone is read
+    host, port = address.split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.putrequest("POST", "/api/images")
+        connection.putheader("Content-Length", "10")
+        connection.putheader("Transfer-Encoding", "chunked")
+        connection.endheaders(b"0123456789")
+        response = connection.getresponse()
+        assert response.status == 411 and "chunked" in json.loads(response.read())["error"]
+    finally:
+        connection.close()

@@ -212,14 +212,14 @@ class MattingRequestHandler(BaseHTTPRequestHandler):
     # --- request bodies --------------------------------------------------------------------
     def _body(self, limit: int) -> bytes:
         length_text = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding"):  # with a Content-Length too, the two could disagree
+            raise RequestError(411, "chunked uploads are not supported; send a Content-Length alone")
         if length_text is None:
-            if self.headers.get("Transfer-Encoding"):
-                raise RequestError(411, "chunked uploads are not supported; send a Content-Length")
             raise RequestError(411, "missing Content-Length header")
-        try:
-            length = int(length_text)
-        except ValueError:
-            raise RequestError(400, f"Content-Length: not an integer ({length_text!r})") from None
+        # digits only: int() also takes "1_0", "+5" and spaces, which a proxy in front may read otherwise
+        if re.fullmatch(r"-?[0-9]+", length_text.strip()) is None:
+            raise RequestError(400, f"Content-Length: not an integer ({length_text!r})")
+        length = int(length_text)
         if length < 0:
             raise RequestError(400, f"Content-Length: negative ({length})")
         if length > limit:

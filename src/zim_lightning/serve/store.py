@@ -156,9 +156,15 @@ def decode_image(data: bytes, *, max_side: int, source: str = "upload") -> np.nd
 
 def _number(value: Any, what: str) -> float:
     # bool is an int in Python; a prompt coordinate given as true/false is a client bug, not a number.
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise RequestError(400, f"{what}: expected a finite number, got {value!r}")
-    return float(value)
+    number = math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # a JSON integer of hundreds of digits
+            number = math.inf
+    if not math.isfinite(number):
+        raise RequestError(400, f"{what}: expected a finite number, got {value!r:.40}")
+    return number
 
 
 def parse_prompt(payload: Any, *, width: int, height: int, max_points: int) -> Prompt:
