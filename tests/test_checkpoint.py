@@ -26,8 +26,8 @@ class _NotATensor:
 
 
 def test_load_checkpoint_reads_data_only_onto_the_cpu_and_wraps_every_read_error(tmp_path: Path, monkeypatch):
-    # K01 (no map_location: a GPU-saved checkpoint fails on a CPU-only machine; a pass-through spy, as no
-    # GPU is here), K02 (a folder), K09 (torch raises several types for foreign or corrupt files)
+    # what a break looks like: (no map_location: a GPU-saved checkpoint fails on a CPU-only machine; a pass-through spy, as no
+    # GPU is here), (a folder), (torch raises several types for foreign or corrupt files)
     path = tmp_path / "w.pt"
     torch.save({"w": torch.zeros(1)}, path)
     seen = {}
@@ -54,7 +54,6 @@ def test_load_checkpoint_reads_data_only_onto_the_cpu_and_wraps_every_read_error
 
 
 def test_net_spec_of_returns_a_dict_or_none():
-    # K03
     spec = {"class_path": "zim_lightning.models.build.build_zim", "init_args": {"variant": "tiny"}}
     assert net_spec_of({NET_SPEC_KEY: spec}) == spec
     assert net_spec_of({NET_SPEC_KEY: "build_zim"}) is None
@@ -63,8 +62,8 @@ def test_net_spec_of_returns_a_dict_or_none():
 
 
 def test_state_dict_of_refuses_what_holds_no_network_weights():
-    # K04 (a Lightning checkpoint with no "net." keys), K05 (an empty dict), K06 (a dict of non-tensors),
-    # K12 (a "state_dict" entry that is no mapping)
+    # what a break looks like: (a Lightning checkpoint with no "net." keys), (an empty dict), (a dict of non-tensors)
+    # (a "state_dict" entry that is no mapping)
     t = torch.zeros(1)
     with pytest.raises(CheckpointError, match="no network weights under the prefixes"):
         state_dict_of({"state_dict": {"model.w": t}}, source="other.ckpt")
@@ -80,7 +79,7 @@ def test_state_dict_of_refuses_what_holds_no_network_weights():
 
 
 def test_nested_weights_loaded_later_and_random_start_marks():
-    # K07 (an inner block ending the outer's), K08 (marked inside the block), K14 (the block does nothing)
+    # what a break looks like: (an inner block ending the outer's), (marked inside the block), (the block does nothing)
     net = torch.nn.Linear(1, 1)
     with weights_loaded_later():
         with weights_loaded_later():

@@ -864,7 +864,7 @@ def test_configured_from_yaml_with_validated_types(shards, tmp_path):
 
 
 def test_remote_urls_are_not_checked_for_existence():
-    # S3: "scheme://" urls (webdataset opens http(s), s3... through gopen) are not local paths
+    # "scheme://" urls (webdataset opens http(s), s3... through gopen) are not local paths
     urls = ["https://host/sa_000000.tar", "s3://bucket/sa_{000001..000002}.tar", "pipe:cat x.tar"]
     assert not any(is_local(u) for u in ("https://host/a.tar", "s3://b/a.tar", "pipe:cat a"))
     assert expand_shards(urls) == [
@@ -879,7 +879,7 @@ def test_remote_urls_are_not_checked_for_existence():
     ("rank", "world_size", "worker", "num_workers"), [(2, 2, 0, 1), (0, 1, 3, 3), (-1, 2, 0, 1)]
 )
 def test_assign_shards_refuses_a_rank_or_worker_out_of_range(rank, world_size, worker, num_workers):
-    # S7: rank == world_size (or worker == num_workers) would silently get no shard
+    # rank == world_size (or worker == num_workers) would silently get no shard
     with pytest.raises(ValueError, match="expected 0 <= rank < world_size"):
         assign_shards(
             ["a", "b", "c"], rank=rank, world_size=world_size, worker=worker, num_workers=num_workers
@@ -907,7 +907,7 @@ def train_keys(data: ZimDataModule, batches: int, **kwargs) -> list[str]:
 
 
 def test_workers_sharing_one_shard_draw_their_own_streams(tmp_path, monkeypatch):
-    # D1 (worker left out of the stream seeds) / D6 (a fixed shuffle seed): with fewer shards than workers
+    # what a break looks like: (worker left out of the stream seeds), (a fixed shuffle seed): with fewer shards than workers
     # every worker resamples all shards "with its own seed"; the same seed would send identical batches.
     shard = matting_shard(tmp_path / "m.tar", "k", 6)
     streams = []
@@ -919,7 +919,7 @@ def test_workers_sharing_one_shard_draw_their_own_streams(tmp_path, monkeypatch)
 
 
 def test_a_pipeline_iterated_again_draws_anew(tmp_path):
-    # D2 (epoch left out of the stream seeds): EpochSeeds: "a pipeline iterated again draws anew"
+    # what a break looks like: (epoch left out of the stream seeds): EpochSeeds: "a pipeline iterated again draws anew"
     shard = matting_shard(tmp_path / "m.tar", "k", 6)
     data = module(stage="converter", train_shards=[shard], stl=False)
     pipeline = data.train_dataset(rank=0, world_size=1)
@@ -929,7 +929,7 @@ def test_a_pipeline_iterated_again_draws_anew(tmp_path):
 
 
 def test_the_shuffle_buffer_reorders_samples(tmp_path):
-    # D5: shuffle_buffer > 1 must shuffle; without it one shard comes back in file order, cycle after cycle
+    # shuffle_buffer > 1 must shuffle; without it one shard comes back in file order, cycle after cycle
     shard = matting_shard(tmp_path / "m.tar", "k", 6)
     data = module(stage="converter", train_shards=[shard], stl=False, shuffle_buffer=6)
     keys = train_keys(data, 6, rank=0, world_size=1)
@@ -940,7 +940,7 @@ def test_the_shuffle_buffer_reorders_samples(tmp_path):
 
 
 def test_exactly_ranks_times_workers_shards_give_each_its_own(tmp_path, monkeypatch):
-    # D14 (split only with more shards than ranks x workers) / D15 (training not split by worker)
+    # what a break looks like: (split only with more shards than ranks x workers), (training not split by worker)
     shards = [matting_shard(tmp_path / f"{p}.tar", p, 3, seed=i) for i, p in enumerate("ab")]
     for rank in (0, 1):  # 2 shards, 2 ranks x 1 worker
         keys = train_keys(
@@ -955,7 +955,7 @@ def test_exactly_ranks_times_workers_shards_give_each_its_own(tmp_path, monkeypa
 
 
 def test_stl_shards_are_not_drawn_in_the_matting_shards_order(tmp_path):
-    # D28: the segmentation stream must get its own seeds (source=1) in the datamodule's wiring
+    # the segmentation stream must get its own seeds (source=1) in the datamodule's wiring
     rng = np.random.default_rng(0)
     matting, seg = [], []
     for i in range(4):
@@ -972,7 +972,7 @@ def test_stl_shards_are_not_drawn_in_the_matting_shards_order(tmp_path):
 
 
 def test_validation_skips_never_stop_it(tmp_path, monkeypatch):
-    # D10: MAX_CONSECUTIVE_SKIPS stops training only; a validation pass skips and counts every bad sample
+    # MAX_CONSECUTIVE_SKIPS stops training only; a validation pass skips and counts every bad sample
     monkeypatch.setattr(datamodule_module, "MAX_CONSECUTIVE_SKIPS", 2)
     rng = np.random.default_rng(1)
     image, alpha = scene(rng, 40, 40)
@@ -984,7 +984,7 @@ def test_validation_skips_never_stop_it(tmp_path, monkeypatch):
 
 
 def test_validation_loader_gets_one_worker_per_shard_of_the_fullest_rank(tmp_path, monkeypatch):
-    # D13: 3 shards on 2 ranks: rank 0 reads 2 of them, so 2 workers (not 3 // 2 = 1)
+    # 3 shards on 2 ranks: rank 0 reads 2 of them, so 2 workers (not 3 // 2 = 1)
     shards = [matting_shard(tmp_path / f"v{i}.tar", f"v{i}_", 1) for i in range(3)]
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -992,7 +992,6 @@ def test_validation_loader_gets_one_worker_per_shard_of_the_fullest_rank(tmp_pat
 
 
 def test_val_batch_size_sets_the_validation_batches(tmp_path):
-    # D18 / D21
     shard = matting_shard(tmp_path / "v.tar", "v", 5)
     data = module(stage="zim", val_shards=[shard], batch_size=2, val_batch_size=3)
     assert [len(b["key"]) for b in data.val_dataset(rank=0, world_size=1)] == [3, 2]
@@ -1002,7 +1001,7 @@ def test_val_batch_size_sets_the_validation_batches(tmp_path):
 
 
 def test_validation_crops_follow_the_data_seed(tmp_path):
-    # D19: validation's key-seeded draws are keyed by the data seed too (setup() broadcasts it for that)
+    # validation's key-seeded draws are keyed by the data seed too (setup() broadcasts it for that)
     shard = matting_shard(tmp_path / "v.tar", "v", 4)
 
     def masks(seed: int) -> torch.Tensor:
@@ -1013,7 +1012,7 @@ def test_validation_crops_follow_the_data_seed(tmp_path):
 
 
 def test_eval_options_reach_the_evaluation_dataset(tmp_path):
-    # D22 (eval_trimaps) / D23 (seed of the derived points)
+    # what a break looks like: (eval_trimaps), (seed of the derived points)
     write_matting_folder(tmp_path)
     common = dict(stage="eval", eval_root=str(tmp_path), eval_format="aim500")
     assert all(r.trimap is not None for r in module(**common).eval_dataset().records)
@@ -1026,7 +1025,7 @@ def test_eval_options_reach_the_evaluation_dataset(tmp_path):
 
 
 def test_a_matting_sample_whose_image_and_alpha_differ_is_skipped_by_the_zim_stage(tmp_path):
-    # M2 end to end: the ZIM stage would otherwise resize the image to the alpha's frame, misaligned
+    # the ZIM stage would otherwise resize the image to the alpha's frame, misaligned
     rng = np.random.default_rng(5)
     image, alpha = scene(rng, 40, 56)
     members = [("bad.alpha.png", png(alpha[:, :50])), ("bad.jpg", jpeg(image))] + matting_members(

@@ -406,11 +406,11 @@ def test_rle_counts_refuses_negative_runs_long_numbers_and_foreign_characters():
     assert compressed(rle_counts(mask_utils.encode(np.asfortranarray(mask))["counts"]).tolist()) == (
         mask_utils.encode(np.asfortranarray(mask))["counts"].decode()
     )
-    with pytest.raises(ValueError, match="negative run"):  # A7: runs 10, -2, 12 still add up to 4 x 5
+    with pytest.raises(ValueError, match="negative run"):  # runs 10, -2, 12 still add up to 4 x 5
         rle_counts(compressed([10, -2, 12]))
-    with pytest.raises(ValueError, match="60 bits"):  # A8: a 13-character (65-bit) number
+    with pytest.raises(ValueError, match="60 bits"):  # a 13-character (65-bit) number
         rle_counts("P" * 12 + "1")
-    with pytest.raises(ValueError, match="outside the compressed alphabet"):  # A18: 'p' is 48 + 64
+    with pytest.raises(ValueError, match="outside the compressed alphabet"):  # 'p' is 48 + 64
         rle_counts("p")
     with pytest.raises(CorruptSample) as caught:
         decode_mask({"id": 1, "segmentation": {"size": [4, 5], "counts": compressed([10, -2, 12])}}, key="k")
@@ -427,14 +427,14 @@ def test_rle_counts_refuses_negative_runs_long_numbers_and_foreign_characters():
     ],
 )
 def test_parse_annotations_needs_positive_integer_sizes(image):
-    # A4 (a bool passes as an int) / A5 (a zero side)
+    # what a break looks like: (a bool passes as an int), (a zero side)
     with pytest.raises(CorruptSample, match="positive integer width and height") as caught:
         parse_annotations(json.dumps({"image": image, "annotations": []}).encode(), key="sa_1")
     assert caught.value.reason == "bad_json"
 
 
 def test_member_suffixes_are_lower_cased_and_keys_keep_their_folder(tmp_path):
-    # A2 (suffix case), A3 (folder dropped from the key), A15 ("__" keys are metadata, not samples), A16
+    # what a break looks like: (suffix case), (folder dropped from the key), ("__" keys are metadata, not samples)
     rng = np.random.default_rng(0)
     image, alpha = scene(rng, 24, 32)
     members = [("__meta__.json", b"{}")]
@@ -471,14 +471,14 @@ def _matte_sample(region: np.ndarray, box: list[int]) -> tuple[dict, dict]:
             np.full((4, 8), 200, np.uint8),
             [10, 0, 8, 4],
             "bad_json",
-        ),  # A9: runs past the right edge (x + w > W)
-        (np.full((4, 8), 200, np.uint8), [0, 9, 8, 4], "bad_json"),  # A9: runs past the bottom edge
+        ),  # runs past the right edge (x + w > W)
+        (np.full((4, 8), 200, np.uint8), [0, 9, 8, 4], "bad_json"),  # runs past the bottom edge
         (
             np.full((6, 4), 200, np.uint8),
             [0, 0, 6, 4],
             "bad_json",
-        ),  # A11: a transposed PNG (6x4 for a 4x6 box)
-        (np.zeros((4, 6), np.uint8), [0, 0, 6, 4], "empty_mask"),  # A10: an all-zero matte
+        ),  # a transposed PNG (6x4 for a 4x6 box)
+        (np.zeros((4, 6), np.uint8), [0, 0, 6, 4], "empty_mask"),  # an all-zero matte
     ],
 )
 def test_decode_matte_refuses_boxes_off_the_image_transposed_and_empty_mattes(region, box, reason):
@@ -489,7 +489,7 @@ def test_decode_matte_refuses_boxes_off_the_image_transposed_and_empty_mattes(re
 
 
 def test_the_empty_shard_count_restarts_at_every_shard_with_samples(tmp_path):
-    # A12: max_empty_shards counts shards *in a row* without a sample, not all shards
+    # max_empty_shards counts shards *in a row* without a sample, not all shards
     rng = np.random.default_rng(1)
     image, alpha = scene(rng, 24, 24)
     shard = str(write_tar(tmp_path / "g.tar", matting_members("g", image, alpha)))
@@ -504,7 +504,7 @@ def test_the_empty_shard_count_restarts_at_every_shard_with_samples(tmp_path):
 
 
 def test_a_missing_image_member_is_a_counted_skip(tmp_path):
-    # A13: an SA-1B sample without its jpg (the damage hid it) is skipped as missing_member, not a KeyError
+    # an SA-1B sample without its jpg (the damage hid it) is skipped as missing_member, not a KeyError
     rng = np.random.default_rng(2)
     members = []
     for i in range(3):
@@ -522,7 +522,7 @@ def test_a_missing_image_member_is_a_counted_skip(tmp_path):
 
 
 def test_jpeg_reduction_at_the_boundaries():
-    # C1: "at least twice max_side" is reduced; C2: up to 1/8
+    # "at least twice max_side" is reduced; up to 1/8
     assert jpeg_reduction((1000, 2048), 1024) == 2
     assert jpeg_reduction((1000, 2047), 1024) == 1
     assert jpeg_reduction((100, 8192), 1024) == 8
@@ -531,7 +531,7 @@ def test_jpeg_reduction_at_the_boundaries():
 
 
 def test_scale_16_bit_clips_values_outside_16_bits():
-    # C4: wider integer images (mode I) must not wrap around
+    # wider integer images (mode I) must not wrap around
     np.testing.assert_array_equal(scale_16_bit(np.array([70000, -5, 65535])), [255, 0, 255])
 
 
@@ -540,10 +540,10 @@ def test_matting_and_segmentation_decoders_refuse_empty_labels_and_mismatched_si
     image, alpha = scene(rng, 40, 56)
     mask = np.where(alpha > 127, 255, 0).astype(np.uint8)
     cases = [
-        (decode_matting, {"jpg": jpeg(image), "alpha.png": png(np.zeros_like(alpha))}, "empty_mask"),  # M1
-        (decode_matting, {"jpg": jpeg(image), "alpha.png": png(alpha[:, :50])}, "corrupt_image"),  # M2
-        (decode_segmentation, {"png": png(image), "mask.png": png(mask[:30])}, "corrupt_image"),  # M3
-        (decode_segmentation, {"png": png(image), "mask.png": png(np.zeros_like(mask))}, "empty_mask"),  # M4
+        (decode_matting, {"jpg": jpeg(image), "alpha.png": png(np.zeros_like(alpha))}, "empty_mask"),
+        (decode_matting, {"jpg": jpeg(image), "alpha.png": png(alpha[:, :50])}, "corrupt_image"),
+        (decode_segmentation, {"png": png(image), "mask.png": png(mask[:30])}, "corrupt_image"),
+        (decode_segmentation, {"png": png(image), "mask.png": png(np.zeros_like(mask))}, "empty_mask"),
     ]
     for decode, members, reason in cases:
         with pytest.raises(CorruptSample) as caught:
@@ -552,7 +552,6 @@ def test_matting_and_segmentation_decoders_refuse_empty_labels_and_mismatched_si
 
 
 def test_decode_matting_decodes_large_jpegs_reduced_and_keeps_the_alpha_full_size():
-    # M6
     rng = np.random.default_rng(4)
     image, alpha = scene(rng, 300, 520)
     got_image, got_alpha = decode_matting(
@@ -563,7 +562,7 @@ def test_decode_matting_decodes_large_jpegs_reduced_and_keeps_the_alpha_full_siz
 
 @pytest.mark.parametrize("sink", [SkipCounter, SkipTally])
 def test_an_unknown_reason_is_counted_as_other(sink):
-    # K1 / K2: a reason outside SKIP_REASONS must be counted, not crash the reader
+    # a reason outside SKIP_REASONS must be counted, not crash the reader
     s = sink()
     s.skip("no_such_reason", "sa_1", "why")
     counts = s.counts() if isinstance(s, SkipCounter) else s.counts
@@ -571,7 +570,7 @@ def test_an_unknown_reason_is_counted_as_other(sink):
 
 
 def test_worker_i_counts_in_row_i_plus_1_and_an_unsized_worker_is_refused(monkeypatch):
-    # K3 / K6: row 0 is the main process's, row i + 1 worker i's; a worker past max_workers is an error
+    # row 0 is the main process's, row i + 1 worker i's; a worker past max_workers is an error
     counter = SkipCounter(max_workers=2)
     counter.skip("empty_mask", "main", "x")
     for worker in (0, 1):
@@ -586,7 +585,6 @@ def test_worker_i_counts_in_row_i_plus_1_and_an_unsized_worker_is_refused(monkey
 
 
 def test_reset_zeroes_every_lane():
-    # K4
     counter = SkipCounter(lanes=2)
     counter.skip("bad_json", "a", "x")
     counter.lane(1).skip("bad_json", "b", "x")
@@ -596,7 +594,7 @@ def test_reset_zeroes_every_lane():
 
 
 def test_the_handler_reraises_what_is_not_bad_data():
-    # K5: a bug (any exception but CorruptSample) must not be skipped as corrupt data
+    # a bug (any exception but CorruptSample) must not be skipped as corrupt data
     counter = SkipCounter()
     handler = counter.handler()
     assert handler(CorruptSample("bad", key="k", reason="bad_json")) is True

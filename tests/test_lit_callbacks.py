@@ -186,7 +186,7 @@ def _pixel(grid: torch.Tensor, row: int, col: int, y: int, x: int) -> list[int]:
 
 
 def test_prompts_are_drawn_in_their_colours_where_they_are_in_the_tile():
-    # C01 (colours swapped), C02 (frame pixels not scaled to the tile)
+    # what a break looks like: (colours swapped), (frame pixels not scaled to the tile)
     alpha = torch.zeros(1, 1, S, S)
     assert _pixel(matte_grid(_zim_batch(labels=(1.0,)), alpha, tile_size=T), 0, 0, 32, 32) == LIME
     assert _pixel(matte_grid(_zim_batch(labels=(0.0,)), alpha, tile_size=T), 0, 0, 32, 32) == RED
@@ -196,7 +196,7 @@ def test_prompts_are_drawn_in_their_colours_where_they_are_in_the_tile():
 
 
 def test_grid_columns_rows_and_the_converters_mask():
-    # C03 (max_samples ignored), C04 (mask column dropped), C18 (prediction and truth swapped)
+    # what a break looks like: (max_samples ignored), (mask column dropped), (prediction and truth swapped)
     batch = _zim_batch(n=3)
     grid = matte_grid(batch, torch.ones(3, 1, S, S), max_samples=2, tile_size=T)
     assert grid.shape == (3, 2 * T + 3 * 2, 3 * T + 4 * 2)
@@ -208,7 +208,7 @@ def test_grid_columns_rows_and_the_converters_mask():
 
 
 def test_the_progress_bar_reads_the_loss_once_per_interval(monkeypatch):
-    # C19: a read at t=0, none before t=read_every_s, one at it
+    # a read at t=0, none before t=read_every_s, one at it
     from zim_lightning.lit.callbacks import ProgressBar
 
     clock = [0.0]
@@ -226,7 +226,7 @@ def test_the_progress_bar_reads_the_loss_once_per_interval(monkeypatch):
 
 
 def test_a_box_given_bottom_right_first_is_drawn():
-    # C15: corners in either order give the same box (no torchvision error on xmin > xmax)
+    # corners in either order give the same box (no torchvision error on xmin > xmax)
     alpha = torch.zeros(1, 1, S, S)
     ordered = matte_grid(
         _zim_batch(labels=(2.0, 3.0), coords=((32.0, 32.0), (96.0, 96.0))), alpha, tile_size=T
@@ -272,8 +272,8 @@ class _SkipsData(L.LightningDataModule):
 
 
 def test_the_grid_and_skip_loggers_in_a_fit_with_accumulation(tmp_path: Path):
-    # C05/C07 (an interval of 0), C08 (a grid in the sanity check), C10/C11 (a micro-batch that ends no
-    # optimiser step logged), C16 (per-reason counts dropped), C09 (skip interval 0 accepted)
+    # what a break looks like: (an interval of 0), (a grid in the sanity check), (a micro-batch that ends no
+    # optimiser step logged), (per-reason counts dropped), (skip interval 0 accepted)
     with pytest.raises(ValueError, match="every_n_steps"):
         SkipCountLogger(every_n_steps=0)
     grids, only_val = (
@@ -318,7 +318,7 @@ def test_the_grid_and_skip_loggers_in_a_fit_with_accumulation(tmp_path: Path):
 
 
 def test_a_tensorboard_run_gets_the_grids_there_and_no_png_files(tmp_path: Path):
-    # C06: the configs log to TensorBoard; its grids go into the event file, not into a folder of PNGs
+    # the configs log to TensorBoard; its grids go into the event file, not into a folder of PNGs
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     grids = MatteGridLogger(every_n_steps=2, tile_size=T)

@@ -122,7 +122,7 @@ def _sgd() -> torch.optim.SGD:
 
 
 def test_every_bad_schedule_argument_is_refused():
-    # O01 (negative warm-up accepted), O02 (warmup_start_ratio unchecked), O08 (a run of 0 steps accepted)
+    # what a break looks like: (negative warm-up accepted), (warmup_start_ratio unchecked), (a run of 0 steps accepted)
     with pytest.raises(ValueError, match="warmup_steps"):
         WarmupCosineLR(_sgd(), total_steps=5, warmup_steps=-1)
     with pytest.raises(ValueError, match="warmup_start_ratio"):
@@ -132,7 +132,7 @@ def test_every_bad_schedule_argument_is_refused():
 
 
 def test_stepping_before_the_run_length_is_known_is_an_error():
-    # O18: the schedule has no shape yet; a silent constant rate would hide a missing set_total_steps
+    # the schedule has no shape yet; a silent constant rate would hide a missing set_total_steps
     sched = WarmupCosineLR(_sgd())
     sched.optimizer.step()
     with pytest.raises(RuntimeError, match="set_total_steps"):
@@ -140,7 +140,7 @@ def test_stepping_before_the_run_length_is_known_is_an_error():
 
 
 def test_a_resumed_schedule_takes_the_restored_steps_rate_of_the_new_length():
-    # O04 (rate of step 0 applied), O05 (the saved length kept), O06 (the old rate kept): extending a
+    # what a break looks like: (rate of step 0 applied), (the saved length kept), (the old rate kept): extending a
     # run from 4 to 8 steps resumes at step 2 of the 8-step cosine
     first = WarmupCosineLR(_sgd(), total_steps=4)
     for _ in range(2):
@@ -159,7 +159,7 @@ def test_a_resumed_schedule_takes_the_restored_steps_rate_of_the_new_length():
 
 
 def test_the_trainers_run_length_does_not_override_a_configured_one_and_empty_groups_go():
-    # O14 (trainer's total_steps wins over the config's), O15 (frequency), O13 (empty groups kept)
+    # what a break looks like: (trainer's total_steps wins over the config's), (frequency), (empty groups kept)
     net = torch.nn.Linear(2, 2)
     config = configure_optimization(
         net.parameters(),

@@ -785,7 +785,7 @@ def _outputs(module: ZimModule, batch: dict) -> tuple[torch.Tensor, torch.Tensor
 
 
 def test_iou_weight_alone_adds_its_weighted_squared_error_against_each_outputs_actual_iou():
-    # Z08 (iou_weight ignored without multimask), Z14 (weight dropped), Z20 (L1), Z22 (target threshold)
+    # what a break looks like: (iou_weight ignored without multimask), (weight dropped), (L1), (target threshold)
     net = _net()
     batch = _batch([CLICK, BOX])
     with torch.no_grad():
@@ -804,7 +804,7 @@ def test_iou_weight_alone_adds_its_weighted_squared_error_against_each_outputs_a
 
 
 def test_the_iou_target_of_an_empty_prediction_of_an_empty_matte_is_one():
-    # Z13: prediction and truth both empty in the valid region -> IoU 1 (not 0)
+    # prediction and truth both empty in the valid region -> IoU 1 (not 0)
     net = _net()
     batch = _batch([CLICK, BOX])
     batch["alpha"].zero_()
@@ -822,8 +822,8 @@ def test_the_iou_target_of_an_empty_prediction_of_an_empty_matte_is_one():
 
 
 def test_multimask_adds_each_single_clicks_closest_alternative_and_nothing_else():
-    # Z09 (box + click counted as ambiguous), Z10 (amax), Z11 (token 0 among the alternatives),
-    # Z12 (negative clicks not counted), Z19 (the term scaled)
+    # what a break looks like: (box + click counted as ambiguous), (amax), (token 0 among the alternatives)
+    # (negative clicks not counted), (the term scaled)
     net = _net()
     labels = [
         CLICK,  # one positive click: ambiguous
@@ -851,7 +851,7 @@ def test_multimask_adds_each_single_clicks_closest_alternative_and_nothing_else(
 
 
 def test_the_multimask_steps_alpha_is_token_zeros():
-    # Z15: what the step returns (grids, frame errors) is output 0, as without the switches
+    # what the step returns (grids, frame errors) is output 0, as without the switches
     net = _net()
     batch = _batch([CLICK, BOX])
     with torch.no_grad():
@@ -861,7 +861,7 @@ def test_the_multimask_steps_alpha_is_token_zeros():
 
 
 def test_validation_frame_errors_count_the_valid_region_only():
-    # Z16: val/sad, val/mse, val/mae are taken inside each image, not over its padding
+    # val/sad, val/mse, val/mae are taken inside each image, not over its padding
     net = _net()
     batch = _batch([CLICK, BOX])
     module = ZimModule(net=net)
@@ -876,7 +876,7 @@ def test_validation_frame_errors_count_the_valid_region_only():
 
 
 def test_test_steps_accumulate_in_the_test_metrics():
-    # Z17: trainer.test logs test/..., and leaves the validation means alone
+    # trainer.test logs test/..., and leaves the validation means alone
     module = ZimModule(net=_net())
     with torch.no_grad():
         module.test_step(_batch([CLICK, BOX]), 0)
@@ -885,7 +885,7 @@ def test_test_steps_accumulate_in_the_test_metrics():
 
 
 def test_forward_zeroes_the_padding_as_frame_logits_does():
-    # Z18: forward(valid=...) is the sigmoid of frame_logits with the same valid map
+    # forward(valid=...) is the sigmoid of frame_logits with the same valid map
     module = ZimModule(net=_net())
     batch = _batch([CLICK, BOX])
     args = batch["image"], batch["point_coords"], batch["point_labels"]
@@ -897,7 +897,7 @@ def test_forward_zeroes_the_padding_as_frame_logits_does():
 
 
 def test_the_speed_switches_pass_their_mode_and_backend_and_apply_once(monkeypatch):
-    # Z03 (applied at every stage), Z04 (mode dropped), Z05 (backend dropped)
+    # what a break looks like: (applied at every stage), (mode dropped), (backend dropped)
     from zim_lightning import speed
 
     calls = []  # spies: the real switches still run

@@ -316,7 +316,6 @@ def test_matte_paths_that_would_put_predictions_elsewhere_are_refused(
 
 
 def test_a_data_list_line_with_more_than_four_paths_is_refused(tmp_path: Path) -> None:
-    # R1
     lines = write_micromat(tmp_path)
     (tmp_path / "data_list.txt").write_text("\n".join([lines[0] + " extra.png", *lines[1:]]) + "\n")
     with pytest.raises(EvalDataError, match="line 1: expected 4 paths"):
@@ -324,7 +323,6 @@ def test_a_data_list_line_with_more_than_four_paths_is_refused(tmp_path: Path) -
 
 
 def test_a_matte_outside_the_fine_and_coarse_folders_is_refused(tmp_path: Path) -> None:
-    # R2
     lines = write_micromat(tmp_path)
     img, matte, prompt, seg = lines[0].split()
     (tmp_path / "matte/medium").mkdir()
@@ -335,14 +333,12 @@ def test_a_matte_outside_the_fine_and_coarse_folders_is_refused(tmp_path: Path) 
 
 
 def test_blank_lines_in_the_data_list_are_ignored(tmp_path: Path) -> None:
-    # R15
     lines = write_micromat(tmp_path)
     (tmp_path / "data_list.txt").write_text("\n" + "\n\n".join(lines) + "\n\n  \n")
     assert len(build_eval_dataset(tmp_path, format="micromat", prompt="box")) == 3
 
 
 def test_a_box_left_of_or_above_the_image_is_refused(tmp_path: Path) -> None:
-    # R10
     write_micromat(tmp_path)
     (tmp_path / "prompt/coarse/0001_2.json").write_text(
         json.dumps({"point": [[4, 5, 1]], "bbox": [-9, 2, -3, 8]})
@@ -357,7 +353,7 @@ def test_a_box_left_of_or_above_the_image_is_refused(tmp_path: Path) -> None:
 
 
 def test_derived_points_are_seeded_per_instance(tmp_path: Path) -> None:
-    # R7: (seed, crc32(stem)): two instances with the same matte get their own points
+    # seeded by (seed, crc32(stem)): two instances with the same matte get their own points
     write_matting_folder(tmp_path, count=1, size=(40, 48))
     for sub, suffix in (("original", ".jpg"), ("mask", ".png"), ("trimap", ".png")):
         shutil.copy(tmp_path / sub / f"s_0{suffix}", tmp_path / sub / f"t_9{suffix}")
@@ -373,7 +369,7 @@ def _one_instance(folder: Path, alpha: np.ndarray, stem: str) -> None:
 
 
 def test_derived_negatives_come_from_anywhere_in_the_background(tmp_path: Path) -> None:
-    # R12: near_negative_p=0: a small object's box holds a few background pixels, the image thousands
+    # near_negative_p=0: a small object's box holds a few background pixels, the image thousands
     alpha = np.zeros((64, 64))
     yy, xx = np.mgrid[:64, :64]
     alpha[np.hypot(yy - 32, xx - 32) <= 4] = 1.0
@@ -392,7 +388,7 @@ def test_derived_negatives_come_from_anywhere_in_the_background(tmp_path: Path) 
 
 
 def test_derived_positives_are_drawn_at_alpha_0_5_and_above(tmp_path: Path) -> None:
-    # R13: DERIVED_POSITIVE_ALPHA = 0.5, not only the opaque core
+    # DERIVED_POSITIVE_ALPHA = 0.5, not only the opaque core
     alpha = np.zeros((40, 40))
     alpha[5:35, 5:35] = 0.6
     alpha[19:21, 19:21] = 1.0

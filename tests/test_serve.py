@@ -428,46 +428,46 @@ def refused(payload: dict, *, width: int = 100, height: int = 50, max_points: in
 
 # ---------------------------------------------------------------- prompt parsing (no model)
 @pytest.mark.parametrize("point", [[True, 5, 1], [5, False, 1], [5, 5, True]])
-def test_booleans_are_not_numbers(point: list) -> None:  # S05
+def test_booleans_are_not_numbers(point: list) -> None:
     assert "finite number" in refused({"points": [point]}).message
 
 
-def test_a_fractional_label_is_refused() -> None:  # S07
+def test_a_fractional_label_is_refused() -> None:
     assert "label" in refused({"points": [[5, 5, 0.5]]}).message
 
 
-def test_points_on_the_far_edges_are_inside() -> None:  # S08: X in [0, width], Y in [0, height]
+def test_points_on_the_far_edges_are_inside() -> None:  # X in [0, width], Y in [0, height]
     prompt = parse_prompt({"points": [[100, 50, 1], [0, 0, 0]]}, width=100, height=50, max_points=8)
     np.testing.assert_array_equal(prompt.point_coords, [[100, 50], [0, 0]])
     np.testing.assert_array_equal(prompt.point_labels, [1, 0])
 
 
-def test_exactly_max_points_are_accepted() -> None:  # S11
+def test_exactly_max_points_are_accepted() -> None:
     prompt = parse_prompt({"points": [[1, 1, 1]] * 8}, width=100, height=50, max_points=8)
     assert prompt.point_coords.shape == (8, 2)
     assert "at most 8" in refused({"points": [[1, 1, 1]] * 9}).message
 
 
-def test_null_points_with_a_box_is_a_box_prompt() -> None:  # S12: "either key may be missing or null"
+def test_null_points_with_a_box_is_a_box_prompt() -> None:  # "either key may be missing or null"
     prompt = parse_prompt({"points": None, "box": [1, 2, 30, 40]}, width=100, height=50, max_points=8)
     assert prompt.point_coords is None and prompt.box.tolist() == [1, 2, 30, 40]
 
 
 @pytest.mark.parametrize("box", [[10, 10, 10, 20], [10, 10, 20, 10]])
-def test_an_empty_box_is_refused(box: list) -> None:  # S13
+def test_an_empty_box_is_refused(box: list) -> None:
     assert "x1 < x2" in refused({"box": box}).message
 
 
-def test_a_box_below_a_wide_image_is_refused() -> None:  # S14: y2 checked against the height
+def test_a_box_below_a_wide_image_is_refused() -> None:  # y2 checked against the height
     refused({"box": [0, 0, 10, 60]}, width=100, height=50)
 
 
-def test_a_point_with_extra_values_is_refused() -> None:  # S29
+def test_a_point_with_extra_values_is_refused() -> None:
     assert "expected [x, y, label]" in refused({"points": [[5, 5, 1, 9]]}).message
 
 
 # ---------------------------------------------------------------- upload decoding (no model)
-def test_formats_outside_the_list_are_refused() -> None:  # S02
+def test_formats_outside_the_list_are_refused() -> None:
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(buffer, format="PPM")
     with pytest.raises(RequestError) as error:
@@ -475,11 +475,11 @@ def test_formats_outside_the_list_are_refused() -> None:  # S02
     assert error.value.status == 400 and "PPM not accepted" in error.value.message
 
 
-def test_an_image_exactly_max_side_is_accepted() -> None:  # S04
+def test_an_image_exactly_max_side_is_accepted() -> None:
     assert decode_image(png(np.zeros((5, 10, 3), np.uint8)), max_side=10).shape == (5, 10, 3)
 
 
-def test_a_decompression_bomb_header_is_a_400() -> None:  # S30
+def test_a_decompression_bomb_header_is_a_400() -> None:
     data = bytearray(png(np.zeros((1, 1, 3), np.uint8)))
     ihdr = struct.pack(">II", 30000, 30000) + bytes(data[24:29])  # 900 Mpx declared
     data[16:29] = ihdr
@@ -490,12 +490,12 @@ def test_a_decompression_bomb_header_is_a_400() -> None:  # S30
 
 
 # ---------------------------------------------------------------- the store (tiny model)
-def test_max_images_zero_is_refused(model) -> None:  # S28
+def test_max_images_zero_is_refused(model) -> None:
     with pytest.raises(ValueError, match="max_images"):
         ImageStore(predictor_factory=lambda: ZimPredictor(model), max_images=0)
 
 
-def test_uploading_the_same_bytes_again_keeps_that_image(model) -> None:  # S19
+def test_uploading_the_same_bytes_again_keeps_that_image(model) -> None:
     store = ImageStore(predictor_factory=lambda: ZimPredictor(model), max_images=2)
     first, second = (store.add(png(np.full((8, 8, 3), v, np.uint8)), name=str(v)) for v in (1, 2))
     assert store.add(png(np.full((8, 8, 3), 1, np.uint8)), name="again") is first
@@ -505,7 +505,7 @@ def test_uploading_the_same_bytes_again_keeps_that_image(model) -> None:  # S19
         store.get(second.image_id)
 
 
-def test_files_differing_only_late_are_different_images(model) -> None:  # S23: the id hashes all bytes
+def test_files_differing_only_late_are_different_images(model) -> None:  # the id hashes all bytes
     def bmp(array: np.ndarray) -> bytes:
         buffer = io.BytesIO()
         Image.fromarray(array).save(buffer, format="BMP")
@@ -519,7 +519,7 @@ def test_files_differing_only_late_are_different_images(model) -> None:  # S23: 
     assert first.image_id != second.image_id and second.image[0, 0].tolist() == [255, 255, 255]
 
 
-def test_the_cache_tells_labels_apart(model) -> None:  # S16
+def test_the_cache_tells_labels_apart(model) -> None:
     image = np.random.default_rng(0).integers(0, 255, (24, 32, 3), np.uint8)
     store = ImageStore(predictor_factory=lambda: ZimPredictor(model))
     entry = store.add_array(image, name="r")
@@ -534,14 +534,14 @@ def test_the_cache_tells_labels_apart(model) -> None:  # S16
     assert not np.array_equal(positive, negative)
 
 
-def test_a_repeated_prompt_reuses_the_last_prediction(model) -> None:  # S18 (performance only)
+def test_a_repeated_prompt_reuses_the_last_prediction(model) -> None:  # (performance only)
     store = ImageStore(predictor_factory=lambda: ZimPredictor(model))
     entry = store.add_array(np.full((16, 16, 3), 7, np.uint8), name="g")
     prompt = store.parse(entry, {"box": [1, 1, 9, 9]})
     assert store.predict(entry, prompt) is store.predict(entry, store.parse(entry, {"box": [1, 1, 9, 9]}))
 
 
-def test_prediction_waits_for_the_model_lock(model) -> None:  # S24
+def test_prediction_waits_for_the_model_lock(model) -> None:
     store = ImageStore(predictor_factory=lambda: ZimPredictor(model))
     entry = store.add_array(np.full((16, 16, 3), 9, np.uint8), name="g")
     prompt = store.parse(entry, {"points": [[4, 4, 1]]})
@@ -555,7 +555,7 @@ def test_prediction_waits_for_the_model_lock(model) -> None:  # S24
     assert len(results) == 1
 
 
-def test_multimask_applies_only_to_a_lone_point(model) -> None:  # S25
+def test_multimask_applies_only_to_a_lone_point(model) -> None:
     image = np.random.default_rng(1).integers(0, 255, (24, 32, 3), np.uint8)
     store = ImageStore(predictor_factory=lambda: ZimPredictor(model), multimask=True)
     entry = store.add_array(image, name="r")
@@ -584,14 +584,14 @@ def raw(address: str, method: str, path: str, headers: dict, body: bytes = b"", 
         connection.close()
 
 
-def test_missing_or_negative_content_length(address: str) -> None:  # V02, V03
+def test_missing_or_negative_content_length(address: str) -> None:
     status, payload = raw(address, "POST", "/api/images", {})
     assert status == 411 and "Content-Length" in payload["error"]
     status, payload = raw(address, "POST", "/api/images", {"Content-Length": "-1"}, timeout=5)
     assert status == 400 and "negative" in payload["error"]
 
 
-def test_an_upload_exactly_at_the_limit_is_read(model) -> None:  # V01
+def test_an_upload_exactly_at_the_limit_is_read(model) -> None:
     store = ImageStore(predictor_factory=lambda: ZimPredictor(model))
     server, where = serve(MattingApp(store=store, model_name="tiny", max_upload_bytes=64))
     try:
@@ -604,13 +604,13 @@ def test_an_upload_exactly_at_the_limit_is_read(model) -> None:  # V01
         server.server_close()
 
 
-def test_a_json_body_over_one_mebibyte_is_413(address: str, uploaded: dict) -> None:  # V15
+def test_a_json_body_over_one_mebibyte_is_413(address: str, uploaded: dict) -> None:
     body = b'{"points": [[1, 1, 1]], "pad": "' + b"x" * (1 << 20) + b'"}'
     status, payload, _ = call(address, "POST", f"/api/images/{uploaded['image_id']}/predict", body)
     assert status == 413 and "exceeds" in payload["error"]
 
 
-def test_head_answers_headers_only_and_keeps_the_connection(address: str) -> None:  # V06, V07, V21
+def test_head_answers_headers_only_and_keeps_the_connection(address: str) -> None:
     _, info, get_headers = call(address, "GET", "/api/info")
     host, port = address.split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=10)
@@ -633,19 +633,19 @@ def test_head_answers_headers_only_and_keeps_the_connection(address: str) -> Non
     assert received.startswith(b"HTTP/1.1 200") and received.endswith(b"\r\n\r\n"), received[-80:]
 
 
-def test_put_is_not_allowed(address: str) -> None:  # V08
+def test_put_is_not_allowed(address: str) -> None:
     status, payload, _ = call(address, "PUT", "/api/images", png(np.zeros((8, 8, 3), np.uint8)))
     assert status == 405 and "not allowed" in payload["error"]
 
 
-def test_a_post_from_another_port_is_another_site(address: str) -> None:  # V10
+def test_a_post_from_another_port_is_another_site(address: str) -> None:
     host, port = address.split(":")
     other = f"http://{host}:{int(port) + 1 if int(port) < 65535 else 1}"
     status, payload, _ = call(address, "POST", "/api/examples/nope", None, {"Origin": other})
     assert status == 403 and "other sites" in payload["error"]
 
 
-def test_a_server_on_all_interfaces_answers_any_host_name(model) -> None:  # V11
+def test_a_server_on_all_interfaces_answers_any_host_name(model) -> None:
     store = ImageStore(predictor_factory=lambda: ZimPredictor(model))
     server = create_server(MattingApp(store=store, model_name="tiny"), host="0.0.0.0", port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -658,7 +658,7 @@ def test_a_server_on_all_interfaces_answers_any_host_name(model) -> None:  # V11
         server.server_close()
 
 
-def test_an_ipv6_loopback_server_answers_at_its_address(model) -> None:  # V12
+def test_an_ipv6_loopback_server_answers_at_its_address(model) -> None:
     try:
         socket.socket(socket.AF_INET6).close()
     except OSError:
@@ -677,7 +677,7 @@ def test_an_ipv6_loopback_server_answers_at_its_address(model) -> None:  # V12
         server.server_close()
 
 
-def test_download_defaults_to_the_alpha(address: str, uploaded: dict) -> None:  # V13
+def test_download_defaults_to_the_alpha(address: str, uploaded: dict) -> None:
     prompt = quote(json.dumps({"box": [10, 10, 60, 60]}))
     status, body, headers = call(
         address, "GET", f"/api/images/{uploaded['image_id']}/download?prompt={prompt}"
@@ -686,7 +686,7 @@ def test_download_defaults_to_the_alpha(address: str, uploaded: dict) -> None:  
     assert headers["Content-Disposition"].endswith('_alpha.png"')
 
 
-def test_an_uploaded_file_name_keeps_only_its_last_part(address: str) -> None:  # V16
+def test_an_uploaded_file_name_keeps_only_its_last_part(address: str) -> None:
     status, body, _ = call(
         address,
         "POST",
@@ -697,18 +697,18 @@ def test_an_uploaded_file_name_keeps_only_its_last_part(address: str) -> None:  
     assert status == 200 and body["name"] == "evil.png"
 
 
-def test_responses_forbid_content_sniffing(address: str) -> None:  # V17
+def test_responses_forbid_content_sniffing(address: str) -> None:
     for path in ("/api/info", "/nope"):
         _, _, headers = call(address, "GET", path)
         assert headers["X-Content-Type-Options"] == "nosniff"
 
 
-def test_an_example_without_jpg_is_not_a_page(address: str) -> None:  # V22
+def test_an_example_without_jpg_is_not_a_page(address: str) -> None:
     status, payload, _ = call(address, "GET", "/api/examples/astronaut")
     assert status == 404
 
 
-def test_an_oversized_upload_still_gets_its_413(address: str) -> None:  # V04: the refused body is read
+def test_an_oversized_upload_still_gets_its_413(address: str) -> None:  # the refused body is read
     status, payload, headers = call(address, "POST", "/api/images", b"x" * (8 * MAX_UPLOAD))
     assert status == 413 and "exceeds" in payload["error"] and headers["Connection"] == "close"
 
