@@ -582,11 +582,7 @@ def test_training_sees_a_padded_image_as_the_predictor_does():
     normalise-then-zero-pad, as at inference (predictor, ONNX encoder, official runner)."""
     import torch.nn.functional as F
 
-    from zim_lightning.models.build import ZIM_VARIANTS
-    from zim_lightning.models.zim import Zim
-
-    torch.manual_seed(0)
-    net = Zim(**ZIM_VARIANTS["tiny"], image_size=FRAME).eval()
+    net = _net()
     module = ZimModule(net=net)
     batch = _batch([[1.0, -1.0, -2.0], [2.0, 3.0, -2.0]])
     height = FRAME * 3 // 4  # the first image's rows; collate pads the rest with black
@@ -605,8 +601,6 @@ def test_training_sees_a_padded_image_as_the_predictor_does():
 
 
 def test_validation_means_weigh_pooled_losses_by_batch_size_and_vectors_by_sample():
-    from zim_lightning.models.build import ZIM_VARIANTS
-    from zim_lightning.models.zim import Zim
 
     module = ZimModule(net=Zim(**ZIM_VARIANTS["tiny"], image_size=FRAME))
     metrics = module.val_metrics
@@ -621,8 +615,6 @@ def test_validation_means_weigh_pooled_losses_by_batch_size_and_vectors_by_sampl
 
 @pytest.mark.parametrize("switches", [{}, {"multimask": True}, {"iou_weight": 1.0}])
 def test_validation_loss_does_not_depend_on_how_images_batch(switches):
-    from zim_lightning.models.build import ZIM_VARIANTS
-    from zim_lightning.models.zim import Zim
 
     torch.manual_seed(0)
     module = ZimModule(net=Zim(**ZIM_VARIANTS["tiny"], image_size=FRAME).eval(), **switches)
@@ -648,8 +640,6 @@ def _grads(module: ZimModule, batch: dict) -> dict[str, float]:
 
 
 def test_multimask_and_iou_switches_train_every_output_token():
-    from zim_lightning.models.build import ZIM_VARIANTS
-    from zim_lightning.models.zim import Zim
 
     torch.manual_seed(0)
     net = Zim(**ZIM_VARIANTS["tiny"], image_size=FRAME)
@@ -685,11 +675,8 @@ def test_multimask_and_iou_switches_train_every_output_token():
 
 def test_what_the_network_predicts_in_the_padding_changes_no_loss_term():
     # every term, the IoU head's target included, is computed in the valid region of the frame only
-    from zim_lightning.models.build import ZIM_VARIANTS
-    from zim_lightning.models.zim import Zim
 
-    torch.manual_seed(0)
-    net = Zim(**ZIM_VARIANTS["tiny"], image_size=FRAME).eval()
+    net = _net()
     module = ZimModule(net=net, multimask=True, iou_weight=1.0)
     decode = net.decode
 
