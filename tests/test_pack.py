@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +193,114 @@ def test_segmentation_masks_are_split_at_the_midpoint():
     mask = np.array([[0, 100], [200, 255]], np.uint8)
     _, decoded = decode_segmentation({"__key__": "k", "png": image.getvalue(), "mask.png": encode_png(mask)})
     np.testing.assert_array_equal(decoded, [[0, 0], [1, 1]])
+
+
+def _pair(images: Path, labels: Path, stem: str, seed: int, *, image_suffix: str = ".png") -> np.ndarray:
+    """One image / alpha pair of :func:`_scene` saved under ``stem``; returns the alpha."""
+    image, alpha = _scene(seed)
+    images.mkdir(exist_ok=True)
+    labels.mkdir(exist_ok=True)
+    Image.fromarray(image).save(images / f"{stem}{image_suffix}", quality=95)
+    Image.fromarray(alpha).save(labels / f"{stem}.png")
+    return alpha
+
+
+def _samples(shards: list[Path]) -> dict[str, dict]:
+    return {s["__key__"]: s for shard in shards for s in iter_tar(str(shard))}
+
+
+def test_each_sample_records_its_kind_and_source_file(tmp_path) -> None:
+    # a wrong default kind or source would silently mislabel every sample the converter trains on
+    images, labels = tmp_path / "AM-2K-original", tmp_path / "AM-2K-mask"
+    _pair(images, labels, "a", 0)
+    alpha = pack(images=images, labels=labels, out=tmp_path / "m")
+    assert json.loads(_samples(alpha.shards)["a"]["json"]) == {
+        "kind": "fine",
+        "source": "AM-2K-original/a.png",
+    }
+    seg = pack(images=images, labels=labels, out=tmp_path / "s", masks=True)
+    assert json.loads(_samples(seg.shards)["a"]["json"])["kind"] == "solid"
+    named = pack(images=images, labels=labels, out=tmp_path / "n", kind="solid", source="mine")
+    assert json.loads(_samples(named.shards)["a"]["json"]) == {"kind": "solid", "source": "mine/a.png"}
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"kind": "hair"}, "kind must be one of"),
+        ({"shard_size": 0}, "shard_size must be >= 1"),
+        ({"name": "set[1]"}, "name must start with a letter or digit"),  # a glob pattern, not a name
+        ({"name": "../up"}, "name must start with a letter or digit"),
+        ({"name": "a{0..3}"}, "name must start with a letter or digit"),  # breaks the brace pattern
+    ],
+)
+def test_bad_options_are_refused_before_anything_is_written(tmp_path, option: dict, message: str) -> None:
+    images, labels = tmp_path / "images", tmp_path / "alphas"
+    _pair(images, labels, "a", 0)
+    with pytest.raises(ValueError, match=message):
+        pack(images=images, labels=labels, out=tmp_path / "out", **option)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alphas", "images"]
+
+
+def test_a_jpeg_suffix_is_stored_as_the_jpg_member_the_readers_decode(tmp_path) -> None:
+    images, labels = tmp_path / "images", tmp_path / "alphas"
+    alpha = _pair(images, labels, "a", 0, image_suffix=".jpeg")
+    sample = _samples(pack(images=images, labels=labels, out=tmp_path / "out").shards)["a"]
+    assert set(sample) >= {"jpg", "alpha.png", "json"}
+    image, decoded = decode_matting(sample)
+    np.testing.assert_array_equal(decoded, alpha)
+    assert image.shape == (*alpha.shape, 3)
+
+
+def test_a_stem_with_several_files_takes_the_first_suffix_in_order(tmp_path) -> None:
+    # images: .jpg before .png; labels: .png before .tif (a folder holding both must not pick at random)
+    images, labels = tmp_path / "images", tmp_path / "alphas"
+    alpha = _pair(images, labels, "a", 0, image_suffix=".jpg")
+    Image.fromarray(_scene(7)[0]).save(images / "a.png")
+    Image.fromarray(np.full_like(alpha, 255)).save(labels / "a.tif")
+    sample = _samples(pack(images=images, labels=labels, out=tmp_path / "out").shards)["a"]
+    assert "png" not in sample and sample["jpg"] == (images / "a.jpg").read_bytes()
+    np.testing.assert_array_equal(decode_matting(sample)[1], alpha)
+
+
+def test_shards_of_another_name_sharing_the_prefix_are_left_alone(tmp_path) -> None:
+    # "matting-val-000000.tar" is not one of the "matting" shards: a rerun must neither delete it
+    # as stale nor count it as shards of "matting" packed from other folders
+    out = tmp_path / "out"
+    _pair(tmp_path / "val_images", tmp_path / "val_alphas", "v", 1)
+    val = pack(images=tmp_path / "val_images", labels=tmp_path / "val_alphas", out=out, name="matting-val")
+    _pair(tmp_path / "images", tmp_path / "alphas", "a", 0)
+    pack(images=tmp_path / "images", labels=tmp_path / "alphas", out=out, name="matting")
+    assert val.shards[0].is_file()
+    assert sorted(p.name for p in out.glob("*.tar")) == ["matting-000000.tar", "matting-val-000000.tar"]
+
+
+def test_shards_are_plain_uncompressed_tars(tmp_path) -> None:
+    images, labels = tmp_path / "images", tmp_path / "alphas"
+    _pair(images, labels, "a", 0)
+    summary = pack(images=images, labels=labels, out=tmp_path / "out")
+    assert summary.shards[0].read_bytes()[:2] != b"\x1f\x8b"
+    with tarfile.open(summary.shards[0], "r:") as tar:
+        assert sorted(tar.getnames()) == ["a.alpha.png", "a.json", "a.png"]
+
+
+def test_an_unreadable_record_is_reported_as_shards_of_unknown_origin(tmp_path) -> None:
+    # a damaged <name>.pack.json must give the usual refusal, not a JSON parser error
+    images, labels = tmp_path / "images", tmp_path / "alphas"
+    _pair(images, labels, "a", 0)
+    out = tmp_path / "out"
+    pack(images=images, labels=labels, out=out)
+    (out / "matting.pack.json").write_text("{not json")
+    with pytest.raises(ValueError, match="with no matting.pack.json saying what they hold"):
+        pack(images=images, labels=labels, out=out)
+    assert pack(images=images, labels=labels, out=out, overwrite=True).samples == 1
+
+
+def test_a_folder_named_like_an_image_is_not_a_sample(tmp_path) -> None:
+    images, labels = tmp_path / "images", tmp_path / "alphas"
+    _pair(images, labels, "a", 0)
+    (images / "b.png").mkdir()
+    (labels / "b.png").mkdir()
+    summary = pack(images=images, labels=labels, out=tmp_path / "out")
+    assert summary.samples == 1 and summary.skipped == []
+    assert summary.unmatched_images == [] and summary.unmatched_labels == []

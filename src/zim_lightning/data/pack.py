@@ -43,6 +43,8 @@ IMAGE_SUFFIXES: dict[str, str] = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 #: Alpha / mask files read, in the order they are looked for.
 LABEL_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 KINDS: tuple[str, ...] = ("fine", "solid")
+#: Shard name prefixes: safe in file names, globs and brace patterns.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,11 @@ def pack(
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     images, labels, out = Path(images), Path(labels), Path(out)
     name = name or ("seg" if masks else "matting")
+    if not NAME.fullmatch(name):
+        raise ValueError(
+            f"name must start with a letter or digit and hold only letters, digits, '.', '_' and '-' (it "
+            f"names the shard files and goes into brace patterns such as {{000000..000009}}), got {name!r}"
+        )
     source = source or images.name
     image_files, label_files = _files(images, IMAGE_SUFFIXES), _files(labels, LABEL_SUFFIXES)
     stems = sorted(set(image_files) & set(label_files))
@@ -231,7 +238,7 @@ def _inputs_path(out: Path, name: str) -> Path:
 
 def _shards_named(out: Path, name: str) -> list[Path]:
     pattern = re.compile(rf"{re.escape(name)}-\d{{6}}\.tar")
-    return sorted(p for p in out.glob(f"{name}-*.tar") if pattern.fullmatch(p.name)) if out.is_dir() else []
+    return sorted(p for p in out.iterdir() if pattern.fullmatch(p.name)) if out.is_dir() else []
 
 
 def _check_out(out: Path, name: str, inputs: dict) -> None:
@@ -268,7 +275,11 @@ def _parser() -> argparse.ArgumentParser:
     labels.add_argument("--alphas", type=Path, help="folder of alpha mattes: matting shards")
     labels.add_argument("--masks", type=Path, help="folder of segmentation masks: STL shards")
     p.add_argument("--out", required=True, type=Path, help="output folder for the shards")
-    p.add_argument("--name", default=None, help="shard name prefix (default matting, or seg with --masks)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="shard name prefix: letters, digits, ._- (default matting, or seg with --masks)",
+    )
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard (256)")
     p.add_argument(
         "--kind", choices=KINDS, default=None, help="sample kind (default fine, solid with --masks)"
