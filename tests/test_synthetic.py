@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -14,7 +15,15 @@ import webdataset as wds
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from zim_lightning.data.synthetic import SyntheticLayout, generate, main
+from zim_lightning.data.synthetic import (
+    MIN_MASK_AREA,
+    SA1B_FULL_SIZE,
+    SyntheticLayout,
+    _parser,
+    _prompt,
+    generate,
+    main,
+)
 from zim_lightning.data.tar_writer import write_tar
 
 SMALL = {
@@ -28,10 +37,20 @@ SMALL = {
     "micromat": 5,
     "eval_images": 3,
 }
-SMALL_ARGS = [
-    "--num-shards", "2", "--num-images", "3", "--image-size", "96x128", "--matting-train", "8",
-    "--matting-val", "2", "--seg", "4", "--shard-size", "4", "--micromat", "5", "--eval-images", "3",
-]  # fmt: skip
+
+
+def _flags(sizes: dict) -> list[str]:
+    """The command line that asks for ``sizes`` (``generate``'s keyword arguments)."""
+    flags = []
+    for name, value in sizes.items():
+        flags += [
+            f"--{name.replace('_', '-')}",
+            "x".join(map(str, value)) if name == "image_size" else str(value),
+        ]
+    return flags
+
+
+SMALL_ARGS = _flags(SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +73,10 @@ def _gray(data: bytes) -> np.ndarray:
     return np.asarray(image)
 
 
-def _sa1b_records(layout: SyntheticLayout) -> list[tuple[dict, tuple[int, int]]]:
+def _sa1b_records(shards: list[Path]) -> list[tuple[dict, tuple[int, int]]]:
     """(json record, (H, W) of the decoded jpeg) for every SA-1B image, read with gzip + tarfile only."""
     records = []
-    for shard in layout.sa1b_shards:
+    for shard in shards:
         with gzip.open(shard, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar}
         stems = {name.rsplit(".", 1)[0] for name in members}
@@ -71,7 +90,7 @@ def _sa1b_records(layout: SyntheticLayout) -> list[tuple[dict, tuple[int, int]]]
 
 def test_sa1b_shards_are_gzip_tars_with_every_field_consistent(layout: SyntheticLayout) -> None:
     assert [p.name for p in layout.sa1b_shards] == ["sa_000000.tar", "sa_000001.tar"]
-    records = _sa1b_records(layout)
+    records = _sa1b_records(layout.sa1b_shards)
     assert len(records) == SMALL["num_shards"] * SMALL["num_images"]
     image_ids, ann_ids = [], []
     for record, (h, w) in records:
@@ -115,7 +134,7 @@ def test_sa1b_shards_stream_with_webdataset(layout: SyntheticLayout) -> None:
 
 def test_sa1b_exact_alphas_lie_outside_the_tars_and_match_the_masks(layout: SyntheticLayout) -> None:
     n_alpha, coverage = 0, []
-    for record, (h, w) in _sa1b_records(layout):
+    for record, (h, w) in _sa1b_records(layout.sa1b_shards):
         folder = layout.sa1b_alpha / f"sa_{record['image']['image_id']}"
         anns = {a["id"]: a for a in record["annotations"]}
         for path in sorted(folder.glob("*.png")):
@@ -304,8 +323,85 @@ def test_unwritable_or_foreign_out_returns_an_error_naming_it(
 
 
 def test_the_full_size_sa1b_flag_and_its_older_name() -> None:
-    from zim_lightning.data.synthetic import _parser
-
     assert _parser().parse_args(["--out", "x", "--sa1b-full-size"]).sa1b_full_size
     assert _parser().parse_args(["--out", "x", "--sa1b-size"]).sa1b_full_size
     assert not _parser().parse_args(["--out", "x"]).sa1b_full_size
+
+
+TINY = {**dict.fromkeys(SMALL, 1), "image_size": (64, 80)}  # one of everything
+
+
+def _members(shards: list[Path]) -> dict[str, bytes]:
+    return {name: data for shard in shards for name, data in _read_tar(shard).items()}
+
+
+def test_sa1b_images_take_their_own_size_and_the_full_size_flag_the_real_one(tmp_path: Path) -> None:
+    layout = generate(tmp_path / "d", seed=1, **TINY, sa1b_size=(96, 128))
+    assert [size for _, size in _sa1b_records(layout.sa1b_shards)] == [(96, 128)]
+    (jpg,) = [data for name, data in _members(layout.matting_train).items() if name.endswith(".jpg")]
+    assert Image.open(io.BytesIO(jpg)).size == (80, 64)
+    assert main(["--out", str(tmp_path / "full"), "--sa1b-full-size", *_flags(TINY)]) == 0
+    records = _sa1b_records(sorted((tmp_path / "full" / "sa1b").glob("*.tar")))
+    assert [size for _, size in records] == [SA1B_FULL_SIZE]
+    assert [(r["image"]["height"], r["image"]["width"]) for r, _ in records] == [SA1B_FULL_SIZE]
+
+
+def test_every_split_holds_exactly_its_count_and_validation_is_not_training_data(tmp_path: Path) -> None:
+    layout = generate(
+        tmp_path / "d", seed=2, **{**TINY, "matting_train": 3, "matting_val": 3, "shard_size": 2}
+    )
+    train, val = _members(layout.matting_train), _members(layout.matting_val)
+    assert [p.name for p in layout.matting_val] == ["matting-000000.tar", "matting-000001.tar"]
+    train_keys = sorted(n.removesuffix(".json") for n in train if n.endswith(".json"))
+    val_keys = sorted(n.removesuffix(".json") for n in val if n.endswith(".json"))
+    assert train_keys == [f"synth_train_{i:06d}" for i in range(3)]
+    assert val_keys == [f"synth_val_{i:06d}" for i in range(3)]
+    assert sorted(n for n in _members(layout.seg) if n.endswith(".json")) == ["synth_seg_000000.json"]
+    # every sample is its own draw, and no validation image or alpha repeats a training one
+    train_images, val_images = [train[f"{k}.jpg"] for k in train_keys], [val[f"{k}.jpg"] for k in val_keys]
+    assert len(set(train_images)) == 3 and len(set(val_images)) == 3
+    assert not set(train_images) & set(val_images)
+    assert not {train[f"{k}.alpha.png"] for k in train_keys} & {val[f"{k}.alpha.png"] for k in val_keys}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "word"),
+    [
+        ({"num_shards": True}, "num_shards"),
+        ({"image_size": (32, 80)}, "image_size side"),
+        ({"sa1b_size": (64, 32)}, "sa1b_size side"),
+        ({"image_size": (64, 64, 64)}, "image_size must be (H, W)"),
+    ],
+)
+def test_generate_refuses_bad_sizes_before_writing(tmp_path: Path, kwargs: dict, word: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(word)):
+        generate(tmp_path / "d", **{**TINY, **kwargs})
+    assert not (tmp_path / "d").exists()
+
+
+def test_negative_prompt_points_never_fall_on_translucent_parts() -> None:
+    # MicroMat-3K "not this" clicks must lie off the matte entirely (alpha 0), even when most of the
+    # area around the object is translucent (smoke, glass)
+    alpha = np.full((40, 40), 0.3, np.float32)
+    alpha[15:25, 15:25] = 1.0
+    alpha[0, :3] = 0.0
+    for seed in range(5):
+        points = _prompt(np.random.default_rng(seed), alpha)["point"]
+        negatives = [(x, y) for x, y, label in points if label == 0]
+        assert len(negatives) == 2 and all(alpha[y, x] == 0.0 for x, y in negatives)
+        assert all(alpha[y, x] > 0.5 for x, y, label in points if label == 1)
+
+
+def test_sa1b_images_carry_fine_objects_with_fractional_alpha(tmp_path: Path) -> None:
+    # the SA1B-Matte builder is measured against these alphas: some must hold micro detail
+    layout = generate(tmp_path / "d", seed=5, **{**TINY, "num_images": 3})
+    alphas = [np.asarray(Image.open(path)) for path in sorted(layout.sa1b_alpha.rglob("*.png"))]
+    assert any(((a > 0) & (a < 255)).sum() > 0.25 * (a > 0).sum() for a in alphas)
+
+
+def test_sa1b_annotations_smaller_than_the_minimum_area_are_dropped(tmp_path: Path) -> None:
+    # at seed 0 and 64x64, image 37 has a background region of 15 pixels: it must not become an
+    # annotation (a sliver, or an empty mask whose point_coords cannot be drawn)
+    layout = generate(tmp_path / "d", seed=0, **{**TINY, "num_images": 37, "image_size": (64, 64)})
+    areas = [ann["area"] for record, _ in _sa1b_records(layout.sa1b_shards) for ann in record["annotations"]]
+    assert len(areas) > 37 * 3 and min(areas) >= MIN_MASK_AREA
