@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import signal
+import threading
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from zim_lightning.data.samples import unpack_batch
-from zim_lightning.lit import callbacks
+from zim_lightning.lit import callbacks, preemption
 from zim_lightning.lit.callbacks import ProgressBar, matte_grid
-from zim_lightning.lit.cli import ZimLightningCLI, cli_main
+from zim_lightning.lit.cli import ZimLightningCLI, cli_main, main
 from zim_lightning.lit.matting_module import frame_errors
 from zim_lightning.lit.zim_module import ZimModule
 from zim_lightning.models.build import ZIM_VARIANTS
@@ -56,15 +63,17 @@ def _args(data: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_fast_dev_run(synthetic: Path, tmp_path: Path, caplog):
-    with caplog.at_level("INFO", logger="zim_lightning"):
-        cli = cli_main(["fit", *_args(synthetic, tmp_path, "--trainer.fast_dev_run=true")])
+def test_fast_dev_run(synthetic: Path, tmp_path: Path, caplog, monkeypatch):
+    # through the command's entry point: `fit && eval` and torchrun read 0 as a finished run, and our
+    # INFO lines show without the user raising the log level (as in a fresh process: level unset)
+    monkeypatch.setattr(logging.getLogger("zim_lightning"), "level", logging.NOTSET)
+    assert main(["fit", *_args(synthetic, tmp_path, "--trainer.fast_dev_run=true")]) == 0
     assert "batch per optimiser step: 2 (2 per device x 1 devices x 1 accumulated)" in caplog.text
-    assert isinstance(cli.model, ZimModule)
-    assert cli.trainer.global_step == 1
     # main() tells a preemption from a failure by this trainer's SIGTERM flag
-    assert ZimLightningCLI.last_trainer is cli.trainer
-    logged = cli.trainer.callback_metrics
+    trainer = ZimLightningCLI.last_trainer
+    assert isinstance(trainer.lightning_module, ZimModule)
+    assert trainer.global_step == 1
+    logged = trainer.callback_metrics
     for key in ("train/loss", "train/l1", "train/grad", "val/loss", "val/sad", "val/mse", "val/mae"):
         assert torch.isfinite(logged[key]), key
 
@@ -264,8 +273,6 @@ def test_two_ranks_skip_a_non_finite_step_together_and_validate_with_one_validat
 
 @pytest.mark.slow  # a fit in a subprocess, stopped by a signal
 def test_a_run_stopped_by_sigterm_exits_with_143_and_keeps_its_steps(synthetic: Path, tmp_path: Path):
-    import os
-    import signal
     import subprocess
     import sys
     import time
@@ -306,10 +313,6 @@ def test_a_run_stopped_by_sigterm_exits_with_143_and_keeps_its_steps(synthetic: 
 
 
 def test_the_sigterm_wrapper_goes_on_lightnings_handler_once_and_stops_the_worker_check():
-    import signal
-
-    from zim_lightning.lit import preemption
-
     saved = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGCHLD)
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -330,14 +333,75 @@ def test_the_sigterm_wrapper_goes_on_lightnings_handler_once_and_stops_the_worke
         signal.signal(signal.SIGCHLD, saved[1])
 
 
+class _SigtermAfterTheFirstStep(L.Callback):
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # to this process, as a preemption (Lightning's handler runs)
+
+
+def test_after_sigterm_errors_are_a_preemption_and_a_keyboard_interrupt_is_the_users_stop(caplog):
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[_SigtermAfterTheFirstStep()],
+    )
+    with pytest.raises(SIGTERMException) as stopped:
+        trainer.fit(BoringModel())
+    assert trainer.received_sigterm and trainer.global_step == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="zim_lightning"):
+        assert preemption.stop_or_raise(stopped.value, trainer, "resume with --ckpt_path=x") == 143
+    assert [r.getMessage() for r in caplog.records] == ["stopped by SIGTERM; resume with --ckpt_path=x"]
+    assert preemption.is_preemption(RuntimeError("DataLoader worker exited unexpectedly"), trainer)
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C after the signal propagates: not exit status 143
+        preemption.stop_or_raise(KeyboardInterrupt(), trainer, "run it again")
+
+
+def test_the_sigterm_wrapper_does_nothing_off_the_main_thread():
+    # a Trainer may run in a worker thread (a notebook's background fit), where installing a signal
+    # handler raises ValueError
+    saved = signal.getsignal(signal.SIGTERM)
+    errors: list[BaseException] = []
+
+    def lightnings(signum, frame) -> None:
+        pass
+
+    def wrap() -> None:
+        try:
+            preemption.expect_worker_deaths_after_sigterm()
+        except BaseException as error:
+            errors.append(error)
+
+    try:
+        signal.signal(signal.SIGTERM, lightnings)
+        thread = threading.Thread(target=wrap)
+        thread.start()
+        thread.join()
+        assert errors == [] and signal.getsignal(signal.SIGTERM) is lightnings
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+
+
+def test_a_second_run_into_the_same_log_folder_replaces_its_config(synthetic: Path, tmp_path: Path):
+    # a resume, or the demo run again, into one fixed log folder must not abort on the earlier config.yaml
+    fixed = (*QUIET, "--trainer.max_steps=1", "--trainer.logger.init_args.version=run0")
+    first = cli_main(["fit", *_args(synthetic, tmp_path, *fixed, "--trainer.log_every_n_steps=7")])
+    config = Path(first.trainer.log_dir) / "config.yaml"
+    assert "log_every_n_steps: 7" in config.read_text()
+    second = cli_main(["fit", *_args(synthetic, tmp_path, *fixed, "--trainer.log_every_n_steps=9")])
+    assert Path(second.trainer.log_dir) == config.parent
+    assert "log_every_n_steps: 9" in config.read_text()
+
+
 def test_a_run_failing_on_workers_the_sigterm_killed_stops_as_sigterm_and_other_errors_raise(
     monkeypatch, caplog
 ):
     # A run waiting for a batch when the group's SIGTERM killed its DataLoader workers fails on them
     # before Lightning's stop at the batch's end (PyTorch's RuntimeError for dead workers, or a
     # ConnectionResetError while a worker was handing a batch over): still a preemption.
-    import signal
-
     from zim_lightning.lit import cli
 
     def run(received_sigterm: bool | None, error: Exception):

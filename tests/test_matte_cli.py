@@ -63,8 +63,10 @@ def test_box_prompt_writes_alpha_and_cutout(photo, tmp_path) -> None:
 def test_an_input_with_transparency_keeps_it_in_the_cutout(photo, tmp_path) -> None:
     # the cut-out's opacity is the matte's times the input's: what the input hid stays hidden
     path, image = photo
-    hidden = np.full((HEIGHT, WIDTH), 255, np.uint8)
-    hidden[:, : WIDTH // 2] = 0
+    hidden = np.zeros((HEIGHT, WIDTH), np.uint8)
+    hidden[:, WIDTH // 2 :] = (np.arange(HEIGHT * (WIDTH - WIDTH // 2)) % 256).reshape(
+        HEIGHT, -1
+    )  # every level
     rgba = tmp_path / "disc.png"
     Image.fromarray(np.dstack([image, hidden])).save(rgba)
     torch.manual_seed(0)
@@ -76,7 +78,20 @@ def test_an_input_with_transparency_keeps_it_in_the_cutout(photo, tmp_path) -> N
     np.testing.assert_array_equal(alpha, _predicted(image, box=np.array([120, 50, 240, 170])))  # the matte
     assert alpha[:, : WIDTH // 2].any()  # the matte reaches the hidden half...
     assert not cutout[:, : WIDTH // 2, 3].any()  # ...which the cut-out keeps hidden
-    np.testing.assert_array_equal(cutout[:, WIDTH // 2 :, 3], alpha[:, WIDTH // 2 :])
+    # and elsewhere the opacity is the product, rounded, at every level of the input's alpha
+    seen = alpha[:, WIDTH // 2 :].astype(np.float64) * hidden[:, WIDTH // 2 :] / 255
+    assert len(np.unique(alpha[:, WIDTH // 2 :])) > 10  # a matte of many levels, so rounding shows
+    np.testing.assert_array_equal(cutout[:, WIDTH // 2 :, 3], np.round(seen).astype(np.uint8))
+
+
+def test_a_box_of_the_whole_image_is_accepted(photo, tmp_path) -> None:
+    # corners are pixel-edge coordinates: x2 = width and y2 = height close a box at the far edges
+    path, image = photo
+    torch.manual_seed(0)
+    assert main([str(path), "--box", f"0,0,{WIDTH},{HEIGHT}", "--model", "tiny", "--out", str(tmp_path)]) == 0
+    np.testing.assert_array_equal(
+        _check_outputs(tmp_path, image), _predicted(image, box=np.array([0, 0, WIDTH, HEIGHT]))
+    )
 
 
 def test_bf16_precision_writes_the_fp32_matte_within_rounding(photo, tmp_path) -> None:
@@ -117,12 +132,18 @@ def test_point_prompts_with_labels(photo, tmp_path) -> None:
     [
         (["--box", "1,2,3"], "four numbers"),
         (["--box", "200,50,100,170"], "x1 < x2"),
+        (["--box", "10,10,10,50"], "x1 < x2"),  # a box of no width, or of no height, is no box
+        (["--box", "10,10,50,10"], "x1 < x2"),
+        (["--point", "10,10,1,1"], "x,y or x,y,label"),
+        (["--point", "10,10,-1"], "label must be 0"),
         (["--point", "a,b"], "x,y or x,y,label"),
         (["--point", "10,10,2"], "label must be 0"),
         ([], "one of the arguments --box --point is required"),
         (["--box", "1,2,3,4", "--point", "5,5"], "not allowed with"),
         (["--point", "500,10"], "outside the 320x240 image"),
         (["--box=-10,0,50,50"], "outside the 320x240 image"),
+        (["--box", "10,10,330,50"], "outside the 320x240 image"),  # the second corner is checked too
+        (["--point", "10,250"], "outside the 320x240 image"),  # Y is bounded by the height
         (["--box", "1,2,30,40", "--box", "5,5,50,50"], "--box: given twice"),
     ],
 )

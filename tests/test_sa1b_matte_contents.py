@@ -376,6 +376,25 @@ def test_the_converter_gets_masks_in_0_1_and_out_of_range_alpha_is_clamped() -> 
         assert out.unique().tolist() == [level]
 
 
+def test_an_empty_batch_gives_an_empty_uint8_prediction_in_the_frame_of_a_real_one() -> None:
+    # a batch of no masks (it only closes a shard) must come back as a full one does, uint8 in the same
+    # frame, so the writer's numpy view and a concatenation of predictions stay 8-bit
+    from zim_lightning.lit.build_module import MatteBuildModule
+    from zim_lightning.models.converter import build_converter_tiny
+
+    torch.manual_seed(0)
+    module = MatteBuildModule(net=build_converter_tiny().eval())
+    full = {
+        "image": torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8),
+        "mask": (torch.rand(1, 1, 64, 64) > 0.5).to(torch.uint8) * 255,
+    }
+    with torch.no_grad():
+        one = module.predict_step(full, 0)
+        none = module.predict_step({name: value[:0] for name, value in full.items()}, 0)
+    assert one.dtype == none.dtype == torch.uint8
+    assert one.shape == (1, 1, 64, 64) and none.shape == (0, 1, 64, 64)
+
+
 def test_shards_finished_differently_while_waiting_for_the_lock_are_refused(
     sa1b: Path, tmp_path: Path, monkeypatch
 ) -> None:
