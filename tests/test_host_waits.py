@@ -115,11 +115,11 @@ def test_predict_torch_reads_back_only_to_check_labels_already_on_the_gpu(
         with HostWaits() as boxes_only:
             masks, _, _ = predictor.predict_torch(None, None, boxes, multimask_output=False)
         coords, labels = torch.rand(2, 3, 2, device="cuda"), torch.ones(2, 3, device="cuda")
-        with HostWaits(read_backs=[True, True]) as points:  # every label known, each set has a point
+        with HostWaits(read_backs=[True, True, True]) as points:  # labels known, each set has a point, finite
             predictor.predict_torch(coords, labels, multimask_output=False)
         coords, labels = torch.rand(2, 3, 2) * 100, torch.ones(2, 3)  # on the host: the automatic generator's
-        with HostWaits(read_backs=[True, True]) as host_points:
+        with HostWaits(read_backs=[True, True, True]) as host_points:
             predictor.predict_torch(coords, labels, multimask_output=False)
     assert masks.shape == (16, 1, 200, 240) and boxes_only.waits == []
-    assert [what for _, what, _ in points.waits] == ["blocking copy cuda -> cpu of (2,)"]
+    assert [what for _, what, _ in points.waits] == ["blocking copy cuda -> cpu of (3,)"]  # one, for all
     assert host_points.waits == []  # checked on the host, copied without waiting

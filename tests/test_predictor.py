@@ -189,6 +189,10 @@ def test_predict_before_set_image():
         ({"point_coords": np.array([[1.0, 2.0]]), "point_labels": np.array([[1]])}, "length-N"),
         ({"point_coords": np.array([[1.0, 2.0]])}, "together"),
         ({}, "at least one prompt"),
+        ({"point_coords": np.array([[np.nan, 2.0]]), "point_labels": np.array([1])}, "finite"),
+        ({"point_coords": np.array([[1e39, 5.0]]), "point_labels": np.array([1])}, "float32"),  # inf in it
+        ({"box": np.array([0.0, np.inf, 100.0, 100.0])}, "box must be finite"),
+        ({"box": np.array([0.0, 0.0, 1e39, 30.0])}, "float32"),
     ],
 )
 def test_bad_prompts_are_rejected(predictor, kwargs, match):
@@ -208,6 +212,19 @@ def test_bad_torch_prompts_are_rejected(predictor):
         predictor.predict_torch(coords, torch.full((2, 3), 2.0))
     with pytest.raises(ValueError, match="at least one point labelled 0 or 1"):
         predictor.predict_torch(coords, torch.tensor([[1.0, 0.0, -1.0], [-1.0, -1.0, -1.0]]))
+    # values: what predict() refuses, predict_torch refuses too, rather than decoding all-NaN mattes
+    with pytest.raises(ValueError, match="point_coords must be finite"):
+        predictor.predict_torch(torch.tensor([[[float("nan"), 10.0]]]), torch.ones(1, 1))
+    with pytest.raises(ValueError, match="boxes must be finite"):
+        predictor.predict_torch(None, None, torch.tensor([[0.0, float("inf"), 100.0, 100.0]]))
+    with pytest.raises(ValueError, match="x2 >= x1 and y2 >= y1"):
+        predictor.predict_torch(
+            None, None, torch.tensor([[10.0, 10.0, 50.0, 50.0], [500.0, 10.0, 10.0, 50.0]])
+        )
+    with pytest.raises(TypeError, match="point_coords must be a torch.Tensor .* predict\\(\\) takes NumPy"):
+        predictor.predict_torch(np.zeros((1, 1, 2)), np.ones((1, 1)))
+    with pytest.raises(TypeError, match="boxes must be a torch.Tensor"):
+        predictor.predict_torch(None, None, np.zeros((1, 4)))
 
 
 def test_point_sets_of_different_lengths_batch_with_absent_or_padding_points(predictor):

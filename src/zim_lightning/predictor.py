@@ -194,7 +194,7 @@ class ZimPredictor:
             box = _check_box(box, self.original_size)
             box_t = self._upload(self.transform.apply_boxes(box[None], self.original_size))
         # checked on the host above, so predict_torch reads no value back before decoding
-        coords_t, labels_t = self._decoder_prompts(coords_t, labels_t, box_t, check_labels=False)
+        coords_t, labels_t = self._decoder_prompts(coords_t, labels_t, box_t, check_values=False)
         masks, iou, low_res = self._decode(
             coords_t, labels_t, multimask_output=multimask_output, return_logits=return_logits
         )
@@ -232,8 +232,11 @@ class ZimPredictor:
 
         Raises:
             RuntimeError: before :meth:`set_image`.
-            ValueError: for prompts of the wrong shape, labels outside {0, 1}, batch sizes that differ,
-                or no prompt at all.
+            TypeError: for prompts that are not tensors (:meth:`predict` takes NumPy arrays).
+            ValueError: for prompts of the wrong shape, labels outside {0, 1} (and the fillers), batch
+                sizes that differ, or no prompt at all; and for coordinates that are not finite or boxes
+                with x2 < x1 or y2 < y1, except boxes alone on a GPU, which are not read back (so that
+                nothing waits for the GPU).
         """
         self._require_image()
         coords, labels = self._decoder_prompts(point_coords, point_labels, boxes)
@@ -259,16 +262,24 @@ class ZimPredictor:
         point_labels: torch.Tensor | None,
         boxes: torch.Tensor | None,
         *,
-        check_labels: bool = True,
+        check_values: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Turn points and/or boxes into the decoder's labelled points (BxMx2, BxM), on the model's device.
 
         Nothing here waits for the GPU, so the decoder is queued while the encoder still runs, except
-        the label check (``check_labels``) of labels already on a GPU: one read-back.
+        the check of the values (``check_values``: labels known, coordinates finite, boxes with x2 >= x1
+        and y2 >= y1) of prompts already on a GPU: one read-back for all of them.
         """
         if point_coords is None and point_labels is None and boxes is None:
             raise ValueError("give at least one prompt: point_coords with point_labels, or boxes")
+        for name, value in (("point_coords", point_coords), ("point_labels", point_labels), ("boxes", boxes)):
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise TypeError(
+                    f"{name} must be a torch.Tensor (or None), got {type(value).__name__}; predict() takes "
+                    "NumPy arrays in the original image's pixels"
+                )
         parts_coords, parts_labels = [], []
+        checks: dict[str, torch.Tensor] = {}  # what must hold, read back together
         batch = None
         if point_coords is not None or point_labels is not None:
             if point_coords is None or point_labels is None:
@@ -280,24 +291,21 @@ class ZimPredictor:
                     f"point_labels must be BxN = {tuple(point_coords.shape[:2])} to match point_coords, "
                     f"got shape {tuple(point_labels.shape)}"
                 )
-            if check_labels:
-                real = (point_labels == 0) | (point_labels == 1)
-                filler = (point_labels == LABEL_ABSENT) | (point_labels == LABEL_PAD)
-                all_known, each_has_a_point = (
-                    torch.stack([(real | filler).all(), real.any(dim=1).all()]).cpu().tolist()
-                )  # one read-back for both checks
-                if not all_known:
-                    raise ValueError(
-                        f"point_labels must be 1 (foreground), 0 (background), or {LABEL_ABSENT} / "
-                        f"{LABEL_PAD} to batch point sets of different lengths"
-                    )
-                if boxes is None and not each_has_a_point:
-                    raise ValueError(
-                        "every point set needs at least one point labelled 0 or 1, not only padding"
-                    )
             batch = point_coords.shape[0]
             parts_coords.append(point_coords.float())
             parts_labels.append(point_labels.float())
+            if check_values:
+                real = (point_labels == 0) | (point_labels == 1)
+                filler = (point_labels == LABEL_ABSENT) | (point_labels == LABEL_PAD)
+                checks[
+                    f"point_labels must be 1 (foreground), 0 (background), or {LABEL_ABSENT} / "
+                    f"{LABEL_PAD} to batch point sets of different lengths"
+                ] = (real | filler).all()
+                if boxes is None:
+                    checks["every point set needs at least one point labelled 0 or 1, not only padding"] = (
+                        real.any(dim=1).all()
+                    )
+                checks["point_coords must be finite (in float32)"] = torch.isfinite(parts_coords[-1]).all()
         if boxes is not None:
             if boxes.ndim != 2 or boxes.shape[-1] != 4:
                 raise ValueError(f"boxes must be Bx4 (x1, y1, x2, y2), got shape {tuple(boxes.shape)}")
@@ -306,13 +314,31 @@ class ZimPredictor:
                     f"boxes must have as many rows as point_coords ({batch}), got {boxes.shape[0]}"
                 )
             batch = boxes.shape[0]
-            parts_coords.append(boxes.float().reshape(batch, 2, 2))
+            corners = boxes.float().reshape(batch, 2, 2)
+            parts_coords.append(corners)
             parts_labels.append(_filled((batch,), (LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT), self.device))
+            if check_values:
+                checks["boxes must be finite (in float32)"] = torch.isfinite(corners).all()
+                checks["boxes must have x2 >= x1 and y2 >= y1 (x1, y1, x2, y2)"] = (
+                    corners[:, 1] >= corners[:, 0]
+                ).all()  # (NaN compares false: a non-finite box fails here too, after the line above)
         else:
             # Point-only prompts get SAM's padding point, as the official decoder appends.
             assert batch is not None
             parts_coords.append(_filled((batch, 1), PADDING_POINT, self.device))
             parts_labels.append(torch.full((batch, 1), float(LABEL_PAD), device=self.device))
+        # Values on the host are checked for free. On a GPU, boxes alone are not checked, so that nothing
+        # waits (the decoder is queued behind the encoder); labels are, and the rest with them.
+        labels_on_gpu = point_labels is not None and point_labels.device.type != "cpu"
+        on_host = [m for m, held in checks.items() if held.device.type == "cpu"]
+        on_gpu = [m for m in checks if m not in on_host and labels_on_gpu]
+        holds = {}
+        for group in (on_host, on_gpu):  # the GPU's: one read-back
+            if group:
+                holds.update(zip(group, torch.stack([checks[m] for m in group]).cpu().tolist(), strict=True))
+        for message, ok in holds.items():
+            if not ok:
+                raise ValueError(message)
         coords = torch.cat([_to_device(c, self.device) for c in parts_coords], dim=1)
         labels = torch.cat([_to_device(lab, self.device) for lab in parts_labels], dim=1)
         return coords, labels
@@ -348,6 +374,10 @@ def _filled(shape: tuple[int, ...], values: tuple[float, ...], device: torch.dev
     return out
 
 
+def _finite_in_float32(values: np.ndarray) -> bool:
+    return bool(np.isfinite(values).all() and (np.abs(values) <= np.finfo(np.float32).max).all())
+
+
 def _check_points(
     point_coords: np.ndarray | None, point_labels: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -368,8 +398,8 @@ def _check_points(
         )
     if not np.isin(labels, (0, 1)).all():
         raise ValueError(f"point_labels must be 1 (foreground) or 0 (background), got {np.unique(labels)}")
-    if not np.isfinite(coords).all():
-        raise ValueError("point_coords must be finite")
+    if not _finite_in_float32(coords):
+        raise ValueError("point_coords must be finite (and within float32's range: they are decoded in it)")
     return coords, labels.astype(np.float32)
 
 
@@ -380,8 +410,10 @@ def _check_box(box: np.ndarray, original_size: tuple[int, int]) -> np.ndarray:
         box = box[0]
     if box.shape != (4,):
         raise ValueError(f"box must be a length-4 array (x1, y1, x2, y2), got shape {box.shape}")
-    if not np.isfinite(box).all():
-        raise ValueError(f"box must be finite, got {box.tolist()}")
+    if not _finite_in_float32(box):
+        raise ValueError(
+            f"box must be finite (and within float32's range: it is decoded in it), got {box.tolist()}"
+        )
     x1, y1, x2, y2 = box
     if x2 < x1 or y2 < y1:
         raise ValueError(f"box must have x2 >= x1 and y2 >= y1 (x1, y1, x2, y2), got {box.tolist()}")
