@@ -47,8 +47,9 @@ def photo() -> np.ndarray:
 
 
 def xyxy(records: list[dict]) -> torch.Tensor:
+    """The records' boxes as the pixels they cover (``bbox`` is SAM's: w and h one less), as NMS compares them."""
     return torch.tensor(
-        [[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in records)], dtype=torch.float
+        [[x, y, x + w + 1, y + h + 1] for x, y, w, h in (r["bbox"] for r in records)], dtype=torch.float
     )
 
 
@@ -232,10 +233,31 @@ def test_presets_and_bad_settings(model: torch.nn.Module) -> None:
     for name, value in (("box_nms_thresh", -0.1), ("pred_iou_thresh", 1.5), ("mask_dedupe_iou_thresh", 2.0)):
         with pytest.raises(ValueError, match=rf"{name}: expected in \[0, 1\], got {value}"):
             ZimAutomaticMatteGenerator(model, **{name: value})
-    with pytest.raises(ValueError, match="min_mask_region_area: expected 0 or more"):
-        ZimAutomaticMatteGenerator(model, min_mask_region_area=-1)
+    for settings, message in (
+        ({"min_mask_region_area": -1}, "min_mask_region_area: expected an integer >= 0"),
+        ({"points_per_side": 2.5}, "points_per_side: expected an integer >= 1, got 2.5"),
+        ({"points_per_side": 100_000}, "points_per_side: expected at most 1024"),
+        ({"crop_n_layers": 30}, "crop_n_layers: expected at most 5"),  # 4**30 crops: a hang
+        ({"crop_n_points_downscale_factor": 0}, "crop_n_points_downscale_factor: expected an integer >= 1"),
+        ({"points_per_side": 4, "crop_n_layers": 1, "crop_n_points_downscale_factor": 8}, "no point"),
+        ({"crop_overlap_ratio": -1.0}, r"crop_overlap_ratio: expected in \[0, 1\)"),  # empty crops
+        ({"crop_overlap_ratio": 5.0}, r"crop_overlap_ratio: expected in \[0, 1\)"),  # negative origins
+    ):
+        with pytest.raises(ValueError, match=message):
+            ZimAutomaticMatteGenerator(model, **settings)
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         fast.generate(np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match="HxWx3 uint8"):  # a list is read as an array, not .ndim'd
+        fast.generate([[0, 0, 0]])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 50, 3)])
+def test_mattes_one_pixel_thin_are_suppressed_as_duplicates(model: torch.nn.Module, shape: tuple) -> None:
+    # a one-pixel-thin box has no area to torchvision (it takes max as exclusive): its IoU with an
+    # identical box was NaN, so no duplicate of it was ever dropped
+    generator = ZimAutomaticMatteGenerator(model, points_per_side=3, points_per_batch=9, **NO_FILTER)
+    records = generator.generate(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
+    assert records and len({tuple(r["bbox"]) for r in records}) == len(records)
 
 
 def test_patches_are_placed_in_the_full_frame(model: torch.nn.Module) -> None:

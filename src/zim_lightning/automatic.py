@@ -45,6 +45,10 @@ from zim_lightning.images import alpha_to_uint8
 
 logger = logging.getLogger(__name__)
 
+#: Bounds of the grid and the crop layers: a million point prompts per crop, and 4**5 crops in the last
+#: layer, are already far past any use (the memory and time grow with their squares).
+MAX_POINTS_PER_SIDE = 1024
+MAX_CROP_LAYERS = 5
 #: Alpha above which a pixel counts as foreground for boxes, areas and NMS.
 BINARIZE_THRESHOLD = 0.5
 #: The same threshold on alpha stored as uint8 (alpha * 255 rounded): a value above it is foreground.
@@ -169,6 +173,14 @@ class _Mattes:
         )
 
 
+def _nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices kept by non-maximum suppression of Nx4 XYXY boxes with inclusive max (SAM's convention),
+    compared as the pixels they cover: a matte one pixel thin covers an area of 1, not 0 (torchvision
+    takes max as exclusive, so its IoU with itself would be NaN and it would never be suppressed)."""
+    edges = boxes.float() + torch.tensor([0.0, 0.0, 1.0, 1.0])
+    return batched_nms(edges, scores, torch.zeros(len(scores), dtype=torch.long), threshold)
+
+
 class ZimAutomaticMatteGenerator:
     """Matte every object in an image with a grid of point prompts.
 
@@ -215,12 +227,31 @@ class ZimAutomaticMatteGenerator:
     ) -> None:
         from zim_lightning.predictor import ZimPredictor
 
-        if points_per_side < 1:
-            raise ValueError(f"points_per_side: expected at least 1, got {points_per_side}")
-        if points_per_batch < 1:
-            raise ValueError(f"points_per_batch: expected at least 1, got {points_per_batch}")
-        if crop_n_layers < 0:
-            raise ValueError(f"crop_n_layers: expected 0 or more, got {crop_n_layers}")
+        counts = {
+            "points_per_side": (points_per_side, 1),
+            "points_per_batch": (points_per_batch, 1),
+            "crop_n_layers": (crop_n_layers, 0),
+            "crop_n_points_downscale_factor": (crop_n_points_downscale_factor, 1),
+            "min_mask_region_area": (min_mask_region_area, 0),
+        }
+        for name, (value, least) in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
+        for name, value, most in (
+            ("points_per_side", points_per_side, MAX_POINTS_PER_SIDE),
+            ("crop_n_layers", crop_n_layers, MAX_CROP_LAYERS),
+        ):
+            if value > most:
+                raise ValueError(f"{name}: expected at most {most}, got {value}")
+        deepest = points_per_side // crop_n_points_downscale_factor**crop_n_layers
+        if deepest < 1:
+            raise ValueError(
+                f"points_per_side {points_per_side} / crop_n_points_downscale_factor "
+                f"{crop_n_points_downscale_factor} ** crop_n_layers {crop_n_layers} leaves the last crop "
+                "layer no point: use fewer layers or a smaller factor"
+            )
+        if not 0.0 <= crop_overlap_ratio < 1.0:
+            raise ValueError(f"crop_overlap_ratio: expected in [0, 1), got {crop_overlap_ratio}")
         if not 0.0 < stability_score_offset < BINARIZE_THRESHOLD:
             raise ValueError(f"stability_score_offset: expected in (0, 0.5), got {stability_score_offset}")
         fractions = {
@@ -233,8 +264,6 @@ class ZimAutomaticMatteGenerator:
         for name, value in fractions.items():
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}: expected in [0, 1], got {value}")
-        if min_mask_region_area < 0:
-            raise ValueError(f"min_mask_region_area: expected 0 or more, got {min_mask_region_area}")
         self.predictor = ZimPredictor(model, precision=precision)
         # Normalised [0, 1] (X, Y) grids, one per crop layer.
         self.point_grids = build_all_layer_point_grids(
@@ -270,9 +299,11 @@ class ZimAutomaticMatteGenerator:
         Returns:
             One dict per object, sorted by area (largest first):
             ``alpha`` HxW float32 in [0, 1]; ``bbox`` [x, y, w, h] of the binarised matte (alpha > 0.5),
-            pixels; ``area`` its pixel count; ``predicted_iou``; ``stability_score``; ``point_coords``
+            pixels, as segment-anything's generator gives it (w = x2 - x1 of the inclusive box, one less
+            than the pixels it spans); ``area`` its pixel count; ``predicted_iou``; ``stability_score``; ``point_coords``
             [[x, y]], the prompt that produced it (original pixels); ``crop_box`` [x, y, w, h].
         """
+        image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image: expected HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")
         height, width = image.shape[:2]
@@ -289,9 +320,7 @@ class ZimAutomaticMatteGenerator:
         if len(crop_boxes) > 1:
             # Across crops, prefer the matte from the smaller (more zoomed-in) crop.
             areas = box_area(found.crops)
-            found = found.take(
-                batched_nms(found.boxes, 1.0 / areas, torch.zeros(len(areas)), self.crop_nms_thresh)
-            )
+            found = found.take(_nms(found.boxes, 1.0 / areas, self.crop_nms_thresh))
         found.alphas = [
             self._place(a, o, height, width) for a, o in zip(found.alphas, found.offsets, strict=True)
         ]
@@ -339,7 +368,7 @@ class ZimAutomaticMatteGenerator:
             return found
         boxes = torch.stack(found.boxes).float()
         scores = torch.stack(found.iou).float()
-        keep = batched_nms(boxes, scores, torch.zeros(len(scores)), self.box_nms_thresh).tolist()
+        keep = _nms(boxes, scores, self.box_nms_thresh).tolist()
         return _Candidates(*([items[i] for i in keep] for items in vars(found).values()))
 
     def _process_batch(
@@ -438,11 +467,8 @@ class ZimAutomaticMatteGenerator:
         if not nonempty:
             return [], new_boxes_t[:0], []
         index = torch.tensor(nonempty)
-        keep = batched_nms(
-            new_boxes_t[index],
-            torch.tensor(scores)[index],
-            torch.zeros(len(index)),
-            max(self.box_nms_thresh, self.crop_nms_thresh),
+        keep = _nms(
+            new_boxes_t[index], torch.tensor(scores)[index], max(self.box_nms_thresh, self.crop_nms_thresh)
         )
         kept = index[keep].tolist()
         return [cleaned[i] for i in kept], new_boxes_t[kept], kept
