@@ -611,6 +611,7 @@ def _write_files(
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``zim-lightning matte-all``."""
+    from zim_lightning.command_checks import check_out_folder, device_for_command
     from zim_lightning.images import read_rgb
     from zim_lightning.model_options import (
         add_precision_argument,
@@ -648,8 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {str(args.out)!r} is a file; expected a folder (created if missing)")
+    check_out_folder(parser, args.out)
     if args.image.parent.resolve() == args.out.resolve() and _is_output_name(args.image.name):
         parser.error(
             f"{args.image}: the input would be replaced by an output of the same name in --out; "
@@ -661,8 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
 
     torch.manual_seed(args.seed)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = zim_for_command(parser, args).to(device).eval()
+    model = zim_for_command(parser, args).to(device_for_command(parser, args.device)).eval()
     preset = args.preset or default_preset(args.model or variant_of(model))
     overrides = {
         "points_per_side": args.points_per_side,

@@ -366,9 +366,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``zim-lightning eval``."""
     import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from zim_lightning.command_checks import check_out_folder
     from zim_lightning.data.datamodule import ZimDataModule
     from zim_lightning.data.micromat import EvalDataError, build_eval_dataset, check_trimaps
     from zim_lightning.lit.eval_module import EvalModule
@@ -379,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     check_checkpoint_argument(parser, args)
+    check_out_folder(parser, args.out)
     if args.grid_count < 0 or args.closed_form_max_side < 0:
         parser.error("--grid-count and --closed-form-max-side must be >= 0")
     if not (args.devices in ("auto", "-1") or (args.devices.isdigit() and int(args.devices) > 0)):
@@ -420,17 +423,35 @@ def main(argv: list[str] | None = None) -> int:
         closed_form_max_side=args.closed_form_max_side or None,
         quantize_bits=PREDICTION_BITS,
     )
-    data = ZimDataModule(
-        stage="eval",
-        eval_root=str(args.data),
-        eval_format=args.format,
-        eval_prompt=args.prompt,
-        eval_subset=args.subset,
-        eval_trimaps=args.protocol == "dim",
-        batch_size=1,
-        num_workers=args.num_workers,
-        seed=args.seed,
-    )
+    callbacks: list[Any] = [RichProgressBar()]
+    if args.save_predictions:
+        callbacks.append(_prediction_writer(args.out))
+    several = args.num_nodes > 1 or devices not in (1, "auto")
+    try:  # the options the datamodule and the Trainer check, before anything of an earlier run goes
+        data = ZimDataModule(
+            stage="eval",
+            eval_root=str(args.data),
+            eval_format=args.format,
+            eval_prompt=args.prompt,
+            eval_subset=args.subset,
+            eval_trimaps=args.protocol == "dim",
+            batch_size=1,
+            num_workers=args.num_workers,
+            seed=args.seed,
+        )
+        trainer = L.Trainer(
+            accelerator=args.accelerator,
+            devices=devices,
+            num_nodes=args.num_nodes,
+            strategy="ddp" if several else "auto",
+            precision=args.precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            callbacks=callbacks,
+        )
+    except (ValueError, MisconfigurationException) as err:
+        parser.error(str(err))
     # What an earlier run into this --out wrote (other instances, prompts, baselines) would lie beside
     # this run's metrics, which the saved predictions must reproduce; its metrics and report go too, so
     # that a run that fails midway leaves no earlier figures beside its partial predictions. Every
@@ -439,21 +460,6 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(stale, ignore_errors=True)
     for stale in ("metrics.json", "instances.csv", "report.md"):
         (args.out / stale).unlink(missing_ok=True)
-    callbacks: list[Any] = [RichProgressBar()]
-    if args.save_predictions:
-        callbacks.append(_prediction_writer(args.out))
-    several = args.num_nodes > 1 or devices not in (1, "auto")
-    trainer = L.Trainer(
-        accelerator=args.accelerator,
-        devices=devices,
-        num_nodes=args.num_nodes,
-        strategy="ddp" if several else "auto",
-        precision=args.precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
     with warnings.catch_warnings():
         # Instances are lists of dicts of different sizes; Lightning cannot infer a batch size from them.
         warnings.filterwarnings("ignore", message=".*Trying to infer the `batch_size`.*")

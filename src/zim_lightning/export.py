@@ -154,6 +154,11 @@ def _restore_inputs(
     onnx.checker.check_model(str(path))  # by path, so external data and large models are checked too
 
 
+#: ONNX opsets the export takes: scaled-dot-product attention needs 14; the TorchScript exporter, which
+#: traces this model reliably (see ``_export``), writes at most 20.
+MIN_OPSET, MAX_OPSET = 14, 20
+
+
 @torch.no_grad()
 def export_onnx(model: Zim, out_dir: str | Path, *, opset: int = 17) -> tuple[Path, Path]:
     """Export ``model`` as ``encoder.onnx`` + ``decoder.onnx`` in the official layout.
@@ -163,15 +168,17 @@ def export_onnx(model: Zim, out_dir: str | Path, *, opset: int = 17) -> tuple[Pa
             the CPU, with ``flex`` or ``triton_relpos`` attention traced as ``sdpa_fold``; its device,
             mode and attention backend are restored afterwards.
         out_dir: folder to write; created if needed. Existing files of the same names are replaced.
-        opset: ONNX opset version.
+        opset: ONNX opset version, :data:`MIN_OPSET` to :data:`MAX_OPSET`.
 
     Returns:
         ``(encoder_path, decoder_path)``.
 
     Raises:
-        ValueError: the model's frame is not 1024 (the official runner could not feed it), or its masked
+        ValueError: an opset out of range, the model's frame is not 1024 (the official runner could not feed it), or its masked
             attention expects other maps than the runner builds (sigma 21 cells, 16-pixel cells, 64x64).
     """
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset: expected an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
     if model.image_size != OFFICIAL_IMAGE_SIZE:
         raise ValueError(
             f"the official zim_anything runner feeds {OFFICIAL_IMAGE_SIZE}x{OFFICIAL_IMAGE_SIZE} images; this "
@@ -259,6 +266,7 @@ def _export(
 
 def main(argv: list[str] | None = None) -> int:
     """``zim-lightning export-onnx``: write encoder.onnx + decoder.onnx for the official runner."""
+    from zim_lightning.command_checks import check_out_folder
     from zim_lightning.model_options import add_zim_arguments, zim_for_command
 
     parser = argparse.ArgumentParser(
@@ -268,11 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_zim_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    parser.add_argument(
+        "--opset", type=int, default=17, help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default 17)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        parser.error(f"--out {args.out!r} is a file; expected a folder (created if missing)")
+    check_out_folder(parser, args.out)
 
     model = zim_for_command(parser, args)
     try:

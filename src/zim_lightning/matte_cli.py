@@ -15,7 +15,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from zim_lightning.images import alpha_to_uint8, read_rgb, read_transparency, save_png
 
@@ -67,6 +66,11 @@ def _check_inside(name: str, coords: list[tuple[float, float]], width: int, heig
     return None
 
 
+def output_paths(out_dir: Path, stem: str) -> tuple[Path, Path]:
+    """Where :func:`write_outputs` writes the matte and the cut-out of the image ``stem``."""
+    return out_dir / f"{stem}_alpha.png", out_dir / f"{stem}_cutout.png"
+
+
 def write_outputs(
     image: np.ndarray,
     alpha: np.ndarray,
@@ -89,8 +93,7 @@ def write_outputs(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     alpha8 = alpha_to_uint8(alpha)
-    alpha_path = out_dir / f"{stem}_alpha.png"
-    cutout_path = out_dir / f"{stem}_cutout.png"
+    alpha_path, cutout_path = output_paths(out_dir, stem)
     save_png(alpha8, alpha_path)
     opacity = alpha8
     if transparency is not None:
@@ -130,17 +133,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_zim_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="torch device (default: cuda if available)",
-    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     add_precision_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``zim-lightning matte``."""
+    from zim_lightning.command_checks import check_out_folder, device_for_command
     from zim_lightning.model_options import zim_for_command
 
     parser = _parser()
@@ -159,12 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         problem = _check_inside("--point", [(x, y) for x, y, _ in args.point], width, height)
     if problem:
         parser.error(problem)
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {str(args.out)!r} is a file; expected a folder (created if missing)")
+    check_out_folder(parser, args.out)
+    for output in output_paths(args.out, args.image.stem):
+        if output.is_dir():
+            parser.error(f"--out: {str(output)!r}, where an output goes, is a folder")
+    device = device_for_command(parser, args.device)
 
     from zim_lightning.predictor import ZimPredictor
 
-    predictor = ZimPredictor(zim_for_command(parser, args).eval().to(args.device), precision=args.precision)
+    predictor = ZimPredictor(zim_for_command(parser, args).eval().to(device), precision=args.precision)
     try:
         predictor.set_image(image)
     except ValueError as err:  # an image the network cannot take (e.g. 1x3000 pixels)

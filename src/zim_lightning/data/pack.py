@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from zim_lightning.command_checks import out_folder_problem
 from zim_lightning.data.decode import decode_gray
 from zim_lightning.data.skips import CorruptSample
 from zim_lightning.data.tar_writer import encode_png, write_atomic, write_tar
@@ -161,6 +162,9 @@ def pack(
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     images, labels, out = Path(images), Path(labels), Path(out)
     name = name or ("seg" if masks else "matting")
+    problem = out_folder_problem(out)
+    if problem is not None:
+        raise ValueError(f"out {problem}")
     if not NAME.fullmatch(name):
         raise ValueError(
             f"name must start with a letter or digit and hold only letters, digits, '.', '_' and '-' (it "

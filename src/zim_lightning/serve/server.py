@@ -420,6 +420,7 @@ def build_app(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from zim_lightning.command_checks import device_for_command
     from zim_lightning.model_options import (
         add_precision_argument,
         add_zim_arguments,
@@ -450,22 +451,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port: expected 0 to 65535, got {args.port}")
     if args.max_images < 1:
         parser.error(f"--max-images: expected at least 1, got {args.max_images}")
-    if not args.max_upload_mb > 0:
+    if not 0 < args.max_upload_mb < float("inf"):
         parser.error(f"--max-upload-mb: expected a positive size, got {args.max_upload_mb}")
     if args.max_side < 1:
         parser.error(f"--max-side: expected at least 1 pixel, got {args.max_side}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = device_for_command(parser, args.device)
     app = build_app(
         zim_for_command(parser, args),
         model_name=describe_model(args),
-        device=args.device,
+        device=device,
         max_images=args.max_images,
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
         max_side=args.max_side,
         precision=args.precision,
         multimask=args.multimask,
     )
-    server = create_server(app, host=args.host, port=args.port)
+    try:
+        server = create_server(app, host=args.host, port=args.port)
+    except OSError as error:  # the port is taken, the address is not this machine's or does not resolve
+        parser.error(f"--host {args.host} --port {args.port}: cannot listen there ({error})")
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"zim-lightning serve: model {describe_model(args)} at http://{shown}:{port}/ (Ctrl+C to stop)")
