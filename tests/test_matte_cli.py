@@ -84,6 +84,33 @@ def test_an_input_with_transparency_keeps_it_in_the_cutout(photo, tmp_path) -> N
     np.testing.assert_array_equal(cutout[:, WIDTH // 2 :, 3], np.round(seen).astype(np.uint8))
 
 
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_colour_key_hides_its_pixels_in_the_cutout(photo, tmp_path, mode: str) -> None:
+    # PNG's tRNS colour key (one grey level or RGB colour is transparent), not only a palette's
+    _, image = photo
+    keyed = image.copy()
+    keyed[:40, :60] = 7  # the keyed colour, and only there
+    picture = Image.fromarray(keyed).convert(mode) if mode == "L" else Image.fromarray(keyed)
+    path = tmp_path / "disc.png"
+    picture.save(path, transparency=7 if mode == "L" else (7, 7, 7))
+    torch.manual_seed(0)
+    assert main([str(path), "--box", "0,0,320,240", "--model", "tiny", "--out", str(tmp_path / "out")]) == 0
+    cutout = np.asarray(Image.open(tmp_path / "out" / "disc_cutout.png"))
+    hidden = np.asarray(picture.convert("RGB")).sum(axis=2) == 3 * 7
+    assert hidden[:40, :60].all() and not cutout[hidden, 3].any()
+
+
+def test_an_output_name_taken_by_a_folder_is_refused_before_anything_is_written(
+    photo, tmp_path, capsys
+) -> None:
+    path, _ = photo
+    (tmp_path / "disc_cutout.png").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), "--box", "120,50,240,170", "--model", "tiny", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "disc_cutout.png" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disc_cutout.png"]  # no matte without its cut-out
+
+
 def test_a_box_of_the_whole_image_is_accepted(photo, tmp_path) -> None:
     # corners are pixel-edge coordinates: x2 = width and y2 = height close a box at the far edges
     path, image = photo

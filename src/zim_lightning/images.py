@@ -56,8 +56,8 @@ def read_transparency(path: str | Path) -> np.ndarray | None:
     try:
         with Image.open(path) as picture:
             picture = ImageOps.exif_transpose(picture)
-            if picture.mode == "P" and "transparency" in picture.info:
-                picture = picture.convert("RGBA")
+            if "transparency" in picture.info and "A" not in picture.getbands():
+                picture = picture.convert("RGBA")  # a palette entry or a colour key (grey, RGB) made clear
             if "A" not in picture.getbands():
                 return None
             return np.asarray(picture.getchannel("A"), dtype=np.uint8).copy()
