@@ -148,6 +148,14 @@ def test_a_frame_the_official_runner_cannot_feed_is_rejected(tmp_path) -> None:
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("opset", [13, 21, 0, "17"])
+def test_an_opset_the_exporter_cannot_write_is_rejected_before_tracing(tmp_path, opset) -> None:
+    # 13 has no scaled-dot-product attention; the TorchScript exporter writes up to 20
+    with pytest.raises(ValueError, match=f"opset: expected an integer from 14 to 20, got {opset!r}"):
+        export_onnx(Zim(**ZIM_VARIANTS["tiny"]), tmp_path / "out", opset=opset)
+    assert not list(tmp_path.iterdir())
+
+
 def test_attention_maps_other_than_the_runners_are_rejected(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"sigma, cell size and grid \(21, 16, 64\).* uses \(5, 16, 64\)"):
         export_onnx(Zim(**ZIM_VARIANTS["tiny"], attention_sigma=5), tmp_path)
