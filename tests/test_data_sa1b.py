@@ -184,6 +184,8 @@ def test_parse_annotations_validates_structure():
         b"[]",
         json.dumps({"image": {"width": 1}}).encode(),
         json.dumps(broken).encode(),
+        b"[" * 100_000,  # nested past the parser's depth: a RecursionError, not a skip, before
+        json.dumps({"image": {"width": 10**6, "height": 10**6}, "annotations": []}).encode(),  # no such jpg
     ):
         with pytest.raises(CorruptSample, match="sa_1") as caught:
             parse_annotations(bad, key="sa_1")

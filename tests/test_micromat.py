@@ -198,6 +198,7 @@ def test_missing_matte_in_matting_folder(tmp_path: Path) -> None:
         ('{"point": [[1, 2]], "bbox": [1, 2, 3, 4]}', "'point' must be"),
         ('{"point": [[1, 2, 5]], "bbox": [1, 2, 3, 4]}', "labels must be 1"),
         ('{"point": [[1, 2, 1]], "bbox": [5, 2, 3, 4]}', "'bbox' must be"),
+        ("[" * 100_000, "not valid json"),  # nested past the parser's depth
     ],
 )
 def test_malformed_prompt_json_names_the_instance(tmp_path: Path, content: str, message: str) -> None:
@@ -312,6 +313,13 @@ def test_matte_paths_that_would_put_predictions_elsewhere_are_refused(
         Image.open(tmp_path / "matte/fine/0001_1.png").save(tmp_path / matte)
     (tmp_path / "data_list.txt").write_text("\n".join([*lines, f"{img} {matte} {prompt} {seg}"]) + "\n")
     with pytest.raises(EvalDataError, match=rf"line 4: .*{words}"):
+        build_eval_dataset(tmp_path, format="micromat", prompt="box")
+
+
+def test_a_data_list_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    lines = write_micromat(tmp_path)
+    (tmp_path / "data_list.txt").write_bytes("\n".join(lines).encode() + "\n\xe9t\xe9.png".encode("latin-1"))
+    with pytest.raises(EvalDataError, match="data_list.txt' is not UTF-8 text"):
         build_eval_dataset(tmp_path, format="micromat", prompt="box")
 
 

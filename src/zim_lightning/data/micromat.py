@@ -331,8 +331,12 @@ def _micromat_records(root: Path, prompt: str) -> list[EvalRecord]:
     data_list = root / "data_list.txt"
     if not data_list.is_file():
         raise FileNotFoundError(f"MicroMat-3K index {str(data_list)!r} does not exist")
+    try:
+        lines = data_list.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise EvalDataError(f"{str(data_list)!r} is not UTF-8 text: {error}") from error
     records = []
-    for number, line in enumerate(data_list.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{data_list.name} line {number}"
@@ -385,7 +389,7 @@ def _read_prompt(path: Path, *, where: str, prompt: str) -> dict[str, np.ndarray
     """Parse ``{"point": [[x, y, label], ...], "bbox": [x1, y1, x2, y2]}``; check what ``prompt`` needs."""
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise EvalDataError(f"{where}: prompt is not valid json: {err}") from err
     if not isinstance(data, dict):
         raise EvalDataError(

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from zim_lightning.data.decode import (
@@ -110,7 +111,7 @@ def parse_annotations(data: bytes, *, key: str) -> dict:
     """
     try:
         record = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:  # (nested past the parser's depth)
         raise CorruptSample(f"invalid json ({error})", key=key, reason="bad_json") from error
 
     def fail(message: str) -> CorruptSample:
@@ -124,6 +125,9 @@ def parse_annotations(data: bytes, *, key: str) -> dict:
     width, height = image.get("width"), image.get("height")
     if not (_is_int(width) and _is_int(height) and width > 0 and height > 0):
         raise fail(f"'image' needs positive integer width and height, got {width!r} x {height!r}")
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > 2 * Image.MAX_IMAGE_PIXELS:
+        # Pillow would refuse to decode such a jpg; its mattes, decoded first at this size, would not fit
+        raise fail(f"'image' of {width} x {height} pixels is larger than any image Pillow decodes")
     annotations = record.get("annotations")
     if not isinstance(annotations, list):
         raise fail("missing 'annotations' list")
