@@ -299,6 +299,11 @@ def test_clear_errors_for_bad_inputs() -> None:
     for protocol in ("paper", "dim"):  # not NaN (paper) or a TypeError from the trimap message (dim)
         with pytest.raises(ValueError, match="empty"):
             matting_errors(torch.zeros(0, 5), torch.zeros(0, 5), protocol)
+    # NumPy arrays: a TypeError naming the argument, not torch's own about is_floating_point or .to
+    with pytest.raises(TypeError, match=r"pred must be a torch.Tensor \(torch.from_numpy"):
+        matting_errors(np.zeros((4, 4), np.float32), gt)
+    with pytest.raises(TypeError, match="trimap must be a torch.Tensor or None, got ndarray"):
+        matting_errors(gt, gt, "dim", trimap=np.full((4, 4), 128, np.uint8))
 
 
 # ---------------------------------------------------------------- buckets and the torchmetrics form

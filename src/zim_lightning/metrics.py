@@ -79,6 +79,10 @@ _PLANAR_4_CONNECTIVITY[1] = ndimage.generate_binary_structure(2, 1)
 
 
 def _check_alpha(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor (torch.from_numpy for an array), got {type(x).__name__}"
+        )
     if x.ndim != 2:
         raise ValueError(f"{name} must be an HxW alpha matte, got shape {tuple(x.shape)}")
     if not torch.is_floating_point(x):
@@ -281,6 +285,7 @@ def matting_errors(
         ``{"sad", "mse", "mae", "grad", "conn"}`` as Python floats.
 
     Raises:
+        TypeError: for inputs that are not tensors (NumPy arrays: ``torch.from_numpy``).
         ValueError: for an unknown protocol, mismatched shapes, values outside [0, 1], a trimap given
             with the paper protocol (which always uses the whole image), or a trimap without an unknown
             (128) pixel (its dim errors would all be 0, or undefined for MSE and MAE).
@@ -316,6 +321,8 @@ def matting_errors(
     if trimap is None:
         weight = torch.ones_like(p)
     else:
+        if not isinstance(trimap, torch.Tensor):
+            raise TypeError(f"trimap must be a torch.Tensor or None, got {type(trimap).__name__}")
         if trimap.shape != gt.shape:
             raise ValueError(f"trimap must have the shape of gt {tuple(gt.shape)}, got {tuple(trimap.shape)}")
         weight = (trimap.to(p.device) == TRIMAP_UNKNOWN).to(torch.float64)
