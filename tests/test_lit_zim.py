@@ -385,6 +385,22 @@ def test_the_sigterm_wrapper_does_nothing_off_the_main_thread():
         signal.signal(signal.SIGTERM, saved)
 
 
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (("--data.init_args.train_shards=missing-{000000..000001}.tar",), "train_shards: 2 of the 2 shards"),
+        (("--data.init_args.batch_size=0",), "batch_size must be >= 1"),
+    ],
+)
+def test_a_run_with_missing_shards_or_a_refused_value_is_a_usage_error_before_its_log_folder(
+    synthetic: Path, tmp_path: Path, capsys, extra: tuple[str, ...], words: str
+):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *_args(synthetic, tmp_path, *extra)])
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err
+    assert not list(tmp_path.rglob("config.yaml"))
+
+
 def test_a_second_run_into_the_same_log_folder_replaces_its_config(synthetic: Path, tmp_path: Path):
     # a resume, or the demo run again, into one fixed log folder must not abort on the earlier config.yaml
     fixed = (*QUIET, "--trainer.max_steps=1", "--trainer.logger.init_args.version=run0")

@@ -450,6 +450,22 @@ class ZimDataModule(L.LightningDataModule):
         if self._seed_from_run and trainer is not None and trainer.world_size > 1:
             self.seed = int(trainer.strategy.broadcast(self.seed, src=0))
 
+    def check_shards(self) -> None:
+        """Expand every shard list given (training, validation, and segmentation with ``stl``), so that a
+        pattern naming no shard or a local shard that does not exist stops a run before it starts.
+
+        Raises:
+            ValueError, FileNotFoundError: as :func:`~zim_lightning.data.shards.expand_shards`.
+        """
+        given = {"train_shards": self.train_shards, "val_shards": self.val_shards}
+        given["seg_shards"] = self.seg_shards if self.stl else None
+        for name, spec in given.items():
+            if spec is not None:
+                try:
+                    expand_shards(spec)
+                except (ValueError, FileNotFoundError) as error:
+                    raise type(error)(f"{name}: {error}") from error
+
     def skip_counts(self) -> dict[str, int]:
         """Corrupt samples skipped so far by this rank (main process and workers), per reason."""
         return self.skips.counts()

@@ -111,7 +111,15 @@ class ZimLightningCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        # A value the classes refuse (a batch size of 0, an unknown stage) and, for a run, shards that do
+        # not exist are usage errors, before the run makes its log folder, not tracebacks from inside it.
+        try:
+            super().instantiate_classes()
+            check_shards = getattr(getattr(self, "datamodule", None), "check_shards", None)
+            if self.subcommand is not None and check_shards is not None:
+                check_shards()
+        except (ValueError, FileNotFoundError) as error:
+            self.parser.error(str(error))
         # Checkpoints carry the network's config, so they rebuild it without the run's config.yaml.
         # (set on the module, whose checkpoint hook also runs for weights-only checkpoints)
         config = self.config[self.subcommand] if self.subcommand else self.config
