@@ -497,7 +497,7 @@ def test_a_checkpoint_of_another_model_or_no_checkpoint_cannot_resume_a_run(
         (other_net, "its network is not this run's ("),
         (other_frame, "3 with another shape: image_encoder.blocks.1.attn.rel_pos_h (127, 32) vs"),
         (plain, "not a Lightning checkpoint"),
-        (text, "could not be read as a PyTorch state dict"),
+        (text, "is not a PyTorch checkpoint"),
     ):
         with pytest.raises(SystemExit) as exc:
             cli_main(["fit", *_args(synthetic, tmp_path, f"--ckpt_path={path}")])

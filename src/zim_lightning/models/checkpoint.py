@@ -80,6 +80,13 @@ def load_checkpoint(path: str | Path, *, mmap: bool = False) -> object:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    with path.open("rb") as file:
+        start = file.read(4)
+    if not (start.startswith(b"PK") or start.startswith(b"\x80")):  # torch.save's zip, or a bare pickle
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a PyTorch checkpoint: it is neither the zip archive torch.save "
+            f"writes nor a pickle (it starts with {start!r})"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for foreign or corrupt files
