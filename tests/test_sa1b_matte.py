@@ -390,6 +390,33 @@ def test_an_out_that_holds_the_input_shards_is_refused_before_anything_is_writte
     assert {p.name: p.read_bytes() for p in inputs.iterdir()} == before  # nothing written or replaced
 
 
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"devices": 0}, "devices=0"),  # Lightning's MisconfigurationException, said as a usage error
+        ({"precision": "foo"}, "Precision 'foo' is invalid"),
+        ({"model": "foo"}, "unknown converter 'foo'"),
+        ({"sa1b": ["missing/sa_000000.tar"]}, "missing"),  # bad input: not "finished shards are kept"
+    ],
+)
+def test_a_refused_build_leaves_nothing_in_a_new_out(
+    synthetic: Path, checkpoint: Path, tmp_path: Path, options: dict, words: str, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sa1b_matte"
+    arguments = {"sa1b": [str(synthetic / "sa1b")], "out": out, "checkpoint": str(checkpoint)}
+    arguments.update(model="converter_tiny", config=CropConfig(crop_size=64), accelerator="cpu", devices=1)
+    with pytest.raises(ValueError, match=words):
+        build(**{**arguments, **options})
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("side", ["context", "margin"])
+def test_a_crop_context_or_margin_of_nan_is_refused(side: str) -> None:
+    with pytest.raises(ValueError, match="margin and context must be finite"):  # NaN passed every comparison
+        CropConfig(crop_size=64, **{side: float("nan")})
+
+
 @pytest.mark.slow
 def test_two_processes_share_the_shards_and_write_the_bytes_of_one(
     synthetic: Path, checkpoint: Path, clean_build: Path, tmp_path: Path

@@ -41,6 +41,10 @@ class CropConfig:
             raise ValueError(f"crop_size must be a positive multiple of 32, got {self.crop_size}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not (math.isfinite(self.margin) and math.isfinite(self.context)):
+            raise ValueError(
+                f"margin and context must be finite, got margin={self.margin}, context={self.context}"
+            )
         if self.margin < 0 or self.context < self.margin:
             raise ValueError(
                 f"expected 0 <= margin <= context (the matte box must lie inside the converter's crop), "

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.utils.data
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -183,7 +184,10 @@ def build(
     config = config or CropConfig()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    shards = resolve_shards(sa1b)
+    try:
+        shards = resolve_shards(sa1b)
+    except FileNotFoundError as error:  # bad input, not a failure midway with finished shards to keep
+        raise ValueError(str(error)) from error
     out = Path(out)
     inputs_in_out = [str(s) for s in shards if output_path(out, s).resolve() == s.resolve()]
     if inputs_in_out:
@@ -191,7 +195,6 @@ def build(
             f"--out {str(out)!r} is where the SA-1B input shards lie ({inputs_in_out[:3]}...): each output "
             "shard takes its input's name and would replace it; give another --out"
         )
-    (out / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
     if net is None:
         net, model = _converter(model, checkpoint)
     model = model or type(net).__name__
@@ -211,20 +214,25 @@ def build(
         run_info=run_info,
         accept_truncated=accept_truncated,
     )
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=num_nodes,
-        # Ranks wait at the final barrier for the slowest one (a shard takes hours), far past the
-        # 30-minute default timeout of a collective, after which NCCL would abort the finished ranks.
-        strategy=DDPStrategy(timeout=BARRIER_TIMEOUT) if several else "auto",
-        precision=precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        callbacks=[writer],
-    )
+    try:
+        trainer = L.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            # Ranks wait at the final barrier for the slowest one (a shard takes hours), far past the
+            # 30-minute default timeout of a collective, after which NCCL would abort the finished ranks.
+            strategy=DDPStrategy(timeout=BARRIER_TIMEOUT) if several else "auto",
+            precision=precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            callbacks=[writer],
+        )
+    except MisconfigurationException as error:  # e.g. devices=0, or an accelerator this machine lacks
+        raise ValueError(str(error)) from error
+    # only now, with every option checked: a refused run leaves nothing in a new --out
+    (out / MANIFEST_DIR).mkdir(parents=True, exist_ok=True)
     data = BuildData(
         shards=shards,
         out=out,
