@@ -4,8 +4,10 @@ promptable matting with box and point prompts).
 ``zim-lightning matte IMAGE (--box x1,y1,x2,y2 | --point x,y[,label] ...) [--model NAME |
 --run-config RUN/config.yaml] [--checkpoint PATH] --out DIR`` writes ``<stem>_alpha.png`` (8-bit
 grayscale alpha) and ``<stem>_cutout.png`` (the image as RGBA with that alpha) into ``DIR``, using
-:class:`~zim_lightning.predictor.ZimPredictor`. Coordinates are ``(X, Y)`` pixels of the original
-image; a point's label is 1 (foreground, the default) or 0 (background).
+:class:`~zim_lightning.predictor.ZimPredictor`. Coordinates are ``(X, Y)`` pixels of the image as it
+is displayed (its EXIF orientation applied, as the outputs are); a point's label is 1 (foreground, the
+default) or 0 (background). A value starting with ``-`` needs the ``=`` form (``--box=-5,0,50,50``),
+or the argument parser takes it for an option.
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zim-lightning matte",
         description="Matte one object of an image from a box or points; writes <stem>_alpha.png and "
-        "<stem>_cutout.png. Coordinates are (X, Y) pixels of the original image.",
+        "<stem>_cutout.png. Coordinates are (X, Y) pixels of the image as displayed (EXIF orientation "
+        "applied).",
     )
     parser.add_argument("image", type=Path, help="input image (any format PIL reads)")
     prompt = parser.add_mutually_exclusive_group(required=True)
