@@ -102,6 +102,27 @@ def test_bgr_input_gives_the_same_embedding(predictor, image):
     assert torch.equal(other.get_image_embedding(), predictor.get_image_embedding())
 
 
+def test_set_torch_image_takes_an_image_resized_to_the_frame_as_sam_predictor(predictor, image):
+    other = ZimPredictor(predictor.model)
+    size = image.shape[:2]
+    other.set_torch_image(predictor.to_frame(image).float(), size)  # what set_image encodes
+    assert torch.equal(other.get_image_embedding(), predictor.get_image_embedding())
+    box = np.array([40, 30, 200, 180])
+    np.testing.assert_array_equal(other.predict(box=box)[0], predictor.predict(box=box)[0])
+    frame = other.transform.get_preprocess_shape(*size, other.model.image_size)
+    resized = torch.nn.functional.interpolate(
+        torch.from_numpy(image).permute(2, 0, 1)[None].float(), frame, mode="bilinear", antialias=True
+    )
+    other.set_torch_image(resized, size)  # a float image resized elsewhere
+    assert other.predict(box=box)[0].shape == (4, *size)  # four mattes at the original size
+    with pytest.raises(ValueError, match=r"transformed_image must be 1x3x683x1024 .* got \(3, 683, 1024\)"):
+        other.set_torch_image(resized[0], size)
+    # segment-anything's apply_image_torch takes its frame from the batch and channel sizes: 341x1024
+    sam_resized = other.transform.apply_image_torch(resized)
+    with pytest.raises(ValueError, match=r"got \(1, 3, 341, 1024\)"):
+        other.set_torch_image(sam_resized, size)
+
+
 def test_matches_official_predictor_given_the_same_network(predictor, image):
     """Official pre/post-processing around our network (ONNX wrappers replaced by stubs) = ours."""
     official_zim = pytest.importorskip(

@@ -118,11 +118,36 @@ class ZimPredictor:
             image = image.astype(np.uint8)
         if image_format == "BGR":
             image = image[..., ::-1]
-        tensor = self.to_frame(image)  # 1x3xhxw uint8, longest side 1024
+        self.set_torch_image(self.to_frame(image), (int(image.shape[0]), int(image.shape[1])))
+
+    @torch.no_grad()
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, int]) -> None:
+        """Encode an image already resized to the model's frame, as segment-anything's ``SamPredictor``.
+
+        Args:
+            transformed_image: 1x3xhxw RGB in [0, 255] (uint8 or float): the original resized to the
+                frame ``self.transform.get_preprocess_shape(H, W, image_size)`` (as :meth:`to_frame`
+                does); on any device (it is moved to the model's). Not segment-anything's
+                ``ResizeLongestSide.apply_image_torch``, which takes its frame from the batch and channel
+                sizes (1 and 3, so a 1x3 aspect), a frame that SamPredictor accepts and decodes
+                prompts against wrongly.
+            original_image_size: (H, W) of the image before resizing: the frame of the returned mattes.
+
+        Raises:
+            ValueError: for a tensor that is not 1x3xhxw at the frame ``original_image_size`` resizes to.
+        """
+        height, width = (int(side) for side in original_image_size)
+        frame = self.transform.get_preprocess_shape(height, width, self.model.image_size)
+        shape = tuple(transformed_image.shape)
+        if len(shape) != 4 or shape[:2] != (1, 3) or shape[2:] != frame:
+            raise ValueError(
+                f"transformed_image must be 1x3x{frame[0]}x{frame[1]} (the {width}x{height} original resized "
+                f"to the longest side {self.model.image_size}, as to_frame does), got {shape}"
+            )
         self.reset_image()
         with speed.autocast(self.device, self.precision), speed.float32_heads(self.model):
-            self.features, self.interm_feats = self.model.encode_image(tensor)
-        self.original_size = (int(image.shape[0]), int(image.shape[1]))
+            self.features, self.interm_feats = self.model.encode_image(transformed_image.to(self.device))
+        self.original_size = (height, width)
         self.input_size = frame
         self.is_image_set = True
 
