@@ -300,8 +300,9 @@ class ZimAutomaticMatteGenerator:
             One dict per object, sorted by area (largest first):
             ``alpha`` HxW float32 in [0, 1]; ``bbox`` [x, y, w, h] of the binarised matte (alpha > 0.5),
             pixels, as segment-anything's generator gives it (w = x2 - x1 of the inclusive box, one less
-            than the pixels it spans); ``area`` its pixel count; ``predicted_iou``; ``stability_score``; ``point_coords``
-            [[x, y]], the prompt that produced it (original pixels); ``crop_box`` [x, y, w, h].
+            than the pixels it spans); ``area`` its pixel count; ``predicted_iou``; ``stability_score``;
+            ``point_coords`` [[x, y]], the prompt that produced it (original pixels); ``crop_box``
+            [x, y, w, h].
         """
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
