@@ -174,8 +174,9 @@ def export_onnx(model: Zim, out_dir: str | Path, *, opset: int = 17) -> tuple[Pa
         ``(encoder_path, decoder_path)``.
 
     Raises:
-        ValueError: an opset out of range, the model's frame is not 1024 (the official runner could not feed it), or its masked
-            attention expects other maps than the runner builds (sigma 21 cells, 16-pixel cells, 64x64).
+        ValueError: an opset out of range, the model's frame is not 1024 (the official runner could not
+            feed it), or its masked attention expects other maps than the runner builds (sigma 21
+            cells, 16-pixel cells, 64x64).
     """
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset: expected an integer from {MIN_OPSET} to {MAX_OPSET}, got {opset!r}")
