@@ -390,6 +390,7 @@ def test_the_sigterm_wrapper_does_nothing_off_the_main_thread():
     [
         (("--data.init_args.train_shards=missing-{000000..000001}.tar",), "train_shards: 2 of the 2 shards"),
         (("--data.init_args.batch_size=0",), "batch_size must be >= 1"),
+        (("--model.init_args.require_pretrained=true",), "starts from random weights, and this config"),
     ],
 )
 def test_a_run_with_missing_shards_or_a_refused_value_is_a_usage_error_before_its_log_folder(

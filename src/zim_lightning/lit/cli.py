@@ -112,12 +112,18 @@ class ZimLightningCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         # A value the classes refuse (a batch size of 0, an unknown stage) and, for a run, shards that do
-        # not exist are usage errors, before the run makes its log folder, not tracebacks from inside it.
+        # not exist or a fit from random weights that require_pretrained forbids are usage errors, before
+        # the run makes its log folder, not tracebacks from inside it.
         try:
             super().instantiate_classes()
             check_shards = getattr(getattr(self, "datamodule", None), "check_shards", None)
             if self.subcommand is not None and check_shards is not None:
                 check_shards()
+            random_start_problem = getattr(self.model, "random_start_problem", None)
+            if self.subcommand == "fit" and random_start_problem is not None:
+                problem = random_start_problem(resuming=bool(self.config["fit"].get("ckpt_path")))
+                if problem is not None:
+                    raise ValueError(problem)
         except (ValueError, FileNotFoundError) as error:
             self.parser.error(str(error))
         # Checkpoints carry the network's config, so they rebuild it without the run's config.yaml.

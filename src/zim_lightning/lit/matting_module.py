@@ -192,6 +192,18 @@ class MattingModule(LightningModule):
     def on_test_start(self) -> None:
         expect_worker_deaths_after_sigterm()
 
+    def random_start_problem(self, *, resuming: bool) -> str | None:
+        """Why this fit must not start (``require_pretrained`` and a network built from random weights,
+        unless the run resumes from a checkpoint), with the remedy; or None."""
+        remedy = random_start_of(self.net)
+        if not self.require_pretrained or not remedy or resuming:
+            return None
+        return (
+            f"{type(self.net).__name__} starts from random weights, and this config "
+            f"(require_pretrained: true) trains from pretrained ones: {remedy}. "
+            "To train from random weights anyway, set --model.init_args.require_pretrained=false"
+        )
+
     def on_fit_start(self) -> None:
         trainer = self.trainer
         clip = trainer.gradient_clip_val
@@ -204,13 +216,9 @@ class MattingModule(LightningModule):
                 "Lightning cannot clip it. Set --model.init_args.optimizer.init_args.fused=false, or drop "
                 "gradient_clip_val"
             )
-        remedy = random_start_of(self.net)
-        if self.require_pretrained and remedy and not trainer.ckpt_path:
-            raise ValueError(
-                f"{type(self.net).__name__} starts from random weights, and this config "
-                f"(require_pretrained: true) trains from pretrained ones: {remedy}. "
-                "To train from random weights anyway, set --model.init_args.require_pretrained=false"
-            )
+        problem = self.random_start_problem(resuming=bool(trainer.ckpt_path))
+        if problem is not None:
+            raise ValueError(problem)
         per_device = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
         if isinstance(per_device, int):
             # The configs' batch size is per device: the paper's 16 is the total on one GPU only.
