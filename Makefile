@@ -79,7 +79,7 @@ train-zim: $(STAMP) ## Train ZIM: tiny on the synthetic DATA=, or CONFIG=configs
 	$(if $(CONFIG),,test -d $(DATA)/matting || $(BIN)/zim-lightning synth --out $(DATA) --seed 0)
 	$(BIN)/zim-lightning fit -c configs/trainer/$(TRAINER).yaml -c $(or $(CONFIG),configs/zim/tiny.yaml) $(if $(CONFIG),,$(SYNTH_ZIM)) $(ARGS)
 
-results: $(STAMP) ## Rerun docs/results.md's experiments (CPU, about 40 min on an idle 2-core box; see results.md for the commits its figures come from)
+results: $(STAMP) ## Rerun docs/results.md's experiments (CPU, about 30 min on an idle 2-core box; see results.md for the commits its figures come from)
 	$(BIN)/python scripts/results_converter.py --work runs/results --steps 1500 --json docs/results/converter.json
 	$(BIN)/python scripts/results_zim.py --work runs/results --steps 1500 --json docs/results/zim.json
 	$(BIN)/python scripts/results_plot.py docs/results/converter.json docs/results/zim.json --out docs/images/loss_curves.png
