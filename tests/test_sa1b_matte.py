@@ -74,19 +74,11 @@ def _one_thread() -> Iterator[None]:
 
 
 @_one_thread()
-def _build(sa1b: Path, out: Path, checkpoint: Path, *, num_workers: int = 0, **speed_switches) -> dict:
-    return build(
-        sa1b=[str(sa1b)],
-        out=out,
-        model="converter_tiny",
-        checkpoint=str(checkpoint),
-        config=CropConfig(crop_size=64),
-        batch_size=BATCH_SIZE,
-        num_workers=num_workers,
-        accelerator="cpu",
-        devices=1,
-        **speed_switches,
-    )
+def _build(sa1b: Path, out: Path, checkpoint: Path, *, num_workers: int = 0, **options) -> dict:
+    """The tiny converter's build on the CPU; ``options`` add to or replace :func:`build`'s arguments."""
+    arguments = {"sa1b": [str(sa1b)], "out": out, "model": "converter_tiny", "checkpoint": str(checkpoint)}
+    arguments.update(config=CropConfig(crop_size=64), batch_size=BATCH_SIZE, num_workers=num_workers)
+    return build(**{**arguments, "accelerator": "cpu", "devices": 1, **options})
 
 
 def _files(out: Path) -> dict[str, bytes]:
@@ -396,7 +388,7 @@ def test_an_out_that_holds_the_input_shards_is_refused_before_anything_is_writte
         ({"devices": 0}, "devices=0"),  # Lightning's MisconfigurationException, said as a usage error
         ({"precision": "foo"}, "Precision 'foo' is invalid"),
         ({"model": "foo"}, "unknown converter 'foo'"),
-        ({"sa1b": ["missing/sa_000000.tar"]}, "missing"),  # bad input: not "finished shards are kept"
+        ({"sa1b": "missing/sa_000000.tar"}, "missing"),  # bad input: not "finished shards are kept"
     ],
 )
 def test_a_refused_build_leaves_nothing_in_a_new_out(
@@ -404,10 +396,9 @@ def test_a_refused_build_leaves_nothing_in_a_new_out(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "sa1b_matte"
-    arguments = {"sa1b": [str(synthetic / "sa1b")], "out": out, "checkpoint": str(checkpoint)}
-    arguments.update(model="converter_tiny", config=CropConfig(crop_size=64), accelerator="cpu", devices=1)
+    options = dict(options)
     with pytest.raises(ValueError, match=words):
-        build(**{**arguments, **options})
+        _build(Path(options.pop("sa1b", synthetic / "sa1b")), out, checkpoint, **options)
     assert not out.exists()
 
 

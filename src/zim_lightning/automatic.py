@@ -227,21 +227,17 @@ class ZimAutomaticMatteGenerator:
     ) -> None:
         from zim_lightning.predictor import ZimPredictor
 
-        counts = {
-            "points_per_side": (points_per_side, 1),
-            "points_per_batch": (points_per_batch, 1),
-            "crop_n_layers": (crop_n_layers, 0),
-            "crop_n_points_downscale_factor": (crop_n_points_downscale_factor, 1),
-            "min_mask_region_area": (min_mask_region_area, 0),
+        counts = {  # (value, least, most)
+            "points_per_side": (points_per_side, 1, MAX_POINTS_PER_SIDE),
+            "points_per_batch": (points_per_batch, 1, None),
+            "crop_n_layers": (crop_n_layers, 0, MAX_CROP_LAYERS),
+            "crop_n_points_downscale_factor": (crop_n_points_downscale_factor, 1, None),
+            "min_mask_region_area": (min_mask_region_area, 0, None),
         }
-        for name, (value, least) in counts.items():
+        for name, (value, least, most) in counts.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
-        for name, value, most in (
-            ("points_per_side", points_per_side, MAX_POINTS_PER_SIDE),
-            ("crop_n_layers", crop_n_layers, MAX_CROP_LAYERS),
-        ):
-            if value > most:
+            if most is not None and value > most:
                 raise ValueError(f"{name}: expected at most {most}, got {value}")
         deepest = points_per_side // crop_n_points_downscale_factor**crop_n_layers
         if deepest < 1:
