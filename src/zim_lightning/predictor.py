@@ -303,70 +303,43 @@ class ZimPredictor:
                     f"{name} must be a torch.Tensor (or None), got {type(value).__name__}; predict() takes "
                     "NumPy arrays in the original image's pixels"
                 )
-        parts_coords, parts_labels = [], []
-        checks: dict[str, torch.Tensor] = {}  # what must hold, read back together
-        batch = None
+        # What must hold (message: a boolean tensor), read back together; None: nothing to check.
+        checks: dict[str, torch.Tensor] | None = {} if check_values else None
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (coords BxKx2, labels BxK)
         if point_coords is not None or point_labels is not None:
-            if point_coords is None or point_labels is None:
-                raise ValueError("point_coords and point_labels must be given together")
-            if point_coords.ndim != 3 or point_coords.shape[-1] != 2:
-                raise ValueError(f"point_coords must be BxNx2, got shape {tuple(point_coords.shape)}")
-            if tuple(point_labels.shape) != tuple(point_coords.shape[:2]):
-                raise ValueError(
-                    f"point_labels must be BxN = {tuple(point_coords.shape[:2])} to match point_coords, "
-                    f"got shape {tuple(point_labels.shape)}"
-                )
-            batch = point_coords.shape[0]
-            parts_coords.append(point_coords.float())
-            parts_labels.append(point_labels.float())
-            if check_values:
-                real = (point_labels == 0) | (point_labels == 1)
-                filler = (point_labels == LABEL_ABSENT) | (point_labels == LABEL_PAD)
-                checks[
-                    f"point_labels must be 1 (foreground), 0 (background), or {LABEL_ABSENT} / "
-                    f"{LABEL_PAD} to batch point sets of different lengths"
-                ] = (real | filler).all()
-                if boxes is None:
-                    checks["every point set needs at least one point labelled 0 or 1, not only padding"] = (
-                        real.any(dim=1).all()
-                    )
-                checks["point_coords must be finite (in float32)"] = torch.isfinite(parts_coords[-1]).all()
+            parts.append(_point_part(point_coords, point_labels, alone=boxes is None, checks=checks))
+        batch = parts[0][0].shape[0] if parts else None
         if boxes is not None:
-            if boxes.ndim != 2 or boxes.shape[-1] != 4:
-                raise ValueError(f"boxes must be Bx4 (x1, y1, x2, y2), got shape {tuple(boxes.shape)}")
-            if batch is not None and boxes.shape[0] != batch:
-                raise ValueError(
-                    f"boxes must have as many rows as point_coords ({batch}), got {boxes.shape[0]}"
-                )
-            batch = boxes.shape[0]
-            corners = boxes.float().reshape(batch, 2, 2)
-            parts_coords.append(corners)
-            parts_labels.append(_filled((batch,), (LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT), self.device))
-            if check_values:
-                checks["boxes must be finite (in float32)"] = torch.isfinite(corners).all()
-                checks["boxes must have x2 >= x1 and y2 >= y1 (x1, y1, x2, y2)"] = (
-                    corners[:, 1] >= corners[:, 0]
-                ).all()  # (NaN compares false: a non-finite box fails here too, after the line above)
+            parts.append(self._box_part(boxes, batch, checks=checks))
         else:
             # Point-only prompts get SAM's padding point, as the official decoder appends.
             assert batch is not None
-            parts_coords.append(_filled((batch, 1), PADDING_POINT, self.device))
-            parts_labels.append(torch.full((batch, 1), float(LABEL_PAD), device=self.device))
-        # Values on the host are checked for free. On a GPU, boxes alone are not checked, so that nothing
-        # waits (the decoder is queued behind the encoder); labels are, and the rest with them.
-        labels_on_gpu = point_labels is not None and point_labels.device.type != "cpu"
-        on_host = [m for m, held in checks.items() if held.device.type == "cpu"]
-        on_gpu = [m for m in checks if m not in on_host and labels_on_gpu]
-        holds = {}
-        for group in (on_host, on_gpu):  # the GPU's: one read-back
-            if group:
-                holds.update(zip(group, torch.stack([checks[m] for m in group]).cpu().tolist(), strict=True))
-        for message, ok in holds.items():
-            if not ok:
-                raise ValueError(message)
-        coords = torch.cat([_to_device(c, self.device) for c in parts_coords], dim=1)
-        labels = torch.cat([_to_device(lab, self.device) for lab in parts_labels], dim=1)
+            padding = _filled((batch, 1), PADDING_POINT, self.device)
+            parts.append((padding, torch.full((batch, 1), float(LABEL_PAD), device=self.device)))
+        if checks:
+            # On a GPU, boxes alone are not checked, so that nothing waits (the decoder is queued behind
+            # the encoder); labels are, and the rest with them.
+            _enforce(checks, read_back_gpu=point_labels is not None and point_labels.device.type != "cpu")
+        coords = torch.cat([_to_device(c, self.device) for c, _ in parts], dim=1)
+        labels = torch.cat([_to_device(lab, self.device) for _, lab in parts], dim=1)
         return coords, labels
+
+    def _box_part(
+        self, boxes: torch.Tensor, batch: int | None, *, checks: dict[str, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bx4 boxes as two corner points each (labels 2 and 3), adding the checks of their values."""
+        if boxes.ndim != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"boxes must be Bx4 (x1, y1, x2, y2), got shape {tuple(boxes.shape)}")
+        if batch is not None and boxes.shape[0] != batch:
+            raise ValueError(f"boxes must have as many rows as point_coords ({batch}), got {boxes.shape[0]}")
+        corners = boxes.float().reshape(boxes.shape[0], 2, 2)
+        if checks is not None:
+            checks["boxes must be finite (in float32)"] = torch.isfinite(corners).all()
+            checks["boxes must have x2 >= x1 and y2 >= y1 (x1, y1, x2, y2)"] = (
+                corners[:, 1] >= corners[:, 0]
+            ).all()  # (NaN compares false: a non-finite box fails here too, after the line above)
+        labels = _filled((boxes.shape[0],), (LABEL_BOX_TOP_LEFT, LABEL_BOX_BOTTOM_RIGHT), self.device)
+        return corners, labels
 
     def _upload(self, array: np.ndarray) -> torch.Tensor:
         """A host array as a float32 tensor on the model's device (see :func:`_to_device`)."""
@@ -375,6 +348,54 @@ class ZimPredictor:
     def _require_image(self) -> None:
         if not self.is_image_set:
             raise RuntimeError("no image is set: call set_image(image) before predicting")
+
+
+def _point_part(
+    point_coords: torch.Tensor | None,
+    point_labels: torch.Tensor | None,
+    *,
+    alone: bool,
+    checks: dict[str, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BxNx2 points and BxN labels in float32, adding the checks of their values (``alone``: no box, so
+    every row needs a real point)."""
+    if point_coords is None or point_labels is None:
+        raise ValueError("point_coords and point_labels must be given together")
+    if point_coords.ndim != 3 or point_coords.shape[-1] != 2:
+        raise ValueError(f"point_coords must be BxNx2, got shape {tuple(point_coords.shape)}")
+    if tuple(point_labels.shape) != tuple(point_coords.shape[:2]):
+        raise ValueError(
+            f"point_labels must be BxN = {tuple(point_coords.shape[:2])} to match point_coords, "
+            f"got shape {tuple(point_labels.shape)}"
+        )
+    coords = point_coords.float()
+    if checks is not None:
+        real = (point_labels == 0) | (point_labels == 1)
+        filler = (point_labels == LABEL_ABSENT) | (point_labels == LABEL_PAD)
+        checks[
+            f"point_labels must be 1 (foreground), 0 (background), or {LABEL_ABSENT} / {LABEL_PAD} to "
+            "batch point sets of different lengths"
+        ] = (real | filler).all()
+        if alone:
+            checks["every point set needs at least one point labelled 0 or 1, not only padding"] = real.any(
+                dim=1
+            ).all()
+        checks["point_coords must be finite (in float32)"] = torch.isfinite(coords).all()
+    return coords, point_labels.float()
+
+
+def _enforce(checks: dict[str, torch.Tensor], *, read_back_gpu: bool) -> None:
+    """Raise ValueError with the message of the first check that fails. The host's checks cost no
+    wait; a GPU's are read only with ``read_back_gpu``, all in one read-back."""
+    on_host = [message for message, held in checks.items() if held.device.type == "cpu"]
+    on_gpu = [message for message in checks if message not in on_host] if read_back_gpu else []
+    for group in (on_host, on_gpu):
+        if not group:
+            continue
+        held = torch.stack([checks[message] for message in group]).cpu().tolist()
+        for message, ok in zip(group, held, strict=True):
+            if not ok:
+                raise ValueError(message)
 
 
 def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
