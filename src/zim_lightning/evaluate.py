@@ -40,7 +40,7 @@ import math
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -48,6 +48,13 @@ import torch
 
 from zim_lightning.data.micromat import FORMATS, PROMPTS, read_alpha
 from zim_lightning.metrics import BUCKETS, METRIC_NAMES, PROTOCOLS
+
+if TYPE_CHECKING:  # (imported lazily below: `zim-lightning eval --help` stays quick)
+    import lightning as L
+
+    from zim_lightning.data.datamodule import ZimDataModule
+    from zim_lightning.data.micromat import EvalDataset
+    from zim_lightning.lit.eval_module import EvalModule
 
 log = logging.getLogger(__name__)
 
@@ -366,16 +373,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``zim-lightning eval``."""
     import lightning as L
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from zim_lightning.command_checks import check_out_folder
-    from zim_lightning.data.datamodule import ZimDataModule
-    from zim_lightning.data.micromat import EvalDataError, build_eval_dataset, check_trimaps
     from zim_lightning.lit.eval_module import EvalModule
     from zim_lightning.lit.preemption import stop_or_raise
-    from zim_lightning.model_options import check_checkpoint_argument, describe_model, zim_for_command
+    from zim_lightning.model_options import check_checkpoint_argument, zim_for_command
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -386,34 +390,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--grid-count and --closed-form-max-side must be >= 0")
     if not (args.devices in ("auto", "-1") or (args.devices.isdigit() and int(args.devices) > 0)):
         parser.error(f"--devices: expected a positive number, 'auto' or -1, got {args.devices!r}")
-    devices: int | str = int(args.devices) if args.devices.lstrip("-").isdigit() else args.devices
     # Same seed on every rank: random weights (smoke tests) must be the same network everywhere.
     L.seed_everything(args.seed, verbose=False)
     net = zim_for_command(parser, args).eval()
-    try:
-        dataset = build_eval_dataset(
-            args.data,
-            format=args.format,
-            prompt=args.prompt,
-            subset=args.subset,
-            seed=args.seed,
-            trimaps=args.protocol == "dim",  # the paper protocol scores whole images
-        )
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
-    without = [record.key for record in dataset.records if record.trimap is None]
-    if args.protocol == "dim":
-        if 0 < len(without) < len(dataset.records):
-            # One mean over some instances scored in the unknown region and others over the whole image
-            parser.error(
-                f"--protocol dim: {len(without)} of {len(dataset.records)} instances have no trimap "
-                f"(e.g. {', '.join(without[:5])}); give one per instance, or none to score whole images"
-            )
-        try:
-            check_trimaps(dataset.records)  # before any prediction, not mid-run in a worker
-        except EvalDataError as err:
-            parser.error(f"--protocol dim: {err}")
-
+    dataset = _checked_dataset(parser, args)
     module = EvalModule(
         net=net,
         prompts=["point", "box"] if args.prompt == "both" else [args.prompt],
@@ -426,8 +406,68 @@ def main(argv: list[str] | None = None) -> int:
     callbacks: list[Any] = [RichProgressBar()]
     if args.save_predictions:
         callbacks.append(_prediction_writer(args.out))
+    # the options the datamodule and the Trainer check, before anything of an earlier run goes
+    data, trainer = _datamodule_and_trainer(parser, args, callbacks)
+    _remove_earlier_results(args.out)
+    with warnings.catch_warnings():
+        # Instances are lists of dicts of different sizes; Lightning cannot infer a batch size from them.
+        warnings.filterwarnings("ignore", message=".*Trying to infer the `batch_size`.*")
+        try:
+            trainer.test(module, datamodule=data, verbose=False)
+        except (SIGTERMException, Exception) as error:
+            # not 0, and no figures: `eval && ...` must not go on as if the evaluation had finished
+            return stop_or_raise(
+                error, trainer, "no metrics written (before the last instance); run it again"
+            )
+    if trainer.is_global_zero:
+        _write_results(args, module, dataset, trainer)
+    return 0
+
+
+def _checked_dataset(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EvalDataset:
+    """The evaluation set of ``--data``; with ``--protocol dim``, its trimaps checked before any
+    prediction (not mid-run in a worker). A folder that does not hold it is a usage error."""
+    from zim_lightning.data.micromat import EvalDataError, build_eval_dataset, check_trimaps
+
+    try:
+        dataset = build_eval_dataset(
+            args.data,
+            format=args.format,
+            prompt=args.prompt,
+            subset=args.subset,
+            seed=args.seed,
+            trimaps=args.protocol == "dim",  # the paper protocol scores whole images
+        )
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    if args.protocol == "dim":
+        without = [record.key for record in dataset.records if record.trimap is None]
+        if 0 < len(without) < len(dataset.records):
+            # One mean over some instances scored in the unknown region and others over the whole image
+            parser.error(
+                f"--protocol dim: {len(without)} of {len(dataset.records)} instances have no trimap "
+                f"(e.g. {', '.join(without[:5])}); give one per instance, or none to score whole images"
+            )
+        try:
+            check_trimaps(dataset.records)
+        except EvalDataError as err:
+            parser.error(f"--protocol dim: {err}")
+    return dataset
+
+
+def _datamodule_and_trainer(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, callbacks: list[Any]
+) -> tuple[ZimDataModule, L.Trainer]:
+    """The eval datamodule and Trainer of the command's options; a value either refuses is a usage
+    error."""
+    import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from zim_lightning.data.datamodule import ZimDataModule
+
+    devices: int | str = int(args.devices) if args.devices.lstrip("-").isdigit() else args.devices
     several = args.num_nodes > 1 or devices not in (1, "auto")
-    try:  # the options the datamodule and the Trainer check, before anything of an earlier run goes
+    try:
         data = ZimDataModule(
             stage="eval",
             eval_root=str(args.data),
@@ -452,33 +492,36 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, MisconfigurationException) as err:
         parser.error(str(err))
-    # What an earlier run into this --out wrote (other instances, prompts, baselines) would lie beside
-    # this run's metrics, which the saved predictions must reproduce; its metrics and report go too, so
-    # that a run that fails midway leaves no earlier figures beside its partial predictions. Every
-    # process of a run removes them here, before any joins the process group, so none is writing yet.
-    for stale in (args.out / "predictions", args.out / "baselines", args.out / "grids"):
+    return data, trainer
+
+
+def _remove_earlier_results(out: Path) -> None:
+    """Remove what an earlier run into ``out`` wrote.
+
+    Its predictions, baselines and grids (other instances, prompts, baselines) would lie beside this
+    run's metrics, which the saved predictions must reproduce; its metrics and report go too, so that a
+    run that fails midway leaves no earlier figures beside its partial predictions. Every process of a
+    run removes them, before any joins the process group, so none is writing yet.
+    """
+    for stale in (out / "predictions", out / "baselines", out / "grids"):
         shutil.rmtree(stale, ignore_errors=True)
     for stale in ("metrics.json", "instances.csv", "report.md"):
-        (args.out / stale).unlink(missing_ok=True)
-    with warnings.catch_warnings():
-        # Instances are lists of dicts of different sizes; Lightning cannot infer a batch size from them.
-        warnings.filterwarnings("ignore", message=".*Trying to infer the `batch_size`.*")
-        try:
-            trainer.test(module, datamodule=data, verbose=False)
-        except (SIGTERMException, Exception) as error:
-            # not 0, and no figures: `eval && ...` must not go on as if the evaluation had finished
-            return stop_or_raise(
-                error, trainer, "no metrics written (before the last instance); run it again"
-            )
-    if not trainer.is_global_zero:
-        return 0
+        (out / stale).unlink(missing_ok=True)
+
+
+def _write_results(
+    args: argparse.Namespace, module: EvalModule, dataset: EvalDataset, trainer: L.Trainer
+) -> None:
+    """Write ``metrics.json``, ``instances.csv``, the grids and ``report.md`` (rank zero, after the test
+    loop), and print the report."""
+    from zim_lightning.model_options import describe_model
 
     args.out.mkdir(parents=True, exist_ok=True)
     info = {
         "model": args.model or describe_model(args),
         "run_config": args.run_config,
         "checkpoint": args.checkpoint,
-        "image_size": net.image_size,
+        "image_size": module.net.image_size,
         "format": args.format,
         "data": str(args.data),
         "prediction_bits": PREDICTION_BITS,
@@ -498,4 +541,3 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "report.md").write_text(report)
     print(report)
     print(f"wrote {args.out / 'metrics.json'}, {args.out / 'report.md'}")
-    return 0
