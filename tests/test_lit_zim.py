@@ -178,11 +178,24 @@ def test_a_non_finite_loss_skips_its_step_and_a_run_of_them_stops_training(
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss_epoch"])
 
 
-def test_a_non_finite_step_is_skipped_under_the_fp16_loss_scaler_too() -> None:
-    # 16-mixed (the V100 preset) steps through a GradScaler: the skipped step must pass it by as well
-    import lightning as L
+def _fp16_trainer(scaler: torch.amp.GradScaler, *, max_steps: int) -> L.Trainer:
+    """A bare CPU Trainer in 16-mixed (the V100 preset's precision) with ``scaler``: Lightning itself
+    would make 16-mixed on the CPU bf16."""
     from lightning.pytorch.plugins import MixedPrecision
 
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+    )
+
+
+def test_a_non_finite_step_is_skipped_under_the_fp16_loss_scaler_too() -> None:
+    # 16-mixed (the V100 preset) steps through a GradScaler: the skipped step must pass it by as well
     from zim_lightning.lit.matting_module import MattingModule
 
     class Linear(MattingModule):
@@ -199,16 +212,8 @@ def test_a_non_finite_step_is_skipped_under_the_fp16_loss_scaler_too() -> None:
             return torch.optim.AdamW(self.parameters(), lr=0.1, weight_decay=0.1)
 
     torch.manual_seed(0)
-    module, scaler = Linear(), torch.amp.GradScaler("cpu")
-    trainer = L.Trainer(
-        max_steps=4,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
-    )
+    module = Linear()
+    trainer = _fp16_trainer(torch.amp.GradScaler("cpu"), max_steps=4)
     trainer.fit(module, torch.utils.data.DataLoader(torch.randn(16, 4), batch_size=4))
     assert trainer.global_step == 4
     assert all(torch.equal(a, b) for a, b in zip(module.weights[2], module.weights[3], strict=True))
@@ -780,6 +785,44 @@ def test_what_the_network_predicts_in_the_padding_changes_no_loss_term():
             net.decode = decode
     for name, value in base.items():
         torch.testing.assert_close(filled[name], value, msg=name)
+
+
+def test_a_padded_image_gives_the_feature_pyramid_gradients_of_the_networks_size():
+    # The padding of a non-square image is zeros: through a convolution without a bias it reached the
+    # first LayerNorm with zero variance, whose backward multiplies by 1/sqrt(eps) = 1000 per level
+    # (gradients of ~1e7, over float16's range, against ~1 elsewhere).
+    from zim_lightning.models.common import LayerNorm2d
+
+    module = ZimModule(net=_net())
+    largest: list[float] = []
+    for layer in module.net.feature_pyramid.modules():
+        if isinstance(layer, LayerNorm2d):
+            layer.register_full_backward_hook(
+                lambda _, grad_in, __: largest.append(grad_in[0].abs().max().item())
+            )
+    batch = _batch([[1.0, -1.0, -2.0], [2.0, 3.0, -2.0]])  # the first image has padding below it
+    _, terms = module._step(batch)
+    terms["loss"].backward()
+
+    def norm(prefix: str, inside: bool) -> float:
+        grads = [p.grad for n, p in module.net.named_parameters() if n.startswith(prefix) == inside]
+        return torch.stack([g.norm() for g in grads if g is not None]).norm().item()
+
+    assert max(largest) < torch.finfo(torch.float16).max
+    assert norm("feature_pyramid.", True) < 10 * norm("feature_pyramid.", False)
+
+
+def test_16_mixed_training_on_padded_images_updates_the_weights_from_a_loss_scale_of_one():
+    # the V100 preset: a GradScaler skips every step whose float16 gradients overflow, halving its
+    # scale each time; from a scale of 1 the first steps must already update
+    module = ZimModule(net=_net())
+    before = [p.detach().clone() for p in module.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    trainer = _fp16_trainer(scaler, max_steps=2)
+    batch = _batch([[1.0, -1.0, -2.0], [2.0, 3.0, -2.0]])
+    trainer.fit(module, torch.utils.data.DataLoader([batch, batch], batch_size=None))
+    assert scaler.get_scale() == 1.0  # no step skipped
+    assert any(not torch.equal(b, p) for b, p in zip(before, module.parameters(), strict=True))
 
 
 def test_checkpoints_carry_the_network_and_old_optimiser_states_resume(synthetic: Path, tmp_path: Path):

@@ -43,11 +43,12 @@ class ConvBlock(nn.Sequential):
         in_channels: input channels.
         out_channels: output channels.
         stride: 1 or 2.
+        bias: give the convolution a bias (see :class:`~zim_lightning.models.pixel_decoder.ImageFeaturePyramid`).
     """
 
-    def __init__(self, *, in_channels: int, out_channels: int, stride: int = 1) -> None:
+    def __init__(self, *, in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> None:
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=bias),
             LayerNorm2d(out_channels),
             nn.GELU(),
         )

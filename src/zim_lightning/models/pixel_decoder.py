@@ -32,6 +32,13 @@ class ImageFeaturePyramid(nn.Module):
 
     Each level halves the resolution with a strided 3x3 ConvBlock and refines with a second one.
 
+    The first convolution has a bias. Without one, the image's zero padding (the frame beyond a
+    non-square image) would reach the first LayerNorm as pixels of all zeros: at zero variance its
+    backward pass multiplies the gradient by 1/sqrt(eps) = 1000, so the band of padding next to the
+    image gave the pyramid gradients of 1e5 to 1e7 at every step. Those overflow float16 (the loss
+    scaler of 16-mixed then skips steps and shrinks its scale below 1) and, in any precision, swamp
+    AdamW's moment estimates.
+
     Args:
         channels: widths of (feat_D0, feat_D1, feat_D2), at strides (2, 4, 8).
         in_channels: input image channels.
@@ -43,7 +50,7 @@ class ImageFeaturePyramid(nn.Module):
         widths = (in_channels, *self.channels)
         self.levels = nn.ModuleList(
             nn.Sequential(
-                ConvBlock(in_channels=widths[i], out_channels=widths[i + 1], stride=2),
+                ConvBlock(in_channels=widths[i], out_channels=widths[i + 1], stride=2, bias=i == 0),
                 ConvBlock(in_channels=widths[i + 1], out_channels=widths[i + 1]),
             )
             for i in range(len(self.channels))
