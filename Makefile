@@ -24,6 +24,9 @@ SYNTH_CONVERTER = --data.init_args.train_shards='$(DATA)/matting/train/matting-{
 	--data.init_args.val_shards=$(DATA)/matting/val/matting-000000.tar --data.init_args.seg_shards=$(DATA)/seg/seg-000000.tar
 SYNTH_ZIM = --data.init_args.train_shards='$(DATA)/matting/train/matting-{000000..000001}.tar' \
 	--data.init_args.val_shards=$(DATA)/matting/val/matting-000000.tar
+# The synthetic data, unless DATA holds a complete set (not one an interrupted `synth` left)
+SYNTH_IF_INCOMPLETE = $(BIN)/python -c "import sys; from zim_lightning.data.synthetic import is_complete; \
+	sys.exit(not is_complete('$(DATA)'))" || $(BIN)/zim-lightning synth --out $(DATA) --seed 0
 SA1B ?= $(DATA)/sa1b
 SA1B_MATTE ?= $(DATA)/sa1b_matte
 CONVERTER ?=
@@ -72,11 +75,11 @@ format: $(STAMP) ## Format with ruff
 	$(BIN)/ruff check --fix src tests benchmarks
 
 train-converter: $(STAMP) ## Train the label converter: tiny on the synthetic DATA=, or CONFIG=configs/converter/paper.yaml with its starting weights and shards set by ARGS="--model.init_args.net.init_args.backbone_checkpoint=... --data.init_args.train_shards=... --data.init_args.val_shards=... --data.init_args.seg_shards=..."; TRAINER=cpu|gpu|ddp|v100
-	$(if $(CONFIG),,test -d $(DATA)/matting || $(BIN)/zim-lightning synth --out $(DATA) --seed 0)
+	$(if $(CONFIG),,$(SYNTH_IF_INCOMPLETE))
 	$(BIN)/zim-lightning fit -c configs/trainer/$(TRAINER).yaml -c $(or $(CONFIG),configs/converter/tiny.yaml) $(if $(CONFIG),,$(SYNTH_CONVERTER)) $(ARGS)
 
 train-zim: $(STAMP) ## Train ZIM: tiny on the synthetic DATA=, or CONFIG=configs/zim/vit_b.yaml with its starting weights and shards (SA1B-Matte) set by ARGS="--model.init_args.net.init_args.sam_checkpoint=... --data.init_args.train_shards=..."; TRAINER=cpu|gpu|ddp|v100
-	$(if $(CONFIG),,test -d $(DATA)/matting || $(BIN)/zim-lightning synth --out $(DATA) --seed 0)
+	$(if $(CONFIG),,$(SYNTH_IF_INCOMPLETE))
 	$(BIN)/zim-lightning fit -c configs/trainer/$(TRAINER).yaml -c $(or $(CONFIG),configs/zim/tiny.yaml) $(if $(CONFIG),,$(SYNTH_ZIM)) $(ARGS)
 
 results: $(STAMP) ## Rerun docs/results.md's experiments (CPU, about 30 min on an idle 2-core box; see results.md for the commits its figures come from)

@@ -6,6 +6,8 @@ import gzip
 import io
 import json
 import re
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from zim_lightning.data.synthetic import (
     _parser,
     _prompt,
     generate,
+    is_complete,
     main,
 )
 from zim_lightning.data.tar_writer import write_tar
@@ -273,6 +276,30 @@ def test_interrupted_tar_write_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         write_tar(path, [("a.json", b"{}"), ("b.jpg", None)], compress=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_that_fails_part_way_leaves_whole_files_only_and_says_it_is_incomplete(
+    layout: SyntheticLayout, tmp_path: Path
+) -> None:
+    # A full disk, as a file size limit under the preview (the last and largest file): its write fails.
+    expected = _files(layout.root)
+    limit = max(len(data) for name, data in expected.items() if name != "preview.png") + 1
+    assert len(expected["preview.png"]) > limit
+    command = (
+        f"import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "from zim_lightning.data.synthetic import main; sys.exit(main(sys.argv[1:]))"
+    )
+    out = tmp_path / "data"
+    args = ["--out", str(out), "--seed", "3", *SMALL_ARGS]
+    failed = subprocess.run([sys.executable, "-c", command, *args], capture_output=True, timeout=300)
+    assert failed.returncode != 0
+    written = _files(out)
+    assert "preview.png" not in written
+    assert set(written) < set(expected)  # no temporary files either
+    assert all(data == expected[name] for name, data in written.items() if name != "synthetic.json")
+    assert not is_complete(out)  # (what `make train-zim` checks before it reuses DATA)
+    assert main(args) == 0
+    assert is_complete(out) and _files(out) == expected
 
 
 @pytest.mark.parametrize(

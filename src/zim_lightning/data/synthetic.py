@@ -32,12 +32,14 @@ Layout written under ``OUT``::
     am2k/validation/{original,mask,trimap}/   AM-2K validation layout (jpg image, png alpha, trimap)
     aim500/{original,mask,trimap}/            AIM-500 layout
     preview.png                     a few samples: image | alpha | coarse mask
-    synthetic.json                  the settings; marks OUT as ours, so a rerun may replace the parts
+    synthetic.json                  the settings; marks OUT as ours, so a rerun may replace the parts,
+                                    and ``"complete": true`` once every part is written
 
 The same seed gives byte-identical files: every sample draws from its own generator seeded by
 ``(seed, part, index)``, tar members carry fixed metadata and sorted names, gzip streams carry no
-timestamp or file name. Tars are written to a temporary name and renamed, so an interrupted run never
-leaves a complete-looking half tar.
+timestamp or file name. Every file is written to a temporary name and renamed, so an interrupted or
+failed run (a full disk) never leaves a complete-looking half file; the marker says ``"complete":
+false`` until the last part is written.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from zim_lightning.data.tar_writer import encode_png, write_tar
+from zim_lightning.data.tar_writer import encode_png, write_atomic, write_tar
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +424,7 @@ def _alpha_u8(alpha: np.ndarray) -> np.ndarray:
 
 def _write_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    write_atomic(path, data)
 
 
 def _sample_rng(seed: int, part: int, index: int) -> np.random.Generator:
@@ -726,10 +728,20 @@ def _prepare_out(out: Path, settings: dict) -> None:
             elif target.exists():
                 target.unlink()
         out.mkdir(parents=True, exist_ok=True)
-        # Written first, so that the next run can clear an interrupted one.
-        marker.write_text(json.dumps(settings, sort_keys=True) + "\n")
+        # Written first, so that the next run can clear an interrupted one; complete once all is written.
+        _write_marker(marker, settings, complete=False)
     except OSError as err:
         raise OSError(f"--out {str(out)!r} is not a writable directory: {err.strerror or err}") from err
+
+
+def _write_marker(marker: Path, settings: dict, *, complete: bool) -> None:
+    write_atomic(marker, (json.dumps({**settings, "complete": complete}, sort_keys=True) + "\n").encode())
+
+
+def is_complete(out: str | Path) -> bool:
+    """Whether ``out`` holds a synthetic dataset whose every part was written (not an interrupted run's)."""
+    marker = Path(out) / MARKER
+    return _is_marker(marker) and json.loads(marker.read_text()).get("complete") is True
 
 
 def generate(
@@ -829,6 +841,7 @@ def generate(
     )
     layout.preview = out / "preview.png"
     _write_preview(layout.preview, seed=seed, size=size)
+    _write_marker(out / MARKER, settings, complete=True)
     log.info("synthetic dataset (seed %d) written to %s", seed, out)
     return layout
 
