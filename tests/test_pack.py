@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -304,3 +306,39 @@ def test_a_folder_named_like_an_image_is_not_a_sample(tmp_path) -> None:
     summary = pack(images=images, labels=labels, out=tmp_path / "out")
     assert summary.samples == 1 and summary.skipped == []
     assert summary.unmatched_images == [] and summary.unmatched_labels == []
+
+
+def test_a_run_stopped_part_way_says_so_and_a_rerun_completes_it_without_a_killed_runs_leftovers(
+    tmp_path,
+) -> None:
+    images, labels = tmp_path / "images", tmp_path / "alphas"
+    for stem in "abc":
+        _pair(images, labels, stem, ord(stem))
+    big = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    Image.fromarray(big).save(images / "d.png")  # the last shard: far over the size limit below
+    Image.fromarray(big[..., 0]).save(labels / "d.png")
+    reference = pack(images=images, labels=labels, out=tmp_path / "reference", shard_size=1)
+    out = tmp_path / "out"
+    # A full disk while the last shard is written, as a file size limit
+    limit = max(p.stat().st_size for p in reference.shards[:-1]) + 1
+    assert reference.shards[-1].stat().st_size > limit
+    command = (
+        f"import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "from zim_lightning.data.pack import main; sys.exit(main(sys.argv[1:]))"
+    )
+    args = ["--images", str(images), "--alphas", str(labels), "--out", str(out), "--shard-size", "1"]
+    assert subprocess.run([sys.executable, "-c", command, *args], capture_output=True, timeout=120).returncode
+    record = json.loads((out / "matting.pack.json").read_text())
+    assert record["complete"] is False
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.shards[:-1]) + [
+        "matting.pack.json"
+    ]
+    (out / ".matting-000009.tar.partial").write_bytes(b"a write that SIGKILL stopped")
+    (out / ".other-000000.tar.partial").write_bytes(b"another name's: not this run's to remove")
+    assert main(args) == 0  # the same folders: no --overwrite needed
+    record = json.loads((out / "matting.pack.json").read_text())
+    assert (record["complete"], record["shards"], record["samples"]) == (True, 4, 4)
+    assert {p.name: p.read_bytes() for p in out.glob("*.tar")} == {
+        p.name: p.read_bytes() for p in reference.shards
+    }
+    assert sorted(p.name for p in out.glob(".*")) == [".other-000000.tar.partial"]

@@ -17,8 +17,6 @@ import argparse
 import json
 import logging
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +39,7 @@ from segment_anything.utils.amg import (
 )
 from torchvision.ops import batched_nms, box_area
 
+from zim_lightning.data.tar_writer import staging_folder
 from zim_lightning.images import alpha_to_uint8
 
 logger = logging.getLogger(__name__)
@@ -563,11 +562,7 @@ def write_results(
     Returns:
         The index written to ``index.json``.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f"{STAGING_PREFIX}*"):  # a killed run's (SIGKILL skips the clean-up below)
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=STAGING_PREFIX))
-    try:
+    with staging_folder(out_dir, STAGING_PREFIX) as staging:
         index = _write_files(staging, image, records, meta)
         (out_dir / "index.json").unlink(missing_ok=True)
         for stale in out_dir.glob("matte_*.png"):
@@ -575,8 +570,6 @@ def write_results(
                 stale.unlink()
         for produced in sorted(staging.iterdir(), key=lambda p: p.name == "index.json"):
             produced.replace(out_dir / produced.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return index
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import onnx
 import torch
 from torch import nn
 
+from zim_lightning.data.tar_writer import staging_folder
 from zim_lightning.models.attention_mask import ATTENTION_MAP_SIZE, ATTENTION_SIGMA, ATTENTION_STRIDE
 from zim_lightning.models.vit_attention import ViTAttention
 from zim_lightning.models.zim import Zim
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+#: Name prefix of the hidden folder in ``--out`` where both graphs are written before they move in.
+STAGING_PREFIX = ".export-"
 ENCODER_INPUTS: tuple[str, ...] = ("image",)
 ENCODER_OUTPUTS: tuple[str, ...] = ("image_embeddings", "feat_D0", "feat_D1", "feat_D2")
 DECODER_INPUTS: tuple[str, ...] = (
@@ -212,11 +214,9 @@ def _export_model(model: Zim, out_dir: Path, opset: int) -> tuple[Path, Path]:
     # Both graphs are written to a temporary folder first (each .onnx file and any external-data files
     # beside it) and moved into place only once both are written and checked: a failed export leaves
     # neither a half-written model nor a new encoder beside an earlier export's decoder.
-    out_dir.mkdir(parents=True, exist_ok=True)
     encoder, decoder = EncoderGraph(model), DecoderGraph(model)
     size = model.image_size
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
-        staging = Path(tmp)
+    with staging_folder(out_dir, STAGING_PREFIX) as staging:
         # A random image rather than zeros, so no data-dependent shortcut is traced.
         image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
         encoder_outputs = encoder(image)

@@ -15,7 +15,9 @@ channels taken as one; masks are thresholded at the midpoint. A pair whose image
 size, or that cannot be decoded, is skipped and listed. Shards are written atomically and the same input
 gives byte-identical shards, so a rerun replaces them safely. ``<name>.pack.json`` beside them records
 the folders they came from: packing other folders under the same ``--out`` and ``--name`` is refused
-(it would replace those shards) unless ``--overwrite`` says so.
+(it would replace those shards) unless ``--overwrite`` says so. It says ``"complete": false`` while a
+run writes (an interrupted run's shards may be fewer, or an earlier run's), and ``true`` with the
+number of shards and samples at the end; a run removes the temporary files a killed one left.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from PIL import Image
 from zim_lightning.command_checks import out_folder_problem
 from zim_lightning.data.decode import decode_gray
 from zim_lightning.data.skips import CorruptSample
-from zim_lightning.data.tar_writer import encode_png, write_atomic, write_tar
+from zim_lightning.data.tar_writer import PARTIAL_SUFFIX, encode_png, write_atomic, write_tar
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +183,8 @@ def pack(
     inputs = {"images": str(images.resolve()), "labels": str(labels.resolve()), "masks": masks}
     if not overwrite:
         _check_out(out, name, inputs)
+    for leftover in _partials_named(out, name):  # a killed run's (an interrupted one removes its own)
+        leftover.unlink()
     taken: set[str] = set()
     keys = {stem: _key(stem, taken) for stem in stems}
     from rich.progress import track
@@ -195,7 +199,7 @@ def pack(
     def flush() -> None:
         out.mkdir(parents=True, exist_ok=True)
         if not shards:  # before the first shard, so that an interrupted run is recognised as this one's
-            write_atomic(_inputs_path(out, name), json.dumps(inputs, indent=1).encode())
+            _write_record(out, name, {**inputs, "complete": False})
         path = out / f"{name}-{len(shards):06d}.tar"
         write_tar(path, pending, compress=False)
         shards.append(path)
@@ -227,6 +231,7 @@ def pack(
         if stale not in shards:
             stale.unlink()
             log.info("removed %s, left by an earlier run", stale)
+    _write_record(out, name, {**inputs, "complete": True, "shards": len(shards), "samples": count})
     return PackSummary(
         shards=shards,
         samples=count,
@@ -240,8 +245,18 @@ def _inputs_path(out: Path, name: str) -> Path:
     return out / f"{name}.pack.json"
 
 
+def _write_record(out: Path, name: str, record: dict) -> None:
+    write_atomic(_inputs_path(out, name), json.dumps(record, indent=1).encode())
+
+
 def _shards_named(out: Path, name: str) -> list[Path]:
     pattern = re.compile(rf"{re.escape(name)}-\d{{6}}\.tar")
+    return sorted(p for p in out.iterdir() if pattern.fullmatch(p.name)) if out.is_dir() else []
+
+
+def _partials_named(out: Path, name: str) -> list[Path]:
+    """The temporary files of :func:`write_tar` writing shards of ``name`` in ``out``."""
+    pattern = re.compile(rf"\.{re.escape(name)}-\d{{6}}\.tar{re.escape(PARTIAL_SUFFIX)}")
     return sorted(p for p in out.iterdir() if pattern.fullmatch(p.name)) if out.is_dir() else []
 
 
@@ -254,8 +269,8 @@ def _check_out(out: Path, name: str, inputs: dict) -> None:
         earlier = json.loads(_inputs_path(out, name).read_text())
     except (OSError, ValueError):
         earlier = None
-    if earlier == inputs:
-        return  # a rerun of the same folders: its shards replace theirs
+    if isinstance(earlier, dict) and {key: earlier.get(key) for key in inputs} == inputs:
+        return  # a rerun of the same folders (finished or not): its shards replace theirs
     packed_from = (
         f"packed from {earlier['images']} and {earlier['labels']}"
         if isinstance(earlier, dict) and {"images", "labels"} <= set(earlier)

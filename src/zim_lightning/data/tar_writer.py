@@ -1,6 +1,7 @@
 """The atomic, reproducible tar writer every shard producer uses (``synth``, ``pack-shards``; the
-SA1B-Matte builder streams its own tar but shares the member headers), their PNG member encoder, and
-the atomic write of one file that the builder's manifests and the commands' pictures go through.
+SA1B-Matte builder streams its own tar but shares the member headers), their PNG member encoder, the
+atomic write of one file that the builder's manifests and the commands' pictures go through, and the
+staging folder of the commands that write several files together (``matte-all``, ``export-onnx``).
 
 Kept free of torch so that writing data stays a light import.
 """
@@ -10,8 +11,11 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import shutil
 import tarfile
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +57,24 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+@contextmanager
+def staging_folder(out_dir: Path, prefix: str) -> Iterator[Path]:
+    """A new hidden folder in ``out_dir`` (named ``prefix`` + random letters) where a command writes its
+    files before it moves them in; removed on leaving, whatever happens.
+
+    Folders of the same prefix are removed first: those a killed run left (SIGKILL or an unhandled
+    SIGTERM skip any clean-up). So one run at a time may write into ``out_dir``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f"{prefix}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=prefix))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def member_info(name: str, size: int) -> tarfile.TarInfo:
     """A member header that depends on the name and size only (no time, owner or umask)."""
     info = tarfile.TarInfo(name)
@@ -74,7 +96,7 @@ def write_tar(path: Path, members: Iterable[tuple[str, bytes]], *, compress: boo
         members: ``(name, bytes)`` pairs, written in name order.
         compress: gzip the tar (as SA-1B ships its ``.tar`` files).
     """
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
     try:
         with open(tmp, "wb") as raw:
             # gzip with mtime 0 and no file name so the bytes depend on the content only.
