@@ -416,6 +416,33 @@ def test_a_run_that_fails_midway_names_the_file_and_leaves_no_earlier_figures(
     assert not [name for name in earlier if (out / name).exists()]
 
 
+def test_a_second_eval_into_an_out_that_a_running_one_holds_is_refused_and_deletes_nothing(
+    synthetic, tmp_path: Path, capsys
+) -> None:
+    from zim_lightning.output_lock import OutputLock
+
+    out = tmp_path / "out"
+    running = OutputLock(
+        out, job="eval"
+    )  # a running evaluation's rank 0 (another open file: flock conflicts)
+    assert running.acquire() is None
+    prediction = out / "predictions" / "box" / "matte" / "fine" / "0001_1.png"
+    prediction.parent.mkdir(parents=True)
+    prediction.write_bytes(b"the running evaluation's")
+    argv = ["--model", "tiny", "--data", str(synthetic.micromat), "--format", "micromat", "--out", str(out)]
+    argv += ["--prompt", "box", "--num-workers", "0", "--accelerator", "cpu", "--grid-count", "0"]
+    try:
+        with pytest.raises(SystemExit) as refused:
+            main(argv)
+        assert refused.value.code == 2
+        assert f'another eval is writing into {out} (holder: {{"host"' in capsys.readouterr().err
+        assert prediction.read_bytes() == b"the running evaluation's"
+    finally:
+        running.release()
+    assert main(argv) == 0  # once it has ended
+    assert not prediction.exists() and (out / "metrics.json").is_file()
+
+
 def test_closed_form_baseline_keeps_the_masks_foreground_as_foreground() -> None:
     from zim_lightning.lit.eval_module import closed_form_alpha
 

@@ -106,6 +106,41 @@ def _prediction_writer(out: Path) -> Any:
     return PredictionWriter()
 
 
+class OutFolderBusy(ValueError):
+    """Another evaluation is writing into the same ``--out``."""
+
+
+def _out_folder_claim(out: Path) -> Any:
+    from lightning.pytorch.callbacks import Callback
+
+    from zim_lightning.output_lock import OutputLock
+
+    class OutFolderClaim(Callback):
+        """Rank 0 locks ``out`` for this run (:class:`~zim_lightning.output_lock.OutputLock`), then removes
+        an earlier run's results, before any rank predicts; a run already writing there stops every rank
+        with :class:`OutFolderBusy`. ``release`` drops the lock (the system does when the process ends)."""
+
+        def __init__(self) -> None:
+            self.lock = OutputLock(out, job="eval")
+
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            problem = None
+            if trainer.is_global_zero:  # an error here must reach every rank, or the others wait
+                problem = self.lock.acquire()
+                if problem is None:
+                    _remove_earlier_results(out)
+            problem = trainer.strategy.broadcast(problem, src=0)
+            if problem is not None:
+                raise OutFolderBusy(problem)
+            if not trainer.is_global_zero:
+                self.lock.join()
+
+        def release(self) -> None:
+            self.lock.release()
+
+    return OutFolderClaim()
+
+
 # ---------------------------------------------------------------------------------------------- results
 
 
@@ -403,24 +438,29 @@ def main(argv: list[str] | None = None) -> int:
         closed_form_max_side=args.closed_form_max_side or None,
         quantize_bits=PREDICTION_BITS,
     )
-    callbacks: list[Any] = [RichProgressBar()]
+    claim = _out_folder_claim(args.out)  # removes an earlier run's results once this run holds --out
+    callbacks: list[Any] = [RichProgressBar(), claim]
     if args.save_predictions:
         callbacks.append(_prediction_writer(args.out))
     # the options the datamodule and the Trainer check, before anything of an earlier run goes
     data, trainer = _datamodule_and_trainer(parser, args, callbacks)
-    _remove_earlier_results(args.out)
-    with warnings.catch_warnings():
-        # Instances are lists of dicts of different sizes; Lightning cannot infer a batch size from them.
-        warnings.filterwarnings("ignore", message=".*Trying to infer the `batch_size`.*")
-        try:
-            trainer.test(module, datamodule=data, verbose=False)
-        except (SIGTERMException, Exception) as error:
-            # not 0, and no figures: `eval && ...` must not go on as if the evaluation had finished
-            return stop_or_raise(
-                error, trainer, "no metrics written (before the last instance); run it again"
-            )
-    if trainer.is_global_zero:
-        _write_results(args, module, dataset, trainer)
+    try:
+        with warnings.catch_warnings():
+            # Instances are lists of dicts of different sizes; Lightning cannot infer a batch size from them.
+            warnings.filterwarnings("ignore", message=".*Trying to infer the `batch_size`.*")
+            try:
+                trainer.test(module, datamodule=data, verbose=False)
+            except OutFolderBusy as error:
+                parser.error(f"--out: {error}")
+            except (SIGTERMException, Exception) as error:
+                # not 0, and no figures: `eval && ...` must not go on as if the evaluation had finished
+                return stop_or_raise(
+                    error, trainer, "no metrics written (before the last instance); run it again"
+                )
+        if trainer.is_global_zero:
+            _write_results(args, module, dataset, trainer)
+    finally:
+        claim.release()
     return 0
 
 
@@ -500,8 +540,8 @@ def _remove_earlier_results(out: Path) -> None:
 
     Its predictions, baselines and grids (other instances, prompts, baselines) would lie beside this
     run's metrics, which the saved predictions must reproduce; its metrics and report go too, so that a
-    run that fails midway leaves no earlier figures beside its partial predictions. Every process of a
-    run removes them, before any joins the process group, so none is writing yet.
+    run that fails midway leaves no earlier figures beside its partial predictions. Rank 0 removes them
+    while the other ranks wait for it (see ``OutFolderClaim``), so none is writing yet.
     """
     for stale in (out / "predictions", out / "baselines", out / "grids"):
         shutil.rmtree(stale, ignore_errors=True)

@@ -54,7 +54,7 @@ ranks end within about one shard's time of each other. Batches never span two sh
 bytes do not depend on which rank or worker built it, nor on what it built before (checked by the
 tests: 2 CPU ranks give the bytes of 1). Claims belong to one run; the next run ignores and removes
 them. A second build started into an OUT that a running build holds
-(:class:`~zim_lightning.sa1b_matte.resume.OutputLock`) is refused. Bytes repeat for the same weights,
+(:class:`~zim_lightning.output_lock.OutputLock`) is refused. Bytes repeat for the same weights,
 options, software and hardware; another device or kernel may move a few alpha values by a level.
 
     torchrun --nnodes 2 --nproc-per-node 8 -m zim_lightning.sa1b_matte --sa1b ... --out ... \
@@ -76,6 +76,7 @@ The package, in the order a build runs:
   written with their manifests.
 """
 
+from zim_lightning.output_lock import OutputLock
 from zim_lightning.sa1b_matte.cli import (
     add_converter_checkpoint_argument,
     add_crop_arguments,
@@ -97,7 +98,7 @@ from zim_lightning.sa1b_matte.geometry import (
 )
 from zim_lightning.sa1b_matte.job import build, summarize
 from zim_lightning.sa1b_matte.reading import ShardDataset
-from zim_lightning.sa1b_matte.resume import CLAIMS_DIR, MANIFEST_DIR, OutputLock, ShardClaims, resolve_shards
+from zim_lightning.sa1b_matte.resume import CLAIMS_DIR, MANIFEST_DIR, ShardClaims, resolve_shards
 from zim_lightning.sa1b_matte.writing import PNG_PARAMS, WRITER_THREADS
 
 __all__ = [

@@ -23,11 +23,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from zim_lightning.data.skips import SKIP_REASONS
 from zim_lightning.lit.preemption import is_preemption, stop_message
+from zim_lightning.output_lock import OutputLock
 from zim_lightning.sa1b_matte.geometry import CropConfig
 from zim_lightning.sa1b_matte.reading import ShardDataset, worker_init
 from zim_lightning.sa1b_matte.resume import (
     MANIFEST_DIR,
-    OutputLock,
     ShardClaims,
     failure_path,
     is_done,

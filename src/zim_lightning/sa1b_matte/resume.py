@@ -1,14 +1,11 @@
-"""Shards and resuming: input shards, output names, finished and stale files, the ranks' shard claims and the
-output lock."""
+"""Shards and resuming: input shards, output names, finished and stale files and the ranks' shard claims
+(the output lock is :class:`zim_lightning.output_lock.OutputLock`)."""
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
 import shutil
-import socket
 import time
 import uuid
 from collections.abc import Sequence
@@ -17,6 +14,7 @@ from pathlib import Path
 
 from zim_lightning.data.shards import expand_shards
 from zim_lightning.data.tar_writer import PARTIAL_SUFFIX
+from zim_lightning.output_lock import holder_note
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +22,6 @@ MANIFEST_DIR = "manifest"
 #: Where the processes of a run claim the shards they build (see :class:`ShardClaims`).
 CLAIMS_DIR = "claims"
 RUN_NOTE = "run.json"
-#: The lock one build holds on OUT for its whole run (see :class:`OutputLock`).
-LOCK_NAME = ".build.lock"
-RANKS_LOCK_NAME = ".build.ranks"
 
 
 def resolve_shards(specs: Sequence[str]) -> list[Path]:
@@ -91,12 +86,6 @@ def remove_stale(out: Path, shard: Path) -> list[Path]:
     return removed
 
 
-def _holder_note() -> bytes:
-    """Who holds a claim, a lock or a run: host, pid and start time, one json line."""
-    note = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    return (json.dumps(note) + "\n").encode()
-
-
 def new_run_id() -> str:
     """A name for one run's claims: its start time (readable) and a random part (unique)."""
     return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -133,7 +122,7 @@ class ShardClaims:
             if run.name != self.run_id:
                 shutil.rmtree(run, ignore_errors=True)
         self.directory.mkdir(parents=True, exist_ok=True)
-        (self.directory / RUN_NOTE).write_bytes(_holder_note())
+        (self.directory / RUN_NOTE).write_bytes(holder_note())
 
     def visible(self, timeout_s: float = 60.0) -> bool:
         """Whether this process sees the directory :meth:`begin` made (polling up to ``timeout_s``: a
@@ -166,7 +155,7 @@ class ShardClaims:
             )
             return False
         with os.fdopen(fd, "wb") as handle:
-            handle.write(_holder_note())
+            handle.write(holder_note())
         for stale in remove_stale(self.out, shard):
             log.info("removed %s left by an interrupted run", stale)
         return True
@@ -178,86 +167,3 @@ class ShardClaims:
             (self.out / CLAIMS_DIR).rmdir()
         except OSError:  # another run's claims (or a file system that lags) keep it
             pass
-
-
-class OutputLock:
-    """One build at a time per OUT, with two ``flock`` locks the operating system drops when their holder
-    dies (so a killed build leaves nothing that blocks the next one):
-
-    - ``OUT/.build.lock``, exclusive, held by rank 0; it names its holder during a run (empty between runs);
-    - ``OUT/.build.ranks``, shared, held by every rank: a new build needs it exclusively for a moment, so
-      ranks of an earlier build still running after their rank 0 died also refuse it.
-
-    Two builds into one OUT would write the same temporary shards over each other. File systems without
-    locks get a warning and no check; some (NFS mounted ``nolock``, Lustre ``localflock``) lock per node
-    only, which does not protect against a build on another node.
-
-    Args:
-        out: the output directory.
-    """
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.path = out / LOCK_NAME
-        self.ranks_path = out / RANKS_LOCK_NAME
-        self.fd: int | None = None
-        self.ranks_fd: int | None = None
-
-    def acquire(self) -> str | None:
-        """Rank 0: take both locks, the ranks' one shared in the end; returns None, or why not (a running
-        build, named, or an error of the file system)."""
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        except OSError as error:
-            return f"cannot open {self.path} ({error})"
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "a process that wrote no note"
-            os.close(fd)
-            return (
-                f"another build is writing into {self.out} (holder: {holder}); wait for it to end, or build "
-                "into another --out"
-            )
-        except OSError as error:
-            os.close(fd)
-            log.warning("cannot lock %s (%s): make sure no other build writes into it", self.path, error)
-            return None
-        self.fd = fd
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, _holder_note())
-            self.ranks_fd = os.open(self.ranks_path, os.O_CREAT | os.O_RDWR, 0o644)
-            fcntl.flock(self.ranks_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(self.ranks_fd, fcntl.LOCK_SH)
-        except BlockingIOError:
-            self.release()
-            return (
-                f"ranks of an earlier build are still writing into {self.out} (its rank 0 has ended); stop "
-                "them first, or build into another --out"
-            )
-        except OSError as error:
-            self.release()
-            return f"cannot lock {self.out} for this build ({error})"
-        return None
-
-    def join(self) -> None:
-        """Every other rank, once rank 0 holds the locks: hold the ranks' lock, shared, for the run."""
-        try:
-            self.ranks_fd = os.open(self.ranks_path, os.O_CREAT | os.O_RDWR, 0o644)
-            fcntl.flock(self.ranks_fd, fcntl.LOCK_SH)
-        except OSError as error:  # a file system without locks: rank 0 warned
-            log.debug("cannot lock %s (%s)", self.ranks_path, error)
-
-    def release(self) -> None:
-        """Drop what this process holds (closing drops a flock); rank 0 also empties the note."""
-        if self.ranks_fd is not None:
-            os.close(self.ranks_fd)
-            self.ranks_fd = None
-        if self.fd is not None:
-            try:
-                os.ftruncate(self.fd, 0)
-            except OSError:
-                pass
-            os.close(self.fd)
-            self.fd = None
