@@ -441,6 +441,11 @@ def test_a_second_eval_into_an_out_that_a_running_one_holds_is_refused_and_delet
         running.release()
     assert main(argv) == 0  # once it has ended
     assert not prediction.exists() and (out / "metrics.json").is_file()
+    (out / "metrics.json").unlink()
+    (out / "metrics.json").mkdir()  # an earlier result that cannot be removed: every rank stops, none waits
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    assert refused.value.code == 2 and "cannot remove an earlier run's results" in capsys.readouterr().err
 
 
 def test_closed_form_baseline_keeps_the_masks_foreground_as_foreground() -> None:

@@ -127,8 +127,11 @@ def _out_folder_claim(out: Path) -> Any:
             problem = None
             if trainer.is_global_zero:  # an error here must reach every rank, or the others wait
                 problem = self.lock.acquire()
-                if problem is None:
-                    _remove_earlier_results(out)
+                try:
+                    if problem is None:
+                        _remove_earlier_results(out)
+                except OSError as error:
+                    problem = f"cannot remove an earlier run's results from {out} ({error})"
             problem = trainer.strategy.broadcast(problem, src=0)
             if problem is not None:
                 raise OutFolderBusy(problem)
