@@ -407,13 +407,28 @@ def test_a_run_that_fails_midway_names_the_file_and_leaves_no_earlier_figures(
     first_image.write_bytes(first_image.read_bytes()[:-40])  # its header still reads
     out = tmp_path / "out"
     out.mkdir()
-    earlier = ("metrics.json", "instances.csv", "report.md")  # an earlier run's figures
-    for name in earlier:
+    earlier = ("metrics.json", "instances.csv", "report.md", "baselines/binary/x.png", "grids/box_worst.png")
+    for name in earlier:  # an earlier run's figures
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
         (out / name).write_text("earlier")
     argv = ["--model", "tiny", "--data", str(root), "--format", "micromat", "--out", str(out)]
     with pytest.raises(EvalDataError, match=rf"line 1: cannot decode image {first_image.name}"):
         main([*argv, "--prompt", "box", "--num-workers", "0", "--accelerator", "cpu"])
     assert not [name for name in earlier if (out / name).exists()]
+    assert not (out / "baselines").exists() and not (out / "grids").exists()
+
+
+@pytest.mark.parametrize(("devices", "strategy"), [("1", "SingleDeviceStrategy"), ("2", "DDPStrategy")])
+def test_eval_runs_ddp_only_on_several_devices(tmp_path: Path, devices: str, strategy: str) -> None:
+    from zim_lightning.evaluate import _datamodule_and_trainer, _parser
+
+    parser = _parser()
+    args = parser.parse_args(
+        ["--model", "tiny", "--data", str(tmp_path), "--format", "micromat", "--out", str(tmp_path / "out")]
+        + ["--accelerator", "cpu", "--devices", devices]
+    )
+    _, trainer = _datamodule_and_trainer(parser, args, [])
+    assert type(trainer.strategy).__name__ == strategy
 
 
 def test_a_second_eval_into_an_out_that_a_running_one_holds_is_refused_and_deletes_nothing(
@@ -439,7 +454,12 @@ def test_a_second_eval_into_an_out_that_a_running_one_holds_is_refused_and_delet
         assert prediction.read_bytes() == b"the running evaluation's"
     finally:
         running.release()
-    assert main(argv) == 0  # once it has ended
+    build = OutputLock(out)  # once it has ended (a build's lock is another job's: no obstacle)
+    assert build.acquire() is None
+    try:
+        assert main(argv) == 0
+    finally:
+        build.release()
     assert not prediction.exists() and (out / "metrics.json").is_file()
     (out / "metrics.json").unlink()
     (out / "metrics.json").mkdir()  # an earlier result that cannot be removed: every rank stops, none waits

@@ -48,6 +48,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module,
     killed = out / ".export-x1y2z3"  # what an export killed while writing leaves (SIGKILL: no clean-up)
     killed.mkdir(parents=True)
     (killed / ENCODER_FILE).write_bytes(b"half an encoder")
+    (out / "notes").mkdir()  # a folder of the user's, which stays
     assert main(["--model", "tiny", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
     return model, out
 
@@ -59,7 +60,7 @@ def _image(seed: int = 0) -> torch.Tensor:
 
 def test_layout_names_and_checker(exported) -> None:
     _, out = exported
-    assert sorted(p.name for p in out.iterdir()) == [DECODER_FILE, ENCODER_FILE]  # no staging folder
+    assert sorted(p.name for p in out.iterdir()) == [DECODER_FILE, ENCODER_FILE, "notes"]  # no staging folder
     for path, inputs, outputs in (
         (out / ENCODER_FILE, ENCODER_INPUTS, ENCODER_OUTPUTS),
         (out / DECODER_FILE, DECODER_INPUTS, DECODER_OUTPUTS),

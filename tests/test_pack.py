@@ -168,6 +168,7 @@ def test_the_record_names_resolved_folders_and_the_kind_from_the_first_shard(
     pack(images=images, labels=alphas, out=out, shard_size=100)  # a single shard
     record = json.loads((out / "matting.pack.json").read_text())
     assert record["images"] == str(images.resolve()) and record["labels"] == str(alphas.resolve())
+    assert (record["complete"], record["shards"], record["samples"]) == (True, 1, 3)  # a, b and c.v2
     monkeypatch.chdir(tmp_path)  # the same folders by relative paths: a rerun, not another dataset
     pack(images=images.relative_to(tmp_path), labels=alphas.relative_to(tmp_path), out=out, shard_size=100)
     with pytest.raises(ValueError, match="already holds"):  # the same folders packed as masks: another

@@ -246,6 +246,19 @@ def test_bad_torch_prompts_are_rejected(predictor):
         predictor.predict_torch(np.zeros((1, 1, 2)), np.ones((1, 1)))
     with pytest.raises(TypeError, match="boxes must be a torch.Tensor"):
         predictor.predict_torch(None, None, np.zeros((1, 4)))
+    with pytest.raises(ValueError, match="point_coords must be finite"):  # float64 beyond float32's range
+        predictor.predict_torch(torch.tensor([[[1e39, 5.0]]], dtype=torch.float64), torch.ones(1, 1))
+
+
+def test_torch_prompts_on_the_edge_of_valid_are_decoded(predictor):
+    # a zero-width box (around a one-pixel-wide mask, as SAM's batched_mask_to_box gives), and with a
+    # box, a row whose points are all padding: the box is its prompt
+    masks, _, _ = predictor.predict_torch(None, None, torch.tensor([[10.0, 10.0, 10.0, 40.0]]))
+    assert masks.shape[0] == 1
+    coords, labels = torch.tensor([[[30.0, 20.0]], [[0.0, 0.0]]]), torch.tensor([[1.0], [-1.0]])
+    boxes = torch.tensor([[5.0, 5.0, 50.0, 40.0], [10.0, 10.0, 60.0, 50.0]])
+    masks, _, _ = predictor.predict_torch(coords, labels, boxes, multimask_output=False)
+    assert masks.shape[0] == 2
 
 
 def test_point_sets_of_different_lengths_batch_with_absent_or_padding_points(predictor):

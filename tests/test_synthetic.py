@@ -300,6 +300,10 @@ def test_a_run_that_fails_part_way_leaves_whole_files_only_and_says_it_is_incomp
     assert not is_complete(out)  # (what `make train-zim` checks before it reuses DATA)
     assert main(args) == 0
     assert is_complete(out) and _files(out) == expected
+    marker = json.loads((out / "synthetic.json").read_text())
+    del marker["complete"]  # an earlier version's marker: complete or not, nothing says
+    (out / "synthetic.json").write_text(json.dumps(marker))
+    assert not is_complete(out) and not is_complete(tmp_path / "missing")
 
 
 @pytest.mark.parametrize(
