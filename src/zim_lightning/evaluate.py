@@ -106,10 +106,6 @@ def _prediction_writer(out: Path) -> Any:
     return PredictionWriter()
 
 
-class OutFolderBusy(ValueError):
-    """Another evaluation is writing into the same ``--out``."""
-
-
 def _out_folder_claim(out: Path) -> Any:
     from lightning.pytorch.callbacks import Callback
 
@@ -118,25 +114,21 @@ def _out_folder_claim(out: Path) -> Any:
     class OutFolderClaim(Callback):
         """Rank 0 locks ``out`` for this run (:class:`~zim_lightning.output_lock.OutputLock`), then removes
         an earlier run's results, before any rank predicts; a run already writing there stops every rank
-        with :class:`OutFolderBusy`. ``release`` drops the lock (the system does when the process ends)."""
+        with :class:`~zim_lightning.output_lock.RunRefused`. ``release`` drops the lock (the system does
+        when the process ends)."""
 
         def __init__(self) -> None:
             self.lock = OutputLock(out, job="eval")
 
         def setup(self, trainer, pl_module, stage: str) -> None:
-            problem = None
-            if trainer.is_global_zero:  # an error here must reach every rank, or the others wait
-                problem = self.lock.acquire()
+            def start() -> str | None:
                 try:
-                    if problem is None:
-                        _remove_earlier_results(out)
+                    _remove_earlier_results(out)
                 except OSError as error:
-                    problem = f"cannot remove an earlier run's results from {out} ({error})"
-            problem = trainer.strategy.broadcast(problem, src=0)
-            if problem is not None:
-                raise OutFolderBusy(problem)
-            if not trainer.is_global_zero:
-                self.lock.join()
+                    return f"cannot remove an earlier run's results from {out} ({error})"
+                return None
+
+            self.lock.take(trainer.strategy, rank_zero=trainer.is_global_zero, then=start)
 
         def release(self) -> None:
             self.lock.release()
@@ -418,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     from zim_lightning.lit.eval_module import EvalModule
     from zim_lightning.lit.preemption import stop_or_raise
     from zim_lightning.model_options import check_checkpoint_argument, zim_for_command
+    from zim_lightning.output_lock import RunRefused
 
     parser = _parser()
     args = parser.parse_args(argv)
@@ -453,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.filterwarnings("ignore", message=".*Trying to infer the `batch_size`.*")
             try:
                 trainer.test(module, datamodule=data, verbose=False)
-            except OutFolderBusy as error:
+            except RunRefused as error:
                 parser.error(f"--out: {error}")
             except (SIGTERMException, Exception) as error:
                 # not 0, and no figures: `eval && ...` must not go on as if the evaluation had finished

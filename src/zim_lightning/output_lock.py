@@ -9,9 +9,15 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+class RunRefused(ValueError):
+    """A run cannot start in its output folder: another holds it, or what it found there stops it."""
 
 
 def holder_note() -> bytes:
@@ -85,6 +91,28 @@ class OutputLock:
             self.release()
             return f"cannot lock {self.out} for this {self.job} ({error})"
         return None
+
+    def take(self, strategy: Any, *, rank_zero: bool, then: Callable[[], str | None] = lambda: None) -> None:
+        """Every rank of a run, once the ranks can talk: rank 0 acquires the lock and, holding it, runs
+        ``then`` (its start: None, or why the run cannot go on); every rank learns the outcome from rank 0
+        and raises :class:`RunRefused` together (one rank raising alone would leave the others waiting);
+        otherwise the other ranks join.
+
+        Args:
+            strategy: the Trainer's strategy (its ``broadcast`` from rank 0).
+            rank_zero: whether this process is the run's global rank 0.
+            then: rank 0's start of the run, under the lock.
+        """
+        problem = None
+        if rank_zero:
+            problem = self.acquire()
+            if problem is None:
+                problem = then()
+        problem = strategy.broadcast(problem, src=0)
+        if problem is not None:
+            raise RunRefused(problem)
+        if not rank_zero:
+            self.join()
 
     def join(self) -> None:
         """Every other rank, once rank 0 holds the locks: hold the ranks' lock, shared, for the run."""

@@ -183,7 +183,9 @@ def pack(
     inputs = {"images": str(images.resolve()), "labels": str(labels.resolve()), "masks": masks}
     if not overwrite:
         _check_out(out, name, inputs)
-    for leftover in _partials_named(out, name):  # a killed run's (an interrupted one removes its own)
+    for leftover in _shards_named(
+        out, name, partial=True
+    ):  # a killed run's (an interrupted one removes its own)
         leftover.unlink()
     taken: set[str] = set()
     keys = {stem: _key(stem, taken) for stem in stems}
@@ -249,14 +251,10 @@ def _write_record(out: Path, name: str, record: dict) -> None:
     write_atomic(_inputs_path(out, name), json.dumps(record, indent=1).encode())
 
 
-def _shards_named(out: Path, name: str) -> list[Path]:
-    pattern = re.compile(rf"{re.escape(name)}-\d{{6}}\.tar")
-    return sorted(p for p in out.iterdir() if pattern.fullmatch(p.name)) if out.is_dir() else []
-
-
-def _partials_named(out: Path, name: str) -> list[Path]:
-    """The temporary files of :func:`write_tar` writing shards of ``name`` in ``out``."""
-    pattern = re.compile(rf"\.{re.escape(name)}-\d{{6}}\.tar{re.escape(PARTIAL_SUFFIX)}")
+def _shards_named(out: Path, name: str, *, partial: bool = False) -> list[Path]:
+    """The shards of ``name`` in ``out``; with ``partial``, :func:`write_tar`'s temporary files of them."""
+    shard = rf"{re.escape(name)}-\d{{6}}\.tar"
+    pattern = re.compile(rf"\.{shard}{re.escape(PARTIAL_SUFFIX)}" if partial else shard)
     return sorted(p for p in out.iterdir() if pattern.fullmatch(p.name)) if out.is_dir() else []
 
 

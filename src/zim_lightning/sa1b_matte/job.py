@@ -74,24 +74,20 @@ class BuildData(LightningDataModule):
     def _start_run(self) -> ShardClaims:
         strategy, rank = self.trainer.strategy, self.trainer.global_rank
         claims = ShardClaims(out=self.out, run_id=strategy.broadcast(new_run_id(), src=0))
-        problem = None
-        if rank == 0:  # an error here must reach every rank, or the others wait in the broadcast
-            problem = self.lock.acquire()
-            if problem is None:
-                try:
-                    # again, now that no other build can finish shards here: one that held the lock at
-                    # the first check may have finished some with other settings since
-                    check_resumable(self.out, self.shards, self.run_info)
-                    claims.begin()
-                except ValueError as error:
-                    problem = str(error)
-                except OSError as error:
-                    problem = f"cannot start the run's claims in {self.out} ({error})"
-        problem = strategy.broadcast(problem, src=0)  # every rank raises it, none waits at a barrier
-        if problem is not None:
-            raise ValueError(problem)
-        if rank != 0:
-            self.lock.join()
+
+        def start() -> str | None:
+            try:
+                # again, now that no other build can finish shards here: one that held the lock at the
+                # first check may have finished some with other settings since
+                check_resumable(self.out, self.shards, self.run_info)
+                claims.begin()
+            except ValueError as error:
+                return str(error)
+            except OSError as error:
+                return f"cannot start the run's claims in {self.out} ({error})"
+            return None
+
+        self.lock.take(strategy, rank_zero=rank == 0, then=start)
         # every rank decides together: one rank raising alone would leave the others at a barrier
         if not strategy.reduce_boolean_decision(claims.visible(), all=True):
             raise ValueError(
