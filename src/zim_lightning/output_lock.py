@@ -11,7 +11,10 @@ import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (the lock itself needs no Lightning)
+    from lightning.pytorch.strategies import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,9 @@ class OutputLock:
             return f"cannot lock {self.out} for this {self.job} ({error})"
         return None
 
-    def take(self, strategy: Any, *, rank_zero: bool, then: Callable[[], str | None] = lambda: None) -> None:
+    def take(
+        self, strategy: Strategy, *, rank_zero: bool, then: Callable[[], str | None] = lambda: None
+    ) -> None:
         """Every rank of a run, once the ranks can talk: rank 0 acquires the lock and, holding it, runs
         ``then`` (its start: None, or why the run cannot go on); every rank learns the outcome from rank 0
         and raises :class:`RunRefused` together (one rank raising alone would leave the others waiting);
