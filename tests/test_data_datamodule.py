@@ -428,15 +428,26 @@ def test_missing_shards_are_named_before_anything_runs(shards):
         module(stage="zim", train_shards=pattern).train_dataset(rank=0, world_size=1)
     with pytest.raises(FileNotFoundError, match="matting-000009.tar"):
         module(stage="zim", val_shards=str(shards["root"] / "matting-000009.tar")).val_dataloader()
+    # a fit started from Python, not through `zim-lightning fit`: stopped in setup, before the sanity
+    # check's validation (which Lightning runs before it asks for the training loader)
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    data = module(stage="zim", train_shards=pattern, val_shards=shards["matting"][0])
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(FileNotFoundError, match=r"train_shards: 3 of the 5 shards"):
+        trainer.fit(BoringModel(), datamodule=data)
 
 
 def test_training_stops_with_an_error_when_no_batch_can_come(shards, tmp_path, monkeypatch):
     # SA-1B shards given to the ZIM stage (it needs SA1B-Matte or matting shards): every sample is
     # skipped, so the endless stream would never yield a batch.
     monkeypatch.setattr(datamodule_module, "MAX_CONSECUTIVE_SKIPS", 20)
-    data = module(stage="zim", train_shards=shards["sa1b"])
-    with pytest.raises(RuntimeError, match=r"20 training samples in a row were skipped .*missing_member"):
+    data = module(stage="zim", train_shards=shards["sa1b"][:1])
+    with pytest.raises(
+        RuntimeError, match=r"20 training samples in a row were skipped .*missing_member"
+    ) as stop:
         next(iter(data.train_dataset(rank=0, world_size=1)))
+    assert f"in {shards['sa1b'][0]}); skips so far" in str(stop.value)  # the shard they came from
     # ...and beside SA1B-Matte shards: their good samples do not hide the SA-1B shard, named in the error
     data = module(stage="zim", train_shards=[*shards["matte"], shards["sa1b"][0]])
     with pytest.raises(

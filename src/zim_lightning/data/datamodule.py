@@ -228,13 +228,14 @@ class ProcessSamples:
                 continue
             if in_stream[stream] >= MAX_CONSECUTIVE_SKIPS:
                 of = f" from {stream[1]}" if stream else ""
-                self._stop(f"{in_stream[stream]} training samples{of} in a row", failed[-1])
+                self._stop(f"{in_stream[stream]} training samples{of} in a row", failed[-1], url)
             if url is not None and in_shard[url] >= MAX_CONSECUTIVE_SKIPS:
                 self._stop(f"{in_shard[url]} training samples in a row from the shard {url}", failed[-1])
 
-    def _stop(self, what: str, exn: Exception) -> NoReturn:
+    def _stop(self, what: str, exn: Exception, url: str | None = None) -> NoReturn:
+        last = f"{exn}, in {url}" if url is not None else str(exn)  # (the exception's text has no shard)
         raise RuntimeError(
-            f"{what} were skipped as corrupt (the last: {exn}); skips so far: {self.counter.counts()}. "
+            f"{what} were skipped as corrupt (the last: {last}); skips so far: {self.counter.counts()}. "
             f"Check that the shards are the kind this stage reads ({type(self.processor).__name__})"
         ) from exn
 
@@ -443,9 +444,13 @@ class ZimDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ helpers
 
     def setup(self, stage: str) -> None:
-        """Take rank 0's run seed on every rank: ranks launched separately (torchrun, SLURM) with
+        """Check the shards (:meth:`check_shards`) before fitting or validating, so that a run started
+        from Python stops before its first step as one started by ``zim-lightning fit`` does. Then take
+        rank 0's run seed on every rank: ranks launched separately (torchrun, SLURM) with
         ``seed_everything: true`` draw different ones, and validation's per-sample crops and prompts
         would then depend on the rank that reads a sample."""
+        if stage in ("fit", "validate"):
+            self.check_shards()
         trainer = self.trainer
         if self._seed_from_run and trainer is not None and trainer.world_size > 1:
             self.seed = int(trainer.strategy.broadcast(self.seed, src=0))
