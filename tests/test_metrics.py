@@ -186,6 +186,44 @@ def test_conn_gives_a_tie_of_largest_components_to_the_first_in_scan_order() -> 
     assert connectivity_error(pred, gt) == pytest.approx(2.3, abs=1e-12)
 
 
+def test_conn_tie_goes_to_the_first_component_in_each_protocols_scan_order() -> None:
+    # Two equally large blobs up to t = 0.5: A (top right, pred 0.9) comes first row by row, B (bottom
+    # left, pred 0.5) column by column, as MATLAB's bwconncomp numbers them (the dim reference).
+    # Omega = A: A keeps level 0.9 (phi_p = phi_g = 1), B gets 0 (|0.5 - 0| x 4) -> 2.0.
+    # Omega = B: B keeps level 0.5 (|1 - 0.5| x 4), A gets 0 (|0.1 - 0| x 4) -> 2.4.
+    pred = torch.zeros(6, 6, dtype=torch.float64)
+    gt = torch.zeros(6, 6, dtype=torch.float64)
+    gt[0:2, 4:6], pred[0:2, 4:6] = 1.0, 0.9
+    gt[4:6, 0:2], pred[4:6, 0:2] = 1.0, 0.5
+    assert connectivity_error(pred, gt) == pytest.approx(2.0, abs=1e-12)
+    assert connectivity_error(pred, gt, column_major=True) == pytest.approx(2.4, abs=1e-12)
+    assert matting_errors(pred, gt)["conn"] == pytest.approx(2.0 / 1000, abs=1e-15)
+    assert matting_errors(pred, gt, "dim")["conn"] == pytest.approx(2.4 / 1000, abs=1e-15)
+
+
+def _disc(radius: float, size: int = 48) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size] - size // 2
+    return (yy**2 + xx**2 <= radius**2).astype(np.float64)
+
+
+@pytest.mark.parametrize("scale, offset", [(0.5, 0.0), (0.96, 0.02)])
+def test_dim_grad_stretches_each_matte_to_the_full_range_first(scale: float, offset: float) -> None:
+    # The reference (compute_gradient_loss.m) runs mat2gray on both mattes before gaussgradient: a faint
+    # or lifted prediction is scored as its stretched form.
+    gt = _disc(15)
+    pred = offset + scale * _disc(13)
+    got = matting_errors(torch.from_numpy(pred), torch.from_numpy(gt), "dim")["grad"]
+    assert got == pytest.approx(_ref_gauss_grad(_disc(13), gt, np.ones_like(gt)), rel=1e-9)
+    # a prediction of the right shape at half strength has no gradient error at all
+    half = matting_errors(torch.from_numpy(0.5 * gt), torch.from_numpy(gt), "dim")
+    assert half["grad"] == pytest.approx(0.0, abs=1e-15) and half["sad"] > 0
+    # a constant matte is left as it is (no gradient whatever its value)
+    flat = torch.full(gt.shape, 0.4, dtype=torch.float64)
+    assert matting_errors(flat, torch.from_numpy(gt), "dim")["grad"] == pytest.approx(
+        _ref_gauss_grad(flat.numpy(), gt, np.ones_like(gt)), rel=1e-9
+    )
+
+
 def test_dim_errors_see_only_the_unknown_region() -> None:
     # the only error, at (1, 1), lies in the trimap's known region: every dim error is 0 there
     pred, gt = _block_example()

@@ -23,11 +23,15 @@ Two protocols, and every evaluation names the one it used:
     - ``sad  = sum_U |p - g| / 1000``
     - ``mse  = sum_U (p - g)^2 / |U|`` (not scaled; 0 when ``U`` is empty)
     - ``mae  = sum_U |p - g| / |U|`` (not scaled; 0 when ``U`` is empty)
-    - ``grad = sum_U (|D(p)| - |D(g)|)^2 / 1000``, ``D`` the gradient from first-order Gaussian-derivative
+    - ``grad = sum_U (|D(p')| - |D(g')|)^2 / 1000``, ``D`` the gradient from first-order Gaussian-derivative
       filters with sigma 1.4: the 2D kernel ``h[i, j] = gauss(i) * dgauss(j)`` on ``-r..r`` with
       ``r = ceil(sigma * sqrt(-2 ln(sqrt(2 pi) * sigma * 0.01)))`` (4 for sigma 1.4), scaled to unit L2 norm,
-      its transpose for y, replicate padding (the reference ``gaussgradient``);
-    - ``conn = sum_U |phi(p) - phi(g)| / 1000``.
+      its transpose for y, replicate padding (the reference ``gaussgradient``); ``p'`` and ``g'`` are the
+      mattes stretched to [0, 1] by their own minimum and maximum, as the reference's ``mat2gray`` does
+      first (a matte that already spans [0, 1] is unchanged; a constant one has no gradient either way);
+    - ``conn = sum_U |phi(p) - phi(g)| / 1000``, with a tie between equally large components going to the
+      first in column-major order, as the reference's ``bwconncomp`` numbers them (the paper protocol
+      takes the first in row-major order).
 
 Instances are bucketed by object size, the fraction of ground-truth pixels with ``g > 0.3``:
 ``S`` below 0.01, ``M`` below 0.1, ``L`` otherwise (:func:`size_bucket`).
@@ -241,7 +245,13 @@ def _connectivity_levels_in(pred: np.ndarray, gt: np.ndarray, levels: np.ndarray
     return np.where(outside.any(axis=0), levels[first_out], 1.0)
 
 
-def connectivity_error(pred: torch.Tensor, gt: torch.Tensor, weight: torch.Tensor | None = None) -> float:
+def connectivity_error(
+    pred: torch.Tensor,
+    gt: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    *,
+    column_major: bool = False,
+) -> float:
     """Connectivity error ``sum w * |phi(p) - phi(g)|`` (not yet divided by 1000).
 
     ``phi(x) = 1 - d * [d >= 0.15]`` with ``d = x - l`` and ``l`` the per-pixel level from
@@ -251,13 +261,15 @@ def connectivity_error(pred: torch.Tensor, gt: torch.Tensor, weight: torch.Tenso
         pred: HxW prediction in [0, 1].
         gt: HxW ground truth in [0, 1].
         weight: optional HxW 0/1 weight (the dim protocol's unknown region); None sums over all pixels.
+        column_major: True: of two equally large components, the first in column-major order is the
+            source region (MATLAB's ``bwconncomp``, the dim reference); False: the first in row-major order.
 
     Returns:
         The error as a Python float.
     """
     p = pred.detach().to("cpu", torch.float64).numpy()
     g = gt.detach().to("cpu", torch.float64).numpy()
-    level = connectivity_levels(p, g)
+    level = connectivity_levels(p.T, g.T).T if column_major else connectivity_levels(p, g)
     d_p, d_g = p - level, g - level
     phi_p = 1.0 - d_p * (d_p >= CONN_MIN_DISTANCE)
     phi_g = 1.0 - d_g * (d_g >= CONN_MIN_DISTANCE)
@@ -332,14 +344,23 @@ def matting_errors(
             f"the trimap has no unknown pixel (value {TRIMAP_UNKNOWN}), which is all the dim protocol scores; "
             f"its values are {torch.unique(trimap).tolist()[:8]}"
         )
-    grads = gaussian_gradient_magnitude(torch.stack([p, g]))
+    grads = gaussian_gradient_magnitude(torch.stack([_full_range(p), _full_range(g)]))
     return {
         "sad": float((diff.abs() * weight).sum()) * SUM_SCALE,
         "mse": float((diff.square() * weight).sum()) / area,
         "mae": float((diff.abs() * weight).sum()) / area,
         "grad": float(((grads[0] - grads[1]).square() * weight).sum()) * SUM_SCALE,
-        "conn": connectivity_error(p, g, weight) * SUM_SCALE,
+        "conn": connectivity_error(p, g, weight, column_major=True) * SUM_SCALE,
     }
+
+
+def _full_range(alpha: torch.Tensor) -> torch.Tensor:
+    """``alpha`` stretched to [0, 1] by its own minimum and maximum (MATLAB's ``mat2gray``); a constant
+    matte is returned as it is."""
+    low, high = alpha.min(), alpha.max()
+    return torch.where(
+        high > low, (alpha - low) / (high - low).clamp_min(torch.finfo(alpha.dtype).tiny), alpha
+    )
 
 
 def scoring_device(device: torch.device | str) -> torch.device:
