@@ -7,14 +7,16 @@ original image's pixels, ``predict_torch`` decodes a batch of prompts (already i
 decoder call. The image is resized exactly as the official predictor does (torchvision ``to_pil_image``
 and ``resize`` of the longest side to 1024, via segment-anything's ``ResizeLongestSide``), and logits
 come back to the original size the same way (bilinear to 1024, crop, bilinear to the original), so a
-network with the official weights gives the official output. ``resize="tensor"`` resizes on the model's
-device with torchvision instead (the same pixels but for rare one-level differences, several times
-faster: see :class:`ZimPredictor`).
+network with the official weights gives the official mattes. The third output is segment-anything's,
+the low-res logits at the decoder's resolution; the official predictor returns their sigmoid upsampled
+2x. ``resize="tensor"`` resizes on the model's device with torchvision instead (the same pixels but for
+rare one-level differences, several times faster: see :class:`ZimPredictor`).
 
 Prompts become the decoder's labelled points (SAM's ONNX convention): points get the padding point
 ``(-0.5, -0.5)`` labelled -1, as the official decoder adds; a box becomes its two corners labelled 2
 and 3; points and a box together are concatenated (the sample is then a box sample, so the box map
-restricts the attention; the official predictor instead drops the points from the decoder input).
+restricts the attention; the official predictor instead gives the decoder only the box's corners, under
+the points' Gaussian map).
 """
 
 from __future__ import annotations
