@@ -142,6 +142,19 @@ def test_preprocess_latency_times_both_resize_modes_and_compares_their_pixels(tm
         assert entry["max_level_difference"] <= 1 and entry["pixels_differing"] < 0.01
 
 
+def test_eval_scoring_times_both_protocols_and_their_costly_parts(tmp_path: Path):
+    out = tmp_path / "scoring.json"
+    args = ["--device", "cpu", "--sizes", "64x96,33x17", "--warmup", "0", "--repeats", "1"]
+    report = _script("eval_scoring").main([*args, "--json-out", str(out)])
+    assert json.loads(out.read_text()) == report and report["environment"]["device"] == "cpu"
+    assert [entry["size"] for entry in report["sizes"]] == [[64, 96], [33, 17]]
+    for entry in report["sizes"]:
+        times = ("paper_ms", "dim_ms", "sobel_ms", "gaussian_gradient_ms", "conn_ms")
+        assert min(entry[name] for name in times) > 0
+        # the noisy disc has an error in every metric, the connectivity error's among them
+        assert min(entry["paper_errors"].values()) > 0
+
+
 def test_relpos_kernels_compile_for_hopper_without_spilling(tmp_path: Path):
     """Every launch setting the autotuner may pick, compiled for an H100 (sm_90) with Triton's own ptxas:
     no register spills, tensor-core matrix products, and at least one program per SM."""

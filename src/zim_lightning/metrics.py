@@ -128,10 +128,11 @@ def _correlate_1d(x: torch.Tensor, kernel: list[float] | torch.Tensor, dim: int)
     than a float64 ``conv2d`` on CPU. The 2D kernels of both protocols are separable (outer products).
     """
     length = x.shape[dim] - len(kernel) + 1
-    out = torch.zeros_like(x.narrow(dim, 0, length))
-    for k, weight in enumerate(kernel):
-        if float(weight) != 0.0:
-            out += float(weight) * x.narrow(dim, k, length)
+    taps = [(k, float(weight)) for k, weight in enumerate(kernel) if float(weight) != 0.0]
+    (first, first_weight), rest = taps[0], taps[1:]
+    out = x.narrow(dim, first, length) * first_weight
+    for k, weight in rest:
+        out.add_(x.narrow(dim, k, length), alpha=weight)  # in place: one pass over memory per tap
     return out
 
 
