@@ -214,9 +214,11 @@ def test_dim_grad_stretches_each_matte_to_the_full_range_first(scale: float, off
     pred = offset + scale * _disc(13)
     got = matting_errors(torch.from_numpy(pred), torch.from_numpy(gt), "dim")["grad"]
     assert got == pytest.approx(_ref_gauss_grad(_disc(13), gt, np.ones_like(gt)), rel=1e-9)
-    # a prediction of the right shape at half strength has no gradient error at all
-    half = matting_errors(torch.from_numpy(0.5 * gt), torch.from_numpy(gt), "dim")
-    assert half["grad"] == pytest.approx(0.0, abs=1e-15) and half["sad"] > 0
+    # a prediction of the right shape at half strength has no gradient error at all, against a full or a
+    # faint ground truth (both mattes are stretched)
+    for strength in (1.0, 0.8):
+        half = matting_errors(torch.from_numpy(0.5 * gt), torch.from_numpy(strength * gt), "dim")
+        assert half["grad"] == pytest.approx(0.0, abs=1e-15) and half["sad"] > 0
     # a constant matte is left as it is (no gradient whatever its value)
     flat = torch.full(gt.shape, 0.4, dtype=torch.float64)
     assert matting_errors(flat, torch.from_numpy(gt), "dim")["grad"] == pytest.approx(
