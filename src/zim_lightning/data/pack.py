@@ -157,21 +157,10 @@ def pack(
             folders (without ``overwrite``).
         FileNotFoundError: a folder does not exist.
     """
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    kind = kind or ("solid" if masks else "fine")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     images, labels, out = Path(images), Path(labels), Path(out)
+    kind = kind or ("solid" if masks else "fine")
     name = name or ("seg" if masks else "matting")
-    problem = out_folder_problem(out)
-    if problem is not None:
-        raise ValueError(f"out {problem}")
-    if not NAME.fullmatch(name):
-        raise ValueError(
-            f"name must start with a letter or digit and hold only letters, digits, '.', '_' and '-' (it "
-            f"names the shard files and goes into brace patterns such as {{000000..000009}}), got {name!r}"
-        )
+    _check_options(out=out, name=name, kind=kind, shard_size=shard_size)
     source = source or images.name
     image_files, label_files = _files(images, IMAGE_SUFFIXES), _files(labels, LABEL_SUFFIXES)
     stems = sorted(set(image_files) & set(label_files))
@@ -183,9 +172,7 @@ def pack(
     inputs = {"images": str(images.resolve()), "labels": str(labels.resolve()), "masks": masks}
     if not overwrite:
         _check_out(out, name, inputs)
-    for leftover in _shards_named(
-        out, name, partial=True
-    ):  # a killed run's (an interrupted one removes its own)
+    for leftover in _shards_named(out, name, partial=True):  # a killed run's (an interrupted one's go)
         leftover.unlink()
     taken: set[str] = set()
     keys = {stem: _key(stem, taken) for stem in stems}
@@ -241,6 +228,21 @@ def pack(
         unmatched_images=sorted(image_files[s].name for s in set(image_files) - set(label_files)),
         unmatched_labels=sorted(label_files[s].name for s in set(label_files) - set(image_files)),
     )
+
+
+def _check_options(*, out: Path, name: str, kind: str, shard_size: int) -> None:
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    problem = out_folder_problem(out)
+    if problem is not None:
+        raise ValueError(f"out {problem}")
+    if not NAME.fullmatch(name):
+        raise ValueError(
+            f"name must start with a letter or digit and hold only letters, digits, '.', '_' and '-' (it "
+            f"names the shard files and goes into brace patterns such as {{000000..000009}}), got {name!r}"
+        )
 
 
 def _inputs_path(out: Path, name: str) -> Path:
