@@ -281,6 +281,34 @@ def test_eval_dim_protocol_on_aim500_uses_the_trimap(synthetic, tmp_path: Path) 
     assert not (out / "grids").exists()
 
 
+def test_eval_on_folders_scores_as_on_the_shipped_layout(synthetic, tmp_path: Path, capsys) -> None:
+    # AIM-500's folders under PPM-100-like names: the same instances, prompts, predictions and metrics
+    root = tmp_path / "renamed"
+    for old, new in {"original": "image", "mask": "matte", "trimap": "tri"}.items():
+        shutil.copytree(synthetic.aim500 / old, root / new)
+    common = ["--model", "tiny", "--prompt", "both", "--protocol", "dim", "--save-predictions"]
+    common += ["--grid-count", "0", "--accelerator", "cpu", "--num-workers", "0"]
+    shipped, folders = tmp_path / "shipped", tmp_path / "folders"
+    assert main([*common, "--data", str(synthetic.aim500), "--format", "aim500", "--out", str(shipped)]) == 0
+    argv = [*common, "--data", str(root), "--format", "folders", "--out", str(folders)]
+    assert main([*argv, "--layout", "image", "matte", "tri"]) == 0
+    ours, theirs = (json.loads((out / "metrics.json").read_text()) for out in (folders, shipped))
+    assert ours["results"] == theirs["results"] and ours["buckets"] == theirs["buckets"]
+    assert ours["format"] == "folders" and ours["layout"] == ["image", "matte", "tri"]
+    for mask in sorted((synthetic.aim500 / "mask").iterdir()):
+        saved = (folders / "predictions/box/matte" / mask.name).read_bytes()
+        assert saved == (shipped / "predictions/box/mask" / mask.name).read_bytes()
+    # the layout is the folders format's, and that format needs it: usage errors before anything runs
+    with pytest.raises(SystemExit):
+        main([*argv[:-2], "--out", str(tmp_path / "none")])
+    assert "format 'folders' needs its layout" in capsys.readouterr().err
+    shipped_argv = [*common, "--data", str(synthetic.aim500), "--format", "aim500", "--out"]
+    with pytest.raises(SystemExit):
+        main([*shipped_argv, str(tmp_path / "none"), "--layout", "original", "mask"])
+    assert "layout is for format 'folders' only" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
 def test_dim_protocol_refuses_trimaps_for_only_some_instances(synthetic, tmp_path: Path, capsys) -> None:
     root = tmp_path / "aim500"
     shutil.copytree(synthetic.aim500, root)

@@ -127,6 +127,70 @@ def test_a_matte_with_an_alpha_channel_is_refused_not_read_as_opaque(tmp_path: P
         dataset[0]
 
 
+def _renamed_copy(src: Path, dst: Path, names: dict[str, str]) -> None:
+    for old, new in names.items():
+        shutil.copytree(src / old, dst / new)
+
+
+def test_folders_read_any_layout_as_the_shipped_one(tmp_path: Path) -> None:
+    write_matting_folder(tmp_path / "aim")
+    # P3M-500's layout, one level down; and PPM-100's, without trimaps
+    names = {
+        "original": "P3M-500-NP/original_image",
+        "mask": "P3M-500-NP/mask",
+        "trimap": "P3M-500-NP/trimap",
+    }
+    _renamed_copy(tmp_path / "aim", tmp_path / "p3m", names)
+    layout = ["P3M-500-NP/original_image", "P3M-500-NP/mask", "P3M-500-NP/trimap"]
+    shipped = build_eval_dataset(tmp_path / "aim", format="aim500", prompt="both", seed=3)
+    folders = build_eval_dataset(tmp_path / "p3m", format="folders", prompt="both", seed=3, layout=layout)
+    assert len(folders) == len(shipped) == 2
+    for ours, theirs in zip(folders, shipped, strict=True):
+        assert ours["key"] == theirs["key"] and ours["subset"] == "all"
+        for name in ("image", "alpha", "trimap"):
+            np.testing.assert_array_equal(ours[name], theirs[name])
+        for name in ("points", "box"):
+            np.testing.assert_array_equal(ours["prompt"][name], theirs["prompt"][name])
+    assert folders[1]["matte_relpath"] == "P3M-500-NP/mask/s_1.png"
+    # no trimap folder named: none read, even where a folder called trimap lies beside the others
+    _renamed_copy(
+        tmp_path / "aim", tmp_path / "ppm", {"original": "image", "mask": "matte", "trimap": "trimap"}
+    )
+    plain = build_eval_dataset(tmp_path / "ppm", format="folders", prompt="box", layout=["image", "matte"])
+    assert plain[0]["trimap"] is None and plain[0]["matte_relpath"] == "matte/s_0.png"
+
+
+@pytest.mark.parametrize(
+    "format, layout, message",
+    [
+        ("folders", None, "format 'folders' needs its layout"),
+        ("folders", ["image"], "format 'folders' needs its layout"),
+        ("folders", ["image", "matte", "trimap", "more"], "format 'folders' needs its layout"),
+        ("folders", ["image", "../matte"], "inside the dataset folder"),
+        ("folders", ["/data/image", "matte"], "inside the dataset folder"),
+        ("aim500", ["original", "mask"], "layout is for format 'folders' only"),
+    ],
+)
+def test_folders_layout_is_checked(
+    tmp_path: Path, format: str, layout: list[str] | None, message: str
+) -> None:
+    write_matting_folder(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        build_eval_dataset(tmp_path, format=format, prompt="box", layout=layout)
+
+
+def test_folders_name_a_missing_folder(tmp_path: Path) -> None:
+    write_matting_folder(tmp_path)
+    with pytest.raises(FileNotFoundError, match="folders folder .*/alpha' does not exist"):
+        build_eval_dataset(tmp_path, format="folders", prompt="box", layout=["original", "alpha"])
+    # a trimap folder that is named must exist (AM-2K's and AIM-500's are read when present)
+    with pytest.raises(FileNotFoundError, match="folders folder .*/trimaps' does not exist"):
+        build_eval_dataset(tmp_path, format="folders", prompt="box", layout=["original", "mask", "trimaps"])
+    (tmp_path / "mask" / "s_1.png").unlink()
+    with pytest.raises(FileNotFoundError, match="folders instance 's_1': no matte mask/s_1.png"):
+        build_eval_dataset(tmp_path, format="folders", prompt="box", layout=["original", "mask"])
+
+
 def test_a_box_evaluation_reads_only_the_boxes(tmp_path: Path) -> None:
     write_micromat(tmp_path)
     (tmp_path / "prompt/fine/0002_3.json").write_text('{"point": [], "bbox": [2, 3, 20, 18]}')

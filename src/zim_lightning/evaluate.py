@@ -1,9 +1,10 @@
 """``zim-lightning eval``: zero-shot matting evaluation on MicroMat-3K, AM-2K or AIM-500 (ZIM paper, Sec. 5,
-Tables 1-3).
+Tables 1-3), or any matting set of image and alpha folders.
 
 ``zim-lightning eval [--model NAME | --run-config RUN/config.yaml] [--checkpoint PATH] --data DIR
---format micromat|am2k|aim500 --prompt point|box|both --out DIR [--save-predictions] [--protocol paper|dim]
-[--baselines binary,closed_form] [--devices N --accelerator ...]`` runs
+--format micromat|am2k|aim500|folders [--layout IMAGES ALPHAS [TRIMAPS]] --prompt point|box|both
+--out DIR [--save-predictions] [--protocol paper|dim] [--baselines binary,closed_form]
+[--devices N --accelerator ...]`` runs
 :class:`~zim_lightning.lit.eval_module.EvalModule` in Lightning's test loop (each rank a disjoint slice,
 metrics gathered once) and writes, on rank 0, the files below.
 
@@ -15,17 +16,18 @@ frame of ``configs/zim/tiny.yaml``) is evaluated as trained. The frame reaches t
 network: each image is resized to the network's ``image_size`` by the predictor, as in serving.
 
 - ``OUT/metrics.json``: ``{"protocol", "model", "run_config", "checkpoint", "image_size", "format",
-  "data", "results": {SUBSET:
+  "layout", "data", "results": {SUBSET:
   {PROMPT: {"sad", "mse", "mae", "grad", "conn", "n"}}}, "buckets": {SUBSET: {PROMPT: {"S"|"M"|"L":
   {...}}}}, "baselines": {METHOD: {SUBSET: {PROMPT: {...}}}}, "baseline_buckets": {METHOD: ...}}``;
-  SUBSET is fine / coarse for MicroMat-3K and "all" for AM-2K / AIM-500; a mean over no instance is null;
+  SUBSET is fine / coarse for MicroMat-3K and "all" for the others; a mean over no instance is null;
 - ``OUT/instances.csv``: one row per method x prompt x instance with its errors;
 - ``OUT/report.md``: the paper's tables (rows method x prompt, columns metrics per subset), the size
   buckets, and links to the picture grids;
 - ``OUT/grids/<method>_<prompt>_{best,worst}.png``: the instances with the lowest / highest SAD (image
   with the prompt drawn, prediction, ground truth);
 - with ``--save-predictions``: each ZIM alpha as a 16-bit PNG at ``OUT/predictions/PROMPT/<matte path>``
-  (the path data_list.txt gives; ``mask/<stem>.png`` for AM-2K / AIM-500) and each baseline's at
+  (the path data_list.txt gives; ``mask/<stem>.png`` for AM-2K / AIM-500, ``ALPHAS/<stem>.png`` for
+  folders) and each baseline's at
   ``OUT/baselines/METHOD/predictions/PROMPT/<matte path>``. The metrics are computed on exactly these
   16-bit values, so they can be recomputed from the files.
 """
@@ -369,13 +371,22 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="zim-lightning eval",
-        description="Evaluate ZIM on MicroMat-3K, AM-2K or AIM-500 (metrics.json, report.md, grids).",
+        description="Evaluate ZIM on MicroMat-3K, AM-2K, AIM-500 or any matting folders (metrics.json, "
+        "report.md, grids).",
     )
     add_zim_arguments(p)
     p.add_argument(
         "--data", required=True, type=Path, help="dataset folder (MicroMat-3K: holds data_list.txt)"
     )
     p.add_argument("--format", required=True, choices=FORMATS, help="dataset layout")
+    p.add_argument(
+        "--layout",
+        nargs="+",
+        metavar="FOLDER",
+        default=None,
+        help="--format folders: the images' folder, the alphas' and optionally the trimaps', under --data "
+        "(e.g. P3M-500: original_image mask trimap)",
+    )
     p.add_argument("--prompt", default="both", choices=PROMPTS, help="prompt mode(s) to evaluate")
     p.add_argument("--subset", default=None, help="MicroMat-3K fine or coarse only (default: both)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -473,6 +484,7 @@ def _checked_dataset(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             subset=args.subset,
             seed=args.seed,
             trimaps=args.protocol == "dim",  # the paper protocol scores whole images
+            layout=args.layout,
         )
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
@@ -511,6 +523,7 @@ def _datamodule_and_trainer(
             eval_prompt=args.prompt,
             eval_subset=args.subset,
             eval_trimaps=args.protocol == "dim",
+            eval_layout=args.layout,
             batch_size=1,
             num_workers=args.num_workers,
             seed=args.seed,
@@ -559,6 +572,7 @@ def _write_results(
         "checkpoint": args.checkpoint,
         "image_size": module.net.image_size,
         "format": args.format,
+        "layout": args.layout,
         "data": str(args.data),
         "prediction_bits": PREDICTION_BITS,
     }

@@ -7,8 +7,9 @@ Stages (``stage=``):
 - ``"zim"``: SA1B-Matte shards, or plain matting shards (so ZIM trains on synthetic mattes before
   SA1B-Matte exists; both can be mixed in one shard list), resized and padded to SAM's 1024 frame with a
   box or point prompt; batches as the contract's ZIM stage.
-- ``"eval"``: MicroMat-3K / AM-2K / AIM-500 through ``data.micromat.build_eval_dataset``, an unpadded
-  rank slice so that every instance is evaluated exactly once over all ranks.
+- ``"eval"``: MicroMat-3K / AM-2K / AIM-500 / other matting folders through
+  ``data.micromat.build_eval_dataset``, an unpadded rank slice so that every instance is evaluated exactly
+  once over all ranks.
 
 Training streams are webdataset pipelines over resampled shards (infinite draws with replacement, seeded
 per seed/rank/worker/epoch), split explicitly by rank and by DataLoader worker, with a sample shuffle
@@ -303,10 +304,12 @@ class ZimDataModule(L.LightningDataModule):
         val_shards: validation shards, read once per validation in a fixed order; None: no validation.
         seg_shards: segmentation shards for STL (converter stage).
         eval_root: dataset folder for the eval stage.
-        eval_format: ``format`` of ``build_eval_dataset`` (e.g. "micromat", "am2k", "aim500").
+        eval_format: ``format`` of ``build_eval_dataset`` ("micromat", "am2k", "aim500", "folders").
         eval_prompt: ``prompt`` of ``build_eval_dataset`` ("box" or "point").
         eval_subset: ``subset`` of ``build_eval_dataset`` (e.g. "fine", "coarse"; None: all).
         eval_trimaps: ``trimaps`` of ``build_eval_dataset``: read the trimaps (the dim protocol's).
+        eval_layout: ``layout`` of ``build_eval_dataset`` (``eval_format="folders"``): the images', the
+            alphas' and optionally the trimaps' folders under ``eval_root``.
         batch_size: training batch size per rank.
         val_batch_size: validation / evaluation batch size; None: ``batch_size``.
         num_workers: DataLoader workers per rank.
@@ -353,6 +356,7 @@ class ZimDataModule(L.LightningDataModule):
         eval_prompt: str = "box",
         eval_subset: str | None = None,
         eval_trimaps: bool = True,
+        eval_layout: list[str] | None = None,
         build_shards: str | list[str] | None = None,
         batch_size: int = 4,
         val_batch_size: int | None = None,
@@ -407,7 +411,7 @@ class ZimDataModule(L.LightningDataModule):
             eval_prompt,
             eval_subset,
         )
-        self.eval_trimaps = eval_trimaps
+        self.eval_trimaps, self.eval_layout = eval_trimaps, eval_layout
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -695,6 +699,7 @@ class ZimDataModule(L.LightningDataModule):
             subset=self.eval_subset,
             seed=self.seed,
             trimaps=self.eval_trimaps,
+            layout=self.eval_layout,
         )
 
     def eval_dataloader(self, *, rank: int | None = None, world_size: int | None = None) -> DataLoader:

@@ -11,8 +11,13 @@ Layouts read here, as the datasets ship:
   (``ROOT`` may also be the ``validation`` folder itself); ``trimap/<stem>.png`` is read when present.
 - **AIM-500** (``format="aim500"``): ``ROOT/original/<stem>.jpg``, ``ROOT/mask/<stem>.png`` and
   ``ROOT/trimap/<stem>.png`` (optional).
+- **Any other matting set** (``format="folders"``, with ``layout=[IMAGES, ALPHAS]`` or
+  ``[IMAGES, ALPHAS, TRIMAPS]``, folders under ``ROOT``): ``ROOT/IMAGES/<stem>.jpg`` (or png) and
+  ``ROOT/ALPHAS/<stem>.png``, and ``ROOT/TRIMAPS/<stem>.png`` when named, as P3M-500
+  (``original_image mask trimap``), PPM-100 (``image matte``) or Distinctions-646's test set (``Image GT``)
+  ship.
 
-AM-2K and AIM-500 have no prompts, so they are derived from the ground truth, deterministically:
+These sets have no prompts, so they are derived from the ground truth, deterministically:
 
 - box: the min-max box of ``alpha > 0`` (inclusive pixel coordinates);
 - points: ``positive_points`` positives drawn where ``alpha >= 0.5`` (half the matte's peak if it never
@@ -43,12 +48,12 @@ from torch.utils.data import Dataset
 from zim_lightning.data.decode import FLOAT_LABEL_PROBLEM, GRAY_16_BIT_MODES, check_16_bit_label, scale_16_bit
 from zim_lightning.data.prompts import sample_points, support_box
 
-FORMATS: tuple[str, ...] = ("micromat", "am2k", "aim500")
+FORMATS: tuple[str, ...] = ("micromat", "am2k", "aim500", "folders")
 PROMPTS: tuple[str, ...] = ("point", "box", "both")
 MICROMAT_SUBSETS: tuple[str, ...] = ("fine", "coarse")
 #: The single subset of the datasets without fine / coarse split.
 ALL_SUBSET = "all"
-#: Derived prompts (AM-2K, AIM-500): positives at or above this alpha, negatives at alpha <= 0.
+#: Derived prompts (AM-2K, AIM-500, folders): positives at or above this alpha, negatives at alpha <= 0.
 DERIVED_POSITIVE_ALPHA = 0.5
 DERIVED_SUPPORT_ALPHA = 0.0
 
@@ -273,26 +278,30 @@ def build_eval_dataset(
     positive_points: int = 3,
     negative_points: int = 2,
     trimaps: bool = True,
+    layout: Sequence[str] | None = None,
 ) -> EvalDataset:
     """Read an evaluation set's index and check its files.
 
     Args:
         root: the dataset folder (MicroMat-3K: the folder holding data_list.txt).
-        format: "micromat", "am2k" or "aim500".
+        format: "micromat", "am2k", "aim500" or "folders".
         prompt: "point", "box" or "both" (both prompts per instance; consumers evaluate each).
         subset: MicroMat-3K "fine" or "coarse", or None for both; "all" or None for the others.
-        seed: seed of the derived point prompts (AM-2K, AIM-500).
+        seed: seed of the derived point prompts (AM-2K, AIM-500, folders).
         positive_points: positives of a derived point prompt.
         negative_points: negatives of a derived point prompt.
-        trimaps: read the trimaps (AM-2K, AIM-500), which only the dim protocol scores; False leaves them
-            out, so that a trimap the run does not use cannot stop it.
+        trimaps: read the trimaps (AM-2K, AIM-500, folders), which only the dim protocol scores; False
+            leaves them out, so that a trimap the run does not use cannot stop it.
+        layout: ``format="folders"`` only: the folders of the images, the alphas and optionally the
+            trimaps, relative to ``root``.
 
     Returns:
         The dataset, instances in data-list (MicroMat-3K) or sorted-stem order.
 
     Raises:
-        ValueError: an unknown format, prompt or subset.
-        FileNotFoundError: the root, its index or an instance's file is missing.
+        ValueError: an unknown format, prompt or subset, or a layout missing for "folders", given for
+            another format, or naming a folder outside ``root``.
+        FileNotFoundError: the root, its index, a layout folder or an instance's file is missing.
         EvalDataError: a malformed data list line or prompt json, or an image and matte of different
             sizes (the message names the instance).
     """
@@ -300,6 +309,7 @@ def build_eval_dataset(
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if prompt not in PROMPTS:
         raise ValueError(f"prompt must be one of {PROMPTS}, got {prompt!r}")
+    folders = _layout_folders(format, layout)
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"evaluation dataset folder {str(root)!r} does not exist")
@@ -317,7 +327,7 @@ def build_eval_dataset(
         if subset not in (None, ALL_SUBSET):
             raise ValueError(f"{format} has the single subset {ALL_SUBSET!r}; got subset={subset!r}")
         folder = root / "validation" if format == "am2k" and (root / "validation").is_dir() else root
-        records = _folder_records(folder, format)
+        records = _folder_records(folder, format, folders)
         if not trimaps:
             records = [replace(r, trimap=None) for r in records]
     for record in records:
@@ -427,9 +437,37 @@ def _read_prompt(path: Path, *, where: str, prompt: str) -> dict[str, np.ndarray
     return parsed
 
 
-def _folder_records(folder: Path, format: str) -> list[EvalRecord]:
-    originals, masks, trimaps = folder / "original", folder / "mask", folder / "trimap"
-    for needed in (originals, masks):
+#: The folders of AM-2K and AIM-500: images, alphas, trimaps (read when the folder exists).
+_SHIPPED_LAYOUT = ("original", "mask", "trimap")
+
+
+def _layout_folders(format: str, layout: Sequence[str] | None) -> tuple[str, str, str | None]:
+    """The images, alphas and trimaps folders of a folder-per-kind format (trimaps None: none named)."""
+    if format != "folders":
+        if layout is not None:
+            raise ValueError(f"layout is for format 'folders' only; {format} has its own, got {list(layout)}")
+        return _SHIPPED_LAYOUT
+    if layout is None or not 2 <= len(layout) <= 3:
+        raise ValueError(
+            "format 'folders' needs its layout: the images' and the alphas' folders, and optionally the "
+            f"trimaps', relative to the dataset folder (e.g. original_image mask trimap), got {layout}"
+        )
+    for name in layout:
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts:
+            raise ValueError(
+                f"layout folders lie inside the dataset folder (relative, no '..'), got {name!r}"
+            )
+    images, alphas, *trimaps = (str(name) for name in layout)
+    return images, alphas, (trimaps[0] if trimaps else None)
+
+
+def _folder_records(folder: Path, format: str, layout: tuple[str, str, str | None]) -> list[EvalRecord]:
+    images_name, alphas_name, trimaps_name = layout
+    originals, masks = folder / images_name, folder / alphas_name
+    trimaps = folder / trimaps_name if trimaps_name is not None else None
+    named = [originals, masks] + ([trimaps] if format == "folders" and trimaps is not None else [])
+    for needed in named:
         if not needed.is_dir():
             raise FileNotFoundError(f"{format} folder {str(needed)!r} does not exist")
     images = {p.stem: p for p in sorted(originals.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES}
@@ -440,16 +478,18 @@ def _folder_records(folder: Path, format: str) -> list[EvalRecord]:
         matte = _find(masks, stem, _ALPHA_SUFFIXES)
         where = f"{format} instance {stem!r}"
         if matte is None:
-            raise FileNotFoundError(f"{where}: no matte mask/{stem}.png in {str(folder)!r}")
+            raise FileNotFoundError(f"{where}: no matte {alphas_name}/{stem}.png in {str(folder)!r}")
         records.append(
             EvalRecord(
                 key=stem,
                 subset=ALL_SUBSET,
                 image=images[stem],
                 matte=matte,
-                matte_relpath=f"mask/{matte.name}",
+                matte_relpath=f"{Path(alphas_name).as_posix()}/{matte.name}",
                 prompt=None,
-                trimap=_find(trimaps, stem, _ALPHA_SUFFIXES) if trimaps.is_dir() else None,
+                trimap=_find(trimaps, stem, _ALPHA_SUFFIXES)
+                if trimaps is not None and trimaps.is_dir()
+                else None,
                 where=where,
             )
         )
