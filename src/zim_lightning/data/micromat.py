@@ -14,8 +14,7 @@ Layouts read here, as the datasets ship:
 - **Any other matting set** (``format="folders"``, with ``layout=[IMAGES, ALPHAS]`` or
   ``[IMAGES, ALPHAS, TRIMAPS]``, folders under ``ROOT``): ``ROOT/IMAGES/<stem>.jpg`` (or png) and
   ``ROOT/ALPHAS/<stem>.png``, and ``ROOT/TRIMAPS/<stem>.png`` when named, as P3M-500
-  (``original_image mask trimap``), PPM-100 (``image matte``) or Distinctions-646's test set (``Image GT``)
-  ship.
+  (``original_image mask trimap``) or PPM-100 (``image matte``) ship.
 
 These sets have no prompts, so they are derived from the ground truth, deterministically:
 
