@@ -33,6 +33,7 @@ CONVERTER ?=
 CONVERTER_MODEL ?=
 EVAL_DATA ?= $(DATA)/micromat
 EVAL_FORMAT ?= micromat
+EVAL_LAYOUT ?=
 
 .DEFAULT_GOAL := help
 
@@ -95,10 +96,11 @@ build-sa1b-matte: $(STAMP) ## Convert SA-1B masks to SA1B-Matte shards (SA1B=, S
 # else (no CHECKPOINT: random weights) the tiny model.
 NET_ARGS = $(if $(RUN_CONFIG),--run-config $(RUN_CONFIG),$(if $(MODEL),--model $(MODEL),$(if $(CHECKPOINT),,--model tiny)))
 
-eval: $(STAMP) ## Evaluate CHECKPOINT= (a fit checkpoint; MODEL= for plain weights, RUN_CONFIG= a fit run's config.yaml; none: tiny, random) on EVAL_DATA into OUT/eval
+eval: $(STAMP) ## Evaluate CHECKPOINT= (a fit checkpoint; MODEL= for plain weights, RUN_CONFIG= a fit run's config.yaml; none: tiny, random) on EVAL_DATA (EVAL_FORMAT=, EVAL_LAYOUT= for folders) into OUT/eval
 	$(BIN)/zim-lightning eval $(NET_ARGS) \
 		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
-		--data $(EVAL_DATA) --format $(EVAL_FORMAT) --prompt both --out $(OUT)/eval --save-predictions
+		--data $(EVAL_DATA) --format $(EVAL_FORMAT) $(if $(EVAL_LAYOUT),--layout $(EVAL_LAYOUT)) \
+		--prompt both --out $(OUT)/eval --save-predictions
 
 serve: $(STAMP) ## Interactive matting page on 127.0.0.1:7860 (CHECKPOINT=; MODEL=tiny|vit_b|vit_l|vit_h for plain weights, or RUN_CONFIG=)
 	$(BIN)/zim-lightning serve $(NET_ARGS) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
