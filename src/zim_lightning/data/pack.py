@@ -303,7 +303,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kind", choices=KINDS, default=None, help="sample kind (default fine, solid with --masks)"
     )
-    p.add_argument("--source", default=None, help="dataset name recorded per sample (default: images folder)")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="recorded per sample as SOURCE/<image file name> (default: the images folder's name)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",
