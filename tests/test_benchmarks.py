@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from zim_lightning import benchmarking
+from zim_lightning.metrics import matting_errors
 from zim_lightning.models import relpos_flash
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -148,10 +149,13 @@ def test_eval_scoring_times_both_protocols_and_their_costly_parts(tmp_path: Path
     report = _script("eval_scoring").main([*args, "--json-out", str(out)])
     assert json.loads(out.read_text()) == report and report["environment"]["device"] == "cpu"
     assert [entry["size"] for entry in report["sizes"]] == [[64, 96], [33, 17]]
+    assert report["sizes"][0]["megapixels"] == 0.01
     for entry in report["sizes"]:
         times = ("paper_ms", "dim_ms", "sobel_ms", "gaussian_gradient_ms", "conn_ms")
         assert min(entry[name] for name in times) > 0
-        # the noisy disc has an error in every metric, the connectivity error's among them
+        # what was scored: the noisy disc, with an error in every metric of the paper protocol
+        pred, gt = _script("eval_scoring").disc_pair(*entry["size"], device=torch.device("cpu"))
+        assert entry["paper_errors"] == matting_errors(pred, gt, "paper")
         assert min(entry["paper_errors"].values()) > 0
 
 

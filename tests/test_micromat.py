@@ -168,6 +168,12 @@ def test_folders_read_any_layout_as_the_shipped_one(tmp_path: Path) -> None:
         ("folders", ["image", "matte", "trimap", "more"], "format 'folders' needs its layout"),
         ("folders", ["image", "../matte"], "inside the dataset folder"),
         ("folders", ["/data/image", "matte"], "inside the dataset folder"),
+        ("folders", ["original", "mask/../../up/mask"], "inside the dataset folder"),
+        ("folders", ["", "mask"], "inside the dataset folder"),  # the dataset folder itself
+        ("folders", [".", "mask"], "inside the dataset folder"),
+        ("folders", ["original", "mask", "../trimap"], "inside the dataset folder"),  # trimaps too
+        ("folders", ["original", "mask", "/data/trimap"], "inside the dataset folder"),
+        ("folders", ["original", "mask", "."], "inside the dataset folder"),
         ("aim500", ["original", "mask"], "layout is for format 'folders' only"),
     ],
 )
@@ -186,9 +192,11 @@ def test_folders_name_a_missing_folder(tmp_path: Path) -> None:
     # a trimap folder that is named must exist (AM-2K's and AIM-500's are read when present)
     with pytest.raises(FileNotFoundError, match="folders folder .*/trimaps' does not exist"):
         build_eval_dataset(tmp_path, format="folders", prompt="box", layout=["original", "mask", "trimaps"])
-    (tmp_path / "mask" / "s_1.png").unlink()
-    with pytest.raises(FileNotFoundError, match="folders instance 's_1': no matte mask/s_1.png"):
-        build_eval_dataset(tmp_path, format="folders", prompt="box", layout=["original", "mask"])
+    # a missing matte is named in the layout's alpha folder
+    _renamed_copy(tmp_path, tmp_path / "ppm", {"original": "image", "mask": "matte"})
+    (tmp_path / "ppm" / "matte" / "s_1.png").unlink()
+    with pytest.raises(FileNotFoundError, match="folders instance 's_1': no matte matte/s_1.png"):
+        build_eval_dataset(tmp_path / "ppm", format="folders", prompt="box", layout=["image", "matte"])
 
 
 def test_a_box_evaluation_reads_only_the_boxes(tmp_path: Path) -> None:
