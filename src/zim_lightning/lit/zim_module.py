@@ -175,60 +175,39 @@ class ZimModule(MattingModule):
         return logits, iou
 
     def _step(self, batch: dict, *, per_sample: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """Alpha and loss terms; ``per_sample`` (evaluation): B-vectors of each image's own terms, so that
-        epoch means do not depend on how images of different valid areas batch."""
+        """Alpha (token 0) and loss terms; ``per_sample`` (evaluation): B-vectors of each image's own
+        terms, so that epoch means do not depend on how images of different valid areas batch."""
         batch = unpack_batch(batch)  # uint8 alpha -> float, valid from input_size (on the device)
-        if self.hparams.multimask or self.hparams.iou_weight > 0:
-            return self._multimask_step(batch, per_sample=per_sample)
-        logits = self.frame_logits(
-            batch["image"], batch["point_coords"].float(), batch["point_labels"].float(), batch.get("valid")
-        )
-        alpha = torch.sigmoid(logits)
-        target, valid = batch["alpha"].float(), batch.get("valid")
-        return alpha, self.loss(alpha, target, valid, logits=logits, per_sample=per_sample)
-
-    def _multimask_step(self, batch: dict, *, per_sample: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        """All four outputs: SAM's ambiguity-aware mask loss and the IoU head's loss (see the switches);
-        ``per_sample`` as :meth:`_step`."""
-        labels = batch["point_labels"].float()
+        labels, target, valid = batch["point_labels"].float(), batch["alpha"].float(), batch.get("valid")
+        all_tokens = self.hparams.multimask or self.hparams.iou_weight > 0
         logits, iou = self._frame_outputs(
-            batch["image"], batch["point_coords"].float(), labels, batch.get("valid"), multimask=True
+            batch["image"], batch["point_coords"].float(), labels, valid, multimask=all_tokens
         )
-        alphas = torch.sigmoid(logits)  # BxKxSxS, K = 4
-        target, valid = batch["alpha"].float(), batch.get("valid")
-        # token 0: the paper's loss exactly as without the switches (pooled over the batch's valid pixels)
+        alphas = torch.sigmoid(logits)  # BxKxSxS, K = 4 with all_tokens, else 1
+        # token 0: the paper's loss (pooled over the batch's valid pixels)
         values = self.loss(alphas[:, :1], target, valid, logits=logits[:, :1], per_sample=per_sample)
-
-        def batch_term(each: Tensor) -> Tensor:  # one value per sample -> the batch's term
-            return each if per_sample else each.mean()
-
         if self.hparams.multimask:
-            clicks = ((labels == 0) | (labels == 1)).sum(dim=1)
-            ambiguous = (clicks == 1) & ~((labels == 2) | (labels == 3)).any(dim=1)
-            alternatives = torch.stack(
-                [
-                    self.loss(
-                        alphas[:, k : k + 1], target, valid, logits=logits[:, k : k + 1], per_sample=True
-                    )["loss"]
-                    for k in range(1, alphas.shape[1])
-                ],
-                dim=1,
-            )  # Bx3, each sample's own loss
-            best = alternatives.amin(dim=1)  # the closest of the three alternatives
-            values["loss"] = values["loss"] + batch_term(best * ambiguous)
+            ambiguous_loss = self._ambiguous_click_loss(alphas, logits, target, valid, labels)
+            values["loss"] = values["loss"] + (ambiguous_loss if per_sample else ambiguous_loss.mean())
         if self.hparams.iou_weight > 0:
-            with torch.no_grad():
-                predicted, truth = alphas > 0.5, (target > 0.5).expand_as(alphas)
-                both, either = predicted & truth, predicted | truth
-                if valid is not None:
-                    inside = (valid > 0).expand_as(alphas)
-                    both, either = both & inside, either & inside
-                intersection = both.flatten(2).sum(-1).float()
-                union = either.flatten(2).sum(-1).float()
-                actual = torch.where(union > 0, intersection / union.clamp_min(1.0), torch.ones_like(union))
-            iou_loss = batch_term(F.mse_loss(iou.float(), actual, reduction="none").mean(dim=1))
-            values["loss"] = values["loss"] + self.hparams.iou_weight * iou_loss
+            iou_loss = F.mse_loss(iou.float(), _mask_iou(alphas, target, valid), reduction="none").mean(dim=1)
+            values["loss"] = values["loss"] + self.hparams.iou_weight * (
+                iou_loss if per_sample else iou_loss.mean()
+            )
         return alphas[:, :1], values
+
+    def _ambiguous_click_loss(
+        self, alphas: Tensor, logits: Tensor, target: Tensor, valid: Tensor | None, labels: Tensor
+    ) -> Tensor:
+        """B: the smallest loss over tokens 1-3 for a single-click prompt (SAM's ambiguity), else 0."""
+        clicks = ((labels == 0) | (labels == 1)).sum(dim=1)
+        ambiguous = (clicks == 1) & ~((labels == 2) | (labels == 3)).any(dim=1)
+        per_token = [
+            self.loss(alphas[:, k : k + 1], target, valid, logits=logits[:, k : k + 1], per_sample=True)
+            for k in range(1, alphas.shape[1])
+        ]
+        alternatives = torch.stack([terms["loss"] for terms in per_token], dim=1)  # Bx3, each sample's own
+        return alternatives.amin(dim=1) * ambiguous
 
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         alpha, terms = self._step(batch)
@@ -249,3 +228,16 @@ class ZimModule(MattingModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         return self._evaluate(batch, self.test_metrics)
+
+
+@torch.no_grad()
+def _mask_iou(alphas: Tensor, target: Tensor, valid: Tensor | None) -> Tensor:
+    """BxK IoU of each output with the matte, both thresholded at 0.5, inside ``valid`` (1 when both empty)."""
+    predicted, truth = alphas > 0.5, (target > 0.5).expand_as(alphas)
+    both, either = predicted & truth, predicted | truth
+    if valid is not None:
+        inside = (valid > 0).expand_as(alphas)
+        both, either = both & inside, either & inside
+    intersection = both.flatten(2).sum(-1).float()
+    union = either.flatten(2).sum(-1).float()
+    return torch.where(union > 0, intersection / union.clamp_min(1.0), torch.ones_like(union))
