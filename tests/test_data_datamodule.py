@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1033,6 +1034,15 @@ def test_eval_options_reach_the_evaluation_dataset(tmp_path):
         return module(**common, eval_prompt="point", **kwargs).eval_dataset()[1]["prompt"]["points"]
 
     assert not np.array_equal(points(seed=3), points(seed=4))
+    # the layout reaches it too, and the set is read once per seed (eval checks it before the run)
+    shutil.copytree(tmp_path / "original", tmp_path / "set" / "image")
+    shutil.copytree(tmp_path / "mask", tmp_path / "set" / "matte")
+    folders = dict(eval_root=str(tmp_path / "set"), eval_format="folders", eval_layout=["image", "matte"])
+    data = module(stage="eval", seed=3, **folders)
+    first = data.eval_dataset()
+    assert first[0]["matte_relpath"] == "matte/s_0.png" and data.eval_dataset() is first
+    data.seed = 4  # setup takes rank 0's seed
+    assert data.eval_dataset() is not first and data.eval_dataset().seed == 4
 
 
 def test_a_matting_sample_whose_image_and_alpha_differ_is_skipped_by_the_zim_stage(tmp_path):

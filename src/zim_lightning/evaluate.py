@@ -435,7 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     # Same seed on every rank: random weights (smoke tests) must be the same network everywhere.
     L.seed_everything(args.seed, verbose=False)
     net = zim_for_command(parser, args).eval()
-    dataset = _checked_dataset(parser, args)
+    claim = _out_folder_claim(args.out)  # removes an earlier run's results once this run holds --out
+    callbacks: list[Any] = [RichProgressBar(), claim]
+    if args.save_predictions:
+        callbacks.append(_prediction_writer(args.out))
+    # the options the datamodule and the Trainer check, before anything of an earlier run goes
+    data, trainer = _datamodule_and_trainer(parser, args, callbacks)
+    dataset = _checked_dataset(parser, args, data)
     module = EvalModule(
         net=net,
         prompts=["point", "box"] if args.prompt == "both" else [args.prompt],
@@ -445,12 +451,6 @@ def main(argv: list[str] | None = None) -> int:
         closed_form_max_side=args.closed_form_max_side or None,
         quantize_bits=PREDICTION_BITS,
     )
-    claim = _out_folder_claim(args.out)  # removes an earlier run's results once this run holds --out
-    callbacks: list[Any] = [RichProgressBar(), claim]
-    if args.save_predictions:
-        callbacks.append(_prediction_writer(args.out))
-    # the options the datamodule and the Trainer check, before anything of an earlier run goes
-    data, trainer = _datamodule_and_trainer(parser, args, callbacks)
     try:
         with warnings.catch_warnings():
             # Instances are lists of dicts of different sizes; Lightning cannot infer a batch size from them.
@@ -471,21 +471,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _checked_dataset(parser: argparse.ArgumentParser, args: argparse.Namespace) -> EvalDataset:
-    """The evaluation set of ``--data``; with ``--protocol dim``, its trimaps checked before any
+def _checked_dataset(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, data: ZimDataModule
+) -> EvalDataset:
+    """The datamodule's evaluation set; with ``--protocol dim``, its trimaps checked before any
     prediction (not mid-run in a worker). A folder that does not hold it is a usage error."""
-    from zim_lightning.data.micromat import EvalDataError, build_eval_dataset, check_trimaps
+    from zim_lightning.data.micromat import EvalDataError, check_trimaps
 
     try:
-        dataset = build_eval_dataset(
-            args.data,
-            format=args.format,
-            prompt=args.prompt,
-            subset=args.subset,
-            seed=args.seed,
-            trimaps=args.protocol == "dim",  # the paper protocol scores whole images
-            layout=args.layout,
-        )
+        dataset = data.eval_dataset()
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     if args.protocol == "dim":

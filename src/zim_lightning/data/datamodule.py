@@ -24,7 +24,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import lightning as L
 import numpy as np
@@ -54,6 +54,9 @@ from zim_lightning.data.shards import (
     worker_info,
 )
 from zim_lightning.data.skips import CorruptSample, SkipCounter
+
+if TYPE_CHECKING:
+    from zim_lightning.data.micromat import EvalDataset
 
 log = logging.getLogger(__name__)
 
@@ -412,6 +415,7 @@ class ZimDataModule(L.LightningDataModule):
             eval_subset,
         )
         self.eval_trimaps, self.eval_layout = eval_trimaps, eval_layout
+        self._eval_dataset: EvalDataset | None = None
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -686,13 +690,16 @@ class ZimDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ evaluation
 
-    def eval_dataset(self) -> Dataset:
-        """The full evaluation dataset (``data.micromat.build_eval_dataset``)."""
+    def eval_dataset(self) -> EvalDataset:
+        """The full evaluation dataset (``data.micromat.build_eval_dataset``), built once per seed (setup
+        may take rank 0's seed)."""
+        if self._eval_dataset is not None and self._eval_dataset.seed == self.seed:
+            return self._eval_dataset
         if self.eval_root is None:
             raise ValueError("ZimDataModule(stage='eval') needs eval_root, the evaluation dataset folder")
         from zim_lightning.data.micromat import build_eval_dataset
 
-        return build_eval_dataset(
+        self._eval_dataset = build_eval_dataset(
             self.eval_root,
             format=self.eval_format,
             prompt=self.eval_prompt,
@@ -701,6 +708,7 @@ class ZimDataModule(L.LightningDataModule):
             trimaps=self.eval_trimaps,
             layout=self.eval_layout,
         )
+        return self._eval_dataset
 
     def eval_dataloader(self, *, rank: int | None = None, world_size: int | None = None) -> DataLoader:
         """Evaluation loader over this rank's unpadded slice (instances ``rank``, ``rank + world_size``, ...)."""

@@ -34,7 +34,6 @@ error naming the instance.
 from __future__ import annotations
 
 import json
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,6 +45,7 @@ from torch.utils.data import Dataset
 
 from zim_lightning.data.decode import FLOAT_LABEL_PROBLEM, GRAY_16_BIT_MODES, check_16_bit_label, scale_16_bit
 from zim_lightning.data.prompts import sample_points, support_box
+from zim_lightning.data.samples import key_rng
 
 FORMATS: tuple[str, ...] = ("micromat", "am2k", "aim500", "folders")
 PROMPTS: tuple[str, ...] = ("point", "box", "both")
@@ -188,7 +188,7 @@ class EvalDataset(Dataset):
             raise EvalDataError(
                 f"{record.where}: matte {record.matte_relpath} is empty; no prompt can be derived"
             )
-        rng = np.random.default_rng([self.seed, zlib.crc32(record.key.encode())])
+        rng = key_rng(self.seed, record.key)
         coords, labels = sample_points(
             alpha,
             rng,
