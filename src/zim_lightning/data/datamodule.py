@@ -68,6 +68,10 @@ STAGES = ("converter", "zim", "eval")
 #: which needs SA1B-Matte ones, alone or in a list beside the right ones).
 MAX_CONSECUTIVE_SKIPS = 1000
 
+#: The pipeline stages that draw from :class:`EpochSeeds`, each its own random stream. The numbers key
+#: the seeds, so renumbering them would change every run's draws.
+RESAMPLE_STAGE, SHUFFLE_STAGE, PROCESS_STAGE, MIX_STL_STAGE = range(4)
+
 
 class EpochSeeds:
     """The seeds of one training pipeline stage, one independent stream per epoch.
@@ -94,11 +98,11 @@ class EpochSeeds:
         self.seed, self.rank, self.resume_step, self.source = seed, rank, resume_step, source
         self.epoch = first_epoch - 1
 
-    def next_epoch(self, stream: int) -> np.random.SeedSequence:
-        """Advance to the next epoch and return its seed for pipeline stage ``stream``."""
+    def next_epoch(self, stage: int) -> np.random.SeedSequence:
+        """Advance to the next epoch and return its seed for pipeline ``stage`` (``*_STAGE``)."""
         self.epoch += 1
         worker, _ = worker_info()
-        entropy = [self.seed, self.rank, worker, self.epoch, stream]
+        entropy = [self.seed, self.rank, worker, self.epoch, stage]
         if self.resume_step or self.source:  # keys of the main stream of a fresh run are unchanged
             entropy += [self.resume_step]
         if self.source:
@@ -146,7 +150,7 @@ class ResampleShards:
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         urls = [shard["url"] for shard in src]
-        rng = np.random.default_rng(self.seeds.next_epoch(0))
+        rng = np.random.default_rng(self.seeds.next_epoch(RESAMPLE_STAGE))
         if not urls:
             return
         while True:
@@ -160,7 +164,7 @@ class ShuffleSamples:
         self.bufsize, self.initial, self.seeds = bufsize, initial, seeds
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        seed = int(self.seeds.next_epoch(1).generate_state(1)[0])
+        seed = int(self.seeds.next_epoch(SHUFFLE_STAGE).generate_state(1)[0])
         if self.bufsize <= 1:
             return src
         return wds.shuffle(self.bufsize, initial=min(self.initial, self.bufsize), seed=seed)(src)
@@ -195,7 +199,7 @@ class ProcessSamples:
         self.processor, self.train, self.seeds, self.counter = processor, train, seeds, counter
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        rng = np.random.default_rng(self.seeds.next_epoch(2))
+        rng = np.random.default_rng(self.seeds.next_epoch(PROCESS_STAGE))
         if self.train:
             # Validation draws no augmentation (its samples are key-seeded); reseeding here would also
             # restart training's augmentation, which shares the processor when loading runs in the main
@@ -254,7 +258,7 @@ class MixSTL(torch.utils.data.IterableDataset):
         self.matting, self.segmentation, self.ratio, self.seeds = matting, segmentation, ratio, seeds
 
     def __iter__(self) -> Iterator[dict]:
-        rng = np.random.default_rng(self.seeds.next_epoch(3))
+        rng = np.random.default_rng(self.seeds.next_epoch(MIX_STL_STAGE))
         return mix_stl(iter(self.matting), iter(self.segmentation), rng, ratio=self.ratio)
 
 
