@@ -361,8 +361,11 @@ def test_sixteen_bit_images_and_trimaps_are_scaled_not_clipped(tmp_path: Path) -
 def test_trimaps_are_left_out_where_the_protocol_does_not_score_them(tmp_path: Path) -> None:
     write_matting_folder(tmp_path)
     _save(tmp_path / "trimap/s_1.png", np.zeros((10, 10), np.uint8))  # the wrong size
-    with pytest.raises(EvalDataError, match=r"'s_1'.*trimap s_1.png is 10x10 \(WxH\) but matte"):
+    message = r"'s_1': trimap s_1.png is 10x10 \(WxH\) but matte mask/s_1.png is 28x20"
+    with pytest.raises(EvalDataError, match=message):
         check_trimaps(build_eval_dataset(tmp_path, format="aim500", prompt="box").records)
+    with pytest.raises(EvalDataError, match=message):  # read without the check, as the paper protocol
+        build_eval_dataset(tmp_path, format="aim500", prompt="box")[1]
     paper = build_eval_dataset(tmp_path, format="aim500", prompt="box", trimaps=False)
     assert all(record.trimap is None for record in paper.records)
     assert paper[1]["trimap"] is None  # read without the trimap: a paper run is not stopped by it

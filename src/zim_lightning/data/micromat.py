@@ -158,18 +158,12 @@ class EvalDataset(Dataset):
                 f"{record.where}: cannot decode image {record.image.name} or matte {record.matte_relpath}: {err}"
             ) from err
         if image.shape[:2] != alpha.shape:
-            raise EvalDataError(
-                f"{record.where}: image {record.image.name} is {image.shape[1]}x{image.shape[0]} (WxH) but "
-                f"matte {record.matte_relpath} is {alpha.shape[1]}x{alpha.shape[0]}"
-            )
+            raise _size_mismatch(record, f"image {record.image.name}", image.shape[:2], alpha.shape)
         trimap = None
         if record.trimap is not None:
             trimap = _trimap_of(record)
             if trimap.shape != alpha.shape:
-                raise EvalDataError(
-                    f"{record.where}: trimap {record.trimap.name} is {trimap.shape[1]}x{trimap.shape[0]} "
-                    f"(WxH) but matte {record.matte_relpath} is {alpha.shape[1]}x{alpha.shape[0]}"
-                )
+                raise _size_mismatch(record, f"trimap {record.trimap.name}", trimap.shape, alpha.shape)
         full = record.prompt if record.prompt is not None else self._derived_prompt(record, alpha)
         wanted = {"point": ("points",), "box": ("box",), "both": ("points", "box")}[self.prompt]
         return {
@@ -330,7 +324,7 @@ def build_eval_dataset(
         if not trimaps:
             records = [replace(r, trimap=None) for r in records]
     for record in records:
-        _check_sizes(record)
+        _check_instance(record)
     return EvalDataset(
         records, prompt=prompt, seed=seed, positive_points=positive_points, negative_points=negative_points
     )
@@ -516,11 +510,9 @@ def check_trimaps(records: Sequence[EvalRecord]) -> None:
             continue
         trimap = _trimap_of(record)
         with Image.open(record.matte) as matte:
-            if trimap.shape != (matte.height, matte.width):
-                raise EvalDataError(
-                    f"{record.where}: trimap {record.trimap.name} is {trimap.shape[1]}x{trimap.shape[0]} "
-                    f"(WxH) but matte {record.matte_relpath} is {matte.width}x{matte.height}"
-                )
+            matte_shape = (matte.height, matte.width)
+        if trimap.shape != matte_shape:
+            raise _size_mismatch(record, f"trimap {record.trimap.name}", trimap.shape, matte_shape)
         values = np.unique(trimap)
         if not np.isin(values, TRIMAP_VALUES).all() or TRIMAP_VALUES[1] not in values:
             raise EvalDataError(
@@ -537,8 +529,19 @@ def _find(folder: Path, stem: str, suffixes: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _check_sizes(record: EvalRecord) -> None:
-    """Compare image and matte sizes from the file headers (no decoding)."""
+def _size_mismatch(
+    record: EvalRecord, what: str, shape: tuple[int, ...], matte_shape: tuple[int, ...]
+) -> EvalDataError:
+    """The error for a file (``what``) whose (H, W) ``shape`` is not its matte's."""
+    return EvalDataError(
+        f"{record.where}: {what} is {shape[1]}x{shape[0]} (WxH) but matte {record.matte_relpath} is "
+        f"{matte_shape[1]}x{matte_shape[0]}"
+    )
+
+
+def _check_instance(record: EvalRecord) -> None:
+    """Check an instance from its files' headers (no decoding): the image's size is the matte's, and its
+    prompt lies on the image."""
     try:
         with Image.open(record.image) as img:
             image_size = img.size
@@ -549,10 +552,7 @@ def _check_sizes(record: EvalRecord) -> None:
             f"{record.where}: cannot read {record.image.name} or {record.matte_relpath}: {err}"
         ) from err
     if image_size != matte_size:
-        raise EvalDataError(
-            f"{record.where}: image {record.image.name} is {image_size[0]}x{image_size[1]} (WxH) but matte "
-            f"{record.matte_relpath} is {matte_size[0]}x{matte_size[1]}"
-        )
+        raise _size_mismatch(record, f"image {record.image.name}", image_size[::-1], matte_size[::-1])
     width, height = image_size
     prompt = record.prompt or {}
     points = prompt.get("points")
