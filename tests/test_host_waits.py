@@ -51,7 +51,7 @@ def test_zim_training_step_and_its_means_read_nothing_back(attention: str, switc
         alpha, terms = module._step(batch)  # it makes the float alpha and the valid map there
         # the running means: a training step's (forward: the batch value too) and a validation batch's
         means = module.train_metrics["train/loss"](terms["loss"].detach())
-        module._log_values(module.val_metrics, terms, batch_size=2, train=False)
+        module._accumulate_eval(module.val_metrics, terms, batch_size=2)
     assert alpha.device.type == "cuda"
     assert terms["loss"].device.type == "cuda" and means.device.type == "cuda" and len(spy.ops) > 1000
     assert spy.waits == []

@@ -691,10 +691,8 @@ def test_validation_means_weigh_pooled_losses_by_batch_size_and_vectors_by_sampl
     module = ZimModule(net=Zim(**ZIM_VARIANTS["tiny"], image_size=FRAME))
     metrics = module.val_metrics
     # a full batch of 3 (loss pooled over it: 1.0) and a partial batch of 1 (4.0): 7 / 4 per sample
-    module._log_values(metrics, {"loss": torch.tensor(1.0), "sad": torch.tensor([1.0, 1.0, 1.0])}, batch_size=3, train=False)  # fmt: skip
-    module._log_values(
-        metrics, {"loss": torch.tensor(4.0), "sad": torch.tensor([4.0])}, batch_size=1, train=False
-    )
+    module._accumulate_eval(metrics, {"loss": torch.tensor(1.0), "sad": torch.tensor([1.0, 1.0, 1.0])}, batch_size=3)  # fmt: skip
+    module._accumulate_eval(metrics, {"loss": torch.tensor(4.0), "sad": torch.tensor([4.0])}, batch_size=1)
     assert metrics["loss"].compute().item() == pytest.approx(1.75)
     assert metrics["sad"].compute().item() == pytest.approx(1.75)
 

@@ -98,7 +98,7 @@ class ConverterModule(MattingModule):
         if not self.loss_is_finite(terms["loss"]):
             return self.skipped_step()  # no update (see MattingModule.loss_is_finite)
         size = batch["image"].shape[0]
-        self._log_values(self.train_metrics, terms, batch_size=size, train=True)
+        self._log_train_step(terms, batch_size=size)
         if "is_stl" in batch:
             stl = torch.as_tensor(batch["is_stl"], dtype=torch.float32).mean()
             self.log("train/stl_fraction", stl, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
@@ -109,7 +109,7 @@ class ConverterModule(MattingModule):
         outputs, terms = self._step(batch, per_sample=True)
         values = {**terms, **frame_errors(outputs["alpha"], batch["alpha"])}
         values["sad_input"] = frame_errors(batch["mask"], batch["alpha"])["sad"]
-        self._log_values(metrics, values, batch_size=batch["image"].shape[0], train=False)
+        self._accumulate_eval(metrics, values, batch_size=batch["image"].shape[0])
         return {"loss": terms["loss"].mean(), "alpha": outputs["alpha"].detach()}
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:

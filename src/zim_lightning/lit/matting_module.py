@@ -256,25 +256,12 @@ class MattingModule(LightningModule):
             total_steps=self.trainer.estimated_stepping_batches if self._trainer is not None else None,
         )
 
-    def _log_values(
-        self, metrics: MetricCollection, values: dict[str, Tensor], *, batch_size: int, train: bool
-    ) -> None:
-        """Accumulate scalars or per-sample vectors in the stage's metric objects.
-
-        Training values are logged per step and as epoch means by Lightning. Validation and test values
-        are only accumulated here and logged at the epoch end (:meth:`_log_epoch`), because a rank can see
-        no evaluation batch at all (fewer validation shards than ranks): a metric that only some ranks
-        logged would leave the others waiting in its synchronisation.
-        """
+    def _log_train_step(self, values: dict[str, Tensor], *, batch_size: int) -> None:
+        """Log a training step's scalars: Lightning logs the batch value per step and the running mean
+        per epoch."""
+        metrics = self.train_metrics
         for name, value in values.items():
             metric = metrics[name]
-            if not train:
-                # A scalar is pooled over its batch: it counts once per sample of the batch, so that the
-                # epoch's value does not depend on how the partial batches fell (per-sample vectors count
-                # each sample once). (Not MeanMetric's weight: with nan_strategy="disable" it ignores it.)
-                value = value.detach().float()
-                metric.update(value.expand(batch_size) if value.ndim == 0 else value)
-                continue
             # forward, not update: Lightning logs the batch value on steps and the running mean on epochs
             metric(value.detach().float())
             self.log(
@@ -288,6 +275,21 @@ class MattingModule(LightningModule):
                 # metrics sync their own states across ranks
                 sync_dist=False,
             )
+
+    def _accumulate_eval(
+        self, metrics: MetricCollection, values: dict[str, Tensor], *, batch_size: int
+    ) -> None:
+        """Accumulate a validation or test batch's scalars or per-sample vectors, logged at the epoch end
+        (:meth:`_log_epoch`): a rank can see no evaluation batch at all (fewer validation shards than
+        ranks), and a metric that only some ranks logged would leave the others waiting in its
+        synchronisation.
+        """
+        for name, value in values.items():
+            # A scalar is pooled over its batch: it counts once per sample of the batch, so that the
+            # epoch's value does not depend on how the partial batches fell (per-sample vectors count
+            # each sample once). (Not MeanMetric's weight: with nan_strategy="disable" it ignores it.)
+            value = value.detach().float()
+            metrics[name].update(value.expand(batch_size) if value.ndim == 0 else value)
 
     def _log_epoch(self, metrics: MetricCollection) -> None:
         """Compute (synchronised over every rank, each one taking part) and log an evaluation epoch."""

@@ -213,14 +213,14 @@ class ZimModule(MattingModule):
         alpha, terms = self._step(batch)
         if not self.loss_is_finite(terms["loss"]):
             return self.skipped_step()  # no update (see MattingModule.loss_is_finite)
-        self._log_values(self.train_metrics, terms, batch_size=batch["image"].shape[0], train=True)
+        self._log_train_step(terms, batch_size=batch["image"].shape[0])
         return {"loss": terms["loss"], "alpha": alpha.detach()}
 
     def _evaluate(self, batch: dict, metrics: MetricCollection) -> dict[str, Tensor]:
         batch = unpack_batch(batch)
         alpha, terms = self._step(batch, per_sample=True)
         values = {**terms, **frame_errors(alpha, batch["alpha"].float(), batch.get("valid"))}
-        self._log_values(metrics, values, batch_size=batch["image"].shape[0], train=False)
+        self._accumulate_eval(metrics, values, batch_size=batch["image"].shape[0])
         return {"loss": terms["loss"].mean(), "alpha": alpha.detach()}
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
