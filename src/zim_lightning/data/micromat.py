@@ -1,4 +1,5 @@
-"""Evaluation sets of the ZIM paper (Sec. 4.1 and 5): MicroMat-3K, AM-2K and AIM-500 folder readers.
+"""Evaluation sets of the ZIM paper (Sec. 4.1 and 5): MicroMat-3K, AM-2K and AIM-500 folder readers, and
+one for any matting set of image and alpha folders.
 
 Layouts read here, as the datasets ship:
 
