@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from zim_lightning import metrics
-from zim_lightning.benchmarking import describe_environment, emit_report, measure_ms
+from zim_lightning.benchmarking import describe_environment, emit_report, image_sizes, measure_ms
 
 #: (H, W): the model's frame, an SA-1B-sized image, a 12-megapixel photo.
 DEFAULT_SIZES = ("1024x1024", "1500x2250", "3000x4000")
@@ -63,15 +63,16 @@ def time_size(height: int, width: int, *, device: torch.device, warmup: int, rep
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="eval_scoring", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help="comma-separated HxW sizes")
+    parser.add_argument(
+        "--sizes", type=image_sizes, default=",".join(DEFAULT_SIZES), help="comma-separated HxW sizes"
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     report: dict = {"environment": describe_environment(device), "sizes": []}
-    for size in args.sizes.split(","):
-        height, width = (int(v) for v in size.lower().split("x"))
+    for height, width in args.sizes:
         report["sizes"].append(
             time_size(height, width, device=device, warmup=args.warmup, repeats=args.repeats)
         )

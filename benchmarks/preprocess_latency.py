@@ -28,6 +28,7 @@ import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 from skimage import data
 
+from zim_lightning.benchmarking import image_sizes
 from zim_lightning.models.build import zim_model_registry
 from zim_lightning.predictor import RESIZE_MODES, ZimPredictor
 
@@ -59,7 +60,9 @@ def time_ms(call, *, device: torch.device, warmup: int, repeats: int) -> float:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="preprocess_latency", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", default=",".join(DEFAULT_SIZES), help="comma-separated HxW sizes")
+    parser.add_argument(
+        "--sizes", type=image_sizes, default=",".join(DEFAULT_SIZES), help="comma-separated HxW sizes"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json-out", type=Path, default=None)
@@ -75,8 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sizes": [],
     }
     transform = ResizeLongestSide(net.image_size)
-    for size in args.sizes.split(","):
-        height, width = (int(v) for v in size.lower().split("x"))
+    for height, width in args.sizes:
         image = photo(height, width)
         entry: dict = {"size": [height, width]}
         timing = {"device": device, "warmup": args.warmup, "repeats": args.repeats}

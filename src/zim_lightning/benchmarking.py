@@ -9,6 +9,7 @@ while it runs, so a run cut off keeps what it measured). The speed switches them
 
 from __future__ import annotations
 
+import argparse
 import gc
 import inspect
 import json
@@ -182,6 +183,19 @@ def build_stock_sam(variant: str, *, image_size: int = 1024):
             iou_head_hidden_dim=cfg["iou_head_hidden_dim"],
         ),
     )
+
+
+def image_sizes(text: str) -> list[tuple[int, int]]:
+    """``"1024x1024,1500x2250"`` -> ``[(1024, 1024), (1500, 2250)]`` (H, W): a ``--sizes`` option's type."""
+    sizes = []
+    for size in text.split(","):
+        parts = size.strip().lower().split("x")
+        if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated HxW sizes such as 1024x1024, got {size!r}"
+            )
+        sizes.append((int(parts[0]), int(parts[1])))
+    return sizes
 
 
 def describe_environment(device: torch.device | str) -> dict[str, object]:
