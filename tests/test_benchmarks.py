@@ -3,6 +3,7 @@ they cannot rot between the sessions that have a GPU to run them on."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -157,6 +158,13 @@ def test_eval_scoring_times_both_protocols_and_their_costly_parts(tmp_path: Path
         pred, gt = _script("eval_scoring").disc_pair(*entry["size"], device=torch.device("cpu"))
         assert entry["paper_errors"] == matting_errors(pred, gt, "paper")
         assert min(entry["paper_errors"].values()) > 0
+
+
+def test_image_sizes_parse_hxw_lists_and_refuse_anything_else():
+    assert benchmarking.image_sizes("1024x1024, 33X17") == [(1024, 1024), (33, 17)]
+    for bad in ("1024", "0x5", "ax5", "3x4x5", "3x4,"):
+        with pytest.raises(argparse.ArgumentTypeError, match="HxW sizes"):
+            benchmarking.image_sizes(bad)
 
 
 def test_relpos_kernels_compile_for_hopper_without_spilling(tmp_path: Path):
