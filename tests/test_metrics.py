@@ -186,19 +186,25 @@ def test_conn_gives_a_tie_of_largest_components_to_the_first_in_scan_order() -> 
     assert connectivity_error(pred, gt) == pytest.approx(2.3, abs=1e-12)
 
 
-def test_conn_tie_goes_to_the_first_component_in_each_protocols_scan_order() -> None:
+@pytest.mark.parametrize("scale", [1, 300])
+def test_conn_tie_goes_to_the_first_component_in_each_protocols_scan_order(scale: int) -> None:
     # Two equally large blobs up to t = 0.5: A (top right, pred 0.9) comes first row by row, B (bottom
     # left, pred 0.5) column by column, as MATLAB's bwconncomp numbers them (the dim reference).
     # Omega = A: A keeps level 0.9 (phi_p = phi_g = 1), B gets 0 (|0.5 - 0| x 4) -> 2.0.
     # Omega = B: B keeps level 0.5 (|1 - 0.5| x 4), A gets 0 (|0.1 - 0| x 4) -> 2.4.
+    # Each pixel blown up to scale x scale: 1800x1800 is large enough for OpenCV to label in parallel
+    # stripes, whose numbering must still follow the scan order.
     pred = torch.zeros(6, 6, dtype=torch.float64)
     gt = torch.zeros(6, 6, dtype=torch.float64)
     gt[0:2, 4:6], pred[0:2, 4:6] = 1.0, 0.9
     gt[4:6, 0:2], pred[4:6, 0:2] = 1.0, 0.5
-    assert connectivity_error(pred, gt) == pytest.approx(2.0, abs=1e-12)
-    assert connectivity_error(pred, gt, column_major=True) == pytest.approx(2.4, abs=1e-12)
-    assert matting_errors(pred, gt)["conn"] == pytest.approx(2.0 / 1000, abs=1e-15)
-    assert matting_errors(pred, gt, "dim")["conn"] == pytest.approx(2.4 / 1000, abs=1e-15)
+    block = torch.ones(scale, scale, dtype=torch.float64)
+    pred, gt = torch.kron(pred, block), torch.kron(gt, block)
+    pixels = scale * scale
+    assert connectivity_error(pred, gt) == pytest.approx(2.0 * pixels, abs=1e-12 * pixels)
+    assert connectivity_error(pred, gt, column_major=True) == pytest.approx(2.4 * pixels, abs=1e-12 * pixels)
+    assert matting_errors(pred, gt)["conn"] == pytest.approx(2.0 * pixels / 1000, abs=1e-15 * pixels)
+    assert matting_errors(pred, gt, "dim")["conn"] == pytest.approx(2.4 * pixels / 1000, abs=1e-15 * pixels)
 
 
 def _disc(radius: float, size: int = 48) -> np.ndarray:

@@ -45,10 +45,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
@@ -75,11 +75,6 @@ BUCKET_EDGES: tuple[float, float] = (0.01, 0.1)
 
 #: Columns of a MattingErrors row: index, the metrics, foreground fraction.
 _ROW_WIDTH = 2 + len(METRIC_NAMES)
-
-# 4-connectivity inside each threshold plane of a CONN_LEVELS x H x W stack, none across planes, so one
-# labelling call finds the components of every threshold at once.
-_PLANAR_4_CONNECTIVITY = np.zeros((3, 3, 3), dtype=bool)
-_PLANAR_4_CONNECTIVITY[1] = ndimage.generate_binary_structure(2, 1)
 
 
 def _check_alpha(name: str, x: torch.Tensor) -> None:
@@ -215,35 +210,44 @@ def connectivity_levels(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
     """
     # k / 10 rather than k * 0.1: the latter is 0.30000000000000004 for k = 3 and would drop alpha 0.3.
     levels = np.arange(CONN_LEVELS + 1, dtype=np.float64) / CONN_LEVELS  # t_0 .. t_10
+    # A pixel is in both thresholded sets exactly when the smaller of its two values reaches the threshold.
+    lower = np.minimum(pred, gt)
     # Every level's intersection lies inside the first one's, and pixels outside it get level 0: label
     # only its bounding box (small objects in large images are the common case).
     result = np.zeros(pred.shape, dtype=np.float64)
-    first_level = (pred >= levels[1]) & (gt >= levels[1])
+    first_level = lower >= levels[1]
     rows, cols = np.flatnonzero(first_level.any(axis=1)), np.flatnonzero(first_level.any(axis=0))
     if rows.size == 0:
         return result
     window = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-    result[window] = _connectivity_levels_in(pred[window], gt[window], levels)
+    result[window] = _connectivity_levels_in(lower[window], levels)
     return result
 
 
-def _connectivity_levels_in(pred: np.ndarray, gt: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    thresholds = levels[1:, None, None]
-    both = (pred[None] >= thresholds) & (gt[None] >= thresholds)  # LxHxW
-    labels, _ = ndimage.label(both, structure=_PLANAR_4_CONNECTIVITY)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0  # label 0 is the background
-    # Labels are numbered in scan order, plane after plane: plane k owns (last label of k-1, last of k].
-    last = np.maximum.accumulate(labels.reshape(CONN_LEVELS, -1).max(axis=1))
-    first = np.concatenate([[1], last[:-1] + 1])
-    largest = np.zeros(CONN_LEVELS, dtype=labels.dtype)  # 0: the plane has no component
-    for k in range(CONN_LEVELS):
-        if last[k] >= first[k]:
-            largest[k] = first[k] + np.argmax(sizes[first[k] : last[k] + 1])
-    outside = labels != largest[:, None, None]  # LxHxW, True where the pixel left the source region
-    outside |= largest[:, None, None] == 0
-    first_out = outside.argmax(axis=0)
-    return np.where(outside.any(axis=0), levels[first_out], 1.0)
+def _connectivity_levels_in(lower: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    level = np.ones(lower.shape, dtype=np.float64)  # pixels in every Omega_k keep 1
+    connected = np.ones(lower.shape, dtype=bool)  # pixels in Omega_1 .. Omega_{k-1}
+    for k in range(1, CONN_LEVELS + 1):
+        source = _largest_component(lower >= levels[k])
+        level[connected & ~source] = levels[k - 1]
+        connected &= source
+        if not connected.any():
+            break
+    return level
+
+
+def _largest_component(plane: np.ndarray) -> np.ndarray:
+    """HxW bool mask of the largest 4-connected component of ``plane`` (all False if it has none).
+
+    OpenCV numbers components in row-major order of their first pixel (label 0 is the background), so
+    ``argmax``, which takes the first of equal areas, gives a tie to the first component in scan order.
+    """
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(
+        np.ascontiguousarray(plane, dtype=np.uint8), connectivity=4, ltype=cv2.CV_32S
+    )
+    if count == 1:
+        return np.zeros(plane.shape, dtype=bool)
+    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
 def connectivity_error(
@@ -271,13 +275,18 @@ def connectivity_error(
     p = pred.detach().to("cpu", torch.float64).numpy()
     g = gt.detach().to("cpu", torch.float64).numpy()
     level = connectivity_levels(p.T, g.T).T if column_major else connectivity_levels(p, g)
-    d_p, d_g = p - level, g - level
-    phi_p = 1.0 - d_p * (d_p >= CONN_MIN_DISTANCE)
-    phi_g = 1.0 - d_g * (d_g >= CONN_MIN_DISTANCE)
-    error = np.abs(phi_p - phi_g)
+    phi_p, phi_g = _phi(p, level), _phi(g, level)
+    error = np.abs(np.subtract(phi_p, phi_g, out=phi_p), out=phi_p)
     if weight is not None:
         error = error * weight.detach().to("cpu", torch.float64).numpy()
     return float(error.sum())
+
+
+def _phi(alpha: np.ndarray, level: np.ndarray) -> np.ndarray:
+    """``1 - d * [d >= 0.15]`` with ``d = alpha - level``, as one new float64 array."""
+    phi = np.subtract(alpha, level)
+    phi *= phi >= CONN_MIN_DISTANCE
+    return np.subtract(1.0, phi, out=phi)
 
 
 def matting_errors(
