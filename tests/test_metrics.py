@@ -16,6 +16,7 @@ from zim_lightning.metrics import (
     METRIC_NAMES,
     MattingErrors,
     connectivity_error,
+    connectivity_levels,
     matting_errors,
     scoring_device,
     size_bucket,
@@ -186,13 +187,13 @@ def test_conn_gives_a_tie_of_largest_components_to_the_first_in_scan_order() -> 
     assert connectivity_error(pred, gt) == pytest.approx(2.3, abs=1e-12)
 
 
-@pytest.mark.parametrize("scale", [1, 300])
+@pytest.mark.parametrize("scale", [1, 150])
 def test_conn_tie_goes_to_the_first_component_in_each_protocols_scan_order(scale: int) -> None:
     # Two equally large blobs up to t = 0.5: A (top right, pred 0.9) comes first row by row, B (bottom
     # left, pred 0.5) column by column, as MATLAB's bwconncomp numbers them (the dim reference).
     # Omega = A: A keeps level 0.9 (phi_p = phi_g = 1), B gets 0 (|0.5 - 0| x 4) -> 2.0.
     # Omega = B: B keeps level 0.5 (|1 - 0.5| x 4), A gets 0 (|0.1 - 0| x 4) -> 2.4.
-    # Each pixel blown up to scale x scale: 1800x1800 is large enough for OpenCV to label in parallel
+    # Each pixel blown up to scale x scale: 900x900 is large enough for OpenCV to label in parallel
     # stripes, whose numbering must still follow the scan order.
     pred = torch.zeros(6, 6, dtype=torch.float64)
     gt = torch.zeros(6, 6, dtype=torch.float64)
@@ -210,6 +211,24 @@ def test_conn_tie_goes_to_the_first_component_in_each_protocols_scan_order(scale
 def _disc(radius: float, size: int = 48) -> np.ndarray:
     yy, xx = np.mgrid[:size, :size] - size // 2
     return (yy**2 + xx**2 <= radius**2).astype(np.float64)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_conn_source_is_the_first_of_many_tied_components_in_a_large_image(seed: int) -> None:
+    # pred = gt = a 0/1 plane: every threshold's intersection is the plane itself, so the level is 1 on
+    # its source component and 0 elsewhere. Single pixels on a stride-3 lattice, plus 40 two-pixel
+    # dominoes (never touching anything), all tied as the largest: the source must be the domino
+    # that comes first row by row, however OpenCV splits the 1800x1800 plane between its threads.
+    rng = np.random.default_rng(seed)
+    plane = np.zeros((1800, 1800))
+    plane[::3, ::3] = rng.random((600, 600)) < 0.5
+    cells = rng.choice(600 * 599, size=40, replace=False)
+    rows, cols = 3 * (cells // 599), 3 * (cells % 599)
+    plane[rows, cols] = plane[rows, cols + 1] = 1.0
+    first = np.lexsort((cols, rows))[0]
+    expected = np.zeros_like(plane)
+    expected[rows[first], cols[first] : cols[first] + 2] = 1.0
+    np.testing.assert_array_equal(connectivity_levels(plane, plane), expected)
 
 
 @pytest.mark.parametrize("scale, offset", [(0.5, 0.0), (0.96, 0.02)])
