@@ -83,12 +83,16 @@ def _ref_gauss_grad(p: np.ndarray, g: np.ndarray, weight: np.ndarray, sigma: flo
     return total / 1000
 
 
-def _ref_conn(p: np.ndarray, g: np.ndarray) -> float:
-    """Connectivity error (not divided by 1000) with breadth-first flood fill per threshold."""
+def _ref_conn(p: np.ndarray, g: np.ndarray, thresholds: np.ndarray | None = None) -> float:
+    """Connectivity error (not divided by 1000) with breadth-first flood fill per threshold.
+
+    ``thresholds``: t_0 .. t_10 (default k / 10), compared with ``p`` and ``g`` in their own dtype.
+    """
     h, w = p.shape
+    thresholds = np.arange(11) / 10 if thresholds is None else thresholds
     level = np.full((h, w), -1.0)
     for k in range(1, 11):
-        t = k / 10
+        t = thresholds[k]
         inside = [[p[i, j] >= t and g[i, j] >= t for j in range(w)] for i in range(h)]
         seen = [[False] * w for _ in range(h)]
         best: list[tuple[int, int]] = []
@@ -111,7 +115,7 @@ def _ref_conn(p: np.ndarray, g: np.ndarray) -> float:
         for i in range(h):
             for j in range(w):
                 if level[i, j] == -1 and (i, j) not in omega:
-                    level[i, j] = (k - 1) / 10
+                    level[i, j] = thresholds[k - 1]
     level[level == -1] = 1.0
     total = 0.0
     for i in range(h):
@@ -311,6 +315,24 @@ def test_conn_matches_reference_for_an_object_inside_a_larger_image() -> None:
     pred[5:12, 8:17], gt[5:12, 8:17] = small_p, small_g
     pred[0, 0] = 0.7
     assert connectivity_error(pred, gt) == pytest.approx(_ref_conn(pred.numpy(), gt.numpy()), abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_conn_of_8bit_mattes_matches_the_official_float32_thresholds(seed: int) -> None:
+    # ZIM's official evaluation code (eval/metric.py) compares float32 mattes with the float32 thresholds
+    # of torch.arange(0, 1.1, 0.1). An 8-bit alpha of 51, 102, 153, 204 or 255 (0.2 ... 1.0) equals its
+    # float32 threshold there and reaches k / 10 here; a float64 np.arange(0, 1.1, 0.1) would make 153
+    # miss 0.6000000000000001. Plateaus of those values make the thresholds decide many pixels.
+    rng = np.random.default_rng(seed)
+    values = np.array([0, 25, 26, 51, 76, 102, 127, 153, 179, 204, 230, 255])
+    g8 = values[rng.integers(0, len(values), (12, 14))]
+    p8 = np.clip(g8 + rng.choice([0, 0, 0, 51, -51, 26], g8.shape), 0, 255)
+    official = torch.arange(0, 1 + 0.1, 0.1).numpy()
+    assert official.dtype == np.float32 and official.shape == (11,)
+    expected = _ref_conn((p8 / 255).astype(np.float32), (g8 / 255).astype(np.float32), official)
+    assert connectivity_error(torch.from_numpy(p8 / 255), torch.from_numpy(g8 / 255)) == pytest.approx(
+        expected, rel=1e-6
+    )
 
 
 @pytest.mark.parametrize("seed", range(2))

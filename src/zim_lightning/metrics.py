@@ -15,6 +15,13 @@ Two protocols, and every evaluation names the one it used:
       transpose) with zero padding of 1 pixel;
     - ``conn = sum|phi(p) - phi(g)| / 1000``, the connectivity error (see :func:`connectivity_error`).
 
+    These are the definitions of the evaluation code released with ZIM (``eval/metric.py`` and
+    ``eval/main_eval.py``, read in a public fork of the official repository): the same scales, Sobel
+    kernels, thresholds, tie rule and size buckets. That code computes in float32, with the float32
+    thresholds of ``torch.arange(0, 1.1, 0.1)``; an 8-bit ground truth reaches each of them exactly
+    when it reaches ``k / 10`` here. It scores the predictor's float alpha, where ``zim-lightning eval``
+    scores it quantised to 16 bits (under 1e-5 per pixel).
+
 ``dim``
     The Composition-1k tradition (Xu et al., Deep Image Matting), over the trimap's unknown region
     ``U = {trimap == 128}`` when a trimap is given, else over the whole image; filters and connected
