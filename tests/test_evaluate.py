@@ -172,6 +172,91 @@ def test_grids_without_saved_predictions_predict_the_scored_alphas_again(
         assert np.array_equal(np.asarray(Image.open(out / "grids" / grid.name)), np.asarray(Image.open(grid)))
 
 
+def _stock_sam_checkpoint(path: Path) -> torch.nn.Module:
+    """segment-anything's own tiny Sam, random weights, saved as a SAM checkpoint; its mask logits are
+    spread (the hypernetworks' last layers x30) so that its masks are neither empty nor full."""
+    from zim_lightning.benchmarking import build_stock_sam
+
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    sam = build_stock_sam("tiny").eval()
+    torch.random.set_rng_state(generator_state)
+    with torch.no_grad():
+        for mlp in sam.mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(30.0)
+    torch.save(sam.state_dict(), path)
+    return sam
+
+
+def test_eval_of_a_sam_checkpoint_scores_sampredictors_masks_as_the_binary_baseline(
+    synthetic, tmp_path: Path
+) -> None:
+    # The paper's SAM rows, as the evaluation code released with ZIM computes them: SamPredictor's masks
+    # (multimask_output=False) for each instance's points, then for its box.
+    from segment_anything import SamPredictor
+
+    sam = _stock_sam_checkpoint(tmp_path / "sam_tiny.pth")
+    out = tmp_path / "eval"
+    argv = [
+        "--model",
+        "tiny",
+        "--sam-checkpoint",
+        str(tmp_path / "sam_tiny.pth"),
+        "--data",
+        str(synthetic.micromat),
+    ]
+    argv += ["--format", "micromat", "--out", str(out), "--save-predictions", "--baselines", "binary"]
+    assert main([*argv, "--grid-count", "0", "--accelerator", "cpu", "--num-workers", "0"]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["sam_checkpoint"] == str(tmp_path / "sam_tiny.pth") and doc["checkpoint"] is None
+    assert "SAM checkpoint `" in (out / "report.md").read_text()
+
+    root, predictor, coverage = synthetic.micromat, SamPredictor(sam), []
+    for image, matte, prompt_file, _ in _data_list(root):
+        predictor.set_image(np.asarray(Image.open(root / image).convert("RGB")))
+        prompt = json.loads((root / prompt_file).read_text())
+        points = np.asarray(prompt["point"], dtype=np.float64)
+        for mode, given in (
+            ("point", {"point_coords": points[:, :2], "point_labels": points[:, 2]}),
+            ("box", {"box": np.asarray(prompt["bbox"], dtype=np.float64)}),
+        ):
+            masks, _, _ = predictor.predict(multimask_output=False, **given)
+            saved = _read_png(out / "baselines/binary/predictions" / mode / matte, 65535.0)
+            np.testing.assert_array_equal(saved, masks[0].astype(np.float64), err_msg=f"{matte} {mode}")
+            coverage.append(masks[0].mean())
+    assert 0.0 < min(coverage) and max(coverage) < 1.0  # masks with an edge: the comparison means something
+
+
+def test_sam_checkpoint_options_that_cannot_run_sam_are_usage_errors(
+    synthetic, tmp_path: Path, capsys
+) -> None:
+    sam_path = tmp_path / "sam_tiny.pth"
+    _stock_sam_checkpoint(sam_path)
+    data = ["--data", str(synthetic.micromat), "--format", "micromat", "--out", str(tmp_path / "out")]
+
+    def refused(args: list[str]) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, *data])
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    assert "--sam-checkpoint needs --model" in refused(["--sam-checkpoint", str(sam_path)])
+    assert "--pixel-decoder hierarchical would leave that decoder with random weights" in refused(
+        ["--model", "tiny", "--sam-checkpoint", str(sam_path), "--pixel-decoder", "hierarchical"]
+    )
+    missing = tmp_path / "sam_vit_b.pth"
+    assert f"--sam-checkpoint {str(missing)!r} does not exist" in refused(
+        ["--model", "tiny", "--sam-checkpoint", str(missing)]
+    )
+    assert "not allowed with argument --checkpoint" in refused(
+        ["--model", "tiny", "--checkpoint", str(sam_path), "--sam-checkpoint", str(sam_path)]
+    )
+    # a checkpoint of another size: the loader's error, as a usage message naming the file
+    assert f"SAM checkpoint {str(sam_path)!r} does not match" in refused(
+        ["--model", "vit_b", "--sam-checkpoint", str(sam_path)]
+    )
+
+
 @pytest.mark.parametrize("devices", ["abc", "0", "-2"])
 def test_bad_devices_are_a_usage_error(synthetic, tmp_path: Path, capsys, devices: str) -> None:
     argv = [

@@ -677,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         "image": args.image.name,
         "model": describe_model(args),
         "checkpoint": Path(args.checkpoint).name if args.checkpoint else None,
+        "sam_checkpoint": Path(args.sam_checkpoint).name if args.sam_checkpoint else None,
         "preset": preset,
         "precision": args.precision,
         "settings": {k: v for k, v in overrides.items() if v is not None},

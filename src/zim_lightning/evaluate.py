@@ -1,7 +1,7 @@
 """``zim-lightning eval``: zero-shot matting evaluation on MicroMat-3K, AM-2K or AIM-500 (ZIM paper, Sec. 5,
 Tables 1-3), or any matting set of image and alpha folders.
 
-``zim-lightning eval [--model NAME | --run-config RUN/config.yaml] [--checkpoint PATH] --data DIR
+``zim-lightning eval [--model NAME | --run-config RUN/config.yaml] [--checkpoint PATH | --sam-checkpoint PATH] --data DIR
 --format micromat|am2k|aim500|folders [--layout IMAGES ALPHAS [TRIMAPS]] --prompt point|box|both
 --out DIR [--save-predictions] [--protocol paper|dim] [--baselines binary,closed_form]
 [--devices N --accelerator ...]`` runs
@@ -15,7 +15,11 @@ a ``zim-lightning fit`` run directly: the network is built exactly as the run bu
 frame of ``configs/zim/tiny.yaml``) is evaluated as trained. The frame reaches the evaluation through the
 network: each image is resized to the network's ``image_size`` by the predictor, as in serving.
 
-- ``OUT/metrics.json``: ``{"protocol", "model", "run_config", "checkpoint", "image_size", "format",
+``--model vit_b --sam-checkpoint sam_vit_b_01ec64.pth`` evaluates SAM itself (the paper's SAM rows: its
+masks, as ``SamPredictor`` returns them, are the ``binary`` baseline's; the ``zim`` rows are then SAM's
+sigmoid of the same logits).
+
+- ``OUT/metrics.json``: ``{"protocol", "model", "run_config", "checkpoint", "sam_checkpoint", "image_size", "format",
   "layout", "data", "results": {SUBSET:
   {PROMPT: {"sad", "mse", "mae", "grad", "conn", "n"}}}, "buckets": {SUBSET: {PROMPT: {"S"|"M"|"L":
   {...}}}}, "baselines": {METHOD: {SUBSET: {PROMPT: {...}}}}, "baseline_buckets": {METHOD: ...}}``;
@@ -177,6 +181,12 @@ def metrics_document(
     return _clean(doc)
 
 
+def _weights_line(doc: dict[str, Any]) -> str:
+    if doc.get("sam_checkpoint"):  # SAM itself: its rows are named zim, but the network is SAM
+        return f"SAM checkpoint `{doc['sam_checkpoint']}` (SAM itself: the `zim` rows are SAM's)"
+    return f"checkpoint `{doc['checkpoint']}`"
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -192,7 +202,7 @@ def report_markdown(doc: dict[str, Any], *, grids: list[Path], out: Path) -> str
     lines = [
         f"# Matting evaluation: {doc['format']}",
         "",
-        f"Model `{doc['model']}`, checkpoint `{doc['checkpoint']}`, protocol `{doc['protocol']}` "
+        f"Model `{doc['model']}`, {_weights_line(doc)}, protocol `{doc['protocol']}` "
         f"({'paper: SAD/1000, MSE, MAE and Grad x1000, Conn/1000' if doc['protocol'] == 'paper' else 'dim: Composition-1k'}).",
         "Instances: " + ", ".join(f"{s} {doc['results'][s][prompts[0]]['n']}" for s in subsets) + ".",
         "",
@@ -564,6 +574,7 @@ def _write_results(
         "model": args.model or describe_model(args),
         "run_config": args.run_config,
         "checkpoint": args.checkpoint,
+        "sam_checkpoint": args.sam_checkpoint,
         "image_size": module.net.image_size,
         "format": args.format,
         "layout": args.layout,

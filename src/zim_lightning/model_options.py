@@ -28,7 +28,9 @@ def add_zim_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options that choose a registered ZIM and its weights to a command's parser.
 
     ``--model`` (a key of :data:`zim_model_registry`), ``--checkpoint``, ``--pixel-decoder`` and
-    ``--no-masked-attention`` (the two architecture switches a checkpoint was trained with). Shared by
+    ``--no-masked-attention`` (the two architecture switches a checkpoint was trained with), or
+    ``--sam-checkpoint`` instead of ``--checkpoint``: segment-anything's weights, run as SAM itself (both
+    switches off, which a SAM checkpoint fills completely). Shared by
     ``matte``, ``matte-all``, ``export-onnx``, ``serve`` and ``eval``; read back with
     :func:`zim_for_command` (or :func:`check_checkpoint_argument` and :func:`zim_from_arguments`).
     ``--run-config`` (a training run's saved ``config.yaml``, see :func:`~zim_lightning.models.build.
@@ -46,11 +48,19 @@ def add_zim_arguments(parser: argparse.ArgumentParser) -> None:
         help="config.yaml that `zim-lightning fit` saved in a ZIM run's log directory: builds the "
         "network exactly as that run did (sizes, frame, switches); give the run's .ckpt as --checkpoint",
     )
-    parser.add_argument(
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument(
         "--checkpoint",
         default=None,
         help="state dict or Lightning checkpoint of that architecture; without it the model has RANDOM "
         "weights (useful only to test the pipeline)",
+    )
+    weights.add_argument(
+        "--sam-checkpoint",
+        default=None,
+        help="a segment-anything checkpoint (sam_vit_b_01ec64.pth) of --model's size: runs SAM itself "
+        "(the network with SAM's pixel decoder and no masked attention, which it implies), the paper's "
+        "SAM baseline",
     )
     parser.add_argument(
         "--pixel-decoder",
@@ -78,9 +88,13 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def check_checkpoint_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Exit through ``parser.error`` when ``--checkpoint`` or ``--run-config`` is not a file, or when
-    architecture switches come with ``--run-config`` (its config fixes them); warn when no checkpoint is
+    """Exit through ``parser.error`` when ``--checkpoint``, ``--sam-checkpoint`` or ``--run-config`` is not
+    a file, when architecture switches come with ``--run-config`` (its config fixes them), or when
+    ``--sam-checkpoint`` comes without ``--model`` or with ZIM's pixel decoder; warn when no checkpoint is
     given."""
+    if args.sam_checkpoint is not None:
+        _check_sam_checkpoint_argument(parser, args)
+        return
     run_config = args.run_config
     if args.model is None and run_config is None:
         if args.checkpoint is None:
@@ -110,6 +124,21 @@ def check_checkpoint_argument(parser: argparse.ArgumentParser, args: argparse.Na
         parser.error(f"--checkpoint {args.checkpoint!r} does not exist or is not a file")
 
 
+def _check_sam_checkpoint_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.model is None:
+        parser.error(
+            "--sam-checkpoint needs --model, the ViT size of the segment-anything checkpoint (vit_b for "
+            "sam_vit_b_01ec64.pth), not --run-config"
+        )
+    if args.pixel_decoder not in (None, "sam"):
+        parser.error(
+            f"--sam-checkpoint runs SAM, whose pixel decoder is 'sam'; --pixel-decoder {args.pixel_decoder} "
+            "would leave that decoder with random weights (a SAM checkpoint has none for it)"
+        )
+    if not Path(args.sam_checkpoint).is_file():
+        parser.error(f"--sam-checkpoint {args.sam_checkpoint!r} does not exist or is not a file")
+
+
 def zim_from_arguments(args: argparse.Namespace) -> Zim:
     """Build the ZIM that :func:`add_zim_arguments`' options name (train mode, as ``build_zim`` leaves it).
 
@@ -121,6 +150,10 @@ def zim_from_arguments(args: argparse.Namespace) -> Zim:
         return zim_from_run_config(args.run_config, args.checkpoint)
     if args.model is None:  # a checkpoint of `zim-lightning fit`, which names its network itself
         return zim_from_checkpoint(args.checkpoint)
+    if args.sam_checkpoint is not None:  # SAM itself: every tensor comes from the checkpoint
+        return zim_model_registry[args.model](
+            sam_checkpoint=args.sam_checkpoint, masked_attention=False, pixel_decoder="sam"
+        )
     # Switches not given keep the builder's defaults (ZIM's hierarchical pixel decoder).
     switches = {} if args.pixel_decoder is None else {"pixel_decoder": args.pixel_decoder}
     # (a fit checkpoint given with --model and other sizes: build_zim's error says to leave out --model)
@@ -146,4 +179,6 @@ def describe_model(args: argparse.Namespace) -> str:
         return f"run config {Path(args.run_config).name}"
     if args.model is None:
         return f"the network of checkpoint {Path(args.checkpoint).name}"
+    if args.sam_checkpoint is not None:
+        return f"SAM {args.model}"
     return str(args.model)
