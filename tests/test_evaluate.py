@@ -138,6 +138,12 @@ def test_eval_report_instances_and_grids(synthetic, micromat_run) -> None:
     zim_box = doc["results"]["fine"]["box"]
     assert f"| zim | box | {zim_box['sad']:.3f} | {zim_box['mse']:.3f} | {zim_box['mae']:.3f} |" in report
     assert "| closed_form | point |" in report and "| binary | box | coarse | S |" in report
+    # the paper's ViT-B figures under the results, in the same columns (SAM's: fine box only)
+    assert (
+        "| ZIM ViT-B | box | 9.961 | 1.893 | 3.426 | 4.813 | 9.655 | 1.860 | 0.448 | 0.659 | 1.281 | 1.807 |"
+        in report
+    )
+    assert "| SAM ViT-B | box | 36.086 | 11.057 | 12.714 | 14.867 | 35.834 | - | - | - | - | - |" in report
 
     with (out / "instances.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -364,6 +370,7 @@ def test_eval_dim_protocol_on_aim500_uses_the_trimap(synthetic, tmp_path: Path) 
     assert doc["results"]["all"]["box"]["sad"] == pytest.approx(np.mean(sads), rel=1e-9)
     assert doc["results"]["all"]["box"]["mse"] == pytest.approx(np.mean(mses), rel=1e-9)
     assert not (out / "grids").exists()
+    assert "| Paper | Prompt |" not in (out / "report.md").read_text()  # MicroMat-3K figures, paper protocol
 
 
 def test_eval_on_folders_scores_as_on_the_shipped_layout(synthetic, tmp_path: Path, capsys) -> None:

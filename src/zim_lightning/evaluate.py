@@ -68,6 +68,20 @@ log = logging.getLogger(__name__)
 PREDICTION_BITS = 16
 #: Column titles of the report's tables.
 METRIC_TITLES: dict[str, str] = {"sad": "SAD", "mse": "MSE", "mae": "MAE", "grad": "Grad", "conn": "Conn"}
+#: The ZIM paper's MicroMat-3K figures for ViT-B (Table 1, paper protocol), in METRIC_NAMES order, shown
+#: under a MicroMat-3K report for comparison: {(model, prompt): {subset: (sad, mse, mae, grad, conn)}}.
+#: Of SAM's, only the fine subset's box row is recorded here.
+PAPER_MICROMAT_VIT_B: dict[tuple[str, str], dict[str, tuple[float, ...]]] = {
+    ("ZIM", "point"): {
+        "fine": (31.286, 8.213, 10.740, 5.324, 31.009),
+        "coarse": (6.645, 1.788, 2.320, 1.469, 6.472),
+    },
+    ("ZIM", "box"): {
+        "fine": (9.961, 1.893, 3.426, 4.813, 9.655),
+        "coarse": (1.860, 0.448, 0.659, 1.281, 1.807),
+    },
+    ("SAM", "box"): {"fine": (36.086, 11.057, 12.714, 14.867, 35.834)},
+}
 #: Height in pixels of each panel of the picture grids.
 GRID_PANEL_HEIGHT = 192
 #: Colours (RGB) of the prompts drawn on grid images.
@@ -187,6 +201,23 @@ def _weights_line(doc: dict[str, Any]) -> str:
     return f"checkpoint `{doc['checkpoint']}`"
 
 
+def _paper_rows(subsets: list[str], prompts: list[str]) -> list[str]:
+    """The paper's MicroMat-3K figures as rows of the results table (the subsets and prompts evaluated)."""
+    lines = [
+        "The paper's figures on the full MicroMat-3K (ViT-B; ZIM paper, Table 1), in the same columns:",
+        "",
+        "| Paper | Prompt | "
+        + " | ".join(f"{s} {METRIC_TITLES[m]}" for s in subsets for m in METRIC_NAMES)
+        + " |",
+        "|---|---|" + "---:|" * (len(subsets) * len(METRIC_NAMES)),
+    ]
+    for (model, prompt), figures in PAPER_MICROMAT_VIT_B.items():
+        if prompt in prompts:
+            cells = [_fmt(v) for s in subsets for v in figures.get(s, (None,) * len(METRIC_NAMES))]
+            lines.append(f"| {model} ViT-B | {prompt} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -215,6 +246,8 @@ def report_markdown(doc: dict[str, Any], *, grids: list[Path], out: Path) -> str
         for prompt in prompts:
             cells = [_fmt(table[s][prompt][m]) for s in subsets for m in METRIC_NAMES]
             lines.append(f"| {method} | {prompt} | " + " | ".join(cells) + " |")
+    if doc["format"] == "micromat" and doc["protocol"] == "paper":
+        lines += ["", *_paper_rows(subsets, prompts)]
     lines += [
         "",
         "## Size buckets",
