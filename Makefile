@@ -17,6 +17,7 @@ DATA ?= data/synthetic
 OUT ?= reports
 MODEL ?=
 CHECKPOINT ?=
+SAM_CHECKPOINT ?=
 RUN_CONFIG ?=
 TRAINER ?= cpu
 ARGS ?=
@@ -96,14 +97,16 @@ build-sa1b-matte: $(STAMP) ## Convert SA-1B masks to SA1B-Matte shards (SA1B=, S
 # else (no CHECKPOINT: random weights) the tiny model.
 NET_ARGS = $(if $(RUN_CONFIG),--run-config $(RUN_CONFIG),$(if $(MODEL),--model $(MODEL),$(if $(CHECKPOINT),,--model tiny)))
 
-eval: $(STAMP) ## Evaluate CHECKPOINT= (a fit checkpoint; MODEL= for plain weights, RUN_CONFIG= a fit run's config.yaml; none: tiny, random) on EVAL_DATA (EVAL_FORMAT=, EVAL_LAYOUT= for folders) into OUT/eval
+eval: $(STAMP) ## Evaluate CHECKPOINT= (a fit checkpoint; MODEL= for plain weights, RUN_CONFIG= a fit run's config.yaml; none: tiny, random; or MODEL= SAM_CHECKPOINT=: SAM itself, its masks as the binary rows) on EVAL_DATA (EVAL_FORMAT=, EVAL_LAYOUT= for folders) into OUT/eval
 	$(BIN)/zim-lightning eval $(NET_ARGS) \
 		$(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
+		$(if $(SAM_CHECKPOINT),--sam-checkpoint $(SAM_CHECKPOINT) --baselines binary) \
 		--data $(EVAL_DATA) --format $(EVAL_FORMAT) $(if $(EVAL_LAYOUT),--layout $(EVAL_LAYOUT)) \
 		--prompt both --out $(OUT)/eval --save-predictions
 
-serve: $(STAMP) ## Interactive matting page on 127.0.0.1:7860 (CHECKPOINT=; MODEL=tiny|vit_b|vit_l|vit_h for plain weights, or RUN_CONFIG=)
-	$(BIN)/zim-lightning serve $(NET_ARGS) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
+serve: $(STAMP) ## Interactive matting page on 127.0.0.1:7860 (CHECKPOINT=; MODEL=tiny|vit_b|vit_l|vit_h for plain weights, or RUN_CONFIG=; MODEL= SAM_CHECKPOINT= for SAM itself)
+	$(BIN)/zim-lightning serve $(NET_ARGS) $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT)) \
+		$(if $(SAM_CHECKPOINT),--sam-checkpoint $(SAM_CHECKPOINT))
 
 clean: ## Remove generated data and reports (keeps .venv)
 	rm -rf data/synthetic reports runs lightning_logs .pytest_cache
