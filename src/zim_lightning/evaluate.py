@@ -15,11 +15,15 @@ a ``zim-lightning fit`` run directly: the network is built exactly as the run bu
 frame of ``configs/zim/tiny.yaml``) is evaluated as trained. The frame reaches the evaluation through the
 network: each image is resized to the network's ``image_size`` by the predictor, as in serving.
 
+``--onnx DIR`` (no other model option) evaluates an ONNX checkpoint in the official layout, the released
+``zim_vit_b_2043`` or an ``export-onnx`` folder, run with onnxruntime
+(:class:`~zim_lightning.onnx_zim.OnnxZim`) through the same predictor, prompts and metrics.
+
 ``--model vit_b --sam-checkpoint sam_vit_b_01ec64.pth`` evaluates SAM itself (the paper's SAM rows: its
 masks, as ``SamPredictor`` returns them, are the ``binary`` baseline's; the ``zim`` rows are then SAM's
 sigmoid of the same logits).
 
-- ``OUT/metrics.json``: ``{"protocol", "model", "run_config", "checkpoint", "sam_checkpoint", "image_size", "format",
+- ``OUT/metrics.json``: ``{"protocol", "model", "run_config", "checkpoint", "sam_checkpoint", "onnx", "image_size", "format",
   "layout", "data", "results": {SUBSET:
   {PROMPT: {"sad", "mse", "mae", "grad", "conn", "n"}}}, "buckets": {SUBSET: {PROMPT: {"S"|"M"|"L":
   {...}}}}, "baselines": {METHOD: {SUBSET: {PROMPT: {...}}}}, "baseline_buckets": {METHOD: ...}}``;
@@ -196,6 +200,8 @@ def metrics_document(
 
 
 def _weights_line(doc: dict[str, Any]) -> str:
+    if doc.get("onnx"):
+        return f"ONNX checkpoint `{doc['onnx']}` (run with onnxruntime)"
     if doc.get("sam_checkpoint"):  # SAM itself: its rows are named zim, but the network is SAM
         return f"SAM checkpoint `{doc['sam_checkpoint']}` (SAM itself: the `zim` rows are SAM's)"
     return f"checkpoint `{doc['checkpoint']}`"
@@ -430,6 +436,12 @@ def _parser() -> argparse.ArgumentParser:
         help="--format folders: the images' folder, the alphas' and optionally the trimaps', under --data "
         "(e.g. P3M-500: original_image mask trimap)",
     )
+    p.add_argument(
+        "--onnx",
+        default=None,
+        help="an ONNX checkpoint folder in the official layout (encoder.onnx + decoder.onnx, e.g. the "
+        "released zim_vit_b_2043), run with onnxruntime, instead of --model / --checkpoint",
+    )
     p.add_argument("--prompt", default="both", choices=PROMPTS, help="prompt mode(s) to evaluate")
     p.add_argument("--subset", default=None, help="MicroMat-3K fine or coarse only (default: both)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
@@ -469,7 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    check_checkpoint_argument(parser, args)
+    if args.onnx is None:
+        check_checkpoint_argument(parser, args)
+    else:
+        _check_onnx_argument(parser, args)
     check_out_folder(parser, args.out)
     if args.grid_count < 0 or args.closed_form_max_side < 0:
         parser.error("--grid-count and --closed-form-max-side must be >= 0")
@@ -477,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--devices: expected a positive number, 'auto' or -1, got {args.devices!r}")
     # Same seed on every rank: random weights (smoke tests) must be the same network everywhere.
     L.seed_everything(args.seed, verbose=False)
-    net = zim_for_command(parser, args).eval()
+    net = (zim_for_command(parser, args) if args.onnx is None else _onnx_network(parser, args)).eval()
     claim = _out_folder_claim(args.out)  # removes an earlier run's results once this run holds --out
     callbacks: list[Any] = [RichProgressBar(), claim]
     if args.save_predictions:
@@ -512,6 +527,34 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         claim.release()
     return 0
+
+
+def _check_onnx_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--onnx`` names the whole network: no other model option may come with it."""
+    given = [
+        option
+        for option, value in (
+            ("--model", args.model),
+            ("--run-config", args.run_config),
+            ("--checkpoint", args.checkpoint),
+            ("--sam-checkpoint", args.sam_checkpoint),
+            ("--pixel-decoder", args.pixel_decoder),
+            ("--no-masked-attention", args.no_masked_attention or None),
+        )
+        if value is not None
+    ]
+    if given:
+        parser.error(f"--onnx runs the folder's own graphs; leave out {', '.join(given)}")
+
+
+def _onnx_network(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.nn.Module:
+    """The ``--onnx`` folder as a network; a folder onnxruntime cannot run is a usage error."""
+    from zim_lightning.onnx_zim import OnnxZim
+
+    try:
+        return OnnxZim(args.onnx)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        parser.error(str(error))
 
 
 def _checked_dataset(
@@ -604,10 +647,11 @@ def _write_results(
 
     args.out.mkdir(parents=True, exist_ok=True)
     info = {
-        "model": args.model or describe_model(args),
+        "model": f"ONNX {Path(args.onnx).name}" if args.onnx else args.model or describe_model(args),
         "run_config": args.run_config,
         "checkpoint": args.checkpoint,
         "sam_checkpoint": args.sam_checkpoint,
+        "onnx": args.onnx,
         "image_size": module.net.image_size,
         "format": args.format,
         "layout": args.layout,
