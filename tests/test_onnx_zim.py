@@ -149,3 +149,18 @@ def test_folders_onnxruntime_cannot_run_and_other_model_options_are_usage_errors
     assert "leave out --model, --checkpoint" in refused(
         ["--onnx", str(folder), "--model", "tiny", "--checkpoint", str(weights)]
     )
+
+
+def test_sessions_follow_the_modules_device() -> None:
+    from zim_lightning.onnx_zim import providers_for
+
+    offered = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    # each DDP rank's module sits on its own GPU: its sessions go there, not to GPU 0
+    assert providers_for(torch.device("cuda", 3), offered) == [
+        ("CUDAExecutionProvider", {"device_id": 3}),
+        "CPUExecutionProvider",
+    ]
+    assert providers_for(torch.device("cuda"), offered)[0] == ("CUDAExecutionProvider", {"device_id": 0})
+    assert providers_for(torch.device("cpu"), offered) == ["CPUExecutionProvider"]
+    # onnxruntime without CUDA (this machine's): the CPU, wherever the module is
+    assert providers_for(torch.device("cuda", 1), ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]

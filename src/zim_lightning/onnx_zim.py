@@ -10,8 +10,9 @@ It takes what the official runner takes: the image normalised and zero-padded to
 (:meth:`Zim.preprocess`, shared), the attention map built from the prompts (the official runner's,
 :func:`~zim_lightning.models.attention_mask.attention_map_from_prompts`), SAM's labelled points; and it
 brings the logits back to the image as the official predictor does (:meth:`Zim.postprocess_masks`,
-shared). The graphs run on onnxruntime's providers (CUDA when ``onnxruntime-gpu`` is installed and
-offers it), with every tensor passing through host memory; there is no gradient.
+shared). The graphs run where the module is: on the CPU, or with onnxruntime's CUDA provider on the
+module's GPU when ``onnxruntime-gpu`` offers it; every tensor passes through host memory, and there is
+no gradient.
 """
 
 from __future__ import annotations
@@ -35,16 +36,15 @@ from zim_lightning.models.attention_mask import ATTENTION_SIGMA, ATTENTION_STRID
 from zim_lightning.models.zim import PIXEL_MEAN, PIXEL_STD, Zim
 from zim_lightning.prompt_labels import LABEL_ABSENT
 
-#: onnxruntime providers tried in this order (those the installed onnxruntime offers).
-PREFERRED_PROVIDERS: tuple[str, ...] = ("CUDAExecutionProvider", "CPUExecutionProvider")
-
 
 class OnnxZim(nn.Module):
     """``encoder.onnx`` + ``decoder.onnx`` with the methods :class:`ZimPredictor` calls on a :class:`Zim`.
 
     Args:
         folder: the ONNX checkpoint folder.
-        providers: onnxruntime execution providers (default: CUDA if offered, then CPU).
+        providers: onnxruntime execution providers; None follows the module's device: onnxruntime's CUDA
+            provider on the module's GPU where the installed onnxruntime offers it (so each DDP rank runs
+            on its own GPU), else the CPU.
         threads: onnxruntime intra-op threads (0: its default).
 
     Raises:
@@ -75,21 +75,29 @@ class OnnxZim(nn.Module):
                 f"{ENCODER_FILE} and {DECODER_FILE}, as the official release ships (zim_vit_b_2043) and "
                 "`zim-lightning export-onnx` writes"
             )
-        available = ort.get_available_providers()
-        providers = providers or [p for p in PREFERRED_PROVIDERS if p in available]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.encoder = _session(
-            ort, self.folder / ENCODER_FILE, options, providers, ENCODER_INPUTS, ENCODER_OUTPUTS
-        )
-        self.decoder = _session(
-            ort, self.folder / DECODER_FILE, options, providers, DECODER_INPUTS, DECODER_OUTPUTS
-        )
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), persistent=False)
+        self._ort, self._options = ort, ort.SessionOptions()
+        self._options.intra_op_num_threads = threads
+        self._given_providers, self._providers = providers, None
+        self._load_sessions()  # on the CPU until the module moves: the graphs are checked here
         side = self.encoder.get_inputs()[0].shape[-1]
         self.image_size = side if isinstance(side, int) else OFFICIAL_IMAGE_SIZE
         self.attention_stride, self.attention_sigma = ATTENTION_STRIDE, ATTENTION_SIGMA
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), persistent=False)
+
+    def _load_sessions(self) -> None:
+        """Both sessions, for the providers of the module's device (made again after it moves)."""
+        providers = self._given_providers or providers_for(self.device, self._ort.get_available_providers())
+        if providers == self._providers:
+            return
+        folder, options = self.folder, self._options
+        self.encoder = _session(
+            self._ort, folder / ENCODER_FILE, options, providers, ENCODER_INPUTS, ENCODER_OUTPUTS
+        )
+        self.decoder = _session(
+            self._ort, folder / DECODER_FILE, options, providers, DECODER_INPUTS, DECODER_OUTPUTS
+        )
+        self._providers = providers
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """:meth:`Zim.encode_image`: ``preprocess`` then ``encoder.onnx``, one image at a time."""
@@ -97,6 +105,7 @@ class OnnxZim(nn.Module):
 
     def encode_preprocessed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """:meth:`Zim.encode_preprocessed`: Bx3xSxS normalised, padded images -> embeddings and features."""
+        self._load_sessions()
         per_image = [
             self.encoder.run(list(ENCODER_OUTPUTS), {ENCODER_INPUTS[0]: _host(image[None])}) for image in x
         ]
@@ -118,6 +127,7 @@ class OnnxZim(nn.Module):
             ValueError: labels with an absent point (-2), which the official decoder does not know:
                 decode prompt sets of different lengths one at a time.
         """
+        self._load_sessions()
         if bool((point_labels == LABEL_ABSENT).any()):
             raise ValueError(
                 f"an ONNX decoder takes SAM's point labels only, not the absent-point filler "
@@ -145,6 +155,14 @@ class OnnxZim(nn.Module):
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+
+def providers_for(device: torch.device, available: list[str]) -> list:
+    """onnxruntime providers for a module on ``device``, of those ``available``: the CUDA provider on that
+    GPU (then the CPU) for a CUDA device where offered, else the CPU."""
+    if device.type == "cuda" and "CUDAExecutionProvider" in available:
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 def _host(tensor: torch.Tensor) -> np.ndarray:
